@@ -1,0 +1,67 @@
+//! Control-stream messages: one enum per direction.
+//!
+//! The control stream is the first bidirectional stream of a tunnel connection, opened by the agent.
+//! The agent's first message is [`AgentMessage::Hello`]; the relay answers with
+//! [`RelayMessage::Welcome`] or [`RelayMessage::Refused`] and then both sides exchange messages until
+//! the connection closes. Each message travels as one frame of at most
+//! [`MAX_CONTROL_FRAME`](crate::MAX_CONTROL_FRAME) body bytes.
+
+use serde::{Deserialize, Serialize};
+
+/// Messages from the agent to the relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// First message: the protocol versions the agent speaks and the services it offers.
+    Hello(Hello),
+    /// Answer to a [`RelayMessage::Ping`], echoing its nonce.
+    Pong { nonce: u64 },
+}
+
+/// Messages from the relay to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayMessage {
+    /// The agent is accepted: the version in use and the relay's verdict on each offered service.
+    Welcome(Welcome),
+    /// The agent is not accepted; the relay closes the connection after sending this.
+    Refused { reason: String },
+    /// Liveness probe of the control stream; the agent answers with [`AgentMessage::Pong`].
+    Ping { nonce: u64 },
+}
+
+/// The agent's introduction. Its identity is not here: it is the name in its client certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Oldest protocol version the agent speaks.
+    pub min_version: u16,
+    /// Newest protocol version the agent speaks.
+    pub max_version: u16,
+    /// Free-form build description, for logs and listings (e.g. `sallyport-agent 0.1.0`).
+    pub software: String,
+    /// The services the agent has targets for.
+    pub services: Vec<ServiceOffer>,
+}
+
+/// A service the agent can carry: the name is the join key with the relay's exposure config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceOffer {
+    pub name: String,
+}
+
+/// The relay's answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The protocol version both sides use from now on.
+    pub version: u16,
+    /// Free-form build description of the relay.
+    pub software: String,
+    /// One verdict per offered service, in the order offered.
+    pub services: Vec<ServiceVerdict>,
+}
+
+/// Whether the relay publishes one offered service, and why not if it does not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceVerdict {
+    pub name: String,
+    /// `None` when published; otherwise why the relay will not route this service to the agent.
+    pub refused: Option<String>,
+}

@@ -1,0 +1,83 @@
+//! The Sallyport wire protocol.
+//!
+//! Everything at the top level of this crate is pure: message types and the functions that turn them
+//! into bytes and back, over [`bytes::Buf`] and [`bytes::BufMut`], with no IO and no runtime. Decoders
+//! keep "the buffer does not hold a whole frame yet" ([`DecodeError::Incomplete`]) apart from "these
+//! bytes are not a valid frame" ([`DecodeError::Invalid`]); only the second closes a peer.
+//!
+//! The tokio/quinn helpers that relay and agent share (framed control stream, splice with reset
+//! semantics, TLS and transport configuration) live in [`net`], behind the `net` feature.
+#![forbid(unsafe_code)]
+
+pub mod codes;
+pub mod control;
+pub mod frame;
+pub mod stream;
+
+#[cfg(feature = "net")]
+pub mod config;
+#[cfg(feature = "net")]
+pub mod net;
+
+pub use control::{AgentMessage, Hello, RelayMessage, ServiceOffer, ServiceVerdict, Welcome};
+pub use frame::{DecodeError, EncodeError, InvalidFrame};
+pub use stream::{Answer, StreamHeader};
+
+/// ALPN of a tunnel connection (mutual TLS, control stream + data streams).
+pub const ALPN_TUNNEL: &[u8] = b"sallyport/1";
+
+/// The newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// The largest control-stream frame body either side sends or accepts.
+pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
+
+/// The largest data-stream header body either side sends or accepts.
+pub const MAX_STREAM_HEADER: usize = 1024;
+
+/// Picks the protocol version two peers share: the highest one inside both ranges.
+pub fn negotiate_version(peer_min: u16, peer_max: u16) -> Option<u16> {
+    let high = peer_max.min(PROTOCOL_VERSION);
+    let low = peer_min.max(MIN_PROTOCOL_VERSION);
+    (low <= high).then_some(high)
+}
+
+/// Whether `name` is acceptable as an agent or service name: 1–63 characters of `a-z`, `0-9` and `-`,
+/// not starting or ending with `-` (a DNS label, so it can sit in a certificate SAN and a Service name).
+pub fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_negotiation_picks_highest_common() {
+        assert_eq!(negotiate_version(1, 1), Some(1));
+        assert_eq!(negotiate_version(1, 9), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate_version(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3), None);
+        assert_eq!(negotiate_version(0, 0), None);
+        assert_eq!(negotiate_version(3, 2), None);
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        for ok in ["a", "winbox", "mssql-2022", "x1"] {
+            assert!(is_valid_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "Winbox", "a_b", "a.b", &"a".repeat(64)] {
+            assert!(!is_valid_name(bad), "{bad}");
+        }
+    }
+}

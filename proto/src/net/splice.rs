@@ -1,0 +1,190 @@
+//! Joining a TCP connection to a QUIC bidirectional stream, in both directions, with the failure
+//! semantics users rely on: each direction ends either with all bytes then EOF, or with a reset.
+//!
+//! - TCP EOF becomes a stream FIN; a stream FIN becomes a TCP write shutdown (half-close both ways).
+//! - A TCP error becomes a stream reset (and STOP_SENDING); a stream reset, a lost connection or a
+//!   refusal becomes a TCP RST (`SO_LINGER` 0), never a clean close after a short transfer.
+//!
+//! Both directions run in the caller's task: no task is spawned per connection, and no buffer is
+//! allocated until the TCP side has bytes to read.
+
+use std::io;
+
+use bytes::BytesMut;
+use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
+use tokio::net::TcpStream;
+
+use super::code;
+use crate::{codes, stream::InvalidAnswer, Answer};
+
+/// Bytes read from TCP in one go, at most.
+const READ_CHUNK: usize = 32 * 1024;
+
+/// Which end of the tunnel is splicing: the relay's stream starts with the agent's answer byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The relay: TCP is the client; the stream's first byte is the agent's [`Answer`].
+    Relay,
+    /// The agent: TCP is the target; the answer has already been written.
+    Agent,
+}
+
+/// Bytes carried by a splice that ended cleanly in both directions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spliced {
+    /// From the TCP side into the tunnel.
+    pub up: u64,
+    /// From the tunnel to the TCP side.
+    pub down: u64,
+}
+
+/// How a splice failed; the name says which side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    /// The TCP peer (client at the relay, target at the agent) reset or failed.
+    #[error("TCP peer failed: {0}")]
+    Tcp(io::Error),
+    /// The other end of the tunnel reset the stream: its TCP peer failed.
+    #[error("tunnel peer reset the stream (code {0})")]
+    Reset(VarInt),
+    /// The other end of the tunnel stopped reading.
+    #[error("tunnel peer stopped the stream (code {0})")]
+    Stopped(VarInt),
+    /// The tunnel connection is gone.
+    #[error("tunnel connection lost: {0}")]
+    Connection(#[from] ConnectionError),
+    /// The agent did not connect the target.
+    #[error("agent answered: {}", .0.describe())]
+    Refused(Answer),
+    /// The agent's answer byte is not one this build knows.
+    #[error("agent sent an invalid answer: {0}")]
+    BadAnswer(#[from] InvalidAnswer),
+    /// The stream ended before the agent answered.
+    #[error("stream ended before the agent answered")]
+    NoAnswer,
+    /// The stream was already closed locally (a bug on our side).
+    #[error("stream closed locally")]
+    Closed,
+}
+
+impl From<WriteError> for SpliceError {
+    fn from(err: WriteError) -> Self {
+        match err {
+            WriteError::Stopped(code) => Self::Stopped(code),
+            WriteError::ConnectionLost(e) => Self::Connection(e),
+            WriteError::ClosedStream | WriteError::ZeroRttRejected => Self::Closed,
+        }
+    }
+}
+
+impl From<ReadError> for SpliceError {
+    fn from(err: ReadError) -> Self {
+        match err {
+            ReadError::Reset(code) => Self::Reset(code),
+            ReadError::ConnectionLost(e) => Self::Connection(e),
+            ReadError::ClosedStream | ReadError::IllegalOrderedRead | ReadError::ZeroRttRejected => {
+                Self::Closed
+            }
+        }
+    }
+}
+
+/// Joins `tcp` with the stream (`send`, `recv`) until both directions end. On any failure both
+/// stream halves are reset and `tcp` is set to send a RST when the caller drops it.
+///
+/// Cancel safety: dropping the future leaves the stream halves to quinn's drop behaviour (reset and
+/// stop); the caller should then drop `tcp` after [`reset_on_close`].
+pub async fn splice(
+    tcp: &TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    side: Side,
+) -> Result<Spliced, SpliceError> {
+    let result = tokio::try_join!(tcp_to_stream(tcp, send), stream_to_tcp(tcp, recv, side));
+    match result {
+        Ok((up, down)) => Ok(Spliced { up, down }),
+        Err(err) => {
+            let reason = match err {
+                SpliceError::Tcp(_) => codes::stream::PEER_RESET,
+                _ => codes::stream::INTERNAL,
+            };
+            // Either half may already be closed; a reset of a finished stream is allowed until it
+            // is acknowledged, and an error here only means there is nothing left to reset.
+            let _ = send.reset(code(reason));
+            let _ = recv.stop(code(reason));
+            reset_on_close(tcp);
+            Err(err)
+        }
+    }
+}
+
+/// Makes the socket send a RST instead of a FIN when it is closed (`SO_LINGER` with a zero timeout;
+/// with zero, close never blocks).
+pub fn reset_on_close(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+}
+
+async fn tcp_to_stream(tcp: &TcpStream, send: &mut SendStream) -> Result<u64, SpliceError> {
+    let mut buf = BytesMut::new();
+    let mut total = 0u64;
+    loop {
+        tcp.readable().await.map_err(SpliceError::Tcp)?;
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match tcp.try_read_buf(&mut buf) {
+            Ok(0) => {
+                send.finish().map_err(|_| SpliceError::Closed)?;
+                return Ok(total);
+            }
+            Ok(n) => {
+                total += n as u64;
+                send.write_chunk(buf.split().freeze()).await?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(SpliceError::Tcp(e)),
+        }
+    }
+}
+
+async fn stream_to_tcp(tcp: &TcpStream, recv: &mut RecvStream, side: Side) -> Result<u64, SpliceError> {
+    if side == Side::Relay {
+        read_answer(recv).await?;
+    }
+    let mut total = 0u64;
+    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+        total += chunk.bytes.len() as u64;
+        write_all(tcp, &chunk.bytes).await?;
+    }
+    match socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write) {
+        Ok(()) => Ok(total),
+        // The TCP peer already closed both ways: nothing is left to tell it.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(total),
+        Err(e) => Err(SpliceError::Tcp(e)),
+    }
+}
+
+async fn read_answer(recv: &mut RecvStream) -> Result<(), SpliceError> {
+    let mut byte = [0u8; 1];
+    match recv.read_exact(&mut byte).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(SpliceError::NoAnswer),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    match Answer::try_from(byte[0])? {
+        Answer::Connected => Ok(()),
+        refused => Err(SpliceError::Refused(refused)),
+    }
+}
+
+async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> Result<(), SpliceError> {
+    while !data.is_empty() {
+        tcp.writable().await.map_err(SpliceError::Tcp)?;
+        match tcp.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(SpliceError::Tcp(e)),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! rustls configuration for tunnel connections: TLS 1.3 only, AES-GCM first, the `ring` provider,
+//! mutual authentication against one private CA, and no 0-RTT in either direction.
+
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::{
+    crypto::CryptoProvider,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    server::WebPkiClientVerifier,
+    RootCertStore,
+};
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("no PEM certificate found in {what}")]
+    NoCertificate { what: &'static str },
+    #[error("cannot parse PEM in {what}: {source}")]
+    Pem { what: &'static str, source: rustls::pki_types::pem::Error },
+    #[error("CA certificate rejected: {0}")]
+    Ca(rustls::Error),
+    #[error("certificate or key rejected: {0}")]
+    Identity(rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("QUIC needs an initial cipher suite the provider lacks")]
+    NoInitialSuite(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("invalid server name {0:?}")]
+    ServerName(String),
+}
+
+/// A certificate chain and its private key.
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("chain", &self.chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Identity {
+    /// Parses a PEM certificate chain and a PEM private key.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
+        let chain = certs_from_pem(cert_pem, "certificate file")?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|source| TlsError::Pem { what: "key file", source })?;
+        Ok(Self { chain, key })
+    }
+}
+
+/// Parses every certificate in a PEM document; at least one must be there.
+pub fn certs_from_pem(pem: &[u8], what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem { what, source })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate { what });
+    }
+    Ok(chain)
+}
+
+/// A trust store holding the certificates of one PEM document (the private CA).
+pub fn roots_from_pem(ca_pem: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs_from_pem(ca_pem, "CA file")? {
+        roots.add(cert).map_err(TlsError::Ca)?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The `ring` provider with AES-128-GCM first (x86 has AES-NI), then AES-256-GCM, then ChaCha20.
+pub fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::{cipher_suite, default_provider};
+    let mut provider = default_provider();
+    provider.cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(provider)
+}
+
+/// Server (relay) crypto: requires a client certificate chaining to `roots`, offers `alpn`.
+/// 0-RTT stays off: `max_early_data_size` keeps rustls' default of 0, so quinn accepts no early data.
+pub fn server_crypto(
+    roots: Arc<RootCertStore>,
+    identity: Identity,
+    alpn: &[&[u8]],
+) -> Result<Arc<QuicServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Identity)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain, identity.key)
+        .map_err(TlsError::Identity)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.max_early_data_size = 0;
+    Ok(Arc::new(QuicServerConfig::try_from(config)?))
+}
+
+/// Client (agent) crypto: verifies the relay against `roots` and presents `identity`.
+pub fn client_crypto(
+    roots: Arc<RootCertStore>,
+    identity: Identity,
+    alpn: &[&[u8]],
+) -> Result<Arc<QuicClientConfig>, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Identity)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.chain, identity.key)
+        .map_err(TlsError::Identity)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.enable_early_data = false;
+    Ok(Arc::new(QuicClientConfig::try_from(config)?))
+}
+
+/// Checks that `name` can be used as a TLS server name (a DNS name or an IP address).
+pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(name.to_owned()).map_err(|_| TlsError::ServerName(name.to_owned()))
+}

@@ -1,0 +1,62 @@
+//! QUIC transport settings with explicit limits for both sides.
+
+use std::{sync::Arc, time::Duration};
+
+use quinn::{EndpointConfig, TransportConfig, VarInt};
+
+/// Receive window of one stream: enough for a gigabit over a few milliseconds of RTT, bounded so a
+/// slow reader cannot make the peer hold unbounded data.
+pub const STREAM_RECEIVE_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// Receive window of a whole connection (quinn's default is unlimited).
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
+
+/// Bytes a connection may have in flight unacknowledged.
+pub const SEND_WINDOW: u64 = 32 * 1024 * 1024;
+
+/// How many data streams the relay may have open toward one agent at once.
+pub const MAX_DATA_STREAMS: u32 = 16 * 1024;
+
+/// How many bidirectional streams an agent may open toward the relay (the control stream).
+pub const MAX_AGENT_STREAMS: u32 = 4;
+
+fn common(idle_timeout: Duration) -> TransportConfig {
+    let mut config = TransportConfig::default();
+    config
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
+        .send_window(SEND_WINDOW)
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // Durations up to 2^62 microseconds are representable; config loading caps idle timeouts far
+        // below that, so the fallback (no idle timeout) is unreachable in practice.
+        .max_idle_timeout(idle_timeout.try_into().ok());
+    config
+}
+
+/// Transport settings of the relay's endpoint: agents may open only a few streams.
+pub fn relay(idle_timeout: Duration) -> Arc<TransportConfig> {
+    let mut config = common(idle_timeout);
+    config.max_concurrent_bidi_streams(VarInt::from_u32(MAX_AGENT_STREAMS));
+    Arc::new(config)
+}
+
+/// Transport settings of the agent's connection: the relay may open many data streams; the agent
+/// keeps the path alive well inside NAT and conntrack timeouts.
+pub fn agent(keep_alive: Duration, idle_timeout: Duration) -> Arc<TransportConfig> {
+    let mut config = common(idle_timeout);
+    config
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_DATA_STREAMS))
+        .keep_alive_interval(Some(keep_alive));
+    Arc::new(config)
+}
+
+/// An endpoint configuration whose stateless-reset key is derived from `secret` (the relay's
+/// private key). A relay restarted after a crash then resets its old connections on their first
+/// packet, so agents reconnect at once instead of waiting out the idle timeout.
+pub fn endpoint_with_stable_reset(secret: &[u8]) -> EndpointConfig {
+    use ring::{digest, hmac};
+    let mut material = b"sallyport stateless reset key v1".to_vec();
+    material.extend_from_slice(secret);
+    let derived = digest::digest(&digest::SHA256, &material);
+    EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())))
+}

@@ -1,0 +1,96 @@
+//! Round trips and hostile input for every decoder.
+
+use proptest::prelude::*;
+use sallyport_proto::{
+    frame, AgentMessage, DecodeError, Hello, RelayMessage, ServiceOffer, ServiceVerdict,
+    StreamHeader, Welcome, MAX_CONTROL_FRAME, MAX_STREAM_HEADER,
+};
+
+fn name() -> impl Strategy<Value = String> {
+    "[a-z0-9-]{1,63}"
+}
+
+fn agent_message() -> impl Strategy<Value = AgentMessage> {
+    prop_oneof![
+        (any::<u16>(), any::<u16>(), ".{0,40}", prop::collection::vec(name(), 0..20)).prop_map(
+            |(min_version, max_version, software, names)| AgentMessage::Hello(Hello {
+                min_version,
+                max_version,
+                software,
+                services: names.into_iter().map(|name| ServiceOffer { name }).collect(),
+            })
+        ),
+        any::<u64>().prop_map(|nonce| AgentMessage::Pong { nonce }),
+    ]
+}
+
+fn relay_message() -> impl Strategy<Value = RelayMessage> {
+    prop_oneof![
+        (any::<u16>(), ".{0,40}", prop::collection::vec((name(), proptest::option::of(".{0,60}")), 0..20))
+            .prop_map(|(version, software, verdicts)| RelayMessage::Welcome(Welcome {
+                version,
+                software,
+                services: verdicts
+                    .into_iter()
+                    .map(|(name, refused)| ServiceVerdict { name, refused })
+                    .collect(),
+            })),
+        ".{0,200}".prop_map(|reason| RelayMessage::Refused { reason }),
+        any::<u64>().prop_map(|nonce| RelayMessage::Ping { nonce }),
+    ]
+}
+
+fn header() -> impl Strategy<Value = StreamHeader> {
+    // The wire carries address and port only: an IPv6 flow label or scope id is not sent.
+    (name(), any::<std::net::IpAddr>(), any::<u16>()).prop_map(|(service, ip, port)| StreamHeader {
+        service,
+        client_addr: std::net::SocketAddr::new(ip, port),
+    })
+}
+
+proptest! {
+    #[test]
+    fn agent_messages_round_trip(msg in agent_message(), tail in prop::collection::vec(any::<u8>(), 0..16)) {
+        let mut buf = frame::encode_to_vec(&msg, MAX_CONTROL_FRAME).unwrap();
+        let len = buf.len();
+        buf.extend_from_slice(&tail);
+        let (back, used) = frame::decode::<AgentMessage>(&buf, MAX_CONTROL_FRAME).unwrap();
+        prop_assert_eq!(back, msg);
+        prop_assert_eq!(used, len);
+    }
+
+    #[test]
+    fn relay_messages_round_trip(msg in relay_message()) {
+        let buf = frame::encode_to_vec(&msg, MAX_CONTROL_FRAME).unwrap();
+        let (back, used) = frame::decode::<RelayMessage>(&buf, MAX_CONTROL_FRAME).unwrap();
+        prop_assert_eq!(back, msg);
+        prop_assert_eq!(used, buf.len());
+    }
+
+    #[test]
+    fn stream_headers_round_trip(h in header()) {
+        let buf = frame::encode_to_vec(&h, MAX_STREAM_HEADER).unwrap();
+        let (back, _) = frame::decode::<StreamHeader>(&buf, MAX_STREAM_HEADER).unwrap();
+        prop_assert_eq!(back, h);
+    }
+
+    /// Arbitrary bytes never panic any decoder, and "incomplete" only ever asks for bytes that
+    /// could complete a frame within the cap.
+    #[test]
+    fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        for max in [16usize, MAX_STREAM_HEADER, MAX_CONTROL_FRAME] {
+            check_garbage::<AgentMessage>(&bytes, max)?;
+            check_garbage::<RelayMessage>(&bytes, max)?;
+            check_garbage::<StreamHeader>(&bytes, max)?;
+        }
+    }
+}
+
+fn check_garbage<T: serde::de::DeserializeOwned>(bytes: &[u8], max: usize) -> Result<(), TestCaseError> {
+    match frame::decode::<T>(bytes, max) {
+        Ok((_, used)) => prop_assert!(used <= bytes.len() && used <= max + 4),
+        Err(DecodeError::Incomplete { needed }) => prop_assert!(bytes.len() + needed <= max + 4),
+        Err(DecodeError::Invalid(_)) => {}
+    }
+    Ok(())
+}
