@@ -1,1 +1,196 @@
+//! The Sallyport agent: keeps an outbound QUIC tunnel to each relay it is told about and connects
+//! the streams the relay opens to the targets this machine declares.
+#![forbid(unsafe_code)]
 
+pub mod backoff;
+pub mod config;
+
+mod dial;
+mod tunnel;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use sallyport_proto::{
+    net::{tls, transport, TlsError},
+    Hello, ServiceOffer, ALPN_TUNNEL, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use config::Config;
+pub use tunnel::TunnelError;
+
+/// This build, as the agent describes itself to relays.
+pub const SOFTWARE: &str = concat!("sallyport-agent ", env!("CARGO_PKG_VERSION"));
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Tls { path: PathBuf, source: TlsError },
+    #[error("{}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// The state of the tunnel to one relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelStatus {
+    Connecting,
+    Connected {
+        remote: SocketAddr,
+        published: Vec<String>,
+    },
+    Retrying {
+        error: String,
+    },
+}
+
+/// The agent's identity as its certificate states it.
+#[derive(Debug, Clone)]
+pub struct IdentityInfo {
+    pub name: String,
+    pub not_after_unix: i64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) client_config: quinn::ClientConfig,
+    pub(crate) streams: TaskTracker,
+    status: watch::Sender<BTreeMap<String, TunnelStatus>>,
+}
+
+impl Shared {
+    pub(crate) fn set_status(&self, relay: &str, status: TunnelStatus) {
+        self.status.send_modify(|all| {
+            all.insert(relay.to_owned(), status);
+        });
+    }
+
+    pub(crate) fn hello(&self) -> Hello {
+        Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            software: SOFTWARE.to_owned(),
+            services: self
+                .config
+                .services
+                .keys()
+                .map(|name| ServiceOffer { name: name.clone() })
+                .collect(),
+        }
+    }
+}
+
+/// An agent with its identity loaded, ready to [`run`](Agent::run).
+#[derive(Debug)]
+pub struct Agent {
+    shared: Arc<Shared>,
+    identity: IdentityInfo,
+}
+
+impl Agent {
+    /// Loads the CA and the agent's identity and checks that they belong together. Fails closed:
+    /// without a certificate from the relay's CA there is no tunnel.
+    pub fn new(config: Config) -> Result<Self, StartError> {
+        let (crypto, identity) = load_identity(&config)?;
+        let mut client_config = quinn::ClientConfig::new(crypto);
+        client_config.transport_config(transport::agent(
+            config.timing.keep_alive,
+            config.timing.idle_timeout,
+        ));
+        let shared = Arc::new(Shared {
+            config,
+            client_config,
+            streams: TaskTracker::new(),
+            status: watch::Sender::new(BTreeMap::new()),
+        });
+        Ok(Self { shared, identity })
+    }
+
+    pub fn identity(&self) -> &IdentityInfo {
+        &self.identity
+    }
+
+    /// The state of each tunnel, by relay address.
+    pub fn status(&self) -> watch::Receiver<BTreeMap<String, TunnelStatus>> {
+        self.shared.status.subscribe()
+    }
+
+    /// Keeps a tunnel to every relay until `shutdown` is cancelled, then closes them.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tunnels = TaskTracker::new();
+        tracing::info!(agent = %self.identity.name, relays = self.shared.config.relays.len(), "agent starting");
+        for relay in &self.shared.config.relays {
+            tunnels.spawn(tunnel::maintain(
+                relay.clone(),
+                self.shared.clone(),
+                shutdown.clone(),
+            ));
+        }
+        tunnels.close();
+        tunnels.wait().await;
+        self.shared.streams.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.streams.wait()).await;
+        tracing::info!("agent stopped");
+    }
+}
+
+/// Builds and runs an agent until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+    Agent::new(config)?.run(shutdown).await;
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, StartError> {
+    std::fs::read(path).map_err(|source| StartError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+type Crypto = Arc<quinn::crypto::rustls::QuicClientConfig>;
+
+fn load_identity(config: &Config) -> Result<(Crypto, IdentityInfo), StartError> {
+    let files = &config.tls;
+    let tls_err = |path: &Path, source| StartError::Tls {
+        path: path.to_owned(),
+        source,
+    };
+    let invalid = |path: &Path, reason: String| StartError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let ca_pem = read(&files.ca_cert)?;
+    let ca = tls::certs_from_pem(&ca_pem, "CA file").map_err(|e| tls_err(&files.ca_cert, e))?;
+    let identity = tls::Identity::from_pem(&read(&files.cert)?, &read(&files.key)?)
+        .map_err(|e| tls_err(&files.cert, e))?;
+    let leaf = identity.chain[0].clone();
+    tls::verify_issued_by(&leaf, &ca[0])
+        .map_err(|e| invalid(&files.cert, format!("{e} (CA {})", files.ca_cert.display())))?;
+    let info = tls::inspect(&leaf).map_err(|e| invalid(&files.cert, e.to_string()))?;
+    let name = info
+        .dns_name
+        .ok_or_else(|| invalid(&files.cert, "certificate names no agent".into()))?;
+    let roots = tls::roots_from_pem(&ca_pem).map_err(|e| tls_err(&files.ca_cert, e))?;
+    let crypto =
+        tls::client_crypto(roots, identity, &[ALPN_TUNNEL]).map_err(|e| tls_err(&files.key, e))?;
+    Ok((
+        crypto,
+        IdentityInfo {
+            name,
+            not_after_unix: info.not_after_unix,
+        },
+    ))
+}

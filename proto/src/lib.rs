@@ -66,7 +66,10 @@ mod tests {
     fn version_negotiation_picks_highest_common() {
         assert_eq!(negotiate_version(1, 1), Some(1));
         assert_eq!(negotiate_version(1, 9), Some(PROTOCOL_VERSION));
-        assert_eq!(negotiate_version(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3), None);
+        assert_eq!(
+            negotiate_version(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3),
+            None
+        );
         assert_eq!(negotiate_version(0, 0), None);
         assert_eq!(negotiate_version(3, 2), None);
     }

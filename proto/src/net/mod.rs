@@ -1,11 +1,13 @@
 //! Tokio/quinn helpers shared by relay and agent: TLS and transport configuration, the framed
 //! control stream, and the splice that joins a TCP connection to a QUIC stream.
 
+pub mod cli;
 pub mod framed;
 pub mod splice;
 pub mod tls;
 pub mod transport;
 
+pub use cli::shutdown_signal;
 pub use framed::{read_frame, write_frame, FrameError};
 pub use splice::{reset_on_close, splice, Side, SpliceError, Spliced};
 pub use tls::{Identity, TlsError};

@@ -17,7 +17,10 @@ pub enum TlsError {
     #[error("no PEM certificate found in {what}")]
     NoCertificate { what: &'static str },
     #[error("cannot parse PEM in {what}: {source}")]
-    Pem { what: &'static str, source: rustls::pki_types::pem::Error },
+    Pem {
+        what: &'static str,
+        source: rustls::pki_types::pem::Error,
+    },
     #[error("CA certificate rejected: {0}")]
     Ca(rustls::Error),
     #[error("certificate or key rejected: {0}")]
@@ -49,14 +52,19 @@ impl Identity {
     /// Parses a PEM certificate chain and a PEM private key.
     pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
         let chain = certs_from_pem(cert_pem, "certificate file")?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|source| TlsError::Pem { what: "key file", source })?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::Pem {
+            what: "key file",
+            source,
+        })?;
         Ok(Self { chain, key })
     }
 }
 
 /// Parses every certificate in a PEM document; at least one must be there.
-pub fn certs_from_pem(pem: &[u8], what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn certs_from_pem(
+    pem: &[u8],
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let chain = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Pem { what, source })?;
@@ -127,4 +135,77 @@ pub fn client_crypto(
 /// Checks that `name` can be used as a TLS server name (a DNS name or an IP address).
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_owned()).map_err(|_| TlsError::ServerName(name.to_owned()))
+}
+
+/// What the tunnel needs to know of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The first DNS name among the subject alternative names: an agent's name.
+    pub dns_name: Option<String>,
+    /// Every subject alternative name (DNS names and IP addresses), as text.
+    pub sans: Vec<String>,
+    /// End of validity, in seconds since the Unix epoch.
+    pub not_after_unix: i64,
+}
+
+/// Why a certificate could not be inspected or verified.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("not a valid X.509 certificate: {0}")]
+    Parse(String),
+    #[error("certificate is not signed by this CA")]
+    NotIssuedBy,
+}
+
+/// Reads the names and expiry of a DER certificate.
+pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
+    use x509_parser::{extensions::GeneralName, prelude::FromDer};
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| CertError::Parse(e.to_string()))?;
+    let mut sans = Vec::new();
+    let mut dns_name = None;
+    if let Some(ext) = cert
+        .subject_alternative_name()
+        .map_err(|e| CertError::Parse(e.to_string()))?
+    {
+        for name in &ext.value.general_names {
+            match name {
+                GeneralName::DNSName(dns) => {
+                    dns_name.get_or_insert_with(|| dns.to_string());
+                    sans.push(dns.to_string());
+                }
+                GeneralName::IPAddress(bytes) => {
+                    let ip = match bytes.len() {
+                        4 => <[u8; 4]>::try_from(*bytes).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*bytes)
+                            .ok()
+                            .map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    if let Some(ip) = ip {
+                        sans.push(ip.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(CertInfo {
+        dns_name,
+        sans,
+        not_after_unix: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// Checks that `cert_der` carries a valid signature of the CA certificate `ca_der`.
+pub fn verify_issued_by(cert_der: &[u8], ca_der: &[u8]) -> Result<(), CertError> {
+    use x509_parser::prelude::FromDer;
+    let parse = |der| {
+        x509_parser::certificate::X509Certificate::from_der(der)
+            .map(|(_, c)| c)
+            .map_err(|e| CertError::Parse(e.to_string()))
+    };
+    let (cert, ca) = (parse(cert_der)?, parse(ca_der)?);
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| CertError::NotIssuedBy)
 }

@@ -58,5 +58,8 @@ pub fn endpoint_with_stable_reset(secret: &[u8]) -> EndpointConfig {
     let mut material = b"sallyport stateless reset key v1".to_vec();
     material.extend_from_slice(secret);
     let derived = digest::digest(&digest::SHA256, &material);
-    EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())))
+    EndpointConfig::new(Arc::new(hmac::Key::new(
+        hmac::HMAC_SHA256,
+        derived.as_ref(),
+    )))
 }

@@ -1,0 +1,96 @@
+//! One data stream: read the header the relay wrote, dial the declared target, answer, splice.
+
+use std::{io, sync::Arc, time::Duration};
+
+use quinn::{RecvStream, SendStream};
+use sallyport_proto::{
+    codes,
+    net::{code, read_frame, splice, Side},
+    Answer, StreamHeader, MAX_STREAM_HEADER,
+};
+use tokio::net::TcpStream;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::{config::Target, Shared};
+
+/// The relay writes the header as the stream opens; anything slower is a broken relay.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) async fn handle_stream(mut send: SendStream, mut recv: RecvStream, shared: Arc<Shared>) {
+    let mut buf = Vec::new();
+    let header = match tokio::time::timeout(
+        HEADER_TIMEOUT,
+        read_frame::<StreamHeader>(&mut recv, MAX_STREAM_HEADER, &mut buf),
+    )
+    .await
+    {
+        Ok(Ok(Some(header))) => header,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            warn!(error = %e, "bad data stream header: resetting the stream");
+            let _ = send.reset(code(codes::stream::INTERNAL));
+            let _ = recv.stop(code(codes::stream::INTERNAL));
+            return;
+        }
+        Err(_) => {
+            warn!("no data stream header in time: resetting the stream");
+            let _ = send.reset(code(codes::stream::INTERNAL));
+            let _ = recv.stop(code(codes::stream::INTERNAL));
+            return;
+        }
+    };
+    let span = info_span!("stream", service = %header.service, client = %header.client_addr);
+    serve(header, send, recv, shared).instrument(span).await;
+}
+
+async fn serve(
+    header: StreamHeader,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    shared: Arc<Shared>,
+) {
+    let Some(service) = shared.config.services.get(&header.service) else {
+        warn!("relay asked for a service this agent does not declare");
+        refuse(&mut send, &mut recv, Answer::UnknownService).await;
+        return;
+    };
+    let tcp = match dial(&service.target, shared.config.timing.connect_timeout).await {
+        Ok(tcp) => tcp,
+        Err(answer) => {
+            debug!(target = %service.target, reason = answer.describe(), "dial failed");
+            refuse(&mut send, &mut recv, answer).await;
+            return;
+        }
+    };
+    if send.write_all(&[Answer::Connected as u8]).await.is_err() {
+        sallyport_proto::net::reset_on_close(&tcp);
+        return;
+    }
+    match splice(&tcp, &mut send, &mut recv, Side::Agent).await {
+        Ok(done) => debug!(up = done.up, down = done.down, "stream finished"),
+        Err(e) => debug!(error = %e, "stream reset"),
+    }
+}
+
+/// Tells the relay why the target is not connected and ends the stream.
+async fn refuse(send: &mut SendStream, recv: &mut RecvStream, answer: Answer) {
+    if send.write_all(&[answer as u8]).await.is_ok() {
+        let _ = send.finish();
+    }
+    let _ = recv.stop(code(codes::stream::PEER_RESET));
+}
+
+/// Connects to a declared target, mapping failures to the answer the relay gets.
+async fn dial(target: &Target, timeout: Duration) -> Result<TcpStream, Answer> {
+    let Target::Tcp { host, port } = target;
+    match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), *port))).await {
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            Ok(tcp)
+        }
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(Answer::Refused),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Err(Answer::TimedOut),
+        Ok(Err(_)) => Err(Answer::Unreachable),
+        Err(_) => Err(Answer::TimedOut),
+    }
+}

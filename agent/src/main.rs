@@ -1,0 +1,78 @@
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use sallyport_agent::{Agent, Config};
+use sallyport_proto::net::cli;
+use tokio_util::sync::CancellationToken;
+
+/// Sallyport agent: an outbound QUIC tunnel that lets the relay reach this machine's services.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect to the relays and serve until stopped.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate the configuration and identity without connecting.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    cli::exit_on_error(run(Cli::parse()))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            let agent = Agent::new(config.clone())?;
+            let id = agent.identity();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or_default();
+            let days = (id.not_after_unix - now) / 86_400;
+            anyhow::ensure!(
+                days >= 0,
+                "{}: certificate has expired",
+                config.tls.cert.display()
+            );
+            println!("agent {}: certificate valid for {days} more days", id.name);
+            for relay in &config.relays {
+                println!("relay {relay} (certificate name {})", relay.server_name);
+            }
+            for service in config.services.values() {
+                println!("service {} -> {}", service.name, service.target);
+            }
+            println!("{}: ok", config.path.display());
+            Ok(())
+        }
+        Command::Run { config } => {
+            cli::init_tracing();
+            let agent = Agent::new(Config::load(&config)?)?;
+            serve(agent);
+            Ok(())
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(agent: Agent) {
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        cli::shutdown_signal().await;
+        token.cancel();
+    });
+    agent.run(shutdown).await;
+}

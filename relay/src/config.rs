@@ -1,0 +1,310 @@
+//! `relay.toml`: the raw file model and the validated [`Config`] it is parsed into.
+//!
+//! The relay owns exposure: which agent may publish which service, and on which listener. A relay
+//! with no service (and so no agent allowed) refuses to start.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use sallyport_proto::config::{self as conf, ConfigError, HumanDuration};
+use serde::Deserialize;
+
+/// The validated relay configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (for messages).
+    pub path: PathBuf,
+    /// UDP address of the QUIC endpoint agents connect to.
+    pub listen: SocketAddr,
+    /// TCP address of the admin HTTP server (`/livez`, `/readyz`).
+    pub admin: SocketAddr,
+    pub tls: TlsFiles,
+    pub limits: Limits,
+    /// Services by name.
+    pub services: BTreeMap<String, Service>,
+}
+
+/// Where the relay's CA and identity live.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Timeouts and caps.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A tunnel with no traffic (not even keep-alives) for this long is dead.
+    pub idle_timeout: Duration,
+    /// Time for a new agent to finish the handshake and send `Hello`.
+    pub handshake_timeout: Duration,
+    /// How long in-flight connections may take to finish on shutdown.
+    pub drain_grace: Duration,
+    /// QUIC handshakes in progress at once, at most.
+    pub max_incoming: usize,
+    /// Client connections open at once across all services, at most.
+    pub max_connections: usize,
+}
+
+/// One published service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    /// The only agent allowed to carry this service.
+    pub agent: String,
+    /// Where the relay listens for its clients.
+    pub listen: Listen,
+}
+
+/// A service listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_raw(conf::read_toml(path)?, path)
+    }
+
+    /// Validates `text` as if it had been read from `path` (relative paths resolve against it).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::from_raw(conf::parse_toml(text, path)?, path)
+    }
+
+    fn from_raw(raw: RawConfig, path: &Path) -> Result<Self, ConfigError> {
+        let r = raw.relay;
+        let limits = Limits {
+            idle_timeout: conf::duration_in(
+                path,
+                "relay.idle_timeout",
+                r.idle_timeout.into(),
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            )?,
+            handshake_timeout: conf::duration_in(
+                path,
+                "relay.handshake_timeout",
+                r.handshake_timeout.into(),
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+            )?,
+            drain_grace: conf::duration_in(
+                path,
+                "relay.drain_grace",
+                r.drain_grace.into(),
+                Duration::ZERO,
+                Duration::from_secs(3600),
+            )?,
+            max_incoming: positive(path, "relay.max_incoming", r.max_incoming)?,
+            max_connections: positive(path, "relay.max_connections", r.max_connections)?,
+        };
+        if raw.services.is_empty() {
+            return Err(ConfigError::invalid(
+                path,
+                "services",
+                "no service is defined, so no agent may connect: add a [services.NAME] table with \
+                 `agent` and `listen` (the relay has no open mode)",
+            ));
+        }
+        let mut services = BTreeMap::new();
+        let mut seen_listen = BTreeMap::new();
+        for (name, s) in raw.services {
+            let key = format!("services.{name}");
+            let name = conf::name(path, &key, &name)?;
+            let agent = conf::name(path, &format!("{key}.agent"), &s.agent)?;
+            let listen = Listen::Tcp(s.listen);
+            if s.listen.port() != 0 {
+                if let Some(other) = seen_listen.insert(s.listen, name.clone()) {
+                    return Err(ConfigError::invalid(
+                        path,
+                        format!("{key}.listen"),
+                        format!("{} is already the listener of service {other:?}", s.listen),
+                    ));
+                }
+            }
+            services.insert(
+                name.clone(),
+                Service {
+                    name,
+                    agent,
+                    listen,
+                },
+            );
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            listen: r.listen,
+            admin: r.admin,
+            tls: TlsFiles {
+                ca_cert: conf::resolve(path, &r.ca_cert),
+                cert: conf::resolve(path, &r.cert),
+                key: conf::resolve(path, &r.key),
+            },
+            limits,
+            services,
+        })
+    }
+
+    /// Whether any service names `agent`: only such agents are admitted.
+    pub fn knows_agent(&self, agent: &str) -> bool {
+        self.services.values().any(|s| s.agent == agent)
+    }
+}
+
+fn positive(path: &Path, key: &str, value: usize) -> Result<usize, ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::invalid(path, key, "must be at least 1"));
+    }
+    Ok(value)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    relay: RawRelay,
+    #[serde(default)]
+    services: BTreeMap<String, RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    #[serde(default = "default_admin")]
+    admin: SocketAddr,
+    ca_cert: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: HumanDuration,
+    #[serde(default = "default_handshake_timeout")]
+    handshake_timeout: HumanDuration,
+    #[serde(default = "default_drain_grace")]
+    drain_grace: HumanDuration,
+    #[serde(default = "default_max_incoming")]
+    max_incoming: usize,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    agent: String,
+    listen: SocketAddr,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 4433))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(20))
+}
+fn default_handshake_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_drain_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(20))
+}
+fn default_max_incoming() -> usize {
+    256
+}
+fn default_max_connections() -> usize {
+    20_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[relay]
+listen = "0.0.0.0:4433"
+ca_cert = "ca.crt"
+cert = "relay.crt"
+key = "relay.key"
+idle_timeout = "30s"
+
+[services.mssql]
+agent = "winbox"
+listen = "0.0.0.0:1433"
+"#;
+
+    fn err(text: &str) -> String {
+        match Config::from_toml(text, Path::new("/etc/sallyport/relay.toml")) {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn good_config_resolves_paths_and_defaults() {
+        let c = Config::from_toml(GOOD, Path::new("/etc/sallyport/relay.toml")).expect("valid");
+        assert_eq!(c.tls.ca_cert, Path::new("/etc/sallyport/ca.crt"));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.admin, SocketAddr::from(([127, 0, 0, 1], 9090)));
+        assert_eq!(c.services["mssql"].agent, "winbox");
+        assert!(c.knows_agent("winbox") && !c.knows_agent("other"));
+    }
+
+    #[test]
+    fn no_services_fails_closed() {
+        let text = GOOD.split("[services.mssql]").next().unwrap_or_default();
+        let e = err(text);
+        assert!(
+            e.contains("relay.toml: key `services`: no service is defined"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_it() {
+        let e = err(&GOOD.replace("idle_timeout", "idle_timout"));
+        assert!(e.contains("relay.toml") && e.contains("idle_timout"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_file_key_and_reason() {
+        let e = err(&GOOD.replace("\"30s\"", "\"thirty\""));
+        assert!(
+            e.contains("relay.toml")
+                && e.contains("idle_timeout")
+                && e.contains("expected a duration"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("agent = \"winbox\"", "agent = \"Win_Box\""));
+        assert!(
+            e.contains("key `services.mssql.agent`") && e.contains("not a valid name"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("0.0.0.0:1433", "localhost"));
+        assert!(e.contains("relay.toml") && e.contains("listen"), "{e}");
+        let e = err(&GOOD.replace("\"30s\"", "\"0s\""));
+        assert!(
+            e.contains("key `relay.idle_timeout`: 0s is out of range"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn two_services_on_one_port_are_refused() {
+        let e = err(&format!(
+            "{GOOD}\n[services.web]\nagent = \"winbox\"\nlisten = \"0.0.0.0:1433\"\n"
+        ));
+        assert!(
+            e.contains("key `services.web.listen`") && e.contains("already the listener"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,149 @@
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sallyport_proto::net::cli;
+use sallyport_relay::{check, pki, Config};
+use tokio_util::sync::CancellationToken;
+
+/// Sallyport relay: exposes services of agents behind NAT to the homelab.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the private CA, the relay's certificate and a starter relay.toml in DIR.
+    Init {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// An IP address or DNS name agents use to reach the relay (repeat for several).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+    },
+    /// Manage agents.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// Run the relay.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration and its certificates without starting anything.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Issue a client certificate for agent NAME and write a bundle (CA, certificate, key, agent.toml).
+    Add {
+        name: String,
+        /// The relay's state directory (holding ca.crt and ca.key).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Where to write the bundle.
+        #[arg(long)]
+        out: PathBuf,
+        /// The relay address the agent dials, as HOST:PORT (default: the relay certificate's first
+        /// name, port 443).
+        #[arg(long)]
+        relay: Option<String>,
+        /// Certificate lifetime, e.g. "365d".
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    cli::exit_on_error(run(Cli::parse()))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { dir, sans } => {
+            let report = pki::init(&dir, &sans)?;
+            println!("CA certificate:    {}", report.ca_cert.display());
+            println!(
+                "relay certificate: {} (names: {})",
+                report.relay_cert.display(),
+                sans.join(", ")
+            );
+            match report.config {
+                Some(path) => println!("starter config:    {} (edit its services, then: sallyport-relay serve --config {})", path.display(), path.display()),
+                None => println!("existing relay.toml left as it was"),
+            }
+            Ok(())
+        }
+        Command::Agent {
+            command:
+                AgentCommand::Add {
+                    name,
+                    dir,
+                    out,
+                    relay,
+                    valid_for,
+                },
+        } => {
+            let relay = match relay {
+                Some(r) => r,
+                None => default_relay_addr(&dir)?,
+            };
+            let report = pki::add_agent(&dir, &name, &out, &relay, valid_for)?;
+            println!("agent bundle for {name:?} in {}", report.dir.display());
+            println!(
+                "copy that directory to the agent machine, edit {} and run:",
+                report.config.display()
+            );
+            println!("  sallyport-agent run --config agent.toml");
+            Ok(())
+        }
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            print!("{}", check::check(&config)?);
+            println!("{}: ok", config.path.display());
+            Ok(())
+        }
+        Command::Serve { config } => {
+            cli::init_tracing();
+            let config = Config::load(&config)?;
+            serve(config)
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let relay = sallyport_relay::Relay::bind(config).await?;
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        sallyport_proto::net::shutdown_signal().await;
+        signal_token.cancel();
+    });
+    relay.run(shutdown).await;
+    Ok(())
+}
+
+fn default_relay_addr(dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = dir.join(pki::RELAY_CERT);
+    let pem = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let der = sallyport_proto::net::tls::certs_from_pem(&pem, "relay certificate")?;
+    let info = sallyport_proto::net::tls::inspect(&der[0])?;
+    let host = info
+        .sans
+        .first()
+        .context("relay certificate has no name: pass --relay HOST:PORT")?;
+    Ok(if host.contains(':') {
+        format!("[{host}]:443")
+    } else {
+        format!("{host}:443")
+    })
+}

@@ -1,0 +1,88 @@
+//! The agents connected right now, shared by the tunnel side (which adds and removes them) and the
+//! service listeners (which route client connections to them).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+    time::SystemTime,
+};
+
+use tokio::sync::watch;
+
+/// One live tunnel connection of an agent.
+#[derive(Debug, Clone)]
+pub struct AgentSession {
+    /// Distinguishes successive connections of the same agent.
+    pub id: u64,
+    pub name: String,
+    pub remote: SocketAddr,
+    pub software: String,
+    pub version: u16,
+    /// The services the relay routes to this connection.
+    pub services: BTreeSet<String>,
+    pub connected_at: SystemTime,
+    pub(crate) connection: quinn::Connection,
+}
+
+/// Connected agents by name. A watch channel, so tests and the admin side can wait for changes.
+#[derive(Debug)]
+pub struct Registry {
+    agents: watch::Sender<BTreeMap<String, AgentSession>>,
+    next_id: AtomicU64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            agents: watch::Sender::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+impl Registry {
+    /// A receiver that sees every change to the set of connected agents.
+    pub fn subscribe(&self) -> watch::Receiver<BTreeMap<String, AgentSession>> {
+        self.agents.subscribe()
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a session and returns the one it replaces, if any.
+    pub(crate) fn insert(&self, session: AgentSession) -> Option<AgentSession> {
+        let mut replaced = None;
+        self.agents
+            .send_modify(|agents| replaced = agents.insert(session.name.clone(), session));
+        replaced
+    }
+
+    /// Removes the session `id` of `name`, unless a newer one has taken its place.
+    pub(crate) fn remove(&self, name: &str, id: u64) {
+        self.agents.send_if_modified(|agents| {
+            if agents.get(name).is_some_and(|s| s.id == id) {
+                agents.remove(name);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Removes every session (on shutdown), so their connections are released.
+    pub(crate) fn clear(&self) {
+        self.agents.send_modify(BTreeMap::clear);
+    }
+
+    /// The connection that carries `service` of `agent`, if that agent is connected and offers it.
+    pub(crate) fn route(&self, agent: &str, service: &str) -> Option<quinn::Connection> {
+        let agents = self.agents.borrow();
+        let session = agents.get(agent)?;
+        session
+            .services
+            .contains(service)
+            .then(|| session.connection.clone())
+    }
+}

@@ -1,0 +1,92 @@
+//! A private CA in a temporary directory, with the relay's certificate and agent bundles, and
+//! configurations that bind port 0 everywhere.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use sallyport_relay::pki::{self, Ca};
+
+/// A CA, a relay identity for `127.0.0.1`/`localhost`, and agent bundles on demand.
+#[derive(Debug)]
+pub struct TestPki {
+    dir: tempfile::TempDir,
+    ca: Ca,
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        pki::init(dir.path(), &["127.0.0.1".into(), "localhost".into()]).expect("relay init");
+        let ca = Ca::load(dir.path()).expect("load CA");
+        Self { dir, ca }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// Writes a bundle for agent `name` (CA, certificate, key) and returns its directory.
+    pub fn agent_bundle(&self, name: &str) -> PathBuf {
+        let out = self.dir.path().join(format!("agent-{name}"));
+        pki::add_agent(
+            self.dir.path(),
+            name,
+            &out,
+            "127.0.0.1:1",
+            pki::AGENT_VALIDITY,
+        )
+        .expect("agent bundle");
+        out
+    }
+
+    /// A relay configuration: QUIC, admin and every service on `127.0.0.1:0`. `services` pairs a
+    /// service name with the agent allowed to carry it; `extra` goes into the `[relay]` table.
+    pub fn relay_config(&self, services: &[(&str, &str)], extra: &str) -> sallyport_relay::Config {
+        let mut text = format!(
+            "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\nkey = \"relay.key\"\n{extra}\n"
+        );
+        for (service, agent) in services {
+            text.push_str(&format!(
+                "[services.{service}]\nagent = \"{agent}\"\nlisten = \"127.0.0.1:0\"\n"
+            ));
+        }
+        sallyport_relay::Config::from_toml(&text, &self.dir.path().join("relay.toml"))
+            .expect("relay config")
+    }
+
+    /// An agent configuration for `name` pointing at `relay`, with one `tcp://` target per service.
+    /// `extra` goes into the `[agent]` table.
+    pub fn agent_config(
+        &self,
+        name: &str,
+        relays: &[SocketAddr],
+        services: &[(&str, SocketAddr)],
+        extra: &str,
+    ) -> sallyport_agent::Config {
+        let bundle = self.agent_bundle(name);
+        let relays: Vec<String> = relays.iter().map(|r| format!("\"{r}\"")).collect();
+        let mut text = format!(
+            "[agent]\nrelays = [{}]\nca_cert = \"ca.crt\"\ncert = \"agent.crt\"\nkey = \"agent.key\"\n\
+             reconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n{extra}\n",
+            relays.join(", ")
+        );
+        for (service, target) in services {
+            text.push_str(&format!(
+                "[services.{service}]\ntarget = \"tcp://{target}\"\n"
+            ));
+        }
+        sallyport_agent::Config::from_toml(&text, &bundle.join("agent.toml")).expect("agent config")
+    }
+}

@@ -1,0 +1,125 @@
+//! Relay and agent running as libraries inside the test process.
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use sallyport_agent::{Agent, TunnelStatus};
+use sallyport_relay::{AgentSession, Relay};
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for a state change before failing.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+#[derive(Debug)]
+pub struct RunningRelay {
+    pub quic: SocketAddr,
+    pub admin: SocketAddr,
+    pub services: BTreeMap<String, SocketAddr>,
+    agents: watch::Receiver<BTreeMap<String, AgentSession>>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl RunningRelay {
+    pub async fn start(config: sallyport_relay::Config) -> Self {
+        // A relay restarted in the same process may find its old UDP socket still open for a
+        // moment: quinn's endpoint driver drops it on its next poll after the last handle goes.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let relay = loop {
+            match Relay::bind(config.clone()).await {
+                Ok(relay) => break relay,
+                Err(sallyport_relay::StartError::Bind { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("relay binds: {e}"),
+            }
+        };
+        let (quic, admin, services, agents) = (
+            relay.quic_addr(),
+            relay.admin_addr(),
+            relay.service_addrs(),
+            relay.agents(),
+        );
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(relay.run(shutdown.clone()));
+        Self {
+            quic,
+            admin,
+            services,
+            agents,
+            shutdown,
+            task,
+        }
+    }
+
+    /// The listener address of `service`.
+    pub fn service(&self, service: &str) -> SocketAddr {
+        self.services[service]
+    }
+
+    /// Waits until `agent` is connected (and so its services routable).
+    pub async fn wait_agent(&mut self, agent: &str) {
+        tokio::time::timeout(WAIT, self.agents.wait_for(|a| a.contains_key(agent)))
+            .await
+            .unwrap_or_else(|_| panic!("agent {agent} did not connect within {WAIT:?}"))
+            .expect("relay running");
+    }
+
+    /// Waits until `agent` is no longer connected.
+    pub async fn wait_agent_gone(&mut self, agent: &str) {
+        tokio::time::timeout(WAIT, self.agents.wait_for(|a| !a.contains_key(agent)))
+            .await
+            .unwrap_or_else(|_| panic!("agent {agent} still connected after {WAIT:?}"))
+            .expect("relay running");
+    }
+
+    pub fn connected(&self) -> Vec<String> {
+        self.agents.borrow().keys().cloned().collect()
+    }
+
+    /// Starts the drain and returns at once.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Drains and waits for the relay to stop.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("relay stops")
+            .expect("relay task");
+    }
+}
+
+#[derive(Debug)]
+pub struct RunningAgent {
+    pub status: watch::Receiver<BTreeMap<String, TunnelStatus>>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl RunningAgent {
+    pub fn start(config: sallyport_agent::Config) -> Self {
+        let agent = Agent::new(config).expect("agent identity loads");
+        let status = agent.status();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(agent.run(shutdown.clone()));
+        Self {
+            status,
+            shutdown,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("agent stops")
+            .expect("agent task");
+    }
+}

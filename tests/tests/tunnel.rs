@@ -1,0 +1,360 @@
+//! End-to-end tests of one TCP service through relay and agent running in this process.
+
+use std::{
+    io,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use sallyport_proto::{codes, frame, net::tls, AgentMessage, Hello, RelayMessage, ALPN_TUNNEL};
+use sallyport_tests::{targets, transfer, RunningAgent, RunningRelay, TestPki};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const MIB: u64 = 1024 * 1024;
+
+/// A relay with service `svc` for agent `winbox`, and that agent pointing `svc` at `target`.
+async fn tunnel_to(pki: &TestPki, target: SocketAddr) -> (RunningRelay, RunningAgent) {
+    sallyport_tests::init_logging();
+    let mut relay = RunningRelay::start(pki.relay_config(&[("svc", "winbox")], "")).await;
+    let agent =
+        RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target)], ""));
+    relay.wait_agent("winbox").await;
+    (relay, agent)
+}
+
+/// Reads until EOF or error; returns the bytes and how the read ended.
+async fn read_all(stream: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => return (out, Ok(())),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => return (out, Err(e)),
+        }
+    }
+}
+
+/// Connects, writes `request`, and reads to the end. The relay may reset so fast that the RST is
+/// already there when connect() returns: that counts as a reset with no data.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> (Vec<u8>, io::Result<()>) {
+    let mut client = match TcpStream::connect(addr).await {
+        Ok(client) => client,
+        Err(e) => return (Vec::new(), Err(e)),
+    };
+    if let Err(e) = client.write_all(request).await {
+        return (Vec::new(), Err(e));
+    }
+    tokio::time::timeout(Duration::from_secs(5), read_all(&mut client))
+        .await
+        .expect("no hang")
+}
+
+fn is_reset(result: &io::Result<()>) -> bool {
+    matches!(result, Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_and_sixty_four_mib_each_way_arrive_intact() {
+    let pki = TestPki::new();
+    let target = targets::transfer_server().await;
+    let (relay, agent) = tunnel_to(&pki, target.addr).await;
+    let svc = relay.service("svc");
+    for (up, down) in [
+        (MIB, MIB),
+        (64 * MIB, 0),
+        (0, 64 * MIB),
+        (64 * MIB, 64 * MIB),
+    ] {
+        let started = Instant::now();
+        let report = transfer::run(svc, up, down, up ^ down)
+            .await
+            .expect("transfer intact");
+        assert_eq!((report.up, report.down), (up, down));
+        println!(
+            "transfer up {} MiB, down {} MiB: {:?}",
+            up / MIB,
+            down / MIB,
+            started.elapsed()
+        );
+    }
+    agent.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections() {
+    let pki = TestPki::new();
+    let target = targets::transfer_server().await;
+    let (relay, agent) = tunnel_to(&pki, target.addr).await;
+    let svc = relay.service("svc");
+    let started = Instant::now();
+    let transfers: Vec<_> = (0..200u64)
+        .map(|i| {
+            tokio::spawn(transfer::run(
+                svc,
+                16 * 1024 + i * 331,
+                32 * 1024 + i * 97,
+                i,
+            ))
+        })
+        .collect();
+    let mut ok = 0;
+    for t in transfers {
+        t.await.expect("task").expect("transfer intact");
+        ok += 1;
+    }
+    assert_eq!(ok, 200);
+    println!("200 concurrent transfers in {:?}", started.elapsed());
+    agent.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_client_still_receives_the_reply() {
+    let pki = TestPki::new();
+    let target = targets::counts_then_replies().await;
+    let (relay, agent) = tunnel_to(&pki, target.addr).await;
+    let mut client = TcpStream::connect(relay.service("svc"))
+        .await
+        .expect("connect");
+    client.write_all(&[1u8; 5000]).await.expect("write");
+    client.shutdown().await.expect("half-close");
+    let (reply, end) = read_all(&mut client).await;
+    end.expect("clean EOF after the reply");
+    assert_eq!(reply, b"read 5000 bytes");
+    agent.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_that_speaks_first_greets_the_client() {
+    let pki = TestPki::new();
+    let target = targets::greeter(b"220 sallyport-test ESMTP ready\r\n").await;
+    let (relay, agent) = tunnel_to(&pki, target.addr).await;
+    let mut client = TcpStream::connect(relay.service("svc"))
+        .await
+        .expect("connect");
+    let mut greeting = [0u8; 32];
+    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut greeting))
+        .await
+        .expect("greeting arrives without the client sending anything")
+        .expect("read");
+    assert_eq!(&greeting, b"220 sallyport-test ESMTP ready\r\n");
+    client.write_all(b"EHLO x\r\n").await.expect("write");
+    let mut echo = [0u8; 8];
+    client.read_exact(&mut echo).await.expect("echo");
+    assert_eq!(&echo, b"EHLO x\r\n");
+    agent.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_that_refuses_gives_the_client_a_reset() {
+    let pki = TestPki::new();
+    let (relay, agent) = tunnel_to(&pki, targets::closed_port().await).await;
+    let (data, end) = exchange(relay.service("svc"), b"").await;
+    assert!(data.is_empty());
+    assert!(is_reset(&end), "expected a reset, got {end:?}");
+    agent.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_killed_mid_transfer_gives_a_reset_not_eof() {
+    let pki = TestPki::new();
+    let target = targets::dies_mid_transfer(256 * 1024).await;
+    let (relay, agent) = tunnel_to(&pki, target.addr).await;
+    for _ in 0..5 {
+        let (data, end) = exchange(relay.service("svc"), b"a request the target never reads").await;
+        assert!(
+            is_reset(&end),
+            "after {} bytes: expected a reset, got {end:?}",
+            data.len()
+        );
+    }
+    agent.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_of_an_absent_agent_is_refused_within_a_second() {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    let relay = RunningRelay::start(pki.relay_config(&[("svc", "winbox")], "")).await;
+    let started = Instant::now();
+    let (data, end) = exchange(relay.service("svc"), b"").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(data.is_empty());
+    assert!(is_reset(&end), "expected a reset, got {end:?}");
+    println!("absent agent: client reset after {:?}", started.elapsed());
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reconnects_after_a_relay_restart() {
+    let pki = TestPki::new();
+    let target = targets::transfer_server().await;
+    let (relay, agent) = tunnel_to(&pki, target.addr).await;
+    let (quic, svc) = (relay.quic, relay.service("svc"));
+    transfer::run(svc, 1000, 1000, 1)
+        .await
+        .expect("before restart");
+    relay.stop().await;
+
+    // Same addresses, as a restarted pod behind the same LoadBalancer IP.
+    let mut config = pki.relay_config(&[("svc", "winbox")], "");
+    config.listen = quic;
+    if let Some(service) = config.services.get_mut("svc") {
+        service.listen = sallyport_relay::config::Listen::Tcp(svc);
+    }
+    let mut relay = RunningRelay::start(config).await;
+    let back = Instant::now();
+    relay.wait_agent("winbox").await;
+    transfer::run(svc, 1000, 1000, 2)
+        .await
+        .expect("after restart");
+    let took = back.elapsed();
+    println!("relay back -> agent reconnected and a connection worked in {took:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    agent.stop().await;
+    relay.stop().await;
+}
+
+/// A raw QUIC client presenting the certificate of agent `name` from `identity_pki`, trusting the
+/// CA of `trust`. It sends `Hello` and waits for the relay's answer, since the server checks the
+/// client certificate after the client considers the handshake done.
+async fn raw_agent(
+    identity_pki: &TestPki,
+    name: &str,
+    trust: &TestPki,
+    relay: SocketAddr,
+) -> Result<(quinn::Connection, quinn::SendStream, RelayMessage), String> {
+    let bundle = identity_pki.agent_bundle(name);
+    let read = |f: &str| std::fs::read(bundle.join(f)).expect("bundle file");
+    let identity =
+        tls::Identity::from_pem(&read("agent.crt"), &read("agent.key")).expect("identity");
+    let roots = tls::roots_from_pem(&std::fs::read(trust.dir().join("ca.crt")).expect("ca"))
+        .expect("roots");
+    let crypto = tls::client_crypto(roots, identity, &[ALPN_TUNNEL]).expect("crypto");
+    let mut endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
+    let connection = endpoint
+        .connect(relay, "127.0.0.1")
+        .expect("connect")
+        .await
+        .map_err(|e| e.to_string())?;
+    let closed = |c: &quinn::Connection| {
+        c.close_reason()
+            .map_or("stream failed".to_owned(), |r| r.to_string())
+    };
+    let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    let hello = AgentMessage::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        software: "raw".into(),
+        services: vec![],
+    });
+    let bytes = frame::encode_to_vec(&hello, 1024).expect("encode");
+    send.write_all(&bytes)
+        .await
+        .map_err(|_| closed(&connection))?;
+    let mut buf = Vec::new();
+    let answer = sallyport_proto::net::read_frame::<RelayMessage>(&mut recv, 1024, &mut buf)
+        .await
+        .map_err(|_| closed(&connection))?
+        .ok_or("control stream ended")?;
+    Ok((connection, send, answer))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_from_another_ca_is_refused() {
+    let pki = TestPki::new();
+    let other = TestPki::new();
+    let target = targets::transfer_server().await;
+    let (mut relay, agent) = tunnel_to(&pki, target.addr).await;
+
+    // An agent whose certificate comes from another CA, claiming a name the relay knows.
+    let err = raw_agent(&other, "winbox", &pki, relay.quic)
+        .await
+        .expect_err("foreign certificate refused");
+    println!("foreign client certificate: {err}");
+    assert!(
+        err.contains("handshake") || err.contains("certificate"),
+        "{err}"
+    );
+
+    // A relay whose certificate the agent's CA did not sign is refused by the agent.
+    let err = raw_agent(&pki, "winbox", &other, relay.quic)
+        .await
+        .expect_err("untrusted relay refused");
+    println!("untrusted relay certificate: {err}");
+    assert!(
+        err.contains("certificate") || err.contains("handshake"),
+        "{err}"
+    );
+
+    // The genuine agent is still the one connected and working.
+    relay.wait_agent("winbox").await;
+    transfer::run(relay.service("svc"), 4096, 4096, 3)
+        .await
+        .expect("genuine agent still works");
+    agent.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_control_frame_closes_only_that_agent() {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    let target = targets::transfer_server().await;
+    let mut relay =
+        RunningRelay::start(pki.relay_config(&[("svc", "winbox"), ("other", "intruder")], ""))
+            .await;
+    let agent =
+        RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target.addr)], ""));
+    relay.wait_agent("winbox").await;
+
+    for garbage in [
+        vec![0, 0, 0, 3, 0xff, 0xff, 0xff],
+        u32::MAX.to_be_bytes().to_vec(),
+    ] {
+        let (connection, mut control, answer) = raw_agent(&pki, "intruder", &pki, relay.quic)
+            .await
+            .expect("intruder admitted");
+        assert!(matches!(answer, RelayMessage::Welcome(_)), "{answer:?}");
+        relay.wait_agent("intruder").await;
+        control.write_all(&garbage).await.expect("write garbage");
+        let reason = tokio::time::timeout(Duration::from_secs(5), connection.closed())
+            .await
+            .expect("closed by relay");
+        println!(
+            "garbage {:02x?}: relay closed that connection: {reason}",
+            &garbage[..4]
+        );
+        match &reason {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(
+                    c.error_code,
+                    quinn::VarInt::from_u32(codes::close::PROTOCOL_ERROR)
+                );
+            }
+            other => panic!("expected a protocol-error close, got {other:?}"),
+        }
+        relay.wait_agent_gone("intruder").await;
+        assert_eq!(relay.connected(), vec!["winbox".to_owned()]);
+        transfer::run(relay.service("svc"), 10_000, 10_000, 4)
+            .await
+            .expect("other agent unaffected");
+    }
+    agent.stop().await;
+    relay.stop().await;
+}
