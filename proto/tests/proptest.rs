@@ -66,26 +66,26 @@ fn header() -> impl Strategy<Value = StreamHeader> {
 proptest! {
     #[test]
     fn agent_messages_round_trip(msg in agent_message(), tail in prop::collection::vec(any::<u8>(), 0..16)) {
-        let mut buf = frame::encode_to_vec(&msg, MAX_CONTROL_FRAME).unwrap();
+        let mut buf = frame::encode_to_vec(&msg, MAX_CONTROL_FRAME).expect("round trip");
         let len = buf.len();
         buf.extend_from_slice(&tail);
-        let (back, used) = frame::decode::<AgentMessage>(&buf, MAX_CONTROL_FRAME).unwrap();
+        let (back, used) = frame::decode::<AgentMessage>(&buf, MAX_CONTROL_FRAME).expect("round trip");
         prop_assert_eq!(back, msg);
         prop_assert_eq!(used, len);
     }
 
     #[test]
     fn relay_messages_round_trip(msg in relay_message()) {
-        let buf = frame::encode_to_vec(&msg, MAX_CONTROL_FRAME).unwrap();
-        let (back, used) = frame::decode::<RelayMessage>(&buf, MAX_CONTROL_FRAME).unwrap();
+        let buf = frame::encode_to_vec(&msg, MAX_CONTROL_FRAME).expect("round trip");
+        let (back, used) = frame::decode::<RelayMessage>(&buf, MAX_CONTROL_FRAME).expect("round trip");
         prop_assert_eq!(back, msg);
         prop_assert_eq!(used, buf.len());
     }
 
     #[test]
     fn stream_headers_round_trip(h in header()) {
-        let buf = frame::encode_to_vec(&h, MAX_STREAM_HEADER).unwrap();
-        let (back, _) = frame::decode::<StreamHeader>(&buf, MAX_STREAM_HEADER).unwrap();
+        let buf = frame::encode_to_vec(&h, MAX_STREAM_HEADER).expect("round trip");
+        let (back, _) = frame::decode::<StreamHeader>(&buf, MAX_STREAM_HEADER).expect("round trip");
         prop_assert_eq!(back, h);
     }
 
