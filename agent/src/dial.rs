@@ -63,7 +63,6 @@ async fn serve(
         }
     };
     if send.write_all(&[Answer::Connected as u8]).await.is_err() {
-        sallyport_proto::net::reset_on_close(&tcp);
         return;
     }
     match splice(&tcp, &mut send, &mut recv, Side::Agent).await {
@@ -86,6 +85,8 @@ async fn dial(target: &Target, timeout: Duration) -> Result<TcpStream, Answer> {
     match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), *port))).await {
         Ok(Ok(tcp)) => {
             let _ = tcp.set_nodelay(true);
+            // Until the splice forwards a FIN, closing this socket (even by a crash) resets the target.
+            sallyport_proto::net::reset_on_close(&tcp);
             Ok(tcp)
         }
         Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(Answer::Refused),

@@ -71,16 +71,16 @@ pub(crate) async fn serve(
 
 async fn handle_client(stream: TcpStream, peer: SocketAddr, service: &Service, shared: &Shared) {
     let _ = stream.set_nodelay(true);
+    // Until the splice forwards a FIN, closing this socket (even by a crash) must reset the client.
+    reset_on_close(&stream);
     let Some(connection) = shared.registry.route(&service.agent, &service.name) else {
         debug!(agent = %service.agent, "agent not connected: refusing client");
-        reset_on_close(&stream);
         return;
     };
     let (mut send, mut recv) = match connection.open_bi().await {
         Ok(pair) => pair,
         Err(e) => {
             debug!(error = %e, "cannot open a stream to the agent: refusing client");
-            reset_on_close(&stream);
             return;
         }
     };
@@ -94,7 +94,6 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, service: &Service, s
     };
     if let Err(e) = written {
         debug!(error = %e, "cannot send the stream header: refusing client");
-        reset_on_close(&stream);
         return;
     }
     match splice(&stream, &mut send, &mut recv, Side::Relay).await {

@@ -3,10 +3,10 @@
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 /// The path of a workspace binary built next to the running test (`target/<profile>/NAME`).
@@ -20,10 +20,45 @@ pub fn binary(name: &str) -> PathBuf {
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.exists(),
-        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        "{} is missing: build the workspace binaries first (./scripts/test.sh does)",
         path.display()
     );
+    // A binary older than the sources it is built from would test yesterday's code.
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(name.trim_start_matches("sallyport-"));
+    let built = modified(&path);
+    for source in [crate_dir.join("src"), crate_dir.join("../proto/src")] {
+        if let Some(newest) = newest_file(&source) {
+            assert!(
+                built >= newest,
+                "{} is older than {}: rebuild with cargo build --workspace --bins (./scripts/test.sh does)",
+                path.display(),
+                source.display()
+            );
+        }
+    }
     path
+}
+
+fn modified(path: &Path) -> SystemTime {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+fn newest_file(dir: &Path) -> Option<SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let time = if path.is_dir() {
+            newest_file(&path)
+        } else {
+            Some(modified(&path))
+        };
+        newest = newest.max(time);
+    }
+    newest
 }
 
 /// A child process whose stderr is watched line by line; killed on drop.

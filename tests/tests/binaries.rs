@@ -1,10 +1,10 @@
-//! The two binaries run as a user runs them: real processes, real config files, a real signal.
+//! The two binaries run as a user runs them: real processes, real config files, real signals.
 
-use std::{process::Command, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use sallyport_tests::{
     process::{addr_field, binary, Spawned},
-    targets,
+    targets::{self, Target},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -12,6 +12,7 @@ use tokio::{
 };
 
 const WAIT: Duration = Duration::from_secs(20);
+const GREETING: &[u8; 34] = b"* OK sallyport test server ready\r\n";
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run");
@@ -24,9 +25,19 @@ fn run(cmd: &mut Command) -> String {
     text
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_and_agent_binaries_carry_a_tcp_connection() {
-    let (relay_bin, agent_bin) = (binary("sallyport-relay"), binary("sallyport-agent"));
+struct Setup {
+    _dir: tempfile::TempDir,
+    relay: Spawned,
+    agent: Spawned,
+    service: SocketAddr,
+    _target: Target,
+}
+
+/// `init`, `agent add`, `check` and `serve`/`run` as the README tells a user, with a greeting
+/// target behind the agent.
+async fn setup() -> Setup {
+    let (relay_bin, agent_bin): (PathBuf, PathBuf) =
+        (binary("sallyport-relay"), binary("sallyport-agent"));
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     run(Command::new(&relay_bin)
@@ -53,7 +64,7 @@ async fn relay_and_agent_binaries_carry_a_tcp_connection() {
     let service = addr_field(&relay.wait_line("service listening", WAIT), "addr");
     let quic = addr_field(&relay.wait_line("relay ready", WAIT), "quic");
 
-    let target = targets::greeter(b"* OK sallyport test server ready\r\n").await;
+    let target = targets::greeter(GREETING).await;
     let bundle = d.join("winbox");
     run(Command::new(&relay_bin)
         .args([
@@ -69,11 +80,13 @@ async fn relay_and_agent_binaries_carry_a_tcp_connection() {
         .arg(&bundle));
     let agent_toml = bundle.join("agent.toml");
     let starter = std::fs::read_to_string(&agent_toml).expect("agent.toml");
-    std::fs::write(
-        &agent_toml,
-        starter.replace("127.0.0.1:8080", &target.addr.to_string()),
-    )
-    .expect("write agent.toml");
+    let config = starter
+        .replace("127.0.0.1:8080", &target.addr.to_string())
+        .replace(
+            "key = \"agent.key\"",
+            "key = \"agent.key\"\nhandshake_timeout = \"2s\"",
+        );
+    std::fs::write(&agent_toml, config).expect("write agent.toml");
     run(Command::new(&agent_bin)
         .arg("check")
         .arg("--config")
@@ -86,7 +99,17 @@ async fn relay_and_agent_binaries_carry_a_tcp_connection() {
     });
     agent.wait_line("tunnel up", WAIT);
     relay.wait_line("agent connected", WAIT);
+    Setup {
+        _dir: dir,
+        relay,
+        agent,
+        service,
+        _target: target,
+    }
+}
 
+/// Connects through the relay and checks the greeting and an echo.
+async fn greeted(service: SocketAddr) -> TcpStream {
     let mut client = TcpStream::connect(service)
         .await
         .expect("connect through the relay");
@@ -95,22 +118,57 @@ async fn relay_and_agent_binaries_carry_a_tcp_connection() {
         .read_exact(&mut greeting)
         .await
         .expect("greeting through the tunnel");
-    assert_eq!(&greeting, b"* OK sallyport test server ready\r\n");
+    assert_eq!(&greeting, GREETING);
     client.write_all(b"a001 NOOP\r\n").await.expect("write");
     let mut echo = [0u8; 11];
     client.read_exact(&mut echo).await.expect("echo");
     assert_eq!(&echo, b"a001 NOOP\r\n");
-    drop(client);
+    client
+}
 
-    // SIGTERM: the relay drains, tells the agent it is going away, and exits 0.
+fn signal(child: &std::process::Child, signal: &str) {
     let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(relay.child.id().to_string())
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
         .status()
         .expect("kill");
     assert!(status.success());
-    relay.wait_line("relay stopped", WAIT);
-    let exit = relay.child.wait().expect("relay exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binaries_carry_a_connection_and_drain_on_sigterm() {
+    let mut s = setup().await;
+    drop(greeted(s.service).await);
+
+    // SIGTERM: the relay drains, tells the agent it is going away, and exits 0.
+    signal(&s.relay.child, "TERM");
+    s.relay.wait_line("relay stopped", WAIT);
+    let exit = s.relay.child.wait().expect("relay exit");
     assert!(exit.success(), "relay exit status {exit:?}");
-    agent.wait_line("relay going away", WAIT);
+    s.agent.wait_line("relay going away", WAIT);
+    // The agent does not give up: it keeps trying to reconnect.
+    s.agent.wait_line("cannot connect", WAIT);
+    signal(&s.agent.child, "TERM");
+    s.agent.wait_line("agent stopped", WAIT);
+    assert!(s.agent.child.wait().expect("agent exit").success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_relay_resets_its_clients_instead_of_closing_them() {
+    let mut s = setup().await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(greeted(s.service).await);
+    }
+    s.relay.kill();
+    for mut client in clients {
+        let mut buf = [0u8; 64];
+        let end = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("no hang");
+        match end {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a client of a killed relay must see a reset, got {other:?}"),
+        }
+    }
 }

@@ -358,3 +358,156 @@ async fn garbage_control_frame_closes_only_that_agent() {
     agent.stop().await;
     relay.stop().await;
 }
+
+/// `GET path` on the admin server; returns the status code.
+async fn admin_status(admin: SocketAddr, path: &str) -> u16 {
+    let mut stream = TcpStream::connect(admin).await.expect("admin connect");
+    let request = format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("admin write");
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .await
+        .expect("admin read");
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code")
+}
+
+async fn echo_round_trip(client: &mut TcpStream, data: &[u8]) -> io::Result<()> {
+    client.write_all(data).await?;
+    let mut back = vec![0u8; data.len()];
+    client.read_exact(&mut back).await?;
+    assert_eq!(back, data);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_connections_and_refuses_new_ones() {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    let target = targets::greeter(b"hi\n").await;
+    let mut relay =
+        RunningRelay::start(pki.relay_config(&[("svc", "winbox")], "drain_grace = \"30s\"")).await;
+    let agent =
+        RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target.addr)], ""));
+    relay.wait_agent("winbox").await;
+    let (svc, admin) = (relay.service("svc"), relay.admin);
+    assert_eq!(admin_status(admin, "/livez").await, 200);
+    assert_eq!(admin_status(admin, "/readyz").await, 200);
+
+    let mut in_flight = TcpStream::connect(svc).await.expect("connect");
+    let mut hi = [0u8; 3];
+    in_flight.read_exact(&mut hi).await.expect("greeting");
+    echo_round_trip(&mut in_flight, b"before the drain")
+        .await
+        .expect("echo");
+
+    relay.begin_shutdown();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while admin_status(admin, "/readyz").await != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still 200 while draining"
+        );
+        tokio::task::yield_now().await;
+    }
+    // New connections are refused once the listener is closed (or reset if one raced into it).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, end) = exchange(svc, b"").await;
+        match end {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
+            other => assert!(
+                is_reset(&other) || Instant::now() < deadline,
+                "new connection during drain: {other:?}"
+            ),
+        }
+    }
+    // The connection that was in flight keeps working and ends cleanly.
+    echo_round_trip(&mut in_flight, b"during the drain")
+        .await
+        .expect("in-flight connection still works");
+    in_flight.shutdown().await.expect("half-close");
+    let (rest, end) = read_all(&mut in_flight).await;
+    assert!(rest.is_empty());
+    end.expect("clean close of the in-flight connection");
+    let stopping = Instant::now();
+    relay.stop().await;
+    println!(
+        "drain: relay stopped {:?} after its last connection ended",
+        stopping.elapsed()
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "drain waited for nothing"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_resets_what_is_left_when_the_grace_period_ends() {
+    let pki = TestPki::new();
+    let target = targets::greeter(b"hi\n").await;
+    let mut relay =
+        RunningRelay::start(pki.relay_config(&[("svc", "winbox")], "drain_grace = \"500ms\""))
+            .await;
+    let agent =
+        RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target.addr)], ""));
+    relay.wait_agent("winbox").await;
+    let mut idle = TcpStream::connect(relay.service("svc"))
+        .await
+        .expect("connect");
+    let mut hi = [0u8; 3];
+    idle.read_exact(&mut hi).await.expect("greeting");
+    let started = Instant::now();
+    relay.begin_shutdown();
+    let (_, end) = tokio::time::timeout(Duration::from_secs(10), read_all(&mut idle))
+        .await
+        .expect("no hang");
+    println!(
+        "grace over: idle client reset after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        is_reset(&end),
+        "a connection cut by the end of the grace period must be reset, got {end:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    relay.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_unknown_to_the_relay_is_refused_with_a_reason() {
+    let pki = TestPki::new();
+    let relay = RunningRelay::start(pki.relay_config(&[("svc", "winbox")], "")).await;
+    let target = targets::closed_port().await;
+    let mut agent =
+        RunningAgent::start(pki.agent_config("stranger", &[relay.quic], &[("svc", target)], ""));
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        agent.status.wait_for(|s| {
+            s.values()
+                .any(|t| matches!(t, sallyport_agent::TunnelStatus::Retrying { .. }))
+        }),
+    )
+    .await
+    .expect("agent reports the refusal")
+    .expect("agent running")
+    .clone();
+    let text = format!("{status:?}");
+    println!("{text}");
+    assert!(
+        text.contains("refused this agent") && text.contains("\\\"stranger\\\" is not allowed"),
+        "{text}"
+    );
+    assert!(relay.connected().is_empty());
+    agent.stop().await;
+    relay.stop().await;
+}

@@ -92,6 +92,10 @@ impl From<ReadError> for SpliceError {
 /// Joins `tcp` with the stream (`send`, `recv`) until both directions end. On any failure both
 /// stream halves are reset and `tcp` is set to send a RST when the caller drops it.
 ///
+/// Callers set [`reset_on_close`] on `tcp` as soon as they have it, so that if this process dies
+/// (a crash, `kill -9`) the kernel resets the peer instead of closing cleanly; the splice restores
+/// a graceful close only just before it forwards a FIN.
+///
 /// Cancel safety: dropping the future leaves the stream halves to quinn's drop behaviour (reset and
 /// stop); the caller should then drop `tcp` after [`reset_on_close`].
 pub async fn splice(
@@ -160,7 +164,10 @@ async fn stream_to_tcp(
         total += chunk.bytes.len() as u64;
         write_all(tcp, &chunk.bytes).await?;
     }
-    match socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write) {
+    let socket = socket2::SockRef::from(tcp);
+    // A FIN is due now: let the kernel deliver what is queued instead of discarding it on close.
+    socket.set_linger(None).map_err(SpliceError::Tcp)?;
+    match socket.shutdown(std::net::Shutdown::Write) {
         Ok(()) => Ok(total),
         // The TCP peer already closed both ways: nothing is left to tell it.
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(total),
