@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use sallyport_proto::config::{self as conf, ConfigError, HumanDuration};
+use sallyport_proto::{
+    config::{self as conf, ConfigError, HumanDuration},
+    net::transport::Congestion,
+};
 use serde::Deserialize;
 
 /// The validated agent configuration.
@@ -46,6 +49,8 @@ pub struct Timing {
     /// First reconnect delay bound; doubles per failed attempt up to `reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// Congestion controller of the agent-to-relay direction.
+    pub congestion: Congestion,
 }
 
 /// A relay address as written (`HOST:PORT`), with the name its certificate must carry.
@@ -181,6 +186,10 @@ impl Config {
             connect_timeout: d("agent.connect_timeout", a.connect_timeout, 10, 300_000)?,
             reconnect_min: d("agent.reconnect_min", a.reconnect_min, 10, 600_000)?,
             reconnect_max: d("agent.reconnect_max", a.reconnect_max, 10, 3_600_000)?,
+            congestion: a
+                .congestion
+                .parse()
+                .map_err(|e| ConfigError::invalid(path, "agent.congestion", e))?,
         };
         if timing.keep_alive * 2 > timing.idle_timeout {
             return Err(ConfigError::invalid(
@@ -246,6 +255,8 @@ struct RawAgent {
     reconnect_min: HumanDuration,
     #[serde(default = "default_reconnect_max")]
     reconnect_max: HumanDuration,
+    #[serde(default = "default_congestion")]
+    congestion: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -268,6 +279,9 @@ fn default_connect_timeout() -> HumanDuration {
 }
 fn default_reconnect_min() -> HumanDuration {
     HumanDuration(Duration::from_millis(250))
+}
+fn default_congestion() -> String {
+    "bbr".into()
 }
 fn default_reconnect_max() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))

@@ -106,9 +106,11 @@ impl Agent {
     pub fn new(config: Config) -> Result<Self, StartError> {
         let (crypto, identity) = load_identity(&config)?;
         let mut client_config = quinn::ClientConfig::new(crypto);
+        let timing = &config.timing;
         client_config.transport_config(transport::agent(
-            config.timing.keep_alive,
-            config.timing.idle_timeout,
+            timing.keep_alive,
+            timing.idle_timeout,
+            timing.congestion,
         ));
         let shared = Arc::new(Shared {
             config,

@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use sallyport_proto::config::{self as conf, ConfigError, HumanDuration};
+use sallyport_proto::{
+    config::{self as conf, ConfigError, HumanDuration},
+    net::transport::Congestion,
+};
 use serde::Deserialize;
 
 /// The validated relay configuration.
@@ -49,6 +52,8 @@ pub struct Limits {
     pub max_incoming: usize,
     /// Client connections open at once across all services, at most.
     pub max_connections: usize,
+    /// Congestion controller of the relay-to-agent direction.
+    pub congestion: Congestion,
 }
 
 /// One published service.
@@ -104,6 +109,10 @@ impl Config {
             )?,
             max_incoming: positive(path, "relay.max_incoming", r.max_incoming)?,
             max_connections: positive(path, "relay.max_connections", r.max_connections)?,
+            congestion: r
+                .congestion
+                .parse()
+                .map_err(|e| ConfigError::invalid(path, "relay.congestion", e))?,
         };
         if raw.services.is_empty() {
             return Err(ConfigError::invalid(
@@ -193,6 +202,8 @@ struct RawRelay {
     max_incoming: usize,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
+    #[serde(default = "default_congestion")]
+    congestion: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,7 +232,10 @@ fn default_max_incoming() -> usize {
     256
 }
 fn default_max_connections() -> usize {
-    20_000
+    16_384
+}
+fn default_congestion() -> String {
+    "bbr".into()
 }
 
 #[cfg(test)]
@@ -290,6 +304,11 @@ listen = "0.0.0.0:1433"
         );
         let e = err(&GOOD.replace("0.0.0.0:1433", "localhost"));
         assert!(e.contains("relay.toml") && e.contains("listen"), "{e}");
+        let e = err(&GOOD.replace("idle_timeout = \"30s\"", "congestion = \"vegas\""));
+        assert!(
+            e.contains("key `relay.congestion`: unknown congestion controller \"vegas\""),
+            "{e}"
+        );
         let e = err(&GOOD.replace("\"30s\"", "\"0s\""));
         assert!(
             e.contains("key `relay.idle_timeout`: 0s is out of range"),

@@ -107,7 +107,10 @@ impl Relay {
             tls::server_crypto(roots, identity, &[ALPN_TUNNEL]).map_err(StartError::Crypto)?;
         let mut server = quinn::ServerConfig::with_crypto(crypto);
         server
-            .transport_config(transport::relay(config.limits.idle_timeout))
+            .transport_config(transport::relay(
+                config.limits.idle_timeout,
+                config.limits.congestion,
+            ))
             .max_incoming(config.limits.max_incoming);
 
         let bind_err = |what: &str, addr| {

@@ -23,8 +23,14 @@ impl Default for TestPki {
 
 impl TestPki {
     pub fn new() -> Self {
+        Self::with_names(&["127.0.0.1", "localhost"])
+    }
+
+    /// A PKI whose relay certificate carries `names` (IP addresses or DNS names).
+    pub fn with_names(names: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
-        pki::init(dir.path(), &["127.0.0.1".into(), "localhost".into()]).expect("relay init");
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        pki::init(dir.path(), &names).expect("relay init");
         let ca = Ca::load(dir.path()).expect("load CA");
         Self { dir, ca }
     }

@@ -56,6 +56,17 @@ pub struct Report {
 
 /// Runs one transfer against `addr`; fails with a description of the first mismatch or error.
 pub async fn run(addr: std::net::SocketAddr, up: u64, down: u64, seed: u64) -> io::Result<Report> {
+    run_counted(addr, up, down, seed, &std::sync::atomic::AtomicU64::new(0)).await
+}
+
+/// [`run`], adding every downstream byte received to `progress`.
+pub async fn run_counted(
+    addr: std::net::SocketAddr,
+    up: u64,
+    down: u64,
+    seed: u64,
+    progress: &std::sync::atomic::AtomicU64,
+) -> io::Result<Report> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (mut reader, mut writer) = stream.into_split();
@@ -76,7 +87,7 @@ pub async fn run(addr: std::net::SocketAddr, up: u64, down: u64, seed: u64) -> i
         Ok::<_, io::Error>(writer)
     };
     let read = async move {
-        let down_hash = hash_exact(&mut reader, down).await?;
+        let down_hash = hash_exact(&mut reader, down, progress).await?;
         let mut server_hash = [0u8; 32];
         reader.read_exact(&mut server_hash).await?;
         let mut rest = [0u8; 1];
@@ -99,7 +110,11 @@ fn mismatch(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
 }
 
-async fn hash_exact<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<[u8; 32]> {
+async fn hash_exact<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: u64,
+    progress: &std::sync::atomic::AtomicU64,
+) -> io::Result<[u8; 32]> {
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut left = len;
@@ -113,9 +128,57 @@ async fn hash_exact<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Resul
             ));
         }
         hash.update(&buf[..n]);
+        progress.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         left -= n as u64;
     }
     Ok(hash.finalize().into())
+}
+
+/// How one transfer ended, in the terms of the failure semantics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every byte both ways, hashes equal.
+    Ok,
+    /// The connection was reset or refused: allowed when something failed.
+    Reset,
+    /// A clean EOF before all bytes arrived: never allowed.
+    ShortEof(String),
+    /// Bytes arrived but differ: never allowed.
+    Mismatch(String),
+    /// Did not finish in time: a hang, never allowed.
+    Timeout,
+    /// Any other error.
+    Error(String),
+}
+
+impl Outcome {
+    pub fn of(result: &io::Result<Report>) -> Self {
+        match result {
+            Ok(_) => Self::Ok,
+            Err(e) => match e.kind() {
+                io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionRefused => Self::Reset,
+                io::ErrorKind::UnexpectedEof => Self::ShortEof(e.to_string()),
+                io::ErrorKind::InvalidData => Self::Mismatch(e.to_string()),
+                io::ErrorKind::TimedOut => Self::Timeout,
+                _ => Self::Error(e.to_string()),
+            },
+        }
+    }
+
+    /// The one-word name used in the lab tool's output.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Reset => "reset",
+            Self::ShortEof(_) => "short-eof",
+            Self::Mismatch(_) => "mismatch",
+            Self::Timeout => "timeout",
+            Self::Error(_) => "error",
+        }
+    }
 }
 
 /// The server side of one transfer.

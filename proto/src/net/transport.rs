@@ -20,9 +20,47 @@ pub const MAX_DATA_STREAMS: u32 = 16 * 1024;
 /// How many bidirectional streams an agent may open toward the relay (the control stream).
 pub const MAX_AGENT_STREAMS: u32 = 4;
 
-fn common(idle_timeout: Duration) -> TransportConfig {
+/// The congestion controller of a side's sending direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// BBR: paces at the measured bottleneck rate and does not read random loss as congestion, so
+    /// a Wi-Fi or WAN path with a few percent loss keeps its throughput (the default).
+    #[default]
+    Bbr,
+    /// CUBIC: loss-based; halves its rate on loss.
+    Cubic,
+    /// NewReno: loss-based, the most conservative.
+    NewReno,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "bbr" => Ok(Self::Bbr),
+            "cubic" => Ok(Self::Cubic),
+            "newreno" => Ok(Self::NewReno),
+            other => Err(format!("unknown congestion controller {other:?}: expected \"bbr\", \"cubic\" or \"newreno\"")),
+        }
+    }
+}
+
+impl Congestion {
+    fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+        use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+        match self {
+            Self::Bbr => Arc::new(BbrConfig::default()),
+            Self::Cubic => Arc::new(CubicConfig::default()),
+            Self::NewReno => Arc::new(NewRenoConfig::default()),
+        }
+    }
+}
+
+fn common(idle_timeout: Duration, congestion: Congestion) -> TransportConfig {
     let mut config = TransportConfig::default();
     config
+        .congestion_controller_factory(congestion.factory())
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
         .send_window(SEND_WINDOW)
@@ -34,16 +72,20 @@ fn common(idle_timeout: Duration) -> TransportConfig {
 }
 
 /// Transport settings of the relay's endpoint: agents may open only a few streams.
-pub fn relay(idle_timeout: Duration) -> Arc<TransportConfig> {
-    let mut config = common(idle_timeout);
+pub fn relay(idle_timeout: Duration, congestion: Congestion) -> Arc<TransportConfig> {
+    let mut config = common(idle_timeout, congestion);
     config.max_concurrent_bidi_streams(VarInt::from_u32(MAX_AGENT_STREAMS));
     Arc::new(config)
 }
 
 /// Transport settings of the agent's connection: the relay may open many data streams; the agent
 /// keeps the path alive well inside NAT and conntrack timeouts.
-pub fn agent(keep_alive: Duration, idle_timeout: Duration) -> Arc<TransportConfig> {
-    let mut config = common(idle_timeout);
+pub fn agent(
+    keep_alive: Duration,
+    idle_timeout: Duration,
+    congestion: Congestion,
+) -> Arc<TransportConfig> {
+    let mut config = common(idle_timeout, congestion);
     config
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_DATA_STREAMS))
         .keep_alive_interval(Some(keep_alive));

@@ -1,0 +1,208 @@
+//! Helpers the network lab runs inside its namespaces: the UDP impairment proxy, the transfer
+//! server, and a batch of checked transfers.
+
+use std::{
+    net::SocketAddr,
+    sync::{atomic::AtomicU64, atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use sallyport_tests::{
+    impair::{self, Impairment},
+    transfer::{self, Outcome},
+};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Tool,
+}
+
+#[derive(Subcommand)]
+enum Tool {
+    /// UDP proxy from --listen to --upstream with the same impairment each way.
+    Impair {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        upstream: SocketAddr,
+        /// One-way delay, e.g. "10ms".
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        delay: Duration,
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        jitter: Duration,
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        #[arg(long, default_value_t = 0.0)]
+        reorder: f64,
+        #[arg(long, default_value_t = 0.0)]
+        duplicate: f64,
+        /// Bits per second each way; 0 for unlimited.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// The transfer protocol's server on --listen.
+    TransferServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// --count transfers at once against --to, sizes 0..=--max each way; one line per transfer.
+    Transfers {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 32 * 1024 * 1024)]
+        max: u64,
+        #[arg(long, default_value_t = 0)]
+        min: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// A transfer still running after this is a hang.
+        #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Tool::Impair {
+            listen,
+            upstream,
+            delay,
+            jitter,
+            loss,
+            reorder,
+            duplicate,
+            rate,
+            seed,
+        } => {
+            let imp = Impairment {
+                delay,
+                jitter,
+                loss,
+                reorder,
+                duplicate,
+                rate_bps: (rate > 0).then_some(rate),
+                seed,
+            };
+            let socket = tokio::net::UdpSocket::bind(listen).await?;
+            eprintln!("impair listening on {listen} -> {upstream}: {imp:?}");
+            let stats = Arc::new(impair::Stats::default());
+            let down = Impairment {
+                seed: seed.wrapping_add(1),
+                ..imp.clone()
+            };
+            tokio::select! {
+                r = impair::run(socket, upstream, imp, down, stats.clone()) => r?,
+                () = sallyport_proto::net::shutdown_signal() => {}
+            }
+            eprintln!("impair stats: {}", stats.summary());
+        }
+        Tool::TransferServer { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            eprintln!("transfer server listening on {listen}");
+            loop {
+                let (stream, _) = listener.accept().await?;
+                tokio::spawn(transfer::serve(stream));
+            }
+        }
+        Tool::Transfers {
+            to,
+            count,
+            max,
+            min,
+            seed,
+            timeout,
+        } => transfers(to, count, min, max, seed, timeout).await,
+    }
+    Ok(())
+}
+
+/// Sizes from `min` to `max`: the first two transfers take the extremes, the rest are spread
+/// log-uniformly, so small and large transfers both occur.
+fn size(rng: &mut fastrand::Rng, i: u64, min: u64, max: u64) -> u64 {
+    match i {
+        0 => min,
+        1 => max,
+        _ => {
+            let (lo, hi) = ((min.max(1)) as f64, max.max(1) as f64);
+            let v = (lo.ln() + rng.f64() * (hi.ln() - lo.ln())).exp() as u64;
+            v.clamp(min, max)
+        }
+    }
+}
+
+async fn transfers(to: SocketAddr, count: u64, min: u64, max: u64, seed: u64, timeout: Duration) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let progress = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let (up, down) = (
+            size(&mut rng, i, min, max),
+            size(&mut rng, (i + 1) % count.max(2), min, max),
+        );
+        let progress = progress.clone();
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let result = match tokio::time::timeout(
+                timeout,
+                transfer::run_counted(to, up, down, seed ^ i, &progress),
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "transfer timed out",
+                )),
+            };
+            (i, up, down, Outcome::of(&result), t0.elapsed())
+        }));
+    }
+    eprintln!("started {count} transfers");
+    // Tell a watching test when bytes are flowing, so it can strike mid-transfer.
+    let watcher = {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            while progress.load(Ordering::Relaxed) < 1024 * 1024 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            eprintln!("flowing");
+        })
+    };
+    let mut counts = std::collections::BTreeMap::new();
+    let mut bytes = 0u64;
+    for task in tasks {
+        let Ok((i, up, down, outcome, took)) = task.await else {
+            continue;
+        };
+        if outcome == Outcome::Ok {
+            bytes += up + down;
+        }
+        let detail = match &outcome {
+            Outcome::ShortEof(m) | Outcome::Mismatch(m) | Outcome::Error(m) => {
+                format!(" detail={m:?}")
+            }
+            _ => String::new(),
+        };
+        println!(
+            "transfer {i} up={up} down={down} result={} ms={}{detail}",
+            outcome.word(),
+            took.as_millis()
+        );
+        *counts.entry(outcome.word()).or_insert(0u64) += 1;
+    }
+    watcher.abort();
+    let summary: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "transfers: total={count} {} bytes={bytes} seconds={:.2}",
+        summary.join(" "),
+        started.elapsed().as_secs_f64()
+    );
+}
