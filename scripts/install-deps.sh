@@ -1,12 +1,27 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs and a fresh machine may lack. Idempotent: does nothing when
-# everything is there. Needs root (or sudo) only when something is missing.
+# Installs what the test suite needs and a fresh machine may lack: Debian packages for the network
+# lab (namespaces, NAT, real servers and clients) and cargo-nextest. Idempotent: installs only what
+# is missing. Needs root for apt-get.
 set -euo pipefail
 
-need_cargo_tool() { # binary crate
-    command -v "$1" >/dev/null 2>&1 || cargo install --locked "$2"
-}
+packages=(
+    iproute2 iptables conntrack procps   # network lab: namespaces, veth, NAT, conntrack, kill
+    curl postgresql postgresql-client redis-server redis-tools iperf3 python3   # real servers and clients
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
-    need_cargo_tool cargo-nextest cargo-nextest
+    cargo install --locked cargo-nextest
 fi

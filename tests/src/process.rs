@@ -70,22 +70,21 @@ pub struct Spawned {
 }
 
 impl Spawned {
+    /// Starts `command`, reading its stdout and stderr lines (in arrival order per stream).
     pub fn start(mut command: Command) -> Self {
         command
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
         let mut child = command.spawn().expect("spawn");
-        let stderr = child.stderr.take().expect("piped stderr");
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        if let Some(stdout) = child.stdout.take() {
+            forward(stdout, tx.clone());
+        }
+        if let Some(stderr) = child.stderr.take() {
+            forward(stderr, tx);
+        }
         Self {
             child,
             lines,
@@ -124,6 +123,16 @@ impl Drop for Spawned {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn forward(stream: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
 }
 
 /// Extracts `key=ADDR` from a log line.

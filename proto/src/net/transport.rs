@@ -92,16 +92,26 @@ pub fn agent(
     Arc::new(config)
 }
 
-/// An endpoint configuration whose stateless-reset key is derived from `secret` (the relay's
-/// private key). A relay restarted after a crash then resets its old connections on their first
-/// packet, so agents reconnect at once instead of waiting out the idle timeout.
+/// An endpoint configuration whose stateless-reset key and connection-ID key are derived from
+/// `secret` (the relay's private key). A relay restarted after a crash then recognizes the IDs of
+/// its old connections and resets them on their first packet, so agents reconnect at once instead
+/// of waiting out the idle timeout.
 pub fn endpoint_with_stable_reset(secret: &[u8]) -> EndpointConfig {
+    use quinn_proto::{ConnectionIdGenerator, HashedConnectionIdGenerator};
     use ring::{digest, hmac};
-    let mut material = b"sallyport stateless reset key v1".to_vec();
-    material.extend_from_slice(secret);
-    let derived = digest::digest(&digest::SHA256, &material);
-    EndpointConfig::new(Arc::new(hmac::Key::new(
-        hmac::HMAC_SHA256,
-        derived.as_ref(),
-    )))
+    let derive = |label: &[u8]| {
+        let mut material = label.to_vec();
+        material.extend_from_slice(secret);
+        digest::digest(&digest::SHA256, &material)
+    };
+    let reset = derive(b"sallyport stateless reset key v1");
+    let mut config =
+        EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&derive(b"sallyport connection id key v1").as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || -> Box<dyn ConnectionIdGenerator> {
+        Box::new(HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
 }

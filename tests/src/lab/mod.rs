@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  homelab 10.4.0.0/24                 router (NAT)               windows 172.28.0.0/24
-//!  relay 10.4.0.60, proxy 10.4.0.61 ── 10.4.0.1 | 172.28.0.1 ── agent + targets 172.28.0.10
+//!  relay 10.4.0.60 (second: .62)    ── 10.4.0.1 | 172.28.0.1 ── agent + targets 172.28.0.10
+//!  impairment proxy 10.4.0.61
 //! ```
 //!
 //! The router masquerades the windows side behind 10.4.0.1 and forwards only replies back in, so
@@ -22,10 +23,13 @@ use std::{
 
 use crate::process::{binary, Spawned};
 
+mod servers;
 mod tunnel;
 pub use tunnel::{LabTunnel, TransferReport, TunnelSpec};
 
 pub const RELAY_IP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 60);
+/// A second relay, for drain and high-availability tests.
+pub const RELAY2_IP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 62);
 pub const PROXY_IP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 61);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 70);
 pub const ROUTER_HOME_IP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 1);
@@ -165,7 +169,7 @@ impl Lab {
             "ip",
             &["addr", "add", &format!("{RELAY_IP}/24"), "dev", "eth0"],
         );
-        for extra in [PROXY_IP, CLIENT_IP] {
+        for extra in [PROXY_IP, RELAY2_IP, CLIENT_IP] {
             lab.home.run(
                 "ip",
                 &["addr", "add", &format!("{extra}/24"), "dev", "eth0"],

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{addr, Lab, Role, PROXY_IP, RELAY_IP, WIN_IP};
+use super::{addr, Lab, Role, PROXY_IP, RELAY2_IP, RELAY_IP, WIN_IP};
 use crate::TestPki;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -20,6 +20,8 @@ pub struct TunnelSpec {
     /// Extra lines for `[relay]` and `[agent]`.
     pub relay_extra: String,
     pub agent_extra: String,
+    /// Two relays (at RELAY_IP and RELAY2_IP) instead of one; the agent keeps a tunnel to each.
+    pub two_relays: bool,
 }
 
 impl TunnelSpec {
@@ -32,7 +34,13 @@ impl TunnelSpec {
             impairment: None,
             relay_extra: String::new(),
             agent_extra: String::new(),
+            two_relays: false,
         }
+    }
+
+    pub fn two_relays(mut self) -> Self {
+        self.two_relays = true;
+        self
     }
 
     /// Puts the impairment proxy on the agent-relay path with these `labtool impair` flags.
@@ -55,55 +63,76 @@ impl TunnelSpec {
 /// A tunnel in a lab: the indices of its processes and its config files.
 #[derive(Debug)]
 pub struct LabTunnel {
-    pub relay: usize,
+    /// Process index of each relay (restarts replace the entry).
+    pub relays: Vec<usize>,
     pub agent: usize,
     pub proxy: Option<usize>,
-    relay_toml: String,
+    relay_tomls: Vec<String>,
     agent_toml: String,
     _pki: TestPki,
 }
 
+impl LabTunnel {
+    /// The first relay's process index.
+    pub fn relay(&self) -> usize {
+        self.relays[0]
+    }
+}
+
 impl Lab {
-    /// Writes the PKI and configs, starts the proxy (if any), the relay and the agent, and waits
-    /// until the agent's tunnel is up.
+    /// Writes the PKI and configs, starts the proxy (if any), the relays and the agent, and waits
+    /// until the agent's tunnels are up.
     pub fn start_tunnel(&mut self, spec: &TunnelSpec) -> LabTunnel {
         let pki = TestPki::with_names(&["relay.lab", &RELAY_IP.to_string()]);
-        let mut relay = format!(
-            "[relay]\nlisten = \"{}\"\nadmin = \"{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{}\n",
-            addr(RELAY_IP, QUIC_PORT),
-            addr(RELAY_IP, 9090),
-            pki.dir().join("ca.crt").display(),
-            pki.dir().join("relay.crt").display(),
-            pki.dir().join("relay.key").display(),
-            spec.relay_extra
-        );
-        let bundle = pki.agent_bundle("winbox");
-        let dial = if spec.impairment.is_some() {
-            PROXY_IP
+        let relay_ips: &[std::net::Ipv4Addr] = if spec.two_relays {
+            &[RELAY_IP, RELAY2_IP]
         } else {
-            RELAY_IP
+            &[RELAY_IP]
         };
+        let bundle = pki.agent_bundle("winbox");
+        let mut dials = Vec::new();
+        let mut relay_tomls = Vec::new();
+        for (i, ip) in relay_ips.iter().enumerate() {
+            let mut relay = format!(
+                "[relay]\nlisten = \"{}\"\nadmin = \"{}\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{}\n",
+                addr(*ip, QUIC_PORT),
+                addr(*ip, 9090),
+                pki.dir().join("ca.crt").display(),
+                pki.dir().join("relay.crt").display(),
+                pki.dir().join("relay.key").display(),
+                spec.relay_extra
+            );
+            for (name, port, _) in &spec.services {
+                relay.push_str(&format!(
+                    "[services.{name}]\nagent = \"winbox\"\nlisten = \"{}\"\n",
+                    addr(*ip, *port)
+                ));
+            }
+            let path = self.dir().join(format!("relay{i}.toml"));
+            std::fs::write(&path, relay).expect("write relay.toml");
+            relay_tomls.push(path.display().to_string());
+            let dial = if i == 0 && spec.impairment.is_some() {
+                PROXY_IP
+            } else {
+                *ip
+            };
+            dials.push(format!("\"{}\"", addr(dial, QUIC_PORT)));
+        }
         let mut agent = format!(
-            "[agent]\nrelays = [\"{}\"]\nserver_name = \"relay.lab\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nhandshake_timeout = \"3s\"\n{}\n",
-            addr(dial, QUIC_PORT),
+            "[agent]\nrelays = [{}]\nserver_name = \"relay.lab\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nhandshake_timeout = \"3s\"\n{}\n",
+            dials.join(", "),
             bundle.join("ca.crt").display(),
             bundle.join("agent.crt").display(),
             bundle.join("agent.key").display(),
             spec.agent_extra
         );
-        for (name, port, target) in &spec.services {
-            relay.push_str(&format!(
-                "[services.{name}]\nagent = \"winbox\"\nlisten = \"{}\"\n",
-                addr(RELAY_IP, *port)
-            ));
+        for (name, _, target) in &spec.services {
             agent.push_str(&format!(
                 "[services.{name}]\ntarget = \"tcp://{}\"\n",
                 addr(WIN_IP, *target)
             ));
         }
-        let relay_toml = self.dir().join("relay.toml");
         let agent_toml = self.dir().join("agent.toml");
-        std::fs::write(&relay_toml, relay).expect("write relay.toml");
         std::fs::write(&agent_toml, agent).expect("write agent.toml");
 
         let proxy = spec.impairment.as_ref().map(|flags| {
@@ -116,30 +145,36 @@ impl Lab {
             index
         });
         let mut tunnel = LabTunnel {
-            relay: 0,
+            relays: Vec::new(),
             agent: 0,
             proxy,
-            relay_toml: relay_toml.display().to_string(),
+            relay_tomls,
             agent_toml: agent_toml.display().to_string(),
             _pki: pki,
         };
-        tunnel.relay = self.start_relay(&tunnel);
+        for i in 0..relay_ips.len() {
+            let index = self.start_relay(&tunnel, i);
+            tunnel.relays.push(index);
+        }
         tunnel.agent = self.start_agent(&tunnel);
+        for _ in 1..relay_ips.len() {
+            self.process(tunnel.agent).wait_line("tunnel up", WAIT);
+        }
         tunnel
     }
 
-    /// Starts (or restarts) the relay of `tunnel` and waits until it is ready.
-    pub fn start_relay(&mut self, tunnel: &LabTunnel) -> usize {
+    /// Starts (or restarts) relay `i` of `tunnel` and waits until it is ready.
+    pub fn start_relay(&mut self, tunnel: &LabTunnel, i: usize) -> usize {
         let index = self.spawn_binary(
             Role::Home,
             "sallyport-relay",
-            &["serve", "--config", &tunnel.relay_toml],
+            &["serve", "--config", &tunnel.relay_tomls[i]],
         );
         self.process(index).wait_line("relay ready", WAIT);
         index
     }
 
-    /// Starts (or restarts) the agent of `tunnel` and waits until its tunnel is up.
+    /// Starts (or restarts) the agent of `tunnel` and waits until its (first) tunnel is up.
     pub fn start_agent(&mut self, tunnel: &LabTunnel) -> usize {
         let index = self.spawn_binary(
             Role::Win,
@@ -163,18 +198,40 @@ impl Lab {
         index
     }
 
-    /// Runs a batch of transfers from the homelab to the relay's `port` and returns its report.
+    /// Runs a batch of transfers from the homelab to `relay_ip:port` and returns its report.
+    pub fn transfers_to(
+        &mut self,
+        relay_ip: std::net::Ipv4Addr,
+        port: u16,
+        args: &[&str],
+    ) -> TransferReport {
+        let index = self.spawn_transfers(relay_ip, port, args);
+        self.finish_transfers(index, Duration::from_secs(900))
+    }
+
+    /// [`Lab::transfers_to`] the first relay.
     pub fn transfers(&mut self, port: u16, args: &[&str]) -> TransferReport {
-        let to = addr(RELAY_IP, port).to_string();
+        self.transfers_to(RELAY_IP, port, args)
+    }
+
+    /// Starts a batch of transfers in the background; see [`Lab::finish_transfers`].
+    pub fn spawn_transfers(
+        &mut self,
+        relay_ip: std::net::Ipv4Addr,
+        port: u16,
+        args: &[&str],
+    ) -> usize {
+        let to = addr(relay_ip, port).to_string();
         let mut all = vec!["transfers", "--to", &to];
         all.extend_from_slice(args);
-        let out = self
-            .home
-            .command(crate::process::binary("sallyport-labtool"))
-            .args(&all)
-            .output()
-            .expect("labtool");
-        TransferReport::parse(&String::from_utf8_lossy(&out.stdout))
+        self.spawn_binary(Role::Home, "sallyport-labtool", &all)
+    }
+
+    /// Waits for a background batch to finish and returns its report.
+    pub fn finish_transfers(&mut self, index: usize, timeout: Duration) -> TransferReport {
+        let process = self.process(index);
+        process.wait_line("transfers:", timeout);
+        TransferReport::parse(&process.log.join("\n"))
     }
 }
 

@@ -1,0 +1,152 @@
+//! Real servers from Debian's packages, started on the windows side of a lab.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use super::{Lab, Role, WIN_IP};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+impl Lab {
+    /// PostgreSQL on `WIN_IP:port` with trust authentication, data in the lab directory.
+    pub fn start_postgres(&mut self, port: u16) -> usize {
+        let bin = postgres_bin_dir();
+        let data = self.dir().join("pg");
+        std::fs::create_dir_all(&data).expect("pg dir");
+        open_to_others(self.dir());
+        chown_postgres(&data);
+        let init = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(format!("{bin}/initdb"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&data)
+            .output()
+            .expect("initdb");
+        assert!(
+            init.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        // Clients arrive from the agent's address (the Windows host), not from loopback.
+        let hba = data.join("pg_hba.conf");
+        let mut rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+        rules.push_str(&format!("host all all {WIN_IP}/32 trust\n"));
+        std::fs::write(&hba, rules).expect("pg_hba.conf");
+        let data = data.display().to_string();
+        let port = port.to_string();
+        let listen = format!("listen_addresses={WIN_IP}");
+        let postgres = format!("{bin}/postgres");
+        let index = self.spawn_program(
+            Role::Win,
+            "runuser",
+            &[
+                "-u",
+                "postgres",
+                "--",
+                &postgres,
+                "-D",
+                &data,
+                "-p",
+                &port,
+                "-k",
+                &data,
+                "-c",
+                &listen,
+                "-c",
+                "fsync=off",
+            ],
+        );
+        self.process(index)
+            .wait_line("ready to accept connections", WAIT);
+        index
+    }
+
+    /// Redis on `WIN_IP:port`, no persistence.
+    pub fn start_redis(&mut self, port: u16) -> usize {
+        let (ip, port) = (WIN_IP.to_string(), port.to_string());
+        let index = self.spawn_program(
+            Role::Win,
+            "redis-server",
+            &[
+                "--bind",
+                &ip,
+                "--port",
+                &port,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+        );
+        self.process(index)
+            .wait_line("Ready to accept connections", WAIT);
+        index
+    }
+
+    /// An HTTP server (Python's) on `WIN_IP:port` serving `dir`.
+    pub fn start_http(&mut self, port: u16, dir: &Path) -> usize {
+        let (ip, port, dir) = (
+            WIN_IP.to_string(),
+            port.to_string(),
+            dir.display().to_string(),
+        );
+        let index = self.spawn_program(
+            Role::Win,
+            "python3",
+            &[
+                "-u",
+                "-m",
+                "http.server",
+                &port,
+                "--bind",
+                &ip,
+                "--directory",
+                &dir,
+            ],
+        );
+        self.process(index).wait_line("Serving HTTP", WAIT);
+        index
+    }
+
+    /// An iperf3 server on `WIN_IP:port`.
+    pub fn start_iperf3(&mut self, port: u16) -> usize {
+        let (ip, port) = (WIN_IP.to_string(), port.to_string());
+        let index = self.spawn_program(
+            Role::Win,
+            "iperf3",
+            &["-s", "-B", &ip, "-p", &port, "--forceflush"],
+        );
+        self.process(index).wait_line("Server listening", WAIT);
+        index
+    }
+}
+
+fn postgres_bin_dir() -> String {
+    let mut dirs: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server installed under /usr/lib/postgresql (scripts/install-deps.sh)")
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+        .expect("a PostgreSQL server binary")
+        .display()
+        .to_string()
+}
+
+/// Lets the `postgres` user walk into the lab directory.
+fn open_to_others(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+}
+
+fn chown_postgres(dir: &Path) {
+    let status = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(dir)
+        .status()
+        .expect("chown");
+    assert!(status.success());
+}
