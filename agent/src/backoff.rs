@@ -11,11 +11,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Self {
-        Self {
-            base,
-            max,
-            attempt: 0,
-        }
+        Self { base, max, attempt: 0 }
     }
 
     /// The delay before the next attempt.
@@ -55,11 +51,7 @@ mod tests {
         for _ in 0..100 {
             b.next_delay();
         }
-        assert_eq!(
-            b.ceiling(),
-            Duration::from_secs(2),
-            "no overflow after many attempts"
-        );
+        assert_eq!(b.ceiling(), Duration::from_secs(2), "no overflow after many attempts");
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(100));
     }

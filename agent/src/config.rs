@@ -12,7 +12,7 @@ use std::{
 
 use sallyport_proto::{
     config::{self as conf, ConfigError, HumanDuration},
-    net::transport::Congestion,
+    net::{tls::TlsFiles, transport::Congestion},
 };
 use serde::Deserialize;
 
@@ -25,14 +25,6 @@ pub struct Config {
     pub tls: TlsFiles,
     pub timing: Timing,
     pub services: BTreeMap<String, Service>,
-}
-
-/// Where the agent's CA and identity live.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub ca_cert: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }
 
 /// Timers of the tunnel and of target dials.
@@ -102,9 +94,7 @@ impl Target {
             return Err(if scheme.is_empty() {
                 format!("{text:?} has no scheme: expected tcp://HOST:PORT")
             } else {
-                format!(
-                    "unsupported target scheme {scheme:?} in {text:?}: expected tcp://HOST:PORT"
-                )
+                format!("unsupported target scheme {scheme:?} in {text:?}: expected tcp://HOST:PORT")
             });
         };
         let (host, port) = host_port(rest).map_err(|e| format!("{text:?}: {e}"))?;
@@ -154,30 +144,16 @@ impl Config {
             .enumerate()
             .map(|(i, text)| {
                 let (host, port) = host_port(text).map_err(|e| {
-                    ConfigError::invalid(
-                        path,
-                        format!("agent.relays[{i}]"),
-                        format!("{text:?}: {e}"),
-                    )
+                    ConfigError::invalid(path, format!("agent.relays[{i}]"), format!("{text:?}: {e}"))
                 })?;
                 let server_name = a.server_name.clone().unwrap_or_else(|| host.clone());
                 sallyport_proto::net::tls::server_name(&server_name)
                     .map_err(|e| ConfigError::invalid(path, "agent.server_name", e.to_string()))?;
-                Ok(RelayAddr {
-                    host,
-                    port,
-                    server_name,
-                })
+                Ok(RelayAddr { host, port, server_name })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let d = |key: &str, v: HumanDuration, min: u64, max: u64| {
-            conf::duration_in(
-                path,
-                key,
-                v.0,
-                Duration::from_millis(min),
-                Duration::from_millis(max),
-            )
+            conf::duration_in(path, key, v.0, Duration::from_millis(min), Duration::from_millis(max))
         };
         let timing = Timing {
             keep_alive: d("agent.keep_alive", a.keep_alive, 100, 600_000)?,
@@ -315,34 +291,18 @@ target = "tcp://127.0.0.1:1433"
         let c = Config::from_toml(GOOD, Path::new("/etc/sallyport/agent.toml")).expect("valid");
         assert_eq!(
             c.relays[0],
-            RelayAddr {
-                host: "192.168.4.60".into(),
-                port: 443,
-                server_name: "relay.lan".into()
-            }
+            RelayAddr { host: "192.168.4.60".into(), port: 443, server_name: "relay.lan".into() }
         );
         assert_eq!(c.relays[1].host, "fd00::1");
         assert_eq!(c.relays[1].to_string(), "[fd00::1]:4433");
-        assert_eq!(
-            c.services["mssql"].target,
-            Target::Tcp {
-                host: "127.0.0.1".into(),
-                port: 1433
-            }
-        );
+        assert_eq!(c.services["mssql"].target, Target::Tcp { host: "127.0.0.1".into(), port: 1433 });
         assert_eq!(c.tls.key, Path::new("/etc/sallyport/agent.key"));
         assert_eq!(c.timing.keep_alive, Duration::from_secs(5));
     }
 
     #[test]
     fn targets_parse_strictly() {
-        assert_eq!(
-            Target::parse("tcp://[::1]:80"),
-            Ok(Target::Tcp {
-                host: "::1".into(),
-                port: 80
-            })
-        );
+        assert_eq!(Target::parse("tcp://[::1]:80"), Ok(Target::Tcp { host: "::1".into(), port: 80 }));
         assert_eq!(
             Target::parse("tcp://db.local:5432").map(|t| t.to_string()),
             Ok("tcp://db.local:5432".into())
@@ -364,26 +324,15 @@ target = "tcp://127.0.0.1:1433"
     fn errors_name_file_key_and_reason() {
         let e = err(&GOOD.replace("tcp://127.0.0.1:1433", "http://x:1"));
         assert!(
-            e.starts_with(
-                "C:/ProgramData/Sallyport/agent.toml: key `services.mssql.target`: unsupported"
-            ),
+            e.starts_with("C:/ProgramData/Sallyport/agent.toml: key `services.mssql.target`: unsupported"),
             "{e}"
         );
         let e = err(&GOOD.replace("192.168.4.60:443", "nohostport"));
         assert!(e.contains("key `agent.relays[0]`"), "{e}");
-        let e = err(&GOOD.replace(
-            "relays = [\"192.168.4.60:443\", \"[fd00::1]:4433\"]",
-            "relays = []",
-        ));
+        let e = err(&GOOD.replace("relays = [\"192.168.4.60:443\", \"[fd00::1]:4433\"]", "relays = []"));
         assert!(e.contains("key `agent.relays`"), "{e}");
-        let e = err(&GOOD.replace(
-            "key = \"agent.key\"",
-            "key = \"agent.key\"\nkeep_alive = \"15s\"",
-        ));
-        assert!(
-            e.contains("key `agent.keep_alive`: must be at most half"),
-            "{e}"
-        );
+        let e = err(&GOOD.replace("key = \"agent.key\"", "key = \"agent.key\"\nkeep_alive = \"15s\""));
+        assert!(e.contains("key `agent.keep_alive`: must be at most half"), "{e}");
         let e = err(&GOOD.replace("[services.mssql]", "[services.MSSQL]"));
         assert!(e.contains("key `services.MSSQL`"), "{e}");
         let e = err(&format!("{GOOD}\nsecret = 1\n"));

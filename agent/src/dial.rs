@@ -43,12 +43,7 @@ pub(crate) async fn handle_stream(mut send: SendStream, mut recv: RecvStream, sh
     serve(header, send, recv, shared).instrument(span).await;
 }
 
-async fn serve(
-    header: StreamHeader,
-    mut send: SendStream,
-    mut recv: RecvStream,
-    shared: Arc<Shared>,
-) {
+async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream, shared: Arc<Shared>) {
     let Some(service) = shared.config.services.get(&header.service) else {
         warn!("relay asked for a service this agent does not declare");
         refuse(&mut send, &mut recv, Answer::UnknownService).await;

@@ -8,16 +8,13 @@ pub mod config;
 mod dial;
 mod tunnel;
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use sallyport_proto::{
-    net::{tls, transport, TlsError},
+    net::{
+        tls::{self, TlsFileError},
+        transport, TlsError,
+    },
     Hello, ServiceOffer, ALPN_TUNNEL, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::sync::watch;
@@ -32,28 +29,18 @@ pub const SOFTWARE: &str = concat!("sallyport-agent ", env!("CARGO_PKG_VERSION")
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{}: cannot read: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: {source}", path.display())]
-    Tls { path: PathBuf, source: TlsError },
-    #[error("{}: {reason}", path.display())]
-    Invalid { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Tls(#[from] TlsFileError),
+    #[error("TLS configuration: {0}")]
+    Crypto(TlsError),
 }
 
 /// The state of the tunnel to one relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TunnelStatus {
     Connecting,
-    Connected {
-        remote: SocketAddr,
-        published: Vec<String>,
-    },
-    Retrying {
-        error: String,
-    },
+    Connected { remote: SocketAddr, published: Vec<String> },
+    Retrying { error: String },
 }
 
 /// The agent's identity as its certificate states it.
@@ -61,6 +48,8 @@ pub enum TunnelStatus {
 pub struct IdentityInfo {
     pub name: String,
     pub not_after_unix: i64,
+    /// Whole days of validity left (negative once expired).
+    pub days_left: i64,
 }
 
 #[derive(Debug)]
@@ -83,12 +72,7 @@ impl Shared {
             min_version: MIN_PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
             software: SOFTWARE.to_owned(),
-            services: self
-                .config
-                .services
-                .keys()
-                .map(|name| ServiceOffer { name: name.clone() })
-                .collect(),
+            services: self.config.services.keys().map(|name| ServiceOffer { name: name.clone() }).collect(),
         }
     }
 }
@@ -135,11 +119,7 @@ impl Agent {
         let tunnels = TaskTracker::new();
         tracing::info!(agent = %self.identity.name, relays = self.shared.config.relays.len(), "agent starting");
         for relay in &self.shared.config.relays {
-            tunnels.spawn(tunnel::maintain(
-                relay.clone(),
-                self.shared.clone(),
-                shutdown.clone(),
-            ));
+            tunnels.spawn(tunnel::maintain(relay.clone(), self.shared.clone(), shutdown.clone()));
         }
         tunnels.close();
         tunnels.wait().await;
@@ -155,44 +135,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     Ok(())
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, StartError> {
-    std::fs::read(path).map_err(|source| StartError::Read {
-        path: path.to_owned(),
-        source,
-    })
-}
-
 type Crypto = Arc<quinn::crypto::rustls::QuicClientConfig>;
 
 fn load_identity(config: &Config) -> Result<(Crypto, IdentityInfo), StartError> {
-    let files = &config.tls;
-    let tls_err = |path: &Path, source| StartError::Tls {
-        path: path.to_owned(),
-        source,
-    };
-    let invalid = |path: &Path, reason: String| StartError::Invalid {
-        path: path.to_owned(),
-        reason,
-    };
-    let ca_pem = read(&files.ca_cert)?;
-    let ca = tls::certs_from_pem(&ca_pem, "CA file").map_err(|e| tls_err(&files.ca_cert, e))?;
-    let identity = tls::Identity::from_pem(&read(&files.cert)?, &read(&files.key)?)
-        .map_err(|e| tls_err(&files.cert, e))?;
-    let leaf = identity.chain[0].clone();
-    tls::verify_issued_by(&leaf, &ca[0])
-        .map_err(|e| invalid(&files.cert, format!("{e} (CA {})", files.ca_cert.display())))?;
-    let info = tls::inspect(&leaf).map_err(|e| invalid(&files.cert, e.to_string()))?;
-    let name = info
-        .dns_name
-        .ok_or_else(|| invalid(&files.cert, "certificate names no agent".into()))?;
-    let roots = tls::roots_from_pem(&ca_pem).map_err(|e| tls_err(&files.ca_cert, e))?;
-    let crypto =
-        tls::client_crypto(roots, identity, &[ALPN_TUNNEL]).map_err(|e| tls_err(&files.key, e))?;
+    let tls = config.tls.load()?;
+    let name = tls.leaf.dns_name.clone().ok_or_else(|| TlsFileError {
+        path: config.tls.cert.clone(),
+        reason: "certificate names no agent".into(),
+    })?;
+    let crypto = tls::client_crypto(tls.roots, tls.identity, &[ALPN_TUNNEL]).map_err(StartError::Crypto)?;
     Ok((
         crypto,
-        IdentityInfo {
-            name,
-            not_after_unix: info.not_after_unix,
-        },
+        IdentityInfo { name, not_after_unix: tls.leaf.not_after_unix, days_left: tls.leaf.days_left() },
     ))
 }

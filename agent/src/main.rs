@@ -37,16 +37,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             let agent = Agent::new(config.clone())?;
             let id = agent.identity();
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or_default();
-            let days = (id.not_after_unix - now) / 86_400;
-            anyhow::ensure!(
-                days >= 0,
-                "{}: certificate has expired",
-                config.tls.cert.display()
-            );
+            let days = id.days_left;
+            anyhow::ensure!(days >= 0, "{}: certificate has expired", config.tls.cert.display());
             println!("agent {}: certificate valid for {days} more days", id.name);
             for relay in &config.relays {
                 println!("relay {relay} (certificate name {})", relay.server_name);

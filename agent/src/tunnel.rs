@@ -85,12 +85,7 @@ pub(crate) async fn maintain(relay: RelayAddr, shared: Arc<Shared>, stop: Cancel
                         }
                         _ => warn!(error = %e, retry_in = ?delay, "cannot connect"),
                     }
-                    shared.set_status(
-                        &key,
-                        TunnelStatus::Retrying {
-                            error: e.to_string(),
-                        },
-                    );
+                    shared.set_status(&key, TunnelStatus::Retrying { error: e.to_string() });
                     delay
                 }
             };
@@ -121,24 +116,14 @@ async fn connect_and_serve(
         Ok(session) => session,
         Err(e) => return Outcome::Failed(e),
     };
-    let published: Vec<String> = welcome
-        .services
-        .iter()
-        .filter(|v| v.refused.is_none())
-        .map(|v| v.name.clone())
-        .collect();
-    for v in &welcome.services {
-        if let Some(reason) = &v.refused {
-            warn!(service = %v.name, %reason, "relay does not publish this service");
-        }
+    let published: Vec<String> = welcome.published().map(str::to_owned).collect();
+    for (service, reason) in welcome.refused() {
+        warn!(%service, %reason, "relay does not publish this service");
     }
     info!(remote = %connection.remote_address(), relay_software = %welcome.software, ?published, "tunnel up");
     shared.set_status(
         &relay.to_string(),
-        TunnelStatus::Connected {
-            remote: connection.remote_address(),
-            published,
-        },
+        TunnelStatus::Connected { remote: connection.remote_address(), published },
     );
 
     tokio::select! {
@@ -175,8 +160,7 @@ async fn connect(
         .next()
         .ok_or(TunnelError::NoAddress)?;
     let endpoint = endpoint_for(addr, endpoint)?;
-    let connecting =
-        endpoint.connect_with(shared.client_config.clone(), addr, &relay.server_name)?;
+    let connecting = endpoint.connect_with(shared.client_config.clone(), addr, &relay.server_name)?;
     let timeout = shared.config.timing.handshake_timeout;
     let handshake = async {
         let connection = connecting.await?;
@@ -187,9 +171,7 @@ async fn connect(
             Err(e) => Err(refusal(&connection).unwrap_or(e)),
         }
     };
-    tokio::time::timeout(timeout, handshake)
-        .await
-        .map_err(|_| TunnelError::Timeout(timeout))?
+    tokio::time::timeout(timeout, handshake).await.map_err(|_| TunnelError::Timeout(timeout))?
 }
 
 async fn hello(
@@ -197,28 +179,21 @@ async fn hello(
     shared: &Shared,
 ) -> Result<(SendStream, RecvStream, Welcome), TunnelError> {
     let (mut send, mut recv) = connection.open_bi().await?;
-    write_frame(
-        &mut send,
-        &AgentMessage::Hello(shared.hello()),
-        MAX_CONTROL_FRAME,
-    )
-    .await?;
+    write_frame(&mut send, &AgentMessage::Hello(shared.hello()), MAX_CONTROL_FRAME).await?;
     let mut buf = Vec::new();
     match read_frame::<RelayMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await? {
         Some(RelayMessage::Welcome(welcome)) => Ok((send, recv, welcome)),
         Some(RelayMessage::Refused { reason }) => Err(TunnelError::Refused(reason)),
         Some(RelayMessage::Ping { .. }) => Err(TunnelError::Protocol("Ping before Welcome".into())),
-        None => Err(TunnelError::Protocol(
-            "control stream ended before Welcome".into(),
-        )),
+        None => Err(TunnelError::Protocol("control stream ended before Welcome".into())),
     }
 }
 
 fn refusal(connection: &Connection) -> Option<TunnelError> {
     match connection.close_reason()? {
-        ConnectionError::ApplicationClosed(c) if c.error_code == code(close::REFUSED) => Some(
-            TunnelError::Refused(String::from_utf8_lossy(&c.reason).into_owned()),
-        ),
+        ConnectionError::ApplicationClosed(c) if c.error_code == code(close::REFUSED) => {
+            Some(TunnelError::Refused(String::from_utf8_lossy(&c.reason).into_owned()))
+        }
         _ => None,
     }
 }
@@ -226,18 +201,12 @@ fn refusal(connection: &Connection) -> Option<TunnelError> {
 /// The tunnel's UDP endpoint, opened for the relay address's family and kept across attempts.
 fn endpoint_for(addr: SocketAddr, slot: &mut Option<Endpoint>) -> Result<Endpoint, TunnelError> {
     if let Some(endpoint) = slot {
-        if endpoint
-            .local_addr()
-            .is_ok_and(|local| local.is_ipv4() == addr.is_ipv4())
-        {
+        if endpoint.local_addr().is_ok_and(|local| local.is_ipv4() == addr.is_ipv4()) {
             return Ok(endpoint.clone());
         }
     }
-    let bind: SocketAddr = if addr.is_ipv4() {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    };
+    let bind: SocketAddr =
+        if addr.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
     let endpoint = Endpoint::client(bind).map_err(TunnelError::Socket)?;
     *slot = Some(endpoint.clone());
     Ok(endpoint)
@@ -246,9 +215,7 @@ fn endpoint_for(addr: SocketAddr, slot: &mut Option<Endpoint>) -> Result<Endpoin
 /// Serves the data streams the relay opens until the connection ends.
 async fn accept_streams(connection: &Connection, shared: &Arc<Shared>) {
     while let Ok((send, recv)) = connection.accept_bi().await {
-        shared
-            .streams
-            .spawn(dial::handle_stream(send, recv, shared.clone()));
+        shared.streams.spawn(dial::handle_stream(send, recv, shared.clone()));
     }
 }
 
@@ -258,10 +225,7 @@ async fn control_loop(send: &mut SendStream, recv: &mut RecvStream) {
     loop {
         match read_frame::<RelayMessage>(recv, MAX_CONTROL_FRAME, &mut buf).await {
             Ok(Some(RelayMessage::Ping { nonce })) => {
-                if write_frame(send, &AgentMessage::Pong { nonce }, MAX_CONTROL_FRAME)
-                    .await
-                    .is_err()
-                {
+                if write_frame(send, &AgentMessage::Pong { nonce }, MAX_CONTROL_FRAME).await.is_err() {
                     return;
                 }
             }

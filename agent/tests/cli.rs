@@ -3,18 +3,11 @@
 use std::process::{Command, Output};
 
 fn agent(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sallyport-agent"))
-        .args(args)
-        .output()
-        .expect("run sallyport-agent")
+    Command::new(env!("CARGO_BIN_EXE_sallyport-agent")).args(args).output().expect("run sallyport-agent")
 }
 
 fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 const CONFIG: &str = r#"
@@ -34,17 +27,11 @@ fn check_reports_the_first_problem_with_file_and_key() {
     let path = dir.path().join("agent.toml");
     let p = path.to_str().expect("utf-8");
 
-    std::fs::write(
-        &path,
-        CONFIG.replace("tcp://127.0.0.1:8080", "tcp://127.0.0.1"),
-    )
-    .expect("write");
+    std::fs::write(&path, CONFIG.replace("tcp://127.0.0.1:8080", "tcp://127.0.0.1")).expect("write");
     let out = agent(&["check", "--config", p]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out).contains(
-            "agent.toml: key `services.web.target`: \"tcp://127.0.0.1\": expected HOST:PORT"
-        ),
+        text(&out).contains("agent.toml: key `services.web.target`: \"tcp://127.0.0.1\": expected HOST:PORT"),
         "{}",
         text(&out)
     );
@@ -54,10 +41,6 @@ fn check_reports_the_first_problem_with_file_and_key() {
     for command in ["check", "run"] {
         let out = agent(&[command, "--config", p]);
         assert_eq!(out.status.code(), Some(1));
-        assert!(
-            text(&out).contains("ca.crt: cannot read"),
-            "{command}: {}",
-            text(&out)
-        );
+        assert!(text(&out).contains("ca.crt: cannot read"), "{command}: {}", text(&out));
     }
 }

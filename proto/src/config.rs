@@ -13,49 +13,30 @@ use serde::{de::DeserializeOwned, Deserialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{}: cannot read: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     /// Syntax or type errors; toml's message points at the line and key.
     #[error("{}: {source}", path.display())]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("{}: key `{key}`: {reason}", path.display())]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
+    Invalid { path: PathBuf, key: String, reason: String },
 }
 
 impl ConfigError {
     pub fn invalid(path: &Path, key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::Invalid {
-            path: path.to_owned(),
-            key: key.into(),
-            reason: reason.into(),
-        }
+        Self::Invalid { path: path.to_owned(), key: key.into(), reason: reason.into() }
     }
 }
 
 /// Reads and parses `path` into the raw model `T` (which should use `deny_unknown_fields`).
 pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     parse_toml(&text, path)
 }
 
 /// Parses `text` as if read from `path`.
 pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|source| ConfigError::Parse {
-        path: path.to_owned(),
-        source,
-    })
+    toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
 }
 
 /// Resolves a path from a config file against the file's directory.
@@ -77,9 +58,7 @@ impl TryFrom<String> for HumanDuration {
     fn try_from(text: String) -> Result<Self, Self::Error> {
         humantime::parse_duration(&text)
             .map(HumanDuration)
-            .map_err(|e| {
-                format!("expected a duration like \"30s\" or \"250ms\", got {text:?} ({e})")
-            })
+            .map_err(|e| format!("expected a duration like \"30s\" or \"250ms\", got {text:?} ({e})"))
     }
 }
 
@@ -124,9 +103,7 @@ pub fn name(path: &Path, key: &str, value: &str) -> Result<String, ConfigError> 
         return Err(ConfigError::invalid(
             path,
             key,
-            format!(
-                "{value:?} is not a valid name: use 1-63 of a-z, 0-9 and '-', not at either end"
-            ),
+            format!("{value:?} is not a valid name: use 1-63 of a-z, 0-9 and '-', not at either end"),
         ));
     }
     Ok(value.to_owned())
@@ -138,21 +115,10 @@ mod tests {
 
     #[test]
     fn durations_parse_and_errors_say_what_was_expected() {
-        assert_eq!(
-            HumanDuration::try_from("250ms".to_owned()).map(|d| d.0),
-            Ok(Duration::from_millis(250))
-        );
-        assert_eq!(
-            HumanDuration::try_from("1m 30s".to_owned()).map(|d| d.0),
-            Ok(Duration::from_secs(90))
-        );
-        let err = HumanDuration::try_from("soon".to_owned())
-            .err()
-            .unwrap_or_default();
-        assert!(
-            err.contains("expected a duration") && err.contains("soon"),
-            "{err}"
-        );
+        assert_eq!(HumanDuration::try_from("250ms".to_owned()).map(|d| d.0), Ok(Duration::from_millis(250)));
+        assert_eq!(HumanDuration::try_from("1m 30s".to_owned()).map(|d| d.0), Ok(Duration::from_secs(90)));
+        let err = HumanDuration::try_from("soon".to_owned()).err().unwrap_or_default();
+        assert!(err.contains("expected a duration") && err.contains("soon"), "{err}");
     }
 
     #[test]
@@ -167,9 +133,6 @@ mod tests {
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-        assert!(
-            err.starts_with("/etc/x.toml: key `relay.idle_timeout`: 1s is out of range"),
-            "{err}"
-        );
+        assert!(err.starts_with("/etc/x.toml: key `relay.idle_timeout`: 1s is out of range"), "{err}");
     }
 }

@@ -65,3 +65,15 @@ pub struct ServiceVerdict {
     /// `None` when published; otherwise why the relay will not route this service to the agent.
     pub refused: Option<String>,
 }
+
+impl Welcome {
+    /// The services the relay publishes.
+    pub fn published(&self) -> impl Iterator<Item = &str> {
+        self.services.iter().filter(|v| v.refused.is_none()).map(|v| v.name.as_str())
+    }
+
+    /// The services the relay refused, each with its reason.
+    pub fn refused(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.services.iter().filter_map(|v| v.refused.as_deref().map(|r| (v.name.as_str(), r)))
+    }
+}

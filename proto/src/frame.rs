@@ -44,16 +44,12 @@ pub enum EncodeError {
 /// total length (prefix included). Consumes nothing.
 pub fn check(buf: &[u8], max: usize) -> Result<usize, DecodeError> {
     let [a, b, c, d, ..] = *buf else {
-        return Err(DecodeError::Incomplete {
-            needed: LENGTH_PREFIX - buf.len(),
-        });
+        return Err(DecodeError::Incomplete { needed: LENGTH_PREFIX - buf.len() });
     };
     let len = body_length([a, b, c, d], max)?;
     let total = LENGTH_PREFIX + len;
     if buf.len() < total {
-        return Err(DecodeError::Incomplete {
-            needed: total - buf.len(),
-        });
+        return Err(DecodeError::Incomplete { needed: total - buf.len() });
     }
     Ok(total)
 }
@@ -85,17 +81,10 @@ pub fn decode<T: DeserializeOwned>(src: &[u8], max: usize) -> Result<(T, usize),
 }
 
 /// Encodes `msg` as one frame onto `dst`. Nothing is written when the body would exceed `max`.
-pub fn encode<T: Serialize, B: BufMut>(
-    msg: &T,
-    max: usize,
-    dst: &mut B,
-) -> Result<(), EncodeError> {
+pub fn encode<T: Serialize, B: BufMut>(msg: &T, max: usize, dst: &mut B) -> Result<(), EncodeError> {
     let body = postcard::to_stdvec(msg)?;
     if body.len() > max {
-        return Err(EncodeError::TooLarge {
-            len: body.len(),
-            max,
-        });
+        return Err(EncodeError::TooLarge { len: body.len(), max });
     }
     // The cast cannot truncate: `max` is far below u32::MAX for every frame kind.
     dst.put_u32(body.len() as u32);
@@ -120,9 +109,7 @@ mod tests {
             min_version: 1,
             max_version: 1,
             software: "sallyport-agent 0.1.0".into(),
-            services: vec![ServiceOffer {
-                name: "mssql".into(),
-            }],
+            services: vec![ServiceOffer { name: "mssql".into() }],
         })
     }
 
@@ -141,10 +128,7 @@ mod tests {
         for cut in 0..buf.len() {
             match decode::<AgentMessage>(&buf[..cut], 1024) {
                 Err(DecodeError::Incomplete { needed }) => {
-                    assert!(
-                        needed > 0 && needed <= buf.len() - cut,
-                        "cut {cut}: needed {needed}"
-                    );
+                    assert!(needed > 0 && needed <= buf.len() - cut, "cut {cut}: needed {needed}");
                 }
                 other => panic!("cut {cut}: expected incomplete, got {other:?}"),
             }
@@ -156,17 +140,11 @@ mod tests {
         let prefix = ((MAX_LEN + 1) as u32).to_be_bytes();
         assert_eq!(
             decode::<AgentMessage>(&prefix, MAX_LEN),
-            Err(DecodeError::Invalid(InvalidFrame::TooLarge {
-                len: MAX_LEN + 1,
-                max: MAX_LEN
-            }))
+            Err(DecodeError::Invalid(InvalidFrame::TooLarge { len: MAX_LEN + 1, max: MAX_LEN }))
         );
         assert_eq!(
             decode::<AgentMessage>(&u32::MAX.to_be_bytes(), MAX_LEN),
-            Err(DecodeError::Invalid(InvalidFrame::TooLarge {
-                len: u32::MAX as usize,
-                max: MAX_LEN
-            }))
+            Err(DecodeError::Invalid(InvalidFrame::TooLarge { len: u32::MAX as usize, max: MAX_LEN }))
         );
     }
     const MAX_LEN: usize = 64;
@@ -180,10 +158,7 @@ mod tests {
             services: vec![],
         });
         let mut out = Vec::new();
-        assert!(matches!(
-            encode(&big, MAX_LEN, &mut out),
-            Err(EncodeError::TooLarge { .. })
-        ));
+        assert!(matches!(encode(&big, MAX_LEN, &mut out), Err(EncodeError::TooLarge { .. })));
         assert!(out.is_empty(), "nothing written on refusal");
     }
 
@@ -203,9 +178,6 @@ mod tests {
         body.push(0);
         let mut buf = (body.len() as u32).to_be_bytes().to_vec();
         buf.extend_from_slice(&body);
-        assert_eq!(
-            decode::<AgentMessage>(&buf, 1024),
-            Err(DecodeError::Invalid(InvalidFrame::Trailing(1)))
-        );
+        assert_eq!(decode::<AgentMessage>(&buf, 1024), Err(DecodeError::Invalid(InvalidFrame::Trailing(1))));
     }
 }

@@ -51,9 +51,7 @@ pub fn is_valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
         && bytes[0] != b'-'
         && bytes[bytes.len() - 1] != b'-'
 }
@@ -66,10 +64,7 @@ mod tests {
     fn version_negotiation_picks_highest_common() {
         assert_eq!(negotiate_version(1, 1), Some(1));
         assert_eq!(negotiate_version(1, 9), Some(PROTOCOL_VERSION));
-        assert_eq!(
-            negotiate_version(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3),
-            None
-        );
+        assert_eq!(negotiate_version(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3), None);
         assert_eq!(negotiate_version(0, 0), None);
         assert_eq!(negotiate_version(3, 2), None);
     }

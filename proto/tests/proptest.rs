@@ -2,8 +2,8 @@
 
 use proptest::prelude::*;
 use sallyport_proto::{
-    frame, AgentMessage, DecodeError, Hello, RelayMessage, ServiceOffer, ServiceVerdict,
-    StreamHeader, Welcome, MAX_CONTROL_FRAME, MAX_STREAM_HEADER,
+    frame, AgentMessage, DecodeError, Hello, RelayMessage, ServiceOffer, ServiceVerdict, StreamHeader,
+    Welcome, MAX_CONTROL_FRAME, MAX_STREAM_HEADER,
 };
 
 fn name() -> impl Strategy<Value = String> {
@@ -12,44 +12,29 @@ fn name() -> impl Strategy<Value = String> {
 
 fn agent_message() -> impl Strategy<Value = AgentMessage> {
     prop_oneof![
-        (
-            any::<u16>(),
-            any::<u16>(),
-            ".{0,40}",
-            prop::collection::vec(name(), 0..20)
-        )
-            .prop_map(
-                |(min_version, max_version, software, names)| AgentMessage::Hello(Hello {
-                    min_version,
-                    max_version,
-                    software,
-                    services: names
-                        .into_iter()
-                        .map(|name| ServiceOffer { name })
-                        .collect(),
-                })
-            ),
+        (any::<u16>(), any::<u16>(), ".{0,40}", prop::collection::vec(name(), 0..20)).prop_map(
+            |(min_version, max_version, software, names)| AgentMessage::Hello(Hello {
+                min_version,
+                max_version,
+                software,
+                services: names.into_iter().map(|name| ServiceOffer { name }).collect(),
+            })
+        ),
         any::<u64>().prop_map(|nonce| AgentMessage::Pong { nonce }),
     ]
 }
 
 fn relay_message() -> impl Strategy<Value = RelayMessage> {
     prop_oneof![
-        (
-            any::<u16>(),
-            ".{0,40}",
-            prop::collection::vec((name(), proptest::option::of(".{0,60}")), 0..20)
-        )
-            .prop_map(
-                |(version, software, verdicts)| RelayMessage::Welcome(Welcome {
-                    version,
-                    software,
-                    services: verdicts
-                        .into_iter()
-                        .map(|(name, refused)| ServiceVerdict { name, refused })
-                        .collect(),
-                })
-            ),
+        (any::<u16>(), ".{0,40}", prop::collection::vec((name(), proptest::option::of(".{0,60}")), 0..20))
+            .prop_map(|(version, software, verdicts)| RelayMessage::Welcome(Welcome {
+                version,
+                software,
+                services: verdicts
+                    .into_iter()
+                    .map(|(name, refused)| ServiceVerdict { name, refused })
+                    .collect(),
+            })),
         ".{0,200}".prop_map(|reason| RelayMessage::Refused { reason }),
         any::<u64>().prop_map(|nonce| RelayMessage::Ping { nonce }),
     ]
@@ -101,10 +86,7 @@ proptest! {
     }
 }
 
-fn check_garbage<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-    max: usize,
-) -> Result<(), TestCaseError> {
+fn check_garbage<T: serde::de::DeserializeOwned>(bytes: &[u8], max: usize) -> Result<(), TestCaseError> {
     match frame::decode::<T>(bytes, max) {
         Ok((_, used)) => prop_assert!(used <= bytes.len() && used <= max + 4),
         Err(DecodeError::Incomplete { needed }) => prop_assert!(bytes.len() + needed <= max + 4),

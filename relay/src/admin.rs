@@ -37,15 +37,10 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
     }
 }
 
-async fn respond(
-    req: Request<Incoming>,
-    shared: Arc<Shared>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/livez") => (StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") if shared.ready.load(Ordering::Acquire) => {
-            (StatusCode::OK, "ready\n")
-        }
+        (&Method::GET, "/readyz") if shared.ready.load(Ordering::Acquire) => (StatusCode::OK, "ready\n"),
         (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         _ => (StatusCode::NOT_FOUND, "not found\n"),
     };

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use sallyport_proto::net::tls;
+use sallyport_proto::net::tls::{self, TlsFileError};
 
 use crate::{config::Config, StartError};
 
@@ -31,51 +31,19 @@ impl fmt::Display for CheckReport {
 
 /// Reads the CA and the relay's certificate and key, and checks that they belong together.
 pub fn check(config: &Config) -> Result<CheckReport, StartError> {
-    let files = &config.tls;
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|source| StartError::Read {
-            path: p.to_owned(),
-            source,
-        })
-    };
-    let tls_err = |p: &std::path::Path, source| StartError::Tls {
-        path: p.to_owned(),
-        source,
-    };
-    let ca = tls::certs_from_pem(&read(&files.ca_cert)?, "CA file")
-        .map_err(|e| tls_err(&files.ca_cert, e))?;
-    let identity = tls::Identity::from_pem(&read(&files.cert)?, &read(&files.key)?)
-        .map_err(|e| tls_err(&files.cert, e))?;
-    let leaf = identity.chain.first().ok_or_else(|| {
-        tls_err(
-            &files.cert,
-            tls::TlsError::NoCertificate {
-                what: "certificate file",
-            },
-        )
-    })?;
-    let invalid = |path: &std::path::Path, reason: String| StartError::Invalid {
-        path: path.to_owned(),
-        reason,
-    };
-    tls::verify_issued_by(leaf, &ca[0])
-        .map_err(|e| invalid(&files.cert, format!("{e} (CA {})", files.ca_cert.display())))?;
-    let info = tls::inspect(leaf).map_err(|e| invalid(&files.cert, e.to_string()))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default();
-    let days_left = (info.not_after_unix - now) / 86_400;
+    let tls = config.tls.load()?;
+    let days_left = tls.leaf.days_left();
     if days_left < 0 {
-        return Err(invalid(&files.cert, "certificate has expired".into()));
+        return Err(
+            TlsFileError { path: config.tls.cert.clone(), reason: "certificate has expired".into() }.into()
+        );
     }
-    // The key must match the certificate: building the server config checks that.
-    let roots =
-        tls::roots_from_pem(&read(&files.ca_cert)?).map_err(|e| tls_err(&files.ca_cert, e))?;
-    tls::server_crypto(roots, identity, &[sallyport_proto::ALPN_TUNNEL])
-        .map_err(|e| tls_err(&files.key, e))?;
+    let names = tls.leaf.sans.clone();
+    // Building the server configuration checks that the key matches the certificate.
+    tls::server_crypto(tls.roots, tls.identity, &[sallyport_proto::ALPN_TUNNEL])
+        .map_err(StartError::Crypto)?;
     Ok(CheckReport {
-        relay_names: info.sans,
+        relay_names: names,
         relay_cert_days_left: days_left,
         services: config
             .services

@@ -12,7 +12,7 @@ use std::{
 
 use sallyport_proto::{
     config::{self as conf, ConfigError, HumanDuration},
-    net::transport::Congestion,
+    net::{tls::TlsFiles, transport::Congestion},
 };
 use serde::Deserialize;
 
@@ -29,14 +29,6 @@ pub struct Config {
     pub limits: Limits,
     /// Services by name.
     pub services: BTreeMap<String, Service>,
-}
-
-/// Where the relay's CA and identity live.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub ca_cert: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }
 
 /// Timeouts and caps.
@@ -138,14 +130,7 @@ impl Config {
                     ));
                 }
             }
-            services.insert(
-                name.clone(),
-                Service {
-                    name,
-                    agent,
-                    listen,
-                },
-            );
+            services.insert(name.clone(), Service { name, agent, listen });
         }
         Ok(Self {
             path: path.to_owned(),
@@ -276,10 +261,7 @@ listen = "0.0.0.0:1433"
     fn no_services_fails_closed() {
         let text = GOOD.split("[services.mssql]").next().unwrap_or_default();
         let e = err(text);
-        assert!(
-            e.contains("relay.toml: key `services`: no service is defined"),
-            "{e}"
-        );
+        assert!(e.contains("relay.toml: key `services`: no service is defined"), "{e}");
     }
 
     #[test]
@@ -292,38 +274,22 @@ listen = "0.0.0.0:1433"
     fn bad_values_name_file_key_and_reason() {
         let e = err(&GOOD.replace("\"30s\"", "\"thirty\""));
         assert!(
-            e.contains("relay.toml")
-                && e.contains("idle_timeout")
-                && e.contains("expected a duration"),
+            e.contains("relay.toml") && e.contains("idle_timeout") && e.contains("expected a duration"),
             "{e}"
         );
         let e = err(&GOOD.replace("agent = \"winbox\"", "agent = \"Win_Box\""));
-        assert!(
-            e.contains("key `services.mssql.agent`") && e.contains("not a valid name"),
-            "{e}"
-        );
+        assert!(e.contains("key `services.mssql.agent`") && e.contains("not a valid name"), "{e}");
         let e = err(&GOOD.replace("0.0.0.0:1433", "localhost"));
         assert!(e.contains("relay.toml") && e.contains("listen"), "{e}");
         let e = err(&GOOD.replace("idle_timeout = \"30s\"", "congestion = \"vegas\""));
-        assert!(
-            e.contains("key `relay.congestion`: unknown congestion controller \"vegas\""),
-            "{e}"
-        );
+        assert!(e.contains("key `relay.congestion`: unknown congestion controller \"vegas\""), "{e}");
         let e = err(&GOOD.replace("\"30s\"", "\"0s\""));
-        assert!(
-            e.contains("key `relay.idle_timeout`: 0s is out of range"),
-            "{e}"
-        );
+        assert!(e.contains("key `relay.idle_timeout`: 0s is out of range"), "{e}");
     }
 
     #[test]
     fn two_services_on_one_port_are_refused() {
-        let e = err(&format!(
-            "{GOOD}\n[services.web]\nagent = \"winbox\"\nlisten = \"0.0.0.0:1433\"\n"
-        ));
-        assert!(
-            e.contains("key `services.web.listen`") && e.contains("already the listener"),
-            "{e}"
-        );
+        let e = err(&format!("{GOOD}\n[services.web]\nagent = \"winbox\"\nlisten = \"0.0.0.0:1433\"\n"));
+        assert!(e.contains("key `services.web.listen`") && e.contains("already the listener"), "{e}");
     }
 }

@@ -17,14 +17,17 @@ mod tunnel;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::{Path, PathBuf},
     sync::{atomic::AtomicBool, atomic::Ordering, Arc},
     time::Duration,
 };
 
 use sallyport_proto::{
     codes::close,
-    net::{code, tls, transport, TlsError},
+    net::{
+        code,
+        tls::{self, TlsFileError},
+        transport, TlsError,
+    },
     ALPN_TUNNEL,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -40,23 +43,12 @@ pub const SOFTWARE: &str = concat!("sallyport-relay ", env!("CARGO_PKG_VERSION")
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{}: cannot read: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: {source}", path.display())]
-    Tls { path: PathBuf, source: TlsError },
+    #[error(transparent)]
+    Tls(#[from] TlsFileError),
     #[error("TLS configuration: {0}")]
     Crypto(TlsError),
     #[error("cannot bind {what} on {addr}: {source}")]
-    Bind {
-        what: String,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("{}: {reason}", path.display())]
-    Invalid { path: PathBuf, reason: String },
+    Bind { what: String, addr: SocketAddr, source: std::io::Error },
     #[error("no async runtime for QUIC")]
     Runtime,
 }
@@ -83,45 +75,27 @@ pub struct Relay {
     shared: Arc<Shared>,
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, StartError> {
-    std::fs::read(path).map_err(|source| StartError::Read {
-        path: path.to_owned(),
-        source,
-    })
-}
-
 impl Relay {
     /// Loads the CA and the relay's identity and binds the QUIC endpoint, the service listeners and
     /// the admin listener. Nothing is accepted until [`run`](Relay::run).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let files = &config.tls;
-        let tls_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StartError::Tls { path, source }
-        };
-        let roots = tls::roots_from_pem(&read(&files.ca_cert)?).map_err(tls_err(&files.ca_cert))?;
-        let key_pem = read(&files.key)?;
-        let identity =
-            tls::Identity::from_pem(&read(&files.cert)?, &key_pem).map_err(tls_err(&files.cert))?;
+        let tls = config.tls.load()?;
         let crypto =
-            tls::server_crypto(roots, identity, &[ALPN_TUNNEL]).map_err(StartError::Crypto)?;
+            tls::server_crypto(tls.roots, tls.identity, &[ALPN_TUNNEL]).map_err(StartError::Crypto)?;
         let mut server = quinn::ServerConfig::with_crypto(crypto);
         server
-            .transport_config(transport::relay(
-                config.limits.idle_timeout,
-                config.limits.congestion,
-            ))
+            .transport_config(transport::relay(config.limits.idle_timeout, config.limits.congestion))
             .max_incoming(config.limits.max_incoming);
 
         let bind_err = |what: &str, addr| {
             let what = what.to_owned();
             move |source| StartError::Bind { what, addr, source }
         };
-        let socket = std::net::UdpSocket::bind(config.listen)
-            .map_err(bind_err("the QUIC endpoint", config.listen))?;
+        let socket =
+            std::net::UdpSocket::bind(config.listen).map_err(bind_err("the QUIC endpoint", config.listen))?;
         let runtime = quinn::default_runtime().ok_or(StartError::Runtime)?;
         let endpoint = quinn::Endpoint::new(
-            transport::endpoint_with_stable_reset(&key_pem),
+            transport::endpoint_with_stable_reset(&tls.key_pem),
             Some(server),
             socket,
             runtime,
@@ -131,13 +105,11 @@ impl Relay {
         let mut listeners = Vec::new();
         for service in config.services.values() {
             let config::Listen::Tcp(addr) = service.listen;
-            let listener =
-                tcp::bind(addr).map_err(bind_err(&format!("service {:?}", service.name), addr))?;
+            let listener = tcp::bind(addr).map_err(bind_err(&format!("service {:?}", service.name), addr))?;
             listeners.push((Arc::new(service.clone()), listener));
         }
-        let admin = TcpListener::bind(config.admin)
-            .await
-            .map_err(bind_err("the admin server", config.admin))?;
+        let admin =
+            TcpListener::bind(config.admin).await.map_err(bind_err("the admin server", config.admin))?;
 
         let connection_limit = Arc::new(Semaphore::new(config.limits.max_connections));
         let shared = Arc::new(Shared {
@@ -148,28 +120,18 @@ impl Relay {
             tasks: TaskTracker::new(),
             connection_limit,
         });
-        Ok(Self {
-            endpoint,
-            listeners,
-            admin,
-            shared,
-        })
+        Ok(Self { endpoint, listeners, admin, shared })
     }
 
     /// The UDP address of the QUIC endpoint.
     pub fn quic_addr(&self) -> SocketAddr {
         // Bound from a std socket: the address is known.
-        self.endpoint
-            .local_addr()
-            .unwrap_or(self.shared.config.listen)
+        self.endpoint.local_addr().unwrap_or(self.shared.config.listen)
     }
 
     /// The bound address of each service listener, by service name.
     pub fn service_addrs(&self) -> BTreeMap<String, SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|(s, l)| l.local_addr().ok().map(|a| (s.name.clone(), a)))
-            .collect()
+        self.listeners.iter().filter_map(|(s, l)| l.local_addr().ok().map(|a| (s.name.clone(), a))).collect()
     }
 
     /// The bound address of the admin server.
@@ -186,30 +148,16 @@ impl Relay {
     /// client connections finish within the grace period, and closes every tunnel with
     /// "going away" so agents reconnect at once (to this relay once it is back, or another).
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self {
-            endpoint,
-            listeners,
-            admin,
-            shared,
-        } = self;
+        let Self { endpoint, listeners, admin, shared } = self;
         let admin_addr = admin.local_addr().unwrap_or(shared.config.admin);
         let admin_stop = CancellationToken::new();
         tokio::spawn(admin::serve(admin, shared.clone(), admin_stop.clone()));
-        shared.tasks.spawn(tunnel::accept_loop(
-            endpoint.clone(),
-            shared.clone(),
-            shutdown.clone(),
-        ));
+        shared.tasks.spawn(tunnel::accept_loop(endpoint.clone(), shared.clone(), shutdown.clone()));
         for (service, listener) in listeners {
             if let Ok(addr) = listener.local_addr() {
                 info!(service = %service.name, %addr, "service listening");
             }
-            shared.tasks.spawn(tcp::serve(
-                listener,
-                service,
-                shared.clone(),
-                shutdown.clone(),
-            ));
+            shared.tasks.spawn(tcp::serve(listener, service, shared.clone(), shutdown.clone()));
         }
         shared.ready.store(true, Ordering::Release);
         if let Ok(quic) = endpoint.local_addr() {
@@ -222,14 +170,8 @@ impl Relay {
         let grace = shared.config.limits.drain_grace;
         info!(in_flight = shared.clients.len(), ?grace, "draining");
         shared.clients.close();
-        if tokio::time::timeout(grace, shared.clients.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                remaining = shared.clients.len(),
-                "grace period over: resetting the remaining connections"
-            );
+        if tokio::time::timeout(grace, shared.clients.wait()).await.is_err() {
+            warn!(remaining = shared.clients.len(), "grace period over: resetting the remaining connections");
         }
         endpoint.close(code(close::GOING_AWAY), b"relay going away");
         shared.registry.clear();

@@ -71,37 +71,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init { dir, sans } => {
             let report = pki::init(&dir, &sans)?;
             println!("CA certificate:    {}", report.ca_cert.display());
-            println!(
-                "relay certificate: {} (names: {})",
-                report.relay_cert.display(),
-                sans.join(", ")
-            );
+            println!("relay certificate: {} (names: {})", report.relay_cert.display(), sans.join(", "));
             match report.config {
-                Some(path) => println!("starter config:    {} (edit its services, then: sallyport-relay serve --config {})", path.display(), path.display()),
+                Some(path) => println!(
+                    "starter config:    {} (edit its services, then: sallyport-relay serve --config {})",
+                    path.display(),
+                    path.display()
+                ),
                 None => println!("existing relay.toml left as it was"),
             }
             Ok(())
         }
-        Command::Agent {
-            command:
-                AgentCommand::Add {
-                    name,
-                    dir,
-                    out,
-                    relay,
-                    valid_for,
-                },
-        } => {
+        Command::Agent { command: AgentCommand::Add { name, dir, out, relay, valid_for } } => {
             let relay = match relay {
                 Some(r) => r,
                 None => default_relay_addr(&dir)?,
             };
             let report = pki::add_agent(&dir, &name, &out, &relay, valid_for)?;
             println!("agent bundle for {name:?} in {}", report.dir.display());
-            println!(
-                "copy that directory to the agent machine, edit {} and run:",
-                report.config.display()
-            );
+            println!("copy that directory to the agent machine, edit {} and run:", report.config.display());
             println!("  sallyport-agent run --config agent.toml");
             Ok(())
         }
@@ -137,13 +125,6 @@ fn default_relay_addr(dir: &std::path::Path) -> anyhow::Result<String> {
     let pem = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
     let der = sallyport_proto::net::tls::certs_from_pem(&pem, "relay certificate")?;
     let info = sallyport_proto::net::tls::inspect(&der[0])?;
-    let host = info
-        .sans
-        .first()
-        .context("relay certificate has no name: pass --relay HOST:PORT")?;
-    Ok(if host.contains(':') {
-        format!("[{host}]:443")
-    } else {
-        format!("{host}:443")
-    })
+    let host = info.sans.first().context("relay certificate has no name: pass --relay HOST:PORT")?;
+    Ok(if host.contains(':') { format!("[{host}]:443") } else { format!("{host}:443") })
 }

@@ -37,19 +37,14 @@ pub enum PkiError {
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{} already exists: refusing to overwrite a CA (remove the directory's files to start over)", .0.display())]
     Exists(PathBuf),
     #[error("invalid name {0:?}: use 1-63 of a-z, 0-9 and '-', not at either end")]
     Name(String),
     #[error("invalid subject alternative name {0:?}: give an IP address or a DNS name")]
     San(String),
-    #[error(
-        "at least one --san (the address or DNS name agents use to reach the relay) is required"
-    )]
+    #[error("at least one --san (the address or DNS name agents use to reach the relay) is required")]
     NoSan,
 }
 
@@ -62,9 +57,7 @@ pub struct Issued {
 
 impl std::fmt::Debug for Issued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issued")
-            .field("key_pem", &"<redacted>")
-            .finish_non_exhaustive()
+        f.debug_struct("Issued").field("key_pem", &"<redacted>").finish_non_exhaustive()
     }
 }
 
@@ -85,35 +78,22 @@ impl Ca {
     pub fn generate(common_name: &str) -> Result<(Self, String), PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Sallyport");
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.distinguished_name.push(DnType::OrganizationName, "Sallyport");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         set_validity(&mut params, CA_VALIDITY)?;
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
         let cert_pem = cert.pem();
-        Ok((
-            Self {
-                issuer: Issuer::new(params, key),
-                cert_pem,
-            },
-            key_pem,
-        ))
+        Ok((Self { issuer: Issuer::new(params, key), cert_pem }, key_pem))
     }
 
     /// Loads a CA from its PEM certificate and key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(Self {
-            issuer,
-            cert_pem: cert_pem.to_owned(),
-        })
+        Ok(Self { issuer, cert_pem: cert_pem.to_owned() })
     }
 
     /// Loads the CA of a relay state directory.
@@ -138,9 +118,7 @@ impl Ca {
             }
         }
         let mut params = CertificateParams::new(sans.to_vec())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "sallyport relay");
+        params.distinguished_name.push(DnType::CommonName, "sallyport relay");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params, RELAY_VALIDITY)
     }
@@ -162,10 +140,7 @@ impl Ca {
         set_validity(&mut params, validity)?;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 }
 
@@ -173,8 +148,7 @@ fn set_validity(params: &mut CertificateParams, validity: Duration) -> Result<()
     let now = OffsetDateTime::now_utc();
     // An hour of slack for clocks that run a little behind the relay's.
     params.not_before = now - time::Duration::hours(1);
-    params.not_after =
-        now + time::Duration::try_from(validity).unwrap_or(time::Duration::days(365));
+    params.not_after = now + time::Duration::try_from(validity).unwrap_or(time::Duration::days(365));
     let mut serial = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
         .map_err(|_| rcgen::Error::RingUnspecified)?;
@@ -193,10 +167,7 @@ pub struct InitReport {
 
 /// Creates the CA and the relay's certificate in `dir`, and a starter `relay.toml` unless one exists.
 pub fn init(dir: &Path, sans: &[String]) -> Result<InitReport, PkiError> {
-    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
+    fs::create_dir_all(dir).map_err(|source| PkiError::Io { path: dir.to_owned(), source })?;
     for name in [CA_CERT, CA_KEY, RELAY_CERT, RELAY_KEY] {
         let path = dir.join(name);
         if path.exists() {
@@ -216,11 +187,7 @@ pub fn init(dir: &Path, sans: &[String]) -> Result<InitReport, PkiError> {
         write_public(&config_path, STARTER_CONFIG)?;
         Some(config_path)
     };
-    Ok(InitReport {
-        ca_cert: dir.join(CA_CERT),
-        relay_cert: dir.join(RELAY_CERT),
-        config,
-    })
+    Ok(InitReport { ca_cert: dir.join(CA_CERT), relay_cert: dir.join(RELAY_CERT), config })
 }
 
 /// A starter `relay.toml`; its service is an example to edit.
@@ -261,19 +228,13 @@ pub fn add_agent(
 ) -> Result<BundleReport, PkiError> {
     let ca = Ca::load(state_dir)?;
     let issued = ca.issue_agent(name, validity)?;
-    fs::create_dir_all(out).map_err(|source| PkiError::Io {
-        path: out.to_owned(),
-        source,
-    })?;
+    fs::create_dir_all(out).map_err(|source| PkiError::Io { path: out.to_owned(), source })?;
     write_public(&out.join(CA_CERT), ca.cert_pem())?;
     write_public(&out.join(AGENT_CERT), &issued.cert_pem)?;
     write_private(&out.join(AGENT_KEY), &issued.key_pem)?;
     let config = out.join("agent.toml");
     write_public(&config, &starter_agent_config(relay_addr))?;
-    Ok(BundleReport {
-        dir: out.to_owned(),
-        config,
-    })
+    Ok(BundleReport { dir: out.to_owned(), config })
 }
 
 /// A starter `agent.toml` for a fresh bundle.
@@ -295,18 +256,12 @@ target = "tcp://127.0.0.1:8080"
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
-    fs::read_to_string(path).map_err(|source| PkiError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    fs::read_to_string(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
 }
 
 /// Writes a file readable by its owner only (mode 0600 on Unix).
 pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
-    let io = |source| PkiError::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io = |source| PkiError::Io { path: path.to_owned(), source };
     let mut options = fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -318,17 +273,13 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(io)?;
+        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io)?;
     }
     file.write_all(contents.as_bytes()).map_err(io)
 }
 
 fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
-    fs::write(path, contents).map_err(|source| PkiError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    fs::write(path, contents).map_err(|source| PkiError::Io { path: path.to_owned(), source })
 }
 
 #[cfg(test)]
@@ -357,32 +308,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let report = init(dir.path(), &["127.0.0.1".into(), "relay.lan".into()]).expect("init");
         assert!(report.config.is_some());
-        let relay = tls::inspect(&der(&read(&dir.path().join(RELAY_CERT)).expect("read")))
-            .expect("inspect");
-        assert_eq!(
-            relay.sans,
-            vec!["127.0.0.1".to_owned(), "relay.lan".to_owned()]
-        );
+        let relay = tls::inspect(&der(&read(&dir.path().join(RELAY_CERT)).expect("read"))).expect("inspect");
+        assert_eq!(relay.sans, vec!["127.0.0.1".to_owned(), "relay.lan".to_owned()]);
         #[cfg(unix)]
         for key in [CA_KEY, RELAY_KEY] {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.path().join(key))
-                .expect("meta")
-                .permissions()
-                .mode();
+            let mode = fs::metadata(dir.path().join(key)).expect("meta").permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{key}");
         }
-        assert!(matches!(
-            init(dir.path(), &["127.0.0.1".into()]),
-            Err(PkiError::Exists(_))
-        ));
-        assert!(matches!(
-            init(&dir.path().join("x"), &[]),
-            Err(PkiError::NoSan)
-        ));
-        assert!(matches!(
-            init(&dir.path().join("y"), &["bad name!".into()]),
-            Err(PkiError::San(_))
-        ));
+        assert!(matches!(init(dir.path(), &["127.0.0.1".into()]), Err(PkiError::Exists(_))));
+        assert!(matches!(init(&dir.path().join("x"), &[]), Err(PkiError::NoSan)));
+        assert!(matches!(init(&dir.path().join("y"), &["bad name!".into()]), Err(PkiError::San(_))));
     }
 }

@@ -34,10 +34,7 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Self {
-            agents: watch::Sender::new(BTreeMap::new()),
-            next_id: AtomicU64::new(1),
-        }
+        Self { agents: watch::Sender::new(BTreeMap::new()), next_id: AtomicU64::new(1) }
     }
 }
 
@@ -54,8 +51,7 @@ impl Registry {
     /// Registers a session and returns the one it replaces, if any.
     pub(crate) fn insert(&self, session: AgentSession) -> Option<AgentSession> {
         let mut replaced = None;
-        self.agents
-            .send_modify(|agents| replaced = agents.insert(session.name.clone(), session));
+        self.agents.send_modify(|agents| replaced = agents.insert(session.name.clone(), session));
         replaced
     }
 
@@ -80,9 +76,6 @@ impl Registry {
     pub(crate) fn route(&self, agent: &str, service: &str) -> Option<quinn::Connection> {
         let agents = self.agents.borrow();
         let session = agents.get(agent)?;
-        session
-            .services
-            .contains(service)
-            .then(|| session.connection.clone())
+        session.services.contains(service).then(|| session.connection.clone())
     }
 }

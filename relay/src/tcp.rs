@@ -20,11 +20,7 @@ const BACKLOG: u32 = 4096;
 
 /// Binds a TCP listener with a deep backlog.
 pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
@@ -84,10 +80,7 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, service: &Service, s
             return;
         }
     };
-    let header = StreamHeader {
-        service: service.name.clone(),
-        client_addr: peer,
-    };
+    let header = StreamHeader { service: service.name.clone(), client_addr: peer };
     let written = match frame::encode_to_vec(&header, MAX_STREAM_HEADER) {
         Ok(bytes) => send.write_all(&bytes).await.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),

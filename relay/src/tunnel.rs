@@ -8,8 +8,8 @@ use sallyport_proto::{
     codes::close,
     negotiate_version,
     net::{code, read_frame, tls, write_frame, FrameError},
-    AgentMessage, Hello, RelayMessage, ServiceVerdict, Welcome, MAX_CONTROL_FRAME,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    AgentMessage, Hello, RelayMessage, ServiceVerdict, Welcome, MAX_CONTROL_FRAME, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -38,9 +38,9 @@ pub(crate) async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>, stop: C
         }
         let remote = incoming.remote_address();
         let shared = shared.clone();
-        shared.tasks.spawn(
-            handle_incoming(incoming, shared.clone()).instrument(info_span!("tunnel", %remote)),
-        );
+        shared
+            .tasks
+            .spawn(handle_incoming(incoming, shared.clone()).instrument(info_span!("tunnel", %remote)));
     }
 }
 
@@ -65,27 +65,20 @@ async fn handle_incoming(incoming: Incoming, shared: Arc<Shared>) {
             return;
         }
     };
-    serve_agent(connection, name.clone(), shared)
-        .instrument(info_span!("agent", agent = %name))
-        .await;
+    serve_agent(connection, name.clone(), shared).instrument(info_span!("agent", agent = %name)).await;
 }
 
 /// The agent's name: the first DNS name in its client certificate, which the handshake verified.
 fn agent_name(connection: &Connection) -> Result<String, String> {
     let certs = connection
         .peer_identity()
-        .and_then(|id| {
-            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
+        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
         .ok_or("no client certificate")?;
     let leaf = certs.first().ok_or("empty client certificate chain")?;
     let info = tls::inspect(leaf).map_err(|e| e.to_string())?;
     let name = info.dns_name.ok_or("client certificate has no DNS name")?;
     if !sallyport_proto::is_valid_name(&name) {
-        return Err(format!(
-            "client certificate name {name:?} is not a valid agent name"
-        ));
+        return Err(format!("client certificate name {name:?} is not a valid agent name"));
     }
     Ok(name)
 }
@@ -104,36 +97,18 @@ async fn serve_agent(connection: Connection, name: String, shared: Arc<Shared>) 
         Ok(welcome) => welcome,
         Err(reason) => {
             warn!(%reason, "agent refused");
-            let _ = write_frame(
-                &mut send,
-                &RelayMessage::Refused {
-                    reason: reason.clone(),
-                },
-                MAX_CONTROL_FRAME,
-            )
-            .await;
+            let _ =
+                write_frame(&mut send, &RelayMessage::Refused { reason: reason.clone() }, MAX_CONTROL_FRAME)
+                    .await;
             connection.close(code(close::REFUSED), reason.as_bytes());
             return;
         }
     };
-    let services: BTreeSet<String> = welcome
-        .services
-        .iter()
-        .filter(|v| v.refused.is_none())
-        .map(|v| v.name.clone())
-        .collect();
-    for v in &welcome.services {
-        if let Some(reason) = &v.refused {
-            warn!(service = %v.name, %reason, "service not published");
-        }
+    let services: BTreeSet<String> = welcome.published().map(str::to_owned).collect();
+    for (service, reason) in welcome.refused() {
+        warn!(%service, %reason, "service not published");
     }
-    if let Err(e) = write_frame(
-        &mut send,
-        &RelayMessage::Welcome(welcome.clone()),
-        MAX_CONTROL_FRAME,
-    )
-    .await
-    {
+    if let Err(e) = write_frame(&mut send, &RelayMessage::Welcome(welcome.clone()), MAX_CONTROL_FRAME).await {
         info!(error = %e, "agent left during the handshake");
         return;
     }
@@ -150,8 +125,7 @@ async fn serve_agent(connection: Connection, name: String, shared: Arc<Shared>) 
     };
     if let Some(old) = shared.registry.insert(session) {
         info!(old_remote = %old.remote, "replacing the agent's previous connection");
-        old.connection
-            .close(code(close::REPLACED), b"replaced by a newer connection");
+        old.connection.close(code(close::REPLACED), b"replaced by a newer connection");
     }
     info!(remote = %connection.remote_address(), ?services, version = welcome.version, "agent connected");
 
@@ -184,10 +158,7 @@ async fn first_message(
 ) -> Result<(SendStream, RecvStream, Hello), FirstMessageError> {
     let timeout = shared.config.limits.handshake_timeout;
     let read = async {
-        let (send, mut recv) = connection
-            .accept_bi()
-            .await
-            .map_err(|_| FirstMessageError::Gone)?;
+        let (send, mut recv) = connection.accept_bi().await.map_err(|_| FirstMessageError::Gone)?;
         let mut buf = Vec::new();
         match read_frame::<AgentMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await {
             Ok(Some(AgentMessage::Hello(hello))) => Ok((send, recv, hello)),
@@ -195,18 +166,14 @@ async fn first_message(
                 "first control message must be Hello, got {}",
                 message_kind(&other)
             ))),
-            Ok(None) => Err(FirstMessageError::Protocol(
-                "control stream ended before Hello".into(),
-            )),
+            Ok(None) => Err(FirstMessageError::Protocol("control stream ended before Hello".into())),
             Err(e) if e.is_protocol_violation() => Err(FirstMessageError::Protocol(e.to_string())),
             Err(_) => Err(FirstMessageError::Gone),
         }
     };
     match tokio::time::timeout(timeout, read).await {
         Ok(result) => result,
-        Err(_) => Err(FirstMessageError::Protocol(format!(
-            "no Hello within {timeout:?}"
-        ))),
+        Err(_) => Err(FirstMessageError::Protocol(format!("no Hello within {timeout:?}"))),
     }
 }
 
@@ -220,9 +187,7 @@ fn message_kind(msg: &AgentMessage) -> &'static str {
 /// Decides whether `agent` may connect and which of its services the relay publishes.
 pub(crate) fn admit(config: &Config, agent: &str, hello: &Hello) -> Result<Welcome, String> {
     if !config.knows_agent(agent) {
-        return Err(format!(
-            "agent {agent:?} is not allowed on this relay (no service names it)"
-        ));
+        return Err(format!("agent {agent:?} is not allowed on this relay (no service names it)"));
     }
     let version = negotiate_version(hello.min_version, hello.max_version).ok_or_else(|| {
         format!(
@@ -236,26 +201,13 @@ pub(crate) fn admit(config: &Config, agent: &str, hello: &Hello) -> Result<Welco
         .map(|offer| {
             let refused = match config.services.get(&offer.name) {
                 Some(s) if s.agent == agent => None,
-                Some(s) => Some(format!(
-                    "service {:?} belongs to agent {:?}",
-                    offer.name, s.agent
-                )),
-                None => Some(format!(
-                    "service {:?} is not configured on this relay",
-                    offer.name
-                )),
+                Some(s) => Some(format!("service {:?} belongs to agent {:?}", offer.name, s.agent)),
+                None => Some(format!("service {:?} is not configured on this relay", offer.name)),
             };
-            ServiceVerdict {
-                name: offer.name.clone(),
-                refused,
-            }
+            ServiceVerdict { name: offer.name.clone(), refused }
         })
         .collect();
-    Ok(Welcome {
-        version,
-        software: crate::SOFTWARE.to_owned(),
-        services,
-    })
+    Ok(Welcome { version, software: crate::SOFTWARE.to_owned(), services })
 }
 
 /// Reads control messages until the stream ends (`Ok`) or the agent breaks the protocol (`Err`).
@@ -317,10 +269,7 @@ listen = "127.0.0.1:0"
             min_version: min,
             max_version: max,
             software: "test".into(),
-            services: services
-                .iter()
-                .map(|s| ServiceOffer { name: (*s).into() })
-                .collect(),
+            services: services.iter().map(|s| ServiceOffer { name: (*s).into() }).collect(),
         }
     }
 
@@ -330,14 +279,8 @@ listen = "127.0.0.1:0"
         let w = admit(&c, "winbox", &hello(1, 5, &["web", "db", "nope"])).expect("admitted");
         assert_eq!(w.version, PROTOCOL_VERSION);
         assert_eq!(w.services[0].refused, None);
-        assert!(w.services[1]
-            .refused
-            .as_deref()
-            .is_some_and(|r| r.contains("belongs to agent \"other\"")));
-        assert!(w.services[2]
-            .refused
-            .as_deref()
-            .is_some_and(|r| r.contains("not configured")));
+        assert!(w.services[1].refused.as_deref().is_some_and(|r| r.contains("belongs to agent \"other\"")));
+        assert!(w.services[2].refused.as_deref().is_some_and(|r| r.contains("not configured")));
         let e = admit(&c, "stranger", &hello(1, 1, &["web"])).expect_err("unknown agent");
         assert!(e.contains("not allowed"), "{e}");
         let e = admit(&c, "winbox", &hello(90, 99, &["web"])).expect_err("no common version");

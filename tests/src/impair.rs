@@ -50,11 +50,7 @@ pub struct Shaper {
 impl Shaper {
     pub fn new(imp: Impairment) -> Self {
         let rng = fastrand::Rng::with_seed(imp.seed);
-        Self {
-            imp,
-            rng,
-            link_free: None,
-        }
+        Self { imp, rng, link_free: None }
     }
 
     /// The departure times of a packet of `len` bytes arriving at `now`: empty when dropped.
@@ -203,13 +199,9 @@ pub async fn run(
         let socket = match flows.get(&client) {
             Some(socket) => socket.clone(),
             None => {
-                let bind: SocketAddr = if upstream.is_ipv4() {
-                    "0.0.0.0:0"
-                } else {
-                    "[::]:0"
-                }
-                .parse()
-                .map_err(std::io::Error::other)?;
+                let bind: SocketAddr = if upstream.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                    .parse()
+                    .map_err(std::io::Error::other)?;
                 let socket = Arc::new(UdpSocket::bind(bind).await?);
                 socket.connect(upstream).await?;
                 tokio::spawn(from_upstream(
@@ -277,28 +269,17 @@ mod tests {
     use super::*;
 
     fn imp() -> Impairment {
-        Impairment {
-            delay: Duration::from_millis(10),
-            seed: 42,
-            ..Impairment::default()
-        }
+        Impairment { delay: Duration::from_millis(10), seed: 42, ..Impairment::default() }
     }
 
     #[test]
     fn same_seed_same_fate() {
         let now = Instant::now();
-        let cfg = Impairment {
-            loss: 0.3,
-            jitter: Duration::from_millis(3),
-            reorder: 0.1,
-            duplicate: 0.1,
-            ..imp()
-        };
+        let cfg =
+            Impairment { loss: 0.3, jitter: Duration::from_millis(3), reorder: 0.1, duplicate: 0.1, ..imp() };
         let run = || {
             let mut s = Shaper::new(cfg.clone());
-            (0..1000)
-                .map(|i| s.schedule(now + Duration::from_micros(i * 100), 1200))
-                .collect::<Vec<_>>()
+            (0..1000).map(|i| s.schedule(now + Duration::from_micros(i * 100), 1200)).collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
     }
@@ -329,51 +310,30 @@ mod tests {
                 );
             }
         }
-        assert!(
-            (1_700..2_300).contains(&dropped),
-            "dropped {dropped} of 100000 at 2%"
-        );
-        assert!(
-            (800..1_200).contains(&doubled),
-            "duplicated {doubled} of 100000 at 1%"
-        );
+        assert!((1_700..2_300).contains(&dropped), "dropped {dropped} of 100000 at 2%");
+        assert!((800..1_200).contains(&doubled), "duplicated {doubled} of 100000 at 1%");
     }
 
     #[test]
     fn rate_limit_spaces_packets_and_drops_past_the_queue() {
         let now = Instant::now();
         // 1 Mbit/s: a 1250-byte packet takes 10 ms on the wire.
-        let mut s = Shaper::new(Impairment {
-            rate_bps: Some(1_000_000),
-            ..imp()
-        });
+        let mut s = Shaper::new(Impairment { rate_bps: Some(1_000_000), ..imp() });
         let first = s.schedule(now, 1250)[0];
         let second = s.schedule(now, 1250)[0];
         assert_eq!(second - first, Duration::from_millis(10));
-        let kept = (0..100)
-            .filter(|_| !s.schedule(now, 1250).is_empty())
-            .count();
-        assert!(
-            (19..=22).contains(&kept),
-            "a 200 ms queue holds about 20 packets, kept {kept}"
-        );
+        let kept = (0..100).filter(|_| !s.schedule(now, 1250).is_empty()).count();
+        assert!((19..=22).contains(&kept), "a 200 ms queue holds about 20 packets, kept {kept}");
     }
 
     #[test]
     fn reordered_packets_leave_after_later_ones() {
         let now = Instant::now();
-        let mut s = Shaper::new(Impairment {
-            reorder: 0.5,
-            ..imp()
-        });
-        let times: Vec<Instant> = (0..200)
-            .map(|i| s.schedule(now + Duration::from_micros(i * 10), 1200)[0])
-            .collect();
+        let mut s = Shaper::new(Impairment { reorder: 0.5, ..imp() });
+        let times: Vec<Instant> =
+            (0..200).map(|i| s.schedule(now + Duration::from_micros(i * 10), 1200)[0]).collect();
         let inversions = times.windows(2).filter(|w| w[1] < w[0]).count();
-        assert!(
-            inversions > 20,
-            "expected reordering, saw {inversions} inversions"
-        );
+        assert!(inversions > 20, "expected reordering, saw {inversions} inversions");
     }
 
     #[tokio::test]
@@ -388,17 +348,8 @@ mod tests {
         });
         let listen = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let proxy = listen.local_addr().expect("addr");
-        let delay = Impairment {
-            delay: Duration::from_millis(15),
-            ..imp()
-        };
-        tokio::spawn(run(
-            listen,
-            server_addr,
-            delay.clone(),
-            delay,
-            Arc::new(Stats::default()),
-        ));
+        let delay = Impairment { delay: Duration::from_millis(15), ..imp() };
+        tokio::spawn(run(listen, server_addr, delay.clone(), delay, Arc::new(Stats::default())));
         let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         client.connect(proxy).await.expect("connect");
         for i in 0..5u8 {
@@ -411,10 +362,7 @@ mod tests {
                 .expect("recv");
             assert_eq!(&buf[..n], &[i; 100]);
             let rtt = started.elapsed();
-            assert!(
-                rtt >= Duration::from_millis(30) && rtt < Duration::from_millis(200),
-                "rtt {rtt:?}"
-            );
+            assert!(rtt >= Duration::from_millis(30) && rtt < Duration::from_millis(200), "rtt {rtt:?}");
         }
     }
 }

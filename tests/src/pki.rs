@@ -46,14 +46,8 @@ impl TestPki {
     /// Writes a bundle for agent `name` (CA, certificate, key) and returns its directory.
     pub fn agent_bundle(&self, name: &str) -> PathBuf {
         let out = self.dir.path().join(format!("agent-{name}"));
-        pki::add_agent(
-            self.dir.path(),
-            name,
-            &out,
-            "127.0.0.1:1",
-            pki::AGENT_VALIDITY,
-        )
-        .expect("agent bundle");
+        pki::add_agent(self.dir.path(), name, &out, "127.0.0.1:1", pki::AGENT_VALIDITY)
+            .expect("agent bundle");
         out
     }
 
@@ -64,12 +58,9 @@ impl TestPki {
             "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\nkey = \"relay.key\"\n{extra}\n"
         );
         for (service, agent) in services {
-            text.push_str(&format!(
-                "[services.{service}]\nagent = \"{agent}\"\nlisten = \"127.0.0.1:0\"\n"
-            ));
+            text.push_str(&format!("[services.{service}]\nagent = \"{agent}\"\nlisten = \"127.0.0.1:0\"\n"));
         }
-        sallyport_relay::Config::from_toml(&text, &self.dir.path().join("relay.toml"))
-            .expect("relay config")
+        sallyport_relay::Config::from_toml(&text, &self.dir.path().join("relay.toml")).expect("relay config")
     }
 
     /// An agent configuration for `name` pointing at `relay`, with one `tcp://` target per service.
@@ -89,9 +80,7 @@ impl TestPki {
             relays.join(", ")
         );
         for (service, target) in services {
-            text.push_str(&format!(
-                "[services.{service}]\ntarget = \"tcp://{target}\"\n"
-            ));
+            text.push_str(&format!("[services.{service}]\ntarget = \"tcp://{target}\"\n"));
         }
         sallyport_agent::Config::from_toml(&text, &bundle.join("agent.toml")).expect("agent config")
     }

@@ -13,10 +13,7 @@ use std::{
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target directory");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target directory");
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.exists(),
@@ -24,9 +21,8 @@ pub fn binary(name: &str) -> PathBuf {
         path.display()
     );
     // A binary older than the sources it is built from would test yesterday's code.
-    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(name.trim_start_matches("sallyport-"));
+    let crate_dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(name.trim_start_matches("sallyport-"));
     let built = modified(&path);
     for source in [crate_dir.join("src"), crate_dir.join("../proto/src")] {
         if let Some(newest) = newest_file(&source) {
@@ -42,20 +38,14 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 fn modified(path: &Path) -> SystemTime {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .unwrap_or(SystemTime::UNIX_EPOCH)
+    std::fs::metadata(path).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 fn newest_file(dir: &Path) -> Option<SystemTime> {
     let mut newest = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
-        let time = if path.is_dir() {
-            newest_file(&path)
-        } else {
-            Some(modified(&path))
-        };
+        let time = if path.is_dir() { newest_file(&path) } else { Some(modified(&path)) };
         newest = newest.max(time);
     }
     newest
@@ -72,11 +62,7 @@ pub struct Spawned {
 impl Spawned {
     /// Starts `command`, reading its stdout and stderr lines (in arrival order per stream).
     pub fn start(mut command: Command) -> Self {
-        command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1");
+        command.stdout(Stdio::piped()).stderr(Stdio::piped()).env("RUST_LOG", "info").env("NO_COLOR", "1");
         let mut child = command.spawn().expect("spawn");
         let (tx, lines) = mpsc::channel();
         if let Some(stdout) = child.stdout.take() {
@@ -85,11 +71,7 @@ impl Spawned {
         if let Some(stderr) = child.stderr.take() {
             forward(stderr, tx);
         }
-        Self {
-            child,
-            lines,
-            log: Vec::new(),
-        }
+        Self { child, lines, log: Vec::new() }
     }
 
     /// Waits for a log line containing `needle` and returns it.
@@ -137,16 +119,8 @@ fn forward(stream: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>
 
 /// Extracts `key=ADDR` from a log line.
 pub fn addr_field(line: &str, key: &str) -> SocketAddr {
-    let start = line
-        .find(&format!("{key}="))
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-        + key.len()
-        + 1;
-    let value: String = line[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace())
-        .collect();
-    value
-        .parse()
-        .unwrap_or_else(|_| panic!("{key}={value} is not an address"))
+    let start =
+        line.find(&format!("{key}=")).unwrap_or_else(|| panic!("no {key}= in {line:?}")) + key.len() + 1;
+    let value: String = line[start..].chars().take_while(|c| !c.is_whitespace()).collect();
+    value.parse().unwrap_or_else(|_| panic!("{key}={value} is not an address"))
 }

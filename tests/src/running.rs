@@ -37,22 +37,11 @@ impl RunningRelay {
                 Err(e) => panic!("relay binds: {e}"),
             }
         };
-        let (quic, admin, services, agents) = (
-            relay.quic_addr(),
-            relay.admin_addr(),
-            relay.service_addrs(),
-            relay.agents(),
-        );
+        let (quic, admin, services, agents) =
+            (relay.quic_addr(), relay.admin_addr(), relay.service_addrs(), relay.agents());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(relay.run(shutdown.clone()));
-        Self {
-            quic,
-            admin,
-            services,
-            agents,
-            shutdown,
-            task,
-        }
+        Self { quic, admin, services, agents, shutdown, task }
     }
 
     /// The listener address of `service`.
@@ -108,11 +97,7 @@ impl RunningAgent {
         let status = agent.status();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(agent.run(shutdown.clone()));
-        Self {
-            status,
-            shutdown,
-            task,
-        }
+        Self { status, shutdown, task }
     }
 
     pub async fn stop(self) {

@@ -74,9 +74,7 @@ pub async fn counts_then_replies() -> Target {
     serve(|mut stream| async move {
         let mut sink = Vec::new();
         if stream.read_to_end(&mut sink).await.is_ok() {
-            let _ = stream
-                .write_all(format!("read {} bytes", sink.len()).as_bytes())
-                .await;
+            let _ = stream.write_all(format!("read {} bytes", sink.len()).as_bytes()).await;
         }
     })
     .await

@@ -16,11 +16,7 @@ const GREETING: &[u8; 34] = b"* OK sallyport test server ready\r\n";
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
 }
@@ -36,13 +32,10 @@ struct Setup {
 /// `init`, `agent add`, `check` and `serve`/`run` as the README tells a user, with a greeting
 /// target behind the agent.
 async fn setup() -> Setup {
-    let (relay_bin, agent_bin): (PathBuf, PathBuf) =
-        (binary("sallyport-relay"), binary("sallyport-agent"));
+    let (relay_bin, agent_bin): (PathBuf, PathBuf) = (binary("sallyport-relay"), binary("sallyport-agent"));
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    run(Command::new(&relay_bin)
-        .args(["init", "--san", "127.0.0.1", "--dir"])
-        .arg(d));
+    run(Command::new(&relay_bin).args(["init", "--san", "127.0.0.1", "--dir"]).arg(d));
     let relay_toml = d.join("relay.toml");
     let starter = std::fs::read_to_string(&relay_toml).expect("relay.toml");
     let config = starter
@@ -51,10 +44,7 @@ async fn setup() -> Setup {
         .replace("0.0.0.0:8080", "127.0.0.1:0")
         .replace("drain_grace = \"20s\"", "drain_grace = \"3s\"");
     std::fs::write(&relay_toml, config).expect("write relay.toml");
-    run(Command::new(&relay_bin)
-        .arg("check")
-        .arg("--config")
-        .arg(&relay_toml));
+    run(Command::new(&relay_bin).arg("check").arg("--config").arg(&relay_toml));
 
     let mut relay = Spawned::start({
         let mut c = Command::new(&relay_bin);
@@ -67,14 +57,7 @@ async fn setup() -> Setup {
     let target = targets::greeter(GREETING).await;
     let bundle = d.join("winbox");
     run(Command::new(&relay_bin)
-        .args([
-            "agent",
-            "add",
-            "winbox",
-            "--relay",
-            &quic.to_string(),
-            "--dir",
-        ])
+        .args(["agent", "add", "winbox", "--relay", &quic.to_string(), "--dir"])
         .arg(d)
         .arg("--out")
         .arg(&bundle));
@@ -82,15 +65,9 @@ async fn setup() -> Setup {
     let starter = std::fs::read_to_string(&agent_toml).expect("agent.toml");
     let config = starter
         .replace("127.0.0.1:8080", &target.addr.to_string())
-        .replace(
-            "key = \"agent.key\"",
-            "key = \"agent.key\"\nhandshake_timeout = \"2s\"",
-        );
+        .replace("key = \"agent.key\"", "key = \"agent.key\"\nhandshake_timeout = \"2s\"");
     std::fs::write(&agent_toml, config).expect("write agent.toml");
-    run(Command::new(&agent_bin)
-        .arg("check")
-        .arg("--config")
-        .arg(&agent_toml));
+    run(Command::new(&agent_bin).arg("check").arg("--config").arg(&agent_toml));
 
     let mut agent = Spawned::start({
         let mut c = Command::new(&agent_bin);
@@ -99,25 +76,14 @@ async fn setup() -> Setup {
     });
     agent.wait_line("tunnel up", WAIT);
     relay.wait_line("agent connected", WAIT);
-    Setup {
-        _dir: dir,
-        relay,
-        agent,
-        service,
-        _target: target,
-    }
+    Setup { _dir: dir, relay, agent, service, _target: target }
 }
 
 /// Connects through the relay and checks the greeting and an echo.
 async fn greeted(service: SocketAddr) -> TcpStream {
-    let mut client = TcpStream::connect(service)
-        .await
-        .expect("connect through the relay");
+    let mut client = TcpStream::connect(service).await.expect("connect through the relay");
     let mut greeting = [0u8; 34];
-    client
-        .read_exact(&mut greeting)
-        .await
-        .expect("greeting through the tunnel");
+    client.read_exact(&mut greeting).await.expect("greeting through the tunnel");
     assert_eq!(&greeting, GREETING);
     client.write_all(b"a001 NOOP\r\n").await.expect("write");
     let mut echo = [0u8; 11];
@@ -127,11 +93,8 @@ async fn greeted(service: SocketAddr) -> TcpStream {
 }
 
 fn signal(child: &std::process::Child, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
-        .status()
-        .expect("kill");
+    let status =
+        Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().expect("kill");
     assert!(status.success());
 }
 
@@ -163,9 +126,7 @@ async fn killed_relay_resets_its_clients_instead_of_closing_them() {
     s.relay.kill();
     for mut client in clients {
         let mut buf = [0u8; 64];
-        let end = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-            .await
-            .expect("no hang");
+        let end = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.expect("no hang");
         match end {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
             other => panic!("a client of a killed relay must see a reset, got {other:?}"),

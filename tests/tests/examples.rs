@@ -18,10 +18,7 @@ fn every_example_config_loads() {
     let files = examples();
     let (mut relays, mut agents) = (0, 0);
     for path in &files {
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if name.starts_with("relay") {
             let config = sallyport_relay::Config::load(path).unwrap_or_else(|e| panic!("{e}"));
             assert!(!config.services.is_empty());
@@ -31,16 +28,10 @@ fn every_example_config_loads() {
             assert!(!config.services.is_empty());
             agents += 1;
         } else {
-            panic!(
-                "{}: example is neither relay*.toml nor agent*.toml",
-                path.display()
-            );
+            panic!("{}: example is neither relay*.toml nor agent*.toml", path.display());
         }
     }
-    assert!(
-        relays >= 1 && agents >= 1,
-        "expected relay and agent examples, found {files:?}"
-    );
+    assert!(relays >= 1 && agents >= 1, "expected relay and agent examples, found {files:?}");
 }
 
 #[test]
@@ -50,8 +41,5 @@ fn example_services_match_between_relay_and_agent() {
     let agent = sallyport_agent::Config::load(&dir.join("agent.toml")).expect("agent example");
     let published: Vec<_> = relay.services.keys().collect();
     let offered: Vec<_> = agent.services.keys().collect();
-    assert_eq!(
-        published, offered,
-        "the examples must describe one consistent setup"
-    );
+    assert_eq!(published, offered, "the examples must describe one consistent setup");
 }

@@ -3,7 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use sallyport_tests::{lab::TunnelSpec, lab_or_skip};
+use sallyport_tests::{
+    lab::{Lab, LabTunnel, TunnelSpec, RELAY_IP},
+    lab_or_skip,
+};
 
 const TRANSFER_PORT: u16 = 9000;
 
@@ -17,42 +20,23 @@ fn nat_keeps_the_homelab_out_and_the_tunnel_crosses_it() {
     lab.assert_homelab_cannot_reach_windows();
     lab.start_transfer_server(TRANSFER_PORT);
     let tunnel = lab.start_tunnel(&transfer_spec());
-    let report = lab.transfers(
-        TRANSFER_PORT,
-        &["--count", "4", "--min", "1000", "--max", "4000000"],
-    );
+    let report = lab.transfers(TRANSFER_PORT, &["--count", "4", "--min", "1000", "--max", "4000000"]);
     println!("{}", report.summary);
     assert_eq!(report.count("ok"), 4, "{:#?}", report.lines);
     // The relay saw the agent arrive from the router's address, not the windows host's.
-    let line = lab
-        .process(tunnel.relay())
-        .wait_line("agent connected", Duration::from_secs(5));
-    assert!(
-        line.contains("remote=10.4.0.1:"),
-        "agent should arrive through the NAT: {line}"
-    );
+    let line = lab.process(tunnel.relay()).wait_line("agent connected", Duration::from_secs(5));
+    assert!(line.contains("remote=10.4.0.1:"), "agent should arrive through the NAT: {line}");
 }
 
 #[test]
 fn hundred_parallel_transfers_through_twenty_ms_and_two_percent_loss() {
     let mut lab = lab_or_skip!();
     lab.start_transfer_server(TRANSFER_PORT);
-    lab.start_tunnel(
-        &transfer_spec().impaired(&["--delay", "10ms", "--loss", "0.02", "--seed", "7"]),
-    );
+    lab.start_tunnel(&transfer_spec().impaired(&["--delay", "10ms", "--loss", "0.02", "--seed", "7"]));
     let started = Instant::now();
     let report = lab.transfers(
         TRANSFER_PORT,
-        &[
-            "--count",
-            "100",
-            "--max",
-            "33554432",
-            "--seed",
-            "11",
-            "--timeout",
-            "600s",
-        ],
+        &["--count", "100", "--max", "33554432", "--seed", "11", "--timeout", "600s"],
     );
     println!("{}", report.summary);
     println!(
@@ -68,17 +52,29 @@ fn hundred_parallel_transfers_through_twenty_ms_and_two_percent_loss() {
 const FAST_RELAY: &str = "idle_timeout = \"5s\"\ndrain_grace = \"15s\"";
 const FAST_AGENT: &str = "keep_alive = \"1s\"\nidle_timeout = \"5s\"";
 
+/// Starts the transfer server and a fast-failing tunnel from `spec`, then a background batch of
+/// `count` transfers of `min..=max` bytes; returns once bytes are flowing.
+fn transfers_in_flight(
+    lab: &mut Lab,
+    spec: TunnelSpec,
+    count: &str,
+    min: &str,
+    max: &str,
+) -> (LabTunnel, usize) {
+    lab.start_transfer_server(TRANSFER_PORT);
+    let tunnel = lab.start_tunnel(&spec.relay_extra(FAST_RELAY).agent_extra(FAST_AGENT));
+    let args = ["--count", count, "--min", min, "--max", max, "--timeout", "60s"];
+    let batch = lab.spawn_transfers(RELAY_IP, TRANSFER_PORT, &args);
+    lab.process(batch).wait_line("flowing", Duration::from_secs(30));
+    (tunnel, batch)
+}
+
 fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 #[test]
 fn real_clients_through_the_tunnel() {
-    use sallyport_tests::lab::RELAY_IP;
     let mut lab = lab_or_skip!();
     let www = lab.dir().join("www");
     std::fs::create_dir_all(&www).expect("www");
@@ -99,48 +95,16 @@ fn real_clients_through_the_tunnel() {
 
     // curl: a 3 MiB file arrives byte for byte.
     let started = Instant::now();
-    let out = lab.home.output(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "60",
-            &format!("http://{relay}:8080/blob.bin"),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = lab.home.output("curl", &["-sS", "--max-time", "60", &format!("http://{relay}:8080/blob.bin")]);
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.stdout.len(), blob.len());
     assert!(out.stdout == blob, "curl body differs from the served file");
-    println!(
-        "curl: {} bytes intact in {:?}",
-        blob.len(),
-        started.elapsed()
-    );
+    println!("curl: {} bytes intact in {:?}", blob.len(), started.elapsed());
 
     // psql: a query and its answer.
-    let psql = [
-        "-h",
-        relay.as_str(),
-        "-p",
-        "5432",
-        "-U",
-        "postgres",
-        "-d",
-        "postgres",
-        "-Atc",
-    ];
-    let out = lab.home.output(
-        "psql",
-        &[
-            &psql[..],
-            &["select 6 * 7, current_setting('server_version')"],
-        ]
-        .concat(),
-    );
+    let psql = ["-h", relay.as_str(), "-p", "5432", "-U", "postgres", "-d", "postgres", "-Atc"];
+    let out =
+        lab.home.output("psql", &[&psql[..], &["select 6 * 7, current_setting('server_version')"]].concat());
     assert!(out.status.success(), "psql: {}", text(&out));
     let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(answer.starts_with("42|"), "psql answered {answer:?}");
@@ -148,45 +112,23 @@ fn real_clients_through_the_tunnel() {
 
     // pgbench: every transaction of 8 clients x 200 is processed.
     let pg = ["-h", relay.as_str(), "-p", "5432", "-U", "postgres"];
-    let out = lab
-        .home
-        .output("pgbench", &[&pg[..], &["-i", "-q", "postgres"]].concat());
+    let out = lab.home.output("pgbench", &[&pg[..], &["-i", "-q", "postgres"]].concat());
     assert!(out.status.success(), "pgbench -i: {}", text(&out));
-    let out = lab.home.output(
-        "pgbench",
-        &[&pg[..], &["-c", "8", "-j", "2", "-t", "200", "postgres"]].concat(),
-    );
+    let out =
+        lab.home.output("pgbench", &[&pg[..], &["-c", "8", "-j", "2", "-t", "200", "postgres"]].concat());
     let report = text(&out);
     assert!(out.status.success(), "pgbench: {report}");
-    assert!(
-        report.contains("number of transactions actually processed: 1600/1600"),
-        "{report}"
-    );
-    let tps = report
-        .lines()
-        .find(|l| l.starts_with("tps"))
-        .unwrap_or_default();
+    assert!(report.contains("number of transactions actually processed: 1600/1600"), "{report}");
+    let tps = report.lines().find(|l| l.starts_with("tps")).unwrap_or_default();
     println!("pgbench -c 8 -t 200: 1600/1600 transactions; {tps}");
 
     // redis-benchmark: every test reports a rate, no errors.
-    let out = lab.home.output(
-        "redis-benchmark",
-        &["-h", &relay, "-p", "6379", "-q", "-n", "20000"],
-    );
+    let out = lab.home.output("redis-benchmark", &["-h", &relay, "-p", "6379", "-q", "-n", "20000"]);
     let report = text(&out).replace('\r', "\n");
     assert!(out.status.success(), "redis-benchmark: {report}");
-    let results: Vec<&str> = report
-        .lines()
-        .filter(|l| l.contains("requests per second"))
-        .collect();
-    assert!(
-        results.len() >= 10,
-        "redis-benchmark ran too few tests: {report}"
-    );
-    assert!(
-        !report.contains("ERR") && !report.to_lowercase().contains("error"),
-        "{report}"
-    );
+    let results: Vec<&str> = report.lines().filter(|l| l.contains("requests per second")).collect();
+    assert!(results.len() >= 10, "redis-benchmark ran too few tests: {report}");
+    assert!(!report.contains("ERR") && !report.to_lowercase().contains("error"), "{report}");
     println!(
         "redis-benchmark -q -n 20000: {} tests, e.g. {}",
         results.len(),
@@ -194,55 +136,21 @@ fn real_clients_through_the_tunnel() {
     );
 
     // iperf3: five seconds of bulk TCP, received bytes reported.
-    let out = lab
-        .home
-        .output("iperf3", &["-c", &relay, "-p", "5201", "-t", "5", "-J"]);
+    let out = lab.home.output("iperf3", &["-c", &relay, "-p", "5201", "-t", "5", "-J"]);
     let json = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "iperf3: {}", text(&out));
     let value: serde_json::Value = serde_json::from_str(&json).expect("iperf3 JSON");
-    assert!(
-        value.get("error").is_none(),
-        "iperf3 error: {}",
-        value["error"]
-    );
-    let bps = value["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("bits_per_second");
-    let bytes = value["end"]["sum_received"]["bytes"]
-        .as_f64()
-        .expect("bytes");
+    assert!(value.get("error").is_none(), "iperf3 error: {}", value["error"]);
+    let bps = value["end"]["sum_received"]["bits_per_second"].as_f64().expect("bits_per_second");
+    let bytes = value["end"]["sum_received"]["bytes"].as_f64().expect("bytes");
     assert!(bytes > 0.0, "iperf3 received nothing");
-    println!(
-        "iperf3 -t 5: {:.0} Mbit/s received ({bytes} bytes; debug build)",
-        bps / 1e6
-    );
+    println!("iperf3 -t 5: {:.0} Mbit/s received ({bytes} bytes; debug build)", bps / 1e6);
 }
 
 #[test]
 fn relay_killed_during_transfers_then_back() {
     let mut lab = lab_or_skip!();
-    lab.start_transfer_server(TRANSFER_PORT);
-    let mut tunnel = lab.start_tunnel(
-        &transfer_spec()
-            .relay_extra(FAST_RELAY)
-            .agent_extra(FAST_AGENT),
-    );
-    let batch = lab.spawn_transfers(
-        sallyport_tests::lab::RELAY_IP,
-        TRANSFER_PORT,
-        &[
-            "--count",
-            "20",
-            "--min",
-            "8000000",
-            "--max",
-            "32000000",
-            "--timeout",
-            "60s",
-        ],
-    );
-    lab.process(batch)
-        .wait_line("flowing", Duration::from_secs(30));
+    let (mut tunnel, batch) = transfers_in_flight(&mut lab, transfer_spec(), "20", "8000000", "32000000");
     lab.process(tunnel.relay()).kill();
     let report = lab.finish_transfers(batch, Duration::from_secs(90));
     println!("kill -9 relay during 20 transfers: {}", report.summary);
@@ -251,22 +159,12 @@ fn relay_killed_during_transfers_then_back() {
         "never a clean short EOF, a mismatch or a hang: {:#?}",
         report.violations()
     );
-    assert_eq!(
-        report.count("ok") + report.count("reset"),
-        20,
-        "{:#?}",
-        report.lines
-    );
-    assert!(
-        report.count("reset") > 0,
-        "the kill should have cut some transfers: {:#?}",
-        report.lines
-    );
+    assert_eq!(report.count("ok") + report.count("reset"), 20, "{:#?}", report.lines);
+    assert!(report.count("reset") > 0, "the kill should have cut some transfers: {:#?}", report.lines);
 
     let back = Instant::now();
     tunnel.relays[0] = lab.start_relay(&tunnel, 0);
-    lab.process(tunnel.agent)
-        .wait_line("tunnel up", Duration::from_secs(30));
+    lab.process(tunnel.agent).wait_line("tunnel up", Duration::from_secs(30));
     let report = lab.transfers(TRANSFER_PORT, &["--count", "2", "--max", "100000"]);
     let took = back.elapsed();
     println!("relay back -> agent reconnected and new connections worked in {took:?}");
@@ -277,36 +175,12 @@ fn relay_killed_during_transfers_then_back() {
 #[test]
 fn agent_killed_then_back() {
     let mut lab = lab_or_skip!();
-    lab.start_transfer_server(TRANSFER_PORT);
-    let mut tunnel = lab.start_tunnel(
-        &transfer_spec()
-            .relay_extra(FAST_RELAY)
-            .agent_extra(FAST_AGENT),
-    );
-    let batch = lab.spawn_transfers(
-        sallyport_tests::lab::RELAY_IP,
-        TRANSFER_PORT,
-        &[
-            "--count",
-            "10",
-            "--min",
-            "16000000",
-            "--max",
-            "32000000",
-            "--timeout",
-            "60s",
-        ],
-    );
-    lab.process(batch)
-        .wait_line("flowing", Duration::from_secs(30));
+    let (mut tunnel, batch) = transfers_in_flight(&mut lab, transfer_spec(), "10", "16000000", "32000000");
     let killed = Instant::now();
     lab.process(tunnel.agent).kill();
     let report = lab.finish_transfers(batch, Duration::from_secs(60));
     let reset_after = killed.elapsed();
-    println!(
-        "kill -9 agent: {} (all ended {reset_after:?} after the kill)",
-        report.summary
-    );
+    println!("kill -9 agent: {} (all ended {reset_after:?} after the kill)", report.summary);
     assert!(report.violations().is_empty(), "{:#?}", report.violations());
     assert!(report.count("reset") > 0, "{:#?}", report.lines);
     assert!(
@@ -315,15 +189,10 @@ fn agent_killed_then_back() {
     );
 
     // The relay notices, keeps its listener bound and refuses clients at once.
-    lab.process(tunnel.relay())
-        .wait_line("agent disconnected", Duration::from_secs(15));
+    lab.process(tunnel.relay()).wait_line("agent disconnected", Duration::from_secs(15));
     let refused = Instant::now();
     let report = lab.transfers(TRANSFER_PORT, &["--count", "3", "--max", "1000"]);
-    println!(
-        "while the agent is away: {} in {:?}",
-        report.summary,
-        refused.elapsed()
-    );
+    println!("while the agent is away: {} in {:?}", report.summary, refused.elapsed());
     assert_eq!(report.count("reset"), 3, "{:#?}", report.lines);
     assert!(refused.elapsed() < Duration::from_secs(2));
 
@@ -335,28 +204,7 @@ fn agent_killed_then_back() {
 #[test]
 fn nat_mapping_changes_mid_transfer() {
     let mut lab = lab_or_skip!();
-    lab.start_transfer_server(TRANSFER_PORT);
-    let tunnel = lab.start_tunnel(
-        &transfer_spec()
-            .relay_extra(FAST_RELAY)
-            .agent_extra(FAST_AGENT),
-    );
-    let batch = lab.spawn_transfers(
-        sallyport_tests::lab::RELAY_IP,
-        TRANSFER_PORT,
-        &[
-            "--count",
-            "10",
-            "--min",
-            "16000000",
-            "--max",
-            "32000000",
-            "--timeout",
-            "60s",
-        ],
-    );
-    lab.process(batch)
-        .wait_line("flowing", Duration::from_secs(30));
+    let (tunnel, batch) = transfers_in_flight(&mut lab, transfer_spec(), "10", "16000000", "32000000");
     let conntrack_before = text(&lab.router.output("conntrack", &["-L", "-p", "udp"]));
     lab.remap_nat();
     let report = lab.finish_transfers(batch, Duration::from_secs(90));
@@ -368,27 +216,13 @@ fn nat_mapping_changes_mid_transfer() {
     );
     let relay_log = lab.process(tunnel.relay()).log.join("\n");
     let reconnected = relay_log.matches("agent connected").count() > 1;
-    let how = if reconnected {
-        "the agent reconnected"
-    } else {
-        "the connection migrated to the new address"
-    };
+    let how =
+        if reconnected { "the agent reconnected" } else { "the connection migrated to the new address" };
     println!("NAT remapped mid-transfer: {how}; {}", report.summary);
-    println!(
-        "conntrack before: {}",
-        conntrack_before.lines().next().unwrap_or_default()
-    );
-    println!(
-        "conntrack after:  {}",
-        conntrack_after.lines().next().unwrap_or_default()
-    );
+    println!("conntrack before: {}", conntrack_before.lines().next().unwrap_or_default());
+    println!("conntrack after:  {}", conntrack_after.lines().next().unwrap_or_default());
     if !reconnected {
-        assert_eq!(
-            report.count("ok"),
-            10,
-            "migration keeps every transfer: {:#?}",
-            report.lines
-        );
+        assert_eq!(report.count("ok"), 10, "migration keeps every transfer: {:#?}", report.lines);
     }
     let report = lab.transfers(TRANSFER_PORT, &["--count", "2", "--max", "100000"]);
     assert_eq!(report.count("ok"), 2, "{:#?}", report.lines);
@@ -396,59 +230,19 @@ fn nat_mapping_changes_mid_transfer() {
 
 #[test]
 fn sigterm_drains_one_relay_while_the_other_carries_on() {
-    use sallyport_tests::lab::{RELAY2_IP, RELAY_IP};
+    use sallyport_tests::lab::RELAY2_IP;
     let mut lab = lab_or_skip!();
-    lab.start_transfer_server(TRANSFER_PORT);
-    let tunnel = lab.start_tunnel(
-        &transfer_spec()
-            .two_relays()
-            .relay_extra(FAST_RELAY)
-            .agent_extra(FAST_AGENT),
-    );
-    let batch = lab.spawn_transfers(
-        RELAY_IP,
-        TRANSFER_PORT,
-        &[
-            "--count",
-            "10",
-            "--min",
-            "4000000",
-            "--max",
-            "16000000",
-            "--timeout",
-            "60s",
-        ],
-    );
-    lab.process(batch)
-        .wait_line("flowing", Duration::from_secs(30));
+    let (tunnel, batch) =
+        transfers_in_flight(&mut lab, transfer_spec().two_relays(), "10", "4000000", "16000000");
     let pid = lab.process(tunnel.relay()).child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
-    lab.process(tunnel.relay())
-        .wait_line("draining", Duration::from_secs(10));
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    lab.process(tunnel.relay()).wait_line("draining", Duration::from_secs(10));
 
     // New connections to the draining relay are refused; the other relay carries them.
     let refused = lab.transfers_to(RELAY_IP, TRANSFER_PORT, &["--count", "2", "--max", "1000"]);
-    assert_eq!(
-        refused.count("reset"),
-        2,
-        "draining relay must refuse: {:#?}",
-        refused.lines
-    );
-    let other = lab.transfers_to(
-        RELAY2_IP,
-        TRANSFER_PORT,
-        &["--count", "4", "--max", "1000000"],
-    );
-    assert_eq!(
-        other.count("ok"),
-        4,
-        "second relay must carry on: {:#?}",
-        other.lines
-    );
+    assert_eq!(refused.count("reset"), 2, "draining relay must refuse: {:#?}", refused.lines);
+    let other = lab.transfers_to(RELAY2_IP, TRANSFER_PORT, &["--count", "4", "--max", "1000000"]);
+    assert_eq!(other.count("ok"), 4, "second relay must carry on: {:#?}", other.lines);
 
     // Transfers in flight finish within the grace period; then the relay exits 0.
     let report = lab.finish_transfers(batch, Duration::from_secs(30));
@@ -459,35 +253,21 @@ fn sigterm_drains_one_relay_while_the_other_carries_on() {
         "in-flight transfers finish within the grace period: {:#?}",
         report.lines
     );
-    lab.process(tunnel.relay())
-        .wait_line("relay stopped", Duration::from_secs(30));
-    assert!(lab
-        .process(tunnel.relay())
-        .child
-        .wait()
-        .expect("exit")
-        .success());
-    lab.process(tunnel.agent)
-        .wait_line("relay going away", Duration::from_secs(5));
+    lab.process(tunnel.relay()).wait_line("relay stopped", Duration::from_secs(30));
+    assert!(lab.process(tunnel.relay()).child.wait().expect("exit").success());
+    lab.process(tunnel.agent).wait_line("relay going away", Duration::from_secs(5));
 }
 
 #[test]
 fn dead_peer_detection_when_the_path_drops_everything() {
     let mut lab = lab_or_skip!();
     lab.start_transfer_server(TRANSFER_PORT);
-    let tunnel = lab.start_tunnel(
-        &transfer_spec()
-            .relay_extra(FAST_RELAY)
-            .agent_extra(FAST_AGENT),
-    );
+    let tunnel = lab.start_tunnel(&transfer_spec().relay_extra(FAST_RELAY).agent_extra(FAST_AGENT));
     lab.cut();
     let cut = Instant::now();
-    let agent_line = lab
-        .process(tunnel.agent)
-        .wait_line("tunnel lost", Duration::from_secs(20));
+    let agent_line = lab.process(tunnel.agent).wait_line("tunnel lost", Duration::from_secs(20));
     let agent_noticed = cut.elapsed();
-    lab.process(tunnel.relay())
-        .wait_line("agent disconnected", Duration::from_secs(20));
+    lab.process(tunnel.relay()).wait_line("agent disconnected", Duration::from_secs(20));
     let relay_noticed = cut.elapsed();
     println!("path cut: agent noticed after {agent_noticed:?} ({agent_line}), relay after {relay_noticed:?}; keep-alive 1 s + idle 5 s");
     let bound = Duration::from_secs(1 + 5 + 1);
@@ -496,18 +276,14 @@ fn dead_peer_detection_when_the_path_drops_everything() {
         "agent {agent_noticed:?}, relay {relay_noticed:?}"
     );
     lab.heal();
-    lab.process(tunnel.agent)
-        .wait_line("tunnel up", Duration::from_secs(20));
+    lab.process(tunnel.agent).wait_line("tunnel up", Duration::from_secs(20));
     let report = lab.transfers(TRANSFER_PORT, &["--count", "2", "--max", "100000"]);
     assert_eq!(report.count("ok"), 2, "{:#?}", report.lines);
 }
 
 #[test]
 fn soak_mixed_traffic_through_impairment() {
-    let seconds: u64 = std::env::var("SOAK_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
+    let seconds: u64 = std::env::var("SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
     let mut lab = lab_or_skip!();
     lab.start_transfer_server(TRANSFER_PORT);
     let tunnel = lab.start_tunnel(&transfer_spec().impaired(&[
@@ -534,28 +310,10 @@ fn soak_mixed_traffic_through_impairment() {
         let max = ["8000000", "1000000", "64000"][(round % 3) as usize];
         let report = lab.transfers(
             TRANSFER_PORT,
-            &[
-                "--count",
-                count,
-                "--max",
-                max,
-                "--seed",
-                &seed,
-                "--timeout",
-                "120s",
-            ],
+            &["--count", count, "--max", max, "--seed", &seed, "--timeout", "120s"],
         );
-        assert!(
-            report.violations().is_empty(),
-            "round {round}: {:#?}",
-            report.violations()
-        );
-        assert_eq!(
-            report.count("ok"),
-            report.lines.len(),
-            "round {round}: {:#?}",
-            report.lines
-        );
+        assert!(report.violations().is_empty(), "round {round}: {:#?}", report.violations());
+        assert_eq!(report.count("ok"), report.lines.len(), "round {round}: {:#?}", report.lines);
         total_ok += report.lines.len();
         bytes += report.field("bytes");
         if first_minute.is_none() && started.elapsed() >= Duration::from_secs(60) {
@@ -569,9 +327,6 @@ fn soak_mixed_traffic_through_impairment() {
         bytes / 1e6, first.0, last.0, first.1, last.1
     );
     for (name, a, b) in [("relay", first.0, last.0), ("agent", first.1, last.1)] {
-        assert!(
-            b <= a + a / 4 + 8 * 1024,
-            "{name} memory grew from {a} KiB to {b} KiB"
-        );
+        assert!(b <= a + a / 4 + 8 * 1024, "{name} memory grew from {a} KiB to {b} KiB");
     }
 }

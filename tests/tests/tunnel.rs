@@ -19,8 +19,7 @@ const MIB: u64 = 1024 * 1024;
 async fn tunnel_to(pki: &TestPki, target: SocketAddr) -> (RunningRelay, RunningAgent) {
     sallyport_tests::init_logging();
     let mut relay = RunningRelay::start(pki.relay_config(&[("svc", "winbox")], "")).await;
-    let agent =
-        RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target)], ""));
+    let agent = RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target)], ""));
     relay.wait_agent("winbox").await;
     (relay, agent)
 }
@@ -48,9 +47,7 @@ async fn exchange(addr: SocketAddr, request: &[u8]) -> (Vec<u8>, io::Result<()>)
     if let Err(e) = client.write_all(request).await {
         return (Vec::new(), Err(e));
     }
-    tokio::time::timeout(Duration::from_secs(5), read_all(&mut client))
-        .await
-        .expect("no hang")
+    tokio::time::timeout(Duration::from_secs(5), read_all(&mut client)).await.expect("no hang")
 }
 
 fn is_reset(result: &io::Result<()>) -> bool {
@@ -63,23 +60,11 @@ async fn one_and_sixty_four_mib_each_way_arrive_intact() {
     let target = targets::transfer_server().await;
     let (relay, agent) = tunnel_to(&pki, target.addr).await;
     let svc = relay.service("svc");
-    for (up, down) in [
-        (MIB, MIB),
-        (64 * MIB, 0),
-        (0, 64 * MIB),
-        (64 * MIB, 64 * MIB),
-    ] {
+    for (up, down) in [(MIB, MIB), (64 * MIB, 0), (0, 64 * MIB), (64 * MIB, 64 * MIB)] {
         let started = Instant::now();
-        let report = transfer::run(svc, up, down, up ^ down)
-            .await
-            .expect("transfer intact");
+        let report = transfer::run(svc, up, down, up ^ down).await.expect("transfer intact");
         assert_eq!((report.up, report.down), (up, down));
-        println!(
-            "transfer up {} MiB, down {} MiB: {:?}",
-            up / MIB,
-            down / MIB,
-            started.elapsed()
-        );
+        println!("transfer up {} MiB, down {} MiB: {:?}", up / MIB, down / MIB, started.elapsed());
     }
     agent.stop().await;
     relay.stop().await;
@@ -93,14 +78,7 @@ async fn two_hundred_concurrent_connections() {
     let svc = relay.service("svc");
     let started = Instant::now();
     let transfers: Vec<_> = (0..200u64)
-        .map(|i| {
-            tokio::spawn(transfer::run(
-                svc,
-                16 * 1024 + i * 331,
-                32 * 1024 + i * 97,
-                i,
-            ))
-        })
+        .map(|i| tokio::spawn(transfer::run(svc, 16 * 1024 + i * 331, 32 * 1024 + i * 97, i)))
         .collect();
     let mut ok = 0;
     for t in transfers {
@@ -118,9 +96,7 @@ async fn half_close_client_still_receives_the_reply() {
     let pki = TestPki::new();
     let target = targets::counts_then_replies().await;
     let (relay, agent) = tunnel_to(&pki, target.addr).await;
-    let mut client = TcpStream::connect(relay.service("svc"))
-        .await
-        .expect("connect");
+    let mut client = TcpStream::connect(relay.service("svc")).await.expect("connect");
     client.write_all(&[1u8; 5000]).await.expect("write");
     client.shutdown().await.expect("half-close");
     let (reply, end) = read_all(&mut client).await;
@@ -135,9 +111,7 @@ async fn server_that_speaks_first_greets_the_client() {
     let pki = TestPki::new();
     let target = targets::greeter(b"220 sallyport-test ESMTP ready\r\n").await;
     let (relay, agent) = tunnel_to(&pki, target.addr).await;
-    let mut client = TcpStream::connect(relay.service("svc"))
-        .await
-        .expect("connect");
+    let mut client = TcpStream::connect(relay.service("svc")).await.expect("connect");
     let mut greeting = [0u8; 32];
     tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut greeting))
         .await
@@ -170,11 +144,7 @@ async fn target_killed_mid_transfer_gives_a_reset_not_eof() {
     let (relay, agent) = tunnel_to(&pki, target.addr).await;
     for _ in 0..5 {
         let (data, end) = exchange(relay.service("svc"), b"a request the target never reads").await;
-        assert!(
-            is_reset(&end),
-            "after {} bytes: expected a reset, got {end:?}",
-            data.len()
-        );
+        assert!(is_reset(&end), "after {} bytes: expected a reset, got {end:?}", data.len());
     }
     agent.stop().await;
     relay.stop().await;
@@ -187,11 +157,7 @@ async fn client_of_an_absent_agent_is_refused_within_a_second() {
     let relay = RunningRelay::start(pki.relay_config(&[("svc", "winbox")], "")).await;
     let started = Instant::now();
     let (data, end) = exchange(relay.service("svc"), b"").await;
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
     assert!(data.is_empty());
     assert!(is_reset(&end), "expected a reset, got {end:?}");
     println!("absent agent: client reset after {:?}", started.elapsed());
@@ -204,9 +170,7 @@ async fn agent_reconnects_after_a_relay_restart() {
     let target = targets::transfer_server().await;
     let (relay, agent) = tunnel_to(&pki, target.addr).await;
     let (quic, svc) = (relay.quic, relay.service("svc"));
-    transfer::run(svc, 1000, 1000, 1)
-        .await
-        .expect("before restart");
+    transfer::run(svc, 1000, 1000, 1).await.expect("before restart");
     relay.stop().await;
 
     // Same addresses, as a restarted pod behind the same LoadBalancer IP.
@@ -218,9 +182,7 @@ async fn agent_reconnects_after_a_relay_restart() {
     let mut relay = RunningRelay::start(config).await;
     let back = Instant::now();
     relay.wait_agent("winbox").await;
-    transfer::run(svc, 1000, 1000, 2)
-        .await
-        .expect("after restart");
+    transfer::run(svc, 1000, 1000, 2).await.expect("after restart");
     let took = back.elapsed();
     println!("relay back -> agent reconnected and a connection worked in {took:?}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
@@ -239,23 +201,15 @@ async fn raw_agent(
 ) -> Result<(quinn::Connection, quinn::SendStream, RelayMessage), String> {
     let bundle = identity_pki.agent_bundle(name);
     let read = |f: &str| std::fs::read(bundle.join(f)).expect("bundle file");
-    let identity =
-        tls::Identity::from_pem(&read("agent.crt"), &read("agent.key")).expect("identity");
-    let roots = tls::roots_from_pem(&std::fs::read(trust.dir().join("ca.crt")).expect("ca"))
-        .expect("roots");
+    let identity = tls::Identity::from_pem(&read("agent.crt"), &read("agent.key")).expect("identity");
+    let roots = tls::roots_from_pem(&std::fs::read(trust.dir().join("ca.crt")).expect("ca")).expect("roots");
     let crypto = tls::client_crypto(roots, identity, &[ALPN_TUNNEL]).expect("crypto");
-    let mut endpoint =
-        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
-    let connection = endpoint
-        .connect(relay, "127.0.0.1")
-        .expect("connect")
-        .await
-        .map_err(|e| e.to_string())?;
-    let closed = |c: &quinn::Connection| {
-        c.close_reason()
-            .map_or("stream failed".to_owned(), |r| r.to_string())
-    };
+    let connection =
+        endpoint.connect(relay, "127.0.0.1").expect("connect").await.map_err(|e| e.to_string())?;
+    let closed =
+        |c: &quinn::Connection| c.close_reason().map_or("stream failed".to_owned(), |r| r.to_string());
     let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
     let hello = AgentMessage::Hello(Hello {
         min_version: 1,
@@ -264,9 +218,7 @@ async fn raw_agent(
         services: vec![],
     });
     let bytes = frame::encode_to_vec(&hello, 1024).expect("encode");
-    send.write_all(&bytes)
-        .await
-        .map_err(|_| closed(&connection))?;
+    send.write_all(&bytes).await.map_err(|_| closed(&connection))?;
     let mut buf = Vec::new();
     let answer = sallyport_proto::net::read_frame::<RelayMessage>(&mut recv, 1024, &mut buf)
         .await
@@ -283,30 +235,18 @@ async fn certificate_from_another_ca_is_refused() {
     let (mut relay, agent) = tunnel_to(&pki, target.addr).await;
 
     // An agent whose certificate comes from another CA, claiming a name the relay knows.
-    let err = raw_agent(&other, "winbox", &pki, relay.quic)
-        .await
-        .expect_err("foreign certificate refused");
+    let err = raw_agent(&other, "winbox", &pki, relay.quic).await.expect_err("foreign certificate refused");
     println!("foreign client certificate: {err}");
-    assert!(
-        err.contains("handshake") || err.contains("certificate"),
-        "{err}"
-    );
+    assert!(err.contains("handshake") || err.contains("certificate"), "{err}");
 
     // A relay whose certificate the agent's CA did not sign is refused by the agent.
-    let err = raw_agent(&pki, "winbox", &other, relay.quic)
-        .await
-        .expect_err("untrusted relay refused");
+    let err = raw_agent(&pki, "winbox", &other, relay.quic).await.expect_err("untrusted relay refused");
     println!("untrusted relay certificate: {err}");
-    assert!(
-        err.contains("certificate") || err.contains("handshake"),
-        "{err}"
-    );
+    assert!(err.contains("certificate") || err.contains("handshake"), "{err}");
 
     // The genuine agent is still the one connected and working.
     relay.wait_agent("winbox").await;
-    transfer::run(relay.service("svc"), 4096, 4096, 3)
-        .await
-        .expect("genuine agent still works");
+    transfer::run(relay.service("svc"), 4096, 4096, 3).await.expect("genuine agent still works");
     agent.stop().await;
     relay.stop().await;
 }
@@ -317,43 +257,28 @@ async fn garbage_control_frame_closes_only_that_agent() {
     let pki = TestPki::new();
     let target = targets::transfer_server().await;
     let mut relay =
-        RunningRelay::start(pki.relay_config(&[("svc", "winbox"), ("other", "intruder")], ""))
-            .await;
-    let agent =
-        RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target.addr)], ""));
+        RunningRelay::start(pki.relay_config(&[("svc", "winbox"), ("other", "intruder")], "")).await;
+    let agent = RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target.addr)], ""));
     relay.wait_agent("winbox").await;
 
-    for garbage in [
-        vec![0, 0, 0, 3, 0xff, 0xff, 0xff],
-        u32::MAX.to_be_bytes().to_vec(),
-    ] {
-        let (connection, mut control, answer) = raw_agent(&pki, "intruder", &pki, relay.quic)
-            .await
-            .expect("intruder admitted");
+    for garbage in [vec![0, 0, 0, 3, 0xff, 0xff, 0xff], u32::MAX.to_be_bytes().to_vec()] {
+        let (connection, mut control, answer) =
+            raw_agent(&pki, "intruder", &pki, relay.quic).await.expect("intruder admitted");
         assert!(matches!(answer, RelayMessage::Welcome(_)), "{answer:?}");
         relay.wait_agent("intruder").await;
         control.write_all(&garbage).await.expect("write garbage");
-        let reason = tokio::time::timeout(Duration::from_secs(5), connection.closed())
-            .await
-            .expect("closed by relay");
-        println!(
-            "garbage {:02x?}: relay closed that connection: {reason}",
-            &garbage[..4]
-        );
+        let reason =
+            tokio::time::timeout(Duration::from_secs(5), connection.closed()).await.expect("closed by relay");
+        println!("garbage {:02x?}: relay closed that connection: {reason}", &garbage[..4]);
         match &reason {
             quinn::ConnectionError::ApplicationClosed(c) => {
-                assert_eq!(
-                    c.error_code,
-                    quinn::VarInt::from_u32(codes::close::PROTOCOL_ERROR)
-                );
+                assert_eq!(c.error_code, quinn::VarInt::from_u32(codes::close::PROTOCOL_ERROR));
             }
             other => panic!("expected a protocol-error close, got {other:?}"),
         }
         relay.wait_agent_gone("intruder").await;
         assert_eq!(relay.connected(), vec!["winbox".to_owned()]);
-        transfer::run(relay.service("svc"), 10_000, 10_000, 4)
-            .await
-            .expect("other agent unaffected");
+        transfer::run(relay.service("svc"), 10_000, 10_000, 4).await.expect("other agent unaffected");
     }
     agent.stop().await;
     relay.stop().await;
@@ -363,20 +288,10 @@ async fn garbage_control_frame_closes_only_that_agent() {
 async fn admin_status(admin: SocketAddr, path: &str) -> u16 {
     let mut stream = TcpStream::connect(admin).await.expect("admin connect");
     let request = format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("admin write");
+    stream.write_all(request.as_bytes()).await.expect("admin write");
     let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .await
-        .expect("admin read");
-    answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("status code")
+    stream.read_to_string(&mut answer).await.expect("admin read");
+    answer.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("status code")
 }
 
 async fn echo_round_trip(client: &mut TcpStream, data: &[u8]) -> io::Result<()> {
@@ -394,8 +309,7 @@ async fn drain_finishes_in_flight_connections_and_refuses_new_ones() {
     let target = targets::greeter(b"hi\n").await;
     let mut relay =
         RunningRelay::start(pki.relay_config(&[("svc", "winbox")], "drain_grace = \"30s\"")).await;
-    let agent =
-        RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target.addr)], ""));
+    let agent = RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target.addr)], ""));
     relay.wait_agent("winbox").await;
     let (svc, admin) = (relay.service("svc"), relay.admin);
     assert_eq!(admin_status(admin, "/livez").await, 200);
@@ -404,17 +318,12 @@ async fn drain_finishes_in_flight_connections_and_refuses_new_ones() {
     let mut in_flight = TcpStream::connect(svc).await.expect("connect");
     let mut hi = [0u8; 3];
     in_flight.read_exact(&mut hi).await.expect("greeting");
-    echo_round_trip(&mut in_flight, b"before the drain")
-        .await
-        .expect("echo");
+    echo_round_trip(&mut in_flight, b"before the drain").await.expect("echo");
 
     relay.begin_shutdown();
     let deadline = Instant::now() + Duration::from_secs(5);
     while admin_status(admin, "/readyz").await != 503 {
-        assert!(
-            Instant::now() < deadline,
-            "/readyz still 200 while draining"
-        );
+        assert!(Instant::now() < deadline, "/readyz still 200 while draining");
         tokio::task::yield_now().await;
     }
     // New connections are refused once the listener is closed (or reset if one raced into it).
@@ -430,23 +339,15 @@ async fn drain_finishes_in_flight_connections_and_refuses_new_ones() {
         }
     }
     // The connection that was in flight keeps working and ends cleanly.
-    echo_round_trip(&mut in_flight, b"during the drain")
-        .await
-        .expect("in-flight connection still works");
+    echo_round_trip(&mut in_flight, b"during the drain").await.expect("in-flight connection still works");
     in_flight.shutdown().await.expect("half-close");
     let (rest, end) = read_all(&mut in_flight).await;
     assert!(rest.is_empty());
     end.expect("clean close of the in-flight connection");
     let stopping = Instant::now();
     relay.stop().await;
-    println!(
-        "drain: relay stopped {:?} after its last connection ended",
-        stopping.elapsed()
-    );
-    assert!(
-        stopping.elapsed() < Duration::from_secs(10),
-        "drain waited for nothing"
-    );
+    println!("drain: relay stopped {:?} after its last connection ended", stopping.elapsed());
+    assert!(stopping.elapsed() < Duration::from_secs(10), "drain waited for nothing");
     agent.stop().await;
 }
 
@@ -455,29 +356,17 @@ async fn drain_resets_what_is_left_when_the_grace_period_ends() {
     let pki = TestPki::new();
     let target = targets::greeter(b"hi\n").await;
     let mut relay =
-        RunningRelay::start(pki.relay_config(&[("svc", "winbox")], "drain_grace = \"500ms\""))
-            .await;
-    let agent =
-        RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target.addr)], ""));
+        RunningRelay::start(pki.relay_config(&[("svc", "winbox")], "drain_grace = \"500ms\"")).await;
+    let agent = RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target.addr)], ""));
     relay.wait_agent("winbox").await;
-    let mut idle = TcpStream::connect(relay.service("svc"))
-        .await
-        .expect("connect");
+    let mut idle = TcpStream::connect(relay.service("svc")).await.expect("connect");
     let mut hi = [0u8; 3];
     idle.read_exact(&mut hi).await.expect("greeting");
     let started = Instant::now();
     relay.begin_shutdown();
-    let (_, end) = tokio::time::timeout(Duration::from_secs(10), read_all(&mut idle))
-        .await
-        .expect("no hang");
-    println!(
-        "grace over: idle client reset after {:?}",
-        started.elapsed()
-    );
-    assert!(
-        is_reset(&end),
-        "a connection cut by the end of the grace period must be reset, got {end:?}"
-    );
+    let (_, end) = tokio::time::timeout(Duration::from_secs(10), read_all(&mut idle)).await.expect("no hang");
+    println!("grace over: idle client reset after {:?}", started.elapsed());
+    assert!(is_reset(&end), "a connection cut by the end of the grace period must be reset, got {end:?}");
     assert!(started.elapsed() >= Duration::from_millis(500));
     relay.stop().await;
     agent.stop().await;
@@ -488,14 +377,12 @@ async fn agent_unknown_to_the_relay_is_refused_with_a_reason() {
     let pki = TestPki::new();
     let relay = RunningRelay::start(pki.relay_config(&[("svc", "winbox")], "")).await;
     let target = targets::closed_port().await;
-    let mut agent =
-        RunningAgent::start(pki.agent_config("stranger", &[relay.quic], &[("svc", target)], ""));
+    let mut agent = RunningAgent::start(pki.agent_config("stranger", &[relay.quic], &[("svc", target)], ""));
     let status = tokio::time::timeout(
         Duration::from_secs(10),
-        agent.status.wait_for(|s| {
-            s.values()
-                .any(|t| matches!(t, sallyport_agent::TunnelStatus::Retrying { .. }))
-        }),
+        agent
+            .status
+            .wait_for(|s| s.values().any(|t| matches!(t, sallyport_agent::TunnelStatus::Retrying { .. }))),
     )
     .await
     .expect("agent reports the refusal")

@@ -54,11 +54,7 @@ pub async fn read_frame<T: DeserializeOwned>(
 }
 
 /// Writes `msg` as one frame of at most `max` body bytes.
-pub async fn write_frame<T: Serialize>(
-    send: &mut SendStream,
-    msg: &T,
-    max: usize,
-) -> Result<(), FrameError> {
+pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T, max: usize) -> Result<(), FrameError> {
     let bytes = frame::encode_to_vec(msg, max)?;
     send.write_all(&bytes).await?;
     Ok(())

@@ -82,9 +82,9 @@ impl From<ReadError> for SpliceError {
         match err {
             ReadError::Reset(code) => Self::Reset(code),
             ReadError::ConnectionLost(e) => Self::Connection(e),
-            ReadError::ClosedStream
-            | ReadError::IllegalOrderedRead
-            | ReadError::ZeroRttRejected => Self::Closed,
+            ReadError::ClosedStream | ReadError::IllegalOrderedRead | ReadError::ZeroRttRejected => {
+                Self::Closed
+            }
         }
     }
 }
@@ -151,11 +151,7 @@ async fn tcp_to_stream(tcp: &TcpStream, send: &mut SendStream) -> Result<u64, Sp
     }
 }
 
-async fn stream_to_tcp(
-    tcp: &TcpStream,
-    recv: &mut RecvStream,
-    side: Side,
-) -> Result<u64, SpliceError> {
+async fn stream_to_tcp(tcp: &TcpStream, recv: &mut RecvStream, side: Side) -> Result<u64, SpliceError> {
     if side == Side::Relay {
         read_answer(recv).await?;
     }

@@ -17,10 +17,7 @@ pub enum TlsError {
     #[error("no PEM certificate found in {what}")]
     NoCertificate { what: &'static str },
     #[error("cannot parse PEM in {what}: {source}")]
-    Pem {
-        what: &'static str,
-        source: rustls::pki_types::pem::Error,
-    },
+    Pem { what: &'static str, source: rustls::pki_types::pem::Error },
     #[error("CA certificate rejected: {0}")]
     Ca(rustls::Error),
     #[error("certificate or key rejected: {0}")]
@@ -41,10 +38,7 @@ pub struct Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity")
-            .field("chain", &self.chain.len())
-            .field("key", &"<redacted>")
-            .finish()
+        f.debug_struct("Identity").field("chain", &self.chain.len()).field("key", &"<redacted>").finish()
     }
 }
 
@@ -52,19 +46,14 @@ impl Identity {
     /// Parses a PEM certificate chain and a PEM private key.
     pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
         let chain = certs_from_pem(cert_pem, "certificate file")?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::Pem {
-            what: "key file",
-            source,
-        })?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|source| TlsError::Pem { what: "key file", source })?;
         Ok(Self { chain, key })
     }
 }
 
 /// Parses every certificate in a PEM document; at least one must be there.
-pub fn certs_from_pem(
-    pem: &[u8],
-    what: &'static str,
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn certs_from_pem(pem: &[u8], what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let chain = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Pem { what, source })?;
@@ -164,10 +153,7 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
         .map_err(|e| CertError::Parse(e.to_string()))?;
     let mut sans = Vec::new();
     let mut dns_name = None;
-    if let Some(ext) = cert
-        .subject_alternative_name()
-        .map_err(|e| CertError::Parse(e.to_string()))?
-    {
+    if let Some(ext) = cert.subject_alternative_name().map_err(|e| CertError::Parse(e.to_string()))? {
         for name in &ext.value.general_names {
             match name {
                 GeneralName::DNSName(dns) => {
@@ -177,9 +163,7 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
                 GeneralName::IPAddress(bytes) => {
                     let ip = match bytes.len() {
                         4 => <[u8; 4]>::try_from(*bytes).ok().map(std::net::IpAddr::from),
-                        16 => <[u8; 16]>::try_from(*bytes)
-                            .ok()
-                            .map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*bytes).ok().map(std::net::IpAddr::from),
                         _ => None,
                     };
                     if let Some(ip) = ip {
@@ -190,11 +174,7 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
             }
         }
     }
-    Ok(CertInfo {
-        dns_name,
-        sans,
-        not_after_unix: cert.validity().not_after.timestamp(),
-    })
+    Ok(CertInfo { dns_name, sans, not_after_unix: cert.validity().not_after.timestamp() })
 }
 
 /// Checks that `cert_der` carries a valid signature of the CA certificate `ca_der`.
@@ -206,6 +186,64 @@ pub fn verify_issued_by(cert_der: &[u8], ca_der: &[u8]) -> Result<(), CertError>
             .map_err(|e| CertError::Parse(e.to_string()))
     };
     let (cert, ca) = (parse(cert_der)?, parse(ca_der)?);
-    cert.verify_signature(Some(ca.public_key()))
-        .map_err(|_| CertError::NotIssuedBy)
+    cert.verify_signature(Some(ca.public_key())).map_err(|_| CertError::NotIssuedBy)
+}
+
+/// Where one side keeps its TLS material: the CA certificate, its own certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca_cert: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// A side's TLS material, read and checked: the certificate parses, matches the CA and names a
+/// peer. The key is checked against the certificate when a TLS configuration is built from it.
+#[derive(Debug)]
+pub struct LoadedTls {
+    pub roots: Arc<RootCertStore>,
+    pub identity: Identity,
+    pub leaf: CertInfo,
+    /// The private key as read (PEM), for deriving stable endpoint keys.
+    pub key_pem: Vec<u8>,
+}
+
+/// A TLS file that could not be used, named with what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {reason}", path.display())]
+pub struct TlsFileError {
+    pub path: std::path::PathBuf,
+    pub reason: String,
+}
+
+impl TlsFiles {
+    /// Reads the three files and checks that the certificate was issued by the CA.
+    pub fn load(&self) -> Result<LoadedTls, TlsFileError> {
+        let fail = |path: &std::path::Path, reason: String| TlsFileError { path: path.to_owned(), reason };
+        let read =
+            |path: &std::path::Path| std::fs::read(path).map_err(|e| fail(path, format!("cannot read: {e}")));
+        let ca_pem = read(&self.ca_cert)?;
+        let key_pem = read(&self.key)?;
+        let ca = certs_from_pem(&ca_pem, "CA file").map_err(|e| fail(&self.ca_cert, e.to_string()))?;
+        let roots = roots_from_pem(&ca_pem).map_err(|e| fail(&self.ca_cert, e.to_string()))?;
+        let identity =
+            Identity::from_pem(&read(&self.cert)?, &key_pem).map_err(|e| fail(&self.cert, e.to_string()))?;
+        // `Identity::from_pem` refuses an empty chain, so the leaf is there.
+        let leaf = identity.chain.first().ok_or_else(|| fail(&self.cert, "no certificate".into()))?;
+        verify_issued_by(leaf, &ca[0])
+            .map_err(|e| fail(&self.cert, format!("{e} (CA {})", self.ca_cert.display())))?;
+        let leaf = inspect(leaf).map_err(|e| fail(&self.cert, e.to_string()))?;
+        Ok(LoadedTls { roots, identity, leaf, key_pem })
+    }
+}
+
+impl CertInfo {
+    /// Whole days of validity left (negative once expired).
+    pub fn days_left(&self) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default();
+        (self.not_after_unix - now).div_euclid(86_400)
+    }
 }

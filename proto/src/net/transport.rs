@@ -41,7 +41,9 @@ impl std::str::FromStr for Congestion {
             "bbr" => Ok(Self::Bbr),
             "cubic" => Ok(Self::Cubic),
             "newreno" => Ok(Self::NewReno),
-            other => Err(format!("unknown congestion controller {other:?}: expected \"bbr\", \"cubic\" or \"newreno\"")),
+            other => Err(format!(
+                "unknown congestion controller {other:?}: expected \"bbr\", \"cubic\" or \"newreno\""
+            )),
         }
     }
 }
@@ -80,11 +82,7 @@ pub fn relay(idle_timeout: Duration, congestion: Congestion) -> Arc<TransportCon
 
 /// Transport settings of the agent's connection: the relay may open many data streams; the agent
 /// keeps the path alive well inside NAT and conntrack timeouts.
-pub fn agent(
-    keep_alive: Duration,
-    idle_timeout: Duration,
-    congestion: Congestion,
-) -> Arc<TransportConfig> {
+pub fn agent(keep_alive: Duration, idle_timeout: Duration, congestion: Congestion) -> Arc<TransportConfig> {
     let mut config = common(idle_timeout, congestion);
     config
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_DATA_STREAMS))
@@ -105,8 +103,7 @@ pub fn endpoint_with_stable_reset(secret: &[u8]) -> EndpointConfig {
         digest::digest(&digest::SHA256, &material)
     };
     let reset = derive(b"sallyport stateless reset key v1");
-    let mut config =
-        EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+    let mut config = EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
     let mut cid_key = [0u8; 8];
     cid_key.copy_from_slice(&derive(b"sallyport connection id key v1").as_ref()[..8]);
     let cid_key = u64::from_le_bytes(cid_key);

@@ -65,22 +65,13 @@ async fn demo(once: bool) -> anyhow::Result<()> {
     let mut agents = relay.agents();
     let relay_task = tokio::spawn(relay.run(shutdown.clone()));
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        agents.wait_for(|a| a.contains_key("demo")),
-    )
-    .await
-    .context("the agent did not connect within 10 s")??;
+    tokio::time::timeout(Duration::from_secs(10), agents.wait_for(|a| a.contains_key("demo")))
+        .await
+        .context("the agent did not connect within 10 s")??;
 
     println!("Sallyport demo is running (files in {}):", d.display());
-    println!(
-        "  relay    QUIC on {quic}, config {}",
-        d.join("relay.toml").display()
-    );
-    println!(
-        "  agent    \"demo\", tunnel up, config {}",
-        agent_toml.display()
-    );
+    println!("  relay    QUIC on {quic}, config {}", d.join("relay.toml").display());
+    println!("  agent    \"demo\", tunnel up, config {}", agent_toml.display());
     println!("  service  \"hello\": relay listens on {public}, agent dials tcp://{target}");
     println!();
     println!("Reach the service through the tunnel:");
@@ -130,9 +121,7 @@ async fn sample_service() -> anyhow::Result<SocketAddr> {
 async fn fetch(addr: SocketAddr) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect(addr).await?;
     stream
-        .write_all(
-            format!("GET / HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
+        .write_all(format!("GET / HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes())
         .await?;
     let mut answer = String::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer)).await??;

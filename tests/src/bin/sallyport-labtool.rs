@@ -70,17 +70,7 @@ enum Tool {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Tool::Impair {
-            listen,
-            upstream,
-            delay,
-            jitter,
-            loss,
-            reorder,
-            duplicate,
-            rate,
-            seed,
-        } => {
+        Tool::Impair { listen, upstream, delay, jitter, loss, reorder, duplicate, rate, seed } => {
             let imp = Impairment {
                 delay,
                 jitter,
@@ -93,10 +83,7 @@ async fn main() -> anyhow::Result<()> {
             let socket = tokio::net::UdpSocket::bind(listen).await?;
             eprintln!("impair listening on {listen} -> {upstream}: {imp:?}");
             let stats = Arc::new(impair::Stats::default());
-            let down = Impairment {
-                seed: seed.wrapping_add(1),
-                ..imp.clone()
-            };
+            let down = Impairment { seed: seed.wrapping_add(1), ..imp.clone() };
             tokio::select! {
                 r = impair::run(socket, upstream, imp, down, stats.clone()) => r?,
                 () = sallyport_proto::net::shutdown_signal() => {}
@@ -111,14 +98,9 @@ async fn main() -> anyhow::Result<()> {
                 tokio::spawn(transfer::serve(stream));
             }
         }
-        Tool::Transfers {
-            to,
-            count,
-            max,
-            min,
-            seed,
-            timeout,
-        } => transfers(to, count, min, max, seed, timeout).await,
+        Tool::Transfers { to, count, max, min, seed, timeout } => {
+            transfers(to, count, min, max, seed, timeout).await
+        }
     }
     Ok(())
 }
@@ -143,25 +125,17 @@ async fn transfers(to: SocketAddr, count: u64, min: u64, max: u64, seed: u64, ti
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..count {
-        let (up, down) = (
-            size(&mut rng, i, min, max),
-            size(&mut rng, (i + 1) % count.max(2), min, max),
-        );
+        let (up, down) = (size(&mut rng, i, min, max), size(&mut rng, (i + 1) % count.max(2), min, max));
         let progress = progress.clone();
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
-            let result = match tokio::time::timeout(
-                timeout,
-                transfer::run_counted(to, up, down, seed ^ i, &progress),
-            )
-            .await
-            {
-                Ok(result) => result,
-                Err(_) => Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "transfer timed out",
-                )),
-            };
+            let result =
+                match tokio::time::timeout(timeout, transfer::run_counted(to, up, down, seed ^ i, &progress))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "transfer timed out")),
+                };
             (i, up, down, Outcome::of(&result), t0.elapsed())
         }));
     }

@@ -55,37 +55,22 @@ impl Netns {
 
     /// Runs `program args` in this namespace and returns its output, whatever the exit status.
     pub fn output(&self, program: &str, args: &[&str]) -> Output {
-        self.command(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{program}: {e}"))
+        self.command(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"))
     }
 
     /// Runs `program args` in this namespace and panics with its output unless it succeeds.
     pub fn run(&self, program: &str, args: &[&str]) -> String {
         let out = self.output(program, args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success(),
-            "[{}] {program} {}: {text}",
-            self.name,
-            args.join(" ")
-        );
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "[{}] {program} {}: {text}", self.name, args.join(" "));
         text
     }
 }
 
 /// Why a lab cannot be built on this machine.
 fn missing_prerequisite() -> Option<String> {
-    if !Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
-    {
+    if !Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n")) {
         return Some("the network lab needs root (network namespaces, iptables)".into());
     }
     for tool in ["ip", "iptables", "conntrack"] {
@@ -94,9 +79,7 @@ fn missing_prerequisite() -> Option<String> {
             .output()
             .is_ok_and(|o| o.status.success())
         {
-            return Some(format!(
-                "the network lab needs `{tool}` (scripts/install-deps.sh installs it)"
-            ));
+            return Some(format!("the network lab needs `{tool}` (scripts/install-deps.sh installs it)"));
         }
     }
     None
@@ -139,14 +122,8 @@ impl Lab {
             return Err(reason);
         }
         remove_stale_labs();
-        let id = format!(
-            "{PREFIX}{}x{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let ns = |role: &str| Netns {
-            name: format!("{id}{role}"),
-        };
+        let id = format!("{PREFIX}{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let ns = |role: &str| Netns { name: format!("{id}{role}") };
         let lab = Self {
             home: ns("h"),
             router: ns("r"),
@@ -159,61 +136,23 @@ impl Lab {
             n.run("ip", &["link", "set", "lo", "up"]);
         }
         let (h, r, w) = (&lab.home.name, &lab.router.name, &lab.win.name);
-        sh(&format!(
-            "ip link add eth0 netns {h} type veth peer name home0 netns {r}"
-        ));
-        sh(&format!(
-            "ip link add eth0 netns {w} type veth peer name win0 netns {r}"
-        ));
-        lab.home.run(
-            "ip",
-            &["addr", "add", &format!("{RELAY_IP}/24"), "dev", "eth0"],
-        );
+        sh(&format!("ip link add eth0 netns {h} type veth peer name home0 netns {r}"));
+        sh(&format!("ip link add eth0 netns {w} type veth peer name win0 netns {r}"));
+        lab.home.run("ip", &["addr", "add", &format!("{RELAY_IP}/24"), "dev", "eth0"]);
         for extra in [PROXY_IP, RELAY2_IP, CLIENT_IP] {
-            lab.home.run(
-                "ip",
-                &["addr", "add", &format!("{extra}/24"), "dev", "eth0"],
-            );
+            lab.home.run("ip", &["addr", "add", &format!("{extra}/24"), "dev", "eth0"]);
         }
         lab.home.run("ip", &["link", "set", "eth0", "up"]);
         // The homelab knows the way to the windows network: only the router's policy keeps it out.
-        lab.home.run(
-            "ip",
-            &[
-                "route",
-                "add",
-                "172.28.0.0/24",
-                "via",
-                &ROUTER_HOME_IP.to_string(),
-            ],
-        );
-        lab.win.run(
-            "ip",
-            &["addr", "add", &format!("{WIN_IP}/24"), "dev", "eth0"],
-        );
+        lab.home.run("ip", &["route", "add", "172.28.0.0/24", "via", &ROUTER_HOME_IP.to_string()]);
+        lab.win.run("ip", &["addr", "add", &format!("{WIN_IP}/24"), "dev", "eth0"]);
         lab.win.run("ip", &["link", "set", "eth0", "up"]);
-        lab.win.run(
-            "ip",
-            &["route", "add", "default", "via", &ROUTER_WIN_IP.to_string()],
-        );
-        lab.router.run(
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("{ROUTER_HOME_IP}/24"),
-                "dev",
-                "home0",
-            ],
-        );
-        lab.router.run(
-            "ip",
-            &["addr", "add", &format!("{ROUTER_WIN_IP}/24"), "dev", "win0"],
-        );
+        lab.win.run("ip", &["route", "add", "default", "via", &ROUTER_WIN_IP.to_string()]);
+        lab.router.run("ip", &["addr", "add", &format!("{ROUTER_HOME_IP}/24"), "dev", "home0"]);
+        lab.router.run("ip", &["addr", "add", &format!("{ROUTER_WIN_IP}/24"), "dev", "win0"]);
         lab.router.run("ip", &["link", "set", "home0", "up"]);
         lab.router.run("ip", &["link", "set", "win0", "up"]);
-        lab.router
-            .run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]);
+        lab.router.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]);
         for rule in [
             "-t nat -A POSTROUTING -o home0 -j MASQUERADE",
             "-P FORWARD DROP",
@@ -268,42 +207,28 @@ impl Lab {
     /// itself and cannot be reached from the homelab. Panics otherwise.
     pub fn assert_homelab_cannot_reach_windows(&mut self) {
         let port = "47001";
-        let listener = self.spawn_program(
-            Role::Win,
-            "python3",
-            &["-c", LISTENER, &WIN_IP.to_string(), port],
-        );
-        self.process(listener)
-            .wait_line("listening", Duration::from_secs(10));
-        let probe = |ns: &Netns| {
-            ns.output("python3", &["-c", PROBE, &WIN_IP.to_string(), port])
-                .status
-                .success()
-        };
+        let listener = self.spawn_program(Role::Win, "python3", &["-c", LISTENER, &WIN_IP.to_string(), port]);
+        self.process(listener).wait_line("listening", Duration::from_secs(10));
+        let probe =
+            |ns: &Netns| ns.output("python3", &["-c", PROBE, &WIN_IP.to_string(), port]).status.success();
         assert!(probe(&self.win), "the probe listener does not work at all");
-        assert!(
-            !probe(&self.home),
-            "the homelab reached a listener behind the NAT directly"
-        );
+        assert!(!probe(&self.home), "the homelab reached a listener behind the NAT directly");
         self.process(listener).kill();
     }
 
     /// Drops every packet crossing the router (both ways) until [`Lab::heal`].
     pub fn cut(&self) {
-        self.router
-            .run("iptables", &["-I", "FORWARD", "1", "-j", "DROP"]);
+        self.router.run("iptables", &["-I", "FORWARD", "1", "-j", "DROP"]);
     }
 
     pub fn heal(&self) {
-        self.router
-            .run("iptables", &["-D", "FORWARD", "-j", "DROP"]);
+        self.router.run("iptables", &["-D", "FORWARD", "-j", "DROP"]);
     }
 
     /// Changes the NAT mapping of every flow: new source ports from a different range, and the
     /// conntrack table flushed so existing flows get remapped on their next packet.
     pub fn remap_nat(&self) {
-        self.router
-            .run("iptables", &["-t", "nat", "-F", "POSTROUTING"]);
+        self.router.run("iptables", &["-t", "nat", "-F", "POSTROUTING"]);
         self.router.run(
             "iptables",
             &[
@@ -321,19 +246,7 @@ impl Lab {
                 "40000-40999",
             ],
         );
-        self.router.run(
-            "iptables",
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-o",
-                "home0",
-                "-j",
-                "MASQUERADE",
-            ],
-        );
+        self.router.run("iptables", &["-t", "nat", "-A", "POSTROUTING", "-o", "home0", "-j", "MASQUERADE"]);
         let _ = self.router.output("conntrack", &["-F"]);
     }
 
@@ -377,15 +290,8 @@ impl Drop for Lab {
 }
 
 fn sh(command: &str) {
-    let out = Command::new("sh")
-        .args(["-c", command])
-        .output()
-        .expect("sh");
-    assert!(
-        out.status.success(),
-        "{command}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("sh").args(["-c", command]).output().expect("sh");
+    assert!(out.status.success(), "{command}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Deletes lab namespaces whose creating process is gone.

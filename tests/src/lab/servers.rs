@@ -21,11 +21,7 @@ impl Lab {
             .arg(&data)
             .output()
             .expect("initdb");
-        assert!(
-            init.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
+        assert!(init.status.success(), "initdb: {}", String::from_utf8_lossy(&init.stderr));
         // Clients arrive from the agent's address (the Windows host), not from loopback.
         let hba = data.join("pg_hba.conf");
         let mut rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
@@ -55,8 +51,7 @@ impl Lab {
                 "fsync=off",
             ],
         );
-        self.process(index)
-            .wait_line("ready to accept connections", WAIT);
+        self.process(index).wait_line("ready to accept connections", WAIT);
         index
     }
 
@@ -66,44 +61,19 @@ impl Lab {
         let index = self.spawn_program(
             Role::Win,
             "redis-server",
-            &[
-                "--bind",
-                &ip,
-                "--port",
-                &port,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ],
+            &["--bind", &ip, "--port", &port, "--save", "", "--appendonly", "no", "--protected-mode", "no"],
         );
-        self.process(index)
-            .wait_line("Ready to accept connections", WAIT);
+        self.process(index).wait_line("Ready to accept connections", WAIT);
         index
     }
 
     /// An HTTP server (Python's) on `WIN_IP:port` serving `dir`.
     pub fn start_http(&mut self, port: u16, dir: &Path) -> usize {
-        let (ip, port, dir) = (
-            WIN_IP.to_string(),
-            port.to_string(),
-            dir.display().to_string(),
-        );
+        let (ip, port, dir) = (WIN_IP.to_string(), port.to_string(), dir.display().to_string());
         let index = self.spawn_program(
             Role::Win,
             "python3",
-            &[
-                "-u",
-                "-m",
-                "http.server",
-                &port,
-                "--bind",
-                &ip,
-                "--directory",
-                &dir,
-            ],
+            &["-u", "-m", "http.server", &port, "--bind", &ip, "--directory", &dir],
         );
         self.process(index).wait_line("Serving HTTP", WAIT);
         index
@@ -112,11 +82,7 @@ impl Lab {
     /// An iperf3 server on `WIN_IP:port`.
     pub fn start_iperf3(&mut self, port: u16) -> usize {
         let (ip, port) = (WIN_IP.to_string(), port.to_string());
-        let index = self.spawn_program(
-            Role::Win,
-            "iperf3",
-            &["-s", "-B", &ip, "-p", &port, "--forceflush"],
-        );
+        let index = self.spawn_program(Role::Win, "iperf3", &["-s", "-B", &ip, "-p", &port, "--forceflush"]);
         self.process(index).wait_line("Server listening", WAIT);
         index
     }
@@ -130,10 +96,7 @@ fn postgres_bin_dir() -> String {
         .filter(|p| p.join("postgres").exists())
         .collect();
     dirs.sort();
-    dirs.pop()
-        .expect("a PostgreSQL server binary")
-        .display()
-        .to_string()
+    dirs.pop().expect("a PostgreSQL server binary").display().to_string()
 }
 
 /// Lets the `postgres` user walk into the lab directory.
@@ -143,10 +106,6 @@ fn open_to_others(dir: &Path) {
 }
 
 fn chown_postgres(dir: &Path) {
-    let status = Command::new("chown")
-        .args(["-R", "postgres:postgres"])
-        .arg(dir)
-        .status()
-        .expect("chown");
+    let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir).status().expect("chown");
     assert!(status.success());
 }

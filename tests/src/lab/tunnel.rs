@@ -27,10 +27,7 @@ pub struct TunnelSpec {
 impl TunnelSpec {
     pub fn new(services: &[(&str, u16, u16)]) -> Self {
         Self {
-            services: services
-                .iter()
-                .map(|(n, p, t)| ((*n).to_owned(), *p, *t))
-                .collect(),
+            services: services.iter().map(|(n, p, t)| ((*n).to_owned(), *p, *t)).collect(),
             impairment: None,
             relay_extra: String::new(),
             agent_extra: String::new(),
@@ -84,11 +81,8 @@ impl Lab {
     /// until the agent's tunnels are up.
     pub fn start_tunnel(&mut self, spec: &TunnelSpec) -> LabTunnel {
         let pki = TestPki::with_names(&["relay.lab", &RELAY_IP.to_string()]);
-        let relay_ips: &[std::net::Ipv4Addr] = if spec.two_relays {
-            &[RELAY_IP, RELAY2_IP]
-        } else {
-            &[RELAY_IP]
-        };
+        let relay_ips: &[std::net::Ipv4Addr] =
+            if spec.two_relays { &[RELAY_IP, RELAY2_IP] } else { &[RELAY_IP] };
         let bundle = pki.agent_bundle("winbox");
         let mut dials = Vec::new();
         let mut relay_tomls = Vec::new();
@@ -111,11 +105,7 @@ impl Lab {
             let path = self.dir().join(format!("relay{i}.toml"));
             std::fs::write(&path, relay).expect("write relay.toml");
             relay_tomls.push(path.display().to_string());
-            let dial = if i == 0 && spec.impairment.is_some() {
-                PROXY_IP
-            } else {
-                *ip
-            };
+            let dial = if i == 0 && spec.impairment.is_some() { PROXY_IP } else { *ip };
             dials.push(format!("\"{}\"", addr(dial, QUIC_PORT)));
         }
         let mut agent = format!(
@@ -127,10 +117,7 @@ impl Lab {
             spec.agent_extra
         );
         for (name, _, target) in &spec.services {
-            agent.push_str(&format!(
-                "[services.{name}]\ntarget = \"tcp://{}\"\n",
-                addr(WIN_IP, *target)
-            ));
+            agent.push_str(&format!("[services.{name}]\ntarget = \"tcp://{}\"\n", addr(WIN_IP, *target)));
         }
         let agent_toml = self.dir().join("agent.toml");
         std::fs::write(&agent_toml, agent).expect("write agent.toml");
@@ -165,22 +152,15 @@ impl Lab {
 
     /// Starts (or restarts) relay `i` of `tunnel` and waits until it is ready.
     pub fn start_relay(&mut self, tunnel: &LabTunnel, i: usize) -> usize {
-        let index = self.spawn_binary(
-            Role::Home,
-            "sallyport-relay",
-            &["serve", "--config", &tunnel.relay_tomls[i]],
-        );
+        let index =
+            self.spawn_binary(Role::Home, "sallyport-relay", &["serve", "--config", &tunnel.relay_tomls[i]]);
         self.process(index).wait_line("relay ready", WAIT);
         index
     }
 
     /// Starts (or restarts) the agent of `tunnel` and waits until its (first) tunnel is up.
     pub fn start_agent(&mut self, tunnel: &LabTunnel) -> usize {
-        let index = self.spawn_binary(
-            Role::Win,
-            "sallyport-agent",
-            &["run", "--config", &tunnel.agent_toml],
-        );
+        let index = self.spawn_binary(Role::Win, "sallyport-agent", &["run", "--config", &tunnel.agent_toml]);
         self.process(index).wait_line("tunnel up", WAIT);
         index
     }
@@ -188,23 +168,14 @@ impl Lab {
     /// Starts the transfer server on the windows side at `port`.
     pub fn start_transfer_server(&mut self, port: u16) -> usize {
         let listen = addr(WIN_IP, port).to_string();
-        let index = self.spawn_binary(
-            Role::Win,
-            "sallyport-labtool",
-            &["transfer-server", "--listen", &listen],
-        );
-        self.process(index)
-            .wait_line("transfer server listening", WAIT);
+        let index =
+            self.spawn_binary(Role::Win, "sallyport-labtool", &["transfer-server", "--listen", &listen]);
+        self.process(index).wait_line("transfer server listening", WAIT);
         index
     }
 
     /// Runs a batch of transfers from the homelab to `relay_ip:port` and returns its report.
-    pub fn transfers_to(
-        &mut self,
-        relay_ip: std::net::Ipv4Addr,
-        port: u16,
-        args: &[&str],
-    ) -> TransferReport {
+    pub fn transfers_to(&mut self, relay_ip: std::net::Ipv4Addr, port: u16, args: &[&str]) -> TransferReport {
         let index = self.spawn_transfers(relay_ip, port, args);
         self.finish_transfers(index, Duration::from_secs(900))
     }
@@ -215,12 +186,7 @@ impl Lab {
     }
 
     /// Starts a batch of transfers in the background; see [`Lab::finish_transfers`].
-    pub fn spawn_transfers(
-        &mut self,
-        relay_ip: std::net::Ipv4Addr,
-        port: u16,
-        args: &[&str],
-    ) -> usize {
+    pub fn spawn_transfers(&mut self, relay_ip: std::net::Ipv4Addr, port: u16, args: &[&str]) -> usize {
         let to = addr(relay_ip, port).to_string();
         let mut all = vec!["transfers", "--to", &to];
         all.extend_from_slice(args);
@@ -244,16 +210,9 @@ pub struct TransferReport {
 
 impl TransferReport {
     pub fn parse(stdout: &str) -> Self {
-        let lines: Vec<String> = stdout
-            .lines()
-            .filter(|l| l.starts_with("transfer "))
-            .map(str::to_owned)
-            .collect();
-        let summary = stdout
-            .lines()
-            .find(|l| l.starts_with("transfers:"))
-            .unwrap_or_default()
-            .to_owned();
+        let lines: Vec<String> =
+            stdout.lines().filter(|l| l.starts_with("transfer ")).map(str::to_owned).collect();
+        let summary = stdout.lines().find(|l| l.starts_with("transfers:")).unwrap_or_default().to_owned();
         Self { lines, summary }
     }
 
@@ -268,9 +227,7 @@ impl TransferReport {
         self.lines
             .iter()
             .filter(|l| {
-                ["result=short-eof", "result=mismatch", "result=timeout"]
-                    .iter()
-                    .any(|w| l.contains(w))
+                ["result=short-eof", "result=mismatch", "result=timeout"].iter().any(|w| l.contains(w))
             })
             .collect()
     }
