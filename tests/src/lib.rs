@@ -1,6 +1,7 @@
 //! Test support for Sallyport's end-to-end tests: a throwaway PKI, relay and agent running in this
 //! process, target servers, and a transfer client that checks every byte by length and SHA-256.
 
+pub mod bench;
 pub mod impair;
 pub mod lab;
 pub mod pki;

@@ -44,6 +44,20 @@ enum Tool {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// TCP proxy from --listen to --upstream delaying each direction by --delay.
+    TcpDelay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        upstream: SocketAddr,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        delay: Duration,
+    },
+    /// Greets every connection with one byte, then holds it open until EOF.
+    Greeter {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// The transfer protocol's server on --listen.
     TransferServer {
         #[arg(long)]
@@ -89,6 +103,20 @@ async fn main() -> anyhow::Result<()> {
                 () = sallyport_proto::net::shutdown_signal() => {}
             }
             eprintln!("impair stats: {}", stats.summary());
+        }
+        Tool::TcpDelay { listen, upstream, delay } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            eprintln!("tcp-delay listening on {listen} -> {upstream}, {delay:?} each way");
+            impair::tcp_delay(listener, upstream, delay).await?;
+        }
+        Tool::Greeter { listen } => {
+            // A deep accept queue: a burst of thousands of connects must not overflow it.
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.set_reuseaddr(true)?;
+            socket.bind(listen)?;
+            let listener = socket.listen(4096)?;
+            eprintln!("greeter listening on {listen}");
+            sallyport_tests::bench::workloads::serve_greetings(listener).await;
         }
         Tool::TransferServer { listen } => {
             let listener = tokio::net::TcpListener::bind(listen).await?;
