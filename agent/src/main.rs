@@ -5,6 +5,10 @@ use sallyport_agent::{Agent, Config};
 use sallyport_proto::net::cli;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc returns memory freed after a bulk transfer to the system (glibc's allocator keeps it).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sallyport agent: an outbound QUIC tunnel that lets the relay reach this machine's services.
 #[derive(Parser)]
 #[command(version, about)]
@@ -58,7 +62,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn serve(agent: Agent) {
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();

@@ -6,6 +6,10 @@ use sallyport_proto::net::cli;
 use sallyport_relay::{check, pki, Config};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc returns memory freed after a bulk transfer to the system (glibc's allocator keeps it).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sallyport relay: exposes services of agents behind NAT to the homelab.
 #[derive(Parser)]
 #[command(version, about)]
@@ -107,7 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let relay = sallyport_relay::Relay::bind(config).await?;

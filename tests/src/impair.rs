@@ -264,6 +264,73 @@ async fn from_upstream(
     }
 }
 
+/// A TCP proxy from `listener` to `upstream` that delays every chunk by `delay` in each direction,
+/// keeping order: a path with a round trip of twice `delay` for TCP-based tunnels. A new connection
+/// costs what it costs on such a path: the far side accepts it after 1.5 round trips, and bytes the
+/// client sends early arrive no sooner. Runs until the listener fails.
+pub async fn tcp_delay(
+    listener: tokio::net::TcpListener,
+    upstream: SocketAddr,
+    delay: Duration,
+) -> std::io::Result<()> {
+    loop {
+        let (client, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let established = Instant::now() + delay * 3;
+            let _ = client.set_nodelay(true);
+            let (client_read, client_write) = client.into_split();
+            let (tx, rx) = mpsc::channel(1024);
+            let forward = async move {
+                tokio::time::sleep_until(established).await;
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let _ = server.set_nodelay(true);
+                let (server_read, server_write) = server.into_split();
+                let (back_tx, back_rx) = mpsc::channel(1024);
+                tokio::join!(
+                    write_chunks(rx, server_write),
+                    read_chunks(server_read, back_tx, delay, Instant::now()),
+                    write_chunks(back_rx, client_write),
+                );
+            };
+            tokio::join!(read_chunks(client_read, tx, delay, established), forward);
+        });
+    }
+}
+
+type Chunk = (Instant, Option<Vec<u8>>);
+
+/// Reads chunks and queues each with its arrival time: `delay` later, and not before `not_before`.
+async fn read_chunks(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    tx: mpsc::Sender<Chunk>,
+    delay: Duration,
+    not_before: Instant,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await.unwrap_or(0);
+        let chunk = (n > 0).then(|| buf[..n].to_vec());
+        let at = (Instant::now() + delay).max(not_before);
+        if tx.send((at, chunk)).await.is_err() || n == 0 {
+            break;
+        }
+    }
+}
+
+/// Writes queued chunks at their arrival times; an end-of-stream marker becomes a FIN.
+async fn write_chunks(mut rx: mpsc::Receiver<Chunk>, mut to: tokio::net::tcp::OwnedWriteHalf) {
+    use tokio::io::AsyncWriteExt;
+    while let Some((at, chunk)) = rx.recv().await {
+        tokio::time::sleep_until(at).await;
+        match chunk {
+            Some(bytes) if to.write_all(&bytes).await.is_ok() => {}
+            _ => break,
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,71 +432,4 @@ mod tests {
             assert!(rtt >= Duration::from_millis(30) && rtt < Duration::from_millis(200), "rtt {rtt:?}");
         }
     }
-}
-
-/// A TCP proxy from `listener` to `upstream` that delays every chunk by `delay` in each direction,
-/// keeping order: a path with a round trip of twice `delay` for TCP-based tunnels. A new connection
-/// costs what it costs on such a path: the far side accepts it after 1.5 round trips, and bytes the
-/// client sends early arrive no sooner. Runs until the listener fails.
-pub async fn tcp_delay(
-    listener: tokio::net::TcpListener,
-    upstream: SocketAddr,
-    delay: Duration,
-) -> std::io::Result<()> {
-    loop {
-        let (client, _) = listener.accept().await?;
-        tokio::spawn(async move {
-            let established = Instant::now() + delay * 3;
-            let _ = client.set_nodelay(true);
-            let (client_read, client_write) = client.into_split();
-            let (tx, rx) = mpsc::channel(1024);
-            let forward = async move {
-                tokio::time::sleep_until(established).await;
-                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
-                let _ = server.set_nodelay(true);
-                let (server_read, server_write) = server.into_split();
-                let (back_tx, back_rx) = mpsc::channel(1024);
-                tokio::join!(
-                    write_chunks(rx, server_write),
-                    read_chunks(server_read, back_tx, delay, Instant::now()),
-                    write_chunks(back_rx, client_write),
-                );
-            };
-            tokio::join!(read_chunks(client_read, tx, delay, established), forward);
-        });
-    }
-}
-
-type Chunk = (Instant, Option<Vec<u8>>);
-
-/// Reads chunks and queues each with its arrival time: `delay` later, and not before `not_before`.
-async fn read_chunks(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    tx: mpsc::Sender<Chunk>,
-    delay: Duration,
-    not_before: Instant,
-) {
-    use tokio::io::AsyncReadExt;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = from.read(&mut buf).await.unwrap_or(0);
-        let chunk = (n > 0).then(|| buf[..n].to_vec());
-        let at = (Instant::now() + delay).max(not_before);
-        if tx.send((at, chunk)).await.is_err() || n == 0 {
-            break;
-        }
-    }
-}
-
-/// Writes queued chunks at their arrival times; an end-of-stream marker becomes a FIN.
-async fn write_chunks(mut rx: mpsc::Receiver<Chunk>, mut to: tokio::net::tcp::OwnedWriteHalf) {
-    use tokio::io::AsyncWriteExt;
-    while let Some((at, chunk)) = rx.recv().await {
-        tokio::time::sleep_until(at).await;
-        match chunk {
-            Some(bytes) if to.write_all(&bytes).await.is_ok() => {}
-            _ => break,
-        }
-    }
-    let _ = to.shutdown().await;
 }

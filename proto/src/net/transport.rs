@@ -9,10 +9,10 @@ use quinn::{EndpointConfig, TransportConfig, VarInt};
 pub const STREAM_RECEIVE_WINDOW: u32 = 4 * 1024 * 1024;
 
 /// Receive window of a whole connection (quinn's default is unlimited).
-pub const CONNECTION_RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// Bytes a connection may have in flight unacknowledged.
-pub const SEND_WINDOW: u64 = 32 * 1024 * 1024;
+pub const SEND_WINDOW: u64 = 8 * 1024 * 1024;
 
 /// How many data streams the relay may have open toward one agent at once.
 pub const MAX_DATA_STREAMS: u32 = 16 * 1024;

@@ -25,6 +25,12 @@ struct Cli {
     out: PathBuf,
     #[arg(long, default_value = "bench/results.json")]
     json: PathBuf,
+    /// Run only these workloads (bulk, http, ttfb, idle, cps); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Run only these systems (direct, sallyport, rathole, bore); all by default.
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
 }
 
 /// One-way delay of the path between the tunnel halves in the time-to-first-byte workload.
@@ -70,15 +76,20 @@ async fn main() -> anyhow::Result<()> {
     let mut r = Results::default();
 
     for round in 0..rounds {
-        let mut order = Kind::ALL.to_vec();
-        order.rotate_left(round % Kind::ALL.len());
+        let mut order: Vec<Kind> = Kind::ALL
+            .into_iter()
+            .filter(|k| cli.systems.is_empty() || cli.systems.iter().any(|s| s == k.name()))
+            .collect();
+        let len = order.len().max(1);
+        order.rotate_left(round % len);
         println!(
             "round {} of {rounds}, order {:?}",
             round + 1,
             order.iter().map(|k| k.name()).collect::<Vec<_>>()
         );
 
-        for streams in [1u32, 4] {
+        let run = |w: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == w);
+        for streams in [1u32, 4].into_iter().filter(|_| run("bulk")) {
             let (tput, cpu) = (
                 format!("bulk, {streams} connection(s), Gbit/s"),
                 format!("bulk, {streams} connection(s), tunnel CPU s per Gbit"),
@@ -105,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
 
-        for connections in [50u32, 1] {
+        for connections in [50u32, 1].into_iter().filter(|_| run("http")) {
             let rps = format!("HTTP wrk -c{connections}, requests/s");
             let p50 = format!("HTTP wrk -c{connections}, p50 ms");
             let p99 = format!("HTTP wrk -c{connections}, p99 ms");
@@ -126,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
         }
 
         let ttfb_count = if cli.quick { 16 } else { 64 };
-        for (burst, pct) in [(1usize, 50.0), (16, 90.0), (64, 90.0)] {
+        for (burst, pct) in [(1usize, 50.0), (16, 90.0), (64, 90.0)].into_iter().filter(|_| run("ttfb")) {
             let name = if burst == 1 {
                 "time to first byte, sequential, p50, in RTTs (20 ms path)".to_owned()
             } else {
@@ -146,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
 
-        for &n in idle_sizes {
+        for &n in idle_sizes.iter().filter(|_| run("idle")) {
             let open = format!("{n} idle connections: seconds to open");
             let (ks, kc) = (
                 format!("{n} idle connections: KiB per connection, server half"),
@@ -184,6 +195,9 @@ async fn main() -> anyhow::Result<()> {
         }
 
         let name = "short connections per second (8 in parallel)";
+        if !run("cps") {
+            continue;
+        }
         r.metric(name, &format!("connect, read first byte, close; 8 loops for {secs} s"), true);
         for &kind in &order {
             let tunnel = systems::start(kind, greeter, None, &tools)?;
