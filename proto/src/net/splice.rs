@@ -5,8 +5,8 @@
 //! - A TCP error becomes a stream reset (and STOP_SENDING); a stream reset, a lost connection or a
 //!   refusal becomes a TCP RST (`SO_LINGER` 0), never a clean close after a short transfer.
 //!
-//! Both directions run in the caller's task: no task is spawned per connection, and no buffer is
-//! allocated until the TCP side has bytes to read.
+//! Both directions run in the caller's task: no task is spawned per connection, and a connection
+//! holds no buffer of its own between reads.
 
 use std::io;
 
@@ -17,8 +17,9 @@ use tokio::net::TcpStream;
 use super::code;
 use crate::{codes, stream::InvalidAnswer, Answer};
 
-/// Bytes read from TCP in one go, at most.
-const READ_CHUNK: usize = 32 * 1024;
+/// Bytes read from TCP in one go: the first read and after small ones, and the most.
+const MIN_READ: usize = 4 * 1024;
+const MAX_READ: usize = 64 * 1024;
 
 /// Which end of the tunnel is splicing: the relay's stream starts with the agent's answer byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,13 +130,12 @@ pub fn reset_on_close(tcp: &TcpStream) {
 }
 
 async fn tcp_to_stream(tcp: &TcpStream, send: &mut SendStream) -> Result<u64, SpliceError> {
-    let mut buf = BytesMut::new();
+    let mut want = MIN_READ;
     let mut total = 0u64;
     loop {
         tcp.readable().await.map_err(SpliceError::Tcp)?;
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
+        // A fresh buffer per read, handed to quinn whole: an idle connection holds no buffer.
+        let mut buf = BytesMut::with_capacity(want);
         match tcp.try_read_buf(&mut buf) {
             Ok(0) => {
                 send.finish().map_err(|_| SpliceError::Closed)?;
@@ -143,11 +143,24 @@ async fn tcp_to_stream(tcp: &TcpStream, send: &mut SendStream) -> Result<u64, Sp
             }
             Ok(n) => {
                 total += n as u64;
-                send.write_chunk(buf.split().freeze()).await?;
+                want = next_read_size(want, n);
+                send.write_chunk(buf.freeze()).await?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(SpliceError::Tcp(e)),
         }
+    }
+}
+
+/// Grows the read size while reads fill it (bulk), shrinks it when they come back small
+/// (interactive), between [`MIN_READ`] and [`MAX_READ`].
+fn next_read_size(want: usize, got: usize) -> usize {
+    if got == want {
+        (want * 2).min(MAX_READ)
+    } else if got < want / 4 {
+        (want / 2).max(MIN_READ)
+    } else {
+        want
     }
 }
 
@@ -194,4 +207,23 @@ async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> Result<(), SpliceError> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_size_adapts_between_bounds() {
+        let mut want = MIN_READ;
+        for _ in 0..10 {
+            want = next_read_size(want, want);
+        }
+        assert_eq!(want, MAX_READ, "full reads grow to the maximum");
+        for _ in 0..10 {
+            want = next_read_size(want, 1);
+        }
+        assert_eq!(want, MIN_READ, "small reads shrink to the minimum");
+        assert_eq!(next_read_size(16 * 1024, 8 * 1024), 16 * 1024, "half-full reads keep the size");
+    }
 }
