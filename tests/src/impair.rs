@@ -218,18 +218,26 @@ pub async fn run(
             }
         };
         let departures = up_shaper.schedule(Instant::now(), n);
-        if departures.is_empty() {
-            stats.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        for at in departures {
-            let item = Item {
-                at,
-                seq: seq.fetch_add(1, Ordering::Relaxed),
-                data: buf[..n].to_vec(),
-                sink: Sink::Up(socket.clone()),
-            };
-            let _ = up_tx.send(item);
-        }
+        enqueue(&up_tx, &seq, &stats, departures, &buf[..n], Sink::Up(socket.clone()));
+    }
+}
+
+/// Queues one copy of `data` per departure time on the delay line; none means dropped.
+fn enqueue(
+    tx: &mpsc::UnboundedSender<Item>,
+    seq: &AtomicU64,
+    stats: &Stats,
+    departures: Vec<Instant>,
+    data: &[u8],
+    sink: Sink,
+) {
+    if departures.is_empty() {
+        stats.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+    for at in departures {
+        let item =
+            Item { at, seq: seq.fetch_add(1, Ordering::Relaxed), data: data.to_vec(), sink: sink.clone() };
+        let _ = tx.send(item);
     }
 }
 
@@ -249,18 +257,7 @@ async fn from_upstream(
             Ok(mut shaper) => shaper.schedule(Instant::now(), n),
             Err(_) => return,
         };
-        if departures.is_empty() {
-            stats.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        for at in departures {
-            let item = Item {
-                at,
-                seq: seq.fetch_add(1, Ordering::Relaxed),
-                data: buf[..n].to_vec(),
-                sink: Sink::Down(listen.clone(), client),
-            };
-            let _ = tx.send(item);
-        }
+        enqueue(&tx, &seq, &stats, departures, &buf[..n], Sink::Down(listen.clone(), client));
     }
 }
 

@@ -12,7 +12,7 @@ use std::io;
 
 use sha2::{Digest, Sha256};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
 
@@ -47,6 +47,20 @@ pub fn expected_hash(seed: u64, len: u64) -> [u8; 32] {
     hash.finalize().into()
 }
 
+/// Writes `len` bytes generated from `seed`.
+async fn write_generated<W: AsyncWrite + Unpin>(writer: &mut W, seed: u64, len: u64) -> io::Result<()> {
+    let mut generator = Generator::new(seed);
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        generator.fill(&mut buf[..n]);
+        writer.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
 /// What a finished transfer measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Report {
@@ -74,15 +88,7 @@ pub async fn run_counted(
     let write = async move {
         writer.write_all(&down.to_be_bytes()).await?;
         writer.write_all(&seed.to_be_bytes()).await?;
-        let mut generator = Generator::new(up_seed);
-        let mut buf = vec![0u8; CHUNK];
-        let mut left = up;
-        while left > 0 {
-            let n = left.min(CHUNK as u64) as usize;
-            generator.fill(&mut buf[..n]);
-            writer.write_all(&buf[..n]).await?;
-            left -= n as u64;
-        }
+        write_generated(&mut writer, up_seed, up).await?;
         writer.shutdown().await?;
         Ok::<_, io::Error>(writer)
     };
@@ -190,18 +196,7 @@ pub async fn serve(stream: TcpStream) -> io::Result<()> {
     let (down, seed) = preamble.split_at(8);
     let down = u64::from_be_bytes(down.try_into().map_err(|_| mismatch("preamble"))?);
     let seed = u64::from_be_bytes(seed.try_into().map_err(|_| mismatch("preamble"))?);
-    let send = async {
-        let mut generator = Generator::new(seed);
-        let mut buf = vec![0u8; CHUNK];
-        let mut left = down;
-        while left > 0 {
-            let n = left.min(CHUNK as u64) as usize;
-            generator.fill(&mut buf[..n]);
-            writer.write_all(&buf[..n]).await?;
-            left -= n as u64;
-        }
-        Ok::<_, io::Error>(())
-    };
+    let send = write_generated(&mut writer, seed, down);
     let receive = async {
         let mut hash = Sha256::new();
         let mut buf = vec![0u8; CHUNK];
