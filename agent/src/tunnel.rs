@@ -8,10 +8,10 @@ use std::{
     time::Duration,
 };
 
-use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use sallyport_proto::{
     codes::close,
-    net::{code, read_frame, write_frame, FrameError},
+    net::{code, read_frame, transport::StreamCredit, write_frame, FrameError},
     AgentMessage, RelayMessage, Welcome, MAX_CONTROL_FRAME,
 };
 use tokio_util::sync::CancellationToken;
@@ -212,10 +212,23 @@ fn endpoint_for(addr: SocketAddr, slot: &mut Option<Endpoint>) -> Result<Endpoin
     Ok(endpoint)
 }
 
-/// Serves the data streams the relay opens until the connection ends.
+/// Serves the data streams the relay opens until the connection ends, raising the relay's stream
+/// limit as concurrency grows.
 async fn accept_streams(connection: &Connection, shared: &Arc<Shared>) {
+    let mut credit = StreamCredit::default();
+    // One clone per stream being served: its strong count, less this one, is the number open.
+    let open = Arc::new(());
     while let Ok((send, recv)) = connection.accept_bi().await {
-        shared.streams.spawn(dial::handle_stream(send, recv, shared.clone()));
+        if let Some(limit) = credit.raise_for(Arc::strong_count(&open) as u64) {
+            debug!(limit, "raising the data stream limit");
+            connection.set_max_concurrent_bi_streams(VarInt::from_u32(limit));
+        }
+        let served = open.clone();
+        let shared_ = shared.clone();
+        shared.streams.spawn(async move {
+            dial::handle_stream(send, recv, shared_).await;
+            drop(served);
+        });
     }
 }
 

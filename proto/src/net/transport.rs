@@ -14,8 +14,14 @@ pub const CONNECTION_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
 /// Bytes a connection may have in flight unacknowledged.
 pub const SEND_WINDOW: u64 = 8 * 1024 * 1024;
 
-/// How many data streams the relay may have open toward one agent at once.
+/// How many data streams the relay may have open toward one agent at once, at most.
 pub const MAX_DATA_STREAMS: u32 = 16 * 1024;
+
+/// How many data streams the relay may have open toward one agent at first; [`StreamCredit`]
+/// raises it with demand. Quinn keeps one receive state per stream the peer is allowed to open,
+/// recycled with the capacity its reassembly buffer reached (up to ~100 KiB after a bulk upload),
+/// so the agent's memory follows this limit rather than the connections actually open.
+pub const INITIAL_DATA_STREAMS: u32 = 256;
 
 /// How many bidirectional streams an agent may open toward the relay (the control stream).
 pub const MAX_AGENT_STREAMS: u32 = 4;
@@ -85,9 +91,39 @@ pub fn relay(idle_timeout: Duration, congestion: Congestion) -> Arc<TransportCon
 pub fn agent(keep_alive: Duration, idle_timeout: Duration, congestion: Congestion) -> Arc<TransportConfig> {
     let mut config = common(idle_timeout, congestion);
     config
-        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_DATA_STREAMS))
+        .max_concurrent_bidi_streams(VarInt::from_u32(INITIAL_DATA_STREAMS))
         .keep_alive_interval(Some(keep_alive));
     Arc::new(config)
+}
+
+/// The agent's limit on concurrently open data streams, doubled (up to [`MAX_DATA_STREAMS`]) when
+/// three quarters of it are in use and never lowered: memory then follows the peak concurrency a
+/// tunnel has actually seen, and a burst waits at most a round trip per doubling.
+#[derive(Debug)]
+pub struct StreamCredit {
+    limit: u32,
+}
+
+impl Default for StreamCredit {
+    fn default() -> Self {
+        Self { limit: INITIAL_DATA_STREAMS }
+    }
+}
+
+impl StreamCredit {
+    /// The current limit.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// Called with the number of streams open; returns the new limit when it should be raised.
+    pub fn raise_for(&mut self, open: u64) -> Option<u32> {
+        if self.limit >= MAX_DATA_STREAMS || open * 4 < u64::from(self.limit) * 3 {
+            return None;
+        }
+        self.limit = (self.limit * 2).min(MAX_DATA_STREAMS);
+        Some(self.limit)
+    }
 }
 
 /// An endpoint configuration whose stateless-reset key and connection-ID key are derived from
@@ -111,4 +147,26 @@ pub fn endpoint_with_stable_reset(secret: &[u8]) -> EndpointConfig {
         Box::new(HashedConnectionIdGenerator::from_key(cid_key))
     });
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_credit_doubles_at_three_quarters_up_to_the_cap_and_never_shrinks() {
+        let mut credit = StreamCredit::default();
+        assert_eq!(credit.raise_for(0), None);
+        assert_eq!(credit.raise_for(191), None);
+        assert_eq!(credit.raise_for(192), Some(512));
+        assert_eq!(credit.raise_for(10), None);
+        assert_eq!(credit.limit(), 512);
+        let mut open = 0;
+        while credit.limit() < MAX_DATA_STREAMS {
+            open += 1;
+            credit.raise_for(open);
+        }
+        assert_eq!(credit.limit(), MAX_DATA_STREAMS);
+        assert_eq!(credit.raise_for(u64::from(MAX_DATA_STREAMS)), None);
+    }
 }

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Builds Sallyport for Windows (x86_64-pc-windows-gnu) on Debian/Ubuntu and runs its unit tests
+# under wine. Uses Debian's rustc-web with its matching standard library sources and the mingw-w64
+# toolchain, building std for the target (-Zbuild-std), in its own target directory.
+#
+#   ./scripts/windows.sh build            # sallyport-agent.exe -> target/windows/x86_64-pc-windows-gnu/release/
+#   ./scripts/windows.sh check            # type-check the Windows-facing crates
+#   ./scripts/windows.sh test             # unit tests of proto and agent, run under wine
+#
+# Installs what it needs with apt-get the first time (root or sudo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target=x86_64-pc-windows-gnu
+crates=(-p sallyport-proto -p sallyport-agent)
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+
+install() {
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+if ! [ -x /usr/bin/rustc ] || ! [ -d /usr/lib/rustlib/src/rust/library ] \
+    || ! command -v x86_64-w64-mingw32-gcc >/dev/null; then
+    # rustc-web is Debian's newer rustc; rust-web-src is its standard library source, which
+    # -Zbuild-std compiles for the target; the mingw package brings gcc, binutils and dlltool.
+    install rustc-web cargo-web rust-web-src gcc-mingw-w64-x86-64-win32
+fi
+version=$(/usr/bin/rustc -V | awk '{print $2}')
+if ! [ -f "/usr/src/rustc-$version/library/Cargo.lock" ]; then
+    echo "windows.sh: rust-web-src does not match rustc $version; install matching versions" >&2
+    exit 1
+fi
+
+export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1
+export CARGO_TARGET_DIR=${SALLYPORT_WINDOWS_TARGET_DIR:-target/windows}
+export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_LINKER=x86_64-w64-mingw32-gcc
+cargo=(/usr/bin/cargo)
+build_std=(-Zbuild-std=std,panic_abort --target "$target")
+
+prepare_wine() {
+    command -v /usr/lib/wine/wine64 >/dev/null || install wine64
+    export WINEPREFIX=${WINEPREFIX:-$PWD/target/windows/wineprefix} WINEDEBUG=-all
+    export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER=/usr/lib/wine/wine64
+    local prng="$WINEPREFIX/drive_c/windows/system32/bcryptprimitives.dll"
+    if ! [ -f "$prng" ]; then
+        mkdir -p "$WINEPREFIX"
+        /usr/lib/wine/wine64 wineboot -i >/dev/null 2>&1 || true
+        # Rust's std imports ProcessPrng from bcryptprimitives.dll, which wine 8 lacks: a
+        # one-function stand-in built with mingw, backed by RtlGenRandom.
+        local dir
+        dir=$(mktemp -d)
+        cat >"$dir/prng.c" <<'EOF'
+#include <windows.h>
+#include <ntsecapi.h>
+__declspec(dllexport) BOOL WINAPI ProcessPrng(PBYTE data, SIZE_T len) {
+    while (len) {
+        ULONG chunk = len > 0x7fffffff ? 0x7fffffff : (ULONG)len;
+        if (!RtlGenRandom(data, chunk)) return FALSE;
+        data += chunk;
+        len -= chunk;
+    }
+    return TRUE;
+}
+EOF
+        x86_64-w64-mingw32-gcc -shared -O2 -o "$prng" "$dir/prng.c" -ladvapi32
+        rm -rf "$dir"
+    fi
+}
+
+command=${1:-build}
+shift || true
+case "$command" in
+    build)
+        "${cargo[@]}" build --release "${build_std[@]}" -p sallyport-agent "$@"
+        echo "built $CARGO_TARGET_DIR/$target/release/sallyport-agent.exe"
+        ;;
+    check)
+        "${cargo[@]}" check "${build_std[@]}" "${crates[@]}" --all-targets "$@"
+        ;;
+    test)
+        prepare_wine
+        log=$(mktemp)
+        # Dependencies unoptimized: this build is for running the unit tests once, so compile time
+        # is what counts.
+        "${cargo[@]}" test "${build_std[@]}" "${crates[@]}" --lib --bins \
+            --config 'profile.dev.package."*".opt-level=0' "$@" 2>&1 | tee "$log"
+        status=${PIPESTATUS[0]}
+        passed=$(awk '/^test result:/ { n += $4 } END { print n + 0 }' "$log")
+        rm -f "$log"
+        echo "windows: $passed unit tests passed under wine"
+        exit "$status"
+        ;;
+    *)
+        echo "usage: $0 build|check|test [cargo arguments]" >&2
+        exit 2
+        ;;
+esac
