@@ -16,6 +16,8 @@ use sallyport_proto::{
 };
 use serde::Deserialize;
 
+use crate::containers::{spec::RawContainer, ContainerSpec, DockerSettings};
+
 /// The validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -25,6 +27,9 @@ pub struct Config {
     pub tls: TlsFiles,
     pub timing: Timing,
     pub services: BTreeMap<String, Service>,
+    pub docker: DockerSettings,
+    /// Containers the agent owns, by name.
+    pub containers: BTreeMap<String, ContainerSpec>,
 }
 
 /// Timers of the tunnel and of target dials.
@@ -75,6 +80,9 @@ pub struct Service {
 pub enum Target {
     /// `tcp://HOST:PORT`
     Tcp { host: String, port: u16 },
+    /// `container://NAME:PORT`: a port of a container declared under `[containers.NAME]`, at the
+    /// address the engine gives it (looked up after every start).
+    Container { name: String, port: u16 },
 }
 
 impl fmt::Display for Target {
@@ -82,19 +90,25 @@ impl fmt::Display for Target {
         match self {
             Self::Tcp { host, port } if host.contains(':') => write!(f, "tcp://[{host}]:{port}"),
             Self::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
+            Self::Container { name, port } => write!(f, "container://{name}:{port}"),
         }
     }
 }
 
 impl Target {
-    /// Parses `tcp://HOST:PORT`.
+    /// Parses `tcp://HOST:PORT` or `container://NAME:PORT`.
     pub fn parse(text: &str) -> Result<Self, String> {
+        const EXPECTED: &str = "expected tcp://HOST:PORT or container://NAME:PORT";
+        if let Some(rest) = text.strip_prefix("container://") {
+            let (name, port) = host_port(rest).map_err(|e| format!("{text:?}: {e}"))?;
+            return Ok(Self::Container { name, port });
+        }
         let Some(rest) = text.strip_prefix("tcp://") else {
             let scheme = text.split_once("://").map_or("", |(s, _)| s);
             return Err(if scheme.is_empty() {
-                format!("{text:?} has no scheme: expected tcp://HOST:PORT")
+                format!("{text:?} has no scheme: {EXPECTED}")
             } else {
-                format!("unsupported target scheme {scheme:?} in {text:?}: expected tcp://HOST:PORT")
+                format!("unsupported target scheme {scheme:?} in {text:?}: {EXPECTED}")
             });
         };
         let (host, port) = host_port(rest).map_err(|e| format!("{text:?}: {e}"))?;
@@ -181,13 +195,72 @@ impl Config {
                 "must not exceed agent.reconnect_max",
             ));
         }
+        let mut containers = BTreeMap::new();
+        for (name, raw) in raw.containers {
+            let spec = ContainerSpec::from_raw(path, &name, raw)?;
+            containers.insert(spec.name.clone(), spec);
+        }
         let mut services = BTreeMap::new();
         for (name, s) in raw.services {
             let key = format!("services.{name}");
             let name = conf::name(path, &key, &name)?;
             let target = Target::parse(&s.target)
                 .map_err(|e| ConfigError::invalid(path, format!("{key}.target"), e))?;
+            if let Target::Container { name: container, .. } = &target {
+                if !containers.contains_key(container) {
+                    return Err(ConfigError::invalid(
+                        path,
+                        format!("{key}.target"),
+                        format!("no container {container:?} is declared: add [containers.{container}]"),
+                    ));
+                }
+            }
             services.insert(name.clone(), Service { name, target });
+        }
+        let docker = match raw.docker {
+            None => DockerSettings::default(),
+            Some(d) => {
+                let defaults = DockerSettings::default();
+                DockerSettings {
+                    endpoint: d.endpoint.unwrap_or(defaults.endpoint),
+                    start_timeout: d
+                        .start_timeout
+                        .map(|v| {
+                            conf::duration_in(
+                                path,
+                                "docker.start_timeout",
+                                v.0,
+                                Duration::from_secs(1),
+                                Duration::from_secs(3600),
+                            )
+                        })
+                        .transpose()?
+                        .unwrap_or(defaults.start_timeout),
+                    stop_grace: d
+                        .stop_grace
+                        .map(|v| {
+                            conf::duration_in(
+                                path,
+                                "docker.stop_grace",
+                                v.0,
+                                Duration::ZERO,
+                                Duration::from_secs(3600),
+                            )
+                        })
+                        .transpose()?
+                        .unwrap_or(defaults.stop_grace),
+                }
+            }
+        };
+        if !["unix://", "npipe://", "tcp://", "http://"].iter().any(|p| docker.endpoint.starts_with(p)) {
+            return Err(ConfigError::invalid(
+                path,
+                "docker.endpoint",
+                format!(
+                    "{:?}: expected unix:///PATH, npipe:////./pipe/NAME or tcp://HOST:PORT",
+                    docker.endpoint
+                ),
+            ));
         }
         Ok(Self {
             path: path.to_owned(),
@@ -199,6 +272,8 @@ impl Config {
             },
             timing,
             services,
+            docker,
+            containers,
         })
     }
 }
@@ -209,6 +284,17 @@ struct RawConfig {
     agent: RawAgent,
     #[serde(default)]
     services: BTreeMap<String, RawService>,
+    docker: Option<RawDocker>,
+    #[serde(default)]
+    containers: BTreeMap<String, RawContainer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocker {
+    endpoint: Option<String>,
+    start_timeout: Option<HumanDuration>,
+    stop_grace: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -310,6 +396,7 @@ target = "tcp://127.0.0.1:1433"
         for (bad, why) in [
             ("127.0.0.1:80", "no scheme"),
             ("udp://127.0.0.1:53", "unsupported target scheme \"udp\""),
+            ("container://mssql", "expected HOST:PORT"),
             ("tcp://127.0.0.1", "expected HOST:PORT"),
             ("tcp://127.0.0.1:0", "port 0"),
             ("tcp://:80", "invalid host"),

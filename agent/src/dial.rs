@@ -11,7 +11,7 @@ use sallyport_proto::{
 use tokio::net::TcpStream;
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::{config::Target, Shared};
+use crate::{config::Target, ContainerError, Shared};
 
 /// The relay writes the header as the stream opens; anything slower is a broken relay.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,13 +49,31 @@ async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream,
         refuse(&mut send, &mut recv, Answer::UnknownService).await;
         return;
     };
-    let tcp = match dial(&service.target, shared.config.timing.connect_timeout).await {
-        Ok(tcp) => tcp,
-        Err(answer) => {
-            debug!(target = %service.target, reason = answer.describe(), "dial failed");
-            refuse(&mut send, &mut recv, answer).await;
-            return;
-        }
+    // A container connection holds its lease until the splice ends.
+    let (tcp, _lease) = match &service.target {
+        Target::Tcp { host, port } => match dial(host, *port, shared.config.timing.connect_timeout).await {
+            Ok(tcp) => (tcp, None),
+            Err(answer) => {
+                debug!(target = %service.target, reason = answer.describe(), "dial failed");
+                refuse(&mut send, &mut recv, answer).await;
+                return;
+            }
+        },
+        Target::Container { name, port } => match shared.containers.connect(name, *port).await {
+            Ok((tcp, lease)) => {
+                prepare(&tcp);
+                (tcp, Some(lease))
+            }
+            Err(e) => {
+                warn!(target = %service.target, error = %e, "container not available: refusing the connection");
+                let answer = match e {
+                    ContainerError::NotReady { .. } => Answer::TimedOut,
+                    _ => Answer::Unreachable,
+                };
+                refuse(&mut send, &mut recv, answer).await;
+                return;
+            }
+        },
     };
     if send.write_all(&[Answer::Connected as u8]).await.is_err() {
         return;
@@ -74,14 +92,18 @@ async fn refuse(send: &mut SendStream, recv: &mut RecvStream, answer: Answer) {
     let _ = recv.stop(code(codes::stream::PEER_RESET));
 }
 
-/// Connects to a declared target, mapping failures to the answer the relay gets.
-async fn dial(target: &Target, timeout: Duration) -> Result<TcpStream, Answer> {
-    let Target::Tcp { host, port } = target;
-    match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), *port))).await {
+/// Socket options of every target connection.
+fn prepare(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    // Until the splice forwards a FIN, closing this socket (even by a crash) resets the target.
+    sallyport_proto::net::reset_on_close(tcp);
+}
+
+/// Connects to a declared host target, mapping failures to the answer the relay gets.
+async fn dial(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, Answer> {
+    match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
         Ok(Ok(tcp)) => {
-            let _ = tcp.set_nodelay(true);
-            // Until the splice forwards a FIN, closing this socket (even by a crash) resets the target.
-            sallyport_proto::net::reset_on_close(&tcp);
+            prepare(&tcp);
             Ok(tcp)
         }
         Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(Answer::Refused),

@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod containers;
 
 mod dial;
 mod tunnel;
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::Config;
+pub use containers::{ContainerError, ContainerState, Containers};
 pub use tunnel::TunnelError;
 
 /// This build, as the agent describes itself to relays.
@@ -57,6 +59,7 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) client_config: quinn::ClientConfig,
     pub(crate) streams: TaskTracker,
+    pub(crate) containers: Containers,
     status: watch::Sender<BTreeMap<String, TunnelStatus>>,
 }
 
@@ -96,10 +99,13 @@ impl Agent {
             timing.idle_timeout,
             timing.congestion,
         ));
+        let containers =
+            Containers::new(&identity.name, config.docker.clone(), config.containers.values().cloned());
         let shared = Arc::new(Shared {
             config,
             client_config,
             streams: TaskTracker::new(),
+            containers,
             status: watch::Sender::new(BTreeMap::new()),
         });
         Ok(Self { shared, identity })
@@ -114,9 +120,15 @@ impl Agent {
         self.shared.status.subscribe()
     }
 
+    /// The manager of the declared containers.
+    pub fn containers(&self) -> Containers {
+        self.shared.containers.clone()
+    }
+
     /// Keeps a tunnel to every relay until `shutdown` is cancelled, then closes them.
     pub async fn run(self, shutdown: CancellationToken) {
         let tunnels = TaskTracker::new();
+        tunnels.spawn(self.shared.containers.clone().run(shutdown.clone()));
         tracing::info!(agent = %self.identity.name, relays = self.shared.config.relays.len(), "agent starting");
         for relay in &self.shared.config.relays {
             tunnels.spawn(tunnel::maintain(relay.clone(), self.shared.clone(), shutdown.clone()));

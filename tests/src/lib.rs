@@ -2,6 +2,7 @@
 //! process, target servers, and a transfer client that checks every byte by length and SHA-256.
 
 pub mod bench;
+pub mod docker;
 pub mod impair;
 pub mod lab;
 pub mod pki;

@@ -87,6 +87,7 @@ impl RunningRelay {
 #[derive(Debug)]
 pub struct RunningAgent {
     pub status: watch::Receiver<BTreeMap<String, TunnelStatus>>,
+    pub containers: sallyport_agent::Containers,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -95,9 +96,10 @@ impl RunningAgent {
     pub fn start(config: sallyport_agent::Config) -> Self {
         let agent = Agent::new(config).expect("agent identity loads");
         let status = agent.status();
+        let containers = agent.containers();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(agent.run(shutdown.clone()));
-        Self { status, shutdown, task }
+        Self { status, containers, shutdown, task }
     }
 
     pub async fn stop(self) {

@@ -1,0 +1,258 @@
+//! `[containers.NAME]` in `agent.toml`: what a declared container is, validated.
+
+use std::{collections::BTreeMap, fmt, path::Path, time::Duration};
+
+use sallyport_proto::config::{self as conf, ConfigError, HumanDuration};
+use serde::Deserialize;
+
+/// A container the agent owns: created, started and stopped by it, never anything else.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    /// Overrides the image's command when not empty.
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Bind mounts as Docker writes them: `HOST:CONTAINER[:ro]`.
+    pub mounts: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Memory limit in bytes.
+    pub memory: Option<u64>,
+    pub cpus: Option<f64>,
+    pub isolation: Isolation,
+    pub restart: Restart,
+    pub start: StartPolicy,
+    /// Stop the container this long after its last connection closed (on-demand containers).
+    pub idle_stop: Option<Duration>,
+    pub ready: Ready,
+    /// The network whose address the agent dials; the container's first network when unset.
+    pub network: Option<String>,
+}
+
+/// Windows isolation of a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// The engine's default (process on Windows Server, Hyper-V on Windows 10).
+    Default,
+    Process,
+    Hyperv,
+}
+
+/// Docker's restart policy for the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    No,
+    OnFailure,
+    UnlessStopped,
+    Always,
+}
+
+/// When the agent starts the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartPolicy {
+    /// Kept running whenever the engine is up.
+    Always,
+    /// Started by the first connection, stopped `idle_stop` after the last.
+    OnDemand,
+    /// Started and stopped only by commands from the relay.
+    Manual,
+}
+
+/// When a started container counts as ready for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ready {
+    /// The target port accepts a TCP connection.
+    Port,
+    /// The image's health check reports healthy.
+    Health,
+}
+
+impl fmt::Display for StartPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Always => "always",
+            Self::OnDemand => "on-demand",
+            Self::Manual => "manual",
+        })
+    }
+}
+
+impl ContainerSpec {
+    /// The Docker name of the container: `sallyport-NAME`.
+    pub fn docker_name(&self) -> String {
+        format!("sallyport-{}", self.name)
+    }
+
+    /// A digest of everything that shapes the created container: a container created from another
+    /// version of the spec is replaced on its next start.
+    pub fn fingerprint(&self) -> String {
+        let text = format!(
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            self.image,
+            self.command,
+            self.env,
+            self.mounts,
+            self.labels,
+            self.memory,
+            self.cpus,
+            self.isolation,
+            self.restart,
+            self.network
+        );
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        digest.as_ref()[..12].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub(crate) fn from_raw(path: &Path, name: &str, raw: RawContainer) -> Result<Self, ConfigError> {
+        let key = format!("containers.{name}");
+        let name = conf::name(path, &key, name)?;
+        let invalid =
+            |field: &str, reason: String| ConfigError::invalid(path, format!("{key}.{field}"), reason);
+        if raw.image.trim().is_empty() {
+            return Err(invalid("image", "an image is required, e.g. \"postgres:16\"".into()));
+        }
+        let memory = raw.memory.as_deref().map(parse_size).transpose().map_err(|e| invalid("memory", e))?;
+        if memory.is_some_and(|m| m < 6 * 1024 * 1024) {
+            return Err(invalid("memory", "Docker's smallest memory limit is 6MiB".into()));
+        }
+        if let Some(cpus) = raw.cpus {
+            if !(cpus > 0.0 && cpus <= 1024.0) {
+                return Err(invalid("cpus", format!("{cpus} is not a CPU count between 0 and 1024")));
+            }
+        }
+        for (i, mount) in raw.mounts.iter().enumerate() {
+            // Windows paths carry a drive colon: C:\data:C:\data has three parts.
+            if mount.split(':').count() < 2 {
+                return Err(ConfigError::invalid(
+                    path,
+                    format!("{key}.mounts[{i}]"),
+                    format!("{mount:?}: expected \"HOST_PATH:CONTAINER_PATH[:ro]\""),
+                ));
+            }
+        }
+        for label in raw.labels.keys() {
+            if label.starts_with(super::LABEL_PREFIX) {
+                return Err(invalid(
+                    "labels",
+                    format!("{label:?}: labels under {} are the agent's own", super::LABEL_PREFIX),
+                ));
+            }
+        }
+        let idle_stop = raw
+            .idle_stop
+            .map(|d| {
+                conf::duration_in(
+                    path,
+                    &format!("{key}.idle_stop"),
+                    d.0,
+                    Duration::from_secs(1),
+                    Duration::from_secs(7 * 86_400),
+                )
+            })
+            .transpose()?;
+        if idle_stop.is_some() && raw.start != StartPolicy::OnDemand {
+            return Err(invalid("idle_stop", "applies only to start = \"on-demand\" containers".into()));
+        }
+        Ok(Self {
+            name,
+            image: raw.image,
+            command: raw.command,
+            env: raw.env,
+            mounts: raw.mounts,
+            labels: raw.labels,
+            memory,
+            cpus: raw.cpus,
+            isolation: raw.isolation,
+            restart: raw.restart,
+            start: raw.start,
+            idle_stop,
+            ready: raw.ready,
+            network: raw.network,
+        })
+    }
+}
+
+/// Parses a size: bytes, or a number with KiB/MiB/GiB/TiB (powers of 1024) or KB/MB/GB/TB (of 1000).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "tib" | "t" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => return Err(format!("{text:?}: unknown unit {other:?}; use e.g. \"512MiB\" or \"20GiB\"")),
+    };
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a size like \"20GiB\""))?;
+    let bytes = value * multiplier as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawContainer {
+    image: String,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    mounts: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    memory: Option<String>,
+    cpus: Option<f64>,
+    #[serde(default = "default_isolation")]
+    isolation: Isolation,
+    #[serde(default = "default_restart")]
+    restart: Restart,
+    #[serde(default = "default_start")]
+    start: StartPolicy,
+    idle_stop: Option<HumanDuration>,
+    #[serde(default = "default_ready")]
+    ready: Ready,
+    network: Option<String>,
+}
+
+fn default_isolation() -> Isolation {
+    Isolation::Default
+}
+fn default_restart() -> Restart {
+    Restart::No
+}
+fn default_start() -> StartPolicy {
+    StartPolicy::OnDemand
+}
+fn default_ready() -> Ready {
+    Ready::Port
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_size("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5g"), Ok(3 << 29));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "GiB", "12 parsecs", "-1GiB", "0"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+}
