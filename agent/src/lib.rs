@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod config;
 pub mod containers;
 
+mod commands;
 mod dial;
 mod tunnel;
 
@@ -60,6 +61,8 @@ pub(crate) struct Shared {
     pub(crate) client_config: quinn::ClientConfig,
     pub(crate) streams: TaskTracker,
     pub(crate) containers: Containers,
+    /// Ids of container commands already run, with their expiry: a replay is refused.
+    pub(crate) seen_commands: std::sync::Mutex<BTreeMap<u64, u64>>,
     status: watch::Sender<BTreeMap<String, TunnelStatus>>,
 }
 
@@ -106,6 +109,7 @@ impl Agent {
             client_config,
             streams: TaskTracker::new(),
             containers,
+            seen_commands: std::sync::Mutex::default(),
             status: watch::Sender::new(BTreeMap::new()),
         });
         Ok(Self { shared, identity })

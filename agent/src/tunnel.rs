@@ -17,7 +17,7 @@ use sallyport_proto::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::{backoff::Backoff, config::RelayAddr, dial, Shared, TunnelStatus};
+use crate::{backoff::Backoff, commands, config::RelayAddr, dial, Shared, TunnelStatus};
 
 /// Why a connection attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +128,7 @@ async fn connect_and_serve(
 
     tokio::select! {
         () = accept_streams(&connection, shared) => {}
-        () = control_loop(&mut send, &mut recv) => {}
+        () = control_loop(&mut send, &mut recv, shared) => {}
         () = stop.cancelled() => {
             connection.close(code(close::NORMAL), b"agent stopping");
             return Outcome::Stopped;
@@ -184,7 +184,9 @@ async fn hello(
     match read_frame::<RelayMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await? {
         Some(RelayMessage::Welcome(welcome)) => Ok((send, recv, welcome)),
         Some(RelayMessage::Refused { reason }) => Err(TunnelError::Refused(reason)),
-        Some(RelayMessage::Ping { .. }) => Err(TunnelError::Protocol("Ping before Welcome".into())),
+        Some(RelayMessage::Ping { .. } | RelayMessage::Command(_)) => {
+            Err(TunnelError::Protocol("a control message before Welcome".into()))
+        }
         None => Err(TunnelError::Protocol("control stream ended before Welcome".into())),
     }
 }
@@ -232,25 +234,66 @@ async fn accept_streams(connection: &Connection, shared: &Arc<Shared>) {
     }
 }
 
-/// Answers the relay's pings until the control stream ends or breaks.
-async fn control_loop(send: &mut SendStream, recv: &mut RecvStream) {
-    let mut buf = Vec::new();
-    loop {
-        match read_frame::<RelayMessage>(recv, MAX_CONTROL_FRAME, &mut buf).await {
-            Ok(Some(RelayMessage::Ping { nonce })) => {
-                if write_frame(send, &AgentMessage::Pong { nonce }, MAX_CONTROL_FRAME).await.is_err() {
-                    return;
-                }
-            }
-            Ok(Some(other)) => {
-                warn!(message = ?other, "unexpected control message from the relay");
-                return;
-            }
-            Ok(None) => return,
-            Err(e) => {
-                debug!(error = %e, "control stream ended");
+/// The control stream after `Welcome`: answers pings, runs container commands, and reports
+/// container states, until the stream ends or breaks. Reading and writing run side by side, joined
+/// by a queue, so a slow command never holds up a ping.
+async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, shared: &Arc<Shared>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<AgentMessage>(64);
+    let writer = async {
+        while let Some(message) = rx.recv().await {
+            if write_frame(send, &message, MAX_CONTROL_FRAME).await.is_err() {
                 return;
             }
         }
+    };
+    let reader = async {
+        let mut buf = Vec::new();
+        loop {
+            match read_frame::<RelayMessage>(recv, MAX_CONTROL_FRAME, &mut buf).await {
+                Ok(Some(RelayMessage::Ping { nonce })) => {
+                    if tx.send(AgentMessage::Pong { nonce }).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(RelayMessage::Command(command))) => {
+                    let (tx, shared) = (tx.clone(), shared.clone());
+                    tokio::spawn(async move {
+                        let id = command.id;
+                        let result = commands::run(command, &shared).await;
+                        let _ = tx.send(AgentMessage::CommandResult { id, result }).await;
+                    });
+                }
+                Ok(Some(other)) => {
+                    warn!(message = ?other, "unexpected control message from the relay");
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    debug!(error = %e, "control stream ended");
+                    return;
+                }
+            }
+        }
+    };
+    let reporter = async {
+        if shared.containers.is_empty() {
+            return std::future::pending().await;
+        }
+        let mut last = None;
+        loop {
+            let states = shared.containers.reports();
+            if last.as_ref() != Some(&states) {
+                if tx.send(AgentMessage::Containers(states.clone())).await.is_err() {
+                    return;
+                }
+                last = Some(states);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    tokio::select! {
+        () = writer => {}
+        () = reader => {}
+        () = reporter => {}
     }
 }

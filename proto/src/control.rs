@@ -15,6 +15,10 @@ pub enum AgentMessage {
     Hello(Hello),
     /// Answer to a [`RelayMessage::Ping`], echoing its nonce.
     Pong { nonce: u64 },
+    /// The outcome of a [`RelayMessage::Command`]: its output, or why it failed.
+    CommandResult { id: u64, result: Result<String, String> },
+    /// The state of each declared container, sent after `Welcome` and whenever one changes.
+    Containers(Vec<ContainerReport>),
 }
 
 /// Messages from the relay to the agent.
@@ -26,6 +30,8 @@ pub enum RelayMessage {
     Refused { reason: String },
     /// Liveness probe of the control stream; the agent answers with [`AgentMessage::Pong`].
     Ping { nonce: u64 },
+    /// A container command from an operator; answered with [`AgentMessage::CommandResult`].
+    Command(Command),
 }
 
 /// The agent's introduction. Its identity is not here: it is the name in its client certificate.
@@ -76,4 +82,52 @@ impl Welcome {
     pub fn refused(&self) -> impl Iterator<Item = (&str, &str)> {
         self.services.iter().filter_map(|v| v.refused.as_deref().map(|r| (v.name.as_str(), r)))
     }
+}
+
+/// A container command. The agent refuses one whose expiry has passed or whose id it has already
+/// seen, so a recorded command cannot be replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Unique per relay process (random start, then counting).
+    pub id: u64,
+    /// Seconds since the Unix epoch after which the command is void.
+    pub expires_unix: u64,
+    /// A container declared in the agent's config.
+    pub container: String,
+    pub action: ContainerAction,
+}
+
+/// What to do with a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContainerAction {
+    Start,
+    Stop,
+    Restart,
+    Status,
+    /// The last `tail` lines of its output.
+    Logs {
+        tail: u32,
+    },
+}
+
+impl ContainerAction {
+    /// Parses the action word of the CLI and admin API (`logs` takes its tail separately).
+    pub fn parse(word: &str, tail: u32) -> Option<Self> {
+        Some(match word {
+            "start" => Self::Start,
+            "stop" => Self::Stop,
+            "restart" => Self::Restart,
+            "status" => Self::Status,
+            "logs" => Self::Logs { tail },
+            _ => return None,
+        })
+    }
+}
+
+/// One container as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerReport {
+    pub name: String,
+    /// `running`, `stopped (exit 0)`, `absent`, `engine-down`, ...
+    pub state: String,
 }

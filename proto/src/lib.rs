@@ -19,7 +19,10 @@ pub mod config;
 #[cfg(feature = "net")]
 pub mod net;
 
-pub use control::{AgentMessage, Hello, RelayMessage, ServiceOffer, ServiceVerdict, Welcome};
+pub use control::{
+    AgentMessage, Command, ContainerAction, ContainerReport, Hello, RelayMessage, ServiceOffer,
+    ServiceVerdict, Welcome,
+};
 pub use frame::{DecodeError, EncodeError, InvalidFrame};
 pub use stream::{Answer, StreamHeader};
 

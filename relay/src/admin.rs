@@ -13,6 +13,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use sallyport_proto::ContainerAction;
+
 use crate::Shared;
 
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
@@ -38,13 +40,88 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
 }
 
 async fn respond(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (status, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/livez") => (StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") if shared.ready.load(Ordering::Acquire) => (StatusCode::OK, "ready\n"),
-        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        _ => (StatusCode::NOT_FOUND, "not found\n"),
+    let path = req.uri().path().to_owned();
+    let (status, body): (StatusCode, String) = match (req.method(), path.as_str()) {
+        (&Method::GET, "/livez") => (StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/readyz") if shared.ready.load(Ordering::Acquire) => {
+            (StatusCode::OK, "ready\n".into())
+        }
+        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
+        (&Method::GET, "/agents") => (StatusCode::OK, agent_listing(&shared)),
+        (&Method::POST, p) if p.starts_with("/agents/") => container_command(&req, &shared).await,
+        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
     };
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     Ok(response)
+}
+
+/// Connected agents, their services and their containers' states, one line each.
+fn agent_listing(shared: &Shared) -> String {
+    let agents = shared.registry.subscribe().borrow().clone();
+    let mut out = String::new();
+    for (name, session) in &agents {
+        let services: Vec<&str> = session.services.iter().map(String::as_str).collect();
+        out.push_str(&format!(
+            "agent {name} remote={} software={:?} services={}\n",
+            session.remote,
+            session.software,
+            services.join(",")
+        ));
+        if let Ok(containers) = session.containers.lock() {
+            for c in containers.iter() {
+                out.push_str(&format!("  container {} {}\n", c.name, c.state));
+            }
+        }
+    }
+    if agents.is_empty() {
+        out.push_str("no agents connected\n");
+    }
+    out
+}
+
+/// `POST /agents/AGENT/containers/NAME/ACTION[?tail=N]`, with the admin bearer token.
+async fn container_command(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
+    let Some(expected) = &shared.admin_token else {
+        return (StatusCode::FORBIDDEN, "container commands are off: set relay.admin_token_file\n".into());
+    };
+    let presented = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !tokens_match(presented, expected) {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong admin token\n".into());
+    }
+    let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
+    let ["agents", agent, "containers", container, action] = parts.as_slice() else {
+        return (StatusCode::NOT_FOUND, "expected /agents/AGENT/containers/NAME/ACTION\n".into());
+    };
+    let tail = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("tail=")))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(100);
+    let Some(action) = ContainerAction::parse(action, tail) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("unknown action {action:?}: start, stop, restart, status or logs\n"),
+        );
+    };
+    match crate::send_command(shared, agent, container, action).await {
+        Ok(output) if output.ends_with('\n') || output.is_empty() => (StatusCode::OK, output),
+        Ok(output) => (StatusCode::OK, format!("{output}\n")),
+        Err(crate::CommandError::NoAgent) => {
+            (StatusCode::NOT_FOUND, format!("agent {agent:?} is not connected\n"))
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("{e}\n")),
+    }
+}
+
+/// Compares tokens in time independent of where they differ.
+fn tokens_match(presented: &str, expected: &str) -> bool {
+    let (a, b) = (presented.as_bytes(), expected.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -25,6 +25,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// TCP address of the admin HTTP server (`/livez`, `/readyz`).
     pub admin: SocketAddr,
+    /// File holding the bearer token the admin API wants for container commands; without one,
+    /// commands are refused (reads stay open).
+    pub admin_token_file: Option<PathBuf>,
     pub tls: TlsFiles,
     pub limits: Limits,
     /// Services by name.
@@ -136,6 +139,7 @@ impl Config {
             path: path.to_owned(),
             listen: r.listen,
             admin: r.admin,
+            admin_token_file: r.admin_token_file.map(|f| conf::resolve(path, &f)),
             tls: TlsFiles {
                 ca_cert: conf::resolve(path, &r.ca_cert),
                 cert: conf::resolve(path, &r.cert),
@@ -174,6 +178,7 @@ struct RawRelay {
     listen: SocketAddr,
     #[serde(default = "default_admin")]
     admin: SocketAddr,
+    admin_token_file: Option<PathBuf>,
     ca_cert: PathBuf,
     cert: PathBuf,
     key: PathBuf,

@@ -11,6 +11,7 @@ pub mod pki;
 pub mod registry;
 
 mod admin;
+pub mod admin_client;
 mod tcp;
 mod tunnel;
 
@@ -51,6 +52,8 @@ pub enum StartError {
     Bind { what: String, addr: SocketAddr, source: std::io::Error },
     #[error("no async runtime for QUIC")]
     Runtime,
+    #[error("{}: cannot read the admin token: {source}", path.display())]
+    AdminToken { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// State shared by every task of one relay.
@@ -64,6 +67,10 @@ pub(crate) struct Shared {
     /// Everything else the relay spawned.
     pub(crate) tasks: TaskTracker,
     pub(crate) connection_limit: Arc<Semaphore>,
+    /// The bearer token container commands need; none configured: commands are refused.
+    pub(crate) admin_token: Option<String>,
+    /// The next container command id (random start, so ids do not repeat across restarts).
+    pub(crate) next_command: std::sync::atomic::AtomicU64,
 }
 
 /// A relay with its sockets bound, ready to [`run`](Relay::run).
@@ -111,6 +118,16 @@ impl Relay {
         let admin =
             TcpListener::bind(config.admin).await.map_err(bind_err("the admin server", config.admin))?;
 
+        let admin_token = match &config.admin_token_file {
+            None => None,
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| StartError::AdminToken { path: path.clone(), source })?
+                    .trim()
+                    .to_owned(),
+            )
+            .filter(|t| !t.is_empty()),
+        };
         let connection_limit = Arc::new(Semaphore::new(config.limits.max_connections));
         let shared = Arc::new(Shared {
             config,
@@ -119,6 +136,8 @@ impl Relay {
             clients: TaskTracker::new(),
             tasks: TaskTracker::new(),
             connection_limit,
+            admin_token,
+            next_command: std::sync::atomic::AtomicU64::new(fastrand::u64(..u64::MAX / 2)),
         });
         Ok(Self { endpoint, listeners, admin, shared })
     }
@@ -189,4 +208,51 @@ impl Relay {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
     Relay::bind(config).await?.run(shutdown).await;
     Ok(())
+}
+
+/// Why a container command got no result from the agent.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CommandError {
+    #[error("the agent is not connected")]
+    NoAgent,
+    #[error("the agent disconnected before answering")]
+    Lost,
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// How long a command stays valid for the agent, and how long the relay waits for its result
+/// (a container start may take a while).
+const COMMAND_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+const COMMAND_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// Sends a container command to `agent` over its control stream and waits for the result.
+pub(crate) async fn send_command(
+    shared: &Shared,
+    agent: &str,
+    container: &str,
+    action: sallyport_proto::ContainerAction,
+) -> Result<String, CommandError> {
+    let session = shared.registry.subscribe().borrow().get(agent).cloned().ok_or(CommandError::NoAgent)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let command = sallyport_proto::Command {
+        id: shared.next_command.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        expires_unix: now + COMMAND_LIFETIME.as_secs(),
+        container: container.to_owned(),
+        action,
+    };
+    tracing::info!(agent, container, ?action, id = command.id, "container command");
+    let (reply, result) = tokio::sync::oneshot::channel();
+    session
+        .commands
+        .send(registry::PendingCommand { command, reply })
+        .await
+        .map_err(|_| CommandError::Lost)?;
+    match tokio::time::timeout(COMMAND_WAIT, result).await {
+        Err(_) => Err(CommandError::Timeout(COMMAND_WAIT)),
+        Ok(Err(_)) => Err(CommandError::Lost),
+        Ok(Ok(result)) => result.map_err(CommandError::Failed),
+    }
 }

@@ -43,6 +43,27 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// List the connected agents, their services and their containers (through the admin API).
+    Agents {
+        #[arg(long, short, default_value = "relay.toml")]
+        config: PathBuf,
+    },
+    /// Start, stop, restart, inspect or read the logs of an agent's container (through the admin
+    /// API, with the token of relay.admin_token_file).
+    Container {
+        /// start, stop, restart, status or logs.
+        #[arg(value_parser = ["start", "stop", "restart", "status", "logs"])]
+        action: String,
+        /// The container's name in the agent's config.
+        container: String,
+        #[arg(long)]
+        agent: String,
+        /// Lines of output for `logs`.
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+        #[arg(long, short, default_value = "relay.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -108,7 +129,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             serve(config)
         }
+        Command::Agents { config } => {
+            let config = Config::load(&config)?;
+            print!("{}", admin_call(&config, "GET", "/agents".into(), false)?);
+            Ok(())
+        }
+        Command::Container { action, container, agent, tail, config } => {
+            let config = Config::load(&config)?;
+            let path = format!("/agents/{agent}/containers/{container}/{action}?tail={tail}");
+            print!("{}", admin_call(&config, "POST", path, true)?);
+            Ok(())
+        }
     }
+}
+
+/// One admin API call; a non-200 answer is an error carrying the server's reason.
+#[tokio::main(flavor = "current_thread")]
+async fn admin_call(config: &Config, method: &str, path: String, with_token: bool) -> anyhow::Result<String> {
+    let token = match (&config.admin_token_file, with_token) {
+        (Some(file), true) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("{}: cannot read the admin token", file.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, true) => anyhow::bail!(
+            "{}: container commands need relay.admin_token_file (the same file the relay reads)",
+            config.path.display()
+        ),
+        _ => None,
+    };
+    let (status, body) =
+        sallyport_relay::admin_client::request(config.admin, method, &path, token.as_deref())
+            .await
+            .map_err(anyhow::Error::msg)?;
+    if status != 200 {
+        anyhow::bail!("{} (HTTP {status})", body.trim_end());
+    }
+    Ok(body)
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -4,11 +4,15 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::SystemTime,
 };
 
-use tokio::sync::watch;
+use sallyport_proto::{Command, ContainerReport};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// One live tunnel connection of an agent.
 #[derive(Debug, Clone)]
@@ -22,7 +26,17 @@ pub struct AgentSession {
     /// The services the relay routes to this connection.
     pub services: BTreeSet<String>,
     pub connected_at: SystemTime,
+    /// The agent's containers as it last reported them.
+    pub containers: Arc<Mutex<Vec<ContainerReport>>>,
     pub(crate) connection: quinn::Connection,
+    pub(crate) commands: mpsc::Sender<PendingCommand>,
+}
+
+/// A command on its way to an agent, and where its result goes.
+#[derive(Debug)]
+pub(crate) struct PendingCommand {
+    pub command: Command,
+    pub reply: oneshot::Sender<Result<String, String>>,
 }
 
 /// Connected agents by name. A watch channel, so tests and the admin side can wait for changes.

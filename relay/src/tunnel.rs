@@ -1,20 +1,29 @@
 //! The QUIC side of the relay: accepting agents, checking who they are, the control-stream
 //! handshake, and the control loop that lasts as long as the connection.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
 use sallyport_proto::{
     codes::close,
     negotiate_version,
     net::{code, read_frame, tls, write_frame, FrameError},
-    AgentMessage, Hello, RelayMessage, ServiceVerdict, Welcome, MAX_CONTROL_FRAME, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    AgentMessage, ContainerReport, Hello, RelayMessage, ServiceVerdict, Welcome, MAX_CONTROL_FRAME,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::{config::Config, registry::AgentSession, Shared};
+use crate::{
+    config::Config,
+    registry::{AgentSession, PendingCommand},
+    Shared,
+};
 
 /// How often the relay probes the control stream.
 const PING_INTERVAL: Duration = Duration::from_secs(15);
@@ -113,6 +122,8 @@ async fn serve_agent(connection: Connection, name: String, shared: Arc<Shared>) 
         return;
     }
     let id = shared.registry.next_id();
+    let (commands, mut command_rx) = mpsc::channel(16);
+    let containers = Arc::new(Mutex::new(Vec::new()));
     let session = AgentSession {
         id,
         name: name.clone(),
@@ -121,7 +132,9 @@ async fn serve_agent(connection: Connection, name: String, shared: Arc<Shared>) 
         version: welcome.version,
         services: services.clone(),
         connected_at: std::time::SystemTime::now(),
+        containers: containers.clone(),
         connection: connection.clone(),
+        commands,
     };
     if let Some(old) = shared.registry.insert(session) {
         info!(old_remote = %old.remote, "replacing the agent's previous connection");
@@ -129,9 +142,10 @@ async fn serve_agent(connection: Connection, name: String, shared: Arc<Shared>) 
     }
     info!(remote = %connection.remote_address(), ?services, version = welcome.version, "agent connected");
 
+    let pending = Mutex::new(HashMap::new());
     let ended = tokio::select! {
-        r = control_reader(&mut recv) => r,
-        r = pinger(&mut send) => r,
+        r = control_reader(&mut recv, &pending, &containers) => r,
+        r = control_writer(&mut send, &mut command_rx, &pending) => r,
         e = connection.closed() => Ok(e.to_string()),
     };
     shared.registry.remove(&name, id);
@@ -181,6 +195,8 @@ fn message_kind(msg: &AgentMessage) -> &'static str {
     match msg {
         AgentMessage::Hello(_) => "Hello",
         AgentMessage::Pong { .. } => "Pong",
+        AgentMessage::CommandResult { .. } => "CommandResult",
+        AgentMessage::Containers(_) => "Containers",
     }
 }
 
@@ -210,12 +226,36 @@ pub(crate) fn admit(config: &Config, agent: &str, hello: &Hello) -> Result<Welco
     Ok(Welcome { version, software: crate::SOFTWARE.to_owned(), services })
 }
 
+/// Commands sent to the agent and waiting for its result, by id.
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<String, String>>>>;
+
 /// Reads control messages until the stream ends (`Ok`) or the agent breaks the protocol (`Err`).
-async fn control_reader(recv: &mut RecvStream) -> Result<String, String> {
+async fn control_reader(
+    recv: &mut RecvStream,
+    pending: &Pending,
+    containers: &Mutex<Vec<ContainerReport>>,
+) -> Result<String, String> {
     let mut buf = Vec::new();
     loop {
         match read_frame::<AgentMessage>(recv, MAX_CONTROL_FRAME, &mut buf).await {
             Ok(Some(AgentMessage::Pong { nonce })) => debug!(nonce, "pong"),
+            Ok(Some(AgentMessage::CommandResult { id, result })) => {
+                let waiter = pending.lock().ok().and_then(|mut p| p.remove(&id));
+                match waiter {
+                    Some(waiter) => {
+                        let _ = waiter.send(result);
+                    }
+                    None => debug!(id, "result of a command nobody waits for"),
+                }
+            }
+            Ok(Some(AgentMessage::Containers(reports))) => {
+                for report in &reports {
+                    debug!(container = %report.name, state = %report.state, "container state");
+                }
+                if let Ok(mut current) = containers.lock() {
+                    *current = reports;
+                }
+            }
             Ok(Some(AgentMessage::Hello(_))) => return Err("Hello sent twice".into()),
             Ok(None) => return Ok("control stream finished".into()),
             Err(e) if e.is_protocol_violation() => return Err(e.to_string()),
@@ -224,13 +264,29 @@ async fn control_reader(recv: &mut RecvStream) -> Result<String, String> {
     }
 }
 
-/// Sends a `Ping` every [`PING_INTERVAL`]; ends only when the stream fails.
-async fn pinger(send: &mut SendStream) -> Result<String, String> {
+/// Sends a `Ping` every [`PING_INTERVAL`] and the commands operators queue; ends only when the
+/// stream fails.
+async fn control_writer(
+    send: &mut SendStream,
+    commands: &mut mpsc::Receiver<PendingCommand>,
+    pending: &Pending,
+) -> Result<String, String> {
     let mut nonce = 0u64;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
     loop {
-        tokio::time::sleep(PING_INTERVAL).await;
-        nonce += 1;
-        if let Err(e) = write_frame(send, &RelayMessage::Ping { nonce }, MAX_CONTROL_FRAME).await {
+        let message = tokio::select! {
+            _ = ping.tick() => {
+                nonce += 1;
+                RelayMessage::Ping { nonce }
+            }
+            Some(PendingCommand { command, reply }) = commands.recv() => {
+                if let Ok(mut p) = pending.lock() {
+                    p.insert(command.id, reply);
+                }
+                RelayMessage::Command(command)
+            }
+        };
+        if let Err(e) = write_frame(send, &message, MAX_CONTROL_FRAME).await {
             return match e {
                 FrameError::Encode(e) => Err(e.to_string()),
                 other => Ok(other.to_string()),

@@ -148,3 +148,62 @@ impl Drop for Cleanup {
         self.remove();
     }
 }
+
+/// A stand-in for an engine that goes away and comes back (Docker Desktop stops when the user
+/// logs off): a Unix socket forwarding to the real engine, which can be taken down (listener gone,
+/// open connections cut) and brought back at the same path.
+#[derive(Debug)]
+pub struct EngineProxy {
+    dir: tempfile::TempDir,
+    serving: Option<(tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+impl EngineProxy {
+    pub fn start() -> Self {
+        let mut proxy = Self { dir: tempfile::tempdir().expect("tempdir"), serving: None };
+        proxy.up();
+        proxy
+    }
+
+    /// The endpoint to put in `agent.toml`.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.path().display())
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join("engine.sock")
+    }
+
+    /// Takes the engine away: no listener, every forwarded connection cut.
+    pub async fn down(&mut self) {
+        if let Some((stop, task)) = self.serving.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
+        let _ = std::fs::remove_file(self.path());
+    }
+
+    /// Brings it back at the same path.
+    pub fn up(&mut self) {
+        let listener = tokio::net::UnixListener::bind(self.path()).expect("proxy socket binds");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let accepted = tokio::select! {
+                    () = token.cancelled() => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut client, _)) = accepted else { continue };
+                connections.spawn(async move {
+                    if let Ok(mut engine) = tokio::net::UnixStream::connect("/var/run/docker.sock").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                    }
+                });
+            }
+            connections.abort_all();
+        });
+        self.serving = Some((stop, task));
+    }
+}

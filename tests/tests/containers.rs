@@ -204,3 +204,152 @@ async fn an_unreachable_engine_is_a_refusal_naming_the_endpoint() {
     agent.stop().await;
     relay.stop().await;
 }
+
+/// The admin API as the CLI uses it.
+async fn admin(relay: &RunningRelay, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    sallyport_relay::admin_client::request(relay.admin, method, path, token).await.expect("admin answers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_commands_start_stop_restart_status_and_logs_with_the_admin_token() {
+    docker_or_skip!();
+    let image = docker::test_image();
+    let _cleanup = Cleanup::new("dock-commands");
+    let pki = TestPki::new();
+    let token_file = pki.dir().join("admin.token");
+    std::fs::write(&token_file, "s3cret-token\n").expect("token file");
+    let relay_extra = format!("admin_token_file = \"{}\"\nidle_timeout = \"10s\"", token_file.display());
+    let mut relay = RunningRelay::start(pki.relay_config(&[("svc", "dock-commands")], &relay_extra)).await;
+    let config =
+        format!("[docker]\nstop_grace = \"1s\"\n{}", container_config("cmd", &image, "start = \"manual\""));
+    let agent = RunningAgent::start(pki.agent_config("dock-commands", &[relay.quic], &[], &config));
+    relay.wait_agent("dock-commands").await;
+    let token = Some("s3cret-token");
+    let base = "/agents/dock-commands/containers/cmd";
+
+    // Commands need the token; reads do not.
+    assert_eq!(admin(&relay, "POST", &format!("{base}/start"), None).await.0, 401);
+    assert_eq!(admin(&relay, "POST", &format!("{base}/start"), Some("s3cret-tokeN")).await.0, 401);
+    assert!(!docker::running("sallyport-cmd"), "refused commands do nothing");
+
+    let (status, body) = admin(&relay, "POST", &format!("{base}/start"), token).await;
+    assert_eq!(status, 200, "{body}");
+    println!("start: {}", body.trim());
+    assert!(docker::running("sallyport-cmd"));
+    let (_, body) = admin(&relay, "POST", &format!("{base}/status"), token).await;
+    assert_eq!(body.trim(), "cmd: running");
+    let (_, logs) = admin(&relay, "POST", &format!("{base}/logs?tail=5"), token).await;
+    assert!(logs.contains("transfer server listening"), "{logs:?}");
+
+    // The agent's container states reach the relay's agent listing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, listing) = admin(&relay, "GET", "/agents", None).await;
+        if listing.contains("container cmd running") {
+            println!("{}", listing.trim());
+            break;
+        }
+        assert!(Instant::now() < deadline, "listing never showed the container running: {listing}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let started = docker::inspect("sallyport-cmd", "{{.State.StartedAt}}");
+    let (status, body) = admin(&relay, "POST", &format!("{base}/restart"), token).await;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(docker::inspect("sallyport-cmd", "{{.State.StartedAt}}"), started, "restarted");
+    let report = transfer::run(relay.service("svc"), 20_000, 20_000, 5).await.expect("serves after restart");
+    assert_eq!(report.down, 20_000);
+
+    let (status, body) = admin(&relay, "POST", &format!("{base}/stop"), token).await;
+    assert_eq!((status, body.trim()), (200, "cmd stopped"));
+    assert!(!docker::running("sallyport-cmd"));
+
+    // Only declared containers, only connected agents, only known actions.
+    let (status, body) = admin(&relay, "POST", "/agents/dock-commands/containers/other/start", token).await;
+    assert_eq!(status, 502);
+    assert!(body.contains("not declared"), "{body}");
+    assert_eq!(admin(&relay, "POST", "/agents/nobody/containers/cmd/start", token).await.0, 404);
+    assert_eq!(admin(&relay, "POST", &format!("{base}/explode"), token).await.0, 400);
+
+    // The CLI speaks to the same API, reading the admin address and token from relay.toml.
+    let cli_config = pki.dir().join("cli-relay.toml");
+    std::fs::write(
+        &cli_config,
+        format!(
+            "[relay]\nadmin = \"{}\"\nadmin_token_file = \"admin.token\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\nkey = \"relay.key\"\n\
+             [services.svc]\nagent = \"dock-commands\"\nlisten = \"127.0.0.1:1\"\n",
+            relay.admin
+        ),
+    )
+    .expect("cli config");
+    let cli = move |args: &[&str]| {
+        let out = std::process::Command::new(sallyport_tests::process::binary("sallyport-relay"))
+            .args(args)
+            .arg("--config")
+            .arg(&cli_config)
+            .output()
+            .expect("relay CLI runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cli_run = tokio::task::spawn_blocking(move || {
+        let started = cli(&["container", "start", "--agent", "dock-commands", "cmd"]);
+        let status = cli(&["container", "status", "--agent", "dock-commands", "cmd"]);
+        let wrong = cli(&["container", "start", "--agent", "dock-commands", "nope"]);
+        let agents = cli(&["agents"]);
+        (started, status, wrong, agents)
+    })
+    .await
+    .expect("CLI task");
+    let (started, status, wrong, agents) = cli_run;
+    assert!(started.0, "{started:?}");
+    assert_eq!(status.1.trim(), "cmd: running", "{status:?}");
+    assert!(!wrong.0 && wrong.2.contains("not declared"), "{wrong:?}");
+    assert!(agents.1.contains("agent dock-commands"), "{agents:?}");
+    println!("CLI: {} / {} / error: {}", started.1.trim(), status.1.trim(), wrong.2.trim());
+    agent.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_going_away_and_coming_back_is_survived() {
+    docker_or_skip!();
+    let image = docker::test_image();
+    let _cleanup = Cleanup::new("dock-engine");
+    let mut engine = docker::EngineProxy::start();
+    let pki = TestPki::new();
+    let config = format!(
+        "[docker]\nendpoint = \"{}\"\nstart_timeout = \"10s\"\n{}",
+        engine.endpoint(),
+        container_config("eng", &image, "start = \"on-demand\"")
+    );
+    let (relay, agent) = tunnel(&pki, "dock-engine", &config).await;
+    let report = transfer::run(relay.service("svc"), 10_000, 10_000, 1).await.expect("engine up");
+    assert_eq!(report.down, 10_000);
+
+    engine.down().await;
+    let gone = Instant::now();
+    wait_state(&agent.containers, "eng", "engine-down", |s| *s == ContainerState::EngineDown).await;
+    println!("engine gone -> agent saw it in {:?}", gone.elapsed());
+    // Stopped from outside while the agent cannot see: it must re-list when the engine returns.
+    docker::docker(&["stop", "-t", "1", "sallyport-eng"]);
+    let e = agent.containers.connect("eng", IMAGE_PORT).await.map(|_| ()).expect_err("no engine");
+    assert!(matches!(e, ContainerError::EngineUnreachable { .. }), "{e:?}");
+    assert!(
+        transfer::run(relay.service("svc"), 10, 10, 2).await.is_err(),
+        "refused while the engine is away"
+    );
+
+    engine.up();
+    let back = Instant::now();
+    wait_state(&agent.containers, "eng", "re-listed", |s| matches!(s, ContainerState::Stopped { .. })).await;
+    println!("engine back -> re-listed in {:?}", back.elapsed());
+    let report =
+        transfer::run(relay.service("svc"), 30_000, 30_000, 3).await.expect("works after the engine returns");
+    assert_eq!(report.down, 30_000);
+    agent.stop().await;
+    relay.stop().await;
+}

@@ -183,6 +183,18 @@ impl Containers {
         self.inner.slots.iter().map(|(name, slot)| (name.clone(), slot.state.borrow().clone())).collect()
     }
 
+    /// The state of every declared container, as the control stream reports it.
+    pub fn reports(&self) -> Vec<sallyport_proto::ContainerReport> {
+        self.inner
+            .slots
+            .iter()
+            .map(|(name, slot)| sallyport_proto::ContainerReport {
+                name: name.clone(),
+                state: slot.state.borrow().word(),
+            })
+            .collect()
+    }
+
     /// Follows the state of `name`.
     pub fn watch(&self, name: &str) -> Option<watch::Receiver<ContainerState>> {
         self.inner.slots.get(name).map(|slot| slot.state.subscribe())

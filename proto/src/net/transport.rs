@@ -21,7 +21,7 @@ pub const MAX_DATA_STREAMS: u32 = 16 * 1024;
 /// raises it with demand. Quinn keeps one receive state per stream the peer is allowed to open,
 /// recycled with the capacity its reassembly buffer reached (up to ~100 KiB after a bulk upload),
 /// so the agent's memory follows this limit rather than the connections actually open.
-pub const INITIAL_DATA_STREAMS: u32 = 256;
+pub const INITIAL_DATA_STREAMS: u32 = 64;
 
 /// How many bidirectional streams an agent may open toward the relay (the control stream).
 pub const MAX_AGENT_STREAMS: u32 = 4;
@@ -157,10 +157,10 @@ mod tests {
     fn stream_credit_doubles_at_three_quarters_up_to_the_cap_and_never_shrinks() {
         let mut credit = StreamCredit::default();
         assert_eq!(credit.raise_for(0), None);
-        assert_eq!(credit.raise_for(191), None);
-        assert_eq!(credit.raise_for(192), Some(512));
+        assert_eq!(credit.raise_for(47), None);
+        assert_eq!(credit.raise_for(48), Some(128));
         assert_eq!(credit.raise_for(10), None);
-        assert_eq!(credit.limit(), 512);
+        assert_eq!(credit.limit(), 128);
         let mut open = 0;
         while credit.limit() < MAX_DATA_STREAMS {
             open += 1;
