@@ -2,8 +2,8 @@
 
 use proptest::prelude::*;
 use sallyport_proto::{
-    frame, AgentMessage, DecodeError, Hello, RelayMessage, ServiceOffer, ServiceVerdict, StreamHeader,
-    Welcome, MAX_CONTROL_FRAME, MAX_STREAM_HEADER,
+    frame, AgentMessage, Command, ContainerAction, ContainerReport, DecodeError, Hello, RelayMessage,
+    ServiceOffer, ServiceVerdict, StreamHeader, Welcome, MAX_CONTROL_FRAME, MAX_STREAM_HEADER,
 };
 
 fn name() -> impl Strategy<Value = String> {
@@ -21,6 +21,13 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
             })
         ),
         any::<u64>().prop_map(|nonce| AgentMessage::Pong { nonce }),
+        (any::<u64>(), any::<bool>(), ".{0,200}").prop_map(|(id, ok, text)| AgentMessage::CommandResult {
+            id,
+            result: if ok { Ok(text) } else { Err(text) },
+        }),
+        prop::collection::vec((name(), ".{0,30}"), 0..10).prop_map(|reports| AgentMessage::Containers(
+            reports.into_iter().map(|(name, state)| ContainerReport { name, state }).collect()
+        )),
     ]
 }
 
@@ -37,6 +44,20 @@ fn relay_message() -> impl Strategy<Value = RelayMessage> {
             })),
         ".{0,200}".prop_map(|reason| RelayMessage::Refused { reason }),
         any::<u64>().prop_map(|nonce| RelayMessage::Ping { nonce }),
+        (any::<u64>(), any::<u64>(), name(), 0u8..5, any::<u32>()).prop_map(
+            |(id, expires_unix, container, action, tail)| RelayMessage::Command(Command {
+                id,
+                expires_unix,
+                container,
+                action: match action {
+                    0 => ContainerAction::Start,
+                    1 => ContainerAction::Stop,
+                    2 => ContainerAction::Restart,
+                    3 => ContainerAction::Status,
+                    _ => ContainerAction::Logs { tail },
+                },
+            })
+        ),
     ]
 }
 

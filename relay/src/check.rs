@@ -12,6 +12,8 @@ pub struct CheckReport {
     pub relay_names: Vec<String>,
     pub relay_cert_days_left: i64,
     pub services: Vec<(String, String, String)>,
+    /// Whether container commands are on (an admin token is configured and readable).
+    pub commands_enabled: bool,
 }
 
 impl fmt::Display for CheckReport {
@@ -24,6 +26,11 @@ impl fmt::Display for CheckReport {
         )?;
         for (name, agent, listen) in &self.services {
             writeln!(f, "service {name}: agent {agent}, listens on {listen}")?;
+        }
+        if self.commands_enabled {
+            writeln!(f, "container commands: on (admin token loaded)")?;
+        } else {
+            writeln!(f, "container commands: off (no relay.admin_token_file)")?;
         }
         Ok(())
     }
@@ -42,7 +49,9 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
     // Building the server configuration checks that the key matches the certificate.
     tls::server_crypto(tls.roots, tls.identity, &[sallyport_proto::ALPN_TUNNEL])
         .map_err(StartError::Crypto)?;
+    let commands_enabled = crate::load_admin_token(config)?.is_some();
     Ok(CheckReport {
+        commands_enabled,
         relay_names: names,
         relay_cert_days_left: days_left,
         services: config

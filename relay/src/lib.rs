@@ -52,8 +52,8 @@ pub enum StartError {
     Bind { what: String, addr: SocketAddr, source: std::io::Error },
     #[error("no async runtime for QUIC")]
     Runtime,
-    #[error("{}: cannot read the admin token: {source}", path.display())]
-    AdminToken { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{}: admin token: {reason}", path.display())]
+    AdminToken { path: std::path::PathBuf, reason: String },
 }
 
 /// State shared by every task of one relay.
@@ -118,16 +118,7 @@ impl Relay {
         let admin =
             TcpListener::bind(config.admin).await.map_err(bind_err("the admin server", config.admin))?;
 
-        let admin_token = match &config.admin_token_file {
-            None => None,
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|source| StartError::AdminToken { path: path.clone(), source })?
-                    .trim()
-                    .to_owned(),
-            )
-            .filter(|t| !t.is_empty()),
-        };
+        let admin_token = load_admin_token(&config)?;
         let connection_limit = Arc::new(Semaphore::new(config.limits.max_connections));
         let shared = Arc::new(Shared {
             config,
@@ -255,4 +246,16 @@ pub(crate) async fn send_command(
         Ok(Err(_)) => Err(CommandError::Lost),
         Ok(Ok(result)) => result.map_err(CommandError::Failed),
     }
+}
+
+/// Reads `relay.admin_token_file`: a token of at least 16 characters, or an error naming the file.
+pub fn load_admin_token(config: &Config) -> Result<Option<String>, StartError> {
+    let Some(path) = &config.admin_token_file else { return Ok(None) };
+    let fail = |reason: String| StartError::AdminToken { path: path.clone(), reason };
+    let token = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let token = token.trim();
+    if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(fail("must hold one token of at least 16 characters, no spaces".into()));
+    }
+    Ok(Some(token.to_owned()))
 }

@@ -217,19 +217,19 @@ async fn relay_commands_start_stop_restart_status_and_logs_with_the_admin_token(
     let _cleanup = Cleanup::new("dock-commands");
     let pki = TestPki::new();
     let token_file = pki.dir().join("admin.token");
-    std::fs::write(&token_file, "s3cret-token\n").expect("token file");
+    std::fs::write(&token_file, "s3cret-token-0123456789\n").expect("token file");
     let relay_extra = format!("admin_token_file = \"{}\"\nidle_timeout = \"10s\"", token_file.display());
     let mut relay = RunningRelay::start(pki.relay_config(&[("svc", "dock-commands")], &relay_extra)).await;
     let config =
         format!("[docker]\nstop_grace = \"1s\"\n{}", container_config("cmd", &image, "start = \"manual\""));
     let agent = RunningAgent::start(pki.agent_config("dock-commands", &[relay.quic], &[], &config));
     relay.wait_agent("dock-commands").await;
-    let token = Some("s3cret-token");
+    let token = Some("s3cret-token-0123456789");
     let base = "/agents/dock-commands/containers/cmd";
 
     // Commands need the token; reads do not.
     assert_eq!(admin(&relay, "POST", &format!("{base}/start"), None).await.0, 401);
-    assert_eq!(admin(&relay, "POST", &format!("{base}/start"), Some("s3cret-tokeN")).await.0, 401);
+    assert_eq!(admin(&relay, "POST", &format!("{base}/start"), Some("s3cret-token-012345678X")).await.0, 401);
     assert!(!docker::running("sallyport-cmd"), "refused commands do nothing");
 
     let (status, body) = admin(&relay, "POST", &format!("{base}/start"), token).await;
