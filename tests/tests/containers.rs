@@ -170,7 +170,8 @@ async fn start_failures_are_clear_errors() {
     let containers = format!(
         "[docker]\nstart_timeout = \"20s\"\n\
          [containers.noimage]\nimage = \"sallyport-test-absent:none\"\n\
-         [containers.exits]\nimage = \"{image}\"\ncommand = [\"/transfer-server\", \"no-such-subcommand\"]\n"
+         [containers.exits]\nimage = \"{image}\"\ncommand = [\"/transfer-server\", \"no-such-subcommand\"]\n\
+         [containers.hog]\nimage = \"{image}\"\nmemory = \"16MiB\"\ncommand = [\"/transfer-server\", \"hog\", \"--mib\", \"256\"]\n"
     );
     let (relay, agent) = tunnel(&pki, "dock-errors", &containers).await;
     let c = &agent.containers;
@@ -180,6 +181,9 @@ async fn start_failures_are_clear_errors() {
     let exited = c.connect("exits", IMAGE_PORT).await.map(|_| ()).expect_err("exits");
     println!("{exited}");
     assert!(matches!(exited, ContainerError::ExitedDuringStart { code: 2, .. }), "{exited:?}");
+    let oom = c.connect("hog", IMAGE_PORT).await.map(|_| ()).expect_err("out of memory");
+    println!("{oom}");
+    assert_eq!(oom, ContainerError::OutOfMemory { name: "hog".into(), limit: "16 MiB".into() });
     let undeclared = c.connect("nope", IMAGE_PORT).await.map(|_| ()).expect_err("undeclared");
     assert_eq!(undeclared, ContainerError::NotDeclared("nope".into()));
     agent.stop().await;

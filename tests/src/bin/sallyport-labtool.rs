@@ -58,6 +58,11 @@ enum Tool {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Touches --mib MiB of memory, then idles (for memory-limit tests in containers).
+    Hog {
+        #[arg(long)]
+        mib: usize,
+    },
     /// The transfer protocol's server on --listen.
     TransferServer {
         #[arg(long)]
@@ -103,6 +108,14 @@ async fn main() -> anyhow::Result<()> {
                 () = sallyport_proto::net::shutdown_signal() => {}
             }
             eprintln!("impair stats: {}", stats.summary());
+        }
+        Tool::Hog { mib } => {
+            let mut held = Vec::with_capacity(mib);
+            for i in 0..mib {
+                held.push(vec![i as u8 | 1; 1 << 20]);
+            }
+            eprintln!("holding {} MiB", held.len());
+            std::future::pending::<()>().await;
         }
         Tool::TcpDelay { listen, upstream, delay } => {
             let listener = tokio::net::TcpListener::bind(listen).await?;
