@@ -22,6 +22,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Offline validation of the Kubernetes manifests against the cluster's schema version.
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi

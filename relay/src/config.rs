@@ -59,6 +59,9 @@ pub struct Service {
     pub agent: String,
     /// Where the relay listens for its clients.
     pub listen: Listen,
+    /// In Kubernetes: a MetalLB IP of the service's own instead of the relay's shared one (used by
+    /// `sallyport-relay manifests` only).
+    pub load_balancer_ip: Option<std::net::IpAddr>,
 }
 
 /// A service listener.
@@ -133,7 +136,8 @@ impl Config {
                     ));
                 }
             }
-            services.insert(name.clone(), Service { name, agent, listen });
+            services
+                .insert(name.clone(), Service { name, agent, listen, load_balancer_ip: s.load_balancer_ip });
         }
         Ok(Self {
             path: path.to_owned(),
@@ -201,6 +205,7 @@ struct RawRelay {
 struct RawService {
     agent: String,
     listen: SocketAddr,
+    load_balancer_ip: Option<std::net::IpAddr>,
 }
 
 fn default_listen() -> SocketAddr {

@@ -12,6 +12,7 @@ pub mod registry;
 
 mod admin;
 pub mod admin_client;
+pub mod manifests;
 mod tcp;
 mod tunnel;
 

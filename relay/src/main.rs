@@ -43,6 +43,19 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the Kubernetes Services exposing the relay's listeners (for deploy/k8s), from relay.toml.
+    Manifests {
+        #[arg(long, short, default_value = "relay.toml")]
+        config: PathBuf,
+        #[arg(long, default_value = "sallyport")]
+        namespace: String,
+        /// The relay's MetalLB IP (metallb.io/loadBalancerIPs).
+        #[arg(long)]
+        load_balancer_ip: Option<std::net::IpAddr>,
+        /// The UDP port agents dial, mapped to relay.listen's port.
+        #[arg(long, default_value_t = 443)]
+        quic_port: u16,
+    },
     /// List the connected agents, their services and their containers (through the admin API).
     Agents {
         #[arg(long, short, default_value = "relay.toml")]
@@ -128,6 +141,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cli::init_tracing();
             let config = Config::load(&config)?;
             serve(config)
+        }
+        Command::Manifests { config, namespace, load_balancer_ip, quic_port } => {
+            let config = Config::load(&config)?;
+            let options =
+                sallyport_relay::manifests::ManifestOptions { namespace, load_balancer_ip, quic_port };
+            print!("{}", sallyport_relay::manifests::render(&config, &options));
+            Ok(())
         }
         Command::Agents { config } => {
             let config = Config::load(&config)?;

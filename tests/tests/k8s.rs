@@ -1,0 +1,193 @@
+//! The Kubernetes manifests in `deploy/k8s/`: base and homelab overlay render with kustomize,
+//! validate against the Kubernetes 1.32 schemas offline, and agree with the overlay's relay.toml
+//! (ports, probes, MetalLB annotations, drain timing). Needs kubectl and kubernetes-validate;
+//! skips with a message elsewhere, fails in CI.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use sallyport_relay::{
+    config::Listen,
+    manifests::{self, ManifestOptions},
+    Config,
+};
+use serde_norway::Value;
+
+fn k8s_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s")
+}
+
+fn tools_or_skip() -> bool {
+    for (tool, arg) in [("kubectl", "version"), ("kubernetes-validate", "--version")] {
+        let found = Command::new(tool)
+            .arg(arg)
+            .arg("--client")
+            .output()
+            .or_else(|_| Command::new(tool).arg(arg).output());
+        if found.is_err() {
+            assert!(std::env::var("CI").map_or(true, |v| v != "true"), "{tool} missing in CI");
+            eprintln!("SKIPPED: {tool} is not installed");
+            return false;
+        }
+    }
+    true
+}
+
+fn kustomize(dir: &Path) -> String {
+    let out = Command::new("kubectl").arg("kustomize").arg(dir).output().expect("kubectl runs");
+    assert!(out.status.success(), "kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn validate(yaml: &str, what: &str) {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), yaml).expect("write");
+    let out = Command::new("kubernetes-validate")
+        .args(["--kubernetes-version", "1.32.0", "--strict"])
+        .arg(file.path())
+        .output()
+        .expect("kubernetes-validate runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    println!("{what}: {} resources passed", report.matches(" passed ").count());
+    assert!(
+        out.status.success(),
+        "{what} does not validate:\n{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(yaml)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("YAML document"))
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn ports(service: &Value) -> Vec<(String, u64, u64)> {
+    service["spec"]["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .map(|p| {
+            (
+                p["protocol"].as_str().expect("protocol").to_owned(),
+                p["port"].as_u64().expect("port"),
+                p["targetPort"].as_u64().expect("targetPort"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn base_and_overlay_render_and_validate_against_kubernetes_1_32() {
+    if !tools_or_skip() {
+        return;
+    }
+    validate(&kustomize(&k8s_dir().join("base")), "base");
+    validate(&kustomize(&k8s_dir().join("overlays/homelab")), "overlay homelab");
+}
+
+#[test]
+fn the_overlay_agrees_with_its_relay_toml() {
+    if !tools_or_skip() {
+        return;
+    }
+    let overlay = k8s_dir().join("overlays/homelab");
+    let config = Config::load(&overlay.join("relay.toml")).expect("overlay relay.toml loads");
+    let docs = documents(&kustomize(&overlay));
+
+    // The committed Services are exactly what `sallyport-relay manifests` renders from relay.toml.
+    let relay_lb = find(&docs, "Service", "sallyport-relay");
+    let ip: IpAddr = relay_lb["metadata"]["annotations"]["metallb.io/loadBalancerIPs"]
+        .as_str()
+        .expect("MetalLB annotation")
+        .parse()
+        .expect("an IP");
+    assert_eq!(ip.to_string(), "192.168.4.60");
+    let options = ManifestOptions { load_balancer_ip: Some(ip), ..ManifestOptions::default() };
+    let committed = std::fs::read_to_string(overlay.join("services.yaml")).expect("services.yaml");
+    assert_eq!(
+        committed,
+        manifests::render(&config, &options),
+        "services.yaml is stale: sallyport-relay manifests --config relay.toml --load-balancer-ip {ip} > services.yaml"
+    );
+
+    // The shared LoadBalancer: QUIC over UDP to relay.listen, every service without its own IP.
+    assert_eq!(relay_lb["spec"]["type"].as_str(), Some("LoadBalancer"));
+    assert_eq!(relay_lb["spec"]["externalTrafficPolicy"].as_str(), Some("Local"));
+    let lb_ports = ports(relay_lb);
+    assert!(lb_ports.contains(&("UDP".into(), 443, u64::from(config.listen.port()))), "{lb_ports:?}");
+    for service in config.services.values() {
+        let Listen::Tcp(addr) = service.listen;
+        let port = u64::from(addr.port());
+        let in_cluster = find(&docs, "Service", &service.name);
+        assert_eq!(ports(in_cluster), vec![("TCP".into(), port, port)], "ClusterIP Service {}", service.name);
+        match service.load_balancer_ip {
+            None => {
+                assert!(lb_ports.contains(&("TCP".into(), port, port)), "{} on the shared IP", service.name)
+            }
+            Some(own) => {
+                let lb = find(&docs, "Service", &format!("{}-lb", service.name));
+                assert_eq!(
+                    lb["metadata"]["annotations"]["metallb.io/loadBalancerIPs"].as_str(),
+                    Some(own.to_string().as_str())
+                );
+                assert_eq!(ports(lb), vec![("TCP".into(), port, port)]);
+            }
+        }
+    }
+
+    // The pod: probes on the admin port, ports as configured, the config mounted, drain fits.
+    let deployment = find(&docs, "Deployment", "sallyport-relay");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let container_port = |name: &str| {
+        container["ports"]
+            .as_sequence()
+            .expect("ports")
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("container port {name}"))
+    };
+    assert_eq!(container_port("admin"), u64::from(config.admin.port()));
+    assert_eq!(container_port("quic"), u64::from(config.listen.port()));
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"].as_str(), Some("/livez"));
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"].as_str(), Some("admin"));
+    let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64().expect("preStop sleep");
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().expect("grace period");
+    assert!(
+        grace > pre_stop + config.limits.drain_grace.as_secs(),
+        "terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop} + drain_grace {:?}",
+        config.limits.drain_grace
+    );
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(container["securityContext"]["capabilities"]["drop"][0].as_str(), Some("ALL"));
+
+    let args: Vec<&str> =
+        container["args"].as_sequence().expect("args").iter().filter_map(|a| a.as_str()).collect();
+    assert_eq!(args, ["serve", "--config", "/etc/sallyport/relay.toml"]);
+    let map_name = pod["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find_map(|v| v["configMap"]["name"].as_str())
+        .expect("config volume");
+    let map = find(&docs, "ConfigMap", map_name);
+    let shipped = std::fs::read_to_string(overlay.join("relay.toml")).expect("relay.toml");
+    assert_eq!(map["data"]["relay.toml"].as_str(), Some(shipped.as_str()));
+    for file in [&config.tls.ca_cert, &config.tls.cert, &config.tls.key] {
+        assert!(file.starts_with("/etc/sallyport/tls"), "{} is not in the Secret's mount", file.display());
+    }
+}
