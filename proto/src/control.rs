@@ -130,4 +130,6 @@ pub struct ContainerReport {
     pub name: String,
     /// `running`, `stopped (exit 0)`, `absent`, `engine-down`, ...
     pub state: String,
+    /// The latest cold start, from the start request to the first accepted connection.
+    pub cold_start_ms: Option<u64>,
 }

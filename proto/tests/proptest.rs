@@ -25,9 +25,14 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
             id,
             result: if ok { Ok(text) } else { Err(text) },
         }),
-        prop::collection::vec((name(), ".{0,30}"), 0..10).prop_map(|reports| AgentMessage::Containers(
-            reports.into_iter().map(|(name, state)| ContainerReport { name, state }).collect()
-        )),
+        prop::collection::vec((name(), ".{0,30}", proptest::option::of(any::<u64>())), 0..10).prop_map(
+            |reports| AgentMessage::Containers(
+                reports
+                    .into_iter()
+                    .map(|(name, state, cold_start_ms)| ContainerReport { name, state, cold_start_ms })
+                    .collect()
+            )
+        ),
     ]
 }
 

@@ -15,7 +15,7 @@ use tracing::debug;
 
 use sallyport_proto::ContainerAction;
 
-use crate::Shared;
+use crate::{status, Shared};
 
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     loop {
@@ -41,18 +41,34 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
 
 async fn respond(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
-    let (status, body): (StatusCode, String) = match (req.method(), path.as_str()) {
-        (&Method::GET, "/livez") => (StatusCode::OK, "ok\n".into()),
+    let text = "text/plain; charset=utf-8";
+    let (status, content_type, body): (StatusCode, &str, String) = match (req.method(), path.as_str()) {
+        (&Method::GET, "/livez") => (StatusCode::OK, text, "ok\n".into()),
         (&Method::GET, "/readyz") if shared.ready.load(Ordering::Acquire) => {
-            (StatusCode::OK, "ready\n".into())
+            (StatusCode::OK, text, "ready\n".into())
         }
-        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
-        (&Method::GET, "/agents") => (StatusCode::OK, agent_listing(&shared)),
-        (&Method::POST, p) if p.starts_with("/agents/") => container_command(&req, &shared).await,
-        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
+        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, text, "draining\n".into()),
+        (&Method::GET, "/agents") => (StatusCode::OK, text, agent_listing(&shared)),
+        (&Method::GET, "/metrics") => {
+            let agents = shared.registry.subscribe().borrow().clone();
+            let body = shared.metrics.render(&agents);
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
+        }
+        (&Method::GET, "/" | "/status") => {
+            (StatusCode::OK, "text/html; charset=utf-8", status::html(&status::snapshot(&shared)))
+        }
+        (&Method::GET, "/status.txt") => (StatusCode::OK, text, status::text(&status::snapshot(&shared))),
+        (&Method::POST, p) if p.starts_with("/agents/") => {
+            let (status, body) = container_command(&req, &shared).await;
+            (status, text, body)
+        }
+        _ => (StatusCode::NOT_FOUND, text, "not found\n".into()),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+    }
     Ok(response)
 }
 

@@ -13,6 +13,8 @@ pub mod registry;
 mod admin;
 pub mod admin_client;
 pub mod manifests;
+mod metrics;
+mod status;
 mod tcp;
 mod tunnel;
 
@@ -72,6 +74,9 @@ pub(crate) struct Shared {
     pub(crate) admin_token: Option<String>,
     /// The next container command id (random start, so ids do not repeat across restarts).
     pub(crate) next_command: std::sync::atomic::AtomicU64,
+    pub(crate) metrics: metrics::Metrics,
+    /// Each service listener's bound address (the configured port may be 0).
+    pub(crate) bound: BTreeMap<String, SocketAddr>,
 }
 
 /// A relay with its sockets bound, ready to [`run`](Relay::run).
@@ -130,6 +135,13 @@ impl Relay {
             connection_limit,
             admin_token,
             next_command: std::sync::atomic::AtomicU64::new(fastrand::u64(..u64::MAX / 2)),
+            metrics: metrics::Metrics::default(),
+            bound: listeners
+                .iter()
+                .filter_map(|(s, l): &(Arc<config::Service>, TcpListener)| {
+                    l.local_addr().ok().map(|a| (s.name.clone(), a))
+                })
+                .collect(),
         });
         Ok(Self { endpoint, listeners, admin, shared })
     }

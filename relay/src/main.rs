@@ -56,6 +56,12 @@ enum Command {
         #[arg(long, default_value_t = 443)]
         quic_port: u16,
     },
+    /// Print the relay's status (agents, services and their traffic, containers) as tables, from
+    /// the admin API; the same as the status page on the admin port.
+    Status {
+        #[arg(long, short, default_value = "relay.toml")]
+        config: PathBuf,
+    },
     /// List the connected agents, their services and their containers (through the admin API).
     Agents {
         #[arg(long, short, default_value = "relay.toml")]
@@ -147,6 +153,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let options =
                 sallyport_relay::manifests::ManifestOptions { namespace, load_balancer_ip, quic_port };
             print!("{}", sallyport_relay::manifests::render(&config, &options));
+            Ok(())
+        }
+        Command::Status { config } => {
+            let config = Config::load(&config)?;
+            print!("{}", admin_call(&config, "GET", "/status.txt".into(), false)?);
             Ok(())
         }
         Command::Agents { config } => {

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::{config::Service, Shared};
+use crate::{config::Service, metrics::Outcome, Shared};
 
 /// Pending connections the kernel queues per listener (bore and rathole use 128 and stall at a
 /// burst of 1,000 connects).
@@ -69,14 +69,17 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, service: &Service, s
     let _ = stream.set_nodelay(true);
     // Until the splice forwards a FIN, closing this socket (even by a crash) must reset the client.
     reset_on_close(&stream);
+    let active = shared.metrics.connection(&service.name);
     let Some(connection) = shared.registry.route(&service.agent, &service.name) else {
         debug!(agent = %service.agent, "agent not connected: refusing client");
+        active.end(Outcome::NoAgent, 0, 0);
         return;
     };
     let (mut send, mut recv) = match connection.open_bi().await {
         Ok(pair) => pair,
         Err(e) => {
             debug!(error = %e, "cannot open a stream to the agent: refusing client");
+            active.end(Outcome::StreamFailed, 0, 0);
             return;
         }
     };
@@ -87,10 +90,17 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, service: &Service, s
     };
     if let Err(e) = written {
         debug!(error = %e, "cannot send the stream header: refusing client");
+        active.end(Outcome::StreamFailed, 0, 0);
         return;
     }
     match splice(&stream, &mut send, &mut recv, Side::Relay).await {
-        Ok(done) => debug!(up = done.up, down = done.down, "client connection closed"),
-        Err(e) => debug!(error = %e, "client connection reset"),
+        Ok(done) => {
+            debug!(up = done.up, down = done.down, "client connection closed");
+            active.end(Outcome::Completed, done.up, done.down);
+        }
+        Err(e) => {
+            debug!(error = %e, "client connection reset");
+            active.end(Outcome::Reset, 0, 0);
+        }
     }
 }

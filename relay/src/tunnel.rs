@@ -59,10 +59,12 @@ async fn handle_incoming(incoming: Incoming, shared: Arc<Shared>) {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {
             warn!(error = %e, "handshake failed");
+            shared.metrics.handshake_failed("tls");
             return;
         }
         Err(_) => {
             warn!(timeout = ?limits.handshake_timeout, "handshake timed out");
+            shared.metrics.handshake_failed("timeout");
             return;
         }
     };
@@ -70,6 +72,7 @@ async fn handle_incoming(incoming: Incoming, shared: Arc<Shared>) {
         Ok(name) => name,
         Err(reason) => {
             warn!(%reason, "agent certificate refused");
+            shared.metrics.handshake_failed("certificate");
             connection.close(code(close::REFUSED), reason.as_bytes());
             return;
         }
@@ -98,6 +101,7 @@ async fn serve_agent(connection: Connection, name: String, shared: Arc<Shared>) 
         Err(FirstMessageError::Gone) => return,
         Err(FirstMessageError::Protocol(reason)) => {
             warn!(%reason, "closing agent: protocol error");
+            shared.metrics.handshake_failed("protocol");
             connection.close(code(close::PROTOCOL_ERROR), reason.as_bytes());
             return;
         }
@@ -106,6 +110,7 @@ async fn serve_agent(connection: Connection, name: String, shared: Arc<Shared>) 
         Ok(welcome) => welcome,
         Err(reason) => {
             warn!(%reason, "agent refused");
+            shared.metrics.handshake_failed("refused");
             let _ =
                 write_frame(&mut send, &RelayMessage::Refused { reason: reason.clone() }, MAX_CONTROL_FRAME)
                     .await;

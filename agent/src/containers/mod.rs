@@ -191,6 +191,12 @@ impl Containers {
             .map(|(name, slot)| sallyport_proto::ContainerReport {
                 name: name.clone(),
                 state: slot.state.borrow().word(),
+                cold_start_ms: slot
+                    .stats
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.last_cold_start)
+                    .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
             })
             .collect()
     }

@@ -1,0 +1,202 @@
+//! Prometheus metrics on the admin port (`/metrics`), all prefixed `sallyport_`. Counters move as
+//! traffic flows; gauges about agents and containers are read from the registry at scrape time.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// How a client connection ended.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outcome {
+    /// Both directions finished with all their bytes.
+    Completed,
+    /// Reset on one side or the other (including the agent's refusal to connect the target).
+    Reset,
+    /// The service's agent was not connected.
+    NoAgent,
+    /// The tunnel would not carry a new stream.
+    StreamFailed,
+}
+
+impl Outcome {
+    fn word(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Reset => "reset",
+            Self::NoAgent => "no_agent",
+            Self::StreamFailed => "stream_failed",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    connections: Family<Labels, Counter>,
+    active: Family<Labels, Gauge>,
+    bytes: Family<Labels, Counter>,
+    handshake_failures: Family<Labels, Counter>,
+    agents: Gauge,
+    rtt: Family<Labels, Gauge<f64, AtomicU64>>,
+    container_state: Family<Labels, Gauge>,
+    cold_start: Family<Labels, Gauge<f64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("sallyport");
+        let build: Family<Labels, Gauge> = Family::default();
+        build.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())]).set(1);
+        registry.register("build_info", "The relay's version", build);
+        let metrics = Self {
+            connections: Family::default(),
+            active: Family::default(),
+            bytes: Family::default(),
+            handshake_failures: Family::default(),
+            agents: Gauge::default(),
+            rtt: Family::default(),
+            container_state: Family::default(),
+            cold_start: Family::default(),
+            registry,
+        };
+        let mut m = metrics;
+        m.registry.register(
+            "connections",
+            "Client connections by service and how they ended",
+            m.connections.clone(),
+        );
+        m.registry.register(
+            "connections_active",
+            "Client connections open now, by service",
+            m.active.clone(),
+        );
+        m.registry.register(
+            "bytes",
+            "Bytes carried by finished connections, by service and direction (up: client to target)",
+            m.bytes.clone(),
+        );
+        m.registry.register(
+            "handshake_failures",
+            "Agent connections refused before they were admitted, by reason",
+            m.handshake_failures.clone(),
+        );
+        m.registry.register("agents_connected", "Agents with a live tunnel", m.agents.clone());
+        m.registry.register(
+            "quic_rtt_seconds",
+            "Smoothed round-trip time of each agent's tunnel",
+            m.rtt.clone(),
+        );
+        m.registry.register(
+            "container_state",
+            "1 for each agent container's current state",
+            m.container_state.clone(),
+        );
+        m.registry.register(
+            "container_cold_start_seconds",
+            "The latest cold start of each agent container",
+            m.cold_start.clone(),
+        );
+        m
+    }
+}
+
+impl Metrics {
+    /// A client connection of `service` began; the guard counts it while it lives.
+    pub(crate) fn connection(&self, service: &str) -> Active<'_> {
+        let labels = vec![("service", service.to_owned())];
+        self.active.get_or_create(&labels).inc();
+        Active { metrics: self, service: service.to_owned(), ended: false }
+    }
+
+    pub(crate) fn handshake_failed(&self, reason: &'static str) {
+        self.handshake_failures.get_or_create(&vec![("reason", reason.to_owned())]).inc();
+    }
+
+    /// The exposition text, with agent and container gauges read from `agents` now.
+    pub(crate) fn render(&self, agents: &std::collections::BTreeMap<String, crate::AgentSession>) -> String {
+        self.agents.set(agents.len() as i64);
+        self.rtt.clear();
+        self.container_state.clear();
+        self.cold_start.clear();
+        for (name, session) in agents {
+            self.rtt
+                .get_or_create(&vec![("agent", name.clone())])
+                .set(session.connection.rtt().as_secs_f64());
+            if let Ok(containers) = session.containers.lock() {
+                for c in containers.iter() {
+                    let state = c.state.split_whitespace().next().unwrap_or("unknown").to_owned();
+                    let labels =
+                        vec![("agent", name.clone()), ("container", c.name.clone()), ("state", state)];
+                    self.container_state.get_or_create(&labels).set(1);
+                    if let Some(ms) = c.cold_start_ms {
+                        let labels = vec![("agent", name.clone()), ("container", c.name.clone())];
+                        self.cold_start.get_or_create(&labels).set(ms as f64 / 1000.0);
+                    }
+                }
+            }
+        }
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Per-service figures for the status page: (active, total, bytes up, bytes down).
+    pub(crate) fn service_figures(&self, service: &str) -> (i64, u64, u64, u64) {
+        let s = service.to_owned();
+        let active = self.active.get_or_create(&vec![("service", s.clone())]).get();
+        let total = ["completed", "reset", "no_agent", "stream_failed"]
+            .iter()
+            .map(|r| {
+                self.connections
+                    .get_or_create(&vec![("service", s.clone()), ("result", (*r).to_owned())])
+                    .get()
+            })
+            .sum();
+        let up = self.bytes.get_or_create(&vec![("service", s.clone()), ("direction", "up".into())]).get();
+        let down = self.bytes.get_or_create(&vec![("service", s), ("direction", "down".into())]).get();
+        (active, total, up, down)
+    }
+}
+
+/// One client connection in the metrics; record how it ended with [`Active::end`].
+#[derive(Debug)]
+pub(crate) struct Active<'a> {
+    metrics: &'a Metrics,
+    service: String,
+    ended: bool,
+}
+
+impl Active<'_> {
+    pub(crate) fn end(mut self, outcome: Outcome, up: u64, down: u64) {
+        self.record(outcome, up, down);
+    }
+
+    fn record(&mut self, outcome: Outcome, up: u64, down: u64) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        let m = self.metrics;
+        let service = self.service.clone();
+        m.active.get_or_create(&vec![("service", service.clone())]).dec();
+        m.connections
+            .get_or_create(&vec![("service", service.clone()), ("result", outcome.word().to_owned())])
+            .inc();
+        m.bytes.get_or_create(&vec![("service", service.clone()), ("direction", "up".into())]).inc_by(up);
+        m.bytes.get_or_create(&vec![("service", service), ("direction", "down".into())]).inc_by(down);
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        // A connection task cancelled at shutdown counts as reset.
+        self.record(Outcome::Reset, 0, 0);
+    }
+}

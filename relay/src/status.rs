@@ -1,0 +1,221 @@
+//! The status page on the admin port (`/`, HTML) and its text twin (`/status.txt`, printed by
+//! `sallyport-relay status`): agents, services with their traffic, containers.
+
+use std::{fmt::Write, time::SystemTime};
+
+use crate::{config::Listen, Shared};
+
+/// What the page shows, read once.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    pub ready: bool,
+    pub agents: Vec<AgentRow>,
+    pub services: Vec<ServiceRow>,
+}
+
+#[derive(Debug)]
+pub(crate) struct AgentRow {
+    pub name: String,
+    pub remote: String,
+    pub software: String,
+    pub connected_for: String,
+    pub rtt_ms: f64,
+    pub containers: Vec<(String, String, Option<u64>)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct ServiceRow {
+    pub name: String,
+    pub agent: String,
+    pub listen: String,
+    pub up: bool,
+    pub active: i64,
+    pub total: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
+    let agents = shared.registry.subscribe().borrow().clone();
+    let agent_rows = agents
+        .values()
+        .map(|s| AgentRow {
+            name: s.name.clone(),
+            remote: s.remote.to_string(),
+            software: s.software.clone(),
+            connected_for: SystemTime::now()
+                .duration_since(s.connected_at)
+                .map(|d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string())
+                .unwrap_or_default(),
+            rtt_ms: s.connection.rtt().as_secs_f64() * 1000.0,
+            containers: s
+                .containers
+                .lock()
+                .map(|c| c.iter().map(|c| (c.name.clone(), c.state.clone(), c.cold_start_ms)).collect())
+                .unwrap_or_default(),
+        })
+        .collect();
+    let services = shared
+        .config
+        .services
+        .values()
+        .map(|s| {
+            let Listen::Tcp(configured) = s.listen;
+            let addr = shared.bound.get(&s.name).copied().unwrap_or(configured);
+            let (active, total, bytes_up, bytes_down) = shared.metrics.service_figures(&s.name);
+            ServiceRow {
+                name: s.name.clone(),
+                agent: s.agent.clone(),
+                listen: format!("tcp {addr}"),
+                up: agents.get(&s.agent).is_some_and(|a| a.services.contains(&s.name)),
+                active,
+                total,
+                bytes_up,
+                bytes_down,
+            }
+        })
+        .collect();
+    Snapshot { ready: shared.ready.load(std::sync::atomic::Ordering::Acquire), agents: agent_rows, services }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / f64::from(1u32 << 30)),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / f64::from(1u32 << 20)),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// The page: three tables, refreshed every 5 s, no scripts, no external assets.
+pub(crate) fn html(s: &Snapshot) -> String {
+    let mut out = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\">\
+         <title>Sallyport relay</title><style>body{font-family:system-ui,sans-serif;margin:2em;color:#222}\
+         table{border-collapse:collapse;margin-bottom:2em}th,td{border:1px solid #ccc;padding:.3em .8em;text-align:left}\
+         th{background:#f3f3f3}.up{color:#070}.down{color:#a00}</style></head><body>",
+    );
+    let _ = write!(
+        out,
+        "<h1>Sallyport relay</h1><p>{}</p>",
+        if s.ready { "<span class=\"up\">ready</span>" } else { "<span class=\"down\">draining</span>" }
+    );
+    let _ = write!(out, "<h2>Agents ({})</h2>", s.agents.len());
+    if s.agents.is_empty() {
+        out.push_str("<p>No agent connected.</p>");
+    } else {
+        out.push_str("<table id=\"agents\"><tr><th>agent</th><th>from</th><th>connected for</th><th>RTT</th><th>software</th></tr>");
+        for a in &s.agents {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1} ms</td><td>{}</td></tr>",
+                escape(&a.name),
+                escape(&a.remote),
+                escape(&a.connected_for),
+                a.rtt_ms,
+                escape(&a.software)
+            );
+        }
+        out.push_str("</table>");
+    }
+    out.push_str("<h2>Services</h2><table id=\"services\"><tr><th>service</th><th>agent</th><th>listens</th><th>state</th><th>open</th><th>total</th><th>up</th><th>down</th></tr>");
+    for r in &s.services {
+        let state =
+            if r.up { "<span class=\"up\">up</span>" } else { "<span class=\"down\">agent away</span>" };
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{state}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&r.name),
+            escape(&r.agent),
+            escape(&r.listen),
+            r.active,
+            r.total,
+            bytes(r.bytes_up),
+            bytes(r.bytes_down)
+        );
+    }
+    out.push_str("</table>");
+    let containers: Vec<_> =
+        s.agents.iter().flat_map(|a| a.containers.iter().map(move |c| (&a.name, c))).collect();
+    if !containers.is_empty() {
+        out.push_str("<h2>Containers</h2><table id=\"containers\"><tr><th>agent</th><th>container</th><th>state</th><th>last cold start</th></tr>");
+        for (agent, (name, state, cold)) in containers {
+            let cold = cold.map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{cold}</td></tr>",
+                escape(agent),
+                escape(name),
+                escape(state)
+            );
+        }
+        out.push_str("</table>");
+    }
+    out.push_str("<p><a href=\"/metrics\">metrics</a></p></body></html>\n");
+    out
+}
+
+/// The same as aligned text.
+pub(crate) fn text(s: &Snapshot) -> String {
+    let mut out = format!("relay: {}\n\n", if s.ready { "ready" } else { "draining" });
+    let mut rows = vec![vec!["AGENT".to_owned(), "FROM".into(), "CONNECTED FOR".into(), "RTT".into()]];
+    rows.extend(s.agents.iter().map(|a| {
+        vec![a.name.clone(), a.remote.clone(), a.connected_for.clone(), format!("{:.1} ms", a.rtt_ms)]
+    }));
+    table(&mut out, &rows);
+    let mut rows = vec![vec![
+        "SERVICE".to_owned(),
+        "AGENT".into(),
+        "LISTENS".into(),
+        "STATE".into(),
+        "OPEN".into(),
+        "TOTAL".into(),
+        "UP".into(),
+        "DOWN".into(),
+    ]];
+    rows.extend(s.services.iter().map(|r| {
+        vec![
+            r.name.clone(),
+            r.agent.clone(),
+            r.listen.clone(),
+            if r.up { "up" } else { "agent away" }.into(),
+            r.active.to_string(),
+            r.total.to_string(),
+            bytes(r.bytes_up),
+            bytes(r.bytes_down),
+        ]
+    }));
+    table(&mut out, &rows);
+    let mut rows = vec![vec!["AGENT".to_owned(), "CONTAINER".into(), "STATE".into(), "COLD START".into()]];
+    for a in &s.agents {
+        for (name, state, cold) in &a.containers {
+            rows.push(vec![
+                a.name.clone(),
+                name.clone(),
+                state.clone(),
+                cold.map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0)),
+            ]);
+        }
+    }
+    if rows.len() > 1 {
+        table(&mut out, &rows);
+    }
+    out
+}
+
+fn table(out: &mut String, rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |v| v.chars().count())).max().unwrap_or(0))
+        .collect();
+    for row in rows {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out.push('\n');
+}
