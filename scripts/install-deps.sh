@@ -7,6 +7,7 @@ set -euo pipefail
 packages=(
     iproute2 iptables conntrack procps   # network lab: namespaces, veth, NAT, conntrack, kill
     curl postgresql postgresql-client redis-server redis-tools iperf3 python3   # real servers and clients
+    chromium                              # renders the relay's status page in a test
 )
 
 missing=()

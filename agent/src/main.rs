@@ -54,7 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { config } => {
-            cli::init_tracing();
+            cli::init_tracing().map_err(anyhow::Error::msg)?;
             let agent = Agent::new(Config::load(&config)?)?;
             serve(agent);
             Ok(())

@@ -144,7 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config } => {
-            cli::init_tracing();
+            cli::init_tracing().map_err(anyhow::Error::msg)?;
             let config = Config::load(&config)?;
             serve(config)
         }

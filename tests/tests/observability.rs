@@ -43,6 +43,50 @@ fn parse(text: &str) -> Vec<(String, f64)> {
     samples
 }
 
+/// The status page in headless Chromium (Debian's `chromium`): the DOM it rendered shows the agent
+/// and the service, and the screenshot is a real PNG. Skips where Chromium is missing, outside CI.
+async fn render_in_chromium(url: &str) {
+    if std::process::Command::new("chromium").arg("--version").output().is_err() {
+        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "chromium missing in CI");
+        eprintln!("SKIPPED: chromium is not installed (apt-get install chromium)");
+        return;
+    }
+    let url = url.to_owned();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shot = dir.path().join("status.png");
+    let shot_arg = format!("--screenshot={}", shot.display());
+    let profile = format!("--user-data-dir={}", dir.path().join("profile").display());
+    let (dom, screenshot) = tokio::task::spawn_blocking(move || {
+        let chromium = |extra: &[&str]| {
+            let out = std::process::Command::new("chromium")
+                .args(["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,800", &profile])
+                .args(extra)
+                .arg(&url)
+                .output()
+                .expect("chromium runs");
+            assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        (chromium(&["--dump-dom"]), {
+            chromium(&[&shot_arg]);
+            let png = std::fs::read(&shot).expect("screenshot written");
+            if let Some(keep) = std::env::var_os("SALLYPORT_KEEP_SCREENSHOT") {
+                let _ = std::fs::write(keep, &png);
+            }
+            png
+        })
+    })
+    .await
+    .expect("chromium task");
+    assert!(dom.contains("<table id=\"agents\">") && dom.contains("<td>winbox</td>"), "{dom}");
+    assert!(dom.contains("<td>svc</td>") && dom.contains("class=\"up\">up<"), "{dom}");
+    assert!(screenshot.starts_with(b"\x89PNG") && screenshot.len() > 5_000, "{} bytes", screenshot.len());
+    println!(
+        "status page rendered by Chromium: agent and service rows present, screenshot {} bytes",
+        screenshot.len()
+    );
+}
+
 fn value(samples: &[(String, f64)], series: &str) -> f64 {
     samples.iter().find(|(s, _)| s == series).map_or(0.0, |(_, v)| *v)
 }
@@ -86,6 +130,8 @@ async fn metrics_parse_and_move_with_traffic_and_the_status_page_shows_the_agent
     println!("{text}");
     let svc_line = text.lines().find(|l| l.starts_with("svc ")).expect("service row");
     assert!(svc_line.contains(" up ") && svc_line.split_whitespace().nth(6) == Some("3"), "{svc_line}");
+
+    render_in_chromium(&format!("http://{}/", relay.admin)).await;
 
     // An agent away: the page and the gauges say so.
     agent.stop().await;

@@ -24,16 +24,21 @@ pub async fn shutdown_signal() {
 }
 
 /// Sets up logging to stderr; `RUST_LOG` overrides the default level `info`.
-pub fn init_tracing() {
+///
+/// `SALLYPORT_LOG_FORMAT=json` writes one JSON object per line (for log collectors); `text`, the
+/// default, writes readable lines. Any other value is an error naming the variable.
+pub fn init_tracing() -> Result<(), String> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr);
+    match std::env::var("SALLYPORT_LOG_FORMAT").as_deref() {
+        Err(_) | Ok("" | "text") => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        Ok("json") => builder.json().with_ansi(false).init(),
+        Ok(other) => return Err(format!("SALLYPORT_LOG_FORMAT={other:?}: expected \"text\" or \"json\"")),
+    }
+    Ok(())
 }
 
 /// Renders an error and its causes on one line, leaving out a cause whose text the message before

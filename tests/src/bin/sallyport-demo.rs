@@ -34,10 +34,14 @@ const BODY: &str = "Hello from behind the NAT: this answer came through a Sallyp
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let once = std::env::args().any(|a| a == "--once");
-    if std::env::var_os("RUST_LOG").is_some() {
-        sallyport_proto::net::cli::init_tracing();
-    }
-    let result = demo(once).await;
+    let logging = match std::env::var_os("RUST_LOG") {
+        Some(_) => sallyport_proto::net::cli::init_tracing().map_err(anyhow::Error::msg),
+        None => Ok(()),
+    };
+    let result = match logging {
+        Ok(()) => demo(once).await,
+        Err(e) => Err(e),
+    };
     sallyport_proto::net::cli::exit_on_error(result)
 }
 

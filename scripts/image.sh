@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds the relay's container image, sallyport-relay:VERSION, offline: a statically linked release
+# binary (glibc, +crt-static) copied onto an empty base (deploy/docker/Dockerfile).
+# Usage: ./scripts/image.sh [tag]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+tag=${1:-sallyport-relay:$version}
+target=x86_64-unknown-linux-gnu
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release --target "$target" -p sallyport-relay
+binary=target/$target/release/sallyport-relay
+if readelf -d "$binary" | grep -q NEEDED; then
+    echo "image.sh: $binary is not static" >&2
+    exit 1
+fi
+context=$(mktemp -d)
+trap 'rm -rf "$context"' EXIT
+cp "$binary" "$context/"
+docker build --quiet -f deploy/docker/Dockerfile -t "$tag" "$context" >/dev/null
+echo "built image $tag ($(du -h "$binary" | cut -f1) binary)"
