@@ -15,6 +15,10 @@ if readelf -d "$binary" | grep -q NEEDED; then
 fi
 context=$(mktemp -d)
 trap 'rm -rf "$context"' EXIT
-cp "$binary" "$context/"
-docker build --quiet -f deploy/docker/Dockerfile -t "$tag" "$context" >/dev/null
-echo "built image $tag ($(du -h "$binary" | cut -f1) binary)"
+# The image carries the binary without its line tables (panics still name the function).
+strip -o "$context/sallyport-relay" "$binary"
+if ! docker build -f deploy/docker/Dockerfile -t "$tag" "$context" >"$context/build.log" 2>&1; then
+    cat "$context/build.log" >&2
+    exit 1
+fi
+echo "built image $tag ($(du -h "$context/sallyport-relay" | cut -f1) static binary)"

@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo build --workspace --bins --quiet
+# The relay's container image, for the test that runs it (needs a Docker engine).
+if docker version >/dev/null 2>&1; then
+    ./scripts/image.sh
+fi
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
 exec cargo nextest run --workspace --profile "$profile" "$@"

@@ -107,6 +107,12 @@ pub fn test_image() -> String {
     std::io::Write::write_all(&mut import.stdin.take().expect("stdin"), &tarball.stdout)
         .expect("feed import");
     assert!(import.wait().expect("docker import").success(), "docker import failed");
+    // Images of earlier builds of the tool are of no further use.
+    if let Ok(out) = Command::new("docker").args(["images", "--format", "{{.Repository}}:{{.Tag}}", "sallyport-test-server"]).output() {
+        for old in String::from_utf8_lossy(&out.stdout).lines().filter(|t| *t != tag) {
+            let _ = Command::new("docker").args(["image", "rm", old]).output();
+        }
+    }
     tag
 }
 
