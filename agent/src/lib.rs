@@ -8,6 +8,7 @@ pub mod containers;
 
 mod commands;
 mod dial;
+pub mod service;
 mod tunnel;
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};

@@ -29,6 +29,34 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run as a Windows service (install, uninstall, start, stop, status).
+    Service {
+        #[command(subcommand)]
+        command: ServiceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Copy the bundle (agent.toml, certificate, key, CA) to %ProgramData%\Sallyport, restrict it
+    /// to SYSTEM and Administrators, and register the service (automatic delayed start, restart on
+    /// failure).
+    Install {
+        /// The agent.toml of the bundle to install.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Stop and remove the service (the files in %ProgramData%\Sallyport stay).
+    Uninstall,
+    Start,
+    Stop,
+    Status,
+    /// The service's entry point (the Service Control Manager starts this).
+    #[command(hide = true)]
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok", config.path.display());
             Ok(())
         }
+        Command::Service { command } => service(command),
         Command::Run { config } => {
             cli::init_tracing().map_err(anyhow::Error::msg)?;
             let agent = Agent::new(Config::load(&config)?)?;
@@ -71,4 +100,49 @@ async fn serve(agent: Agent) {
         token.cancel();
     });
     agent.run(shutdown).await;
+}
+
+#[cfg(windows)]
+fn service(command: ServiceCommand) -> anyhow::Result<()> {
+    use sallyport_agent::service::{self, windows};
+    match command {
+        ServiceCommand::Install { config } => {
+            // Validate before installing anything: a service that cannot start helps nobody.
+            Agent::new(Config::load(&config)?)?;
+            let data_dir = service::data_dir(std::env::var_os("ProgramData"));
+            let copied = service::stage_bundle(&config, &data_dir)?;
+            let installed = service::config_path(&data_dir);
+            Agent::new(Config::load(&installed)?)?;
+            let exe = std::env::current_exe()?;
+            windows::install(&exe, &installed, &data_dir)?;
+            println!(
+                "copied {} files to {} (SYSTEM and Administrators only)",
+                copied.len(),
+                data_dir.display()
+            );
+            println!("installed service {} running {}", service::SERVICE_NAME, exe.display());
+            println!("start it with: sallyport-agent service start");
+            println!("logs: {}", service::log_dir(&data_dir).display());
+            Ok(())
+        }
+        ServiceCommand::Uninstall => {
+            windows::uninstall()?;
+            println!("service {} removed", service::SERVICE_NAME);
+            Ok(())
+        }
+        ServiceCommand::Start => windows::start(),
+        ServiceCommand::Stop => windows::stop(),
+        ServiceCommand::Status => {
+            println!("{}", windows::status()?);
+            Ok(())
+        }
+        ServiceCommand::Run { config } => windows::run_dispatcher(config),
+    }
+}
+
+#[cfg(not(windows))]
+fn service(_command: ServiceCommand) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "Windows services exist on Windows only; on Linux install deploy/linux/sallyport-agent.service (systemd)"
+    )
 }

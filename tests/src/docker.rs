@@ -108,7 +108,10 @@ pub fn test_image() -> String {
         .expect("feed import");
     assert!(import.wait().expect("docker import").success(), "docker import failed");
     // Images of earlier builds of the tool are of no further use.
-    if let Ok(out) = Command::new("docker").args(["images", "--format", "{{.Repository}}:{{.Tag}}", "sallyport-test-server"]).output() {
+    if let Ok(out) = Command::new("docker")
+        .args(["images", "--format", "{{.Repository}}:{{.Tag}}", "sallyport-test-server"])
+        .output()
+    {
         for old in String::from_utf8_lossy(&out.stdout).lines().filter(|t| *t != tag) {
             let _ = Command::new("docker").args(["image", "rm", old]).output();
         }

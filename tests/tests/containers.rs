@@ -304,6 +304,8 @@ async fn relay_commands_start_stop_restart_status_and_logs_with_the_admin_token(
         let status = cli(&["container", "status", "--agent", "dock-commands", "cmd"]);
         let wrong = cli(&["container", "start", "--agent", "dock-commands", "nope"]);
         let agents = cli(&["agents"]);
+        let table = cli(&["status"]);
+        assert!(table.0 && table.1.contains("CONTAINER") && table.1.contains("cmd"), "{table:?}");
         (started, status, wrong, agents)
     })
     .await

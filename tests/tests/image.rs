@@ -19,9 +19,13 @@ use sallyport_tests::{
 const IMAGE: &str = concat!("sallyport-relay:", env!("CARGO_PKG_VERSION"));
 
 fn image_or_skip() -> bool {
-    let present = Command::new("docker").args(["image", "inspect", IMAGE]).output().is_ok_and(|o| o.status.success());
+    let present =
+        Command::new("docker").args(["image", "inspect", IMAGE]).output().is_ok_and(|o| o.status.success());
     if !present {
-        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "{IMAGE} missing in CI: ./scripts/test.sh builds it");
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{IMAGE} missing in CI: ./scripts/test.sh builds it"
+        );
         eprintln!("SKIPPED: no image {IMAGE}: build it with ./scripts/image.sh");
     }
     present
@@ -51,8 +55,22 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
     let mount_tls = format!("{}:/etc/sallyport/tls:ro", tls.path().display());
     let mount_config = format!("{}:/etc/sallyport/relay.toml:ro", overlay.display());
     docker::docker(&[
-        "run", "-d", "--name", &name, "--read-only", "--user", "65532:65532", "--cap-drop", "ALL",
-        "--security-opt", "no-new-privileges", "-v", &mount_tls, "-v", &mount_config, IMAGE,
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--read-only",
+        "--user",
+        "65532:65532",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "-v",
+        &mount_tls,
+        "-v",
+        &mount_config,
+        IMAGE,
     ]);
     let ip = docker::inspect(&name, "{{.NetworkSettings.IPAddress}}");
     let admin: SocketAddr = format!("{ip}:9090").parse().expect("admin address");
@@ -83,7 +101,8 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
     ));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, listing) = sallyport_relay::admin_client::request(admin, "GET", "/agents", None).await.expect("admin");
+        let (_, listing) =
+            sallyport_relay::admin_client::request(admin, "GET", "/agents", None).await.expect("admin");
         if listing.contains("agent winbox") {
             break;
         }
@@ -94,8 +113,12 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
         .await
         .expect("transfer through the containerized relay");
     assert_eq!((report.up, report.down), (500_000, 700_000));
-    let (_, metrics) = sallyport_relay::admin_client::request(admin, "GET", "/metrics", None).await.expect("metrics");
-    assert!(metrics.contains("sallyport_connections_total{service=\"mssql\",result=\"completed\"} 1"), "{metrics}");
+    let (_, metrics) =
+        sallyport_relay::admin_client::request(admin, "GET", "/metrics", None).await.expect("metrics");
+    assert!(
+        metrics.contains("sallyport_connections_total{service=\"mssql\",result=\"completed\"} 1"),
+        "{metrics}"
+    );
 
     // SIGTERM (what Kubernetes sends after preStop): drain, tell the agent, exit 0.
     let stopping = Instant::now();

@@ -1,0 +1,134 @@
+//! The agent as a Windows service: what `sallyport-agent service install|uninstall|start|stop|status`
+//! sets up, and the service's own entry point. The plan (names, paths, arguments, recovery actions,
+//! the ACL) is plain data built here on every platform, so it is unit-tested on Linux; the calls to
+//! the Service Control Manager are in [`windows`] and compiled for Windows only.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+/// The service's key name (`sc query sallyport-agent`).
+pub const SERVICE_NAME: &str = "sallyport-agent";
+pub const DISPLAY_NAME: &str = "Sallyport agent";
+pub const DESCRIPTION: &str =
+    "Keeps an outbound QUIC tunnel to the Sallyport relay so the homelab can reach this machine's services and containers.";
+/// The Event Log source warnings and errors are written under.
+pub const EVENT_SOURCE: &str = "Sallyport Agent";
+
+/// Where the service keeps its config, identity and logs: `%ProgramData%\Sallyport`.
+pub fn data_dir(program_data: Option<OsString>) -> PathBuf {
+    let base = program_data.map_or_else(|| PathBuf::from(r"C:\ProgramData"), PathBuf::from);
+    base.join("Sallyport")
+}
+
+/// The config the service runs with, inside [`data_dir`].
+pub fn config_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("agent.toml")
+}
+
+/// The directory of the rotating log files, inside [`data_dir`].
+pub fn log_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("logs")
+}
+
+/// The command line the Service Control Manager starts the executable with.
+pub fn launch_arguments(config: &Path) -> Vec<OsString> {
+    vec!["service".into(), "run".into(), "--config".into(), config.as_os_str().to_owned()]
+}
+
+/// What the Service Control Manager does when the service fails: restart after 5 s, 30 s, then
+/// every 60 s; the failure count resets after a day without failures.
+pub const RESTART_DELAYS: [Duration; 3] =
+    [Duration::from_secs(5), Duration::from_secs(30), Duration::from_secs(60)];
+pub const FAILURE_RESET: Duration = Duration::from_secs(24 * 3600);
+
+/// `icacls` arguments that leave `dir` (and everything created in it) to SYSTEM and the
+/// Administrators group only: inheritance from ProgramData removed, full control to the two
+/// well-known SIDs (named by SID, so the language of the Windows install does not matter).
+pub fn acl_arguments(dir: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![dir.as_os_str().to_owned()];
+    for arg in ["/inheritance:r", "/grant:r", "*S-1-5-18:(OI)(CI)F", "/grant:r", "*S-1-5-32-544:(OI)(CI)F"] {
+        args.push(arg.into());
+    }
+    args
+}
+
+/// Copies `bundle`'s agent.toml, certificate, key and CA into `data_dir` (which then holds the
+/// only copy the service reads). Returns the files copied.
+pub fn stage_bundle(bundle_config: &Path, data_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let source = bundle_config.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(data_dir)?;
+    let mut copied = Vec::new();
+    let target = config_path(data_dir);
+    if bundle_config != target {
+        std::fs::copy(bundle_config, &target)?;
+        copied.push(target);
+    }
+    for file in ["ca.crt", "agent.crt", "agent.key"] {
+        let from = source.join(file);
+        let to = data_dir.join(file);
+        if from.exists() && from != to {
+            std::fs::copy(&from, &to)?;
+            copied.push(to);
+        }
+    }
+    Ok(copied)
+}
+
+#[cfg(windows)]
+pub mod windows;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_follow_program_data() {
+        let dir = data_dir(Some(r"D:\PD".into()));
+        assert_eq!(dir, Path::new(r"D:\PD").join("Sallyport"));
+        assert_eq!(data_dir(None), Path::new(r"C:\ProgramData").join("Sallyport"));
+        assert_eq!(config_path(&dir), dir.join("agent.toml"));
+        assert_eq!(log_dir(&dir), dir.join("logs"));
+    }
+
+    #[test]
+    fn the_service_runs_the_agent_with_its_config() {
+        let args = launch_arguments(Path::new(r"C:\ProgramData\Sallyport\agent.toml"));
+        assert_eq!(args, ["service", "run", "--config", r"C:\ProgramData\Sallyport\agent.toml"]);
+    }
+
+    #[test]
+    fn the_acl_names_system_and_administrators_only() {
+        let args = acl_arguments(Path::new(r"C:\ProgramData\Sallyport"));
+        let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(args[0], r"C:\ProgramData\Sallyport");
+        assert!(
+            args.contains(&"/inheritance:r".to_owned()),
+            "no inherited access (Users can read ProgramData)"
+        );
+        let grants: Vec<&String> = args.iter().filter(|a| a.starts_with('*')).collect();
+        assert_eq!(grants, ["*S-1-5-18:(OI)(CI)F", "*S-1-5-32-544:(OI)(CI)F"]);
+        assert_eq!(args.iter().filter(|a| *a == "/grant:r").count(), 2, "grants replace, not add");
+    }
+
+    #[test]
+    fn recovery_restarts_with_growing_delays() {
+        assert!(RESTART_DELAYS.windows(2).all(|w| w[0] < w[1]));
+        assert!(FAILURE_RESET >= Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_bundle_is_staged_into_the_data_dir() {
+        let bundle = tempfile::tempdir().expect("tempdir");
+        for f in ["agent.toml", "ca.crt", "agent.crt", "agent.key"] {
+            std::fs::write(bundle.path().join(f), f).expect("write");
+        }
+        let data = tempfile::tempdir().expect("tempdir");
+        let dir = data.path().join("Sallyport");
+        let copied = stage_bundle(&bundle.path().join("agent.toml"), &dir).expect("staged");
+        assert_eq!(copied.len(), 4);
+        assert_eq!(std::fs::read_to_string(dir.join("agent.key")).expect("key"), "agent.key");
+    }
+}

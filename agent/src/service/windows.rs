@@ -1,0 +1,265 @@
+//! The Service Control Manager side: install (automatic, delayed start; restart on failure),
+//! uninstall, start, stop, status, and the service entry point, which runs the agent until the
+//! SCM says stop or shutdown and then shuts it down gracefully.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use tokio_util::sync::CancellationToken;
+use windows_service::{
+    define_windows_service,
+    service::{
+        ServiceAccess, ServiceAction, ServiceActionType, ServiceControl, ServiceControlAccept,
+        ServiceErrorControl, ServiceExitCode, ServiceFailureActions, ServiceFailureResetPeriod, ServiceInfo,
+        ServiceStartType, ServiceState, ServiceStatus, ServiceType,
+    },
+    service_control_handler::{self, ServiceControlHandlerResult},
+    service_dispatcher,
+    service_manager::{ServiceManager, ServiceManagerAccess},
+};
+
+use super::{
+    acl_arguments, launch_arguments, log_dir, DESCRIPTION, DISPLAY_NAME, EVENT_SOURCE, FAILURE_RESET,
+    RESTART_DELAYS, SERVICE_NAME,
+};
+use crate::{Agent, Config};
+
+/// The config the dispatcher's entry point runs with (set before the dispatcher starts).
+static CONFIG: OnceLock<PathBuf> = OnceLock::new();
+
+/// Registers the service: starts with Windows (delayed, after the network and Docker Desktop's
+/// engine had a chance), restarts on failure, runs as LocalSystem with `config`.
+pub fn install(exe: &Path, config: &Path, data_dir: &Path) -> anyhow::Result<()> {
+    restrict(data_dir)?;
+    let manager = ServiceManager::local_computer(
+        None::<&str>,
+        ServiceManagerAccess::CONNECT | ServiceManagerAccess::CREATE_SERVICE,
+    )?;
+    let info = ServiceInfo {
+        name: SERVICE_NAME.into(),
+        display_name: DISPLAY_NAME.into(),
+        service_type: ServiceType::OWN_PROCESS,
+        start_type: ServiceStartType::AutoStart,
+        error_control: ServiceErrorControl::Normal,
+        executable_path: exe.to_owned(),
+        launch_arguments: launch_arguments(config),
+        dependencies: vec![],
+        account_name: None,
+        account_password: None,
+    };
+    let service = manager.create_service(&info, ServiceAccess::CHANGE_CONFIG | ServiceAccess::START)?;
+    service.set_description(DESCRIPTION)?;
+    service.set_delayed_auto_start(true)?;
+    let actions = RESTART_DELAYS
+        .iter()
+        .map(|delay| ServiceAction { action_type: ServiceActionType::Restart, delay: *delay })
+        .collect();
+    service.update_failure_actions(ServiceFailureActions {
+        reset_period: ServiceFailureResetPeriod::After(FAILURE_RESET),
+        reboot_msg: None,
+        command: None,
+        actions: Some(actions),
+    })?;
+    // An exit with an error code counts as a failure too, not only a crash.
+    service.set_failure_actions_on_non_crash_failures(true)?;
+    if let Err(e) = winlog2::register(EVENT_SOURCE) {
+        tracing::warn!(error = %e, "cannot register the Event Log source; warnings go to the log file only");
+    }
+    Ok(())
+}
+
+/// Removes the service (stopping it first) and its Event Log source.
+pub fn uninstall() -> anyhow::Result<()> {
+    let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)?;
+    let service = manager.open_service(
+        SERVICE_NAME,
+        ServiceAccess::QUERY_STATUS | ServiceAccess::STOP | ServiceAccess::DELETE,
+    )?;
+    if service.query_status()?.current_state != ServiceState::Stopped {
+        let _ = service.stop();
+    }
+    service.delete()?;
+    let _ = winlog2::deregister(EVENT_SOURCE);
+    Ok(())
+}
+
+pub fn start() -> anyhow::Result<()> {
+    let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)?;
+    let service = manager.open_service(SERVICE_NAME, ServiceAccess::START)?;
+    service.start::<&str>(&[])?;
+    Ok(())
+}
+
+pub fn stop() -> anyhow::Result<()> {
+    let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)?;
+    let service = manager.open_service(SERVICE_NAME, ServiceAccess::STOP)?;
+    service.stop()?;
+    Ok(())
+}
+
+/// One line: the service's state as the SCM reports it.
+pub fn status() -> anyhow::Result<String> {
+    let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)?;
+    let service =
+        manager.open_service(SERVICE_NAME, ServiceAccess::QUERY_STATUS | ServiceAccess::QUERY_CONFIG)?;
+    let status = service.query_status()?;
+    let config = service.query_config()?;
+    Ok(format!(
+        "{SERVICE_NAME}: {:?} (start {:?}, {})",
+        status.current_state,
+        config.start_type,
+        config.executable_path.display()
+    ))
+}
+
+/// Leaves `dir` to SYSTEM and Administrators (see [`acl_arguments`]).
+fn restrict(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let out = std::process::Command::new("icacls").args(acl_arguments(dir)).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "icacls {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    Ok(())
+}
+
+define_windows_service!(ffi_service_main, service_main);
+
+/// Hands the process to the Service Control Manager, which calls the entry point below.
+pub fn run_dispatcher(config: PathBuf) -> anyhow::Result<()> {
+    let _ = CONFIG.set(config);
+    service_dispatcher::start(SERVICE_NAME, ffi_service_main)?;
+    Ok(())
+}
+
+fn service_main(_arguments: Vec<OsString>) {
+    if let Err(e) = run_service() {
+        tracing::error!(error = %e, "service failed");
+    }
+}
+
+fn service_status(state: ServiceState, exit: u32, wait: Duration) -> ServiceStatus {
+    ServiceStatus {
+        service_type: ServiceType::OWN_PROCESS,
+        current_state: state,
+        controls_accepted: if state == ServiceState::Running {
+            ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN
+        } else {
+            ServiceControlAccept::empty()
+        },
+        exit_code: ServiceExitCode::Win32(exit),
+        checkpoint: 0,
+        wait_hint: wait,
+        process_id: None,
+    }
+}
+
+fn run_service() -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let on_control = stop.clone();
+    let handle = service_control_handler::register(SERVICE_NAME, move |control| match control {
+        ServiceControl::Stop | ServiceControl::Shutdown => {
+            on_control.cancel();
+            ServiceControlHandlerResult::NoError
+        }
+        ServiceControl::Interrogate => ServiceControlHandlerResult::NoError,
+        _ => ServiceControlHandlerResult::NotImplemented,
+    })?;
+    handle.set_service_status(service_status(ServiceState::StartPending, 0, Duration::from_secs(10)))?;
+    let config_path = CONFIG.get().cloned().unwrap_or_else(|| super::config_path(&super::data_dir(None)));
+    let data_dir = config_path.parent().map(Path::to_owned).unwrap_or_else(|| super::data_dir(None));
+    let _logging = logging::init(&log_dir(&data_dir));
+    let outcome = Config::load(&config_path)
+        .map_err(anyhow::Error::from)
+        .and_then(|config| Agent::new(config).map_err(anyhow::Error::from));
+    let agent = match outcome {
+        Ok(agent) => agent,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the agent");
+            // A non-zero exit: the recovery actions retry (a config fixed meanwhile is picked up).
+            handle.set_service_status(service_status(ServiceState::Stopped, 1, Duration::ZERO))?;
+            return Ok(());
+        }
+    };
+    handle.set_service_status(service_status(ServiceState::Running, 0, Duration::ZERO))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let drained = stop.clone();
+    runtime.block_on(async move {
+        let stopping = drained.clone();
+        tokio::spawn(async move {
+            stopping.cancelled().await;
+            tracing::info!("service stop requested: shutting down");
+        });
+        agent.run(drained).await;
+    });
+    handle.set_service_status(service_status(ServiceState::Stopped, 0, Duration::ZERO))?;
+    Ok(())
+}
+
+/// The service's logging: everything to a daily log file under `logs\` (seven kept), warnings and
+/// errors also to the Event Log (source "Sallyport Agent").
+mod logging {
+    use std::path::Path;
+
+    use tracing::{field::Visit, Level};
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
+
+    use super::EVENT_SOURCE;
+
+    pub(super) fn init(dir: &Path) -> Option<()> {
+        let appender = tracing_appender::rolling::Builder::new()
+            .rotation(tracing_appender::rolling::Rotation::DAILY)
+            .filename_prefix("agent")
+            .filename_suffix("log")
+            .max_log_files(7)
+            .build(dir)
+            .ok()?;
+        let event_log = winlog2::init(EVENT_SOURCE).is_ok();
+        log::set_max_level(log::LevelFilter::Warn);
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        let file = tracing_subscriber::fmt::layer().with_ansi(false).with_target(false).with_writer(appender);
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(file)
+            .with(event_log.then_some(EventLog))
+            .try_init()
+            .ok()
+    }
+
+    /// Forwards warnings and errors to the Event Log.
+    struct EventLog;
+
+    impl<S: tracing::Subscriber> Layer<S> for EventLog {
+        fn on_event(&self, event: &tracing::Event<'_>, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+            let level = *event.metadata().level();
+            if level > Level::WARN {
+                return;
+            }
+            let mut text = Text(String::new());
+            event.record(&mut text);
+            if level == Level::ERROR {
+                log::error!(target: "sallyport", "{}", text.0);
+            } else {
+                log::warn!(target: "sallyport", "{}", text.0);
+            }
+        }
+    }
+
+    struct Text(String);
+
+    impl Visit for Text {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0.insert_str(0, &format!("{value:?}"));
+            } else {
+                self.0.push_str(&format!(" {}={value:?}", field.name()));
+            }
+        }
+    }
+}
