@@ -8,6 +8,7 @@ pub mod containers;
 
 mod commands;
 mod dial;
+pub mod enroll;
 pub mod service;
 mod tunnel;
 

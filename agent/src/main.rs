@@ -29,6 +29,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Redeem a join token (from `sallyport-relay token create`): generate this agent's key,
+    /// get its certificate from the relay, and write agent.key, agent.crt, ca.crt and (if missing)
+    /// agent.toml into DIR.
+    Enroll {
+        token: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Run as a Windows service (install, uninstall, start, stop, status).
     Service {
         #[command(subcommand)]
@@ -82,6 +90,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Service { command } => service(command),
+        Command::Enroll { token, dir } => {
+            let enrolled = enroll(&token, &dir)?;
+            println!("enrolled as agent {:?}; identity in {}", enrolled.agent, enrolled.dir.display());
+            if enrolled.config_written {
+                println!(
+                    "wrote {}: add your services, then: sallyport-agent run --config {}",
+                    enrolled.config.display(),
+                    enrolled.config.display()
+                );
+            } else {
+                println!("{} exists and was left as it is", enrolled.config.display());
+            }
+            Ok(())
+        }
         Command::Run { config } => {
             cli::init_tracing().map_err(anyhow::Error::msg)?;
             let agent = Agent::new(Config::load(&config)?)?;
@@ -145,4 +167,9 @@ fn service(_command: ServiceCommand) -> anyhow::Result<()> {
     anyhow::bail!(
         "Windows services exist on Windows only; on Linux install deploy/linux/sallyport-agent.service (systemd)"
     )
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn enroll(token: &str, dir: &std::path::Path) -> anyhow::Result<sallyport_agent::enroll::Enrolled> {
+    Ok(sallyport_agent::enroll::enroll(token, dir).await?)
 }

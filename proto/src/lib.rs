@@ -11,6 +11,7 @@
 
 pub mod codes;
 pub mod control;
+pub mod enroll;
 pub mod frame;
 pub mod stream;
 

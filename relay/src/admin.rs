@@ -58,6 +58,10 @@ async fn respond(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response
             (StatusCode::OK, "text/html; charset=utf-8", status::html(&status::snapshot(&shared)))
         }
         (&Method::GET, "/status.txt") => (StatusCode::OK, text, status::text(&status::snapshot(&shared))),
+        (_, p) if p == "/tokens" || p.starts_with("/tokens/") => {
+            let (status, body) = tokens(&req, &shared);
+            (status, text, body)
+        }
         (&Method::POST, p) if p.starts_with("/agents/") => {
             let (status, body) = container_command(&req, &shared).await;
             (status, text, body)
@@ -96,10 +100,14 @@ fn agent_listing(shared: &Shared) -> String {
     out
 }
 
-/// `POST /agents/AGENT/containers/NAME/ACTION[?tail=N]`, with the admin bearer token.
-async fn container_command(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
+/// Operator calls need `Authorization: Bearer <relay.admin_token_file>`; without a configured token
+/// they are off.
+fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<(), (StatusCode, String)> {
     let Some(expected) = &shared.admin_token else {
-        return (StatusCode::FORBIDDEN, "container commands are off: set relay.admin_token_file\n".into());
+        return Err((
+            StatusCode::FORBIDDEN,
+            "operator commands are off: set relay.admin_token_file\n".into(),
+        ));
     };
     let presented = req
         .headers()
@@ -107,8 +115,65 @@ async fn container_command(req: &Request<Incoming>, shared: &Shared) -> (StatusC
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !tokens_match(presented, expected) {
-        return (StatusCode::UNAUTHORIZED, "missing or wrong admin token\n".into());
+    if !crate::constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+        return Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token\n".into()));
+    }
+    Ok(())
+}
+
+fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// `GET /tokens`, `POST /tokens?agent=NAME&ttl_secs=N` (answers `ID SECRET_HEX`),
+/// `POST /tokens/ID/revoke`; all with the admin bearer token.
+fn tokens(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
+    if let Err(refusal) = authorize(req, shared) {
+        return refusal;
+    }
+    let Some(enrollment) = &shared.enrollment else {
+        return (StatusCode::FORBIDDEN, "enrollment is off: set relay.ca_key\n".into());
+    };
+    let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
+    match (req.method(), parts.as_slice()) {
+        (&Method::GET, ["tokens"]) => {
+            let mut out = String::new();
+            for t in enrollment.tokens.list() {
+                out.push_str(&format!(
+                    "{:016x} agent={} state={:?} created={} expires={}\n",
+                    t.id, t.agent, t.state, t.created_unix, t.expires_unix
+                ));
+            }
+            (StatusCode::OK, out)
+        }
+        (&Method::POST, ["tokens"]) => {
+            let Some(agent) = query(req, "agent").filter(|a| sallyport_proto::is_valid_name(a)) else {
+                return (StatusCode::BAD_REQUEST, "agent=NAME (a valid agent name) is required\n".into());
+            };
+            let ttl = query(req, "ttl_secs").and_then(|t| t.parse::<u64>().ok()).unwrap_or(86_400);
+            if !(1..=30 * 86_400).contains(&ttl) {
+                return (StatusCode::BAD_REQUEST, "ttl_secs must be 1 s to 30 days\n".into());
+            }
+            let (id, secret) = enrollment.tokens.create(agent, Duration::from_secs(ttl));
+            let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            tracing::info!(agent, token = format!("{id:016x}"), ttl_secs = ttl, "join token created");
+            (StatusCode::OK, format!("{id:016x} {secret}\n"))
+        }
+        (&Method::POST, ["tokens", id, "revoke"]) => match u64::from_str_radix(id, 16) {
+            Ok(id) if enrollment.tokens.revoke(id) => {
+                tracing::info!(token = format!("{id:016x}"), "join token revoked");
+                (StatusCode::OK, format!("{id:016x} revoked\n"))
+            }
+            _ => (StatusCode::NOT_FOUND, format!("no token {id}\n")),
+        },
+        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// `POST /agents/AGENT/containers/NAME/ACTION[?tail=N]`, with the admin bearer token.
+async fn container_command(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
+    if let Err(refusal) = authorize(req, shared) {
+        return refusal;
     }
     let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
     let ["agents", agent, "containers", container, action] = parts.as_slice() else {
@@ -134,10 +199,4 @@ async fn container_command(req: &Request<Incoming>, shared: &Shared) -> (StatusC
         }
         Err(e) => (StatusCode::BAD_GATEWAY, format!("{e}\n")),
     }
-}
-
-/// Compares tokens in time independent of where they differ.
-fn tokens_match(presented: &str, expected: &str) -> bool {
-    let (a, b) = (presented.as_bytes(), expected.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

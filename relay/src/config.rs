@@ -28,6 +28,12 @@ pub struct Config {
     /// File holding the bearer token the admin API wants for container commands; without one,
     /// commands are refused (reads stay open).
     pub admin_token_file: Option<PathBuf>,
+    /// The CA's private key: with it (and an admin token) the relay enrolls agents with join tokens.
+    pub ca_key: Option<PathBuf>,
+    /// Where join tokens are kept across restarts; in memory only when unset.
+    pub tokens_file: Option<PathBuf>,
+    /// Validity of the certificates the relay issues to enrolling agents.
+    pub agent_cert_validity: Duration,
     pub tls: TlsFiles,
     pub limits: Limits,
     /// Services by name.
@@ -144,6 +150,15 @@ impl Config {
             listen: r.listen,
             admin: r.admin,
             admin_token_file: r.admin_token_file.map(|f| conf::resolve(path, &f)),
+            ca_key: r.ca_key.map(|f| conf::resolve(path, &f)),
+            tokens_file: r.tokens_file.map(|f| conf::resolve(path, &f)),
+            agent_cert_validity: conf::duration_in(
+                path,
+                "relay.agent_cert_validity",
+                r.agent_cert_validity.0,
+                Duration::from_secs(3600),
+                Duration::from_secs(10 * 365 * 86_400),
+            )?,
             tls: TlsFiles {
                 ca_cert: conf::resolve(path, &r.ca_cert),
                 cert: conf::resolve(path, &r.cert),
@@ -183,6 +198,10 @@ struct RawRelay {
     #[serde(default = "default_admin")]
     admin: SocketAddr,
     admin_token_file: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+    tokens_file: Option<PathBuf>,
+    #[serde(default = "default_agent_cert_validity")]
+    agent_cert_validity: HumanDuration,
     ca_cert: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -211,6 +230,10 @@ struct RawService {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 4433))
 }
+fn default_agent_cert_validity() -> HumanDuration {
+    HumanDuration(Duration::from_secs(365 * 86_400))
+}
+
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9090))
 }

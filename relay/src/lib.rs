@@ -12,6 +12,7 @@ pub mod registry;
 
 mod admin;
 pub mod admin_client;
+mod enroll;
 pub mod manifests;
 mod metrics;
 mod status;
@@ -57,6 +58,8 @@ pub enum StartError {
     Runtime,
     #[error("{}: admin token: {reason}", path.display())]
     AdminToken { path: std::path::PathBuf, reason: String },
+    #[error("enrollment: {0}")]
+    Enrollment(String),
 }
 
 /// State shared by every task of one relay.
@@ -77,6 +80,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: metrics::Metrics,
     /// Each service listener's bound address (the configured port may be 0).
     pub(crate) bound: BTreeMap<String, SocketAddr>,
+    /// Join tokens and the CA that signs enrolling agents' keys; `None`: enrollment is off.
+    pub(crate) enrollment: Option<enroll::Enrollment>,
 }
 
 /// A relay with its sockets bound, ready to [`run`](Relay::run).
@@ -93,8 +98,22 @@ impl Relay {
     /// the admin listener. Nothing is accepted until [`run`](Relay::run).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let tls = config.tls.load()?;
-        let crypto =
-            tls::server_crypto(tls.roots, tls.identity, &[ALPN_TUNNEL]).map_err(StartError::Crypto)?;
+        let admin_token = load_admin_token(&config)?;
+        let enrollment = load_enrollment(&config, admin_token.is_some())?;
+        let crypto = if enrollment.is_some() {
+            // Enrolling agents have no certificate yet and pin the CA by hash: send it along.
+            let mut identity = tls.identity;
+            identity.chain.push(tls.ca.clone());
+            tls::server_crypto_with(
+                tls.roots,
+                identity,
+                &[ALPN_TUNNEL, sallyport_proto::enroll::ALPN_ENROLL],
+                tls::ClientCerts::Optional,
+            )
+        } else {
+            tls::server_crypto(tls.roots, tls.identity, &[ALPN_TUNNEL])
+        }
+        .map_err(StartError::Crypto)?;
         let mut server = quinn::ServerConfig::with_crypto(crypto);
         server
             .transport_config(transport::relay(config.limits.idle_timeout, config.limits.congestion))
@@ -124,7 +143,6 @@ impl Relay {
         let admin =
             TcpListener::bind(config.admin).await.map_err(bind_err("the admin server", config.admin))?;
 
-        let admin_token = load_admin_token(&config)?;
         let connection_limit = Arc::new(Semaphore::new(config.limits.max_connections));
         let shared = Arc::new(Shared {
             config,
@@ -136,6 +154,7 @@ impl Relay {
             admin_token,
             next_command: std::sync::atomic::AtomicU64::new(fastrand::u64(..u64::MAX / 2)),
             metrics: metrics::Metrics::default(),
+            enrollment,
             bound: listeners
                 .iter()
                 .filter_map(|(s, l): &(Arc<config::Service>, TcpListener)| {
@@ -271,4 +290,70 @@ pub fn load_admin_token(config: &Config) -> Result<Option<String>, StartError> {
         return Err(fail("must hold one token of at least 16 characters, no spaces".into()));
     }
     Ok(Some(token.to_owned()))
+}
+
+/// Enrollment is on when `relay.ca_key` is set; tokens are made through the admin API, so it also
+/// needs the admin token.
+fn load_enrollment(config: &Config, has_admin_token: bool) -> Result<Option<enroll::Enrollment>, StartError> {
+    let Some(key_path) = &config.ca_key else { return Ok(None) };
+    if !has_admin_token {
+        return Err(StartError::Enrollment(
+            "relay.ca_key turns enrollment on, which needs relay.admin_token_file (tokens are made through the admin API)".into(),
+        ));
+    }
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| StartError::Enrollment(format!("{}: cannot read: {e}", path.display())))
+    };
+    let ca = pki::Ca::from_pem(&read(&config.tls.ca_cert)?, &read(key_path)?)
+        .map_err(|e| StartError::Enrollment(format!("{}: {e}", key_path.display())))?;
+    let tokens = enroll::TokenStore::open(config.tokens_file.clone()).map_err(StartError::Enrollment)?;
+    Ok(Some(enroll::Enrollment { ca, tokens, validity: config.agent_cert_validity }))
+}
+
+/// Compares secrets in time independent of where they differ (lengths are not secret here).
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Builds the join token string from the admin API's answer to `POST /tokens` (`ID SECRET_HEX`):
+/// adds the relay addresses agents dial (default: the relay certificate's first name, port 443),
+/// the name its certificate carries, and the SHA-256 of the CA certificate.
+pub fn join_token(config: &Config, relays: &[String], created: &str) -> Result<String, String> {
+    let mut words = created.split_whitespace();
+    let (Some(id), Some(secret)) = (words.next(), words.next()) else {
+        return Err(format!("unexpected answer from the admin API: {created:?}"));
+    };
+    let id = u64::from_str_radix(id, 16).map_err(|e| format!("token id {id:?}: {e}"))?;
+    let secret: Vec<u8> = (0..secret.len())
+        .step_by(2)
+        .map(|i| secret.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<_>>()
+        .ok_or("malformed token secret from the admin API")?;
+    let secret: [u8; 32] = secret.try_into().map_err(|_| "token secret is not 32 bytes".to_owned())?;
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+    };
+    let ca = tls::certs_from_pem(&read(&config.tls.ca_cert)?, "CA file").map_err(|e| e.to_string())?;
+    let relay_cert =
+        tls::certs_from_pem(&read(&config.tls.cert)?, "relay certificate").map_err(|e| e.to_string())?;
+    let info = tls::inspect(&relay_cert[0]).map_err(|e| e.to_string())?;
+    let server_name = info.sans.first().cloned().ok_or("the relay certificate has no name")?;
+    let relays = if relays.is_empty() {
+        vec![if server_name.contains(':') {
+            format!("[{server_name}]:443")
+        } else {
+            format!("{server_name}:443")
+        }]
+    } else {
+        relays.to_vec()
+    };
+    let token = sallyport_proto::enroll::JoinToken {
+        relays,
+        server_name,
+        ca_sha256: tls::cert_sha256(&ca[0]),
+        id,
+        secret,
+    };
+    Ok(token.encode())
 }

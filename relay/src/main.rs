@@ -62,6 +62,12 @@ enum Command {
         #[arg(long, short, default_value = "relay.toml")]
         config: PathBuf,
     },
+    /// Join tokens: one string an agent redeems once with `sallyport-agent enroll` (needs
+    /// relay.ca_key and relay.admin_token_file on the running relay).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// List the connected agents, their services and their containers (through the admin API).
     Agents {
         #[arg(long, short, default_value = "relay.toml")]
@@ -103,6 +109,35 @@ enum AgentCommand {
         /// Certificate lifetime, e.g. "365d".
         #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
         valid_for: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token for agent NAME and print it.
+    Create {
+        #[arg(long)]
+        agent: String,
+        /// How long the token may be redeemed, e.g. "24h" (at most 30 days).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// An address agents dial, HOST:PORT (repeat for several; default: the relay
+        /// certificate's first name, port 443).
+        #[arg(long = "relay")]
+        relays: Vec<String>,
+        #[arg(long, short, default_value = "relay.toml")]
+        config: PathBuf,
+    },
+    /// List tokens (id, agent, state, expiry); secrets are never shown again.
+    List {
+        #[arg(long, short, default_value = "relay.toml")]
+        config: PathBuf,
+    },
+    /// Revoke a token by its id.
+    Revoke {
+        id: String,
+        #[arg(long, short, default_value = "relay.toml")]
+        config: PathBuf,
     },
 }
 
@@ -158,6 +193,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { config } => {
             let config = Config::load(&config)?;
             print!("{}", admin_call(&config, "GET", "/status.txt".into(), false)?);
+            Ok(())
+        }
+        Command::Token { command: TokenCommand::Create { agent, ttl, relays, config } } => {
+            let config = Config::load(&config)?;
+            let path = format!("/tokens?agent={agent}&ttl_secs={}", ttl.as_secs());
+            let created = admin_call(&config, "POST", path, true)?;
+            println!(
+                "{}",
+                sallyport_relay::join_token(&config, &relays, &created).map_err(anyhow::Error::msg)?
+            );
+            eprintln!(
+                "join token for agent {agent:?}, valid {} and once; on the agent machine: sallyport-agent enroll TOKEN",
+                humantime::format_duration(ttl)
+            );
+            Ok(())
+        }
+        Command::Token { command: TokenCommand::List { config } } => {
+            let config = Config::load(&config)?;
+            print!("{}", admin_call(&config, "GET", "/tokens".into(), true)?);
+            Ok(())
+        }
+        Command::Token { command: TokenCommand::Revoke { id, config } } => {
+            let config = Config::load(&config)?;
+            print!("{}", admin_call(&config, "POST", format!("/tokens/{id}/revoke"), true)?);
             Ok(())
         }
         Command::Agents { config } => {

@@ -134,6 +134,28 @@ impl Ca {
         self.sign(params, validity)
     }
 
+    /// Issues a client certificate for agent `name` to the public key of `csr_pem` (the agent's
+    /// own key, which never leaves it). Only the key is taken from the request: the name, usages
+    /// and validity are the relay's.
+    pub fn issue_agent_for_csr(
+        &self,
+        name: &str,
+        csr_pem: &str,
+        validity: Duration,
+    ) -> Result<String, PkiError> {
+        if !sallyport_proto::is_valid_name(name) {
+            return Err(PkiError::Name(name.to_owned()));
+        }
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = CertificateParams::new(vec![name.to_owned()])?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, validity)?;
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+    }
+
     fn sign(&self, mut params: CertificateParams, validity: Duration) -> Result<Issued, PkiError> {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;

@@ -68,6 +68,17 @@ async fn handle_incoming(incoming: Incoming, shared: Arc<Shared>) {
             return;
         }
     };
+    let alpn = connection
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    if alpn.as_deref() == Some(sallyport_proto::enroll::ALPN_ENROLL) {
+        match &shared.enrollment {
+            Some(enrollment) => crate::enroll::serve(connection, enrollment).await,
+            None => connection.close(code(close::REFUSED), b"enrollment is off"),
+        }
+        return;
+    }
     let name = match agent_name(&connection) {
         Ok(name) => name,
         Err(reason) => {

@@ -91,8 +91,31 @@ pub fn server_crypto(
     identity: Identity,
     alpn: &[&[u8]],
 ) -> Result<Arc<QuicServerConfig>, TlsError> {
+    server_crypto_with(roots, identity, alpn, ClientCerts::Required)
+}
+
+/// Whether the relay's handshake demands a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCerts {
+    Required,
+    /// A client may come without one (to enroll); one it does present must still chain to the
+    /// CA. The relay then admits certificate-less connections to enrollment only.
+    Optional,
+}
+
+/// [`server_crypto`] with the client-certificate policy spelled out.
+pub fn server_crypto_with(
+    roots: Arc<RootCertStore>,
+    identity: Identity,
+    alpn: &[&[u8]],
+    client_certs: ClientCerts,
+) -> Result<Arc<QuicServerConfig>, TlsError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).build()?;
+    let builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    let verifier = match client_certs {
+        ClientCerts::Required => builder.build()?,
+        ClientCerts::Optional => builder.allow_unauthenticated().build()?,
+    };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Identity)?
@@ -119,6 +142,94 @@ pub fn client_crypto(
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.enable_early_data = false;
     Ok(Arc::new(QuicClientConfig::try_from(config)?))
+}
+
+/// Client crypto for enrollment: no client certificate, and the relay is trusted only if its chain
+/// includes a CA certificate whose SHA-256 is `ca_sha256` and the leaf verifies against that CA
+/// for the server name. Anything else fails the handshake, before a byte of the request is sent.
+pub fn pinned_client_crypto(ca_sha256: [u8; 32], alpn: &[&[u8]]) -> Result<Arc<QuicClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedCa { ca_sha256, provider: provider.clone() });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Identity)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.enable_early_data = false;
+    Ok(Arc::new(QuicClientConfig::try_from(config)?))
+}
+
+/// SHA-256 of a DER certificate.
+pub fn cert_sha256(der: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// Verifies the relay against the CA certificate pinned by hash (see [`pinned_client_crypto`]).
+#[derive(Debug)]
+struct PinnedCa {
+    ca_sha256: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ca = intermediates.iter().find(|c| cert_sha256(c) == self.ca_sha256).ok_or_else(|| {
+            rustls::Error::General("the relay's CA does not match the join token's CA hash".into())
+        })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Checks that `name` can be used as a TLS server name (a DNS name or an IP address).
@@ -201,6 +312,8 @@ pub struct TlsFiles {
 /// peer. The key is checked against the certificate when a TLS configuration is built from it.
 #[derive(Debug)]
 pub struct LoadedTls {
+    /// The CA certificate (DER), for a chain that lets enrolling agents pin it.
+    pub ca: CertificateDer<'static>,
     pub roots: Arc<RootCertStore>,
     pub identity: Identity,
     pub leaf: CertInfo,
@@ -233,7 +346,8 @@ impl TlsFiles {
         verify_issued_by(leaf, &ca[0])
             .map_err(|e| fail(&self.cert, format!("{e} (CA {})", self.ca_cert.display())))?;
         let leaf = inspect(leaf).map_err(|e| fail(&self.cert, e.to_string()))?;
-        Ok(LoadedTls { roots, identity, leaf, key_pem })
+        let ca = ca.into_iter().next().ok_or_else(|| fail(&self.ca_cert, "no certificate".into()))?;
+        Ok(LoadedTls { ca, roots, identity, leaf, key_pem })
     }
 }
 

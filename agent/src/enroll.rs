@@ -1,0 +1,173 @@
+//! `sallyport-agent enroll TOKEN`: turns a join token into this agent's identity. The key is
+//! generated here and never leaves; the relay is trusted only if its CA matches the token's hash,
+//! checked in the TLS handshake before the token's secret is sent.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use quinn::Endpoint;
+use sallyport_proto::{
+    enroll::{EnrollRequest, EnrollResponse, JoinToken, TokenError, ALPN_ENROLL, MAX_ENROLL_FRAME},
+    net::{read_frame, tls, transport, write_frame},
+};
+
+/// What enrollment wrote.
+#[derive(Debug)]
+pub struct Enrolled {
+    pub agent: String,
+    pub dir: PathBuf,
+    /// The agent.toml the identity belongs with.
+    pub config: PathBuf,
+    /// Whether agent.toml was written now (an existing one is left as it is).
+    pub config_written: bool,
+    pub not_after_unix: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("the relay at {0} does not present the CA the join token names: the token was not sent")]
+    WrongRelay(String),
+    #[error("cannot reach a relay of the token ({0})")]
+    Unreachable(String),
+    #[error("the relay refused the join token: {0}")]
+    Refused(String),
+    #[error("enrollment failed: {0}")]
+    Protocol(String),
+    #[error("{}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Redeems `token` and writes `agent.key`, `agent.crt`, `ca.crt` and (if missing) `agent.toml`
+/// into `dir`.
+pub async fn enroll(token: &str, dir: &Path) -> Result<Enrolled, EnrollError> {
+    let token = JoinToken::decode(token)?;
+    let key = rcgen::KeyPair::generate().map_err(|e| EnrollError::Protocol(e.to_string()))?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|params| params.serialize_request(&key))
+        .and_then(|csr| csr.pem())
+        .map_err(|e| EnrollError::Protocol(format!("cannot make a certificate request: {e}")))?;
+    let request = EnrollRequest { token_id: token.id, secret: token.secret, csr_pem: csr };
+
+    let crypto = tls::pinned_client_crypto(token.ca_sha256, &[ALPN_ENROLL])
+        .map_err(|e| EnrollError::Protocol(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(crypto);
+    client.transport_config(transport::agent(
+        Duration::from_secs(2),
+        Duration::from_secs(10),
+        transport::Congestion::default(),
+    ));
+    let mut failures = Vec::new();
+    for relay in &token.relays {
+        match redeem(relay, &token.server_name, &client, &request).await {
+            Ok(response) => return write_identity(response, &key.serialize_pem(), &token, dir),
+            Err(e @ (EnrollError::WrongRelay(_) | EnrollError::Refused(_))) => return Err(e),
+            Err(e) => failures.push(format!("{relay}: {e}")),
+        }
+    }
+    Err(EnrollError::Unreachable(failures.join("; ")))
+}
+
+async fn redeem(
+    relay: &str,
+    server_name: &str,
+    client: &quinn::ClientConfig,
+    request: &EnrollRequest,
+) -> Result<EnrollResponse, EnrollError> {
+    let addr: SocketAddr = tokio::net::lookup_host(relay)
+        .await
+        .map_err(|e| EnrollError::Unreachable(e.to_string()))?
+        .next()
+        .ok_or_else(|| EnrollError::Unreachable("no address".into()))?;
+    let bind: SocketAddr =
+        if addr.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let endpoint = Endpoint::client(bind).map_err(|e| EnrollError::Unreachable(e.to_string()))?;
+    let connecting = endpoint
+        .connect_with(client.clone(), addr, server_name)
+        .map_err(|e| EnrollError::Unreachable(e.to_string()))?;
+    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Err(_) => return Err(EnrollError::Unreachable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+        Ok(Err(e)) if e.to_string().contains("CA does not match") => {
+            return Err(EnrollError::WrongRelay(relay.to_owned()))
+        }
+        Ok(Err(e)) => return Err(EnrollError::Unreachable(e.to_string())),
+        Ok(Ok(connection)) => connection,
+    };
+    let exchange = async {
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        write_frame(&mut send, request, MAX_ENROLL_FRAME).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let mut buf = Vec::new();
+        read_frame::<EnrollResponse>(&mut recv, MAX_ENROLL_FRAME, &mut buf)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "the relay closed without answering".to_owned())
+    };
+    let response = tokio::time::timeout(Duration::from_secs(15), exchange)
+        .await
+        .map_err(|_| EnrollError::Protocol("no answer from the relay".into()))?
+        .map_err(EnrollError::Protocol)?;
+    connection.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    match response {
+        EnrollResponse::Refused { reason } => Err(EnrollError::Refused(reason)),
+        issued => Ok(issued),
+    }
+}
+
+fn write_identity(
+    response: EnrollResponse,
+    key_pem: &str,
+    token: &JoinToken,
+    dir: &Path,
+) -> Result<Enrolled, EnrollError> {
+    let EnrollResponse::Issued { agent, cert_pem, ca_pem, not_after_unix } = response else {
+        return Err(EnrollError::Protocol("unexpected answer".into()));
+    };
+    let write = |name: &str, contents: &str, private: bool| {
+        let path = dir.join(name);
+        write_file(&path, contents, private).map_err(|source| EnrollError::Write { path, source })
+    };
+    std::fs::create_dir_all(dir).map_err(|source| EnrollError::Write { path: dir.to_owned(), source })?;
+    write("agent.key", key_pem, true)?;
+    write("agent.crt", &cert_pem, false)?;
+    write("ca.crt", &ca_pem, false)?;
+    let config = dir.join("agent.toml");
+    let config_written = !config.exists();
+    if config_written {
+        write("agent.toml", &starter_config(&agent, token), false)?;
+    }
+    Ok(Enrolled { agent, dir: dir.to_owned(), config, config_written, not_after_unix })
+}
+
+/// A starter agent.toml pointing at the token's relays, with no service yet.
+fn starter_config(agent: &str, token: &JoinToken) -> String {
+    let relays: Vec<String> = token.relays.iter().map(|r| format!("{r:?}")).collect();
+    format!(
+        "# Agent {agent:?}, enrolled with a join token. Add the services this machine offers.\n\
+         [agent]\nrelays = [{}]\nserver_name = {:?}\nca_cert = \"ca.crt\"\ncert = \"agent.crt\"\nkey = \"agent.key\"\n\n\
+         # [services.postgres]\n# target = \"tcp://127.0.0.1:5432\"\n",
+        relays.join(", "),
+        token.server_name
+    )
+}
+
+fn write_file(path: &Path, contents: &str, private: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    options.open(path)?.write_all(contents.as_bytes())
+}

@@ -1,0 +1,175 @@
+//! Join tokens end to end: a relay with enrollment on, tokens made through its admin API, agents
+//! enrolling with `sallyport_agent::enroll` and then connecting with the identity they got.
+
+use std::{net::SocketAddr, time::Duration};
+
+use sallyport_agent::enroll::{enroll, EnrollError};
+use sallyport_proto::{enroll::JoinToken, net::tls, ALPN_TUNNEL};
+use sallyport_tests::{targets, transfer, RunningAgent, RunningRelay, TestPki};
+
+const ADMIN_TOKEN: &str = "enroll-test-admin-token";
+
+struct Setup {
+    pki: TestPki,
+    relay: RunningRelay,
+    config: sallyport_relay::Config,
+}
+
+async fn relay_with_enrollment() -> Setup {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    std::fs::write(pki.dir().join("admin.token"), ADMIN_TOKEN).expect("token file");
+    let extra = "admin_token_file = \"admin.token\"\nca_key = \"ca.key\"\ntokens_file = \"tokens.toml\"";
+    let config = pki.relay_config(&[("svc", "fresh")], extra);
+    let relay = RunningRelay::start(config.clone()).await;
+    Setup { pki, relay, config }
+}
+
+impl Setup {
+    /// `sallyport-relay token create` through the admin API.
+    async fn token(&self, agent: &str, ttl_secs: u64) -> String {
+        let path = format!("/tokens?agent={agent}&ttl_secs={ttl_secs}");
+        let (status, body) =
+            sallyport_relay::admin_client::request(self.relay.admin, "POST", &path, Some(ADMIN_TOKEN))
+                .await
+                .expect("admin");
+        assert_eq!(status, 200, "{body}");
+        sallyport_relay::join_token(&self.config, &[self.relay.quic.to_string()], &body)
+            .expect("token string")
+    }
+
+    async fn revoke(&self, token: &str) {
+        let id = JoinToken::decode(token).expect("token").id;
+        let path = format!("/tokens/{id:016x}/revoke");
+        let (status, body) =
+            sallyport_relay::admin_client::request(self.relay.admin, "POST", &path, Some(ADMIN_TOKEN))
+                .await
+                .expect("admin");
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+fn refused(result: Result<sallyport_agent::enroll::Enrolled, EnrollError>) -> String {
+    match result {
+        Err(EnrollError::Refused(reason)) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_token_enrolls_and_the_agent_then_connects_with_mutual_tls() {
+    let mut s = relay_with_enrollment().await;
+    let token = s.token("fresh", 3600).await;
+    println!("token: {} characters", token.len());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let enrolled = enroll(&token, dir.path()).await.expect("enrolls");
+    assert_eq!(enrolled.agent, "fresh");
+    assert!(enrolled.config_written);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("agent.key")).expect("key").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the key is private");
+    }
+    // The written agent.toml works once a service is added.
+    let target = targets::transfer_server().await;
+    let mut text = std::fs::read_to_string(&enrolled.config).expect("agent.toml");
+    text.push_str(&format!("\n[services.svc]\ntarget = \"tcp://{}\"\n", target.addr));
+    std::fs::write(&enrolled.config, text).expect("edit agent.toml");
+    let config = sallyport_agent::Config::load(&enrolled.config).expect("written config loads");
+    let agent = RunningAgent::start(config);
+    s.relay.wait_agent("fresh").await;
+    let report =
+        transfer::run(s.relay.service("svc"), 100_000, 100_000, 1).await.expect("through the tunnel");
+    assert_eq!(report.down, 100_000);
+
+    // The token is single use.
+    let again = tempfile::tempdir().expect("tempdir");
+    assert_eq!(refused(enroll(&token, again.path()).await), "join token already used");
+    agent.stop().await;
+    s.relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_revoked_and_wrong_secret_tokens_are_refused() {
+    let s = relay_with_enrollment().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let short = s.token("fresh", 1).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(refused(enroll(&short, dir.path()).await), "join token expired");
+
+    let revoked = s.token("fresh", 3600).await;
+    s.revoke(&revoked).await;
+    assert_eq!(refused(enroll(&revoked, dir.path()).await), "join token revoked");
+
+    let mut forged = JoinToken::decode(&s.token("fresh", 3600).await).expect("token");
+    forged.secret[0] ^= 0x55;
+    assert_eq!(refused(enroll(&forged.encode(), dir.path()).await), "invalid join token");
+    assert!(!dir.path().join("agent.key").exists(), "nothing written on refusal");
+
+    let e = enroll("spjoin1.garbage!", dir.path()).await.expect_err("damaged");
+    println!("{e}");
+    assert!(e.to_string().contains("damaged"), "{e}");
+    s.relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_ca_does_not_match_the_token_never_gets_the_secret() {
+    let s = relay_with_enrollment().await;
+    let token = s.token("fresh", 3600).await;
+    let mut other_ca = JoinToken::decode(&token).expect("token");
+    other_ca.ca_sha256[31] ^= 1;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = enroll(&other_ca.encode(), dir.path()).await.expect_err("wrong CA");
+    println!("{e}");
+    assert!(matches!(e, EnrollError::WrongRelay(_)), "{e:?}");
+    // The secret was not spent: the genuine token still works.
+    enroll(&token, dir.path()).await.expect("the same token, right CA");
+    s.relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_enrollments_with_one_token_exactly_one_wins() {
+    let s = relay_with_enrollment().await;
+    for round in 0..5 {
+        let token = s.token("fresh", 3600).await;
+        let (a, b) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+        let (ra, rb) = tokio::join!(enroll(&token, a.path()), enroll(&token, b.path()));
+        let wins = [ra.is_ok(), rb.is_ok()].iter().filter(|ok| **ok).count();
+        assert_eq!(wins, 1, "round {round}: {ra:?} / {rb:?}");
+        let loser = if ra.is_ok() { rb } else { ra };
+        assert_eq!(refused(loser), "join token already used");
+    }
+    s.relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_enrollment_on_a_tunnel_without_a_client_certificate_is_still_refused() {
+    let s = relay_with_enrollment().await;
+    let ca = std::fs::read(s.pki.dir().join("ca.crt")).expect("ca");
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(tls::roots_from_pem(&ca).expect("roots"))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).expect("quic crypto");
+    let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).expect("endpoint");
+    let connection = endpoint
+        .connect_with(quinn::ClientConfig::new(std::sync::Arc::new(crypto)), s.relay.quic, "127.0.0.1")
+        .expect("connect")
+        .await
+        .expect("the handshake itself completes (enrollment needs it to)");
+    let closed =
+        tokio::time::timeout(Duration::from_secs(5), connection.closed()).await.expect("closed by the relay");
+    println!("tunnel without a certificate: {closed}");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, sallyport_proto::net::code(sallyport_proto::codes::close::REFUSED));
+        }
+        other => panic!("expected a refusal, got {other}"),
+    }
+    assert!(s.relay.connected().is_empty());
+    s.relay.stop().await;
+}
