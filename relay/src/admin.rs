@@ -62,6 +62,10 @@ async fn respond(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response
             let (status, body) = tokens(&req, &shared);
             (status, text, body)
         }
+        (&Method::POST, p) if p.starts_with("/agents/") && p.ends_with("/revoke") => {
+            let (status, body) = revoke_agent(&req, &shared);
+            (status, text, body)
+        }
         (&Method::POST, p) if p.starts_with("/agents/") => {
             let (status, body) = container_command(&req, &shared).await;
             (status, text, body)
@@ -168,6 +172,40 @@ fn tokens(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
         },
         _ => (StatusCode::NOT_FOUND, "not found\n".into()),
     }
+}
+
+/// `POST /agents/AGENT/revoke[?serial=HEX]`: revokes the certificate the agent is connected with
+/// (or the given serial) and closes its tunnel.
+fn revoke_agent(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
+    if let Err(refusal) = authorize(req, shared) {
+        return refusal;
+    }
+    let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
+    let ["agents", agent, "revoke"] = parts.as_slice() else {
+        return (StatusCode::NOT_FOUND, "expected /agents/AGENT/revoke\n".into());
+    };
+    let session = shared.registry.subscribe().borrow().get(*agent).cloned();
+    let serial = match (query(req, "serial"), &session) {
+        (Some(serial), _) => serial.to_ascii_lowercase(),
+        (None, Some(session)) => session.serial.clone(),
+        (None, None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                format!("agent {agent:?} is not connected: name its certificate with ?serial=HEX\n"),
+            )
+        }
+    };
+    if let Err(e) = shared.revocations.revoke(agent, &serial) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+    }
+    tracing::warn!(agent, %serial, "agent certificate revoked");
+    if let Some(session) = session.filter(|s| s.serial == serial) {
+        session.connection.close(
+            sallyport_proto::net::code(sallyport_proto::codes::close::REFUSED),
+            b"certificate revoked",
+        );
+    }
+    (StatusCode::OK, format!("agent {agent}: certificate {serial} revoked\n"))
 }
 
 /// `POST /agents/AGENT/containers/NAME/ACTION[?tail=N]`, with the admin bearer token.

@@ -32,6 +32,8 @@ pub struct Config {
     pub ca_key: Option<PathBuf>,
     /// Where join tokens are kept across restarts; in memory only when unset.
     pub tokens_file: Option<PathBuf>,
+    /// Where revoked agent certificates are kept across restarts; in memory only when unset.
+    pub revocations_file: Option<PathBuf>,
     /// Validity of the certificates the relay issues to enrolling agents.
     pub agent_cert_validity: Duration,
     pub tls: TlsFiles,
@@ -152,6 +154,7 @@ impl Config {
             admin_token_file: r.admin_token_file.map(|f| conf::resolve(path, &f)),
             ca_key: r.ca_key.map(|f| conf::resolve(path, &f)),
             tokens_file: r.tokens_file.map(|f| conf::resolve(path, &f)),
+            revocations_file: r.revocations_file.map(|f| conf::resolve(path, &f)),
             agent_cert_validity: conf::duration_in(
                 path,
                 "relay.agent_cert_validity",
@@ -200,6 +203,7 @@ struct RawRelay {
     admin_token_file: Option<PathBuf>,
     ca_key: Option<PathBuf>,
     tokens_file: Option<PathBuf>,
+    revocations_file: Option<PathBuf>,
     #[serde(default = "default_agent_cert_validity")]
     agent_cert_validity: HumanDuration,
     ca_cert: PathBuf,

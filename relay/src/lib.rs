@@ -15,6 +15,7 @@ pub mod admin_client;
 mod enroll;
 pub mod manifests;
 mod metrics;
+mod revocations;
 mod status;
 mod tcp;
 mod tunnel;
@@ -58,8 +59,9 @@ pub enum StartError {
     Runtime,
     #[error("{}: admin token: {reason}", path.display())]
     AdminToken { path: std::path::PathBuf, reason: String },
-    #[error("enrollment: {0}")]
-    Enrollment(String),
+    /// Enrollment, token or revocation state that cannot be used.
+    #[error("{0}")]
+    State(String),
 }
 
 /// State shared by every task of one relay.
@@ -82,6 +84,7 @@ pub(crate) struct Shared {
     pub(crate) bound: BTreeMap<String, SocketAddr>,
     /// Join tokens and the CA that signs enrolling agents' keys; `None`: enrollment is off.
     pub(crate) enrollment: Option<enroll::Enrollment>,
+    pub(crate) revocations: revocations::Revocations,
 }
 
 /// A relay with its sockets bound, ready to [`run`](Relay::run).
@@ -143,6 +146,8 @@ impl Relay {
         let admin =
             TcpListener::bind(config.admin).await.map_err(bind_err("the admin server", config.admin))?;
 
+        let revocations =
+            revocations::Revocations::open(config.revocations_file.clone()).map_err(StartError::State)?;
         let connection_limit = Arc::new(Semaphore::new(config.limits.max_connections));
         let shared = Arc::new(Shared {
             config,
@@ -155,6 +160,7 @@ impl Relay {
             next_command: std::sync::atomic::AtomicU64::new(fastrand::u64(..u64::MAX / 2)),
             metrics: metrics::Metrics::default(),
             enrollment,
+            revocations,
             bound: listeners
                 .iter()
                 .filter_map(|(s, l): &(Arc<config::Service>, TcpListener)| {
@@ -297,17 +303,17 @@ pub fn load_admin_token(config: &Config) -> Result<Option<String>, StartError> {
 fn load_enrollment(config: &Config, has_admin_token: bool) -> Result<Option<enroll::Enrollment>, StartError> {
     let Some(key_path) = &config.ca_key else { return Ok(None) };
     if !has_admin_token {
-        return Err(StartError::Enrollment(
+        return Err(StartError::State(
             "relay.ca_key turns enrollment on, which needs relay.admin_token_file (tokens are made through the admin API)".into(),
         ));
     }
     let read = |path: &std::path::Path| {
         std::fs::read_to_string(path)
-            .map_err(|e| StartError::Enrollment(format!("{}: cannot read: {e}", path.display())))
+            .map_err(|e| StartError::State(format!("{}: cannot read: {e}", path.display())))
     };
     let ca = pki::Ca::from_pem(&read(&config.tls.ca_cert)?, &read(key_path)?)
-        .map_err(|e| StartError::Enrollment(format!("{}: {e}", key_path.display())))?;
-    let tokens = enroll::TokenStore::open(config.tokens_file.clone()).map_err(StartError::Enrollment)?;
+        .map_err(|e| StartError::State(format!("{}: {e}", key_path.display())))?;
+    let tokens = enroll::TokenStore::open(config.tokens_file.clone()).map_err(StartError::State)?;
     Ok(Some(enroll::Enrollment { ca, tokens, validity: config.agent_cert_validity }))
 }
 

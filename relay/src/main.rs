@@ -93,6 +93,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AgentCommand {
+    /// Revoke the certificate agent NAME is connected with (or --serial) on the running relay:
+    /// its tunnel closes at once and that certificate is refused from then on.
+    Revoke {
+        name: String,
+        /// A certificate serial (hex) to revoke while the agent is not connected.
+        #[arg(long)]
+        serial: Option<String>,
+        #[arg(long, short, default_value = "relay.toml")]
+        config: PathBuf,
+    },
     /// Issue a client certificate for agent NAME and write a bundle (CA, certificate, key, agent.toml).
     Add {
         name: String,
@@ -159,6 +169,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 None => println!("existing relay.toml left as it was"),
             }
+            Ok(())
+        }
+        Command::Agent { command: AgentCommand::Revoke { name, serial, config } } => {
+            let config = Config::load(&config)?;
+            let path = match serial {
+                Some(serial) => format!("/agents/{name}/revoke?serial={serial}"),
+                None => format!("/agents/{name}/revoke"),
+            };
+            print!("{}", admin_call(&config, "POST", path, true)?);
             Ok(())
         }
         Command::Agent { command: AgentCommand::Add { name, dir, out, relay, valid_for } } => {

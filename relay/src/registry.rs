@@ -28,6 +28,8 @@ pub struct AgentSession {
     pub connected_at: SystemTime,
     /// The agent's containers as it last reported them.
     pub containers: Arc<Mutex<Vec<ContainerReport>>>,
+    /// Serial number of the certificate it connected with (hex).
+    pub serial: String,
     pub(crate) connection: quinn::Connection,
     pub(crate) commands: mpsc::Sender<PendingCommand>,
 }

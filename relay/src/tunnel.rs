@@ -79,8 +79,8 @@ async fn handle_incoming(incoming: Incoming, shared: Arc<Shared>) {
         }
         return;
     }
-    let name = match agent_name(&connection) {
-        Ok(name) => name,
+    let (name, serial) = match agent_identity(&connection) {
+        Ok(identity) => identity,
         Err(reason) => {
             warn!(%reason, "agent certificate refused");
             shared.metrics.handshake_failed("certificate");
@@ -88,11 +88,19 @@ async fn handle_incoming(incoming: Incoming, shared: Arc<Shared>) {
             return;
         }
     };
-    serve_agent(connection, name.clone(), shared).instrument(info_span!("agent", agent = %name)).await;
+    if shared.revocations.contains(&serial) {
+        warn!(agent = %name, %serial, "revoked certificate refused");
+        shared.metrics.handshake_failed("revoked");
+        connection.close(code(close::REFUSED), b"certificate revoked");
+        return;
+    }
+    serve_agent(connection, name.clone(), serial, shared)
+        .instrument(info_span!("agent", agent = %name))
+        .await;
 }
 
 /// The agent's name: the first DNS name in its client certificate, which the handshake verified.
-fn agent_name(connection: &Connection) -> Result<String, String> {
+fn agent_identity(connection: &Connection) -> Result<(String, String), String> {
     let certs = connection
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
@@ -103,10 +111,10 @@ fn agent_name(connection: &Connection) -> Result<String, String> {
     if !sallyport_proto::is_valid_name(&name) {
         return Err(format!("client certificate name {name:?} is not a valid agent name"));
     }
-    Ok(name)
+    Ok((name, info.serial))
 }
 
-async fn serve_agent(connection: Connection, name: String, shared: Arc<Shared>) {
+async fn serve_agent(connection: Connection, name: String, serial: String, shared: Arc<Shared>) {
     let (mut send, mut recv, hello) = match first_message(&connection, &shared).await {
         Ok(v) => v,
         Err(FirstMessageError::Gone) => return,
@@ -149,6 +157,7 @@ async fn serve_agent(connection: Connection, name: String, shared: Arc<Shared>) 
         services: services.clone(),
         connected_at: std::time::SystemTime::now(),
         containers: containers.clone(),
+        serial,
         connection: connection.clone(),
         commands,
     };

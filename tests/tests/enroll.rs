@@ -173,3 +173,37 @@ async fn with_enrollment_on_a_tunnel_without_a_client_certificate_is_still_refus
     assert!(s.relay.connected().is_empty());
     s.relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_an_agent_closes_its_tunnel_and_refuses_its_certificate() {
+    let mut s = relay_with_enrollment().await;
+    let token = s.token("fresh", 3600).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let enrolled = enroll(&token, dir.path()).await.expect("enrolls");
+    let target = targets::transfer_server().await;
+    let mut text = std::fs::read_to_string(&enrolled.config).expect("agent.toml");
+    text.push_str(&format!("\n[services.svc]\ntarget = \"tcp://{}\"\n", target.addr));
+    std::fs::write(&enrolled.config, text).expect("edit");
+    let agent = RunningAgent::start(sallyport_agent::Config::load(&enrolled.config).expect("config"));
+    s.relay.wait_agent("fresh").await;
+
+    let started = std::time::Instant::now();
+    let (status, body) = sallyport_relay::admin_client::request(
+        s.relay.admin,
+        "POST",
+        "/agents/fresh/revoke",
+        Some(ADMIN_TOKEN),
+    )
+    .await
+    .expect("admin");
+    assert_eq!(status, 200, "{body}");
+    println!("{}", body.trim());
+    s.relay.wait_agent_gone("fresh").await;
+    println!("revoked -> tunnel closed in {:?}", started.elapsed());
+    // The agent keeps retrying with the revoked certificate and stays out.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(s.relay.connected().is_empty(), "a revoked certificate got back in");
+    assert!(transfer::run(s.relay.service("svc"), 10, 10, 1).await.is_err());
+    agent.stop().await;
+    s.relay.stop().await;
+}

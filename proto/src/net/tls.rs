@@ -246,6 +246,10 @@ pub struct CertInfo {
     pub sans: Vec<String>,
     /// End of validity, in seconds since the Unix epoch.
     pub not_after_unix: i64,
+    /// Start of validity, in seconds since the Unix epoch.
+    pub not_before_unix: i64,
+    /// The serial number, lowercase hex.
+    pub serial: String,
 }
 
 /// Why a certificate could not be inspected or verified.
@@ -285,7 +289,13 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
             }
         }
     }
-    Ok(CertInfo { dns_name, sans, not_after_unix: cert.validity().not_after.timestamp() })
+    Ok(CertInfo {
+        dns_name,
+        sans,
+        not_after_unix: cert.validity().not_after.timestamp(),
+        not_before_unix: cert.validity().not_before.timestamp(),
+        serial: cert.tbs_certificate.raw_serial().iter().map(|b| format!("{b:02x}")).collect(),
+    })
 }
 
 /// Checks that `cert_der` carries a valid signature of the CA certificate `ca_der`.
