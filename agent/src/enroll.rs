@@ -158,7 +158,7 @@ fn starter_config(agent: &str, token: &JoinToken) -> String {
     )
 }
 
-fn write_file(path: &Path, contents: &str, private: bool) -> std::io::Result<()> {
+pub(crate) fn write_file(path: &Path, contents: &str, private: bool) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);

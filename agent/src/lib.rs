@@ -9,6 +9,7 @@ pub mod containers;
 mod commands;
 mod dial;
 pub mod enroll;
+mod renew;
 pub mod service;
 mod tunnel;
 
@@ -52,6 +53,7 @@ pub enum TunnelStatus {
 #[derive(Debug, Clone)]
 pub struct IdentityInfo {
     pub name: String,
+    pub not_before_unix: i64,
     pub not_after_unix: i64,
     /// Whole days of validity left (negative once expired).
     pub days_left: i64,
@@ -60,7 +62,13 @@ pub struct IdentityInfo {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) client_config: quinn::ClientConfig,
+    /// Rebuilt when the certificate is renewed; each new connection takes the current one.
+    pub(crate) client_config: std::sync::RwLock<quinn::ClientConfig>,
+    /// Validity of the current certificate (seconds since the epoch): renewal is due when a third
+    /// of it is left.
+    pub(crate) cert_validity: std::sync::Mutex<(i64, i64)>,
+    /// The key of a renewal request in flight and when it was sent, until its certificate arrives.
+    pub(crate) renewal_key: std::sync::Mutex<Option<(String, std::time::Instant)>>,
     pub(crate) streams: TaskTracker,
     pub(crate) containers: Containers,
     /// Ids of container commands already run, with their expiry: a replay is refused.
@@ -108,7 +116,9 @@ impl Agent {
             Containers::new(&identity.name, config.docker.clone(), config.containers.values().cloned());
         let shared = Arc::new(Shared {
             config,
-            client_config,
+            client_config: std::sync::RwLock::new(client_config),
+            cert_validity: std::sync::Mutex::new((identity.not_before_unix, identity.not_after_unix)),
+            renewal_key: std::sync::Mutex::new(None),
             streams: TaskTracker::new(),
             containers,
             seen_commands: std::sync::Mutex::default(),
@@ -164,6 +174,11 @@ fn load_identity(config: &Config) -> Result<(Crypto, IdentityInfo), StartError> 
     let crypto = tls::client_crypto(tls.roots, tls.identity, &[ALPN_TUNNEL]).map_err(StartError::Crypto)?;
     Ok((
         crypto,
-        IdentityInfo { name, not_after_unix: tls.leaf.not_after_unix, days_left: tls.leaf.days_left() },
+        IdentityInfo {
+            name,
+            not_before_unix: tls.leaf.not_before_unix,
+            not_after_unix: tls.leaf.not_after_unix,
+            days_left: tls.leaf.days_left(),
+        },
     ))
 }

@@ -17,7 +17,7 @@ use sallyport_proto::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::{backoff::Backoff, commands, config::RelayAddr, dial, Shared, TunnelStatus};
+use crate::{backoff::Backoff, commands, config::RelayAddr, dial, renew, Shared, TunnelStatus};
 
 /// Why a connection attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +160,11 @@ async fn connect(
         .next()
         .ok_or(TunnelError::NoAddress)?;
     let endpoint = endpoint_for(addr, endpoint)?;
-    let connecting = endpoint.connect_with(shared.client_config.clone(), addr, &relay.server_name)?;
+    let client_config = match shared.client_config.read() {
+        Ok(config) => config.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    let connecting = endpoint.connect_with(client_config, addr, &relay.server_name)?;
     let timeout = shared.config.timing.handshake_timeout;
     let handshake = async {
         let connection = connecting.await?;
@@ -184,7 +188,7 @@ async fn hello(
     match read_frame::<RelayMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await? {
         Some(RelayMessage::Welcome(welcome)) => Ok((send, recv, welcome)),
         Some(RelayMessage::Refused { reason }) => Err(TunnelError::Refused(reason)),
-        Some(RelayMessage::Ping { .. } | RelayMessage::Command(_)) => {
+        Some(RelayMessage::Ping { .. } | RelayMessage::Command(_) | RelayMessage::Renewed(_)) => {
             Err(TunnelError::Protocol("a control message before Welcome".into()))
         }
         None => Err(TunnelError::Protocol("control stream ended before Welcome".into())),
@@ -255,6 +259,7 @@ async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, shared: &Arc
                         return;
                     }
                 }
+                Ok(Some(RelayMessage::Renewed(result))) => renew::apply(result, shared),
                 Ok(Some(RelayMessage::Command(command))) => {
                     let (tx, shared) = (tx.clone(), shared.clone());
                     tokio::spawn(async move {
@@ -295,5 +300,6 @@ async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, shared: &Arc
         () = writer => {}
         () = reader => {}
         () = reporter => {}
+        () = renew::when_due(&tx, shared) => {}
     }
 }

@@ -19,6 +19,9 @@ pub enum AgentMessage {
     CommandResult { id: u64, result: Result<String, String> },
     /// The state of each declared container, sent after `Welcome` and whenever one changes.
     Containers(Vec<ContainerReport>),
+    /// A certificate request for a new key, sent when a third of the current certificate's
+    /// lifetime is left; answered with [`RelayMessage::Renewed`].
+    Renew { csr_pem: String },
 }
 
 /// Messages from the relay to the agent.
@@ -32,6 +35,8 @@ pub enum RelayMessage {
     Ping { nonce: u64 },
     /// A container command from an operator; answered with [`AgentMessage::CommandResult`].
     Command(Command),
+    /// The new client certificate (PEM), or why the relay would not issue one.
+    Renewed(Result<String, String>),
 }
 
 /// The agent's introduction. Its identity is not here: it is the name in its client certificate.

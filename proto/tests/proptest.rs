@@ -21,6 +21,7 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
             })
         ),
         any::<u64>().prop_map(|nonce| AgentMessage::Pong { nonce }),
+        ".{0,300}".prop_map(|csr_pem| AgentMessage::Renew { csr_pem }),
         (any::<u64>(), any::<bool>(), ".{0,200}").prop_map(|(id, ok, text)| AgentMessage::CommandResult {
             id,
             result: if ok { Ok(text) } else { Err(text) },
@@ -49,6 +50,11 @@ fn relay_message() -> impl Strategy<Value = RelayMessage> {
             })),
         ".{0,200}".prop_map(|reason| RelayMessage::Refused { reason }),
         any::<u64>().prop_map(|nonce| RelayMessage::Ping { nonce }),
+        (any::<bool>(), ".{0,300}").prop_map(|(ok, text)| RelayMessage::Renewed(if ok {
+            Ok(text)
+        } else {
+            Err(text)
+        })),
         (any::<u64>(), any::<u64>(), name(), 0u8..5, any::<u32>()).prop_map(
             |(id, expires_unix, container, action, tail)| RelayMessage::Command(Command {
                 id,

@@ -159,7 +159,7 @@ impl Config {
                 path,
                 "relay.agent_cert_validity",
                 r.agent_cert_validity.0,
-                Duration::from_secs(3600),
+                Duration::from_secs(10),
                 Duration::from_secs(10 * 365 * 86_400),
             )?,
             tls: TlsFiles {

@@ -168,8 +168,10 @@ impl Ca {
 
 fn set_validity(params: &mut CertificateParams, validity: Duration) -> Result<(), PkiError> {
     let now = OffsetDateTime::now_utc();
-    // An hour of slack for clocks that run a little behind the relay's.
-    params.not_before = now - time::Duration::hours(1);
+    // Slack for clocks that run a little behind the relay's: an hour, or a quarter of a short
+    // lifetime (renewal keys off the whole lifetime).
+    let slack = (validity / 4).min(Duration::from_secs(3600));
+    params.not_before = now - time::Duration::try_from(slack).unwrap_or(time::Duration::hours(1));
     params.not_after = now + time::Duration::try_from(validity).unwrap_or(time::Duration::days(365));
     let mut serial = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)

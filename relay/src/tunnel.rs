@@ -168,9 +168,11 @@ async fn serve_agent(connection: Connection, name: String, serial: String, share
     info!(remote = %connection.remote_address(), ?services, version = welcome.version, "agent connected");
 
     let pending = Mutex::new(HashMap::new());
+    let (replies, mut reply_rx) = mpsc::channel(4);
+    let reader = Reader { name: &name, shared: &shared, pending: &pending, containers: &containers, replies };
     let ended = tokio::select! {
-        r = control_reader(&mut recv, &pending, &containers) => r,
-        r = control_writer(&mut send, &mut command_rx, &pending) => r,
+        r = control_reader(&mut recv, reader) => r,
+        r = control_writer(&mut send, &mut command_rx, &mut reply_rx, &pending) => r,
         e = connection.closed() => Ok(e.to_string()),
     };
     shared.registry.remove(&name, id);
@@ -222,6 +224,7 @@ fn message_kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::Pong { .. } => "Pong",
         AgentMessage::CommandResult { .. } => "CommandResult",
         AgentMessage::Containers(_) => "Containers",
+        AgentMessage::Renew { .. } => "Renew",
     }
 }
 
@@ -254,12 +257,19 @@ pub(crate) fn admit(config: &Config, agent: &str, hello: &Hello) -> Result<Welco
 /// Commands sent to the agent and waiting for its result, by id.
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<String, String>>>>;
 
+/// What the control reader works with.
+struct Reader<'a> {
+    name: &'a str,
+    shared: &'a Shared,
+    pending: &'a Pending,
+    containers: &'a Mutex<Vec<ContainerReport>>,
+    /// Answers to the agent's requests, sent by the writer.
+    replies: mpsc::Sender<RelayMessage>,
+}
+
 /// Reads control messages until the stream ends (`Ok`) or the agent breaks the protocol (`Err`).
-async fn control_reader(
-    recv: &mut RecvStream,
-    pending: &Pending,
-    containers: &Mutex<Vec<ContainerReport>>,
-) -> Result<String, String> {
+async fn control_reader(recv: &mut RecvStream, reader: Reader<'_>) -> Result<String, String> {
+    let Reader { name, shared, pending, containers, replies } = reader;
     let mut buf = Vec::new();
     loop {
         match read_frame::<AgentMessage>(recv, MAX_CONTROL_FRAME, &mut buf).await {
@@ -271,6 +281,22 @@ async fn control_reader(
                         let _ = waiter.send(result);
                     }
                     None => debug!(id, "result of a command nobody waits for"),
+                }
+            }
+            Ok(Some(AgentMessage::Renew { csr_pem })) => {
+                let renewed = match &shared.enrollment {
+                    None => Err("certificate renewal is off on this relay (no relay.ca_key)".to_owned()),
+                    Some(enrollment) => enrollment
+                        .ca
+                        .issue_agent_for_csr(name, &csr_pem, enrollment.validity)
+                        .map_err(|e| format!("bad certificate request: {e}")),
+                };
+                match &renewed {
+                    Ok(_) => info!("agent certificate renewed"),
+                    Err(reason) => warn!(%reason, "agent certificate not renewed"),
+                }
+                if replies.send(RelayMessage::Renewed(renewed)).await.is_err() {
+                    return Ok("control stream closing".into());
                 }
             }
             Ok(Some(AgentMessage::Containers(reports))) => {
@@ -294,6 +320,7 @@ async fn control_reader(
 async fn control_writer(
     send: &mut SendStream,
     commands: &mut mpsc::Receiver<PendingCommand>,
+    replies: &mut mpsc::Receiver<RelayMessage>,
     pending: &Pending,
 ) -> Result<String, String> {
     let mut nonce = 0u64;
@@ -304,6 +331,7 @@ async fn control_writer(
                 nonce += 1;
                 RelayMessage::Ping { nonce }
             }
+            Some(reply) = replies.recv() => reply,
             Some(PendingCommand { command, reply }) = commands.recv() => {
                 if let Ok(mut p) = pending.lock() {
                     p.insert(command.id, reply);

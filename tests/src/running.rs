@@ -65,6 +65,11 @@ impl RunningRelay {
             .expect("relay running");
     }
 
+    /// The id of `agent`'s current tunnel (a new one after every reconnect).
+    pub fn session_id(&self, agent: &str) -> Option<u64> {
+        self.agents.borrow().get(agent).map(|s| s.id)
+    }
+
     pub fn connected(&self) -> Vec<String> {
         self.agents.borrow().keys().cloned().collect()
     }

@@ -16,11 +16,16 @@ struct Setup {
 }
 
 async fn relay_with_enrollment() -> Setup {
+    relay_with_enrollment_and("tokens_file = \"tokens.toml\"").await
+}
+
+/// A relay with enrollment on (CA key, admin token) and `extra` in its `[relay]` table.
+async fn relay_with_enrollment_and(extra: &str) -> Setup {
     sallyport_tests::init_logging();
     let pki = TestPki::new();
     std::fs::write(pki.dir().join("admin.token"), ADMIN_TOKEN).expect("token file");
-    let extra = "admin_token_file = \"admin.token\"\nca_key = \"ca.key\"\ntokens_file = \"tokens.toml\"";
-    let config = pki.relay_config(&[("svc", "fresh")], extra);
+    let extra = format!("admin_token_file = \"admin.token\"\nca_key = \"ca.key\"\n{extra}");
+    let config = pki.relay_config(&[("svc", "fresh")], &extra);
     let relay = RunningRelay::start(config.clone()).await;
     Setup { pki, relay, config }
 }
@@ -206,4 +211,54 @@ async fn revoking_an_agent_closes_its_tunnel_and_refuses_its_certificate() {
     assert!(transfer::run(s.relay.service("svc"), 10, 10, 1).await.is_err());
     agent.stop().await;
     s.relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_renewed_over_the_tunnel_before_expiry_without_dropping_it() {
+    let s = relay_with_enrollment_and("agent_cert_validity = \"12s\"").await;
+    let token = s.token("fresh", 3600).await;
+    let Setup { mut relay, pki: _pki, .. } = s;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let enrolled = enroll(&token, dir.path()).await.expect("enrolls");
+    let issued = std::time::Instant::now();
+    let target = targets::transfer_server().await;
+    let mut text = std::fs::read_to_string(&enrolled.config).expect("agent.toml");
+    text.push_str(&format!("\n[services.svc]\ntarget = \"tcp://{}\"\n", target.addr));
+    std::fs::write(&enrolled.config, text).expect("edit");
+    let config = sallyport_agent::Config::load(&enrolled.config).expect("config");
+    let first = RunningAgent::start(config.clone());
+    relay.wait_agent("fresh").await;
+    let tunnel = relay.session_id("fresh");
+    let original = std::fs::read_to_string(dir.path().join("agent.crt")).expect("cert");
+
+    // Renewed with a third of the lifetime left, over the tunnel that stays up.
+    let deadline = issued + Duration::from_secs(12);
+    loop {
+        let now = std::fs::read_to_string(dir.path().join("agent.crt")).unwrap_or_default();
+        if !now.is_empty() && now != original {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not renewed before the certificate expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("renewed {:?} after issue (lifetime 12 s + 3 s slack)", issued.elapsed());
+    assert_eq!(relay.session_id("fresh"), tunnel, "the tunnel was not dropped by the renewal");
+
+    // After the original certificate expired, a new connection gets in with the renewed one.
+    tokio::time::sleep(
+        deadline.saturating_duration_since(std::time::Instant::now()) + Duration::from_secs(1),
+    )
+    .await;
+    let second = RunningAgent::start(config);
+    let waited = std::time::Instant::now();
+    while relay.session_id("fresh") == tunnel {
+        assert!(waited.elapsed() < Duration::from_secs(10), "the renewed certificate was not accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report =
+        transfer::run(relay.service("svc"), 10_000, 10_000, 3).await.expect("through the renewed identity");
+    assert_eq!(report.down, 10_000);
+    first.stop().await;
+    second.stop().await;
+    relay.stop().await;
 }
