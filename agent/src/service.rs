@@ -49,7 +49,8 @@ pub const FAILURE_RESET: Duration = Duration::from_secs(24 * 3600);
 /// well-known SIDs (named by SID, so the language of the Windows install does not matter).
 pub fn acl_arguments(dir: &Path) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![dir.as_os_str().to_owned()];
-    for arg in ["/inheritance:r", "/grant:r", "*S-1-5-18:(OI)(CI)F", "/grant:r", "*S-1-5-32-544:(OI)(CI)F"] {
+    // /T: files already there (an enrolled identity) get the same treatment.
+    for arg in ["/inheritance:r", "/grant:r", "*S-1-5-18:(OI)(CI)F", "/grant:r", "*S-1-5-32-544:(OI)(CI)F", "/T"] {
         args.push(arg.into());
     }
     args
@@ -111,6 +112,7 @@ mod tests {
         let grants: Vec<&String> = args.iter().filter(|a| a.starts_with('*')).collect();
         assert_eq!(grants, ["*S-1-5-18:(OI)(CI)F", "*S-1-5-32-544:(OI)(CI)F"]);
         assert_eq!(args.iter().filter(|a| *a == "/grant:r").count(), 2, "grants replace, not add");
+        assert_eq!(args.last().map(String::as_str), Some("/T"), "existing files too");
     }
 
     #[test]

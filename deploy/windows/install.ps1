@@ -1,9 +1,13 @@
-# Installs the Sallyport agent as a Windows service from an agent bundle.
-# Run in an elevated PowerShell from the folder holding sallyport-agent.exe and the bundle:
+# Installs the Sallyport agent as a Windows service.
+# Run in an elevated PowerShell from the folder holding sallyport-agent.exe, either with a join
+# token (from `sallyport-relay token create --agent NAME`):
+#   powershell -ExecutionPolicy Bypass -File install.ps1 -Token spjoin1.XXXX
+# or with an agent bundle (from `sallyport-relay agent add NAME`):
 #   powershell -ExecutionPolicy Bypass -File install.ps1 -Bundle .\winbox-bundle
 param(
+    [string] $Token,
     # The folder `sallyport-relay agent add` wrote: agent.toml, ca.crt, agent.crt, agent.key.
-    [Parameter(Mandatory = $true)] [string] $Bundle,
+    [string] $Bundle,
     [string] $Exe = (Join-Path $PSScriptRoot "sallyport-agent.exe"),
     [string] $InstallDir = (Join-Path $env:ProgramFiles "Sallyport")
 )
@@ -14,17 +18,29 @@ if (-not $principal.IsInRole([Security.Principal.WindowsBuiltInRole]::Administra
     throw "Run this script in an elevated PowerShell (Run as administrator)."
 }
 if (-not (Test-Path $Exe)) { throw "sallyport-agent.exe not found at $Exe (pass -Exe)." }
-$config = Join-Path $Bundle "agent.toml"
-if (-not (Test-Path $config)) { throw "No agent.toml in $Bundle." }
+if (($Token -and $Bundle) -or (-not $Token -and -not $Bundle)) { throw "Pass either -Token or -Bundle." }
 
-# The program goes to Program Files; config and identity to ProgramData (the service copies them).
+# The program goes to Program Files; config, identity and logs to ProgramData.
 New-Item -ItemType Directory -Force -Path $InstallDir | Out-Null
 $installed = Join-Path $InstallDir "sallyport-agent.exe"
 Copy-Item -Force $Exe $installed
+$data = Join-Path $env:ProgramData "Sallyport"
+
+if ($Token) {
+    # The key is generated here; the relay is checked against the CA hash in the token before the
+    # token's secret is sent.
+    New-Item -ItemType Directory -Force -Path $data | Out-Null
+    & $installed enroll $Token --dir $data
+    if ($LASTEXITCODE -ne 0) { throw "Enrollment failed (see above)." }
+    $config = Join-Path $data "agent.toml"
+} else {
+    $config = Join-Path $Bundle "agent.toml"
+    if (-not (Test-Path $config)) { throw "No agent.toml in $Bundle." }
+}
 
 # Validate first: a wrong path or an expired certificate stops here, with the reason.
 & $installed check --config $config
-if ($LASTEXITCODE -ne 0) { throw "The bundle does not check out (see above)." }
+if ($LASTEXITCODE -ne 0) { throw "The configuration does not check out (see above)." }
 
 & $installed service install --config $config
 if ($LASTEXITCODE -ne 0) { throw "Service installation failed (see above)." }
@@ -33,6 +49,6 @@ if ($LASTEXITCODE -ne 0) { throw "The service did not start (see above)." }
 
 Write-Host ""
 Write-Host "Sallyport agent installed and started."
-Write-Host "  status:  & '$installed' service status      (or: Get-Service sallyport-agent)"
-Write-Host "  logs:    $env:ProgramData\Sallyport\logs\    and Event Viewer > Windows Logs > Application, source 'Sallyport Agent'"
-Write-Host "  config:  $env:ProgramData\Sallyport\agent.toml (restart the service after editing)"
+Write-Host "  services: edit $data\agent.toml ([services.NAME], [containers.NAME]), then Restart-Service sallyport-agent"
+Write-Host "  status:   & '$installed' service status      (or: Get-Service sallyport-agent)"
+Write-Host "  logs:     $data\logs\    and Event Viewer > Windows Logs > Application, source 'Sallyport Agent'"
