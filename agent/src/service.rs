@@ -50,7 +50,9 @@ pub const FAILURE_RESET: Duration = Duration::from_secs(24 * 3600);
 pub fn acl_arguments(dir: &Path) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![dir.as_os_str().to_owned()];
     // /T: files already there (an enrolled identity) get the same treatment.
-    for arg in ["/inheritance:r", "/grant:r", "*S-1-5-18:(OI)(CI)F", "/grant:r", "*S-1-5-32-544:(OI)(CI)F", "/T"] {
+    for arg in
+        ["/inheritance:r", "/grant:r", "*S-1-5-18:(OI)(CI)F", "/grant:r", "*S-1-5-32-544:(OI)(CI)F", "/T"]
+    {
         args.push(arg.into());
     }
     args

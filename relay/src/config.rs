@@ -234,8 +234,9 @@ struct RawService {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 4433))
 }
+/// Enrolled agents renew over the tunnel, so their certificates can be short-lived.
 fn default_agent_cert_validity() -> HumanDuration {
-    HumanDuration(Duration::from_secs(365 * 86_400))
+    HumanDuration(Duration::from_secs(30 * 86_400))
 }
 
 fn default_admin() -> SocketAddr {
