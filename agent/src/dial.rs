@@ -59,7 +59,8 @@ async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream,
                 return;
             }
         },
-        Target::Container { name, port } => match shared.containers.connect(name, *port).await {
+        // Boxed: the container path (Docker API calls) would otherwise size every stream's task.
+        Target::Container { name, port } => match Box::pin(shared.containers.connect(name, *port)).await {
             Ok((tcp, lease)) => {
                 prepare(&tcp);
                 (tcp, Some(lease))

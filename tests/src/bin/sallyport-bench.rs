@@ -201,8 +201,14 @@ async fn main() -> anyhow::Result<()> {
         r.metric(name, &format!("connect, read first byte, close; 8 loops for {secs} s"), true);
         for &kind in &order {
             let tunnel = systems::start(kind, greeter, None, &tools)?;
-            let cps = workloads::connections_per_second(tunnel.entry, secs, 8).await?;
-            r.add(name, kind, cps);
+            match workloads::connections_per_second(tunnel.entry, secs, 8).await {
+                Ok(cps) => r.add(name, kind, cps),
+                Err(e) if matches!(kind, Kind::Rathole | Kind::Bore) => {
+                    println!("  {:<10} {name}: FAILED: {e:#}", kind.name());
+                    r.fail(name, kind, &format!("{e:#}"));
+                }
+                Err(e) => return Err(e.context(format!("short connections through {}", kind.name()))),
+            }
         }
     }
 
