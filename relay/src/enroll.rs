@@ -8,7 +8,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Mutex,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -85,29 +85,16 @@ fn sha256_hex(bytes: &[u8]) -> String {
 impl TokenStore {
     /// Loads `path` if it exists (a missing file is an empty store).
     pub fn open(path: Option<PathBuf>) -> Result<Self, String> {
-        let mut tokens = BTreeMap::new();
-        if let Some(path) = &path {
-            match std::fs::read_to_string(path) {
-                Ok(text) => {
-                    let file: TokenFile =
-                        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-                    tokens.extend(file.tokens.into_iter().map(|t| (t.id, t)));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
-            }
-        }
+        let file: TokenFile = crate::state_file::load(path.as_deref())?;
+        let tokens = file.tokens.into_iter().map(|t| (t.id, t)).collect();
         Ok(Self { path, tokens: Mutex::new(tokens) })
     }
 
     fn save(&self, tokens: &BTreeMap<u64, TokenRecord>) {
         let Some(path) = &self.path else { return };
         let file = TokenFile { tokens: tokens.values().cloned().collect() };
-        let written = toml::to_string(&file)
-            .map_err(|e| e.to_string())
-            .and_then(|text| write_atomically(path, text.as_bytes()).map_err(|e| e.to_string()));
-        if let Err(e) = written {
-            warn!(path = %path.display(), error = %e, "cannot save the token store");
+        if let Err(e) = crate::state_file::save(path, &file) {
+            warn!(error = %e, "cannot save the token store");
         }
     }
 
@@ -170,13 +157,6 @@ impl TokenStore {
         self.save(&tokens);
         Ok(agent)
     }
-}
-
-/// Writes `bytes` to a temporary file beside `path` (mode 0600 on Unix) and renames it over.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    crate::pki::write_private(&tmp, &String::from_utf8_lossy(bytes)).map_err(std::io::Error::other)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Serves one enrollment connection: one request, one response, then close.

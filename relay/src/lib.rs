@@ -16,6 +16,7 @@ mod enroll;
 pub mod manifests;
 mod metrics;
 mod revocations;
+mod state_file;
 mod status;
 mod tcp;
 mod tunnel;

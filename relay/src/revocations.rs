@@ -32,18 +32,8 @@ pub(crate) struct Revocations {
 
 impl Revocations {
     pub fn open(path: Option<PathBuf>) -> Result<Self, String> {
-        let mut by_serial = BTreeMap::new();
-        if let Some(path) = &path {
-            match std::fs::read_to_string(path) {
-                Ok(text) => {
-                    let file: RevocationFile =
-                        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-                    by_serial.extend(file.revoked.into_iter().map(|r| (r.serial.clone(), r)));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
-            }
-        }
+        let file: RevocationFile = crate::state_file::load(path.as_deref())?;
+        let by_serial = file.revoked.into_iter().map(|r| (r.serial.clone(), r)).collect();
         Ok(Self { path, by_serial: Mutex::new(by_serial) })
     }
 
@@ -58,15 +48,12 @@ impl Revocations {
             serial.to_owned(),
             Revoked { serial: serial.to_owned(), agent: agent.to_owned(), at_unix },
         );
-        if let Some(path) = &self.path {
-            let file = RevocationFile { revoked: all.values().cloned().collect() };
-            let text = toml::to_string(&file).map_err(|e| e.to_string())?;
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, text)
-                .and_then(|()| std::fs::rename(&tmp, path))
-                .map_err(|e| format!("{}: cannot save: {e}", path.display()))?;
+        match &self.path {
+            Some(path) => {
+                crate::state_file::save(path, &RevocationFile { revoked: all.values().cloned().collect() })
+            }
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
