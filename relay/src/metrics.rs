@@ -54,7 +54,7 @@ impl Default for Metrics {
         let build: Family<Labels, Gauge> = Family::default();
         build.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())]).set(1);
         registry.register("build_info", "The relay's version", build);
-        let metrics = Self {
+        let mut m = Self {
             connections: Family::default(),
             active: Family::default(),
             bytes: Family::default(),
@@ -65,7 +65,6 @@ impl Default for Metrics {
             cold_start: Family::default(),
             registry,
         };
-        let mut m = metrics;
         m.registry.register(
             "connections",
             "Client connections by service and how they ended",

@@ -91,7 +91,82 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// The page: three tables, refreshed every 5 s, no scripts, no external assets.
+/// One table of the page: the HTML and the text rendering share it.
+struct Table {
+    id: &'static str,
+    title: String,
+    header: &'static [&'static str],
+    rows: Vec<Vec<String>>,
+    /// Said instead of an empty table (`None`: an empty table is left out).
+    empty: Option<&'static str>,
+}
+
+fn cold(ms: Option<u64>) -> String {
+    ms.map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0))
+}
+
+fn tables(s: &Snapshot) -> [Table; 3] {
+    let agents = s
+        .agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                a.remote.clone(),
+                a.connected_for.clone(),
+                format!("{:.1} ms", a.rtt_ms),
+                a.software.clone(),
+            ]
+        })
+        .collect();
+    let services = s
+        .services
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.agent.clone(),
+                r.listen.clone(),
+                if r.up { "up" } else { "agent away" }.into(),
+                r.active.to_string(),
+                r.total.to_string(),
+                bytes(r.bytes_up),
+                bytes(r.bytes_down),
+            ]
+        })
+        .collect();
+    let containers = s
+        .agents
+        .iter()
+        .flat_map(|a| a.containers.iter().map(move |(name, state, ms)| (a, name, state, ms)))
+        .map(|(a, name, state, ms)| vec![a.name.clone(), name.clone(), state.clone(), cold(*ms)])
+        .collect();
+    [
+        Table {
+            id: "agents",
+            title: format!("Agents ({})", s.agents.len()),
+            header: &["agent", "from", "connected for", "RTT", "software"],
+            rows: agents,
+            empty: Some("No agent connected."),
+        },
+        Table {
+            id: "services",
+            title: "Services".into(),
+            header: &["service", "agent", "listens", "state", "open", "total", "up", "down"],
+            rows: services,
+            empty: Some("No service configured."),
+        },
+        Table {
+            id: "containers",
+            title: "Containers".into(),
+            header: &["agent", "container", "state", "last cold start"],
+            rows: containers,
+            empty: None,
+        },
+    ]
+}
+
+/// The page: the tables, refreshed every 5 s, no scripts, no external assets.
 pub(crate) fn html(s: &Snapshot) -> String {
     let mut out = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\">\
@@ -104,54 +179,35 @@ pub(crate) fn html(s: &Snapshot) -> String {
         "<h1>Sallyport relay</h1><p>{}</p>",
         if s.ready { "<span class=\"up\">ready</span>" } else { "<span class=\"down\">draining</span>" }
     );
-    let _ = write!(out, "<h2>Agents ({})</h2>", s.agents.len());
-    if s.agents.is_empty() {
-        out.push_str("<p>No agent connected.</p>");
-    } else {
-        out.push_str("<table id=\"agents\"><tr><th>agent</th><th>from</th><th>connected for</th><th>RTT</th><th>software</th></tr>");
-        for a in &s.agents {
-            let _ = write!(
-                out,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1} ms</td><td>{}</td></tr>",
-                escape(&a.name),
-                escape(&a.remote),
-                escape(&a.connected_for),
-                a.rtt_ms,
-                escape(&a.software)
-            );
+    for table in tables(s) {
+        if table.rows.is_empty() && table.empty.is_none() {
+            continue;
         }
-        out.push_str("</table>");
-    }
-    out.push_str("<h2>Services</h2><table id=\"services\"><tr><th>service</th><th>agent</th><th>listens</th><th>state</th><th>open</th><th>total</th><th>up</th><th>down</th></tr>");
-    for r in &s.services {
-        let state =
-            if r.up { "<span class=\"up\">up</span>" } else { "<span class=\"down\">agent away</span>" };
-        let _ = write!(
-            out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{state}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(&r.name),
-            escape(&r.agent),
-            escape(&r.listen),
-            r.active,
-            r.total,
-            bytes(r.bytes_up),
-            bytes(r.bytes_down)
-        );
-    }
-    out.push_str("</table>");
-    let containers: Vec<_> =
-        s.agents.iter().flat_map(|a| a.containers.iter().map(move |c| (&a.name, c))).collect();
-    if !containers.is_empty() {
-        out.push_str("<h2>Containers</h2><table id=\"containers\"><tr><th>agent</th><th>container</th><th>state</th><th>last cold start</th></tr>");
-        for (agent, (name, state, cold)) in containers {
-            let cold = cold.map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
-            let _ = write!(
-                out,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{cold}</td></tr>",
-                escape(agent),
-                escape(name),
-                escape(state)
-            );
+        let _ = write!(out, "<h2>{}</h2>", escape(&table.title));
+        if table.rows.is_empty() {
+            let _ = write!(out, "<p>{}</p>", table.empty.unwrap_or_default());
+            continue;
+        }
+        let _ = write!(out, "<table id=\"{}\"><tr>", table.id);
+        for h in table.header {
+            let _ = write!(out, "<th>{h}</th>");
+        }
+        out.push_str("</tr>");
+        for row in &table.rows {
+            out.push_str("<tr>");
+            for (column, cell) in row.iter().enumerate() {
+                // The services' state column is coloured.
+                let class = match (table.id, column, cell.as_str()) {
+                    ("services", 3, "up") => Some("up"),
+                    ("services", 3, _) => Some("down"),
+                    _ => None,
+                };
+                let _ = match class {
+                    Some(class) => write!(out, "<td><span class=\"{class}\">{}</span></td>", escape(cell)),
+                    None => write!(out, "<td>{}</td>", escape(cell)),
+                };
+            }
+            out.push_str("</tr>");
         }
         out.push_str("</table>");
     }
@@ -162,60 +218,22 @@ pub(crate) fn html(s: &Snapshot) -> String {
 /// The same as aligned text.
 pub(crate) fn text(s: &Snapshot) -> String {
     let mut out = format!("relay: {}\n\n", if s.ready { "ready" } else { "draining" });
-    let mut rows = vec![vec!["AGENT".to_owned(), "FROM".into(), "CONNECTED FOR".into(), "RTT".into()]];
-    rows.extend(s.agents.iter().map(|a| {
-        vec![a.name.clone(), a.remote.clone(), a.connected_for.clone(), format!("{:.1} ms", a.rtt_ms)]
-    }));
-    table(&mut out, &rows);
-    let mut rows = vec![vec![
-        "SERVICE".to_owned(),
-        "AGENT".into(),
-        "LISTENS".into(),
-        "STATE".into(),
-        "OPEN".into(),
-        "TOTAL".into(),
-        "UP".into(),
-        "DOWN".into(),
-    ]];
-    rows.extend(s.services.iter().map(|r| {
-        vec![
-            r.name.clone(),
-            r.agent.clone(),
-            r.listen.clone(),
-            if r.up { "up" } else { "agent away" }.into(),
-            r.active.to_string(),
-            r.total.to_string(),
-            bytes(r.bytes_up),
-            bytes(r.bytes_down),
-        ]
-    }));
-    table(&mut out, &rows);
-    let mut rows = vec![vec!["AGENT".to_owned(), "CONTAINER".into(), "STATE".into(), "COLD START".into()]];
-    for a in &s.agents {
-        for (name, state, cold) in &a.containers {
-            rows.push(vec![
-                a.name.clone(),
-                name.clone(),
-                state.clone(),
-                cold.map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0)),
-            ]);
+    for table in tables(s) {
+        if table.rows.is_empty() && table.empty.is_none() {
+            continue;
         }
-    }
-    if rows.len() > 1 {
-        table(&mut out, &rows);
-    }
-    out
-}
-
-fn table(out: &mut String, rows: &[Vec<String>]) {
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |v| v.chars().count())).max().unwrap_or(0))
-        .collect();
-    for row in rows {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
-        out.push_str(line.join("  ").trim_end());
+        let mut rows = vec![table.header.iter().map(|h| h.to_uppercase()).collect::<Vec<_>>()];
+        rows.extend(table.rows);
+        let columns = rows[0].len();
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |v| v.chars().count())).max().unwrap_or(0))
+            .collect();
+        for row in &rows {
+            let line: Vec<String> = row.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
         out.push('\n');
     }
-    out.push('\n');
+    out
 }

@@ -308,7 +308,7 @@ impl Containers {
             StartPolicy::Always if !running => {
                 let (this, slot) = (self.clone(), slot.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = this.start_slot(&slot).await {
+                    if let Err(e) = this.ensure_running(&slot).await {
                         warn!(container = %slot.spec.name, error = %e, "cannot start container");
                     }
                 });
@@ -387,15 +387,6 @@ impl Containers {
         Ok((ip, true))
     }
 
-    async fn start_slot(&self, slot: &Arc<Slot>) -> Result<IpAddr, ContainerError> {
-        let _guard = slot.lifecycle.lock().await;
-        let inspected = self.inner.engine.ensure_created(&slot.spec).await?;
-        if let Inspected { running: true, address: Some(ip), .. } = inspected {
-            return Ok(ip);
-        }
-        self.start_locked(slot).await
-    }
-
     /// Starts the container (the caller holds its lifecycle lock) and returns its address.
     async fn start_locked(&self, slot: &Arc<Slot>) -> Result<IpAddr, ContainerError> {
         slot.state.send_replace(ContainerState::Starting);
@@ -439,7 +430,7 @@ impl Containers {
     /// Starts `name` (a command from the relay).
     pub async fn start(&self, name: &str) -> Result<String, ContainerError> {
         let slot = self.slot(name)?.clone();
-        let ip = self.start_slot(&slot).await?;
+        let (ip, _) = self.ensure_running(&slot).await?;
         Ok(format!("{name} running at {ip}"))
     }
 
