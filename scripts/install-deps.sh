@@ -8,6 +8,7 @@ packages=(
     iproute2 iptables conntrack procps   # network lab: namespaces, veth, NAT, conntrack, kill
     curl postgresql postgresql-client redis-server redis-tools iperf3 python3   # real servers and clients
     chromium                              # renders the relay's status page in a test
+    nginx-light dnsmasq-base bind9-dnsutils openssl   # HTTP/PROXY v2 target, UDP DNS server and dig, TLS targets
 )
 
 missing=()
@@ -26,6 +27,10 @@ fi
 # Offline validation of the Kubernetes manifests against the cluster's schema version.
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
+fi
+# A real WebSocket client and echo server for the HTTP router's upgrade test.
+if ! python3 -c 'import websockets' >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check 'websockets>=12'
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

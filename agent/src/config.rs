@@ -30,6 +30,10 @@ pub struct Config {
     pub docker: DockerSettings,
     /// Containers the agent owns, by name.
     pub containers: BTreeMap<String, ContainerSpec>,
+    /// A UDP flow with no datagram either way for this long is closed.
+    pub udp_flow_idle: Duration,
+    /// UDP flows open at once, at most; a new one beyond it closes the oldest.
+    pub udp_max_flows: usize,
 }
 
 /// Timers of the tunnel and of target dials.
@@ -73,6 +77,8 @@ impl fmt::Display for RelayAddr {
 pub struct Service {
     pub name: String,
     pub target: Target,
+    /// Write a PROXY protocol v2 header to the target first, so it sees the client's address.
+    pub proxy_protocol: bool,
 }
 
 /// What a service connects to.
@@ -83,6 +89,11 @@ pub enum Target {
     /// `container://NAME:PORT`: a port of a container declared under `[containers.NAME]`, at the
     /// address the engine gives it (looked up after every start).
     Container { name: String, port: u16 },
+    /// `udp://HOST:PORT`: the target of a UDP service.
+    Udp { host: String, port: u16 },
+    /// `wsl://DISTRO:PORT`: a port inside a WSL2 distribution (Windows agent only): TCP through
+    /// localhost forwarding, else the VM's address; UDP through the VM's address.
+    Wsl { distro: String, port: u16 },
 }
 
 impl fmt::Display for Target {
@@ -91,17 +102,43 @@ impl fmt::Display for Target {
             Self::Tcp { host, port } if host.contains(':') => write!(f, "tcp://[{host}]:{port}"),
             Self::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
             Self::Container { name, port } => write!(f, "container://{name}:{port}"),
+            Self::Udp { host, port } if host.contains(':') => write!(f, "udp://[{host}]:{port}"),
+            Self::Udp { host, port } => write!(f, "udp://{host}:{port}"),
+            Self::Wsl { distro, port } => write!(f, "wsl://{distro}:{port}"),
         }
     }
 }
 
 impl Target {
-    /// Parses `tcp://HOST:PORT` or `container://NAME:PORT`.
+    /// Whether this target takes UDP flows (`udp://`, `wsl://`).
+    pub fn carries_udp(&self) -> bool {
+        matches!(self, Self::Udp { .. } | Self::Wsl { .. })
+    }
+
+    /// Whether this target takes TCP connections (all but `udp://`).
+    pub fn carries_tcp(&self) -> bool {
+        !matches!(self, Self::Udp { .. })
+    }
+
+    /// Parses `tcp://HOST:PORT`, `udp://HOST:PORT`, `container://NAME:PORT` or
+    /// `wsl://DISTRO:PORT`.
     pub fn parse(text: &str) -> Result<Self, String> {
-        const EXPECTED: &str = "expected tcp://HOST:PORT or container://NAME:PORT";
+        const EXPECTED: &str =
+            "expected tcp://HOST:PORT, udp://HOST:PORT, container://NAME:PORT or wsl://DISTRO:PORT";
         if let Some(rest) = text.strip_prefix("container://") {
             let (name, port) = host_port(rest).map_err(|e| format!("{text:?}: {e}"))?;
             return Ok(Self::Container { name, port });
+        }
+        if let Some(rest) = text.strip_prefix("udp://") {
+            let (host, port) = host_port(rest).map_err(|e| format!("{text:?}: {e}"))?;
+            return Ok(Self::Udp { host, port });
+        }
+        if let Some(rest) = text.strip_prefix("wsl://") {
+            let (distro, port) = host_port(rest).map_err(|e| format!("{text:?}: {e}"))?;
+            if !crate::wsl::is_valid_distro(&distro) {
+                return Err(format!("{text:?}: {distro:?} is not a WSL distribution name"));
+            }
+            return Ok(Self::Wsl { distro, port });
         }
         let Some(rest) = text.strip_prefix("tcp://") else {
             let scheme = text.split_once("://").map_or("", |(s, _)| s);
@@ -215,7 +252,33 @@ impl Config {
                     ));
                 }
             }
-            services.insert(name.clone(), Service { name, target });
+            if matches!(target, Target::Wsl { .. }) && !cfg!(windows) {
+                return Err(ConfigError::invalid(
+                    path,
+                    format!("{key}.target"),
+                    "wsl:// targets are for the agent on Windows; an agent inside WSL2 reaches its \
+                     own ports as tcp://127.0.0.1:PORT",
+                ));
+            }
+            let proxy_protocol = match s.proxy_protocol.as_deref() {
+                None => false,
+                Some("v2") if target.carries_tcp() => true,
+                Some("v2") => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        format!("{key}.proxy_protocol"),
+                        "PROXY protocol headers go to TCP targets only",
+                    ))
+                }
+                Some(other) => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        format!("{key}.proxy_protocol"),
+                        format!("{other:?}: the supported version is \"v2\""),
+                    ))
+                }
+            };
+            services.insert(name.clone(), Service { name, target, proxy_protocol });
         }
         let docker = match raw.docker {
             None => DockerSettings::default(),
@@ -274,6 +337,17 @@ impl Config {
             services,
             docker,
             containers,
+            udp_flow_idle: d("agent.udp_flow_idle", a.udp_flow_idle, 1_000, 3_600_000)?,
+            udp_max_flows: match a.udp_max_flows {
+                n @ 1..=1_000_000 => n,
+                n => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        "agent.udp_max_flows",
+                        format!("{n} is out of range (1 to 1000000)"),
+                    ))
+                }
+            },
         })
     }
 }
@@ -319,12 +393,24 @@ struct RawAgent {
     reconnect_max: HumanDuration,
     #[serde(default = "default_congestion")]
     congestion: String,
+    #[serde(default = "default_udp_flow_idle")]
+    udp_flow_idle: HumanDuration,
+    #[serde(default = "default_udp_max_flows")]
+    udp_max_flows: usize,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawService {
     target: String,
+    proxy_protocol: Option<String>,
+}
+
+fn default_udp_flow_idle() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_udp_max_flows() -> usize {
+    4096
 }
 
 fn default_keep_alive() -> HumanDuration {
@@ -395,7 +481,8 @@ target = "tcp://127.0.0.1:1433"
         );
         for (bad, why) in [
             ("127.0.0.1:80", "no scheme"),
-            ("udp://127.0.0.1:53", "unsupported target scheme \"udp\""),
+            ("ftp://127.0.0.1:21", "unsupported target scheme \"ftp\""),
+            ("wsl://Ubuntu 24.04:80", "not a WSL distribution name"),
             ("container://mssql", "expected HOST:PORT"),
             ("tcp://127.0.0.1", "expected HOST:PORT"),
             ("tcp://127.0.0.1:0", "port 0"),
@@ -404,6 +491,44 @@ target = "tcp://127.0.0.1:1433"
         ] {
             let e = Target::parse(bad).expect_err(bad);
             assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn udp_wsl_and_proxy_protocol() {
+        assert_eq!(
+            Target::parse("udp://127.0.0.1:53"),
+            Ok(Target::Udp { host: "127.0.0.1".into(), port: 53 })
+        );
+        let wsl = Target::parse("wsl://Ubuntu-24.04:5432").expect("wsl");
+        assert_eq!(wsl, Target::Wsl { distro: "Ubuntu-24.04".into(), port: 5432 });
+        assert_eq!(wsl.to_string(), "wsl://Ubuntu-24.04:5432");
+        assert!(wsl.carries_tcp() && wsl.carries_udp());
+        let c = Config::from_toml(
+            &GOOD.replace(
+                "target = \"tcp://127.0.0.1:1433\"",
+                "target = \"tcp://127.0.0.1:1433\"\nproxy_protocol = \"v2\"",
+            ),
+            Path::new("a.toml"),
+        )
+        .expect("valid");
+        assert!(c.services["mssql"].proxy_protocol);
+        let e = err(&GOOD.replace(
+            "target = \"tcp://127.0.0.1:1433\"",
+            "target = \"udp://127.0.0.1:53\"\nproxy_protocol = \"v2\"",
+        ));
+        assert!(
+            e.contains("key `services.mssql.proxy_protocol`: PROXY protocol headers go to TCP targets only"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "target = \"tcp://127.0.0.1:1433\"",
+            "target = \"tcp://127.0.0.1:1433\"\nproxy_protocol = \"v1\"",
+        ));
+        assert!(e.contains("key `services.mssql.proxy_protocol`: \"v1\""), "{e}");
+        if !cfg!(windows) {
+            let e = err(&GOOD.replace("tcp://127.0.0.1:1433", "wsl://Ubuntu:5432"));
+            assert!(e.contains("wsl:// targets are for the agent on Windows"), "{e}");
         }
     }
 

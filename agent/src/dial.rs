@@ -50,7 +50,7 @@ async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream,
         return;
     };
     // A container connection holds its lease until the splice ends.
-    let (tcp, _lease) = match &service.target {
+    let (mut tcp, _lease) = match &service.target {
         Target::Tcp { host, port } => match dial(host, *port, shared.config.timing.connect_timeout).await {
             Ok(tcp) => (tcp, None),
             Err(answer) => {
@@ -75,7 +75,44 @@ async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream,
                 return;
             }
         },
+        Target::Wsl { distro, port } => {
+            let Some(resolver) = shared.wsl.get(distro) else {
+                refuse(&mut send, &mut recv, Answer::UnknownService).await;
+                return;
+            };
+            let timeout = shared.config.timing.connect_timeout;
+            match resolver.connect_tcp(*port, Some(crate::wsl::LOCALHOST), timeout).await {
+                Ok(tcp) => {
+                    prepare(&tcp);
+                    (tcp, None)
+                }
+                Err(e) => {
+                    warn!(target = %service.target, error = %e, "WSL2 target not reachable");
+                    refuse(&mut send, &mut recv, answer_for(&e)).await;
+                    return;
+                }
+            }
+        }
+        Target::Udp { .. } => {
+            warn!(target = %service.target, "the relay opened a TCP stream for a UDP target: refused");
+            refuse(&mut send, &mut recv, Answer::UnknownService).await;
+            return;
+        }
     };
+    if service.proxy_protocol {
+        // The target sees the client's address; the destination is the target itself.
+        let destination = tcp.peer_addr().unwrap_or(header.client_addr);
+        let proxy = sallyport_proto::proxy::header(
+            header.client_addr,
+            destination,
+            sallyport_proto::proxy::Transport::Stream,
+        );
+        if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut tcp, &proxy).await {
+            debug!(error = %e, "cannot write the PROXY header");
+            refuse(&mut send, &mut recv, Answer::Unreachable).await;
+            return;
+        }
+    }
     if send.write_all(&[Answer::Connected as u8]).await.is_err() {
         return;
     }
@@ -107,9 +144,16 @@ async fn dial(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, Ans
             prepare(&tcp);
             Ok(tcp)
         }
-        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(Answer::Refused),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Err(Answer::TimedOut),
-        Ok(Err(_)) => Err(Answer::Unreachable),
+        Ok(Err(e)) => Err(answer_for(&e)),
         Err(_) => Err(Answer::TimedOut),
+    }
+}
+
+/// The answer the relay gets for a failed dial.
+fn answer_for(e: &io::Error) -> Answer {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Answer::Refused,
+        io::ErrorKind::TimedOut => Answer::TimedOut,
+        _ => Answer::Unreachable,
     }
 }

@@ -12,6 +12,8 @@ pub mod enroll;
 mod renew;
 pub mod service;
 mod tunnel;
+mod udp;
+mod wsl;
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -73,6 +75,8 @@ pub(crate) struct Shared {
     pub(crate) containers: Containers,
     /// Ids of container commands already run, with their expiry: a replay is refused.
     pub(crate) seen_commands: std::sync::Mutex<BTreeMap<u64, u64>>,
+    /// The VM address of each WSL distribution a `wsl://` target names.
+    pub(crate) wsl: BTreeMap<String, wsl::Resolver>,
     status: watch::Sender<BTreeMap<String, TunnelStatus>>,
 }
 
@@ -114,7 +118,19 @@ impl Agent {
         ));
         let containers =
             Containers::new(&identity.name, config.docker.clone(), config.containers.values().cloned());
+        let config_dir = config.path.parent().unwrap_or(std::path::Path::new(".")).to_owned();
+        let wsl = config
+            .services
+            .values()
+            .filter_map(|s| match &s.target {
+                config::Target::Wsl { distro, .. } => {
+                    Some((distro.clone(), wsl::Resolver::new(distro, &config_dir)))
+                }
+                _ => None,
+            })
+            .collect();
         let shared = Arc::new(Shared {
+            wsl,
             config,
             client_config: std::sync::RwLock::new(client_config),
             cert_validity: std::sync::Mutex::new((identity.not_before_unix, identity.not_after_unix)),

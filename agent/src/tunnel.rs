@@ -128,6 +128,7 @@ async fn connect_and_serve(
 
     tokio::select! {
         () = accept_streams(&connection, shared) => {}
+        () = crate::udp::serve(&connection, shared) => {}
         () = control_loop(&mut send, &mut recv, shared) => {}
         () = stop.cancelled() => {
             connection.close(code(close::NORMAL), b"agent stopping");

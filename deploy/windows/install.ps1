@@ -47,6 +47,13 @@ if ($LASTEXITCODE -ne 0) { throw "Service installation failed (see above)." }
 & $installed service start
 if ($LASTEXITCODE -ne 0) { throw "The service did not start (see above)." }
 
+# wsl:// targets: the helper inside each WSL2 distribution (deploy/windows/sallyport-wsl-helper.sh)
+# writes the distribution's address here, as the user who runs WSL; the service reads it.
+$wsl = Join-Path $data "wsl"
+New-Item -ItemType Directory -Force -Path $wsl | Out-Null
+& icacls $wsl /grant "$($env:USERDOMAIN)\$($env:USERNAME):(OI)(CI)M" | Out-Null
+Copy-Item -Force (Join-Path $PSScriptRoot "sallyport-wsl-helper.sh") $data -ErrorAction SilentlyContinue
+
 Write-Host ""
 Write-Host "Sallyport agent installed and started."
 Write-Host "  services: edit $data\agent.toml ([services.NAME], [containers.NAME]), then Restart-Service sallyport-agent"

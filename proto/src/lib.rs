@@ -11,8 +11,10 @@
 
 pub mod codes;
 pub mod control;
+pub mod datagram;
 pub mod enroll;
 pub mod frame;
+pub mod proxy;
 pub mod stream;
 
 #[cfg(feature = "net")]

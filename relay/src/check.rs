@@ -57,10 +57,7 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
         services: config
             .services
             .values()
-            .map(|s| {
-                let crate::config::Listen::Tcp(addr) = s.listen;
-                (s.name.clone(), s.agent.clone(), format!("tcp {addr}"))
-            })
+            .map(|s| (s.name.clone(), s.agent.clone(), s.listen.to_string()))
             .collect(),
     })
 }

@@ -36,6 +36,11 @@ pub struct Config {
     pub revocations_file: Option<PathBuf>,
     /// Validity of the certificates the relay issues to enrolling agents.
     pub agent_cert_validity: Duration,
+    /// TCP address of the HTTP listener that routes requests by `Host` (services with `hosts`).
+    pub http_listen: Option<SocketAddr>,
+    /// TCP address of the HTTPS listener that routes TLS connections by SNI, without terminating
+    /// them (services with `sni`).
+    pub https_listen: Option<SocketAddr>,
     pub tls: TlsFiles,
     pub limits: Limits,
     /// Services by name.
@@ -57,6 +62,17 @@ pub struct Limits {
     pub max_connections: usize,
     /// Congestion controller of the relay-to-agent direction.
     pub congestion: Congestion,
+    /// Time for an HTTP client to send a whole request head (and a TLS client its ClientHello);
+    /// also how long an idle keep-alive connection waits for its next request.
+    pub header_timeout: Duration,
+    /// The largest HTTP request head accepted (bigger: 431 and closed).
+    pub max_header_bytes: usize,
+    /// HTTP and HTTPS connections open at once from one client address, at most.
+    pub max_connections_per_ip: usize,
+    /// A UDP flow with no datagram either way for this long is forgotten.
+    pub udp_flow_idle: Duration,
+    /// UDP flows kept per service; a new flow beyond it replaces the oldest.
+    pub udp_max_flows: usize,
 }
 
 /// One published service.
@@ -72,10 +88,39 @@ pub struct Service {
     pub load_balancer_ip: Option<std::net::IpAddr>,
 }
 
-/// A service listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a service is exposed.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
+    /// A TCP port of its own (`listen`).
     Tcp(SocketAddr),
+    /// A UDP port of its own (`udp`).
+    Udp(SocketAddr),
+    /// Host names on the shared HTTP listener (`hosts`), lower-case.
+    Http(Vec<String>),
+    /// Server names on the shared HTTPS listener (`sni`), lower-case; TLS passes through.
+    Https(Vec<String>),
+}
+
+impl Listen {
+    /// The port of a service's own listener, with its protocol.
+    pub fn own_port(&self) -> Option<(&'static str, SocketAddr)> {
+        match *self {
+            Self::Tcp(addr) => Some(("TCP", addr)),
+            Self::Udp(addr) => Some(("UDP", addr)),
+            Self::Http(_) | Self::Https(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "tcp {addr}"),
+            Self::Udp(addr) => write!(f, "udp {addr}"),
+            Self::Http(hosts) => write!(f, "http {}", hosts.join(", ")),
+            Self::Https(names) => write!(f, "https {}", names.join(", ")),
+        }
+    }
 }
 
 impl Config {
@@ -119,6 +164,23 @@ impl Config {
                 .congestion
                 .parse()
                 .map_err(|e| ConfigError::invalid(path, "relay.congestion", e))?,
+            header_timeout: conf::duration_in(
+                path,
+                "relay.header_timeout",
+                r.header_timeout.into(),
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+            )?,
+            max_header_bytes: in_range(path, "relay.max_header_bytes", r.max_header_bytes, 8192, 1 << 20)?,
+            max_connections_per_ip: positive(path, "relay.max_connections_per_ip", r.max_connections_per_ip)?,
+            udp_flow_idle: conf::duration_in(
+                path,
+                "relay.udp_flow_idle",
+                r.udp_flow_idle.into(),
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            )?,
+            udp_max_flows: in_range(path, "relay.udp_max_flows", r.udp_max_flows, 1, 1 << 20)?,
         };
         if raw.services.is_empty() {
             return Err(ConfigError::invalid(
@@ -130,22 +192,69 @@ impl Config {
         }
         let mut services = BTreeMap::new();
         let mut seen_listen = BTreeMap::new();
+        let mut seen_names = BTreeMap::new();
         for (name, s) in raw.services {
             let key = format!("services.{name}");
             let name = conf::name(path, &key, &name)?;
             let agent = conf::name(path, &format!("{key}.agent"), &s.agent)?;
-            let listen = Listen::Tcp(s.listen);
-            if s.listen.port() != 0 {
-                if let Some(other) = seen_listen.insert(s.listen, name.clone()) {
+            let listen = match (s.listen, s.udp, s.hosts, s.sni) {
+                (Some(addr), None, None, None) => Listen::Tcp(addr),
+                (None, Some(addr), None, None) => Listen::Udp(addr),
+                (None, None, Some(hosts), None) => {
+                    if r.http_listen.is_none() {
+                        return Err(ConfigError::invalid(
+                            path,
+                            format!("{key}.hosts"),
+                            "routing by Host needs the HTTP listener: set relay.http_listen",
+                        ));
+                    }
+                    Listen::Http(host_names(path, &format!("{key}.hosts"), &hosts, &name, &mut seen_names)?)
+                }
+                (None, None, None, Some(names)) => {
+                    if r.https_listen.is_none() {
+                        return Err(ConfigError::invalid(
+                            path,
+                            format!("{key}.sni"),
+                            "routing by SNI needs the HTTPS listener: set relay.https_listen",
+                        ));
+                    }
+                    Listen::Https(host_names(path, &format!("{key}.sni"), &names, &name, &mut seen_names)?)
+                }
+                _ => {
                     return Err(ConfigError::invalid(
                         path,
-                        format!("{key}.listen"),
-                        format!("{} is already the listener of service {other:?}", s.listen),
+                        key,
+                        "set exactly one of `listen` (a TCP port), `udp` (a UDP port), `hosts` (HTTP by \
+                         Host) or `sni` (HTTPS by server name)",
+                    ))
+                }
+            };
+            let own = match &listen {
+                Listen::Tcp(addr) => Some((format!("{key}.listen"), "tcp", *addr)),
+                Listen::Udp(addr) => Some((format!("{key}.udp"), "udp", *addr)),
+                Listen::Http(_) | Listen::Https(_) => None,
+            };
+            if let Some((key, proto, addr)) = own.filter(|(_, _, a)| a.port() != 0) {
+                if let Some(other) = seen_listen.insert((proto, addr), name.clone()) {
+                    return Err(ConfigError::invalid(
+                        path,
+                        key,
+                        format!("{proto} {addr} is already the listener of service {other:?}"),
                     ));
                 }
             }
             services
                 .insert(name.clone(), Service { name, agent, listen, load_balancer_ip: s.load_balancer_ip });
+        }
+        for (key, addr) in [("relay.http_listen", r.http_listen), ("relay.https_listen", r.https_listen)] {
+            if let Some(other) = addr.filter(|a| a.port() != 0).and_then(|a| seen_listen.get(&("tcp", a))) {
+                let addr = addr.unwrap_or(r.listen);
+                return Err(ConfigError::invalid(
+                    path,
+                    key,
+                    format!("tcp {addr} is already the listener of service {other:?}"),
+                ));
+            }
         }
         Ok(Self {
             path: path.to_owned(),
@@ -155,6 +264,8 @@ impl Config {
             ca_key: r.ca_key.map(|f| conf::resolve(path, &f)),
             tokens_file: r.tokens_file.map(|f| conf::resolve(path, &f)),
             revocations_file: r.revocations_file.map(|f| conf::resolve(path, &f)),
+            http_listen: r.http_listen,
+            https_listen: r.https_listen,
             agent_cert_validity: conf::duration_in(
                 path,
                 "relay.agent_cert_validity",
@@ -176,6 +287,52 @@ impl Config {
     pub fn knows_agent(&self, agent: &str) -> bool {
         self.services.values().any(|s| s.agent == agent)
     }
+}
+
+fn in_range(path: &Path, key: &str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+    if !(min..=max).contains(&value) {
+        return Err(ConfigError::invalid(path, key, format!("{value} is out of range ({min} to {max})")));
+    }
+    Ok(value)
+}
+
+/// Validates the host names of one service: DNS names, lower-cased, without a trailing dot, each
+/// used by one service only (`seen` maps names to the service holding them).
+fn host_names(
+    path: &Path,
+    key: &str,
+    names: &[String],
+    service: &str,
+    seen: &mut BTreeMap<String, String>,
+) -> Result<Vec<String>, ConfigError> {
+    if names.is_empty() {
+        return Err(ConfigError::invalid(path, key, "list at least one host name"));
+    }
+    let mut out = Vec::new();
+    for name in names {
+        let lower = name.trim_end_matches('.').to_ascii_lowercase();
+        let valid = !lower.is_empty()
+            && lower.len() <= 253
+            && lower.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !valid {
+            return Err(ConfigError::invalid(path, key, format!("{name:?} is not a host name")));
+        }
+        if let Some(other) = seen.insert(lower.clone(), service.to_owned()) {
+            return Err(ConfigError::invalid(
+                path,
+                key,
+                format!("{name:?} is already a name of service {other:?}"),
+            ));
+        }
+        out.push(lower);
+    }
+    Ok(out)
 }
 
 fn positive(path: &Path, key: &str, value: usize) -> Result<usize, ConfigError> {
@@ -221,13 +378,28 @@ struct RawRelay {
     max_connections: usize,
     #[serde(default = "default_congestion")]
     congestion: String,
+    http_listen: Option<SocketAddr>,
+    https_listen: Option<SocketAddr>,
+    #[serde(default = "default_header_timeout")]
+    header_timeout: HumanDuration,
+    #[serde(default = "default_max_header_bytes")]
+    max_header_bytes: usize,
+    #[serde(default = "default_max_connections_per_ip")]
+    max_connections_per_ip: usize,
+    #[serde(default = "default_udp_flow_idle")]
+    udp_flow_idle: HumanDuration,
+    #[serde(default = "default_udp_max_flows")]
+    udp_max_flows: usize,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawService {
     agent: String,
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
+    udp: Option<SocketAddr>,
+    hosts: Option<Vec<String>>,
+    sni: Option<Vec<String>>,
     load_balancer_ip: Option<std::net::IpAddr>,
 }
 
@@ -259,6 +431,21 @@ fn default_max_connections() -> usize {
 }
 fn default_congestion() -> String {
     "bbr".into()
+}
+fn default_header_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_connections_per_ip() -> usize {
+    256
+}
+fn default_udp_flow_idle() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_udp_max_flows() -> usize {
+    4096
 }
 
 #[cfg(test)]
@@ -329,5 +516,35 @@ listen = "0.0.0.0:1433"
     fn two_services_on_one_port_are_refused() {
         let e = err(&format!("{GOOD}\n[services.web]\nagent = \"winbox\"\nlisten = \"0.0.0.0:1433\"\n"));
         assert!(e.contains("key `services.web.listen`") && e.contains("already the listener"), "{e}");
+        // The same port number for TCP and UDP is two listeners.
+        let both = format!("{GOOD}\n[services.dns]\nagent = \"winbox\"\nudp = \"0.0.0.0:1433\"\n");
+        assert!(Config::from_toml(&both, Path::new("r.toml")).is_ok());
+    }
+
+    #[test]
+    fn routed_services_need_their_listener_and_unique_names() {
+        let web = "\n[services.web]\nagent = \"winbox\"\nhosts = [\"App.Home.lan.\", \"app\"]\n";
+        let e = err(&format!("{GOOD}{web}"));
+        assert!(e.contains("key `services.web.hosts`: routing by Host needs the HTTP listener"), "{e}");
+        let with_http = GOOD.replace("[relay]", "[relay]\nhttp_listen = \"0.0.0.0:80\"");
+        let c = Config::from_toml(&format!("{with_http}{web}"), Path::new("r.toml")).expect("valid");
+        assert_eq!(c.services["web"].listen, Listen::Http(vec!["app.home.lan".into(), "app".into()]));
+        assert_eq!(c.services["web"].listen.to_string(), "http app.home.lan, app");
+        let twice = format!("{with_http}{web}\n[services.web2]\nagent = \"winbox\"\nhosts = [\"APP\"]\n");
+        let e = err(&twice);
+        assert!(
+            e.contains("key `services.web2.hosts`") && e.contains("already a name of service \"web\""),
+            "{e}"
+        );
+        let e = err(&format!("{with_http}\n[services.bad]\nagent = \"winbox\"\nhosts = [\"a b\"]\n"));
+        assert!(e.contains("key `services.bad.hosts`: \"a b\" is not a host name"), "{e}");
+        let e = err(&format!("{GOOD}\n[services.nas]\nagent = \"winbox\"\nsni = [\"nas.lan\"]\n"));
+        assert!(e.contains("key `services.nas.sni`") && e.contains("relay.https_listen"), "{e}");
+        let e = err(
+            &GOOD.replace("listen = \"0.0.0.0:1433\"", "listen = \"0.0.0.0:1433\"\nudp = \"0.0.0.0:53\"")
+        );
+        assert!(e.contains("key `services.mssql`: set exactly one of"), "{e}");
+        let e = err(&GOOD.replace("[relay]", "[relay]\nhttp_listen = \"0.0.0.0:1433\""));
+        assert!(e.contains("key `relay.http_listen`") && e.contains("already the listener"), "{e}");
     }
 }

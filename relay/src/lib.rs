@@ -13,13 +13,18 @@ pub mod registry;
 mod admin;
 pub mod admin_client;
 mod enroll;
+mod http;
+mod https;
+mod limits;
 pub mod manifests;
 mod metrics;
 mod revocations;
+mod sni;
 mod state_file;
 mod status;
 mod tcp;
 mod tunnel;
+mod udp;
 
 use std::{
     collections::BTreeMap,
@@ -86,6 +91,37 @@ pub(crate) struct Shared {
     /// Join tokens and the CA that signs enrolling agents' keys; `None`: enrollment is off.
     pub(crate) enrollment: Option<enroll::Enrollment>,
     pub(crate) revocations: revocations::Revocations,
+    /// Host names of the HTTP and HTTPS listeners to their services.
+    pub(crate) routes: Routes,
+    /// Connections per client address on the HTTP and HTTPS listeners.
+    pub(crate) per_ip: Arc<limits::PerIp>,
+    pub(crate) http_pool: http::Pool,
+    pub(crate) udp_flows: udp::Flows,
+}
+
+/// Which service each name of the HTTP and HTTPS listeners belongs to.
+#[derive(Debug, Default)]
+pub(crate) struct Routes {
+    pub(crate) http: std::collections::HashMap<String, Arc<config::Service>>,
+    pub(crate) https: std::collections::HashMap<String, Arc<config::Service>>,
+}
+
+impl Routes {
+    fn new(config: &Config) -> Self {
+        let mut routes = Self::default();
+        for service in config.services.values() {
+            let (map, names) = match &service.listen {
+                config::Listen::Http(names) => (&mut routes.http, names),
+                config::Listen::Https(names) => (&mut routes.https, names),
+                config::Listen::Tcp(_) | config::Listen::Udp(_) => continue,
+            };
+            let service = Arc::new(service.clone());
+            for name in names {
+                map.insert(name.clone(), service.clone());
+            }
+        }
+        routes
+    }
 }
 
 /// A relay with its sockets bound, ready to [`run`](Relay::run).
@@ -93,6 +129,9 @@ pub(crate) struct Shared {
 pub struct Relay {
     endpoint: quinn::Endpoint,
     listeners: Vec<(Arc<config::Service>, TcpListener)>,
+    udp: Vec<(Arc<config::Service>, tokio::net::UdpSocket)>,
+    http: Option<TcpListener>,
+    https: Option<TcpListener>,
     admin: TcpListener,
     shared: Arc<Shared>,
 }
@@ -139,11 +178,29 @@ impl Relay {
         .map_err(bind_err("the QUIC endpoint", config.listen))?;
 
         let mut listeners = Vec::new();
+        let mut udp = Vec::new();
         for service in config.services.values() {
-            let config::Listen::Tcp(addr) = service.listen;
-            let listener = tcp::bind(addr).map_err(bind_err(&format!("service {:?}", service.name), addr))?;
-            listeners.push((Arc::new(service.clone()), listener));
+            let what = format!("service {:?}", service.name);
+            match service.listen {
+                config::Listen::Tcp(addr) => {
+                    let listener = tcp::bind(addr).map_err(bind_err(&what, addr))?;
+                    listeners.push((Arc::new(service.clone()), listener));
+                }
+                config::Listen::Udp(addr) => {
+                    let socket = tokio::net::UdpSocket::bind(addr).await.map_err(bind_err(&what, addr))?;
+                    udp.push((Arc::new(service.clone()), socket));
+                }
+                config::Listen::Http(_) | config::Listen::Https(_) => {}
+            }
         }
+        let http = match config.http_listen {
+            Some(addr) => Some(tcp::bind(addr).map_err(bind_err("the HTTP listener", addr))?),
+            None => None,
+        };
+        let https = match config.https_listen {
+            Some(addr) => Some(tcp::bind(addr).map_err(bind_err("the HTTPS listener", addr))?),
+            None => None,
+        };
         let admin =
             TcpListener::bind(config.admin).await.map_err(bind_err("the admin server", config.admin))?;
 
@@ -151,7 +208,6 @@ impl Relay {
             revocations::Revocations::open(config.revocations_file.clone()).map_err(StartError::State)?;
         let connection_limit = Arc::new(Semaphore::new(config.limits.max_connections));
         let shared = Arc::new(Shared {
-            config,
             registry: Registry::default(),
             ready: AtomicBool::new(false),
             clients: TaskTracker::new(),
@@ -167,9 +223,15 @@ impl Relay {
                 .filter_map(|(s, l): &(Arc<config::Service>, TcpListener)| {
                     l.local_addr().ok().map(|a| (s.name.clone(), a))
                 })
+                .chain(udp.iter().filter_map(|(s, u)| u.local_addr().ok().map(|a| (s.name.clone(), a))))
                 .collect(),
+            routes: Routes::new(&config),
+            per_ip: limits::PerIp::new(config.limits.max_connections_per_ip),
+            http_pool: http::Pool::default(),
+            udp_flows: udp::Flows::default(),
+            config,
         });
-        Ok(Self { endpoint, listeners, admin, shared })
+        Ok(Self { endpoint, listeners, udp, http, https, admin, shared })
     }
 
     /// The UDP address of the QUIC endpoint.
@@ -178,9 +240,19 @@ impl Relay {
         self.endpoint.local_addr().unwrap_or(self.shared.config.listen)
     }
 
-    /// The bound address of each service listener, by service name.
+    /// The bound address of each service's own listener (TCP or UDP), by service name.
     pub fn service_addrs(&self) -> BTreeMap<String, SocketAddr> {
-        self.listeners.iter().filter_map(|(s, l)| l.local_addr().ok().map(|a| (s.name.clone(), a))).collect()
+        self.shared.bound.clone()
+    }
+
+    /// The bound address of the HTTP listener, if there is one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bound address of the HTTPS listener, if there is one.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound address of the admin server.
@@ -197,7 +269,7 @@ impl Relay {
     /// client connections finish within the grace period, and closes every tunnel with
     /// "going away" so agents reconnect at once (to this relay once it is back, or another).
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self { endpoint, listeners, admin, shared } = self;
+        let Self { endpoint, listeners, udp, http, https, admin, shared } = self;
         let admin_addr = admin.local_addr().unwrap_or(shared.config.admin);
         let admin_stop = CancellationToken::new();
         tokio::spawn(admin::serve(admin, shared.clone(), admin_stop.clone()));
@@ -207,6 +279,34 @@ impl Relay {
                 info!(service = %service.name, %addr, "service listening");
             }
             shared.tasks.spawn(tcp::serve(listener, service, shared.clone(), shutdown.clone()));
+        }
+        for (service, socket) in udp {
+            if let Ok(addr) = socket.local_addr() {
+                info!(service = %service.name, %addr, "UDP service listening");
+            }
+            shared.tasks.spawn(udp::serve(socket, service, shared.clone(), shutdown.clone()));
+        }
+        if let Some(listener) = http {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, hosts = shared.routes.http.len(), "HTTP listener routing by Host");
+            }
+            shared.tasks.spawn(http::serve(listener, shared.clone(), shutdown.clone()));
+            let (shared, stop) = (shared.clone(), shutdown.clone());
+            shared.tasks.clone().spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(15));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => shared.http_pool.sweep(),
+                        () = stop.cancelled() => return,
+                    }
+                }
+            });
+        }
+        if let Some(listener) = https {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, names = shared.routes.https.len(), "HTTPS listener routing by SNI");
+            }
+            shared.tasks.spawn(https::serve(listener, shared.clone(), shutdown.clone()));
         }
         shared.ready.store(true, Ordering::Release);
         if let Ok(quic) = endpoint.local_addr() {

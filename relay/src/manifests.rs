@@ -1,14 +1,14 @@
 //! `sallyport-relay manifests`: the Kubernetes Services that expose the relay's listeners, rendered
 //! from `relay.toml`, so the ports in the cluster and in the relay cannot drift apart.
 //!
-//! One LoadBalancer Service carries the QUIC port (UDP) and every service port (TCP) on the relay's
-//! MetalLB IP; a service with a `load_balancer_ip` of its own gets its own LoadBalancer Service.
-//! Every service also gets a ClusterIP Service of its name, for in-cluster clients
-//! (`mssql.sallyport.svc.cluster.local:1433`).
+//! One LoadBalancer Service carries the QUIC port (UDP), the HTTP and HTTPS listeners and every
+//! service port (TCP or UDP) on the relay's MetalLB IP; a service with a `load_balancer_ip` of its
+//! own gets its own LoadBalancer Service. Every service with a port of its own also gets a
+//! ClusterIP Service of its name, for in-cluster clients (`mssql.sallyport.svc.cluster.local:1433`).
 
 use std::{fmt::Write, net::IpAddr};
 
-use crate::config::{Config, Listen};
+use crate::config::Config;
 
 /// What the rendering needs beyond `relay.toml`.
 #[derive(Debug, Clone)]
@@ -47,16 +47,23 @@ pub fn render(config: &Config, options: &ManifestOptions) -> String {
         port: options.quic_port,
         target: config.listen.port(),
     }];
+    // The web listeners answer on the standard ports of the LoadBalancer IP (the pod, not root,
+    // listens on high ports); TCP 443 sits beside QUIC's UDP 443.
+    for (name, port, addr) in [("http", 80, config.http_listen), ("https", 443, config.https_listen)] {
+        if let Some(addr) = addr {
+            shared.push(Port { name: name.into(), protocol: "TCP", port, target: addr.port() });
+        }
+    }
     let mut own = Vec::new();
-    let mut names = std::collections::BTreeSet::from(["quic".to_owned()]);
+    let mut names: std::collections::BTreeSet<String> = shared.iter().map(|p| p.name.clone()).collect();
     for service in config.services.values() {
-        let Listen::Tcp(addr) = service.listen;
+        let Some((protocol, addr)) = service.listen.own_port() else { continue };
         let mut name = port_name(&service.name);
         if !names.insert(name.clone()) {
             // Two long names sharing their first 15 characters: the port number tells them apart.
-            name = format!("tcp-{}", addr.port());
+            name = format!("{}-{}", protocol.to_ascii_lowercase(), addr.port());
         }
-        let port = Port { name, protocol: "TCP", port: addr.port(), target: addr.port() };
+        let port = Port { name, protocol, port: addr.port(), target: addr.port() };
         match service.load_balancer_ip {
             Some(ip) => own.push((service.name.clone(), ip, port)),
             None => shared.push(port),
@@ -67,8 +74,9 @@ pub fn render(config: &Config, options: &ManifestOptions) -> String {
         load_balancer(&mut out, &format!("{name}-lb"), &options.namespace, Some(ip), &[port]);
     }
     for service in config.services.values() {
-        let Listen::Tcp(addr) = service.listen;
-        let port = Port { name: "tcp".into(), protocol: "TCP", port: addr.port(), target: addr.port() };
+        let Some((protocol, addr)) = service.listen.own_port() else { continue };
+        let name = protocol.to_ascii_lowercase();
+        let port = Port { name, protocol, port: addr.port(), target: addr.port() };
         cluster_ip(&mut out, &service.name, &options.namespace, &port);
     }
     out

@@ -46,6 +46,10 @@ pub(crate) struct Metrics {
     rtt: Family<Labels, Gauge<f64, AtomicU64>>,
     container_state: Family<Labels, Gauge>,
     cold_start: Family<Labels, Gauge<f64, AtomicU64>>,
+    refusals: Family<Labels, Counter>,
+    http_responses: Family<Labels, Counter>,
+    udp_datagrams: Family<Labels, Counter>,
+    udp_flows: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -63,6 +67,10 @@ impl Default for Metrics {
             rtt: Family::default(),
             container_state: Family::default(),
             cold_start: Family::default(),
+            refusals: Family::default(),
+            http_responses: Family::default(),
+            udp_datagrams: Family::default(),
+            udp_flows: Family::default(),
             registry,
         };
         m.registry.register(
@@ -101,6 +109,22 @@ impl Default for Metrics {
             "The latest cold start of each agent container",
             m.cold_start.clone(),
         );
+        m.registry.register(
+            "refusals",
+            "Clients and datagrams turned away at a listener, by listener and reason",
+            m.refusals.clone(),
+        );
+        m.registry.register(
+            "http_responses",
+            "Responses of the HTTP listener, by service and status code",
+            m.http_responses.clone(),
+        );
+        m.registry.register(
+            "udp_datagrams",
+            "UDP datagrams carried, by service and direction (up: client to target)",
+            m.udp_datagrams.clone(),
+        );
+        m.registry.register("udp_flows", "UDP flows open now, by service", m.udp_flows.clone());
         m
     }
 }
@@ -111,6 +135,30 @@ impl Metrics {
         let labels = vec![("service", service.to_owned())];
         self.active.get_or_create(&labels).inc();
         Active { metrics: self, service: service.to_owned(), ended: false }
+    }
+
+    /// A client, request or datagram turned away at `listener` (`http`, `https` or a service name).
+    pub(crate) fn refused(&self, listener: &str, reason: &'static str) {
+        self.refusals
+            .get_or_create(&vec![("listener", listener.to_owned()), ("reason", reason.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn http_response(&self, service: &str, status: u16) {
+        self.http_responses
+            .get_or_create(&vec![("service", service.to_owned()), ("code", status.to_string())])
+            .inc();
+    }
+
+    pub(crate) fn udp_datagram(&self, service: &str, up: bool) {
+        let direction = if up { "up" } else { "down" };
+        self.udp_datagrams
+            .get_or_create(&vec![("service", service.to_owned()), ("direction", direction.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn udp_flows(&self, service: &str, open: usize) {
+        self.udp_flows.get_or_create(&vec![("service", service.to_owned())]).set(open as i64);
     }
 
     pub(crate) fn handshake_failed(&self, reason: &'static str) {

@@ -60,13 +60,16 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
         .services
         .values()
         .map(|s| {
-            let Listen::Tcp(configured) = s.listen;
-            let addr = shared.bound.get(&s.name).copied().unwrap_or(configured);
+            let listen = match (shared.bound.get(&s.name), &s.listen) {
+                (Some(bound), Listen::Tcp(_)) => format!("tcp {bound}"),
+                (Some(bound), Listen::Udp(_)) => format!("udp {bound}"),
+                _ => s.listen.to_string(),
+            };
             let (active, total, bytes_up, bytes_down) = shared.metrics.service_figures(&s.name);
             ServiceRow {
                 name: s.name.clone(),
                 agent: s.agent.clone(),
-                listen: format!("tcp {addr}"),
+                listen,
                 up: agents.get(&s.agent).is_some_and(|a| a.services.contains(&s.name)),
                 active,
                 total,

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::{config::Service, metrics::Outcome, Shared};
+use crate::{config::Service, limits::PerIp, metrics::Outcome, Shared};
 
 /// Pending connections the kernel queues per listener (bore and rathole use 128 and stall at a
 /// burst of 1,000 connects).
@@ -26,13 +26,20 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-/// Accepts clients of one service until `stop` is cancelled; then the listener is dropped.
-pub(crate) async fn serve(
+/// Accepts connections on `listener` until `stop` is cancelled, each under the relay's global
+/// connection cap (and, when given, the per-address cap), and runs `handle` for each in the
+/// relay's client tracker (drained on shutdown).
+pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    service: Arc<Service>,
+    name: &str,
+    per_ip: Option<Arc<PerIp>>,
     shared: Arc<Shared>,
     stop: CancellationToken,
-) {
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let permit = tokio::select! {
             p = shared.connection_limit.clone().acquire_owned() => p,
@@ -46,26 +53,57 @@ pub(crate) async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let span = info_span!("client", service = %service.name, %peer);
-                let (service, shared2) = (service.clone(), shared.clone());
-                shared.clients.spawn(
-                    async move {
-                        handle_client(stream, peer, &service, &shared2).await;
-                        drop(permit);
-                    }
-                    .instrument(span),
-                );
+                let slot = match &per_ip {
+                    None => None,
+                    Some(limits) => match limits.enter(peer.ip()) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            debug!(listener = name, %peer, "too many connections from this address: closing");
+                            shared.metrics.refused(name, "per_ip_cap");
+                            continue;
+                        }
+                    },
+                };
+                let work = handle(stream, peer);
+                shared.clients.spawn(async move {
+                    work.await;
+                    drop((permit, slot));
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                warn!(service = %service.name, error = %e, "accept failed");
+                warn!(listener = name, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-async fn handle_client(stream: TcpStream, peer: SocketAddr, service: &Service, shared: &Shared) {
+/// Accepts clients of one TCP service until `stop` is cancelled; then the listener is dropped.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    service: Arc<Service>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let name = service.name.clone();
+    accept_loop(listener, &name, None, shared.clone(), stop, |stream, peer| {
+        let (service, shared) = (service.clone(), shared.clone());
+        let span = info_span!("client", service = %service.name, %peer);
+        async move { carry(stream, peer, &service, &shared, &[]).await }.instrument(span)
+    })
+    .await;
+}
+
+/// Carries one client connection of `service` over a new data stream: the header and `first`
+/// (bytes already read from the client) go out together, then the splice.
+pub(crate) async fn carry(
+    stream: TcpStream,
+    peer: SocketAddr,
+    service: &Service,
+    shared: &Shared,
+    first: &[u8],
+) {
     let _ = stream.set_nodelay(true);
     // Until the splice forwards a FIN, closing this socket (even by a crash) must reset the client.
     reset_on_close(&stream);
@@ -75,7 +113,7 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, service: &Service, s
         active.end(Outcome::NoAgent, 0, 0);
         return;
     };
-    let (mut send, mut recv) = match connection.open_bi().await {
+    let (mut send, mut recv) = match open(&connection, service, peer, first).await {
         Ok(pair) => pair,
         Err(e) => {
             debug!(error = %e, "cannot open a stream to the agent: refusing client");
@@ -83,24 +121,31 @@ async fn handle_client(stream: TcpStream, peer: SocketAddr, service: &Service, s
             return;
         }
     };
-    let header = StreamHeader { service: service.name.clone(), client_addr: peer };
-    let written = match frame::encode_to_vec(&header, MAX_STREAM_HEADER) {
-        Ok(bytes) => send.write_all(&bytes).await.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    if let Err(e) = written {
-        debug!(error = %e, "cannot send the stream header: refusing client");
-        active.end(Outcome::StreamFailed, 0, 0);
-        return;
-    }
     match splice(&stream, &mut send, &mut recv, Side::Relay).await {
         Ok(done) => {
-            debug!(up = done.up, down = done.down, "client connection closed");
-            active.end(Outcome::Completed, done.up, done.down);
+            let up = done.up + first.len() as u64;
+            debug!(up, down = done.down, "client connection closed");
+            active.end(Outcome::Completed, up, done.down);
         }
         Err(e) => {
             debug!(error = %e, "client connection reset");
             active.end(Outcome::Reset, 0, 0);
         }
     }
+}
+
+/// Opens a data stream for a client of `service` and writes its header, followed by `first`, in
+/// one write (no round trip: the agent's answer is read by whoever reads the stream).
+pub(crate) async fn open(
+    connection: &quinn::Connection,
+    service: &Service,
+    peer: SocketAddr,
+    first: &[u8],
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let (mut send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    let header = StreamHeader { service: service.name.clone(), client_addr: peer };
+    let mut bytes = frame::encode_to_vec(&header, MAX_STREAM_HEADER).map_err(|e| e.to_string())?;
+    bytes.extend_from_slice(first);
+    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+    Ok((send, recv))
 }

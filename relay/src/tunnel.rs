@@ -173,7 +173,7 @@ async fn serve_agent(connection: Connection, name: String, serial: String, share
     let ended = tokio::select! {
         r = control_reader(&mut recv, reader) => r,
         r = control_writer(&mut send, &mut command_rx, &mut reply_rx, &pending) => r,
-        e = connection.closed() => Ok(e.to_string()),
+        r = crate::udp::from_agent(&connection, &shared) => r,
     };
     shared.registry.remove(&name, id);
     match ended {

@@ -8,6 +8,7 @@ pub mod lab;
 pub mod pki;
 pub mod process;
 pub mod running;
+pub mod servers;
 pub mod targets;
 pub mod transfer;
 

@@ -63,6 +63,34 @@ impl TestPki {
         sallyport_relay::Config::from_toml(&text, &self.dir.path().join("relay.toml")).expect("relay config")
     }
 
+    /// A relay configuration like [`relay_config`](Self::relay_config), with the `[services]`
+    /// tables given as TOML.
+    pub fn relay_config_toml(&self, extra: &str, services: &str) -> sallyport_relay::Config {
+        let text = format!(
+            "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\nkey = \"relay.key\"\n{extra}\n{services}"
+        );
+        sallyport_relay::Config::from_toml(&text, &self.dir.path().join("relay.toml")).expect("relay config")
+    }
+
+    /// An agent configuration like [`agent_config`](Self::agent_config), with the `[services]`
+    /// tables given as TOML.
+    pub fn agent_config_toml(
+        &self,
+        name: &str,
+        relays: &[SocketAddr],
+        extra: &str,
+        services: &str,
+    ) -> sallyport_agent::Config {
+        let bundle = self.agent_bundle(name);
+        let relays: Vec<String> = relays.iter().map(|r| format!("\"{r}\"")).collect();
+        let text = format!(
+            "[agent]\nrelays = [{}]\nca_cert = \"ca.crt\"\ncert = \"agent.crt\"\nkey = \"agent.key\"\n\
+             reconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n{extra}\n{services}",
+            relays.join(", ")
+        );
+        sallyport_agent::Config::from_toml(&text, &bundle.join("agent.toml")).expect("agent config")
+    }
+
     /// An agent configuration for `name` pointing at `relay`, with one `tcp://` target per service.
     /// `extra` goes into the `[agent]` table.
     pub fn agent_config(

@@ -15,6 +15,9 @@ pub struct RunningRelay {
     pub quic: SocketAddr,
     pub admin: SocketAddr,
     pub services: BTreeMap<String, SocketAddr>,
+    /// The HTTP (by Host) and HTTPS (by SNI) listeners, when configured.
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
     agents: watch::Receiver<BTreeMap<String, AgentSession>>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
@@ -39,9 +42,10 @@ impl RunningRelay {
         };
         let (quic, admin, services, agents) =
             (relay.quic_addr(), relay.admin_addr(), relay.service_addrs(), relay.agents());
+        let (http, https) = (relay.http_addr(), relay.https_addr());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(relay.run(shutdown.clone()));
-        Self { quic, admin, services, agents, shutdown, task }
+        Self { quic, admin, services, http, https, agents, shutdown, task }
     }
 
     /// The listener address of `service`.

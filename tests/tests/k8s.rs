@@ -10,7 +10,6 @@ use std::{
 };
 
 use sallyport_relay::{
-    config::Listen,
     manifests::{self, ManifestOptions},
     Config,
 };
@@ -126,14 +125,37 @@ fn the_overlay_agrees_with_its_relay_toml() {
     assert_eq!(relay_lb["spec"]["externalTrafficPolicy"].as_str(), Some("Local"));
     let lb_ports = ports(relay_lb);
     assert!(lb_ports.contains(&("UDP".into(), 443, u64::from(config.listen.port()))), "{lb_ports:?}");
+    for (listener, public, addr) in [("http", 80, config.http_listen), ("https", 443, config.https_listen)] {
+        let port =
+            u64::from(addr.unwrap_or_else(|| panic!("the overlay shows the {listener} listener")).port());
+        assert!(
+            lb_ports.contains(&("TCP".into(), public, port)),
+            "{listener} on the shared IP: {lb_ports:?}"
+        );
+    }
+    let mut kinds = std::collections::BTreeSet::new();
     for service in config.services.values() {
-        let Listen::Tcp(addr) = service.listen;
+        kinds.insert(service.listen.to_string().split(' ').next().unwrap_or_default().to_owned());
+        let Some((protocol, addr)) = service.listen.own_port() else {
+            assert!(
+                !docs.iter().any(|d| d["metadata"]["name"].as_str() == Some(service.name.as_str())),
+                "{} is routed by name on a shared listener: no Service of its own",
+                service.name
+            );
+            continue;
+        };
+        let protocol = protocol.to_owned();
         let port = u64::from(addr.port());
         let in_cluster = find(&docs, "Service", &service.name);
-        assert_eq!(ports(in_cluster), vec![("TCP".into(), port, port)], "ClusterIP Service {}", service.name);
+        assert_eq!(
+            ports(in_cluster),
+            vec![(protocol.clone(), port, port)],
+            "ClusterIP Service {}",
+            service.name
+        );
         match service.load_balancer_ip {
             None => {
-                assert!(lb_ports.contains(&("TCP".into(), port, port)), "{} on the shared IP", service.name)
+                assert!(lb_ports.contains(&(protocol, port, port)), "{} on the shared IP", service.name)
             }
             Some(own) => {
                 let lb = find(&docs, "Service", &format!("{}-lb", service.name));
@@ -141,10 +163,15 @@ fn the_overlay_agrees_with_its_relay_toml() {
                     lb["metadata"]["annotations"]["metallb.io/loadBalancerIPs"].as_str(),
                     Some(own.to_string().as_str())
                 );
-                assert_eq!(ports(lb), vec![("TCP".into(), port, port)]);
+                assert_eq!(ports(lb), vec![(protocol, port, port)]);
             }
         }
     }
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        ["http", "https", "tcp", "udp"],
+        "the overlay shows every kind"
+    );
 
     // The pod: probes on the admin port, ports as configured, the config mounted, drain fits.
     let deployment = find(&docs, "Deployment", "sallyport-relay");

@@ -1,0 +1,202 @@
+//! Reading the server name a TLS client asks for from its ClientHello, without terminating TLS.
+//!
+//! The HTTPS listener peeks at the first TLS records, takes the name from the `server_name`
+//! extension (RFC 6066, section 3), and forwards the same bytes untouched to the agent's target.
+//! The ClientHello may span several records; they are joined until the handshake message is whole.
+
+/// What the bytes read so far say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Hello {
+    /// Not a whole ClientHello yet: read more.
+    Incomplete,
+    /// A ClientHello naming this host (lower-cased).
+    Name(String),
+    /// A ClientHello without a host name.
+    NoName,
+    /// Not a TLS ClientHello at all, with what was wrong.
+    NotTls(&'static str),
+}
+
+/// The largest ClientHello the listener waits for (larger ones are refused).
+pub(crate) const MAX_HELLO: usize = 16 * 1024;
+
+const HANDSHAKE: u8 = 22;
+const CLIENT_HELLO: u8 = 1;
+const SERVER_NAME: u16 = 0;
+const HOST_NAME: u8 = 0;
+
+/// Parses the start of a TLS connection.
+pub(crate) fn parse(buf: &[u8]) -> Hello {
+    // Join the handshake records' payloads.
+    let mut handshake = Vec::new();
+    let mut rest = buf;
+    loop {
+        let [kind, major, _minor, hi, lo, ref body @ ..] = *rest else { return Hello::Incomplete };
+        if kind != HANDSHAKE {
+            return Hello::NotTls("the first record is not a handshake record");
+        }
+        if major != 3 {
+            return Hello::NotTls("unknown record version");
+        }
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        let Some((payload, after)) = body.split_at_checked(len) else {
+            handshake.extend_from_slice(body);
+            return check_partial(&handshake);
+        };
+        handshake.extend_from_slice(payload);
+        rest = after;
+        if let [msg_kind, a, b, c, ..] = *handshake {
+            if msg_kind != CLIENT_HELLO {
+                return Hello::NotTls("the first handshake message is not a ClientHello");
+            }
+            let msg_len = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+            if msg_len > MAX_HELLO {
+                return Hello::NotTls("ClientHello too large");
+            }
+            if handshake.len() >= 4 + msg_len {
+                return match client_hello(&handshake[4..4 + msg_len]) {
+                    Some(Some(name)) => Hello::Name(name),
+                    Some(None) => Hello::NoName,
+                    None => Hello::NotTls("malformed ClientHello"),
+                };
+            }
+        }
+    }
+}
+
+/// A record cut short: still incomplete, unless what is there already is not a ClientHello.
+fn check_partial(handshake: &[u8]) -> Hello {
+    match handshake.first() {
+        Some(&kind) if kind != CLIENT_HELLO => {
+            Hello::NotTls("the first handshake message is not a ClientHello")
+        }
+        _ => Hello::Incomplete,
+    }
+}
+
+/// The `server_name` host of a whole ClientHello body: `None` if malformed, `Some(None)` if absent.
+fn client_hello(body: &[u8]) -> Option<Option<String>> {
+    let mut r = Reader(body);
+    r.take(2 + 32)?; // legacy_version, random
+    let session = r.u8()?;
+    r.take(session.into())?;
+    let suites = r.u16()?;
+    r.take(suites.into())?;
+    let compression = r.u8()?;
+    r.take(compression.into())?;
+    if r.0.is_empty() {
+        return Some(None); // no extensions at all
+    }
+    let ext_len = r.u16()?;
+    let mut exts = Reader(r.take(ext_len.into())?);
+    while !exts.0.is_empty() {
+        let kind = exts.u16()?;
+        let len = exts.u16()?;
+        let data = exts.take(len.into())?;
+        if kind != SERVER_NAME {
+            continue;
+        }
+        let mut list = Reader(data);
+        let list_len = list.u16()?;
+        let mut names = Reader(list.take(list_len.into())?);
+        while !names.0.is_empty() {
+            let name_type = names.u8()?;
+            let len = names.u16()?;
+            let name = names.take(len.into())?;
+            if name_type == HOST_NAME {
+                let name = std::str::from_utf8(name).ok()?;
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                    return None;
+                }
+                return Some(Some(name.trim_end_matches('.').to_ascii_lowercase()));
+            }
+        }
+        return Some(None);
+    }
+    Some(None)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = self.0.split_at_checked(n)?;
+        self.0 = tail;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        let b = self.take(2)?;
+        Some(u16::from_be_bytes([b[0], b[1]]))
+    }
+}
+
+/// A fatal `unrecognized_name` alert (TLS 1.2 record framing, which every client reads), sent to a
+/// client asking for a name no service has, so it sees why instead of a bare close.
+pub(crate) const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 112];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ClientHello as rustls writes it, split into records of `record` bytes.
+    fn hello(name: Option<&str>, record: usize) -> Vec<u8> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.roots.clear();
+        let config = std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let server = match name {
+            Some(n) => rustls::pki_types::ServerName::try_from(n.to_owned()).expect("name"),
+            None => rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+        };
+        let mut conn = rustls::ClientConnection::new(config, server).expect("client");
+        conn.set_buffer_limit(None);
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).expect("hello");
+        // Re-frame the handshake payload into smaller records.
+        let payload = &out[5..];
+        let mut framed = Vec::new();
+        for chunk in payload.chunks(record) {
+            framed.extend_from_slice(&[22, 3, 1]);
+            framed.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            framed.extend_from_slice(chunk);
+        }
+        framed
+    }
+
+    #[test]
+    fn name_is_found_in_one_or_many_records() {
+        for record in [16_384, 100, 7] {
+            let bytes = hello(Some("App.Home.LAN"), record);
+            assert_eq!(parse(&bytes), Hello::Name("app.home.lan".into()), "records of {record}");
+            for cut in 0..bytes.len() {
+                assert_eq!(parse(&bytes[..cut]), Hello::Incomplete, "cut at {cut} of {}", bytes.len());
+            }
+        }
+    }
+
+    #[test]
+    fn hello_without_name() {
+        // Clients leave SNI out when connecting to an IP address.
+        assert_eq!(parse(&hello(None, 16_384)), Hello::NoName);
+    }
+
+    #[test]
+    fn other_bytes_are_not_tls() {
+        assert!(matches!(parse(b"GET / HTTP/1.1\r\n\r\n"), Hello::NotTls(_)));
+        assert!(matches!(parse(&[22, 3, 1, 0, 4, 2, 0, 0, 0]), Hello::NotTls(_)));
+        assert!(matches!(parse(&[22, 9, 1, 0, 0]), Hello::NotTls(_)));
+        assert!(matches!(parse(&[22, 3, 1, 0, 5, 1, 0xff, 0, 0, 0]), Hello::NotTls(_)));
+        // A whole but truncated ClientHello body.
+        assert!(matches!(parse(&[22, 3, 1, 0, 6, 1, 0, 0, 2, 3, 3]), Hello::NotTls(_)));
+    }
+}

@@ -1,0 +1,243 @@
+//! Real servers as targets, started as child processes on loopback: nginx (HTTP, PROXY v2),
+//! dnsmasq (DNS over UDP), `openssl s_server` (TLS by name) and a Python `websockets` echo.
+//! `scripts/install-deps.sh` installs them all.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::process::Spawned;
+
+/// Returns from the test (or fails in CI, where `.ci/run` installs them) when a tool is missing.
+#[macro_export]
+macro_rules! tools_or_skip {
+    ($($tool:expr),+) => {
+        if let Some(missing) = [$($tool),+].into_iter().find(|t| !$crate::servers::have(t)) {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{missing} is not installed: run ./scripts/install-deps.sh");
+            }
+            eprintln!("SKIPPED: {missing} is not installed (./scripts/install-deps.sh installs it)");
+            return;
+        }
+    };
+}
+
+/// Whether `tool` runs here (found on PATH or in the sbin directories).
+pub fn have(tool: &str) -> bool {
+    if tool == "websockets" {
+        return Command::new("python3")
+            .args(["-c", "import websockets.sync.server"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    }
+    which(tool).is_some()
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|dir| Path::new(dir).join(tool))
+        .find(|p| p.is_file());
+    found
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// A UDP port free on 127.0.0.1 right now.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port()
+}
+
+/// Waits until something accepts on `addr`.
+pub fn wait_tcp(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A server process with its working directory.
+#[derive(Debug)]
+pub struct Server {
+    pub process: Spawned,
+    pub addr: SocketAddr,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// nginx with one `server` block per entry: `(port, listen options, body of the block)`.
+pub fn nginx(servers: &[(u16, &str, &str)]) -> Server {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display();
+    let mut conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log stderr warn;\npid {d}/nginx.pid;\n\
+         events {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+         proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+         default_type text/plain;\n"
+    );
+    for (port, options, body) in servers {
+        conf.push_str(&format!("  server {{\n    listen 127.0.0.1:{port} {options};\n    {body}\n  }}\n"));
+    }
+    conf.push_str("}\n");
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, conf).expect("nginx.conf");
+    let mut command = Command::new(which("nginx").expect("nginx"));
+    command.args(["-e", "stderr", "-p"]).arg(dir.path()).arg("-c").arg(&path);
+    let process = Spawned::start(command);
+    for (port, ..) in servers {
+        wait_tcp(SocketAddr::from(([127, 0, 0, 1], *port)), "nginx");
+    }
+    let addr = SocketAddr::from(([127, 0, 0, 1], servers[0].0));
+    Server { process, addr, _dir: Some(dir) }
+}
+
+/// dnsmasq answering `name` with `answer` on UDP `127.0.0.1:port`, and nothing else.
+pub fn dnsmasq(name: &str, answer: &str) -> Server {
+    let port = free_udp_port();
+    let mut command = Command::new(which("dnsmasq").expect("dnsmasq"));
+    command.args([
+        "--keep-in-foreground",
+        "--log-facility=-",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+        "--user=root",
+        "--pid-file=",
+        &format!("--port={port}"),
+        &format!("--address=/{name}/{answer}"),
+    ]);
+    let process = Spawned::start(command);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while dig(addr, name).as_deref() != Some(answer) {
+        assert!(Instant::now() < deadline, "dnsmasq did not answer on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server { process, addr, _dir: None }
+}
+
+/// `dig @ADDR NAME +short` (three tries a second apart, as a resolver retries): the first answer
+/// line, if any (lines starting with `;` report retries).
+pub fn dig(server: SocketAddr, name: &str) -> Option<String> {
+    let out = Command::new("dig")
+        .args([
+            &format!("@{}", server.ip()),
+            "-p",
+            &server.port().to_string(),
+            name,
+            "+short",
+            "+tries=3",
+            "+time=1",
+        ])
+        .output()
+        .expect("dig runs");
+    let answer =
+        String::from_utf8_lossy(&out.stdout).lines().find(|l| !l.starts_with(';')).map(str::to_owned);
+    if answer.is_none() {
+        eprintln!(
+            "dig @{server} {name}: no answer:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    answer
+}
+
+/// A self-signed certificate for `name` (`NAME.crt`, `NAME.key` in `dir`), made by openssl.
+pub fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (crt, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args(["-subj", &format!("/CN={name}"), "-addext", &format!("subjectAltName=DNS:{name}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .expect("openssl runs");
+    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    (crt, key)
+}
+
+/// `openssl s_server -www` with a self-signed certificate for `name` (it answers `GET /` with a
+/// status page). Returns the server and the certificate (to trust).
+pub fn tls_server(dir: &Path, name: &str) -> (Server, PathBuf) {
+    let (crt, key) = self_signed(dir, name);
+    let port = free_port();
+    let mut command = Command::new("openssl");
+    command
+        .args(["s_server", "-quiet", "-www", "-accept", &format!("127.0.0.1:{port}")])
+        .arg("-cert")
+        .arg(&crt)
+        .arg("-key")
+        .arg(&key);
+    let process = Spawned::start(command);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_tcp(addr, "openssl s_server");
+    (Server { process, addr, _dir: None }, crt)
+}
+
+/// A WebSocket echo server (Python `websockets`) on 127.0.0.1.
+pub fn websocket_echo() -> Server {
+    let port = free_port();
+    let script = format!(
+        "from websockets.sync.server import serve\n\
+         def echo(ws):\n    for message in ws:\n        ws.send(message)\n\
+         with serve(echo, '127.0.0.1', {port}, max_size=None) as server:\n    server.serve_forever()\n"
+    );
+    let mut command = Command::new("python3");
+    command.args(["-c", &script]);
+    let process = Spawned::start(command);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_tcp(addr, "websocket echo");
+    Server { process, addr, _dir: None }
+}
+
+/// A WebSocket client (Python `websockets`) connected to `relay` with `Host: host`: sends each
+/// message (one per line, through its stdin) and returns the echoes.
+pub fn websocket_exchange(relay: SocketAddr, host: &str, messages: &[&str]) -> Result<Vec<String>, String> {
+    use std::io::Write as _;
+    let script = format!(
+        "import socket, sys\nfrom websockets.sync.client import connect\n\
+         sock = socket.create_connection(('{ip}', {port}))\n\
+         with connect('ws://{host}/echo', sock=sock, open_timeout=5, max_size=None) as ws:\n    \
+         for m in sys.stdin.read().splitlines():\n        ws.send(m)\n        print(ws.recv(timeout=5))\n",
+        ip = relay.ip(),
+        port = relay.port(),
+    );
+    let mut child = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(messages.join("\n").as_bytes()).map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+}

@@ -1,0 +1,507 @@
+//! End-to-end tests of the relay's routed listeners with real clients and servers: HTTP by Host
+//! (curl, nginx, a Python WebSocket client and server), HTTPS by SNI without termination (curl and
+//! `openssl s_client` against `openssl s_server`), UDP (dig against dnsmasq), and PROXY protocol v2
+//! toward a target (nginx reading it), plus the bad inputs each listener must survive.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use sallyport_tests::{
+    servers::{self, dig},
+    tools_or_skip, RunningAgent, RunningRelay, TestPki,
+};
+
+fn curl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `--resolve` argument pointing `host` at the listener.
+fn resolve(host: &str, addr: SocketAddr) -> String {
+    format!("{host}:{}:{}", addr.port(), addr.ip())
+}
+
+/// Sends raw bytes from `from` and reads the answer until the relay closes (or 10 s pass).
+fn raw(addr: SocketAddr, from: &str, request: &[u8]) -> String {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.bind(&format!("{from}:0").parse::<SocketAddr>().expect("from").into()).expect("bind");
+    socket.connect(&addr.into()).expect("connect");
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let _ = stream.write_all(request);
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn metrics(relay: &RunningRelay) -> String {
+    let (ok, body, err) = curl(&[&format!("http://{}/metrics", relay.admin)]);
+    assert!(ok, "metrics: {err}");
+    body
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_by_host_with_forwarding_headers_and_clear_refusals() {
+    tools_or_skip!("curl", "nginx");
+    sallyport_tests::init_logging();
+    let (a, b) = (servers::free_port(), servers::free_port());
+    let _nginx = servers::nginx(&[
+        (
+            a,
+            "",
+            "location / { return 200 \"A $request_uri xff=$http_x_forwarded_for proto=$http_x_forwarded_proto \
+             xfh=$http_x_forwarded_host fwd=$http_forwarded conn=$connection\\n\"; }",
+        ),
+        (b, "", "location / { return 200 \"B $request_uri host=$host\\n\"; }"),
+    ]);
+    let pki = TestPki::new();
+    let mut relay = RunningRelay::start(pki.relay_config_toml(
+        "http_listen = \"127.0.0.1:0\"",
+        "[services.app-a]\nagent = \"winbox\"\nhosts = [\"a.home.lan\"]\n\
+         [services.app-b]\nagent = \"winbox\"\nhosts = [\"b.home.lan\", \"b2.home.lan\"]\n\
+         [services.gone]\nagent = \"winbox\"\nhosts = [\"gone.home.lan\"]\n\
+         [services.away]\nagent = \"otherbox\"\nhosts = [\"away.home.lan\"]\n",
+    ))
+    .await;
+    let closed = servers::free_port();
+    let _agent = RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[relay.quic],
+        "",
+        &format!(
+            "[services.app-a]\ntarget = \"tcp://127.0.0.1:{a}\"\n[services.app-b]\ntarget = \"tcp://127.0.0.1:{b}\"\n\
+             [services.gone]\ntarget = \"tcp://127.0.0.1:{closed}\"\n"
+        ),
+    ));
+    relay.wait_agent("winbox").await;
+    let http = relay.http.expect("http listener");
+
+    // Two names on one port reach two targets; keep-alive carries both requests of one curl.
+    let (ok, body, err) = curl(&[
+        "-v",
+        "--resolve",
+        &resolve("a.home.lan", http),
+        "--resolve",
+        &resolve("B.Home.Lan", http),
+        &format!("http://a.home.lan:{}/one?x=1", http.port()),
+        &format!("http://a.home.lan:{}/two", http.port()),
+        &format!("http://B.Home.Lan:{}/three", http.port()),
+    ]);
+    assert!(ok, "curl: {err}");
+    let lines: Vec<&str> = body.lines().collect();
+    println!("curl through the HTTP listener:\n{body}");
+    assert_eq!(lines.len(), 3, "{body}");
+    assert!(lines[0].starts_with("A /one?x=1 xff=127.0.0.1 proto=http xfh=a.home.lan"), "{}", lines[0]);
+    assert!(lines[0].contains("fwd=for=127.0.0.1;host=\"a.home.lan\";proto=http"), "{}", lines[0]);
+    assert!(lines[1].starts_with("A /two "), "{}", lines[1]);
+    assert_eq!(lines[2], format!("B /three host=b.home.lan"));
+    assert!(
+        err.contains("Re-using existing connection") || err.contains("Reusing existing"),
+        "keep-alive: {err}"
+    );
+    // Both of a's requests went over the same pooled target connection.
+    let conns: Vec<&str> = lines[..2].iter().map(|l| l.rsplit("conn=").next().unwrap_or("")).collect();
+    assert_eq!(conns[0], conns[1], "one pooled connection to the target: {lines:?}");
+
+    // Refusals, each with its status and a short reason.
+    let status = |host: &str, extra: &[&str]| {
+        let url = format!("http://{host}:{}/", http.port());
+        let resolved = resolve(host, http);
+        let mut args = vec!["-o", "-", "-w", "\n%{http_code}", "--resolve", resolved.as_str()];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        let (_, body, _) = curl(&args);
+        let (text, code) = body.rsplit_once('\n').unwrap_or_default();
+        (code.to_owned(), text.to_owned())
+    };
+    let (code, text) = status("nobody.home.lan", &[]);
+    assert_eq!(code, "404", "{text}");
+    assert!(text.contains("no service is published under the host name \"nobody.home.lan\""), "{text}");
+    let (code, text) = status("away.home.lan", &[]);
+    assert_eq!(code, "503", "{text}");
+    assert!(text.contains("the agent \"otherbox\" of service \"away\" is not connected"), "{text}");
+    let (code, text) = status("gone.home.lan", &[]);
+    assert_eq!(code, "502", "{text}");
+    assert!(text.contains("the target refused the connection"), "{text}");
+    println!("refusals: 404, 503, 502 as specified ({})", text.trim().replace('\n', ": "));
+
+    // Absolute form naming another host than Host: 400, and the target never sees it.
+    let answer = raw(
+        http,
+        "127.0.0.1",
+        b"GET http://b.home.lan/x HTTP/1.1\r\nHost: a.home.lan\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("the request target names \"b.home.lan\" but the Host header names \"a.home.lan\""),
+        "{answer}"
+    );
+    // Absolute form that agrees is carried in origin form.
+    let answer = raw(
+        http,
+        "127.0.0.1",
+        b"GET http://b2.home.lan:80/y HTTP/1.1\r\nHost: B2.home.lan\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("B /y host=b2.home.lan"), "{answer}");
+    let m = metrics(&relay).await;
+    assert!(metric(&m, "sallyport_http_responses_total{service=\"app-a\",code=\"200\"}") >= 2.0, "{m}");
+    assert_eq!(metric(&m, "sallyport_refusals_total{listener=\"http\",reason=\"unknown_host\"}"), 1.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_passes_through() {
+    tools_or_skip!("websockets");
+    sallyport_tests::init_logging();
+    let echo = servers::websocket_echo();
+    let pki = TestPki::new();
+    let mut relay = RunningRelay::start(pki.relay_config_toml(
+        "http_listen = \"127.0.0.1:0\"",
+        "[services.ws]\nagent = \"winbox\"\nhosts = [\"ws.home.lan\"]\n",
+    ))
+    .await;
+    let _agent = RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[relay.quic],
+        "",
+        &format!("[services.ws]\ntarget = \"tcp://{}\"\n", echo.addr),
+    ));
+    relay.wait_agent("winbox").await;
+    let http = relay.http.expect("http listener");
+    let big = "x".repeat(200_000);
+    let messages = ["hello", "through the tunnel", big.as_str()];
+    let started = Instant::now();
+    let echoed = tokio::task::spawn_blocking(move || {
+        servers::websocket_exchange(http, "ws.home.lan", &["hello", "through the tunnel"])
+    })
+    .await
+    .expect("client")
+    .expect("websocket exchange");
+    assert_eq!(echoed, messages[..2]);
+    let echoed = servers::websocket_exchange(http, "ws.home.lan", &[messages[2]]).expect("big message");
+    assert_eq!(echoed.len(), 1);
+    assert_eq!(echoed[0].len(), big.len());
+    println!("websocket: 3 messages echoed through the HTTP listener in {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_routes_by_sni_without_terminating_tls() {
+    tools_or_skip!("curl", "openssl");
+    sallyport_tests::init_logging();
+    let dir = tempfile::tempdir().expect("dir");
+    let (nas, nas_crt) = servers::tls_server(dir.path(), "nas.home.lan");
+    let (git, git_crt) = servers::tls_server(dir.path(), "git.home.lan");
+    let pki = TestPki::new();
+    let mut relay = RunningRelay::start(pki.relay_config_toml(
+        "https_listen = \"127.0.0.1:0\"\nheader_timeout = \"2s\"",
+        "[services.nas]\nagent = \"winbox\"\nsni = [\"nas.home.lan\"]\n\
+         [services.git]\nagent = \"winbox\"\nsni = [\"git.home.lan\"]\n",
+    ))
+    .await;
+    let _agent = RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[relay.quic],
+        "",
+        &format!(
+            "[services.nas]\ntarget = \"tcp://{}\"\n[services.git]\ntarget = \"tcp://{}\"\n",
+            nas.addr, git.addr
+        ),
+    ));
+    relay.wait_agent("winbox").await;
+    let https = relay.https.expect("https listener");
+
+    // curl trusts only each target's own certificate: the handshake is with the target.
+    for (name, crt) in [("nas.home.lan", &nas_crt), ("git.home.lan", &git_crt)] {
+        let (ok, body, err) = curl(&[
+            "--cacert",
+            &crt.display().to_string(),
+            "--resolve",
+            &resolve(name, https),
+            &format!("https://{name}:{}/", https.port()),
+        ]);
+        assert!(ok, "curl https://{name}: {err}");
+        assert!(body.contains("s_server"), "{body}");
+    }
+    let (ok, _, err) = curl(&[
+        "--cacert",
+        &nas_crt.display().to_string(),
+        "--resolve",
+        &resolve("git.home.lan", https),
+        &format!("https://git.home.lan:{}/", https.port()),
+    ]);
+    assert!(!ok, "git's certificate must not verify against nas's: {err}");
+
+    let s_client = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", &https.to_string()])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl runs");
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    let out = s_client(&["-servername", "git.home.lan"]);
+    assert!(out.contains("CN = git.home.lan") || out.contains("CN=git.home.lan"), "{out}");
+    println!("openssl s_client -servername git.home.lan: the target's certificate (CN = git.home.lan)");
+
+    // No SNI, and an unknown name: closed (with an unrecognized_name alert), logged and counted.
+    let out = s_client(&["-noservername"]);
+    assert!(!out.contains("CN = "), "no certificate without a name: {out}");
+    let out = s_client(&["-servername", "nobody.home.lan"]);
+    assert!(out.contains("unrecognized name") || out.contains("alert number 112"), "{out}");
+    // Not TLS at all, and a client that never finishes its ClientHello.
+    let answer = raw(https, "127.0.0.1", b"GET / HTTP/1.1\r\nHost: nas.home.lan\r\n\r\n");
+    assert!(answer.is_empty(), "{answer}");
+    let started = Instant::now();
+    let answer = raw(https, "127.0.0.1", &[22, 3, 1, 0, 200, 1]);
+    assert!(answer.is_empty(), "{answer}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1800) && waited < Duration::from_secs(8), "{waited:?}");
+    let m = metrics(&relay).await;
+    for reason in ["no_sni", "unknown_sni", "not_tls", "timeout"] {
+        assert_eq!(
+            metric(&m, &format!("sallyport_refusals_total{{listener=\"https\",reason=\"{reason}\"}}")),
+            1.0,
+            "{reason}: {m}"
+        );
+    }
+    println!("https refusals: no SNI, unknown SNI, not TLS, partial ClientHello closed after {waited:?}");
+    // The targets still serve.
+    let out = s_client(&["-servername", "nas.home.lan"]);
+    assert!(out.contains("CN = nas.home.lan") || out.contains("CN=nas.home.lan"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_dns_through_the_tunnel_and_ten_thousand_flows() {
+    tools_or_skip!("dig", "dnsmasq");
+    sallyport_tests::init_logging();
+    let dns = servers::dnsmasq("nas.home.lan", "10.9.8.7");
+    let pki = TestPki::new();
+    let mut relay = RunningRelay::start(pki.relay_config_toml(
+        "udp_max_flows = 2000\nudp_flow_idle = \"5s\"",
+        "[services.dns]\nagent = \"winbox\"\nudp = \"127.0.0.1:0\"\n",
+    ))
+    .await;
+    let agent = RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[relay.quic],
+        "udp_max_flows = 1000",
+        &format!("[services.dns]\ntarget = \"udp://{}\"\n", dns.addr),
+    ));
+    relay.wait_agent("winbox").await;
+    let port = relay.service("dns");
+    let answer = tokio::task::spawn_blocking(move || dig(port, "nas.home.lan")).await.expect("dig");
+    assert_eq!(answer.as_deref(), Some("10.9.8.7"));
+    println!("dig @relay nas.home.lan -> 10.9.8.7");
+
+    // 10,000 flows (each a client address) sending one query each, while dig keeps asking.
+    let flood = tokio::task::spawn_blocking(move || {
+        let query = dns_query("flood.home.lan");
+        let started = Instant::now();
+        for i in 0..10_000u32 {
+            let from = format!("127.0.{}.{}:0", 1 + i / 250, 1 + i % 250);
+            let socket = std::net::UdpSocket::bind(from.as_str()).expect("bind");
+            socket.send_to(&query, port).expect("send");
+        }
+        started.elapsed()
+    });
+    let mut answered = 0;
+    let mut asked = 0;
+    while !flood.is_finished() {
+        asked += 1;
+        let t = Instant::now();
+        let got = tokio::task::spawn_blocking(move || dig(port, "nas.home.lan")).await.expect("dig");
+        eprintln!("dig during the flood: {got:?} in {:?}", t.elapsed());
+        if got.as_deref() == Some("10.9.8.7") {
+            answered += 1;
+        }
+    }
+    let took = flood.await.expect("flood");
+    for _ in 0..3 {
+        asked += 1;
+        let t = Instant::now();
+        let got = tokio::task::spawn_blocking(move || dig(port, "nas.home.lan")).await.expect("dig");
+        eprintln!("dig after the flood: {got:?} in {:?}", t.elapsed());
+        if got.as_deref() == Some("10.9.8.7") {
+            answered += 1;
+        }
+    }
+    let m = metrics(&relay).await;
+    let evicted = metric(&m, "sallyport_refusals_total{listener=\"dns\",reason=\"flow_evicted\"}");
+    let up = metric(&m, "sallyport_udp_datagrams_total{service=\"dns\",direction=\"up\"}");
+    let down = metric(&m, "sallyport_udp_datagrams_total{service=\"dns\",direction=\"down\"}");
+    println!(
+        "10,000 UDP flows sent in {took:?}: relay evicted {evicted} flows (cap 2000), carried {up} datagrams up and {down} down; \
+         dig answered {answered} of {asked} during and after"
+    );
+    let open = metric(&m, "sallyport_udp_flows{service=\"dns\"}");
+    assert!(open <= 2000.0 && evicted >= 5_000.0, "flows capped at 2000, the oldest evicted: {m}");
+    assert!(answered == asked && answered >= 4, "normal client kept working: {answered}/{asked}");
+    // An oversized datagram is counted and dropped, and the service goes on.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.send_to(&vec![0u8; 8000], port).expect("send big");
+    let answer = tokio::task::spawn_blocking(move || dig(port, "nas.home.lan")).await.expect("dig");
+    assert_eq!(answer.as_deref(), Some("10.9.8.7"));
+    let m = metrics(&relay).await;
+    assert_eq!(metric(&m, "sallyport_refusals_total{listener=\"dns\",reason=\"oversized\"}"), 1.0, "{m}");
+    agent.stop().await;
+}
+
+/// A DNS query for `name` (type A), as dig would send it.
+fn dns_query(name: &str) -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_v2_gives_the_target_the_client_address() {
+    tools_or_skip!("curl", "nginx");
+    sallyport_tests::init_logging();
+    let port = servers::free_port();
+    let _nginx = servers::nginx(&[(
+        port,
+        "proxy_protocol",
+        "location / { return 200 \"client=$proxy_protocol_addr:$proxy_protocol_port server=$proxy_protocol_server_addr\\n\"; }",
+    )]);
+    let pki = TestPki::new();
+    let mut relay = RunningRelay::start(pki.relay_config_toml(
+        "http_listen = \"127.0.0.1:0\"",
+        "[services.web]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.site]\nagent = \"winbox\"\nhosts = [\"site.home.lan\"]\n",
+    ))
+    .await;
+    let _agent = RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[relay.quic],
+        "",
+        &format!(
+            "[services.web]\ntarget = \"tcp://127.0.0.1:{port}\"\nproxy_protocol = \"v2\"\n\
+             [services.site]\ntarget = \"tcp://127.0.0.1:{port}\"\nproxy_protocol = \"v2\"\n"
+        ),
+    ));
+    relay.wait_agent("winbox").await;
+    let web = relay.service("web");
+    let (ok, body, err) =
+        curl(&["--interface", "127.0.0.7", "-w", "local=%{local_port}", &format!("http://{web}/")]);
+    assert!(ok, "curl: {err}");
+    println!("nginx behind PROXY v2 saw: {body}");
+    let local = body.rsplit("local=").next().unwrap_or_default();
+    assert!(body.starts_with(&format!("client=127.0.0.7:{local} server=127.0.0.1")), "{body}");
+    // Through the HTTP listener too (pooled per client address).
+    let http = relay.http.expect("http");
+    let (ok, body, err) = curl(&[
+        "--interface",
+        "127.0.0.9",
+        "--resolve",
+        &resolve("site.home.lan", http),
+        &format!("http://site.home.lan:{}/", http.port()),
+    ]);
+    assert!(ok, "curl: {err}");
+    assert!(body.starts_with("client=127.0.0.9:"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_listener_survives_bad_clients() {
+    tools_or_skip!("curl", "nginx");
+    sallyport_tests::init_logging();
+    let port = servers::free_port();
+    let _nginx = servers::nginx(&[(port, "", "location / { return 200 \"ok\\n\"; }")]);
+    let pki = TestPki::new();
+    let mut relay = RunningRelay::start(pki.relay_config_toml(
+        "http_listen = \"127.0.0.1:0\"\nheader_timeout = \"2s\"\nmax_connections_per_ip = 50",
+        "[services.app]\nagent = \"winbox\"\nhosts = [\"app.home.lan\"]\n",
+    ))
+    .await;
+    let _agent = RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[relay.quic],
+        "",
+        &format!("[services.app]\ntarget = \"tcp://127.0.0.1:{port}\"\n"),
+    ));
+    relay.wait_agent("winbox").await;
+    let http = relay.http.expect("http");
+    let normal = move || {
+        let (ok, body, err) = curl(&[
+            "--interface",
+            "127.0.0.2",
+            "--resolve",
+            &resolve("app.home.lan", http),
+            &format!("http://app.home.lan:{}/", http.port()),
+        ]);
+        assert!(ok && body == "ok\n", "normal client: {body} {err}");
+    };
+    normal();
+
+    // Garbage: 400 and closed.
+    let answer = raw(http, "127.0.0.1", b"\x16\x03\x01garbage\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    // A 1 MiB header: 431 and closed, without reading it all.
+    let started = Instant::now();
+    let mut big = b"GET / HTTP/1.1\r\nHost: app.home.lan\r\nX-Big: ".to_vec();
+    big.resize(big.len() + (1 << 20), b'a');
+    big.extend_from_slice(b"\r\n\r\n");
+    let answer = raw(http, "127.0.0.1", &big);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    println!("1 MiB header: 431 after {:?}", started.elapsed());
+    normal();
+
+    // Slow clients: one byte a second, and 60 connections from one address that say nothing.
+    let slow = std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(http).expect("connect");
+        let started = Instant::now();
+        for byte in b"GET / HTTP/1.1\r\nHost: app.home.lan\r\n".iter() {
+            if stream.write_all(&[*byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        started.elapsed()
+    });
+    let idle: Vec<TcpStream> = (0..60).map(|_| TcpStream::connect(http).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    normal();
+    let m = metrics(&relay).await;
+    let capped = metric(&m, "sallyport_refusals_total{listener=\"http\",reason=\"per_ip_cap\"}");
+    assert!(capped >= 10.0, "over the per-address cap of 50: {m}");
+    let dropped_after = slow.join().expect("slow client");
+    println!(
+        "slowloris: one byte a second was closed after {dropped_after:?} (header_timeout 2s); \
+         {capped} of 61 connections from one address over the cap of 50 were closed at once"
+    );
+    assert!(dropped_after < Duration::from_secs(6), "{dropped_after:?}");
+    // The idle ones are closed by the header timeout too.
+    for mut stream in idle {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut buf = [0u8; 64];
+        assert!(matches!(stream.read(&mut buf), Ok(0) | Err(_)), "idle connection closed");
+    }
+    normal();
+    let m = metrics(&relay).await;
+    for reason in ["header_timeout", "header_too_large", "malformed"] {
+        assert!(
+            metric(&m, &format!("sallyport_refusals_total{{listener=\"http\",reason=\"{reason}\"}}")) >= 1.0,
+            "{reason}: {m}"
+        );
+    }
+}
