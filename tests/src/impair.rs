@@ -169,8 +169,22 @@ async fn delay_line(mut rx: mpsc::UnboundedReceiver<Item>, stats: Arc<Stats>) {
 
 async fn sleep_until(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+        Some(at) => sleep_until_precise(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at` to within tens of microseconds. Tokio's timer rounds every deadline up to the
+/// next millisecond, which would lengthen each delayed packet by up to a millisecond (a 20 ms path
+/// measuring 21 ms); the last two milliseconds are slept on this worker thread instead.
+pub async fn sleep_until_precise(at: Instant) {
+    const COARSE: Duration = Duration::from_millis(2);
+    if at > Instant::now() + COARSE {
+        tokio::time::sleep_until(at - COARSE).await;
+    }
+    let rest = at.saturating_duration_since(Instant::now());
+    if !rest.is_zero() {
+        tokio::task::block_in_place(|| std::thread::sleep(rest));
     }
 }
 
@@ -278,7 +292,7 @@ pub async fn tcp_delay(
             let (client_read, client_write) = client.into_split();
             let (tx, rx) = mpsc::channel(1024);
             let forward = async move {
-                tokio::time::sleep_until(established).await;
+                sleep_until_precise(established).await;
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
                 let _ = server.set_nodelay(true);
                 let (server_read, server_write) = server.into_split();
@@ -319,7 +333,7 @@ async fn read_chunks(
 async fn write_chunks(mut rx: mpsc::Receiver<Chunk>, mut to: tokio::net::tcp::OwnedWriteHalf) {
     use tokio::io::AsyncWriteExt;
     while let Some((at, chunk)) = rx.recv().await {
-        tokio::time::sleep_until(at).await;
+        sleep_until_precise(at).await;
         match chunk {
             Some(bytes) if to.write_all(&bytes).await.is_ok() => {}
             _ => break,
