@@ -176,15 +176,24 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Sleeps until `at` to within tens of microseconds. Tokio's timer rounds every deadline up to the
 /// next millisecond, which would lengthen each delayed packet by up to a millisecond (a 20 ms path
-/// measuring 21 ms); the last two milliseconds are slept on this worker thread instead.
+/// measuring 21 ms); the last two milliseconds are slept on this worker thread instead (the
+/// multi-threaded runtime moves its other tasks away meanwhile), or, on a single-threaded runtime,
+/// spent yielding so that the other tasks keep running.
 pub async fn sleep_until_precise(at: Instant) {
     const COARSE: Duration = Duration::from_millis(2);
     if at > Instant::now() + COARSE {
         tokio::time::sleep_until(at - COARSE).await;
     }
     let rest = at.saturating_duration_since(Instant::now());
-    if !rest.is_zero() {
+    if rest.is_zero() {
+        return;
+    }
+    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
         tokio::task::block_in_place(|| std::thread::sleep(rest));
+    } else {
+        while Instant::now() < at {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
