@@ -359,6 +359,10 @@ impl Containers {
             let (ip, cold) = self.ensure_running(&slot).await?;
             let tcp = self.until_ready(&slot, SocketAddr::new(ip, port)).await?;
             if cold {
+                // A container that exited at once frees its address, and the engine may give it to
+                // another container at once: the connection counts only if ours still runs (a
+                // running container keeps its address).
+                self.inner.engine.check_alive(&slot.spec).await?;
                 let took = started.elapsed();
                 info!(container = %name, cold_start = ?took, "container started for a connection");
                 if let Ok(mut stats) = slot.stats.lock() {
