@@ -11,7 +11,11 @@ use std::{
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use sallyport_proto::{
     codes::close,
-    net::{code, read_frame, transport::StreamCredit, write_frame, FrameError},
+    net::{
+        code, read_frame,
+        transport::{self, StreamCredit},
+        write_frame, FrameError,
+    },
     AgentMessage, RelayMessage, Welcome, MAX_CONTROL_FRAME,
 };
 use tokio_util::sync::CancellationToken;
@@ -214,7 +218,11 @@ fn endpoint_for(addr: SocketAddr, slot: &mut Option<Endpoint>) -> Result<Endpoin
     }
     let bind: SocketAddr =
         if addr.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
-    let endpoint = Endpoint::client(bind).map_err(TunnelError::Socket)?;
+    let socket = transport::quic_socket(bind).map_err(TunnelError::Socket)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| TunnelError::Socket(std::io::Error::other("no async runtime for QUIC")))?;
+    let endpoint =
+        Endpoint::new(transport::endpoint_config(), None, socket, runtime).map_err(TunnelError::Socket)?;
     *slot = Some(endpoint.clone());
     Ok(endpoint)
 }

@@ -167,7 +167,7 @@ impl Relay {
             move |source| StartError::Bind { what, addr, source }
         };
         let socket =
-            std::net::UdpSocket::bind(config.listen).map_err(bind_err("the QUIC endpoint", config.listen))?;
+            transport::quic_socket(config.listen).map_err(bind_err("the QUIC endpoint", config.listen))?;
         let runtime = quinn::default_runtime().ok_or(StartError::Runtime)?;
         let endpoint = quinn::Endpoint::new(
             transport::endpoint_with_stable_reset(&tls.key_pem),

@@ -34,6 +34,14 @@ pub struct AgentSession {
     pub(crate) commands: mpsc::Sender<PendingCommand>,
 }
 
+impl AgentSession {
+    /// The packet size (UDP payload, bytes) path MTU discovery has reached on this tunnel toward the
+    /// agent: about 1,452 across Ethernet, more on loopback or with jumbo frames.
+    pub fn path_mtu(&self) -> u16 {
+        self.connection.stats().path.current_mtu
+    }
+}
+
 /// A command on its way to an agent, and where its result goes.
 #[derive(Debug)]
 pub(crate) struct PendingCommand {

@@ -74,6 +74,11 @@ impl RunningRelay {
         self.agents.borrow().get(agent).map(|s| s.id)
     }
 
+    /// The packet size path MTU discovery has reached on `agent`'s tunnel, if it is connected.
+    pub fn path_mtu(&self, agent: &str) -> Option<u16> {
+        self.agents.borrow().get(agent).map(|s| s.path_mtu())
+    }
+
     pub fn connected(&self) -> Vec<String> {
         self.agents.borrow().keys().cloned().collect()
     }

@@ -70,6 +70,45 @@ async fn one_and_sixty_four_mib_each_way_arrive_intact() {
     relay.stop().await;
 }
 
+/// On loopback (MTU 65,536) the tunnel's packets grow past Ethernet size: the relay's path MTU
+/// discovery can only get there if the agent's endpoint accepts the larger packets. And the QUIC
+/// sockets get their 4 MiB kernel buffers wherever the system allows that much.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_grow_past_ethernet_size_where_the_path_allows() {
+    use sallyport_proto::net::transport::{quic_socket, MAX_UDP_PAYLOAD, UDP_SOCKET_BUFFER};
+    let pki = TestPki::new();
+    let target = targets::transfer_server().await;
+    let (relay, agent) = tunnel_to(&pki, target.addr).await;
+    transfer::run(relay.service("svc"), MIB, MIB, 7).await.expect("transfer intact");
+    // Discovery runs on its own timers after the handshake; no event announces its end.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut mtu = 0;
+    while Instant::now() < deadline {
+        mtu = relay.path_mtu("winbox").expect("agent connected");
+        if mtu > 1500 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("path MTU toward the agent on loopback: {mtu} bytes (bound {MAX_UDP_PAYLOAD})");
+    assert!(mtu > 1500 && mtu <= MAX_UDP_PAYLOAD, "path MTU {mtu}");
+
+    let socket = quic_socket("127.0.0.1:0".parse().expect("addr")).expect("socket");
+    // Linux reports twice what it grants.
+    let granted = socket2::SockRef::from(&socket).recv_buffer_size().expect("buffer size") / 2;
+    let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if rmem_max >= UDP_SOCKET_BUFFER {
+        assert!(granted >= UDP_SOCKET_BUFFER, "receive buffer {granted} with rmem_max {rmem_max}");
+    } else {
+        println!("net.core.rmem_max is {rmem_max}: the socket buffer part is not checked here");
+    }
+    agent.stop().await;
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_connections() {
     let pki = TestPki::new();

@@ -1,8 +1,8 @@
 //! QUIC transport settings with explicit limits for both sides.
 
-use std::{sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use quinn::{EndpointConfig, TransportConfig, VarInt};
+use quinn::{EndpointConfig, MtuDiscoveryConfig, TransportConfig, VarInt};
 
 /// Receive window of one stream: enough for a gigabit over a few milliseconds of RTT, bounded so a
 /// slow reader cannot make the peer hold unbounded data.
@@ -30,6 +30,23 @@ pub const INITIAL_DATA_STREAMS: u32 = 64;
 
 /// How many bidirectional streams an agent may open toward the relay (the control stream).
 pub const MAX_AGENT_STREAMS: u32 = 4;
+
+/// The largest UDP payload either side sends or accepts. Connections start at 1,200 bytes and
+/// quinn's path MTU discovery raises the packet size toward this bound wherever the path carries
+/// it: 1,452 bytes or so on an ordinary Ethernet LAN, more with jumbo frames, on loopback or on a
+/// host-only network. Every packet costs a fixed amount of work on both sides (header protection,
+/// an AEAD call, acknowledgement and loss bookkeeping, a wakeup), so bigger packets carry more
+/// bytes per CPU second. The bound keeps a full GSO batch (quinn 0.11 sends up to 10 packets per
+/// system call) within the kernel's 64 KiB per send: a larger batch fails with EMSGSIZE, which
+/// quinn treats as a lost probe.
+pub const MAX_UDP_PAYLOAD: u16 = 6_500;
+const _: () = assert!(MAX_UDP_PAYLOAD >= 1_200 && MAX_UDP_PAYLOAD as usize * 10 <= 65_507);
+
+/// Kernel buffer asked for on a QUIC socket, each way. Linux's default (208 KiB) holds about half a
+/// millisecond of a 4 Gbit/s transfer, so a short pause of the task that reads the socket drops
+/// packets, which QUIC then pays for as loss. The kernel caps the request at `net.core.rmem_max`
+/// and `net.core.wmem_max`.
+pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
 /// The congestion controller of a side's sending direction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -78,9 +95,16 @@ fn common(idle_timeout: Duration, congestion: Congestion) -> TransportConfig {
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
         .send_window(SEND_WINDOW)
         .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .mtu_discovery_config(Some(mtu_discovery()))
         // Durations up to 2^62 microseconds are representable; config loading caps idle timeouts far
         // below that, so the fallback (no idle timeout) is unreachable in practice.
         .max_idle_timeout(idle_timeout.try_into().ok());
+    config
+}
+
+fn mtu_discovery() -> MtuDiscoveryConfig {
+    let mut config = MtuDiscoveryConfig::default();
+    config.upper_bound(MAX_UDP_PAYLOAD);
     config
 }
 
@@ -132,6 +156,42 @@ impl StreamCredit {
     }
 }
 
+/// A UDP socket for a QUIC endpoint, bound to `addr`, with kernel buffers of [`UDP_SOCKET_BUFFER`]
+/// each way where the system allows; says so in the log when the system keeps them smaller.
+pub fn quic_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a system that refuses a bigger buffer still runs, only with more loss under load.
+    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    let reported = socket.recv_buffer_size().unwrap_or(0);
+    // Linux reports twice the size it granted (the other half is for its bookkeeping).
+    let granted = if cfg!(target_os = "linux") { reported / 2 } else { reported };
+    if granted < UDP_SOCKET_BUFFER {
+        tracing::warn!(
+            granted_bytes = granted,
+            wanted_bytes = UDP_SOCKET_BUFFER,
+            "the system caps the UDP receive buffer: fast transfers may lose packets \
+             (raise net.core.rmem_max, e.g. sysctl -w net.core.rmem_max=8388608)"
+        );
+    }
+    Ok(socket.into())
+}
+
+/// An endpoint configuration that accepts packets up to [`MAX_UDP_PAYLOAD`] (quinn's default is
+/// 1,472 bytes, which also caps what the peer's MTU discovery may try).
+pub fn endpoint_config() -> EndpointConfig {
+    let mut config = EndpointConfig::default();
+    accept_large_packets(&mut config);
+    config
+}
+
+fn accept_large_packets(config: &mut EndpointConfig) {
+    // MAX_UDP_PAYLOAD is within quinn's accepted 1,200..=65,527 (checked at compile time above).
+    config.max_udp_payload_size(MAX_UDP_PAYLOAD).expect("MAX_UDP_PAYLOAD within quinn's bounds");
+}
+
 /// An endpoint configuration whose stateless-reset key and connection-ID key are derived from
 /// `secret` (the relay's private key). A relay restarted after a crash then recognizes the IDs of
 /// its old connections and resets them on their first packet, so agents reconnect at once instead
@@ -146,6 +206,7 @@ pub fn endpoint_with_stable_reset(secret: &[u8]) -> EndpointConfig {
     };
     let reset = derive(b"sallyport stateless reset key v1");
     let mut config = EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+    accept_large_packets(&mut config);
     let mut cid_key = [0u8; 8];
     cid_key.copy_from_slice(&derive(b"sallyport connection id key v1").as_ref()[..8]);
     let cid_key = u64::from_le_bytes(cid_key);
