@@ -75,7 +75,7 @@ async fn one_and_sixty_four_mib_each_way_arrive_intact() {
 /// sockets get their 4 MiB kernel buffers wherever the system allows that much.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packets_grow_past_ethernet_size_where_the_path_allows() {
-    use sallyport_proto::net::transport::{quic_socket, MAX_UDP_PAYLOAD, UDP_SOCKET_BUFFER};
+    use sallyport_proto::net::transport::{quic_socket, receive_buffer, MAX_UDP_PAYLOAD, UDP_SOCKET_BUFFER};
     let pki = TestPki::new();
     let target = targets::transfer_server().await;
     let (relay, agent) = tunnel_to(&pki, target.addr).await;
@@ -93,9 +93,7 @@ async fn packets_grow_past_ethernet_size_where_the_path_allows() {
     println!("path MTU toward the agent on loopback: {mtu} bytes (bound {MAX_UDP_PAYLOAD})");
     assert!(mtu > 1500 && mtu <= MAX_UDP_PAYLOAD, "path MTU {mtu}");
 
-    let socket = quic_socket("127.0.0.1:0".parse().expect("addr")).expect("socket");
-    // Linux reports twice what it grants.
-    let granted = socket2::SockRef::from(&socket).recv_buffer_size().expect("buffer size") / 2;
+    let granted = receive_buffer(&quic_socket("127.0.0.1:0".parse().expect("addr")).expect("socket"));
     let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
         .ok()
         .and_then(|s| s.trim().parse().ok())

@@ -165,9 +165,8 @@ pub fn quic_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
     socket.bind(&addr.into())?;
-    let reported = socket.recv_buffer_size().unwrap_or(0);
-    // Linux reports twice the size it granted (the other half is for its bookkeeping).
-    let granted = if cfg!(target_os = "linux") { reported / 2 } else { reported };
+    let socket: std::net::UdpSocket = socket.into();
+    let granted = receive_buffer(&socket);
     if granted < UDP_SOCKET_BUFFER {
         tracing::warn!(
             granted_bytes = granted,
@@ -176,7 +175,18 @@ pub fn quic_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
              (raise net.core.rmem_max, e.g. sysctl -w net.core.rmem_max=8388608)"
         );
     }
-    Ok(socket.into())
+    Ok(socket)
+}
+
+/// The receive buffer the kernel granted `socket`, in bytes (0 if it cannot say).
+pub fn receive_buffer(socket: &std::net::UdpSocket) -> usize {
+    let reported = socket2::SockRef::from(socket).recv_buffer_size().unwrap_or(0);
+    // Linux reports twice the size it granted (the other half is for its bookkeeping).
+    if cfg!(target_os = "linux") {
+        reported / 2
+    } else {
+        reported
+    }
 }
 
 /// An endpoint configuration that accepts packets up to [`MAX_UDP_PAYLOAD`] (quinn's default is
