@@ -68,6 +68,7 @@ enum ServiceCommand {
 }
 
 fn main() -> std::process::ExitCode {
+    cli::small_pages();
     cli::exit_on_error(run(Cli::parse()))
 }
 

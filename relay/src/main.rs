@@ -152,6 +152,7 @@ enum TokenCommand {
 }
 
 fn main() -> std::process::ExitCode {
+    cli::small_pages();
     cli::exit_on_error(run(Cli::parse()))
 }
 
