@@ -116,7 +116,7 @@ async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream,
     if send.write_all(&[Answer::Connected as u8]).await.is_err() {
         return;
     }
-    match splice(&tcp, &mut send, &mut recv, Side::Agent).await {
+    match splice(&mut tcp, &mut send, &mut recv, Side::Agent).await {
         Ok(done) => debug!(up = done.up, down = done.down, "stream finished"),
         Err(e) => debug!(error = %e, "stream reset"),
     }

@@ -98,7 +98,7 @@ pub(crate) async fn serve(
 /// Carries one client connection of `service` over a new data stream: the header and `first`
 /// (bytes already read from the client) go out together, then the splice.
 pub(crate) async fn carry(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     service: &Service,
     shared: &Shared,
@@ -121,7 +121,7 @@ pub(crate) async fn carry(
             return;
         }
     };
-    match splice(&stream, &mut send, &mut recv, Side::Relay).await {
+    match splice(&mut stream, &mut send, &mut recv, Side::Relay).await {
         Ok(done) => {
             let up = done.up + first.len() as u64;
             debug!(up, down = done.down, "client connection closed");
