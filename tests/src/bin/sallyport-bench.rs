@@ -42,7 +42,8 @@ const RTT_MS: f64 = 20.0;
 struct Results {
     samples: BTreeMap<String, BTreeMap<Kind, Vec<f64>>>,
     order: Vec<(String, String, bool)>,
-    failures: BTreeMap<(String, Kind), String>,
+    /// Rounds in which a peer failed a workload (the reason is printed when it happens).
+    failures: BTreeMap<(String, Kind), usize>,
 }
 
 impl Results {
@@ -54,7 +55,8 @@ impl Results {
     }
 
     fn fail(&mut self, name: &str, kind: Kind, reason: &str) {
-        self.failures.insert((name.to_owned(), kind), reason.to_owned());
+        println!("  {:<10} {name}: FAILED: {reason}", kind.name());
+        *self.failures.entry((name.to_owned(), kind)).or_default() += 1;
     }
 
     fn add(&mut self, name: &str, kind: Kind, value: f64) {
@@ -186,7 +188,6 @@ async fn main() -> anyhow::Result<()> {
                     }
                     // Sallyport and direct must hold them; a peer that cannot is a finding, not a crash.
                     Err(e) if matches!(kind, Kind::Rathole | Kind::Bore) => {
-                        println!("  {:<10} {open}: FAILED: {e:#}", kind.name());
                         r.fail(&open, kind, &format!("{e:#}"));
                     }
                     Err(e) => return Err(e.context(format!("{n} idle connections through {}", kind.name()))),
@@ -204,7 +205,6 @@ async fn main() -> anyhow::Result<()> {
             match workloads::connections_per_second(tunnel.entry, secs, 8).await {
                 Ok(cps) => r.add(name, kind, cps),
                 Err(e) if matches!(kind, Kind::Rathole | Kind::Bore) => {
-                    println!("  {:<10} {name}: FAILED: {e:#}", kind.name());
                     r.fail(name, kind, &format!("{e:#}"));
                 }
                 Err(e) => return Err(e.context(format!("short connections through {}", kind.name()))),
@@ -239,17 +239,23 @@ fn machine() -> String {
 }
 
 fn render(r: &Results, rounds: usize, quick: bool) -> String {
-    let cell = |metric: &str, kind: Kind| match r.samples.get(metric).and_then(|by| by.get(&kind)) {
-        _ if r.failures.contains_key(&(metric.to_owned(), kind)) => "failed".to_owned(),
-        Some(v) if !v.is_empty() => {
-            let (lo, hi) = (percentile(v, 0.0), percentile(v, 100.0));
-            if v.len() > 1 {
+    // A system that failed some rounds shows the figures of the others and how often it failed;
+    // its ratio comes from the rounds it completed.
+    let cell = |metric: &str, kind: Kind| {
+        let failed = r.failures.get(&(metric.to_owned(), kind)).copied().unwrap_or(0);
+        let figures = match r.samples.get(metric).and_then(|by| by.get(&kind)) {
+            Some(v) if v.len() > 1 => {
+                let (lo, hi) = (percentile(v, 0.0), percentile(v, 100.0));
                 format!("{:.3} ({lo:.3}–{hi:.3})", median(v))
-            } else {
-                format!("{:.3}", median(v))
             }
+            Some(v) if !v.is_empty() => format!("{:.3}", median(v)),
+            _ if failed > 0 => return "failed".to_owned(),
+            _ => return "–".to_owned(),
+        };
+        match failed {
+            0 => figures,
+            n => format!("{figures}; failed in {n} round(s)"),
         }
-        _ => "–".to_owned(),
     };
     let ratio = |r: &Results, metric: &str, peer: Kind, higher: bool| {
         let Some(by) = r.samples.get(metric) else { return "–".to_owned() };
@@ -284,4 +290,30 @@ fn render(r: &Results, rounds: usize, quick: bool) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_that_failed_some_rounds_keeps_the_figures_of_the_others() {
+        let mut r = Results::default();
+        let name = "short connections per second (8 in parallel)";
+        r.metric(name, "connect, read first byte, close", true);
+        for v in [10.0, 11.0, 12.0] {
+            r.add(name, Kind::Sallyport, v);
+        }
+        r.add(name, Kind::Rathole, 8.0);
+        r.add(name, Kind::Rathole, 9.0);
+        r.fail(name, Kind::Rathole, "Connection refused");
+        r.fail(name, Kind::Bore, "early eof");
+        let table = render(&r, 3, false);
+        let row = table.lines().find(|l| l.starts_with(&format!("| {name} |"))).expect("the metric's row");
+        let cells: Vec<&str> = row.split(" | ").collect();
+        assert_eq!(cells[2], "11.000 (10.000–12.000)", "{row}");
+        assert_eq!(cells[3], "8.000 (8.000–9.000); failed in 1 round(s)", "{row}");
+        assert_eq!(cells[4], "failed", "{row}");
+        assert_eq!(cells[5], "1.38× ✓", "{row}");
+    }
 }
