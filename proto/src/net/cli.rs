@@ -26,8 +26,8 @@ pub async fn shutdown_signal() {
 /// Keeps the process on 4 KiB pages (Linux): no transparent huge pages, whatever the system's
 /// setting. With huge pages, touching one byte of an allocation makes 2 MiB of it resident, and
 /// quinn's receive buffer (32 slots of 64 packets, 13 MB at 6,500-byte packets, of which a burst
-/// fills the start of each slot) then stays resident in full after the first bulk transfer: 33
-/// instead of 14 MiB per side, with no gain in throughput measured. The allocator is built not to
+/// fills the start of each slot) then stays resident in full after the first bulk transfer: 33 MiB
+/// per side instead of 14-17, with no gain in throughput measured. The allocator is built not to
 /// ask for huge pages (mimalloc's `no_thp`); this also covers systems set to `always`. Call it
 /// first in `main`, before the runtime and its buffers exist.
 pub fn small_pages() {
