@@ -136,8 +136,7 @@ async fn killed_relay_resets_its_clients_instead_of_closing_them() {
 
 /// `THP_enabled` of a running process, from /proc (Linux 6.x reports it; older kernels do not).
 fn huge_pages_enabled(child: &std::process::Child) -> Option<bool> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("/proc status");
-    status.lines().find_map(|line| line.strip_prefix("THP_enabled:")).map(|v| v.trim() != "0")
+    sallyport_tests::lab::status_field(child.id(), "THP_enabled").map(|v| v != "0")
 }
 
 /// Both binaries opt out of transparent huge pages, which would otherwise keep 2 MiB resident for
