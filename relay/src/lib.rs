@@ -187,7 +187,9 @@ impl Relay {
                     listeners.push((Arc::new(service.clone()), listener));
                 }
                 config::Listen::Udp(addr) => {
-                    let socket = tokio::net::UdpSocket::bind(addr).await.map_err(bind_err(&what, addr))?;
+                    let socket = transport::service_udp_socket(addr)
+                        .and_then(tokio::net::UdpSocket::from_std)
+                        .map_err(bind_err(&what, addr))?;
                     udp.push((Arc::new(service.clone()), socket));
                 }
                 config::Listen::Http(_) | config::Listen::Https(_) => {}

@@ -135,6 +135,7 @@ pub(crate) async fn serve(
                 flows.lock().insert(flow.id, (flow.clone(), socket.clone(), service.clone()));
                 table.insert(client, flow.clone());
                 order.push_back(client);
+                shared.metrics.udp_flows(&service.name, table.len());
                 flow
             }
         };

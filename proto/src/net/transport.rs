@@ -159,13 +159,7 @@ impl StreamCredit {
 /// A UDP socket for a QUIC endpoint, bound to `addr`, with kernel buffers of [`UDP_SOCKET_BUFFER`]
 /// each way where the system allows; says so in the log when the system keeps them smaller.
 pub fn quic_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Best effort: a system that refuses a bigger buffer still runs, only with more loss under load.
-    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
-    socket.bind(&addr.into())?;
-    let socket: std::net::UdpSocket = socket.into();
+    let socket = buffered_udp_socket(addr)?;
     let granted = receive_buffer(&socket);
     if granted < UDP_SOCKET_BUFFER {
         tracing::warn!(
@@ -176,6 +170,26 @@ pub fn quic_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
         );
     }
     Ok(socket)
+}
+
+/// A non-blocking UDP socket for a relay's UDP service, bound to `addr`, with kernel buffers of
+/// [`UDP_SOCKET_BUFFER`] each way where the system allows. Linux's default receive buffer holds
+/// about 300 small datagrams, so a burst of DNS queries from many clients would otherwise be
+/// dropped by the kernel before the relay has read them.
+pub fn service_udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = buffered_udp_socket(addr)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+fn buffered_udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a system that refuses a bigger buffer still runs, only with more loss under load.
+    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// The receive buffer the kernel granted `socket`, in bytes (0 if it cannot say).
