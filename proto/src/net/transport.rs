@@ -174,7 +174,7 @@ pub fn quic_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
 
 /// A non-blocking UDP socket for a relay's UDP service, bound to `addr`, with kernel buffers of
 /// [`UDP_SOCKET_BUFFER`] each way where the system allows. Linux's default receive buffer holds
-/// about 300 small datagrams, so a burst of DNS queries from many clients would otherwise be
+/// a few hundred small datagrams, so a burst of DNS queries from many clients would otherwise be
 /// dropped by the kernel before the relay has read them.
 pub fn service_udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = buffered_udp_socket(addr)?;
