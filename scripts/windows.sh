@@ -5,14 +5,14 @@
 #
 #   ./scripts/windows.sh build            # sallyport-agent.exe -> target/windows/x86_64-pc-windows-gnu/release/
 #   ./scripts/windows.sh check            # type-check the Windows-facing crates
-#   ./scripts/windows.sh test             # unit tests of proto and agent, run under wine
+#   ./scripts/windows.sh test             # unit tests of proto, runtime and agent, run under wine
 #
 # Installs what it needs with apt-get the first time (root or sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 target=x86_64-pc-windows-gnu
-crates=(-p sallyport-proto -p sallyport-agent)
+crates=(-p sallyport-proto -p sallyport-runtime -p sallyport-agent)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 

@@ -9,10 +9,10 @@ use std::{
 };
 
 use quinn::Endpoint;
-use sallyport_proto::{
-    enroll::{EnrollRequest, EnrollResponse, JoinToken, TokenError, ALPN_ENROLL, MAX_ENROLL_FRAME},
-    net::{read_frame, tls, transport, write_frame},
+use sallyport_proto::enroll::{
+    EnrollRequest, EnrollResponse, JoinToken, TokenError, ALPN_ENROLL, MAX_ENROLL_FRAME,
 };
+use sallyport_runtime::{read_frame, tls, transport, write_frame};
 
 /// What enrollment wrote.
 #[derive(Debug)]

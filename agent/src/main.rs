@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use sallyport_agent::{Agent, Config};
-use sallyport_proto::net::cli;
+use sallyport_runtime::cli;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc returns memory freed after a bulk transfer to the system (glibc's allocator keeps it).

@@ -1,12 +1,12 @@
 //! The Sallyport wire protocol.
 //!
-//! Everything at the top level of this crate is pure: message types and the functions that turn them
+//! Everything in this crate is pure: message types and the functions that turn them
 //! into bytes and back, over [`bytes::Buf`] and [`bytes::BufMut`], with no IO and no runtime. Decoders
 //! keep "the buffer does not hold a whole frame yet" ([`DecodeError::Incomplete`]) apart from "these
 //! bytes are not a valid frame" ([`DecodeError::Invalid`]); only the second closes a peer.
 //!
 //! The tokio/quinn helpers that relay and agent share (framed control stream, splice with reset
-//! semantics, TLS and transport configuration) live in [`net`], behind the `net` feature.
+//! semantics, TLS and transport configuration) live in the `sallyport-runtime` crate.
 #![forbid(unsafe_code)]
 
 pub mod codes;
@@ -16,11 +16,6 @@ pub mod enroll;
 pub mod frame;
 pub mod proxy;
 pub mod stream;
-
-#[cfg(feature = "net")]
-pub mod config;
-#[cfg(feature = "net")]
-pub mod net;
 
 pub use control::{
     AgentMessage, Command, ContainerAction, ContainerReport, Hello, RelayMessage, ServiceOffer,

@@ -2,8 +2,8 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sallyport_proto::net::cli;
-use sallyport_relay::{check, pki, Config};
+use sallyport_relay::{cli::check, trust::pki, Config};
+use sallyport_runtime::cli;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc returns memory freed after a bulk transfer to the system (glibc's allocator keeps it).
@@ -206,8 +206,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Manifests { config, namespace, load_balancer_ip, quic_port } => {
             let config = Config::load(&config)?;
             let options =
-                sallyport_relay::manifests::ManifestOptions { namespace, load_balancer_ip, quic_port };
-            print!("{}", sallyport_relay::manifests::render(&config, &options));
+                sallyport_relay::cli::manifests::ManifestOptions { namespace, load_balancer_ip, quic_port };
+            print!("{}", sallyport_relay::cli::manifests::render(&config, &options));
             Ok(())
         }
         Command::Status { config } => {
@@ -270,7 +270,7 @@ async fn admin_call(config: &Config, method: &str, path: String, with_token: boo
         _ => None,
     };
     let (status, body) =
-        sallyport_relay::admin_client::request(config.admin, method, &path, token.as_deref())
+        sallyport_relay::cli::admin_client::request(config.admin, method, &path, token.as_deref())
             .await
             .map_err(anyhow::Error::msg)?;
     if status != 200 {
@@ -285,7 +285,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let relay = sallyport_relay::Relay::bind(config).await?;
     let signal_token = shutdown.clone();
     tokio::spawn(async move {
-        sallyport_proto::net::shutdown_signal().await;
+        sallyport_runtime::shutdown_signal().await;
         signal_token.cancel();
     });
     relay.run(shutdown).await;
@@ -295,8 +295,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 fn default_relay_addr(dir: &std::path::Path) -> anyhow::Result<String> {
     let path = dir.join(pki::RELAY_CERT);
     let pem = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let der = sallyport_proto::net::tls::certs_from_pem(&pem, "relay certificate")?;
-    let info = sallyport_proto::net::tls::inspect(&der[0])?;
+    let der = sallyport_runtime::tls::certs_from_pem(&pem, "relay certificate")?;
+    let info = sallyport_runtime::tls::inspect(&der[0])?;
     let host = info.sans.first().context("relay certificate has no name: pass --relay HOST:PORT")?;
     Ok(if host.contains(':') { format!("[{host}]:443") } else { format!("{host}:443") })
 }

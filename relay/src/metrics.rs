@@ -166,7 +166,10 @@ impl Metrics {
     }
 
     /// The exposition text, with agent and container gauges read from `agents` now.
-    pub(crate) fn render(&self, agents: &std::collections::BTreeMap<String, crate::AgentSession>) -> String {
+    pub(crate) fn render(
+        &self,
+        agents: &std::collections::BTreeMap<String, crate::tunnel::registry::AgentSession>,
+    ) -> String {
         self.agents.set(agents.len() as i64);
         self.rtt.clear();
         self.container_state.clear();

@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use sallyport_relay::pki::{self, Ca};
+use sallyport_relay::trust::pki::{self, Ca};
 
 /// A CA, a relay identity for `127.0.0.1`/`localhost`, and agent bundles on demand.
 #[derive(Debug)]

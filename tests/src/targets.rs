@@ -63,7 +63,7 @@ pub async fn dies_mid_transfer(bytes: usize) -> Target {
     serve(move |mut stream| async move {
         let data = vec![7u8; bytes];
         let _ = stream.write_all(&data).await;
-        sallyport_proto::net::reset_on_close(&stream);
+        sallyport_runtime::reset_on_close(&stream);
         drop(stream);
     })
     .await

@@ -211,7 +211,9 @@ async fn an_unreachable_engine_is_a_refusal_naming_the_endpoint() {
 
 /// The admin API as the CLI uses it.
 async fn admin(relay: &RunningRelay, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    sallyport_relay::admin_client::request(relay.admin, method, path, token).await.expect("admin answers")
+    sallyport_relay::cli::admin_client::request(relay.admin, method, path, token)
+        .await
+        .expect("admin answers")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

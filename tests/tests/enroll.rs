@@ -4,7 +4,8 @@
 use std::{net::SocketAddr, time::Duration};
 
 use sallyport_agent::enroll::{enroll, EnrollError};
-use sallyport_proto::{enroll::JoinToken, net::tls, ALPN_TUNNEL};
+use sallyport_proto::{enroll::JoinToken, ALPN_TUNNEL};
+use sallyport_runtime::tls;
 use sallyport_tests::{targets, transfer, RunningAgent, RunningRelay, TestPki};
 
 const ADMIN_TOKEN: &str = "enroll-test-admin-token";
@@ -35,7 +36,7 @@ impl Setup {
     async fn token(&self, agent: &str, ttl_secs: u64) -> String {
         let path = format!("/tokens?agent={agent}&ttl_secs={ttl_secs}");
         let (status, body) =
-            sallyport_relay::admin_client::request(self.relay.admin, "POST", &path, Some(ADMIN_TOKEN))
+            sallyport_relay::cli::admin_client::request(self.relay.admin, "POST", &path, Some(ADMIN_TOKEN))
                 .await
                 .expect("admin");
         assert_eq!(status, 200, "{body}");
@@ -47,7 +48,7 @@ impl Setup {
         let id = JoinToken::decode(token).expect("token").id;
         let path = format!("/tokens/{id:016x}/revoke");
         let (status, body) =
-            sallyport_relay::admin_client::request(self.relay.admin, "POST", &path, Some(ADMIN_TOKEN))
+            sallyport_relay::cli::admin_client::request(self.relay.admin, "POST", &path, Some(ADMIN_TOKEN))
                 .await
                 .expect("admin");
         assert_eq!(status, 200, "{body}");
@@ -171,7 +172,7 @@ async fn with_enrollment_on_a_tunnel_without_a_client_certificate_is_still_refus
     println!("tunnel without a certificate: {closed}");
     match closed {
         quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(c.error_code, sallyport_proto::net::code(sallyport_proto::codes::close::REFUSED));
+            assert_eq!(c.error_code, sallyport_runtime::code(sallyport_proto::codes::close::REFUSED));
         }
         other => panic!("expected a refusal, got {other}"),
     }
@@ -193,7 +194,7 @@ async fn revoking_an_agent_closes_its_tunnel_and_refuses_its_certificate() {
     s.relay.wait_agent("fresh").await;
 
     let started = std::time::Instant::now();
-    let (status, body) = sallyport_relay::admin_client::request(
+    let (status, body) = sallyport_relay::cli::admin_client::request(
         s.relay.admin,
         "POST",
         "/agents/fresh/revoke",

@@ -77,7 +77,8 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
 
     let started = Instant::now();
     loop {
-        if let Ok((200, _)) = sallyport_relay::admin_client::request(admin, "GET", "/readyz", None).await {
+        if let Ok((200, _)) = sallyport_relay::cli::admin_client::request(admin, "GET", "/readyz", None).await
+        {
             break;
         }
         assert!(
@@ -102,7 +103,7 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, listing) =
-            sallyport_relay::admin_client::request(admin, "GET", "/agents", None).await.expect("admin");
+            sallyport_relay::cli::admin_client::request(admin, "GET", "/agents", None).await.expect("admin");
         if listing.contains("agent winbox") {
             break;
         }
@@ -114,7 +115,7 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
         .expect("transfer through the containerized relay");
     assert_eq!((report.up, report.down), (500_000, 700_000));
     let (_, metrics) =
-        sallyport_relay::admin_client::request(admin, "GET", "/metrics", None).await.expect("metrics");
+        sallyport_relay::cli::admin_client::request(admin, "GET", "/metrics", None).await.expect("metrics");
     assert!(
         metrics.contains("sallyport_connections_total{service=\"mssql\",result=\"completed\"} 1"),
         "{metrics}"

@@ -10,7 +10,7 @@ use std::{
 };
 
 use sallyport_relay::{
-    manifests::{self, ManifestOptions},
+    cli::manifests::{self, ManifestOptions},
     Config,
 };
 use serde_norway::Value;

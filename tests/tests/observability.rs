@@ -4,8 +4,9 @@
 use sallyport_tests::{targets, transfer, RunningAgent, RunningRelay, TestPki};
 
 async fn get(relay: &RunningRelay, path: &str) -> String {
-    let (status, body) =
-        sallyport_relay::admin_client::request(relay.admin, "GET", path, None).await.expect("admin answers");
+    let (status, body) = sallyport_relay::cli::admin_client::request(relay.admin, "GET", path, None)
+        .await
+        .expect("admin answers");
     assert_eq!(status, 200, "GET {path}: {body}");
     body
 }

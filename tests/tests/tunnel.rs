@@ -6,7 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sallyport_proto::{codes, frame, net::tls, AgentMessage, Hello, RelayMessage, ALPN_TUNNEL};
+use sallyport_proto::{codes, frame, AgentMessage, Hello, RelayMessage, ALPN_TUNNEL};
+use sallyport_runtime::tls;
 use sallyport_tests::{targets, transfer, RunningAgent, RunningRelay, TestPki};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -75,7 +76,7 @@ async fn one_and_sixty_four_mib_each_way_arrive_intact() {
 /// sockets get their 4 MiB kernel buffers wherever the system allows that much.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packets_grow_past_ethernet_size_where_the_path_allows() {
-    use sallyport_proto::net::transport::{quic_socket, receive_buffer, MAX_UDP_PAYLOAD, UDP_SOCKET_BUFFER};
+    use sallyport_runtime::transport::{quic_socket, receive_buffer, MAX_UDP_PAYLOAD, UDP_SOCKET_BUFFER};
     let pki = TestPki::new();
     let target = targets::transfer_server().await;
     let (relay, agent) = tunnel_to(&pki, target.addr).await;
@@ -257,7 +258,7 @@ async fn raw_agent(
     let bytes = frame::encode_to_vec(&hello, 1024).expect("encode");
     send.write_all(&bytes).await.map_err(|_| closed(&connection))?;
     let mut buf = Vec::new();
-    let answer = sallyport_proto::net::read_frame::<RelayMessage>(&mut recv, 1024, &mut buf)
+    let answer = sallyport_runtime::read_frame::<RelayMessage>(&mut recv, 1024, &mut buf)
         .await
         .map_err(|_| closed(&connection))?
         .ok_or("control stream ended")?;

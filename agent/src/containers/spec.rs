@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, fmt, path::Path, time::Duration};
 
-use sallyport_proto::config::{self as conf, ConfigError, HumanDuration};
+use sallyport_runtime::config::{self as conf, ConfigError, HumanDuration};
 use serde::Deserialize;
 
 /// A container the agent owns: created, started and stopped by it, never anything else.

@@ -26,7 +26,7 @@ use super::{
     acl_arguments, launch_arguments, log_dir, DESCRIPTION, DISPLAY_NAME, EVENT_SOURCE, FAILURE_RESET,
     RESTART_DELAYS, SERVICE_NAME,
 };
-use crate::{Agent, Config};
+use crate::{agent::Agent, config::Config};
 
 /// The config the dispatcher's entry point runs with (set before the dispatcher starts).
 static CONFIG: OnceLock<PathBuf> = OnceLock::new();

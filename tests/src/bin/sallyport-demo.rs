@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{bail, Context};
-use sallyport_relay::pki;
+use sallyport_relay::trust::pki;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -35,14 +35,14 @@ const BODY: &str = "Hello from behind the NAT: this answer came through a Sallyp
 async fn main() -> std::process::ExitCode {
     let once = std::env::args().any(|a| a == "--once");
     let logging = match std::env::var_os("RUST_LOG") {
-        Some(_) => sallyport_proto::net::cli::init_tracing().map_err(anyhow::Error::msg),
+        Some(_) => sallyport_runtime::cli::init_tracing().map_err(anyhow::Error::msg),
         None => Ok(()),
     };
     let result = match logging {
         Ok(()) => demo(once).await,
         Err(e) => Err(e),
     };
-    sallyport_proto::net::cli::exit_on_error(result)
+    sallyport_runtime::cli::exit_on_error(result)
 }
 
 async fn demo(once: bool) -> anyhow::Result<()> {
@@ -88,7 +88,7 @@ async fn demo(once: bool) -> anyhow::Result<()> {
         }
     } else {
         println!("\nCtrl-C stops relay and agent.");
-        sallyport_proto::net::shutdown_signal().await;
+        sallyport_runtime::shutdown_signal().await;
     }
     shutdown.cancel();
     let _ = tokio::join!(relay_task, agent_task);

@@ -105,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
             let down = Impairment { seed: seed.wrapping_add(1), ..imp.clone() };
             tokio::select! {
                 r = impair::run(socket, upstream, imp, down, stats.clone()) => r?,
-                () = sallyport_proto::net::shutdown_signal() => {}
+                () = sallyport_runtime::shutdown_signal() => {}
             }
             eprintln!("impair stats: {}", stats.summary());
         }

@@ -1,0 +1,193 @@
+//! The agent's side of UDP services: datagrams from the relay open flows (one socket each toward
+//! the service's UDP target) and carry their payloads; the target's answers go back as datagrams
+//! of the same flow. A flow quiet for `agent.udp_flow_idle` is closed, and a new flow beyond
+//! `agent.udp_max_flows` closes the oldest.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use quinn::Connection;
+use sallyport_proto::{
+    codes::close,
+    datagram::{data_header, Datagram, DATA_OVERHEAD},
+};
+use sallyport_runtime::code;
+use tokio::net::UdpSocket;
+use tracing::{debug, info, warn};
+
+use crate::{agent::Shared, config::Target};
+
+#[derive(Debug)]
+struct Flow {
+    socket: Arc<UdpSocket>,
+    /// Milliseconds since `epoch` of the last datagram either way.
+    last: Arc<AtomicU64>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Serves the relay's datagrams on `connection` until it closes.
+pub(crate) async fn serve(connection: &Connection, shared: &Arc<Shared>) {
+    let epoch = Instant::now();
+    let mut flows: HashMap<u32, Flow> = HashMap::new();
+    let mut order: VecDeque<u32> = VecDeque::new();
+    let idle = shared.config.udp_flow_idle;
+    let mut sweep = tokio::time::interval((idle / 4).max(Duration::from_millis(250)));
+    loop {
+        let bytes = tokio::select! {
+            d = connection.read_datagram() => match d {
+                Ok(bytes) => bytes,
+                Err(_) => return,
+            },
+            _ = sweep.tick() => {
+                let now = epoch.elapsed().as_millis() as u64;
+                flows.retain(|_, f| now.saturating_sub(f.last.load(Ordering::Relaxed)) < idle.as_millis() as u64);
+                order.retain(|id| flows.contains_key(id));
+                continue;
+            }
+        };
+        let (id, payload) = match Datagram::decode(&bytes) {
+            Ok(Datagram::Data { flow, payload }) => (flow, payload),
+            Ok(Datagram::Open { flow, service, client, payload }) => {
+                if !flows.contains_key(&flow) {
+                    let Some(new) = open(connection, shared, flow, service, client, epoch).await else {
+                        continue;
+                    };
+                    if flows.len() >= shared.config.udp_max_flows {
+                        if let Some(oldest) = order.pop_front() {
+                            flows.remove(&oldest);
+                            debug!(flow = oldest, "too many UDP flows: closed the oldest");
+                        }
+                    }
+                    flows.insert(flow, new);
+                    order.push_back(flow);
+                }
+                (flow, payload)
+            }
+            Ok(Datagram::Unknown { .. }) => continue,
+            Err(e) => {
+                warn!(error = %e, "invalid datagram from the relay: closing the tunnel");
+                connection.close(code(close::PROTOCOL_ERROR), b"invalid datagram");
+                return;
+            }
+        };
+        let Some(flow) = flows.get(&id) else {
+            // Closed here (idle or over the cap) but still known to the relay: ask it to reopen.
+            let mut out = BytesMut::with_capacity(DATA_OVERHEAD);
+            Datagram::Unknown { flow: id }.encode(&mut out);
+            let _ = connection.send_datagram(out.freeze());
+            continue;
+        };
+        flow.last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if let Err(e) = flow.socket.send(payload).await {
+            debug!(flow = id, error = %e, "datagram to the target not sent");
+        }
+    }
+}
+
+/// Opens flow `id` of `service` toward its target, with a task that carries the target's answers.
+async fn open(
+    connection: &Connection,
+    shared: &Arc<Shared>,
+    id: u32,
+    service: &str,
+    client: SocketAddr,
+    epoch: Instant,
+) -> Option<Flow> {
+    let Some(declared) = shared.config.services.get(service) else {
+        debug!(service, "UDP flow for a service this agent does not declare: dropped");
+        return None;
+    };
+    let target = match &declared.target {
+        Target::Udp { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
+            Ok(mut addrs) => addrs.next(),
+            Err(e) => {
+                warn!(service, target = %declared.target, error = %e, "cannot resolve the UDP target");
+                None
+            }
+        },
+        Target::Wsl { distro, port } => match shared.wsl.get(distro) {
+            Some(resolver) => match resolver.address(None).await {
+                Ok(ip) => Some(SocketAddr::new(ip, *port)),
+                Err(e) => {
+                    warn!(service, error = %e, "no WSL2 address for the UDP target");
+                    None
+                }
+            },
+            None => None,
+        },
+        Target::Tcp { .. } | Target::Container { .. } => {
+            warn!(service, target = %declared.target, "the relay sent UDP for a service whose target is not UDP: dropped");
+            None
+        }
+    }?;
+    let bind: SocketAddr =
+        if target.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = match UdpSocket::bind(bind).await {
+        Ok(socket) => socket,
+        Err(e) => {
+            warn!(service, error = %e, "cannot open a UDP socket for a flow");
+            return None;
+        }
+    };
+    if let Err(e) = socket.connect(target).await {
+        warn!(service, %target, error = %e, "cannot reach the UDP target");
+        return None;
+    }
+    info!(service, %client, flow = id, %target, "UDP flow opened");
+    let socket = Arc::new(socket);
+    let last = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
+    let reader = tokio::spawn(answers(connection.clone(), socket.clone(), id, last.clone(), epoch));
+    Some(Flow { socket, last, reader })
+}
+
+/// Carries the target's datagrams of one flow to the relay. Each gets a buffer the size the tunnel
+/// can carry, allocated when the socket is readable, so an idle flow holds no buffer.
+async fn answers(
+    connection: Connection,
+    socket: Arc<UdpSocket>,
+    id: u32,
+    last: Arc<AtomicU64>,
+    epoch: Instant,
+) {
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        let Some(max) = connection.max_datagram_size() else { return };
+        // One byte more than fits: a datagram that fills it was too large (and maybe cut).
+        let mut buf = BytesMut::zeroed(max + 1);
+        let len = match socket.try_recv(&mut buf[DATA_OVERHEAD..]) {
+            Ok(len) => len,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                // ICMP port unreachable and the like: the target is not there (yet).
+                debug!(flow = id, error = %e, "UDP target error");
+                continue;
+            }
+        };
+        if DATA_OVERHEAD + len > max {
+            debug!(flow = id, len, max, "datagram from the target too large for the tunnel: dropped");
+            continue;
+        }
+        buf.truncate(DATA_OVERHEAD + len);
+        buf[..DATA_OVERHEAD].copy_from_slice(&data_header(id));
+        last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if connection.send_datagram(buf.freeze()).is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! One tunnel per relay: connect (mutual TLS), say `Hello`, get `Welcome`, then serve data streams
+//! and answer pings until the connection ends; reconnect forever with full-jitter backoff.
+
+pub(crate) mod commands;
+pub(crate) mod renew;
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
+use sallyport_proto::{codes::close, AgentMessage, RelayMessage, Welcome, MAX_CONTROL_FRAME};
+use sallyport_runtime::{
+    code, read_frame,
+    transport::{self, StreamCredit},
+    write_frame, FrameError,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::{
+    agent::{Shared, TunnelStatus},
+    backoff::Backoff,
+    config::RelayAddr,
+    targets::dial,
+};
+
+/// Why a connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("cannot resolve the relay address: {0}")]
+    Resolve(io::Error),
+    #[error("the relay address resolves to nothing")]
+    NoAddress,
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(io::Error),
+    #[error("cannot start the connection: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("{0}")]
+    Connection(#[from] ConnectionError),
+    #[error("control stream: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the relay refused this agent: {0}")]
+    Refused(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("no Welcome from the relay within {0:?}")]
+    Timeout(Duration),
+}
+
+/// How a tunnel ended.
+enum Outcome {
+    /// The agent is shutting down.
+    Stopped,
+    /// The relay is draining or restarting: reconnect at once.
+    GoingAway,
+    /// The tunnel was up and is lost.
+    Lost(String),
+    /// The attempt failed before the tunnel was up.
+    Failed(TunnelError),
+}
+
+/// Keeps a tunnel to `relay` up until `stop` is cancelled.
+pub(crate) async fn maintain(relay: RelayAddr, shared: Arc<Shared>, stop: CancellationToken) {
+    let key = relay.to_string();
+    let span = info_span!("tunnel", relay = %key);
+    async {
+        let timing = &shared.config.timing;
+        let mut backoff = Backoff::new(timing.reconnect_min, timing.reconnect_max);
+        let mut endpoint = None;
+        loop {
+            shared.set_status(&key, TunnelStatus::Connecting);
+            let delay = match connect_and_serve(&relay, &mut endpoint, &shared, &stop).await {
+                Outcome::Stopped => break,
+                Outcome::GoingAway => {
+                    info!("relay going away: reconnecting now");
+                    backoff.reset();
+                    // A little spread so many agents do not arrive in the same instant.
+                    Duration::from_millis(fastrand::u64(0..100))
+                }
+                Outcome::Lost(reason) => {
+                    warn!(%reason, "tunnel lost");
+                    backoff.reset();
+                    backoff.next_delay()
+                }
+                Outcome::Failed(e) => {
+                    let delay = backoff.next_delay();
+                    match e {
+                        TunnelError::Refused(_) => {
+                            error!(error = %e, retry_in = ?delay, "cannot connect")
+                        }
+                        _ => warn!(error = %e, retry_in = ?delay, "cannot connect"),
+                    }
+                    shared.set_status(&key, TunnelStatus::Retrying { error: e.to_string() });
+                    delay
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+        if let Some(endpoint) = endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn connect_and_serve(
+    relay: &RelayAddr,
+    endpoint: &mut Option<Endpoint>,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> Outcome {
+    let attempt = tokio::select! {
+        a = connect(relay, endpoint, shared) => a,
+        () = stop.cancelled() => return Outcome::Stopped,
+    };
+    let (connection, mut send, mut recv, welcome) = match attempt {
+        Ok(session) => session,
+        Err(e) => return Outcome::Failed(e),
+    };
+    let published: Vec<String> = welcome.published().map(str::to_owned).collect();
+    for (service, reason) in welcome.refused() {
+        warn!(%service, %reason, "relay does not publish this service");
+    }
+    info!(remote = %connection.remote_address(), relay_software = %welcome.software, ?published, "tunnel up");
+    shared.set_status(
+        &relay.to_string(),
+        TunnelStatus::Connected { remote: connection.remote_address(), published },
+    );
+
+    tokio::select! {
+        () = accept_streams(&connection, shared) => {}
+        () = crate::targets::udp::serve(&connection, shared) => {}
+        () = control_loop(&mut send, &mut recv, shared) => {}
+        () = stop.cancelled() => {
+            connection.close(code(close::NORMAL), b"agent stopping");
+            return Outcome::Stopped;
+        }
+    }
+    match connection.close_reason() {
+        Some(ConnectionError::ApplicationClosed(c)) if c.error_code == code(close::GOING_AWAY) => {
+            Outcome::GoingAway
+        }
+        Some(reason) => Outcome::Lost(reason.to_string()),
+        None => {
+            connection.close(code(close::PROTOCOL_ERROR), b"control stream ended");
+            Outcome::Lost("the relay ended the control stream".into())
+        }
+    }
+}
+
+type Session = (Connection, SendStream, RecvStream, Welcome);
+
+/// Dials the relay and completes the control handshake within the handshake timeout.
+async fn connect(
+    relay: &RelayAddr,
+    endpoint: &mut Option<Endpoint>,
+    shared: &Shared,
+) -> Result<Session, TunnelError> {
+    let addr = tokio::net::lookup_host((relay.host.as_str(), relay.port))
+        .await
+        .map_err(TunnelError::Resolve)?
+        .next()
+        .ok_or(TunnelError::NoAddress)?;
+    let endpoint = endpoint_for(addr, endpoint)?;
+    let client_config = match shared.client_config.read() {
+        Ok(config) => config.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    let connecting = endpoint.connect_with(client_config, addr, &relay.server_name)?;
+    let timeout = shared.config.timing.handshake_timeout;
+    let handshake = async {
+        let connection = connecting.await?;
+        let result = hello(&connection, shared).await;
+        match result {
+            Ok((send, recv, welcome)) => Ok((connection, send, recv, welcome)),
+            // The relay closes with a reason when it refuses; that beats "connection lost".
+            Err(e) => Err(refusal(&connection).unwrap_or(e)),
+        }
+    };
+    tokio::time::timeout(timeout, handshake).await.map_err(|_| TunnelError::Timeout(timeout))?
+}
+
+async fn hello(
+    connection: &Connection,
+    shared: &Shared,
+) -> Result<(SendStream, RecvStream, Welcome), TunnelError> {
+    let (mut send, mut recv) = connection.open_bi().await?;
+    write_frame(&mut send, &AgentMessage::Hello(shared.hello()), MAX_CONTROL_FRAME).await?;
+    let mut buf = Vec::new();
+    match read_frame::<RelayMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await? {
+        Some(RelayMessage::Welcome(welcome)) => Ok((send, recv, welcome)),
+        Some(RelayMessage::Refused { reason }) => Err(TunnelError::Refused(reason)),
+        Some(RelayMessage::Ping { .. } | RelayMessage::Command(_) | RelayMessage::Renewed(_)) => {
+            Err(TunnelError::Protocol("a control message before Welcome".into()))
+        }
+        None => Err(TunnelError::Protocol("control stream ended before Welcome".into())),
+    }
+}
+
+fn refusal(connection: &Connection) -> Option<TunnelError> {
+    match connection.close_reason()? {
+        ConnectionError::ApplicationClosed(c) if c.error_code == code(close::REFUSED) => {
+            Some(TunnelError::Refused(String::from_utf8_lossy(&c.reason).into_owned()))
+        }
+        _ => None,
+    }
+}
+
+/// The tunnel's UDP endpoint, opened for the relay address's family and kept across attempts.
+fn endpoint_for(addr: SocketAddr, slot: &mut Option<Endpoint>) -> Result<Endpoint, TunnelError> {
+    if let Some(endpoint) = slot {
+        if endpoint.local_addr().is_ok_and(|local| local.is_ipv4() == addr.is_ipv4()) {
+            return Ok(endpoint.clone());
+        }
+    }
+    let bind: SocketAddr =
+        if addr.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = transport::quic_socket(bind).map_err(TunnelError::Socket)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| TunnelError::Socket(std::io::Error::other("no async runtime for QUIC")))?;
+    let endpoint =
+        Endpoint::new(transport::endpoint_config(), None, socket, runtime).map_err(TunnelError::Socket)?;
+    *slot = Some(endpoint.clone());
+    Ok(endpoint)
+}
+
+/// Serves the data streams the relay opens until the connection ends, raising the relay's stream
+/// limit as concurrency grows.
+async fn accept_streams(connection: &Connection, shared: &Arc<Shared>) {
+    let mut credit = StreamCredit::default();
+    // One clone per stream being served: its strong count, less this one, is the number open.
+    let open = Arc::new(());
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        if let Some(limit) = credit.raise_for(Arc::strong_count(&open) as u64) {
+            debug!(limit, "raising the data stream limit");
+            connection.set_max_concurrent_bi_streams(VarInt::from_u32(limit));
+        }
+        let served = open.clone();
+        let shared_ = shared.clone();
+        shared.streams.spawn(async move {
+            dial::handle_stream(send, recv, shared_).await;
+            drop(served);
+        });
+    }
+}
+
+/// The control stream after `Welcome`: answers pings, runs container commands, and reports
+/// container states, until the stream ends or breaks. Reading and writing run side by side, joined
+/// by a queue, so a slow command never holds up a ping.
+async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, shared: &Arc<Shared>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<AgentMessage>(64);
+    let writer = async {
+        while let Some(message) = rx.recv().await {
+            if write_frame(send, &message, MAX_CONTROL_FRAME).await.is_err() {
+                return;
+            }
+        }
+    };
+    let reader = async {
+        let mut buf = Vec::new();
+        loop {
+            match read_frame::<RelayMessage>(recv, MAX_CONTROL_FRAME, &mut buf).await {
+                Ok(Some(RelayMessage::Ping { nonce })) => {
+                    if tx.send(AgentMessage::Pong { nonce }).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(RelayMessage::Renewed(result))) => renew::apply(result, shared),
+                Ok(Some(RelayMessage::Command(command))) => {
+                    let (tx, shared) = (tx.clone(), shared.clone());
+                    tokio::spawn(async move {
+                        let id = command.id;
+                        let result = commands::run(command, &shared).await;
+                        let _ = tx.send(AgentMessage::CommandResult { id, result }).await;
+                    });
+                }
+                Ok(Some(other)) => {
+                    warn!(message = ?other, "unexpected control message from the relay");
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    debug!(error = %e, "control stream ended");
+                    return;
+                }
+            }
+        }
+    };
+    let reporter = async {
+        if shared.containers.is_empty() {
+            return std::future::pending().await;
+        }
+        let mut last = None;
+        loop {
+            let states = shared.containers.reports();
+            if last.as_ref() != Some(&states) {
+                if tx.send(AgentMessage::Containers(states.clone())).await.is_err() {
+                    return;
+                }
+                last = Some(states);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    tokio::select! {
+        () = writer => {}
+        () = reader => {}
+        () = reporter => {}
+        () = renew::when_due(&tx, shared) => {}
+    }
+}

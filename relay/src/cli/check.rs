@@ -1,0 +1,63 @@
+//! `sallyport-relay check`: validate a configuration and its TLS files without binding anything.
+
+use std::fmt;
+
+use sallyport_runtime::tls::{self, TlsFileError};
+
+use crate::{config::Config, relay::StartError};
+
+/// What a valid configuration amounts to.
+#[derive(Debug)]
+pub struct CheckReport {
+    pub relay_names: Vec<String>,
+    pub relay_cert_days_left: i64,
+    pub services: Vec<(String, String, String)>,
+    /// Whether container commands are on (an admin token is configured and readable).
+    pub commands_enabled: bool,
+}
+
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "relay certificate: valid for {} more days, names {}",
+            self.relay_cert_days_left,
+            self.relay_names.join(", ")
+        )?;
+        for (name, agent, listen) in &self.services {
+            writeln!(f, "service {name}: agent {agent}, listens on {listen}")?;
+        }
+        if self.commands_enabled {
+            writeln!(f, "container commands: on (admin token loaded)")?;
+        } else {
+            writeln!(f, "container commands: off (no relay.admin_token_file)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the CA and the relay's certificate and key, and checks that they belong together.
+pub fn check(config: &Config) -> Result<CheckReport, StartError> {
+    let tls = config.tls.load()?;
+    let days_left = tls.leaf.days_left();
+    if days_left < 0 {
+        return Err(
+            TlsFileError { path: config.tls.cert.clone(), reason: "certificate has expired".into() }.into()
+        );
+    }
+    let names = tls.leaf.sans.clone();
+    // Building the server configuration checks that the key matches the certificate.
+    tls::server_crypto(tls.roots, tls.identity, &[sallyport_proto::ALPN_TUNNEL])
+        .map_err(StartError::Crypto)?;
+    let commands_enabled = crate::relay::load_admin_token(config)?.is_some();
+    Ok(CheckReport {
+        commands_enabled,
+        relay_names: names,
+        relay_cert_days_left: days_left,
+        services: config
+            .services
+            .values()
+            .map(|s| (s.name.clone(), s.agent.clone(), s.listen.to_string()))
+            .collect(),
+    })
+}

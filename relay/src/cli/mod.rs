@@ -1,0 +1,6 @@
+//! Bodies of the subcommands that do not run the relay: `check`, `manifests`, and the admin API
+//! client the others use.
+
+pub mod admin_client;
+pub mod check;
+pub mod manifests;

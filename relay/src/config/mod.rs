@@ -1,0 +1,551 @@
+//! `relay.toml`: the raw file model and the validated [`Config`] it is parsed into.
+//!
+//! The relay owns exposure: which agent may publish which service, and on which listener. A relay
+//! with no service (and so no agent allowed) refuses to start.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use sallyport_runtime::{
+    config::{self as conf, ConfigError, HumanDuration},
+    tls::TlsFiles,
+    transport::Congestion,
+};
+use serde::Deserialize;
+
+/// The validated relay configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (for messages).
+    pub path: PathBuf,
+    /// UDP address of the QUIC endpoint agents connect to.
+    pub listen: SocketAddr,
+    /// TCP address of the admin HTTP server (`/livez`, `/readyz`).
+    pub admin: SocketAddr,
+    /// File holding the bearer token the admin API wants for container commands; without one,
+    /// commands are refused (reads stay open).
+    pub admin_token_file: Option<PathBuf>,
+    /// The CA's private key: with it (and an admin token) the relay enrolls agents with join tokens.
+    pub ca_key: Option<PathBuf>,
+    /// Where join tokens are kept across restarts; in memory only when unset.
+    pub tokens_file: Option<PathBuf>,
+    /// Where revoked agent certificates are kept across restarts; in memory only when unset.
+    pub revocations_file: Option<PathBuf>,
+    /// Validity of the certificates the relay issues to enrolling agents.
+    pub agent_cert_validity: Duration,
+    /// TCP address of the HTTP listener that routes requests by `Host` (services with `hosts`).
+    pub http_listen: Option<SocketAddr>,
+    /// TCP address of the HTTPS listener that routes TLS connections by SNI, without terminating
+    /// them (services with `sni`).
+    pub https_listen: Option<SocketAddr>,
+    pub tls: TlsFiles,
+    pub limits: Limits,
+    /// Services by name.
+    pub services: BTreeMap<String, Service>,
+}
+
+/// Timeouts and caps.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A tunnel with no traffic (not even keep-alives) for this long is dead.
+    pub idle_timeout: Duration,
+    /// Time for a new agent to finish the handshake and send `Hello`.
+    pub handshake_timeout: Duration,
+    /// How long in-flight connections may take to finish on shutdown.
+    pub drain_grace: Duration,
+    /// QUIC handshakes in progress at once, at most.
+    pub max_incoming: usize,
+    /// Client connections open at once across all services, at most.
+    pub max_connections: usize,
+    /// Congestion controller of the relay-to-agent direction.
+    pub congestion: Congestion,
+    /// Time for an HTTP client to send a whole request head (and a TLS client its ClientHello);
+    /// also how long an idle keep-alive connection waits for its next request.
+    pub header_timeout: Duration,
+    /// The largest HTTP request head accepted (bigger: 431 and closed).
+    pub max_header_bytes: usize,
+    /// HTTP and HTTPS connections open at once from one client address, at most.
+    pub max_connections_per_ip: usize,
+    /// A UDP flow with no datagram either way for this long is forgotten.
+    pub udp_flow_idle: Duration,
+    /// UDP flows kept per service; a new flow beyond it replaces the oldest.
+    pub udp_max_flows: usize,
+}
+
+/// One published service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    /// The only agent allowed to carry this service.
+    pub agent: String,
+    /// Where the relay listens for its clients.
+    pub listen: Listen,
+    /// In Kubernetes: a MetalLB IP of the service's own instead of the relay's shared one (used by
+    /// `sallyport-relay manifests` only).
+    pub load_balancer_ip: Option<std::net::IpAddr>,
+}
+
+/// How a service is exposed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP port of its own (`listen`).
+    Tcp(SocketAddr),
+    /// A UDP port of its own (`udp`).
+    Udp(SocketAddr),
+    /// Host names on the shared HTTP listener (`hosts`), lower-case.
+    Http(Vec<String>),
+    /// Server names on the shared HTTPS listener (`sni`), lower-case; TLS passes through.
+    Https(Vec<String>),
+}
+
+impl Listen {
+    /// The port of a service's own listener, with its protocol.
+    pub fn own_port(&self) -> Option<(&'static str, SocketAddr)> {
+        match *self {
+            Self::Tcp(addr) => Some(("TCP", addr)),
+            Self::Udp(addr) => Some(("UDP", addr)),
+            Self::Http(_) | Self::Https(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "tcp {addr}"),
+            Self::Udp(addr) => write!(f, "udp {addr}"),
+            Self::Http(hosts) => write!(f, "http {}", hosts.join(", ")),
+            Self::Https(names) => write!(f, "https {}", names.join(", ")),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_raw(conf::read_toml(path)?, path)
+    }
+
+    /// Validates `text` as if it had been read from `path` (relative paths resolve against it).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::from_raw(conf::parse_toml(text, path)?, path)
+    }
+
+    fn from_raw(raw: RawConfig, path: &Path) -> Result<Self, ConfigError> {
+        let r = raw.relay;
+        let limits = Limits {
+            idle_timeout: conf::duration_in(
+                path,
+                "relay.idle_timeout",
+                r.idle_timeout.into(),
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            )?,
+            handshake_timeout: conf::duration_in(
+                path,
+                "relay.handshake_timeout",
+                r.handshake_timeout.into(),
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+            )?,
+            drain_grace: conf::duration_in(
+                path,
+                "relay.drain_grace",
+                r.drain_grace.into(),
+                Duration::ZERO,
+                Duration::from_secs(3600),
+            )?,
+            max_incoming: positive(path, "relay.max_incoming", r.max_incoming)?,
+            max_connections: positive(path, "relay.max_connections", r.max_connections)?,
+            congestion: r
+                .congestion
+                .parse()
+                .map_err(|e| ConfigError::invalid(path, "relay.congestion", e))?,
+            header_timeout: conf::duration_in(
+                path,
+                "relay.header_timeout",
+                r.header_timeout.into(),
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+            )?,
+            max_header_bytes: in_range(path, "relay.max_header_bytes", r.max_header_bytes, 8192, 1 << 20)?,
+            max_connections_per_ip: positive(path, "relay.max_connections_per_ip", r.max_connections_per_ip)?,
+            udp_flow_idle: conf::duration_in(
+                path,
+                "relay.udp_flow_idle",
+                r.udp_flow_idle.into(),
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            )?,
+            udp_max_flows: in_range(path, "relay.udp_max_flows", r.udp_max_flows, 1, 1 << 20)?,
+        };
+        if raw.services.is_empty() {
+            return Err(ConfigError::invalid(
+                path,
+                "services",
+                "no service is defined, so no agent may connect: add a [services.NAME] table with \
+                 `agent` and `listen` (the relay has no open mode)",
+            ));
+        }
+        let mut services = BTreeMap::new();
+        let mut seen_listen = BTreeMap::new();
+        let mut seen_names = BTreeMap::new();
+        for (name, s) in raw.services {
+            let key = format!("services.{name}");
+            let name = conf::name(path, &key, &name)?;
+            let agent = conf::name(path, &format!("{key}.agent"), &s.agent)?;
+            let listen = match (s.listen, s.udp, s.hosts, s.sni) {
+                (Some(addr), None, None, None) => Listen::Tcp(addr),
+                (None, Some(addr), None, None) => Listen::Udp(addr),
+                (None, None, Some(hosts), None) => {
+                    if r.http_listen.is_none() {
+                        return Err(ConfigError::invalid(
+                            path,
+                            format!("{key}.hosts"),
+                            "routing by Host needs the HTTP listener: set relay.http_listen",
+                        ));
+                    }
+                    Listen::Http(host_names(path, &format!("{key}.hosts"), &hosts, &name, &mut seen_names)?)
+                }
+                (None, None, None, Some(names)) => {
+                    if r.https_listen.is_none() {
+                        return Err(ConfigError::invalid(
+                            path,
+                            format!("{key}.sni"),
+                            "routing by SNI needs the HTTPS listener: set relay.https_listen",
+                        ));
+                    }
+                    Listen::Https(host_names(path, &format!("{key}.sni"), &names, &name, &mut seen_names)?)
+                }
+                _ => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        key,
+                        "set exactly one of `listen` (a TCP port), `udp` (a UDP port), `hosts` (HTTP by \
+                         Host) or `sni` (HTTPS by server name)",
+                    ))
+                }
+            };
+            let own = match &listen {
+                Listen::Tcp(addr) => Some((format!("{key}.listen"), "tcp", *addr)),
+                Listen::Udp(addr) => Some((format!("{key}.udp"), "udp", *addr)),
+                Listen::Http(_) | Listen::Https(_) => None,
+            };
+            if let Some((key, proto, addr)) = own.filter(|(_, _, a)| a.port() != 0) {
+                if let Some(other) = seen_listen.insert((proto, addr), name.clone()) {
+                    return Err(ConfigError::invalid(
+                        path,
+                        key,
+                        format!("{proto} {addr} is already the listener of service {other:?}"),
+                    ));
+                }
+            }
+            services
+                .insert(name.clone(), Service { name, agent, listen, load_balancer_ip: s.load_balancer_ip });
+        }
+        for (key, addr) in [("relay.http_listen", r.http_listen), ("relay.https_listen", r.https_listen)] {
+            if let Some(other) = addr.filter(|a| a.port() != 0).and_then(|a| seen_listen.get(&("tcp", a))) {
+                let addr = addr.unwrap_or(r.listen);
+                return Err(ConfigError::invalid(
+                    path,
+                    key,
+                    format!("tcp {addr} is already the listener of service {other:?}"),
+                ));
+            }
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            listen: r.listen,
+            admin: r.admin,
+            admin_token_file: r.admin_token_file.map(|f| conf::resolve(path, &f)),
+            ca_key: r.ca_key.map(|f| conf::resolve(path, &f)),
+            tokens_file: r.tokens_file.map(|f| conf::resolve(path, &f)),
+            revocations_file: r.revocations_file.map(|f| conf::resolve(path, &f)),
+            http_listen: r.http_listen,
+            https_listen: r.https_listen,
+            agent_cert_validity: conf::duration_in(
+                path,
+                "relay.agent_cert_validity",
+                r.agent_cert_validity.0,
+                Duration::from_secs(10),
+                Duration::from_secs(10 * 365 * 86_400),
+            )?,
+            tls: TlsFiles {
+                ca_cert: conf::resolve(path, &r.ca_cert),
+                cert: conf::resolve(path, &r.cert),
+                key: conf::resolve(path, &r.key),
+            },
+            limits,
+            services,
+        })
+    }
+
+    /// Whether any service names `agent`: only such agents are admitted.
+    pub fn knows_agent(&self, agent: &str) -> bool {
+        self.services.values().any(|s| s.agent == agent)
+    }
+}
+
+fn in_range(path: &Path, key: &str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+    if !(min..=max).contains(&value) {
+        return Err(ConfigError::invalid(path, key, format!("{value} is out of range ({min} to {max})")));
+    }
+    Ok(value)
+}
+
+/// Validates the host names of one service: DNS names, lower-cased, without a trailing dot, each
+/// used by one service only (`seen` maps names to the service holding them).
+fn host_names(
+    path: &Path,
+    key: &str,
+    names: &[String],
+    service: &str,
+    seen: &mut BTreeMap<String, String>,
+) -> Result<Vec<String>, ConfigError> {
+    if names.is_empty() {
+        return Err(ConfigError::invalid(path, key, "list at least one host name"));
+    }
+    let mut out = Vec::new();
+    for name in names {
+        let lower = name.trim_end_matches('.').to_ascii_lowercase();
+        let valid = !lower.is_empty()
+            && lower.len() <= 253
+            && lower.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !valid {
+            return Err(ConfigError::invalid(path, key, format!("{name:?} is not a host name")));
+        }
+        if let Some(other) = seen.insert(lower.clone(), service.to_owned()) {
+            return Err(ConfigError::invalid(
+                path,
+                key,
+                format!("{name:?} is already a name of service {other:?}"),
+            ));
+        }
+        out.push(lower);
+    }
+    Ok(out)
+}
+
+fn positive(path: &Path, key: &str, value: usize) -> Result<usize, ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::invalid(path, key, "must be at least 1"));
+    }
+    Ok(value)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    relay: RawRelay,
+    #[serde(default)]
+    services: BTreeMap<String, RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    #[serde(default = "default_admin")]
+    admin: SocketAddr,
+    admin_token_file: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+    tokens_file: Option<PathBuf>,
+    revocations_file: Option<PathBuf>,
+    #[serde(default = "default_agent_cert_validity")]
+    agent_cert_validity: HumanDuration,
+    ca_cert: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: HumanDuration,
+    #[serde(default = "default_handshake_timeout")]
+    handshake_timeout: HumanDuration,
+    #[serde(default = "default_drain_grace")]
+    drain_grace: HumanDuration,
+    #[serde(default = "default_max_incoming")]
+    max_incoming: usize,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_congestion")]
+    congestion: String,
+    http_listen: Option<SocketAddr>,
+    https_listen: Option<SocketAddr>,
+    #[serde(default = "default_header_timeout")]
+    header_timeout: HumanDuration,
+    #[serde(default = "default_max_header_bytes")]
+    max_header_bytes: usize,
+    #[serde(default = "default_max_connections_per_ip")]
+    max_connections_per_ip: usize,
+    #[serde(default = "default_udp_flow_idle")]
+    udp_flow_idle: HumanDuration,
+    #[serde(default = "default_udp_max_flows")]
+    udp_max_flows: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    agent: String,
+    listen: Option<SocketAddr>,
+    udp: Option<SocketAddr>,
+    hosts: Option<Vec<String>>,
+    sni: Option<Vec<String>>,
+    load_balancer_ip: Option<std::net::IpAddr>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 4433))
+}
+/// Enrolled agents renew over the tunnel, so their certificates can be short-lived.
+fn default_agent_cert_validity() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30 * 86_400))
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(20))
+}
+fn default_handshake_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_drain_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(20))
+}
+fn default_max_incoming() -> usize {
+    256
+}
+fn default_max_connections() -> usize {
+    16_384
+}
+fn default_congestion() -> String {
+    "bbr".into()
+}
+fn default_header_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_connections_per_ip() -> usize {
+    256
+}
+fn default_udp_flow_idle() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_udp_max_flows() -> usize {
+    4096
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[relay]
+listen = "0.0.0.0:4433"
+ca_cert = "ca.crt"
+cert = "relay.crt"
+key = "relay.key"
+idle_timeout = "30s"
+
+[services.mssql]
+agent = "winbox"
+listen = "0.0.0.0:1433"
+"#;
+
+    fn err(text: &str) -> String {
+        match Config::from_toml(text, Path::new("/etc/sallyport/relay.toml")) {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn good_config_resolves_paths_and_defaults() {
+        let c = Config::from_toml(GOOD, Path::new("/etc/sallyport/relay.toml")).expect("valid");
+        assert_eq!(c.tls.ca_cert, Path::new("/etc/sallyport/ca.crt"));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.admin, SocketAddr::from(([127, 0, 0, 1], 9090)));
+        assert_eq!(c.services["mssql"].agent, "winbox");
+        assert!(c.knows_agent("winbox") && !c.knows_agent("other"));
+    }
+
+    #[test]
+    fn no_services_fails_closed() {
+        let text = GOOD.split("[services.mssql]").next().unwrap_or_default();
+        let e = err(text);
+        assert!(e.contains("relay.toml: key `services`: no service is defined"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_names_it() {
+        let e = err(&GOOD.replace("idle_timeout", "idle_timout"));
+        assert!(e.contains("relay.toml") && e.contains("idle_timout"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_file_key_and_reason() {
+        let e = err(&GOOD.replace("\"30s\"", "\"thirty\""));
+        assert!(
+            e.contains("relay.toml") && e.contains("idle_timeout") && e.contains("expected a duration"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("agent = \"winbox\"", "agent = \"Win_Box\""));
+        assert!(e.contains("key `services.mssql.agent`") && e.contains("not a valid name"), "{e}");
+        let e = err(&GOOD.replace("0.0.0.0:1433", "localhost"));
+        assert!(e.contains("relay.toml") && e.contains("listen"), "{e}");
+        let e = err(&GOOD.replace("idle_timeout = \"30s\"", "congestion = \"vegas\""));
+        assert!(e.contains("key `relay.congestion`: unknown congestion controller \"vegas\""), "{e}");
+        let e = err(&GOOD.replace("\"30s\"", "\"0s\""));
+        assert!(e.contains("key `relay.idle_timeout`: 0s is out of range"), "{e}");
+    }
+
+    #[test]
+    fn two_services_on_one_port_are_refused() {
+        let e = err(&format!("{GOOD}\n[services.web]\nagent = \"winbox\"\nlisten = \"0.0.0.0:1433\"\n"));
+        assert!(e.contains("key `services.web.listen`") && e.contains("already the listener"), "{e}");
+        // The same port number for TCP and UDP is two listeners.
+        let both = format!("{GOOD}\n[services.dns]\nagent = \"winbox\"\nudp = \"0.0.0.0:1433\"\n");
+        assert!(Config::from_toml(&both, Path::new("r.toml")).is_ok());
+    }
+
+    #[test]
+    fn routed_services_need_their_listener_and_unique_names() {
+        let web = "\n[services.web]\nagent = \"winbox\"\nhosts = [\"App.Home.lan.\", \"app\"]\n";
+        let e = err(&format!("{GOOD}{web}"));
+        assert!(e.contains("key `services.web.hosts`: routing by Host needs the HTTP listener"), "{e}");
+        let with_http = GOOD.replace("[relay]", "[relay]\nhttp_listen = \"0.0.0.0:80\"");
+        let c = Config::from_toml(&format!("{with_http}{web}"), Path::new("r.toml")).expect("valid");
+        assert_eq!(c.services["web"].listen, Listen::Http(vec!["app.home.lan".into(), "app".into()]));
+        assert_eq!(c.services["web"].listen.to_string(), "http app.home.lan, app");
+        let twice = format!("{with_http}{web}\n[services.web2]\nagent = \"winbox\"\nhosts = [\"APP\"]\n");
+        let e = err(&twice);
+        assert!(
+            e.contains("key `services.web2.hosts`") && e.contains("already a name of service \"web\""),
+            "{e}"
+        );
+        let e = err(&format!("{with_http}\n[services.bad]\nagent = \"winbox\"\nhosts = [\"a b\"]\n"));
+        assert!(e.contains("key `services.bad.hosts`: \"a b\" is not a host name"), "{e}");
+        let e = err(&format!("{GOOD}\n[services.nas]\nagent = \"winbox\"\nsni = [\"nas.lan\"]\n"));
+        assert!(e.contains("key `services.nas.sni`") && e.contains("relay.https_listen"), "{e}");
+        let e = err(
+            &GOOD.replace("listen = \"0.0.0.0:1433\"", "listen = \"0.0.0.0:1433\"\nudp = \"0.0.0.0:53\"")
+        );
+        assert!(e.contains("key `services.mssql`: set exactly one of"), "{e}");
+        let e = err(&GOOD.replace("[relay]", "[relay]\nhttp_listen = \"0.0.0.0:1433\""));
+        assert!(e.contains("key `relay.http_listen`") && e.contains("already the listener"), "{e}");
+    }
+}

@@ -1,0 +1,77 @@
+//! The HTTPS listener: routes TLS connections by the server name in the ClientHello (SNI) to the
+//! service that lists it, without terminating TLS. The ClientHello bytes read to find the name go
+//! to the agent with the stream header, then the connection is spliced like any TCP service, so the
+//! client completes its handshake with the target and sees the target's certificate.
+
+mod client_hello;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, Instrument};
+
+use self::client_hello::Hello;
+use crate::{expose::tcp, relay::Shared};
+
+/// Accepts TLS clients until `stop` is cancelled.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let per_ip = Some(shared.per_ip.clone());
+    tcp::accept_loop(listener, "https", per_ip, shared.clone(), stop, |stream, peer| {
+        let shared = shared.clone();
+        async move { route(stream, peer, &shared).await }.instrument(info_span!("https", %peer))
+    })
+    .await;
+}
+
+async fn route(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let timeout = shared.config.limits.header_timeout;
+    let mut buf = Vec::with_capacity(2048);
+    let hello = tokio::time::timeout(timeout, async {
+        loop {
+            match client_hello::parse(&buf) {
+                Hello::Incomplete if buf.len() > client_hello::MAX_HELLO + 64 => {
+                    return Hello::NotTls("ClientHello too large")
+                }
+                Hello::Incomplete => {}
+                done => return done,
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Hello::NotTls("the client closed before its ClientHello was whole"),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let name = match hello {
+        Ok(Hello::Name(name)) => name,
+        Ok(Hello::NoName) => {
+            info!("TLS client sent no server name (SNI): closing");
+            shared.metrics.refused("https", "no_sni");
+            let _ = stream.write_all(&client_hello::UNRECOGNIZED_NAME_ALERT).await;
+            return;
+        }
+        Ok(Hello::NotTls(reason)) => {
+            info!(reason, "not a TLS ClientHello: closing");
+            shared.metrics.refused("https", "not_tls");
+            return;
+        }
+        Ok(Hello::Incomplete) => return,
+        Err(_) => {
+            info!(?timeout, "no whole ClientHello in time: closing");
+            shared.metrics.refused("https", "timeout");
+            return;
+        }
+    };
+    let Some(service) = shared.routes.https.get(&name) else {
+        info!(server_name = %name, "no service is published under this server name: closing");
+        shared.metrics.refused("https", "unknown_sni");
+        let _ = stream.write_all(&client_hello::UNRECOGNIZED_NAME_ALERT).await;
+        return;
+    };
+    let span = info_span!("client", service = %service.name, server_name = %name);
+    tcp::carry(stream, peer, service, shared, &buf).instrument(span).await;
+}

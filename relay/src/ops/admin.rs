@@ -1,0 +1,239 @@
+//! The admin HTTP server: `/livez` (the process runs) and `/readyz` (the relay accepts work; it
+//! turns 503 while draining, independent of agents).
+
+use std::{convert::Infallible, sync::atomic::Ordering, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use sallyport_proto::ContainerAction;
+
+use crate::{ops::status, relay::Shared};
+
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.cancelled() => break,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| respond(req, shared.clone()));
+            let served = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn respond(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let text = "text/plain; charset=utf-8";
+    let (status, content_type, body): (StatusCode, &str, String) = match (req.method(), path.as_str()) {
+        (&Method::GET, "/livez") => (StatusCode::OK, text, "ok\n".into()),
+        (&Method::GET, "/readyz") if shared.ready.load(Ordering::Acquire) => {
+            (StatusCode::OK, text, "ready\n".into())
+        }
+        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, text, "draining\n".into()),
+        (&Method::GET, "/agents") => (StatusCode::OK, text, agent_listing(&shared)),
+        (&Method::GET, "/metrics") => {
+            let agents = shared.registry.subscribe().borrow().clone();
+            let body = shared.metrics.render(&agents);
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
+        }
+        (&Method::GET, "/" | "/status") => {
+            (StatusCode::OK, "text/html; charset=utf-8", status::html(&status::snapshot(&shared)))
+        }
+        (&Method::GET, "/status.txt") => (StatusCode::OK, text, status::text(&status::snapshot(&shared))),
+        (_, p) if p == "/tokens" || p.starts_with("/tokens/") => {
+            let (status, body) = tokens(&req, &shared);
+            (status, text, body)
+        }
+        (&Method::POST, p) if p.starts_with("/agents/") && p.ends_with("/revoke") => {
+            let (status, body) = revoke_agent(&req, &shared);
+            (status, text, body)
+        }
+        (&Method::POST, p) if p.starts_with("/agents/") => {
+            let (status, body) = container_command(&req, &shared).await;
+            (status, text, body)
+        }
+        _ => (StatusCode::NOT_FOUND, text, "not found\n".into()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+    }
+    Ok(response)
+}
+
+/// Connected agents, their services and their containers' states, one line each.
+fn agent_listing(shared: &Shared) -> String {
+    let agents = shared.registry.subscribe().borrow().clone();
+    let mut out = String::new();
+    for (name, session) in &agents {
+        let services: Vec<&str> = session.services.iter().map(String::as_str).collect();
+        out.push_str(&format!(
+            "agent {name} remote={} software={:?} services={}\n",
+            session.remote,
+            session.software,
+            services.join(",")
+        ));
+        if let Ok(containers) = session.containers.lock() {
+            for c in containers.iter() {
+                out.push_str(&format!("  container {} {}\n", c.name, c.state));
+            }
+        }
+    }
+    if agents.is_empty() {
+        out.push_str("no agents connected\n");
+    }
+    out
+}
+
+/// Operator calls need `Authorization: Bearer <relay.admin_token_file>`; without a configured token
+/// they are off.
+fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<(), (StatusCode, String)> {
+    let Some(expected) = &shared.admin_token else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "operator commands are off: set relay.admin_token_file\n".into(),
+        ));
+    };
+    let presented = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !crate::relay::constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+        return Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token\n".into()));
+    }
+    Ok(())
+}
+
+fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// `GET /tokens`, `POST /tokens?agent=NAME&ttl_secs=N` (answers `ID SECRET_HEX`),
+/// `POST /tokens/ID/revoke`; all with the admin bearer token.
+fn tokens(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
+    if let Err(refusal) = authorize(req, shared) {
+        return refusal;
+    }
+    let Some(enrollment) = &shared.enrollment else {
+        return (StatusCode::FORBIDDEN, "enrollment is off: set relay.ca_key\n".into());
+    };
+    let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
+    match (req.method(), parts.as_slice()) {
+        (&Method::GET, ["tokens"]) => {
+            let mut out = String::new();
+            for t in enrollment.tokens.list() {
+                out.push_str(&format!(
+                    "{:016x} agent={} state={:?} created={} expires={}\n",
+                    t.id, t.agent, t.state, t.created_unix, t.expires_unix
+                ));
+            }
+            (StatusCode::OK, out)
+        }
+        (&Method::POST, ["tokens"]) => {
+            let Some(agent) = query(req, "agent").filter(|a| sallyport_proto::is_valid_name(a)) else {
+                return (StatusCode::BAD_REQUEST, "agent=NAME (a valid agent name) is required\n".into());
+            };
+            let ttl = query(req, "ttl_secs").and_then(|t| t.parse::<u64>().ok()).unwrap_or(86_400);
+            if !(1..=30 * 86_400).contains(&ttl) {
+                return (StatusCode::BAD_REQUEST, "ttl_secs must be 1 s to 30 days\n".into());
+            }
+            let (id, secret) = enrollment.tokens.create(agent, Duration::from_secs(ttl));
+            let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            tracing::info!(agent, token = format!("{id:016x}"), ttl_secs = ttl, "join token created");
+            (StatusCode::OK, format!("{id:016x} {secret}\n"))
+        }
+        (&Method::POST, ["tokens", id, "revoke"]) => match u64::from_str_radix(id, 16) {
+            Ok(id) if enrollment.tokens.revoke(id) => {
+                tracing::info!(token = format!("{id:016x}"), "join token revoked");
+                (StatusCode::OK, format!("{id:016x} revoked\n"))
+            }
+            _ => (StatusCode::NOT_FOUND, format!("no token {id}\n")),
+        },
+        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// `POST /agents/AGENT/revoke[?serial=HEX]`: revokes the certificate the agent is connected with
+/// (or the given serial) and closes its tunnel.
+fn revoke_agent(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
+    if let Err(refusal) = authorize(req, shared) {
+        return refusal;
+    }
+    let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
+    let ["agents", agent, "revoke"] = parts.as_slice() else {
+        return (StatusCode::NOT_FOUND, "expected /agents/AGENT/revoke\n".into());
+    };
+    let session = shared.registry.subscribe().borrow().get(*agent).cloned();
+    let serial = match (query(req, "serial"), &session) {
+        (Some(serial), _) => serial.to_ascii_lowercase(),
+        (None, Some(session)) => session.serial.clone(),
+        (None, None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                format!("agent {agent:?} is not connected: name its certificate with ?serial=HEX\n"),
+            )
+        }
+    };
+    if let Err(e) = shared.revocations.revoke(agent, &serial) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+    }
+    tracing::warn!(agent, %serial, "agent certificate revoked");
+    if let Some(session) = session.filter(|s| s.serial == serial) {
+        session
+            .connection
+            .close(sallyport_runtime::code(sallyport_proto::codes::close::REFUSED), b"certificate revoked");
+    }
+    (StatusCode::OK, format!("agent {agent}: certificate {serial} revoked\n"))
+}
+
+/// `POST /agents/AGENT/containers/NAME/ACTION[?tail=N]`, with the admin bearer token.
+async fn container_command(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
+    if let Err(refusal) = authorize(req, shared) {
+        return refusal;
+    }
+    let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
+    let ["agents", agent, "containers", container, action] = parts.as_slice() else {
+        return (StatusCode::NOT_FOUND, "expected /agents/AGENT/containers/NAME/ACTION\n".into());
+    };
+    let tail = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("tail=")))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(100);
+    let Some(action) = ContainerAction::parse(action, tail) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("unknown action {action:?}: start, stop, restart, status or logs\n"),
+        );
+    };
+    match crate::relay::send_command(shared, agent, container, action).await {
+        Ok(output) if output.ends_with('\n') || output.is_empty() => (StatusCode::OK, output),
+        Ok(output) => (StatusCode::OK, format!("{output}\n")),
+        Err(crate::relay::CommandError::NoAgent) => {
+            (StatusCode::NOT_FOUND, format!("agent {agent:?} is not connected\n"))
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("{e}\n")),
+    }
+}

@@ -1,0 +1,242 @@
+//! The status page on the admin port (`/`, HTML) and its text twin (`/status.txt`, printed by
+//! `sallyport-relay status`): agents, services with their traffic, containers.
+
+use std::{fmt::Write, time::SystemTime};
+
+use crate::{config::Listen, relay::Shared};
+
+/// What the page shows, read once.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    pub ready: bool,
+    pub agents: Vec<AgentRow>,
+    pub services: Vec<ServiceRow>,
+}
+
+#[derive(Debug)]
+pub(crate) struct AgentRow {
+    pub name: String,
+    pub remote: String,
+    pub software: String,
+    pub connected_for: String,
+    pub rtt_ms: f64,
+    pub containers: Vec<(String, String, Option<u64>)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct ServiceRow {
+    pub name: String,
+    pub agent: String,
+    pub listen: String,
+    pub up: bool,
+    pub active: i64,
+    pub total: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
+    let agents = shared.registry.subscribe().borrow().clone();
+    let agent_rows = agents
+        .values()
+        .map(|s| AgentRow {
+            name: s.name.clone(),
+            remote: s.remote.to_string(),
+            software: s.software.clone(),
+            connected_for: SystemTime::now()
+                .duration_since(s.connected_at)
+                .map(|d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string())
+                .unwrap_or_default(),
+            rtt_ms: s.connection.rtt().as_secs_f64() * 1000.0,
+            containers: s
+                .containers
+                .lock()
+                .map(|c| c.iter().map(|c| (c.name.clone(), c.state.clone(), c.cold_start_ms)).collect())
+                .unwrap_or_default(),
+        })
+        .collect();
+    let services = shared
+        .config
+        .services
+        .values()
+        .map(|s| {
+            let listen = match (shared.bound.get(&s.name), &s.listen) {
+                (Some(bound), Listen::Tcp(_)) => format!("tcp {bound}"),
+                (Some(bound), Listen::Udp(_)) => format!("udp {bound}"),
+                _ => s.listen.to_string(),
+            };
+            let (active, total, bytes_up, bytes_down) = shared.metrics.service_figures(&s.name);
+            ServiceRow {
+                name: s.name.clone(),
+                agent: s.agent.clone(),
+                listen,
+                up: agents.get(&s.agent).is_some_and(|a| a.services.contains(&s.name)),
+                active,
+                total,
+                bytes_up,
+                bytes_down,
+            }
+        })
+        .collect();
+    Snapshot { ready: shared.ready.load(std::sync::atomic::Ordering::Acquire), agents: agent_rows, services }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / f64::from(1u32 << 30)),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / f64::from(1u32 << 20)),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// One table of the page: the HTML and the text rendering share it.
+struct Table {
+    id: &'static str,
+    title: String,
+    header: &'static [&'static str],
+    rows: Vec<Vec<String>>,
+    /// Said instead of an empty table (`None`: an empty table is left out).
+    empty: Option<&'static str>,
+}
+
+fn cold(ms: Option<u64>) -> String {
+    ms.map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0))
+}
+
+fn tables(s: &Snapshot) -> [Table; 3] {
+    let agents = s
+        .agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                a.remote.clone(),
+                a.connected_for.clone(),
+                format!("{:.1} ms", a.rtt_ms),
+                a.software.clone(),
+            ]
+        })
+        .collect();
+    let services = s
+        .services
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.agent.clone(),
+                r.listen.clone(),
+                if r.up { "up" } else { "agent away" }.into(),
+                r.active.to_string(),
+                r.total.to_string(),
+                bytes(r.bytes_up),
+                bytes(r.bytes_down),
+            ]
+        })
+        .collect();
+    let containers = s
+        .agents
+        .iter()
+        .flat_map(|a| a.containers.iter().map(move |(name, state, ms)| (a, name, state, ms)))
+        .map(|(a, name, state, ms)| vec![a.name.clone(), name.clone(), state.clone(), cold(*ms)])
+        .collect();
+    [
+        Table {
+            id: "agents",
+            title: format!("Agents ({})", s.agents.len()),
+            header: &["agent", "from", "connected for", "RTT", "software"],
+            rows: agents,
+            empty: Some("No agent connected."),
+        },
+        Table {
+            id: "services",
+            title: "Services".into(),
+            header: &["service", "agent", "listens", "state", "open", "total", "up", "down"],
+            rows: services,
+            empty: Some("No service configured."),
+        },
+        Table {
+            id: "containers",
+            title: "Containers".into(),
+            header: &["agent", "container", "state", "last cold start"],
+            rows: containers,
+            empty: None,
+        },
+    ]
+}
+
+/// The page: the tables, refreshed every 5 s, no scripts, no external assets.
+pub(crate) fn html(s: &Snapshot) -> String {
+    let mut out = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\">\
+         <title>Sallyport relay</title><style>body{font-family:system-ui,sans-serif;margin:2em;color:#222}\
+         table{border-collapse:collapse;margin-bottom:2em}th,td{border:1px solid #ccc;padding:.3em .8em;text-align:left}\
+         th{background:#f3f3f3}.up{color:#070}.down{color:#a00}</style></head><body>",
+    );
+    let _ = write!(
+        out,
+        "<h1>Sallyport relay</h1><p>{}</p>",
+        if s.ready { "<span class=\"up\">ready</span>" } else { "<span class=\"down\">draining</span>" }
+    );
+    for table in tables(s) {
+        if table.rows.is_empty() && table.empty.is_none() {
+            continue;
+        }
+        let _ = write!(out, "<h2>{}</h2>", escape(&table.title));
+        if table.rows.is_empty() {
+            let _ = write!(out, "<p>{}</p>", table.empty.unwrap_or_default());
+            continue;
+        }
+        let _ = write!(out, "<table id=\"{}\"><tr>", table.id);
+        for h in table.header {
+            let _ = write!(out, "<th>{h}</th>");
+        }
+        out.push_str("</tr>");
+        for row in &table.rows {
+            out.push_str("<tr>");
+            for (column, cell) in row.iter().enumerate() {
+                // The services' state column is coloured.
+                let class = match (table.id, column, cell.as_str()) {
+                    ("services", 3, "up") => Some("up"),
+                    ("services", 3, _) => Some("down"),
+                    _ => None,
+                };
+                let _ = match class {
+                    Some(class) => write!(out, "<td><span class=\"{class}\">{}</span></td>", escape(cell)),
+                    None => write!(out, "<td>{}</td>", escape(cell)),
+                };
+            }
+            out.push_str("</tr>");
+        }
+        out.push_str("</table>");
+    }
+    out.push_str("<p><a href=\"/metrics\">metrics</a></p></body></html>\n");
+    out
+}
+
+/// The same as aligned text.
+pub(crate) fn text(s: &Snapshot) -> String {
+    let mut out = format!("relay: {}\n\n", if s.ready { "ready" } else { "draining" });
+    for table in tables(s) {
+        if table.rows.is_empty() && table.empty.is_none() {
+            continue;
+        }
+        let mut rows = vec![table.header.iter().map(|h| h.to_uppercase()).collect::<Vec<_>>()];
+        rows.extend(table.rows);
+        let columns = rows[0].len();
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |v| v.chars().count())).max().unwrap_or(0))
+            .collect();
+        for row in &rows {
+            let line: Vec<String> = row.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,347 @@
+//! The private CA: creating it with the relay's certificate (`init`), issuing agent certificates
+//! (`agent add`), and writing key files readable by their owner only.
+
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SerialNumber,
+};
+use time::OffsetDateTime;
+
+/// File names inside a relay's state directory.
+pub const CA_CERT: &str = "ca.crt";
+pub const CA_KEY: &str = "ca.key";
+pub const RELAY_CERT: &str = "relay.crt";
+pub const RELAY_KEY: &str = "relay.key";
+
+/// File names inside an agent bundle.
+pub const AGENT_CERT: &str = "agent.crt";
+pub const AGENT_KEY: &str = "agent.key";
+
+/// Lifetime of the CA certificate.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Lifetime of the relay's server certificate.
+pub const RELAY_VALIDITY: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
+/// Default lifetime of an agent certificate.
+pub const AGENT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Why a PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{} already exists: refusing to overwrite a CA (remove the directory's files to start over)", .0.display())]
+    Exists(PathBuf),
+    #[error("invalid name {0:?}: use 1-63 of a-z, 0-9 and '-', not at either end")]
+    Name(String),
+    #[error("invalid subject alternative name {0:?}: give an IP address or a DNS name")]
+    San(String),
+    #[error("at least one --san (the address or DNS name agents use to reach the relay) is required")]
+    NoSan,
+}
+
+/// A PEM certificate with its PEM private key.
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued").field("key_pem", &"<redacted>").finish_non_exhaustive()
+    }
+}
+
+/// A certificate authority that can sign.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Creates a new CA with a fresh ECDSA P-256 key.
+    pub fn generate(common_name: &str) -> Result<(Self, String), PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.distinguished_name.push(DnType::OrganizationName, "Sallyport");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        set_validity(&mut params, CA_VALIDITY)?;
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        let cert_pem = cert.pem();
+        Ok((Self { issuer: Issuer::new(params, key), cert_pem }, key_pem))
+    }
+
+    /// Loads a CA from its PEM certificate and key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self { issuer, cert_pem: cert_pem.to_owned() })
+    }
+
+    /// Loads the CA of a relay state directory.
+    pub fn load(dir: &Path) -> Result<Self, PkiError> {
+        Self::from_pem(&read(&dir.join(CA_CERT))?, &read(&dir.join(CA_KEY))?)
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues the relay's server certificate for the given IP addresses and DNS names.
+    pub fn issue_relay(&self, sans: &[String]) -> Result<Issued, PkiError> {
+        if sans.is_empty() {
+            return Err(PkiError::NoSan);
+        }
+        for san in sans {
+            if san.parse::<std::net::IpAddr>().is_err()
+                && rustls::pki_types::DnsName::try_from(san.as_str()).is_err()
+            {
+                return Err(PkiError::San(san.clone()));
+            }
+        }
+        let mut params = CertificateParams::new(sans.to_vec())?;
+        params.distinguished_name.push(DnType::CommonName, "sallyport relay");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params, RELAY_VALIDITY)
+    }
+
+    /// Issues a client certificate for agent `name` (the name goes into the SAN and the CN).
+    pub fn issue_agent(&self, name: &str, validity: Duration) -> Result<Issued, PkiError> {
+        if !sallyport_proto::is_valid_name(name) {
+            return Err(PkiError::Name(name.to_owned()));
+        }
+        let mut params = CertificateParams::new(vec![name.to_owned()])?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params, validity)
+    }
+
+    /// Issues a client certificate for agent `name` to the public key of `csr_pem` (the agent's
+    /// own key, which never leaves it). Only the key is taken from the request: the name, usages
+    /// and validity are the relay's.
+    pub fn issue_agent_for_csr(
+        &self,
+        name: &str,
+        csr_pem: &str,
+        validity: Duration,
+    ) -> Result<String, PkiError> {
+        if !sallyport_proto::is_valid_name(name) {
+            return Err(PkiError::Name(name.to_owned()));
+        }
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = CertificateParams::new(vec![name.to_owned()])?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, validity)?;
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+    }
+
+    fn sign(&self, mut params: CertificateParams, validity: Duration) -> Result<Issued, PkiError> {
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, validity)?;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+}
+
+fn set_validity(params: &mut CertificateParams, validity: Duration) -> Result<(), PkiError> {
+    let now = OffsetDateTime::now_utc();
+    // Slack for clocks that run a little behind the relay's: an hour, or a quarter of a short
+    // lifetime (renewal keys off the whole lifetime).
+    let slack = (validity / 4).min(Duration::from_secs(3600));
+    params.not_before = now - time::Duration::try_from(slack).unwrap_or(time::Duration::hours(1));
+    params.not_after = now + time::Duration::try_from(validity).unwrap_or(time::Duration::days(365));
+    let mut serial = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+        .map_err(|_| rcgen::Error::RingUnspecified)?;
+    serial[0] &= 0x7f;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    Ok(())
+}
+
+/// What `init` wrote.
+#[derive(Debug)]
+pub struct InitReport {
+    pub ca_cert: PathBuf,
+    pub relay_cert: PathBuf,
+    pub config: Option<PathBuf>,
+}
+
+/// Creates the CA and the relay's certificate in `dir`, and a starter `relay.toml` unless one exists.
+pub fn init(dir: &Path, sans: &[String]) -> Result<InitReport, PkiError> {
+    fs::create_dir_all(dir).map_err(|source| PkiError::Io { path: dir.to_owned(), source })?;
+    for name in [CA_CERT, CA_KEY, RELAY_CERT, RELAY_KEY] {
+        let path = dir.join(name);
+        if path.exists() {
+            return Err(PkiError::Exists(path));
+        }
+    }
+    let (ca, ca_key) = Ca::generate("Sallyport CA")?;
+    let relay = ca.issue_relay(sans)?;
+    write_private(&dir.join(CA_KEY), &ca_key)?;
+    write_public(&dir.join(CA_CERT), ca.cert_pem())?;
+    write_private(&dir.join(RELAY_KEY), &relay.key_pem)?;
+    write_public(&dir.join(RELAY_CERT), &relay.cert_pem)?;
+    let config_path = dir.join("relay.toml");
+    let config = if config_path.exists() {
+        None
+    } else {
+        write_public(&config_path, STARTER_CONFIG)?;
+        Some(config_path)
+    };
+    Ok(InitReport { ca_cert: dir.join(CA_CERT), relay_cert: dir.join(RELAY_CERT), config })
+}
+
+/// A starter `relay.toml`; its service is an example to edit.
+pub const STARTER_CONFIG: &str = r#"# Sallyport relay configuration. Paths are relative to this file.
+[relay]
+# QUIC (UDP) address agents connect to. In Kubernetes the Service maps 443 to it.
+listen = "0.0.0.0:4433"
+# Admin HTTP: /livez, /readyz. Keep it on loopback or behind the pod network.
+admin = "127.0.0.1:9090"
+ca_cert = "ca.crt"
+cert = "relay.crt"
+key = "relay.key"
+idle_timeout = "20s"
+drain_grace = "20s"
+
+# One table per service: which agent carries it, and where the relay listens for its clients.
+# Issue the agent's certificate with: sallyport-relay agent add winbox --dir . --out winbox-bundle
+[services.example]
+agent = "winbox"
+listen = "0.0.0.0:8080"
+"#;
+
+/// What `agent add` wrote.
+#[derive(Debug)]
+pub struct BundleReport {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+/// Issues a certificate for agent `name` and writes a bundle (CA, certificate, key, starter
+/// `agent.toml` pointing at `relay_addr`) to `out`.
+pub fn add_agent(
+    state_dir: &Path,
+    name: &str,
+    out: &Path,
+    relay_addr: &str,
+    validity: Duration,
+) -> Result<BundleReport, PkiError> {
+    let ca = Ca::load(state_dir)?;
+    let issued = ca.issue_agent(name, validity)?;
+    fs::create_dir_all(out).map_err(|source| PkiError::Io { path: out.to_owned(), source })?;
+    write_public(&out.join(CA_CERT), ca.cert_pem())?;
+    write_public(&out.join(AGENT_CERT), &issued.cert_pem)?;
+    write_private(&out.join(AGENT_KEY), &issued.key_pem)?;
+    let config = out.join("agent.toml");
+    write_public(&config, &starter_agent_config(relay_addr))?;
+    Ok(BundleReport { dir: out.to_owned(), config })
+}
+
+/// A starter `agent.toml` for a fresh bundle.
+pub fn starter_agent_config(relay_addr: &str) -> String {
+    format!(
+        r#"# Sallyport agent configuration. Paths are relative to this file.
+[agent]
+# The relay's QUIC address (its LoadBalancer IP or DNS name, as in its certificate).
+relays = ["{relay_addr}"]
+ca_cert = "ca.crt"
+cert = "agent.crt"
+key = "agent.key"
+
+# One table per service: what the name means on this machine. The agent dials nothing else.
+[services.example]
+target = "tcp://127.0.0.1:8080"
+"#
+    )
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
+}
+
+/// Writes a file readable by its owner only (mode 0600 on Unix).
+pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io { path: path.to_owned(), source };
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    file.write_all(contents.as_bytes()).map_err(io)
+}
+
+fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
+    fs::write(path, contents).map_err(|source| PkiError::Io { path: path.to_owned(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sallyport_runtime::tls;
+
+    fn der(pem: &str) -> Vec<u8> {
+        tls::certs_from_pem(pem.as_bytes(), "test").expect("pem")[0].to_vec()
+    }
+
+    #[test]
+    fn agent_certificates_carry_the_name_and_chain_to_the_ca() {
+        let (ca, _) = Ca::generate("test CA").expect("ca");
+        let agent = ca.issue_agent("winbox", AGENT_VALIDITY).expect("agent");
+        let info = tls::inspect(&der(&agent.cert_pem)).expect("inspect");
+        assert_eq!(info.dns_name.as_deref(), Some("winbox"));
+        tls::verify_issued_by(&der(&agent.cert_pem), &der(ca.cert_pem())).expect("signed by ca");
+        let (other, _) = Ca::generate("other CA").expect("ca");
+        assert!(tls::verify_issued_by(&der(&agent.cert_pem), &der(other.cert_pem())).is_err());
+        assert!(ca.issue_agent("Not A Name", AGENT_VALIDITY).is_err());
+    }
+
+    #[test]
+    fn init_writes_owner_only_keys_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let report = init(dir.path(), &["127.0.0.1".into(), "relay.lan".into()]).expect("init");
+        assert!(report.config.is_some());
+        let relay = tls::inspect(&der(&read(&dir.path().join(RELAY_CERT)).expect("read"))).expect("inspect");
+        assert_eq!(relay.sans, vec!["127.0.0.1".to_owned(), "relay.lan".to_owned()]);
+        #[cfg(unix)]
+        for key in [CA_KEY, RELAY_KEY] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.path().join(key)).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+        assert!(matches!(init(dir.path(), &["127.0.0.1".into()]), Err(PkiError::Exists(_))));
+        assert!(matches!(init(&dir.path().join("x"), &[]), Err(PkiError::NoSan)));
+        assert!(matches!(init(&dir.path().join("y"), &["bad name!".into()]), Err(PkiError::San(_))));
+    }
+}

@@ -1,0 +1,30 @@
+//! What the Sallyport relay and agent share at run time, so that nothing is written twice.
+//!
+//! # Layout
+//!
+//! - [`tls`]: rustls configurations (server, client, pinned enrollment client) and certificate
+//!   inspection.
+//! - [`transport`]: quinn's limits for both ends, the packet-size bound for path MTU discovery, the
+//!   QUIC socket with its kernel buffers, the stable stateless-reset key.
+//! - [`framed`]: length-prefixed frames (see `sallyport_proto::frame`) on QUIC streams.
+//! - [`splice`]: a TCP connection joined to a QUIC stream, with half-close and reset semantics.
+//! - [`config`]: loading a TOML file into a raw model, human durations, errors naming file and key.
+//! - [`cli`]: process setup both binaries share: signals, logging, small pages, error rendering.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod framed;
+pub mod splice;
+pub mod tls;
+pub mod transport;
+
+pub use cli::shutdown_signal;
+pub use framed::{read_frame, write_frame, FrameError};
+pub use splice::{reset_on_close, splice, Side, SpliceError, Spliced};
+pub use tls::{Identity, TlsError};
+
+/// Turns one of the protocol's `u32` codes into a QUIC variable-length integer.
+pub fn code(value: u32) -> quinn::VarInt {
+    quinn::VarInt::from_u32(value)
+}
