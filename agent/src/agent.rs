@@ -1,7 +1,7 @@
 //! One agent: its identity loaded, then a tunnel to each relay until shutdown.
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use sallyport_proto::{Hello, ServiceOffer, ALPN_TUNNEL, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use sallyport_proto::ALPN_TUNNEL;
 use sallyport_runtime::{
     tls::{self, TlsFileError},
     transport, TlsError,
@@ -10,14 +10,11 @@ use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    config::{self, Config},
+    config::Config,
     containers::Containers,
-    targets::wsl,
-    tunnel,
+    targets::Targets,
+    tunnel::{self, TunnelStatus, Tunnels},
 };
-
-/// This build, as the agent describes itself to relays.
-pub const SOFTWARE: &str = concat!("sallyport-agent ", env!("CARGO_PKG_VERSION"));
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -26,14 +23,6 @@ pub enum StartError {
     Tls(#[from] TlsFileError),
     #[error("TLS configuration: {0}")]
     Crypto(TlsError),
-}
-
-/// The state of the tunnel to one relay.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TunnelStatus {
-    Connecting,
-    Connected { remote: SocketAddr, published: Vec<String> },
-    Retrying { error: String },
 }
 
 /// The agent's identity as its certificate states it.
@@ -46,46 +35,10 @@ pub struct IdentityInfo {
     pub days_left: i64,
 }
 
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    /// Rebuilt when the certificate is renewed; each new connection takes the current one.
-    pub(crate) client_config: std::sync::RwLock<quinn::ClientConfig>,
-    /// Validity of the current certificate (seconds since the epoch): renewal is due when a third
-    /// of it is left.
-    pub(crate) cert_validity: std::sync::Mutex<(i64, i64)>,
-    /// The key of a renewal request in flight and when it was sent, until its certificate arrives.
-    pub(crate) renewal_key: std::sync::Mutex<Option<(String, std::time::Instant)>>,
-    pub(crate) streams: TaskTracker,
-    pub(crate) containers: Containers,
-    /// Ids of container commands already run, with their expiry: a replay is refused.
-    pub(crate) seen_commands: std::sync::Mutex<BTreeMap<u64, u64>>,
-    /// The VM address of each WSL distribution a `wsl://` target names.
-    pub(crate) wsl: BTreeMap<String, wsl::Resolver>,
-    status: watch::Sender<BTreeMap<String, TunnelStatus>>,
-}
-
-impl Shared {
-    pub(crate) fn set_status(&self, relay: &str, status: TunnelStatus) {
-        self.status.send_modify(|all| {
-            all.insert(relay.to_owned(), status);
-        });
-    }
-
-    pub(crate) fn hello(&self) -> Hello {
-        Hello {
-            min_version: MIN_PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
-            software: SOFTWARE.to_owned(),
-            services: self.config.services.keys().map(|name| ServiceOffer { name: name.clone() }).collect(),
-        }
-    }
-}
-
 /// An agent with its identity loaded, ready to [`run`](Agent::run).
 #[derive(Debug)]
 pub struct Agent {
-    shared: Arc<Shared>,
+    tunnels: Arc<Tunnels>,
     identity: IdentityInfo,
 }
 
@@ -103,29 +56,11 @@ impl Agent {
         ));
         let containers =
             Containers::new(&identity.name, config.docker.clone(), config.containers.values().cloned());
-        let config_dir = config.path.parent().unwrap_or(std::path::Path::new(".")).to_owned();
-        let wsl = config
-            .services
-            .values()
-            .filter_map(|s| match &s.target {
-                config::Target::Wsl { distro, .. } => {
-                    Some((distro.clone(), wsl::Resolver::new(distro, &config_dir)))
-                }
-                _ => None,
-            })
-            .collect();
-        let shared = Arc::new(Shared {
-            wsl,
-            config,
-            client_config: std::sync::RwLock::new(client_config),
-            cert_validity: std::sync::Mutex::new((identity.not_before_unix, identity.not_after_unix)),
-            renewal_key: std::sync::Mutex::new(None),
-            streams: TaskTracker::new(),
-            containers,
-            seen_commands: std::sync::Mutex::default(),
-            status: watch::Sender::new(BTreeMap::new()),
-        });
-        Ok(Self { shared, identity })
+        let config = Arc::new(config);
+        let targets = Arc::new(Targets::new(config.clone(), containers));
+        let validity = (identity.not_before_unix, identity.not_after_unix);
+        let tunnels = Arc::new(Tunnels::new(config, targets, client_config, validity));
+        Ok(Self { tunnels, identity })
     }
 
     pub fn identity(&self) -> &IdentityInfo {
@@ -134,26 +69,26 @@ impl Agent {
 
     /// The state of each tunnel, by relay address.
     pub fn status(&self) -> watch::Receiver<BTreeMap<String, TunnelStatus>> {
-        self.shared.status.subscribe()
+        self.tunnels.status()
     }
 
     /// The manager of the declared containers.
     pub fn containers(&self) -> Containers {
-        self.shared.containers.clone()
+        self.tunnels.targets.containers.clone()
     }
 
     /// Keeps a tunnel to every relay until `shutdown` is cancelled, then closes them.
     pub async fn run(self, shutdown: CancellationToken) {
         let tunnels = TaskTracker::new();
-        tunnels.spawn(self.shared.containers.clone().run(shutdown.clone()));
-        tracing::info!(agent = %self.identity.name, relays = self.shared.config.relays.len(), "agent starting");
-        for relay in &self.shared.config.relays {
-            tunnels.spawn(tunnel::maintain(relay.clone(), self.shared.clone(), shutdown.clone()));
+        tunnels.spawn(self.tunnels.targets.containers.clone().run(shutdown.clone()));
+        tracing::info!(agent = %self.identity.name, relays = self.tunnels.config.relays.len(), "agent starting");
+        for relay in &self.tunnels.config.relays {
+            tunnels.spawn(tunnel::maintain(relay.clone(), self.tunnels.clone(), shutdown.clone()));
         }
         tunnels.close();
         tunnels.wait().await;
-        self.shared.streams.close();
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.streams.wait()).await;
+        self.tunnels.streams.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.tunnels.streams.wait()).await;
         tracing::info!("agent stopped");
     }
 }

@@ -28,7 +28,7 @@ pub mod service;
 mod targets;
 mod tunnel;
 
-pub use agent::{Agent, IdentityInfo, StartError, TunnelStatus, SOFTWARE};
+pub use agent::{Agent, IdentityInfo, StartError};
 pub use config::Config;
 pub use containers::{ContainerError, ContainerState, Containers};
-pub use tunnel::TunnelError;
+pub use tunnel::{TunnelError, TunnelStatus, SOFTWARE};

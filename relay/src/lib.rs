@@ -3,32 +3,37 @@
 //!
 //! # Layout
 //!
-//! Folders are planes; dependencies point one way (`relay` → `ops` → `expose` → `tunnel` →
-//! `trust` → `config`), and nothing imports this file.
+//! Folders are planes, and dependencies point one way: `relay` → `ops` → `expose` → `tunnel` →
+//! `trust` → `config`; `runtime` and `metrics` sit below them all. Nothing imports this file.
 //!
 //! - [`relay`]: [`Relay::bind`] binds every socket (failing closed), [`Relay::run`] serves until
-//!   shutdown and drains.
+//!   shutdown, then drains.
 //! - `tunnel/`: agents over QUIC: accept, identity from the certificate, admission, the control
-//!   loop, the registry of connected agents, opening data streams, datagrams from agents.
-//! - `expose/`: how homelab clients reach services: `tcp`, `udp`, `http/`, `https/` (with its
-//!   ClientHello parser), and the per-address caps.
+//!   loop (one handler per message), the registry of connected agents, opening data streams, the
+//!   datagrams agents send back.
+//! - `expose/`: how homelab clients reach services: `tcp`, `udp`, `http/` (routing by Host, the
+//!   upstream pool), `https/` (routing by SNI, with its ClientHello parser), per-address caps.
 //! - [`trust`]: the PKI, enrollment with join tokens, revocations, state files.
-//! - `ops/`: the admin API and its auth, container commands, the status page.
-//! - `metrics`: the Prometheus registry every plane counts into.
-//! - [`cli`]: bodies of the subcommands that do not run the relay (`check`, `manifests`, the admin
-//!   API client, join tokens).
+//! - [`ops`]: the admin API and its auth, container commands, the status page.
+//! - [`cli`]: bodies of the subcommands that do not run the relay.
 //! - [`config`]: relay.toml into a valid [`Config`].
+//! - `runtime`: what every plane shares while the relay runs (metrics, task trackers,
+//!   readiness); `metrics`: the Prometheus registry.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
 mod expose;
 mod metrics;
-mod ops;
+pub mod ops;
 pub mod relay;
+mod runtime;
 pub mod trust;
 mod tunnel;
 
 pub use config::Config;
-pub use relay::{join_token, load_admin_token, run, Relay, StartError, SOFTWARE};
-pub use tunnel::registry::{AgentSession, Registry};
+pub use relay::{run, Relay, StartError};
+pub use tunnel::{
+    registry::{AgentSession, Registry},
+    SOFTWARE,
+};

@@ -219,10 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             let path = format!("/tokens?agent={agent}&ttl_secs={}", ttl.as_secs());
             let created = admin_call(&config, "POST", path, true)?;
-            println!(
-                "{}",
-                sallyport_relay::join_token(&config, &relays, &created).map_err(anyhow::Error::msg)?
-            );
+            println!("{}", sallyport_relay::cli::join_token::join_token(&config, &relays, &created)?);
             eprintln!(
                 "join token for agent {agent:?}, valid {} and once; on the agent machine: sallyport-agent enroll TOKEN",
                 humantime::format_duration(ttl)
@@ -270,9 +267,7 @@ async fn admin_call(config: &Config, method: &str, path: String, with_token: boo
         _ => None,
     };
     let (status, body) =
-        sallyport_relay::cli::admin_client::request(config.admin, method, &path, token.as_deref())
-            .await
-            .map_err(anyhow::Error::msg)?;
+        sallyport_relay::cli::admin_client::request(config.admin, method, &path, token.as_deref()).await?;
     if status != 200 {
         anyhow::bail!("{} (HTTP {status})", body.trim_end());
     }
@@ -298,5 +293,5 @@ fn default_relay_addr(dir: &std::path::Path) -> anyhow::Result<String> {
     let der = sallyport_runtime::tls::certs_from_pem(&pem, "relay certificate")?;
     let info = sallyport_runtime::tls::inspect(&der[0])?;
     let host = info.sans.first().context("relay certificate has no name: pass --relay HOST:PORT")?;
-    Ok(if host.contains(':') { format!("[{host}]:443") } else { format!("{host}:443") })
+    Ok(sallyport_relay::cli::join_token::default_relay_addr(host))
 }

@@ -8,8 +8,17 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+use sallyport_proto::ContainerReport;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// What the scrape-time gauges show of one connected agent.
+#[derive(Debug)]
+pub(crate) struct AgentGauges<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) rtt: std::time::Duration,
+    pub(crate) containers: Vec<ContainerReport>,
+}
 
 /// How a client connection ended.
 #[derive(Debug, Clone, Copy)]
@@ -165,29 +174,22 @@ impl Metrics {
         self.handshake_failures.get_or_create(&vec![("reason", reason.to_owned())]).inc();
     }
 
-    /// The exposition text, with agent and container gauges read from `agents` now.
-    pub(crate) fn render(
-        &self,
-        agents: &std::collections::BTreeMap<String, crate::tunnel::registry::AgentSession>,
-    ) -> String {
+    /// The exposition text, with agent and container gauges set from `agents` now.
+    pub(crate) fn render<'a>(&self, agents: impl ExactSizeIterator<Item = AgentGauges<'a>>) -> String {
         self.agents.set(agents.len() as i64);
         self.rtt.clear();
         self.container_state.clear();
         self.cold_start.clear();
-        for (name, session) in agents {
-            self.rtt
-                .get_or_create(&vec![("agent", name.clone())])
-                .set(session.connection.rtt().as_secs_f64());
-            if let Ok(containers) = session.containers.lock() {
-                for c in containers.iter() {
-                    let state = c.state.split_whitespace().next().unwrap_or("unknown").to_owned();
-                    let labels =
-                        vec![("agent", name.clone()), ("container", c.name.clone()), ("state", state)];
-                    self.container_state.get_or_create(&labels).set(1);
-                    if let Some(ms) = c.cold_start_ms {
-                        let labels = vec![("agent", name.clone()), ("container", c.name.clone())];
-                        self.cold_start.get_or_create(&labels).set(ms as f64 / 1000.0);
-                    }
+        for agent in agents {
+            let name = agent.name.to_owned();
+            self.rtt.get_or_create(&vec![("agent", name.clone())]).set(agent.rtt.as_secs_f64());
+            for c in &agent.containers {
+                let state = c.state.split_whitespace().next().unwrap_or("unknown").to_owned();
+                let labels = vec![("agent", name.clone()), ("container", c.name.clone()), ("state", state)];
+                self.container_state.get_or_create(&labels).set(1);
+                if let Some(ms) = c.cold_start_ms {
+                    let labels = vec![("agent", name.clone()), ("container", c.name.clone())];
+                    self.cold_start.get_or_create(&labels).set(ms as f64 / 1000.0);
                 }
             }
         }

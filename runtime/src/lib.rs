@@ -10,12 +10,19 @@
 //! - [`splice`]: a TCP connection joined to a QUIC stream, with half-close and reset semantics.
 //! - [`config`]: loading a TOML file into a raw model, human durations, errors naming file and key.
 //! - [`cli`]: process setup both binaries share: signals, logging, small pages, error rendering.
+//! - [`flows`]: the idle-flow table (UDP flows on both sides) and its activity stamps.
+//! - [`clock`], [`hex`], [`sync`]: Unix seconds, lowercase hex, and the one way to treat a
+//!   poisoned lock.
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod flows;
 pub mod framed;
+pub mod hex;
 pub mod splice;
+pub mod sync;
 pub mod tls;
 pub mod transport;
 

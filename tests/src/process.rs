@@ -24,7 +24,7 @@ pub fn binary(name: &str) -> PathBuf {
     let crate_dir =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(name.trim_start_matches("sallyport-"));
     let built = modified(&path);
-    for source in [crate_dir.join("src"), crate_dir.join("../proto/src")] {
+    for source in [crate_dir.join("src"), crate_dir.join("../proto/src"), crate_dir.join("../runtime/src")] {
         if let Some(newest) = newest_file(&source) {
             assert!(
                 built >= newest,

@@ -40,7 +40,7 @@ impl Setup {
                 .await
                 .expect("admin");
         assert_eq!(status, 200, "{body}");
-        sallyport_relay::join_token(&self.config, &[self.relay.quic.to_string()], &body)
+        sallyport_relay::cli::join_token::join_token(&self.config, &[self.relay.quic.to_string()], &body)
             .expect("token string")
     }
 

@@ -136,7 +136,7 @@ impl Target {
         }
         if let Some(rest) = text.strip_prefix("wsl://") {
             let (distro, port) = host_port(rest).map_err(|e| format!("{text:?}: {e}"))?;
-            if !crate::targets::wsl::is_valid_distro(&distro) {
+            if !is_valid_distro(&distro) {
                 return Err(format!("{text:?}: {distro:?} is not a WSL distribution name"));
             }
             return Ok(Self::Wsl { distro, port });
@@ -434,6 +434,11 @@ fn default_congestion() -> String {
 }
 fn default_reconnect_max() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
+}
+
+/// Whether `name` can be a WSL distribution name (and is safe on a command line).
+pub(crate) fn is_valid_distro(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 #[cfg(test)]

@@ -8,12 +8,12 @@ use sallyport_runtime::{code, read_frame, splice, Side};
 use tokio::net::TcpStream;
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::{agent::Shared, config::Target, containers::ContainerError};
+use crate::{config::Target, containers::ContainerError, targets::Targets};
 
 /// The relay writes the header as the stream opens; anything slower is a broken relay.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(crate) async fn handle_stream(mut send: SendStream, mut recv: RecvStream, shared: Arc<Shared>) {
+pub(crate) async fn handle_stream(mut send: SendStream, mut recv: RecvStream, targets: Arc<Targets>) {
     let mut buf = Vec::new();
     let header = match tokio::time::timeout(
         HEADER_TIMEOUT,
@@ -37,18 +37,18 @@ pub(crate) async fn handle_stream(mut send: SendStream, mut recv: RecvStream, sh
         }
     };
     let span = info_span!("stream", service = %header.service, client = %header.client_addr);
-    serve(header, send, recv, shared).instrument(span).await;
+    serve(header, send, recv, targets).instrument(span).await;
 }
 
-async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream, shared: Arc<Shared>) {
-    let Some(service) = shared.config.services.get(&header.service) else {
+async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream, targets: Arc<Targets>) {
+    let Some(service) = targets.config.services.get(&header.service) else {
         warn!("relay asked for a service this agent does not declare");
         refuse(&mut send, &mut recv, Answer::UnknownService).await;
         return;
     };
     // A container connection holds its lease until the splice ends.
     let (mut tcp, _lease) = match &service.target {
-        Target::Tcp { host, port } => match dial(host, *port, shared.config.timing.connect_timeout).await {
+        Target::Tcp { host, port } => match dial(host, *port, targets.config.timing.connect_timeout).await {
             Ok(tcp) => (tcp, None),
             Err(answer) => {
                 debug!(target = %service.target, reason = answer.describe(), "dial failed");
@@ -57,7 +57,7 @@ async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream,
             }
         },
         // Boxed: the container path (Docker API calls) would otherwise size every stream's task.
-        Target::Container { name, port } => match Box::pin(shared.containers.connect(name, *port)).await {
+        Target::Container { name, port } => match Box::pin(targets.containers.connect(name, *port)).await {
             Ok((tcp, lease)) => {
                 prepare(&tcp);
                 (tcp, Some(lease))
@@ -73,11 +73,11 @@ async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream,
             }
         },
         Target::Wsl { distro, port } => {
-            let Some(resolver) = shared.wsl.get(distro) else {
+            let Some(resolver) = targets.wsl.get(distro) else {
                 refuse(&mut send, &mut recv, Answer::UnknownService).await;
                 return;
             };
-            let timeout = shared.config.timing.connect_timeout;
+            let timeout = targets.config.timing.connect_timeout;
             match resolver.connect_tcp(*port, Some(crate::targets::wsl::LOCALHOST), timeout).await {
                 Ok(tcp) => {
                     prepare(&tcp);

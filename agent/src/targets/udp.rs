@@ -23,7 +23,7 @@ use sallyport_runtime::code;
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
-use crate::{agent::Shared, config::Target};
+use crate::{config::Target, targets::Targets};
 
 #[derive(Debug)]
 struct Flow {
@@ -40,11 +40,11 @@ impl Drop for Flow {
 }
 
 /// Serves the relay's datagrams on `connection` until it closes.
-pub(crate) async fn serve(connection: &Connection, shared: &Arc<Shared>) {
+pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
     let epoch = Instant::now();
     let mut flows: HashMap<u32, Flow> = HashMap::new();
     let mut order: VecDeque<u32> = VecDeque::new();
-    let idle = shared.config.udp_flow_idle;
+    let idle = targets.config.udp_flow_idle;
     let mut sweep = tokio::time::interval((idle / 4).max(Duration::from_millis(250)));
     loop {
         let bytes = tokio::select! {
@@ -63,10 +63,10 @@ pub(crate) async fn serve(connection: &Connection, shared: &Arc<Shared>) {
             Ok(Datagram::Data { flow, payload }) => (flow, payload),
             Ok(Datagram::Open { flow, service, client, payload }) => {
                 if !flows.contains_key(&flow) {
-                    let Some(new) = open(connection, shared, flow, service, client, epoch).await else {
+                    let Some(new) = open(connection, targets, flow, service, client, epoch).await else {
                         continue;
                     };
-                    if flows.len() >= shared.config.udp_max_flows {
+                    if flows.len() >= targets.config.udp_max_flows {
                         if let Some(oldest) = order.pop_front() {
                             flows.remove(&oldest);
                             debug!(flow = oldest, "too many UDP flows: closed the oldest");
@@ -101,13 +101,13 @@ pub(crate) async fn serve(connection: &Connection, shared: &Arc<Shared>) {
 /// Opens flow `id` of `service` toward its target, with a task that carries the target's answers.
 async fn open(
     connection: &Connection,
-    shared: &Arc<Shared>,
+    targets: &Arc<Targets>,
     id: u32,
     service: &str,
     client: SocketAddr,
     epoch: Instant,
 ) -> Option<Flow> {
-    let Some(declared) = shared.config.services.get(service) else {
+    let Some(declared) = targets.config.services.get(service) else {
         debug!(service, "UDP flow for a service this agent does not declare: dropped");
         return None;
     };
@@ -119,7 +119,7 @@ async fn open(
                 None
             }
         },
-        Target::Wsl { distro, port } => match shared.wsl.get(distro) {
+        Target::Wsl { distro, port } => match targets.wsl.get(distro) {
             Some(resolver) => match resolver.address(None).await {
                 Ok(ip) => Some(SocketAddr::new(ip, *port)),
                 Err(e) => {

@@ -25,11 +25,6 @@ use tracing::{debug, info};
 /// How long a `wsl.exe` lookup may take (it may boot the distribution).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Whether `name` can be a WSL distribution name (and is safe on a command line).
-pub(crate) fn is_valid_distro(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
 /// The VM address in `hostname -I` output (which lists no loopback address): the first IPv4
 /// address, else the first IPv6 one that is not link-local. `wsl.exe` writes its own messages as UTF-16LE, the command's as UTF-8:
 /// both are read.
@@ -237,6 +232,7 @@ mod tests {
 
     #[test]
     fn distro_names_are_checked() {
+        use crate::config::is_valid_distro;
         assert!(is_valid_distro("Ubuntu-24.04") && is_valid_distro("kali_linux"));
         assert!(
             !is_valid_distro("")

@@ -10,15 +10,15 @@ use std::{
 use sallyport_proto::{Command, ContainerAction};
 use tracing::{info, warn};
 
-use crate::agent::Shared;
+use crate::tunnel::Tunnels;
 
 /// How far in the future an expiry may lie: bounds how long an id must be remembered.
 const MAX_LIFETIME_SECS: u64 = 600;
 
-pub(crate) async fn run(command: Command, shared: &Shared) -> Result<String, String> {
-    let declared = shared.config.containers.contains_key(&command.container);
-    admit(&command, declared, &shared.seen_commands, now_unix())?;
-    let c = &shared.containers;
+pub(crate) async fn run(command: Command, tunnels: &Tunnels) -> Result<String, String> {
+    let declared = tunnels.config.containers.contains_key(&command.container);
+    admit(&command, declared, &tunnels.seen_commands, now_unix())?;
+    let c = &tunnels.targets.containers;
     let name = command.container.as_str();
     let result = match command.action {
         ContainerAction::Start => c.start(name).await,

@@ -5,28 +5,103 @@ pub(crate) mod commands;
 pub(crate) mod renew;
 
 use std::{
+    collections::BTreeMap,
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
-use sallyport_proto::{codes::close, AgentMessage, RelayMessage, Welcome, MAX_CONTROL_FRAME};
+use sallyport_proto::{
+    codes::close, AgentMessage, Hello, RelayMessage, ServiceOffer, Welcome, MAX_CONTROL_FRAME,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 use sallyport_runtime::{
     code, read_frame,
     transport::{self, StreamCredit},
     write_frame, FrameError,
 };
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::{
-    agent::{Shared, TunnelStatus},
     backoff::Backoff,
-    config::RelayAddr,
-    targets::dial,
+    config::{Config, RelayAddr},
+    targets::{dial, Targets},
 };
+/// This build, as the agent describes itself to relays.
+pub const SOFTWARE: &str = concat!("sallyport-agent ", env!("CARGO_PKG_VERSION"));
+
+/// The state of the tunnel to one relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelStatus {
+    Connecting,
+    Connected { remote: SocketAddr, published: Vec<String> },
+    Retrying { error: String },
+}
+
+/// What the tunnels to every relay share.
+#[derive(Debug)]
+pub(crate) struct Tunnels {
+    pub(crate) config: Arc<Config>,
+    /// What the relay's streams and datagrams are dialed to.
+    pub(crate) targets: Arc<Targets>,
+    /// Rebuilt when the certificate is renewed; each new connection takes the current one.
+    pub(crate) client_config: RwLock<quinn::ClientConfig>,
+    /// Validity of the current certificate (seconds since the epoch): renewal is due when a third
+    /// of it is left.
+    pub(crate) cert_validity: Mutex<(i64, i64)>,
+    /// The key of a renewal request in flight and when it was sent, until its certificate arrives.
+    pub(crate) renewal_key: Mutex<Option<(String, std::time::Instant)>>,
+    /// Data streams in flight.
+    pub(crate) streams: TaskTracker,
+    /// Ids of container commands already run, with their expiry: a replay is refused.
+    pub(crate) seen_commands: Mutex<BTreeMap<u64, u64>>,
+    status: watch::Sender<BTreeMap<String, TunnelStatus>>,
+}
+
+impl Tunnels {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        targets: Arc<Targets>,
+        client_config: quinn::ClientConfig,
+        cert_validity: (i64, i64),
+    ) -> Self {
+        Self {
+            config,
+            targets,
+            client_config: RwLock::new(client_config),
+            cert_validity: Mutex::new(cert_validity),
+            renewal_key: Mutex::new(None),
+            streams: TaskTracker::new(),
+            seen_commands: Mutex::default(),
+            status: watch::Sender::new(BTreeMap::new()),
+        }
+    }
+
+    /// The state of each tunnel, by relay address.
+    pub(crate) fn status(&self) -> watch::Receiver<BTreeMap<String, TunnelStatus>> {
+        self.status.subscribe()
+    }
+
+    pub(crate) fn set_status(&self, relay: &str, status: TunnelStatus) {
+        self.status.send_modify(|all| {
+            all.insert(relay.to_owned(), status);
+        });
+    }
+
+    pub(crate) fn hello(&self) -> Hello {
+        Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            software: SOFTWARE.to_owned(),
+            services: self.config.services.keys().map(|name| ServiceOffer { name: name.clone() }).collect(),
+        }
+    }
+}
 
 /// Why a connection attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,16 +139,16 @@ enum Outcome {
 }
 
 /// Keeps a tunnel to `relay` up until `stop` is cancelled.
-pub(crate) async fn maintain(relay: RelayAddr, shared: Arc<Shared>, stop: CancellationToken) {
+pub(crate) async fn maintain(relay: RelayAddr, tunnels: Arc<Tunnels>, stop: CancellationToken) {
     let key = relay.to_string();
     let span = info_span!("tunnel", relay = %key);
     async {
-        let timing = &shared.config.timing;
+        let timing = &tunnels.config.timing;
         let mut backoff = Backoff::new(timing.reconnect_min, timing.reconnect_max);
         let mut endpoint = None;
         loop {
-            shared.set_status(&key, TunnelStatus::Connecting);
-            let delay = match connect_and_serve(&relay, &mut endpoint, &shared, &stop).await {
+            tunnels.set_status(&key, TunnelStatus::Connecting);
+            let delay = match connect_and_serve(&relay, &mut endpoint, &tunnels, &stop).await {
                 Outcome::Stopped => break,
                 Outcome::GoingAway => {
                     info!("relay going away: reconnecting now");
@@ -94,7 +169,7 @@ pub(crate) async fn maintain(relay: RelayAddr, shared: Arc<Shared>, stop: Cancel
                         }
                         _ => warn!(error = %e, retry_in = ?delay, "cannot connect"),
                     }
-                    shared.set_status(&key, TunnelStatus::Retrying { error: e.to_string() });
+                    tunnels.set_status(&key, TunnelStatus::Retrying { error: e.to_string() });
                     delay
                 }
             };
@@ -114,11 +189,11 @@ pub(crate) async fn maintain(relay: RelayAddr, shared: Arc<Shared>, stop: Cancel
 async fn connect_and_serve(
     relay: &RelayAddr,
     endpoint: &mut Option<Endpoint>,
-    shared: &Arc<Shared>,
+    tunnels: &Arc<Tunnels>,
     stop: &CancellationToken,
 ) -> Outcome {
     let attempt = tokio::select! {
-        a = connect(relay, endpoint, shared) => a,
+        a = connect(relay, endpoint, tunnels) => a,
         () = stop.cancelled() => return Outcome::Stopped,
     };
     let (connection, mut send, mut recv, welcome) = match attempt {
@@ -130,15 +205,15 @@ async fn connect_and_serve(
         warn!(%service, %reason, "relay does not publish this service");
     }
     info!(remote = %connection.remote_address(), relay_software = %welcome.software, ?published, "tunnel up");
-    shared.set_status(
+    tunnels.set_status(
         &relay.to_string(),
         TunnelStatus::Connected { remote: connection.remote_address(), published },
     );
 
     tokio::select! {
-        () = accept_streams(&connection, shared) => {}
-        () = crate::targets::udp::serve(&connection, shared) => {}
-        () = control_loop(&mut send, &mut recv, shared) => {}
+        () = accept_streams(&connection, tunnels) => {}
+        () = crate::targets::udp::serve(&connection, &tunnels.targets) => {}
+        () = control_loop(&mut send, &mut recv, tunnels) => {}
         () = stop.cancelled() => {
             connection.close(code(close::NORMAL), b"agent stopping");
             return Outcome::Stopped;
@@ -162,7 +237,7 @@ type Session = (Connection, SendStream, RecvStream, Welcome);
 async fn connect(
     relay: &RelayAddr,
     endpoint: &mut Option<Endpoint>,
-    shared: &Shared,
+    tunnels: &Tunnels,
 ) -> Result<Session, TunnelError> {
     let addr = tokio::net::lookup_host((relay.host.as_str(), relay.port))
         .await
@@ -170,15 +245,15 @@ async fn connect(
         .next()
         .ok_or(TunnelError::NoAddress)?;
     let endpoint = endpoint_for(addr, endpoint)?;
-    let client_config = match shared.client_config.read() {
+    let client_config = match tunnels.client_config.read() {
         Ok(config) => config.clone(),
         Err(poisoned) => poisoned.into_inner().clone(),
     };
     let connecting = endpoint.connect_with(client_config, addr, &relay.server_name)?;
-    let timeout = shared.config.timing.handshake_timeout;
+    let timeout = tunnels.config.timing.handshake_timeout;
     let handshake = async {
         let connection = connecting.await?;
-        let result = hello(&connection, shared).await;
+        let result = hello(&connection, tunnels).await;
         match result {
             Ok((send, recv, welcome)) => Ok((connection, send, recv, welcome)),
             // The relay closes with a reason when it refuses; that beats "connection lost".
@@ -190,10 +265,10 @@ async fn connect(
 
 async fn hello(
     connection: &Connection,
-    shared: &Shared,
+    tunnels: &Tunnels,
 ) -> Result<(SendStream, RecvStream, Welcome), TunnelError> {
     let (mut send, mut recv) = connection.open_bi().await?;
-    write_frame(&mut send, &AgentMessage::Hello(shared.hello()), MAX_CONTROL_FRAME).await?;
+    write_frame(&mut send, &AgentMessage::Hello(tunnels.hello()), MAX_CONTROL_FRAME).await?;
     let mut buf = Vec::new();
     match read_frame::<RelayMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await? {
         Some(RelayMessage::Welcome(welcome)) => Ok((send, recv, welcome)),
@@ -234,7 +309,7 @@ fn endpoint_for(addr: SocketAddr, slot: &mut Option<Endpoint>) -> Result<Endpoin
 
 /// Serves the data streams the relay opens until the connection ends, raising the relay's stream
 /// limit as concurrency grows.
-async fn accept_streams(connection: &Connection, shared: &Arc<Shared>) {
+async fn accept_streams(connection: &Connection, tunnels: &Arc<Tunnels>) {
     let mut credit = StreamCredit::default();
     // One clone per stream being served: its strong count, less this one, is the number open.
     let open = Arc::new(());
@@ -244,9 +319,9 @@ async fn accept_streams(connection: &Connection, shared: &Arc<Shared>) {
             connection.set_max_concurrent_bi_streams(VarInt::from_u32(limit));
         }
         let served = open.clone();
-        let shared_ = shared.clone();
-        shared.streams.spawn(async move {
-            dial::handle_stream(send, recv, shared_).await;
+        let targets = tunnels.targets.clone();
+        tunnels.streams.spawn(async move {
+            dial::handle_stream(send, recv, targets).await;
             drop(served);
         });
     }
@@ -255,7 +330,7 @@ async fn accept_streams(connection: &Connection, shared: &Arc<Shared>) {
 /// The control stream after `Welcome`: answers pings, runs container commands, and reports
 /// container states, until the stream ends or breaks. Reading and writing run side by side, joined
 /// by a queue, so a slow command never holds up a ping.
-async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, shared: &Arc<Shared>) {
+async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, tunnels: &Arc<Tunnels>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<AgentMessage>(64);
     let writer = async {
         while let Some(message) = rx.recv().await {
@@ -273,12 +348,12 @@ async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, shared: &Arc
                         return;
                     }
                 }
-                Ok(Some(RelayMessage::Renewed(result))) => renew::apply(result, shared),
+                Ok(Some(RelayMessage::Renewed(result))) => renew::apply(result, tunnels),
                 Ok(Some(RelayMessage::Command(command))) => {
-                    let (tx, shared) = (tx.clone(), shared.clone());
+                    let (tx, tunnels) = (tx.clone(), tunnels.clone());
                     tokio::spawn(async move {
                         let id = command.id;
-                        let result = commands::run(command, &shared).await;
+                        let result = commands::run(command, &tunnels).await;
                         let _ = tx.send(AgentMessage::CommandResult { id, result }).await;
                     });
                 }
@@ -295,12 +370,12 @@ async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, shared: &Arc
         }
     };
     let reporter = async {
-        if shared.containers.is_empty() {
+        if tunnels.targets.containers.is_empty() {
             return std::future::pending().await;
         }
         let mut last = None;
         loop {
-            let states = shared.containers.reports();
+            let states = tunnels.targets.containers.reports();
             if last.as_ref() != Some(&states) {
                 if tx.send(AgentMessage::Containers(states.clone())).await.is_err() {
                     return;
@@ -314,6 +389,6 @@ async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, shared: &Arc
         () = writer => {}
         () = reader => {}
         () = reporter => {}
-        () = renew::when_due(&tx, shared) => {}
+        () = renew::when_due(&tx, tunnels) => {}
     }
 }

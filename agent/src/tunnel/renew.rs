@@ -10,7 +10,7 @@ use sallyport_runtime::{tls, transport};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::agent::Shared;
+use crate::tunnel::Tunnels;
 
 /// Whether a certificate valid from `not_before` to `not_after` should be renewed at `now`.
 pub(crate) fn due(not_before: i64, not_after: i64, now: i64) -> bool {
@@ -30,18 +30,18 @@ fn now_unix() -> i64 {
 
 /// Sends a renewal request on `tx` whenever the certificate is due and none is in flight; runs
 /// as long as the control stream.
-pub(crate) async fn when_due(tx: &mpsc::Sender<AgentMessage>, shared: &Shared) {
+pub(crate) async fn when_due(tx: &mpsc::Sender<AgentMessage>, tunnels: &Tunnels) {
     loop {
-        let (not_before, not_after) = shared.cert_validity.lock().map(|v| *v).unwrap_or((0, i64::MAX));
+        let (not_before, not_after) = tunnels.cert_validity.lock().map(|v| *v).unwrap_or((0, i64::MAX));
         tokio::time::sleep(check_interval(not_before, not_after)).await;
-        let (not_before, not_after) = shared.cert_validity.lock().map(|v| *v).unwrap_or((0, i64::MAX));
+        let (not_before, not_after) = tunnels.cert_validity.lock().map(|v| *v).unwrap_or((0, i64::MAX));
         if !due(not_before, not_after, now_unix()) {
             continue;
         }
-        let Some(csr_pem) = start_request(shared) else { continue };
+        let Some(csr_pem) = start_request(tunnels) else { continue };
         info!(expires_in_s = not_after - now_unix(), "renewing the agent certificate");
         if tx.send(AgentMessage::Renew { csr_pem }).await.is_err() {
-            if let Ok(mut pending) = shared.renewal_key.lock() {
+            if let Ok(mut pending) = tunnels.renewal_key.lock() {
                 *pending = None;
             }
             return;
@@ -51,8 +51,8 @@ pub(crate) async fn when_due(tx: &mpsc::Sender<AgentMessage>, shared: &Shared) {
 
 /// Makes a key and its CSR and records the key as in flight; `None` if a request is already in
 /// flight (one at a time across all tunnels) or the request cannot be made.
-fn start_request(shared: &Shared) -> Option<String> {
-    let mut pending = shared.renewal_key.lock().ok()?;
+fn start_request(tunnels: &Tunnels) -> Option<String> {
+    let mut pending = tunnels.renewal_key.lock().ok()?;
     // An answer lost with its tunnel is given up on after a minute.
     if pending.as_ref().is_some_and(|(_, sent)| sent.elapsed() < Duration::from_secs(60)) {
         return None;
@@ -75,21 +75,21 @@ fn start_request(shared: &Shared) -> Option<String> {
 
 /// Takes the relay's answer: on success the new key and certificate replace the old files and
 /// the client configuration of new connections.
-pub(crate) fn apply(result: Result<String, String>, shared: &Shared) {
-    let key_pem = shared.renewal_key.lock().ok().and_then(|mut k| k.take()).map(|(key, _)| key);
+pub(crate) fn apply(result: Result<String, String>, tunnels: &Tunnels) {
+    let key_pem = tunnels.renewal_key.lock().ok().and_then(|mut k| k.take()).map(|(key, _)| key);
     let (cert_pem, key_pem) = match (result, key_pem) {
         (Ok(cert), Some(key)) => (cert, key),
         (Ok(_), None) => return warn!("a renewed certificate arrived with no request in flight"),
         (Err(reason), _) => return warn!(%reason, "the relay did not renew the agent certificate"),
     };
-    match install(&cert_pem, &key_pem, shared) {
+    match install(&cert_pem, &key_pem, tunnels) {
         Ok(not_after) => info!(not_after_unix = not_after, "agent certificate renewed"),
         Err(e) => warn!(error = %e, "cannot install the renewed certificate"),
     }
 }
 
-fn install(cert_pem: &str, key_pem: &str, shared: &Shared) -> Result<i64, String> {
-    let files = &shared.config.tls;
+fn install(cert_pem: &str, key_pem: &str, tunnels: &Tunnels) -> Result<i64, String> {
+    let files = &tunnels.config.tls;
     let identity =
         tls::Identity::from_pem(cert_pem.as_bytes(), key_pem.as_bytes()).map_err(|e| e.to_string())?;
     let leaf = identity.chain.first().ok_or("empty certificate")?;
@@ -100,13 +100,13 @@ fn install(cert_pem: &str, key_pem: &str, shared: &Shared) -> Result<i64, String
     // Key first, then certificate, each through a temporary file and a rename.
     write_replacing(&files.key, key_pem, true)?;
     write_replacing(&files.cert, cert_pem, false)?;
-    let timing = &shared.config.timing;
+    let timing = &tunnels.config.timing;
     let mut client = quinn::ClientConfig::new(crypto);
     client.transport_config(transport::agent(timing.keep_alive, timing.idle_timeout, timing.congestion));
-    if let Ok(mut current) = shared.client_config.write() {
+    if let Ok(mut current) = tunnels.client_config.write() {
         *current = client;
     }
-    if let Ok(mut validity) = shared.cert_validity.lock() {
+    if let Ok(mut validity) = tunnels.cert_validity.lock() {
         *validity = (info.not_before_unix, info.not_after_unix);
     }
     Ok(info.not_after_unix)

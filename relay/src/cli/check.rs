@@ -4,7 +4,7 @@ use std::fmt;
 
 use sallyport_runtime::tls::{self, TlsFileError};
 
-use crate::{config::Config, relay::StartError};
+use crate::{config::Config, ops::auth::load_admin_token, relay::StartError};
 
 /// What a valid configuration amounts to.
 #[derive(Debug)]
@@ -49,7 +49,7 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
     // Building the server configuration checks that the key matches the certificate.
     tls::server_crypto(tls.roots, tls.identity, &[sallyport_proto::ALPN_TUNNEL])
         .map_err(StartError::Crypto)?;
-    let commands_enabled = crate::relay::load_admin_token(config)?.is_some();
+    let commands_enabled = load_admin_token(config)?.is_some();
     Ok(CheckReport {
         commands_enabled,
         relay_names: names,

@@ -3,13 +3,17 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use sallyport_proto::{frame, StreamHeader, MAX_STREAM_HEADER};
 use sallyport_runtime::{reset_on_close, splice, Side};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::{config::Service, expose::limits::PerIp, metrics::Outcome, relay::Shared};
+use crate::{
+    config::Service,
+    expose::{limits::PerIp, Exposure},
+    metrics::Outcome,
+    tunnel::streams,
+};
 
 /// Pending connections the kernel queues per listener (bore and rathole use 128 and stall at a
 /// burst of 1,000 connects).
@@ -30,7 +34,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     name: &str,
     per_ip: Option<Arc<PerIp>>,
-    shared: Arc<Shared>,
+    exposure: Arc<Exposure>,
     stop: CancellationToken,
     handle: F,
 ) where
@@ -39,7 +43,7 @@ pub(crate) async fn accept_loop<F, Fut>(
 {
     loop {
         let permit = tokio::select! {
-            p = shared.connection_limit.clone().acquire_owned() => p,
+            p = exposure.connections.clone().acquire_owned() => p,
             () = stop.cancelled() => break,
         };
         // The semaphore is never closed, so acquiring only fails if that invariant breaks.
@@ -56,13 +60,13 @@ pub(crate) async fn accept_loop<F, Fut>(
                         Some(slot) => Some(slot),
                         None => {
                             debug!(listener = name, %peer, "too many connections from this address: closing");
-                            shared.metrics.refused(name, "per_ip_cap");
+                            exposure.runtime.metrics.refused(name, "per_ip_cap");
                             continue;
                         }
                     },
                 };
                 let work = handle(stream, peer);
-                shared.clients.spawn(async move {
+                exposure.runtime.clients.spawn(async move {
                     work.await;
                     drop((permit, slot));
                 });
@@ -80,14 +84,14 @@ pub(crate) async fn accept_loop<F, Fut>(
 pub(crate) async fn serve(
     listener: TcpListener,
     service: Arc<Service>,
-    shared: Arc<Shared>,
+    exposure: Arc<Exposure>,
     stop: CancellationToken,
 ) {
     let name = service.name.clone();
-    accept_loop(listener, &name, None, shared.clone(), stop, |stream, peer| {
-        let (service, shared) = (service.clone(), shared.clone());
+    accept_loop(listener, &name, None, exposure.clone(), stop, |stream, peer| {
+        let (service, exposure) = (service.clone(), exposure.clone());
         let span = info_span!("client", service = %service.name, %peer);
-        async move { carry(stream, peer, &service, &shared, &[]).await }.instrument(span)
+        async move { carry(stream, peer, &service, &exposure, &[]).await }.instrument(span)
     })
     .await;
 }
@@ -98,19 +102,19 @@ pub(crate) async fn carry(
     mut stream: TcpStream,
     peer: SocketAddr,
     service: &Service,
-    shared: &Shared,
+    exposure: &Exposure,
     first: &[u8],
 ) {
     let _ = stream.set_nodelay(true);
     // Until the splice forwards a FIN, closing this socket (even by a crash) must reset the client.
     reset_on_close(&stream);
-    let active = shared.metrics.connection(&service.name);
-    let Some(connection) = shared.registry.route(&service.agent, &service.name) else {
+    let active = exposure.runtime.metrics.connection(&service.name);
+    let Some(connection) = exposure.agents.route(&service.agent, &service.name) else {
         debug!(agent = %service.agent, "agent not connected: refusing client");
         active.end(Outcome::NoAgent, 0, 0);
         return;
     };
-    let (mut send, mut recv) = match open(&connection, service, peer, first).await {
+    let (mut send, mut recv) = match streams::open(&connection, service, peer, first).await {
         Ok(pair) => pair,
         Err(e) => {
             debug!(error = %e, "cannot open a stream to the agent: refusing client");
@@ -129,20 +133,4 @@ pub(crate) async fn carry(
             active.end(Outcome::Reset, 0, 0);
         }
     }
-}
-
-/// Opens a data stream for a client of `service` and writes its header, followed by `first`, in
-/// one write (no round trip: the agent's answer is read by whoever reads the stream).
-pub(crate) async fn open(
-    connection: &quinn::Connection,
-    service: &Service,
-    peer: SocketAddr,
-    first: &[u8],
-) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
-    let (mut send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-    let header = StreamHeader { service: service.name.clone(), client_addr: peer };
-    let mut bytes = frame::encode_to_vec(&header, MAX_STREAM_HEADER).map_err(|e| e.to_string())?;
-    bytes.extend_from_slice(first);
-    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
-    Ok((send, recv))
 }

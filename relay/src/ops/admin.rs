@@ -1,7 +1,7 @@
 //! The admin HTTP server: `/livez` (the process runs) and `/readyz` (the relay accepts work; it
 //! turns 503 while draining, independent of agents).
 
-use std::{convert::Infallible, sync::atomic::Ordering, sync::Arc, time::Duration};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -15,18 +15,23 @@ use tracing::debug;
 
 use sallyport_proto::ContainerAction;
 
-use crate::{ops::status, relay::Shared};
+use sallyport_runtime::{hex, sync::lock};
 
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+use crate::{
+    metrics::AgentGauges,
+    ops::{commands::CommandError, status, Ops},
+};
+
+pub(crate) async fn serve(listener: TcpListener, ops: Arc<Ops>, stop: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = stop.cancelled() => break,
         };
         let Ok((stream, _)) = accepted else { continue };
-        let shared = shared.clone();
+        let ops = ops.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| respond(req, shared.clone()));
+            let service = service_fn(move |req| respond(req, ops.clone()));
             let served = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
@@ -39,35 +44,38 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
     }
 }
 
-async fn respond(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let text = "text/plain; charset=utf-8";
     let (status, content_type, body): (StatusCode, &str, String) = match (req.method(), path.as_str()) {
         (&Method::GET, "/livez") => (StatusCode::OK, text, "ok\n".into()),
-        (&Method::GET, "/readyz") if shared.ready.load(Ordering::Acquire) => {
-            (StatusCode::OK, text, "ready\n".into())
-        }
+        (&Method::GET, "/readyz") if ops.runtime.is_ready() => (StatusCode::OK, text, "ready\n".into()),
         (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, text, "draining\n".into()),
-        (&Method::GET, "/agents") => (StatusCode::OK, text, agent_listing(&shared)),
+        (&Method::GET, "/agents") => (StatusCode::OK, text, agent_listing(&ops)),
         (&Method::GET, "/metrics") => {
-            let agents = shared.registry.subscribe().borrow().clone();
-            let body = shared.metrics.render(&agents);
+            let agents = ops.agents.subscribe().borrow().clone();
+            let gauges = agents.values().map(|s| AgentGauges {
+                name: &s.name,
+                rtt: s.connection.rtt(),
+                containers: lock(&s.containers).clone(),
+            });
+            let body = ops.runtime.metrics.render(gauges);
             (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
         }
         (&Method::GET, "/" | "/status") => {
-            (StatusCode::OK, "text/html; charset=utf-8", status::html(&status::snapshot(&shared)))
+            (StatusCode::OK, "text/html; charset=utf-8", status::html(&status::snapshot(&ops)))
         }
-        (&Method::GET, "/status.txt") => (StatusCode::OK, text, status::text(&status::snapshot(&shared))),
+        (&Method::GET, "/status.txt") => (StatusCode::OK, text, status::text(&status::snapshot(&ops))),
         (_, p) if p == "/tokens" || p.starts_with("/tokens/") => {
-            let (status, body) = tokens(&req, &shared);
+            let (status, body) = tokens(&req, &ops);
             (status, text, body)
         }
         (&Method::POST, p) if p.starts_with("/agents/") && p.ends_with("/revoke") => {
-            let (status, body) = revoke_agent(&req, &shared);
+            let (status, body) = revoke_agent(&req, &ops);
             (status, text, body)
         }
         (&Method::POST, p) if p.starts_with("/agents/") => {
-            let (status, body) = container_command(&req, &shared).await;
+            let (status, body) = container_command(&req, &ops).await;
             (status, text, body)
         }
         _ => (StatusCode::NOT_FOUND, text, "not found\n".into()),
@@ -81,8 +89,8 @@ async fn respond(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response
 }
 
 /// Connected agents, their services and their containers' states, one line each.
-fn agent_listing(shared: &Shared) -> String {
-    let agents = shared.registry.subscribe().borrow().clone();
+fn agent_listing(ops: &Ops) -> String {
+    let agents = ops.agents.subscribe().borrow().clone();
     let mut out = String::new();
     for (name, session) in &agents {
         let services: Vec<&str> = session.services.iter().map(String::as_str).collect();
@@ -92,10 +100,8 @@ fn agent_listing(shared: &Shared) -> String {
             session.software,
             services.join(",")
         ));
-        if let Ok(containers) = session.containers.lock() {
-            for c in containers.iter() {
-                out.push_str(&format!("  container {} {}\n", c.name, c.state));
-            }
+        for c in lock(&session.containers).iter() {
+            out.push_str(&format!("  container {} {}\n", c.name, c.state));
         }
     }
     if agents.is_empty() {
@@ -106,8 +112,8 @@ fn agent_listing(shared: &Shared) -> String {
 
 /// Operator calls need `Authorization: Bearer <relay.admin_token_file>`; without a configured token
 /// they are off.
-fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<(), (StatusCode, String)> {
-    let Some(expected) = &shared.admin_token else {
+fn authorize(req: &Request<Incoming>, ops: &Ops) -> Result<(), (StatusCode, String)> {
+    let Some(expected) = &ops.admin_token else {
         return Err((
             StatusCode::FORBIDDEN,
             "operator commands are off: set relay.admin_token_file\n".into(),
@@ -119,7 +125,7 @@ fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<(), (StatusCode
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !crate::relay::constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+    if !expected.matches(presented) {
         return Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token\n".into()));
     }
     Ok(())
@@ -131,11 +137,11 @@ fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
 
 /// `GET /tokens`, `POST /tokens?agent=NAME&ttl_secs=N` (answers `ID SECRET_HEX`),
 /// `POST /tokens/ID/revoke`; all with the admin bearer token.
-fn tokens(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
-    if let Err(refusal) = authorize(req, shared) {
+fn tokens(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
+    if let Err(refusal) = authorize(req, ops) {
         return refusal;
     }
-    let Some(enrollment) = &shared.enrollment else {
+    let Some(enrollment) = &ops.trust.enrollment else {
         return (StatusCode::FORBIDDEN, "enrollment is off: set relay.ca_key\n".into());
     };
     let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
@@ -159,7 +165,7 @@ fn tokens(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
                 return (StatusCode::BAD_REQUEST, "ttl_secs must be 1 s to 30 days\n".into());
             }
             let (id, secret) = enrollment.tokens.create(agent, Duration::from_secs(ttl));
-            let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            let secret = hex::encode(&secret);
             tracing::info!(agent, token = format!("{id:016x}"), ttl_secs = ttl, "join token created");
             (StatusCode::OK, format!("{id:016x} {secret}\n"))
         }
@@ -176,15 +182,15 @@ fn tokens(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
 
 /// `POST /agents/AGENT/revoke[?serial=HEX]`: revokes the certificate the agent is connected with
 /// (or the given serial) and closes its tunnel.
-fn revoke_agent(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
-    if let Err(refusal) = authorize(req, shared) {
+fn revoke_agent(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
+    if let Err(refusal) = authorize(req, ops) {
         return refusal;
     }
     let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
     let ["agents", agent, "revoke"] = parts.as_slice() else {
         return (StatusCode::NOT_FOUND, "expected /agents/AGENT/revoke\n".into());
     };
-    let session = shared.registry.subscribe().borrow().get(*agent).cloned();
+    let session = ops.agents.subscribe().borrow().get(*agent).cloned();
     let serial = match (query(req, "serial"), &session) {
         (Some(serial), _) => serial.to_ascii_lowercase(),
         (None, Some(session)) => session.serial.clone(),
@@ -195,7 +201,7 @@ fn revoke_agent(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String
             )
         }
     };
-    if let Err(e) = shared.revocations.revoke(agent, &serial) {
+    if let Err(e) = ops.trust.revocations.revoke(agent, &serial) {
         return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
     }
     tracing::warn!(agent, %serial, "agent certificate revoked");
@@ -208,8 +214,8 @@ fn revoke_agent(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String
 }
 
 /// `POST /agents/AGENT/containers/NAME/ACTION[?tail=N]`, with the admin bearer token.
-async fn container_command(req: &Request<Incoming>, shared: &Shared) -> (StatusCode, String) {
-    if let Err(refusal) = authorize(req, shared) {
+async fn container_command(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
+    if let Err(refusal) = authorize(req, ops) {
         return refusal;
     }
     let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
@@ -228,12 +234,10 @@ async fn container_command(req: &Request<Incoming>, shared: &Shared) -> (StatusC
             format!("unknown action {action:?}: start, stop, restart, status or logs\n"),
         );
     };
-    match crate::relay::send_command(shared, agent, container, action).await {
+    match ops.commands.send(&ops.agents, agent, container, action).await {
         Ok(output) if output.ends_with('\n') || output.is_empty() => (StatusCode::OK, output),
         Ok(output) => (StatusCode::OK, format!("{output}\n")),
-        Err(crate::relay::CommandError::NoAgent) => {
-            (StatusCode::NOT_FOUND, format!("agent {agent:?} is not connected\n"))
-        }
+        Err(CommandError::NoAgent) => (StatusCode::NOT_FOUND, format!("agent {agent:?} is not connected\n")),
         Err(e) => (StatusCode::BAD_GATEWAY, format!("{e}\n")),
     }
 }

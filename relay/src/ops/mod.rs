@@ -1,4 +1,24 @@
 //! The operator's surface: the admin API and its auth, container commands, the status page.
 
 pub(crate) mod admin;
+pub mod auth;
+pub(crate) mod commands;
 pub(crate) mod status;
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+
+use crate::{config::Config, runtime::Runtime, trust::Trust, tunnel::registry::Registry};
+
+/// What the admin API works with.
+#[derive(Debug)]
+pub(crate) struct Ops {
+    pub(crate) config: Arc<Config>,
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) agents: Arc<Registry>,
+    pub(crate) trust: Arc<Trust>,
+    /// The bearer token operator calls need; none configured: they are refused.
+    pub(crate) admin_token: Option<auth::AdminToken>,
+    pub(crate) commands: commands::Commands,
+    /// Each service listener's bound address (the configured port may be 0).
+    pub(crate) bound: BTreeMap<String, SocketAddr>,
+}

@@ -3,7 +3,9 @@
 
 use std::{fmt::Write, time::SystemTime};
 
-use crate::{config::Listen, relay::Shared};
+use sallyport_runtime::sync::lock;
+
+use crate::{config::Listen, ops::Ops};
 
 /// What the page shows, read once.
 #[derive(Debug)]
@@ -35,8 +37,8 @@ pub(crate) struct ServiceRow {
     pub bytes_down: u64,
 }
 
-pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
-    let agents = shared.registry.subscribe().borrow().clone();
+pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
+    let agents = ops.agents.subscribe().borrow().clone();
     let agent_rows = agents
         .values()
         .map(|s| AgentRow {
@@ -48,24 +50,23 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
                 .map(|d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string())
                 .unwrap_or_default(),
             rtt_ms: s.connection.rtt().as_secs_f64() * 1000.0,
-            containers: s
-                .containers
-                .lock()
-                .map(|c| c.iter().map(|c| (c.name.clone(), c.state.clone(), c.cold_start_ms)).collect())
-                .unwrap_or_default(),
+            containers: lock(&s.containers)
+                .iter()
+                .map(|c| (c.name.clone(), c.state.clone(), c.cold_start_ms))
+                .collect(),
         })
         .collect();
-    let services = shared
+    let services = ops
         .config
         .services
         .values()
         .map(|s| {
-            let listen = match (shared.bound.get(&s.name), &s.listen) {
+            let listen = match (ops.bound.get(&s.name), &s.listen) {
                 (Some(bound), Listen::Tcp(_)) => format!("tcp {bound}"),
                 (Some(bound), Listen::Udp(_)) => format!("udp {bound}"),
                 _ => s.listen.to_string(),
             };
-            let (active, total, bytes_up, bytes_down) = shared.metrics.service_figures(&s.name);
+            let (active, total, bytes_up, bytes_down) = ops.runtime.metrics.service_figures(&s.name);
             ServiceRow {
                 name: s.name.clone(),
                 agent: s.agent.clone(),
@@ -78,7 +79,7 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
             }
         })
         .collect();
-    Snapshot { ready: shared.ready.load(std::sync::atomic::Ordering::Acquire), agents: agent_rows, services }
+    Snapshot { ready: ops.runtime.is_ready(), agents: agent_rows, services }
 }
 
 fn bytes(n: u64) -> String {

@@ -6,23 +6,24 @@
 //! restart). Only a SHA-256 of each secret is kept; redeeming compares in constant time, and the
 //! check-and-mark-used step holds one lock, so of two concurrent uses exactly one wins.
 
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    sync::Mutex,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::BTreeMap, path::PathBuf, sync::Mutex, time::Duration};
 
 use quinn::Connection;
 use sallyport_proto::{
     codes::close,
     enroll::{EnrollRequest, EnrollResponse, MAX_ENROLL_FRAME},
 };
-use sallyport_runtime::{code, read_frame, write_frame};
+use sallyport_runtime::{
+    clock::unix_now as now_unix, code, hex, read_frame, sync::lock, write_frame, FrameError,
+};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::trust::pki::Ca;
+use crate::trust::{
+    constant_time_eq,
+    pki::Ca,
+    state_file::{self, StateError},
+};
 
 /// What the relay needs to issue certificates to enrolling agents.
 pub(crate) struct Enrollment {
@@ -74,18 +75,42 @@ pub(crate) struct TokenStore {
     tokens: Mutex<BTreeMap<u64, TokenRecord>>,
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+/// Why a join token was not redeemed (the agent is told this text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RedeemError {
+    /// No such token, or the wrong secret: one answer for both, so a guesser learns nothing.
+    #[error("invalid join token")]
+    Invalid,
+    #[error("join token already used")]
+    Used,
+    #[error("join token revoked")]
+    Revoked,
+    #[error("join token expired")]
+    Expired,
+}
+
+/// Why an enrollment connection ended without an answer.
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    /// The agent opened no stream (the connection went away).
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    /// The request frame could not be read, or the answer not written.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The stream ended before a request.
+    #[error("no enrollment request")]
+    NoRequest,
 }
 
 impl TokenStore {
     /// Loads `path` if it exists (a missing file is an empty store).
-    pub fn open(path: Option<PathBuf>) -> Result<Self, String> {
-        let file: TokenFile = crate::trust::state_file::load(path.as_deref())?;
+    pub fn open(path: Option<PathBuf>) -> Result<Self, StateError> {
+        let file: TokenFile = state_file::load(path.as_deref())?;
         let tokens = file.tokens.into_iter().map(|t| (t.id, t)).collect();
         Ok(Self { path, tokens: Mutex::new(tokens) })
     }
@@ -93,7 +118,7 @@ impl TokenStore {
     fn save(&self, tokens: &BTreeMap<u64, TokenRecord>) {
         let Some(path) = &self.path else { return };
         let file = TokenFile { tokens: tokens.values().cloned().collect() };
-        if let Err(e) = crate::trust::state_file::save(path, &file) {
+        if let Err(e) = state_file::save(path, &file) {
             warn!(error = %e, "cannot save the token store");
         }
     }
@@ -116,20 +141,19 @@ impl TokenStore {
             expires_unix: now + ttl.as_secs(),
             state: TokenState::Active,
         };
-        if let Ok(mut tokens) = self.tokens.lock() {
-            tokens.insert(id, record);
-            self.save(&tokens);
-        }
+        let mut tokens = lock(&self.tokens);
+        tokens.insert(id, record);
+        self.save(&tokens);
         (id, secret)
     }
 
     pub fn list(&self) -> Vec<TokenRecord> {
-        self.tokens.lock().map(|t| t.values().cloned().collect()).unwrap_or_default()
+        lock(&self.tokens).values().cloned().collect()
     }
 
     /// Revokes token `id`; false if there is none.
     pub fn revoke(&self, id: u64) -> bool {
-        let Ok(mut tokens) = self.tokens.lock() else { return false };
+        let mut tokens = lock(&self.tokens);
         let Some(record) = tokens.get_mut(&id) else { return false };
         record.state = TokenState::Revoked;
         self.save(&tokens);
@@ -137,19 +161,17 @@ impl TokenStore {
     }
 
     /// Checks `secret` for token `id` and marks it used; returns the agent name it was made for.
-    pub fn redeem(&self, id: u64, secret: &[u8; 32], now: u64) -> Result<String, String> {
-        let Ok(mut tokens) = self.tokens.lock() else { return Err("internal error".into()) };
-        // One answer for "no such token" and "wrong secret": a guesser learns nothing.
-        let invalid = || "invalid join token".to_owned();
-        let record = tokens.get_mut(&id).ok_or_else(invalid)?;
+    pub fn redeem(&self, id: u64, secret: &[u8; 32], now: u64) -> Result<String, RedeemError> {
+        let mut tokens = lock(&self.tokens);
+        let record = tokens.get_mut(&id).ok_or(RedeemError::Invalid)?;
         let presented = sha256_hex(secret);
-        if !crate::relay::constant_time_eq(presented.as_bytes(), record.secret_sha256.as_bytes()) {
-            return Err(invalid());
+        if !constant_time_eq(presented.as_bytes(), record.secret_sha256.as_bytes()) {
+            return Err(RedeemError::Invalid);
         }
         match record.state {
-            TokenState::Used => return Err("join token already used".into()),
-            TokenState::Revoked => return Err("join token revoked".into()),
-            TokenState::Active if record.expires_unix < now => return Err("join token expired".into()),
+            TokenState::Used => return Err(RedeemError::Used),
+            TokenState::Revoked => return Err(RedeemError::Revoked),
+            TokenState::Active if record.expires_unix < now => return Err(RedeemError::Expired),
             TokenState::Active => {}
         }
         record.state = TokenState::Used;
@@ -163,12 +185,11 @@ impl TokenStore {
 pub(crate) async fn serve(connection: Connection, enrollment: &Enrollment) {
     let remote = connection.remote_address();
     let exchange = async {
-        let (mut send, mut recv) = connection.accept_bi().await.map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = connection.accept_bi().await?;
         let mut buf = Vec::new();
         let request = read_frame::<EnrollRequest>(&mut recv, MAX_ENROLL_FRAME, &mut buf)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("no enrollment request")?;
+            .await?
+            .ok_or(ExchangeError::NoRequest)?;
         let response = respond(&request, enrollment);
         match &response {
             EnrollResponse::Issued { agent, .. } => {
@@ -178,11 +199,11 @@ pub(crate) async fn serve(connection: Connection, enrollment: &Enrollment) {
                 warn!(%remote, token = request.token_id, %reason, "enrollment refused")
             }
         }
-        write_frame(&mut send, &response, MAX_ENROLL_FRAME).await.map_err(|e| e.to_string())?;
+        write_frame(&mut send, &response, MAX_ENROLL_FRAME).await?;
         let _ = send.finish();
         // Let the response reach the agent before closing.
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-        Ok::<_, String>(())
+        Ok::<_, ExchangeError>(())
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
         Ok(Ok(())) => connection.close(code(close::NORMAL), b"enrollment done"),
@@ -197,7 +218,7 @@ pub(crate) async fn serve(connection: Connection, enrollment: &Enrollment) {
 fn respond(request: &EnrollRequest, enrollment: &Enrollment) -> EnrollResponse {
     let agent = match enrollment.tokens.redeem(request.token_id, &request.secret, now_unix()) {
         Ok(agent) => agent,
-        Err(reason) => return EnrollResponse::Refused { reason },
+        Err(refused) => return EnrollResponse::Refused { reason: refused.to_string() },
     };
     match enrollment.ca.issue_agent_for_csr(&agent, &request.csr_pem, enrollment.validity) {
         Ok(cert_pem) => EnrollResponse::Issued {
@@ -221,14 +242,15 @@ mod tests {
         let now = now_unix();
         let mut wrong = secret;
         wrong[0] ^= 1;
-        assert_eq!(store.redeem(id, &wrong, now), Err("invalid join token".into()));
-        assert_eq!(store.redeem(id + 1, &secret, now), Err("invalid join token".into()));
-        assert_eq!(store.redeem(id, &secret, now + 61), Err("join token expired".into()));
+        assert_eq!(store.redeem(id, &wrong, now), Err(RedeemError::Invalid));
+        assert_eq!(store.redeem(id + 1, &secret, now), Err(RedeemError::Invalid));
+        assert_eq!(store.redeem(id, &secret, now + 61), Err(RedeemError::Expired));
         assert_eq!(store.redeem(id, &secret, now), Ok("winbox".into()));
-        assert_eq!(store.redeem(id, &secret, now), Err("join token already used".into()));
+        assert_eq!(store.redeem(id, &secret, now), Err(RedeemError::Used));
         let (id2, secret2) = store.create("winbox", Duration::from_secs(60));
         assert!(store.revoke(id2));
-        assert_eq!(store.redeem(id2, &secret2, now), Err("join token revoked".into()));
+        assert_eq!(store.redeem(id2, &secret2, now), Err(RedeemError::Revoked));
+        assert_eq!(RedeemError::Invalid.to_string(), "invalid join token");
     }
 
     #[test]
@@ -238,8 +260,7 @@ mod tests {
         let store = TokenStore::open(Some(path.clone())).expect("store");
         let (id, secret) = store.create("winbox", Duration::from_secs(60));
         let text = std::fs::read_to_string(&path).expect("saved");
-        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-        assert!(!text.contains(&hex), "the secret itself is never stored");
+        assert!(!text.contains(&hex::encode(&secret)), "the secret itself is never stored");
         let reopened = TokenStore::open(Some(path)).expect("reopen");
         assert_eq!(reopened.redeem(id, &secret, now_unix()), Ok("winbox".into()));
     }

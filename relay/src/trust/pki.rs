@@ -285,7 +285,11 @@ fn read(path: &Path) -> Result<String, PkiError> {
 
 /// Writes a file readable by its owner only (mode 0600 on Unix).
 pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
-    let io = |source| PkiError::Io { path: path.to_owned(), source };
+    write_private_io(path, contents).map_err(|source| PkiError::Io { path: path.to_owned(), source })
+}
+
+/// [`write_private`] for callers that name the file in their own error.
+pub(crate) fn write_private_io(path: &Path, contents: &str) -> std::io::Result<()> {
     let mut options = fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -293,13 +297,13 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options.open(path).map_err(io)?;
+    let mut file = options.open(path)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io)?;
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
     }
-    file.write_all(contents.as_bytes()).map_err(io)
+    file.write_all(contents.as_bytes())
 }
 
 fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {

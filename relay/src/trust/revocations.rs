@@ -2,14 +2,12 @@
 //! at once and its every later connection refused; the agent gets back in only with a new
 //! certificate (a new join token or `agent add`). Kept in `relay.revocations_file` when set.
 
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    sync::Mutex,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{collections::BTreeMap, path::PathBuf, sync::Mutex};
 
+use sallyport_runtime::{clock, sync::lock};
 use serde::{Deserialize, Serialize};
+
+use crate::trust::state_file::{self, StateError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revoked {
@@ -31,28 +29,27 @@ pub(crate) struct Revocations {
 }
 
 impl Revocations {
-    pub fn open(path: Option<PathBuf>) -> Result<Self, String> {
-        let file: RevocationFile = crate::trust::state_file::load(path.as_deref())?;
+    pub fn open(path: Option<PathBuf>) -> Result<Self, StateError> {
+        let file: RevocationFile = state_file::load(path.as_deref())?;
         let by_serial = file.revoked.into_iter().map(|r| (r.serial.clone(), r)).collect();
         Ok(Self { path, by_serial: Mutex::new(by_serial) })
     }
 
     pub fn contains(&self, serial: &str) -> bool {
-        self.by_serial.lock().map(|r| r.contains_key(serial)).unwrap_or(true)
+        lock(&self.by_serial).contains_key(serial)
     }
 
-    pub fn revoke(&self, agent: &str, serial: &str) -> Result<(), String> {
-        let at_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let mut all = self.by_serial.lock().map_err(|_| "internal error".to_owned())?;
+    pub fn revoke(&self, agent: &str, serial: &str) -> Result<(), StateError> {
+        let at_unix = clock::unix_now();
+        let mut all = lock(&self.by_serial);
         all.insert(
             serial.to_owned(),
             Revoked { serial: serial.to_owned(), agent: agent.to_owned(), at_unix },
         );
         match &self.path {
-            Some(path) => crate::trust::state_file::save(
-                path,
-                &RevocationFile { revoked: all.values().cloned().collect() },
-            ),
+            Some(path) => {
+                state_file::save(path, &RevocationFile { revoked: all.values().cloned().collect() })
+            }
             None => Ok(()),
         }
     }

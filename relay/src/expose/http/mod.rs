@@ -16,14 +16,13 @@
 //!   many connections anyone holds.
 
 use std::{
-    collections::HashMap,
     convert::Infallible,
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{ready, Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -46,28 +45,55 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, Instrument};
 
-use crate::{config::Service, expose::tcp, metrics::Outcome, relay::Shared};
+use self::pool::Pool;
+use crate::{
+    config::Service,
+    expose::{tcp, Exposure, Routes},
+    metrics::Outcome,
+    tunnel::streams,
+};
+
+mod pool;
+
+/// The HTTP listener's own state: its host names and its pool of upstream connections.
+#[derive(Debug)]
+struct Http {
+    exposure: Arc<Exposure>,
+    routes: Routes,
+    pool: Pool,
+}
 
 type Body = Either<Incoming, Full<Bytes>>;
 
 /// Accepts HTTP clients until `stop` is cancelled; open connections then finish their current
 /// request and close.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    let per_ip = Some(shared.per_ip.clone());
-    tcp::accept_loop(listener, "http", per_ip, shared.clone(), stop.clone(), |stream, peer| {
-        connection(stream, peer, shared.clone(), stop.clone()).instrument(info_span!("http", %peer))
+pub(crate) async fn serve(
+    listener: TcpListener,
+    exposure: Arc<Exposure>,
+    routes: Routes,
+    stop: CancellationToken,
+) {
+    let http = Arc::new(Http { exposure: exposure.clone(), routes, pool: Pool::default() });
+    exposure.runtime.tasks.spawn(pool::sweep_every(POOL_SWEEP, http.clone(), stop.clone()));
+    let per_ip = Some(exposure.per_ip.clone());
+    tcp::accept_loop(listener, "http", per_ip, exposure, stop.clone(), |stream, peer| {
+        connection(stream, peer, http.clone(), stop.clone()).instrument(info_span!("http", %peer))
     })
     .await;
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, stop: CancellationToken) {
+/// How often the pool drops closed and long-unused connections.
+const POOL_SWEEP: Duration = Duration::from_secs(15);
+
+async fn connection(stream: TcpStream, peer: SocketAddr, http: Arc<Http>, stop: CancellationToken) {
     let _ = stream.set_nodelay(true);
-    let limits = &shared.config.limits;
+    let limits = &http.exposure.config.limits;
+    let metrics = &http.exposure.runtime.metrics;
     let handler = {
-        let shared = shared.clone();
+        let http = http.clone();
         service_fn(move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(handle(req, peer, &shared).await) }
+            let http = http.clone();
+            async move { Ok::<_, Infallible>(handle(req, peer, &http).await) }
         })
     };
     let conn = server::Builder::new()
@@ -88,15 +114,15 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, st
         Ok(()) => {}
         Err(e) if e.is_timeout() => {
             info!(timeout = ?limits.header_timeout, "no whole request head in time: closing");
-            shared.metrics.refused("http", "header_timeout");
+            metrics.refused("http", "header_timeout");
         }
         Err(e) if e.is_parse_too_large() => {
             info!(limit = limits.max_header_bytes, "request head too large: closing");
-            shared.metrics.refused("http", "header_too_large");
+            metrics.refused("http", "header_too_large");
         }
         Err(e) if e.is_parse() => {
             info!(error = %e, "malformed request: closing");
-            shared.metrics.refused("http", "malformed");
+            metrics.refused("http", "malformed");
         }
         Err(e) => debug!(error = %e, "HTTP connection ended"),
     }
@@ -116,20 +142,21 @@ impl Failure {
     }
 }
 
-async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Response<Body> {
+async fn handle(req: Request<Incoming>, peer: SocketAddr, http: &Http) -> Response<Body> {
+    let metrics = &http.exposure.runtime.metrics;
     let host = match request_host(&req) {
         Ok(host) => host,
         Err(reason) => {
-            shared.metrics.refused("http", "bad_host");
+            metrics.refused("http", "bad_host");
             return page(StatusCode::BAD_REQUEST, &reason);
         }
     };
-    let Some(service) = shared.routes.http.get(&host) else {
-        shared.metrics.refused("http", "unknown_host");
+    let Some(service) = http.routes.get(&host) else {
+        metrics.refused("http", "unknown_host");
         return page(StatusCode::NOT_FOUND, &format!("no service is published under the host name {host:?}"));
     };
-    let active = shared.metrics.connection(&service.name);
-    let response = match forward(req, peer, &host, service, shared).await {
+    let active = metrics.connection(&service.name);
+    let response = match forward(req, peer, &host, service, http).await {
         Ok(response) => {
             active.end(Outcome::Completed, 0, 0);
             response
@@ -140,7 +167,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Re
             page(failure.status, &failure.reason)
         }
     };
-    shared.metrics.http_response(&service.name, response.status().as_u16());
+    metrics.http_response(&service.name, response.status().as_u16());
     response
 }
 
@@ -149,9 +176,9 @@ async fn forward(
     peer: SocketAddr,
     host: &str,
     service: &Arc<Service>,
-    shared: &Shared,
+    http: &Http,
 ) -> Result<Response<Body>, Failure> {
-    let Some(connection) = shared.registry.route(&service.agent, &service.name) else {
+    let Some(connection) = http.exposure.agents.route(&service.agent, &service.name) else {
         return Err(Failure {
             status: StatusCode::SERVICE_UNAVAILABLE,
             reason: format!("the agent {:?} of service {:?} is not connected", service.agent, service.name),
@@ -161,19 +188,19 @@ async fn forward(
     let upgrade = is_upgrade(req.headers());
     prepare(&mut req, peer, host, upgrade);
     if upgrade {
-        return carry_upgrade(req, &connection, service, peer, shared).await;
+        return carry_upgrade(req, &connection, service, peer, &http.exposure).await;
     }
     let key = (service.name.clone(), peer.ip());
     let tunnel = connection.stable_id();
     let mut req = Some(req);
     while let Some(request) = req.take() {
-        let (mut sender, reused) = match shared.http_pool.take(&key, tunnel) {
+        let (mut sender, reused) = match http.pool.take(&key, tunnel) {
             Some(sender) => (sender, true),
             None => (connect(&connection, service, peer, false).await?, false),
         };
         match sender.try_send_request(request).await {
             Ok(mut response) => {
-                shared.http_pool.put(key, tunnel, sender);
+                http.pool.put(key, tunnel, sender);
                 strip_hop_by_hop(response.headers_mut(), false);
                 return Ok(response.map(Either::Left));
             }
@@ -193,14 +220,14 @@ async fn carry_upgrade(
     connection: &quinn::Connection,
     service: &Service,
     peer: SocketAddr,
-    shared: &Shared,
+    exposure: &Exposure,
 ) -> Result<Response<Body>, Failure> {
     let client_side = hyper::upgrade::on(&mut req);
     let mut sender = connect(connection, service, peer, true).await?;
     let mut response = sender.send_request(req).await.map_err(|e| Failure::bad_gateway(reason_of(&e)))?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let target_side = hyper::upgrade::on(&mut response);
-        shared.clients.spawn(
+        exposure.runtime.clients.spawn(
             async move {
                 match tokio::try_join!(client_side, target_side) {
                     Ok((client, target)) => {
@@ -229,7 +256,7 @@ async fn connect(
     peer: SocketAddr,
     upgrades: bool,
 ) -> Result<client::SendRequest<Incoming>, Failure> {
-    let (send, recv) = tcp::open(connection, service, peer, &[])
+    let (send, recv) = streams::open(connection, service, peer, &[])
         .await
         .map_err(|e| Failure::bad_gateway(format!("cannot open a stream to the agent: {e}")))?;
     let io = TokioIo::new(AgentStream { send, recv, answered: false });
@@ -456,67 +483,6 @@ fn page(status: StatusCode, reason: &str) -> Response<Body> {
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-/// How long a pooled connection may sit unused, and how many are kept per service and client.
-const POOL_IDLE: Duration = Duration::from_secs(60);
-const POOL_PER_KEY: usize = 32;
-
-type PoolKey = (String, IpAddr);
-
-/// Keep-alive HTTP/1.1 connections to targets, per service and client address.
-#[derive(Debug, Default)]
-pub(crate) struct Pool {
-    idle: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
-}
-
-#[derive(Debug)]
-struct Pooled {
-    sender: client::SendRequest<Incoming>,
-    /// The tunnel connection it rides on: an agent that reconnected makes it useless.
-    tunnel: usize,
-    since: Instant,
-}
-
-impl Pooled {
-    fn usable(&self, tunnel: usize) -> bool {
-        !self.sender.is_closed() && self.tunnel == tunnel && self.since.elapsed() < POOL_IDLE
-    }
-}
-
-impl Pool {
-    /// A connection of `key` on `tunnel` that is ready for a request.
-    fn take(&self, key: &PoolKey, tunnel: usize) -> Option<client::SendRequest<Incoming>> {
-        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = idle.get_mut(key)?;
-        list.retain(|p| p.usable(tunnel));
-        let found = list.iter().position(|p| p.sender.is_ready()).map(|i| list.swap_remove(i).sender);
-        if list.is_empty() {
-            idle.remove(key);
-        }
-        found
-    }
-
-    /// Keeps a connection whose response is on its way; it is ready again once the body is read.
-    fn put(&self, key: PoolKey, tunnel: usize, sender: client::SendRequest<Incoming>) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = idle.entry(key).or_default();
-        if list.len() < POOL_PER_KEY {
-            list.push(Pooled { sender, tunnel, since: Instant::now() });
-        }
-    }
-
-    /// Drops closed and long-unused connections (their streams and target connections close).
-    pub(crate) fn sweep(&self) {
-        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        idle.retain(|_, list| {
-            list.retain(|p| !p.sender.is_closed() && p.since.elapsed() < POOL_IDLE);
-            !list.is_empty()
-        });
-    }
 }
 
 #[cfg(test)]

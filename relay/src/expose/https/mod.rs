@@ -15,20 +15,27 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 
 use self::client_hello::Hello;
-use crate::{expose::tcp, relay::Shared};
+use crate::expose::{tcp, Exposure, Routes};
 
 /// Accepts TLS clients until `stop` is cancelled.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    let per_ip = Some(shared.per_ip.clone());
-    tcp::accept_loop(listener, "https", per_ip, shared.clone(), stop, |stream, peer| {
-        let shared = shared.clone();
-        async move { route(stream, peer, &shared).await }.instrument(info_span!("https", %peer))
+pub(crate) async fn serve(
+    listener: TcpListener,
+    exposure: Arc<Exposure>,
+    routes: Routes,
+    stop: CancellationToken,
+) {
+    let per_ip = Some(exposure.per_ip.clone());
+    let routes = Arc::new(routes);
+    tcp::accept_loop(listener, "https", per_ip, exposure.clone(), stop, |stream, peer| {
+        let (exposure, routes) = (exposure.clone(), routes.clone());
+        async move { route(stream, peer, &exposure, &routes).await }.instrument(info_span!("https", %peer))
     })
     .await;
 }
 
-async fn route(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
-    let timeout = shared.config.limits.header_timeout;
+async fn route(mut stream: TcpStream, peer: SocketAddr, exposure: &Exposure, routes: &Routes) {
+    let timeout = exposure.config.limits.header_timeout;
+    let metrics = &exposure.runtime.metrics;
     let mut buf = Vec::with_capacity(2048);
     let hello = tokio::time::timeout(timeout, async {
         loop {
@@ -50,28 +57,28 @@ async fn route(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         Ok(Hello::Name(name)) => name,
         Ok(Hello::NoName) => {
             info!("TLS client sent no server name (SNI): closing");
-            shared.metrics.refused("https", "no_sni");
+            metrics.refused("https", "no_sni");
             let _ = stream.write_all(&client_hello::UNRECOGNIZED_NAME_ALERT).await;
             return;
         }
         Ok(Hello::NotTls(reason)) => {
             info!(reason, "not a TLS ClientHello: closing");
-            shared.metrics.refused("https", "not_tls");
+            metrics.refused("https", "not_tls");
             return;
         }
         Ok(Hello::Incomplete) => return,
         Err(_) => {
             info!(?timeout, "no whole ClientHello in time: closing");
-            shared.metrics.refused("https", "timeout");
+            metrics.refused("https", "timeout");
             return;
         }
     };
-    let Some(service) = shared.routes.https.get(&name) else {
+    let Some(service) = routes.get(&name) else {
         info!(server_name = %name, "no service is published under this server name: closing");
-        shared.metrics.refused("https", "unknown_sni");
+        metrics.refused("https", "unknown_sni");
         let _ = stream.write_all(&client_hello::UNRECOGNIZED_NAME_ALERT).await;
         return;
     };
     let span = info_span!("client", service = %service.name, server_name = %name);
-    tcp::carry(stream, peer, service, shared, &buf).instrument(span).await;
+    tcp::carry(stream, peer, service, exposure, &buf).instrument(span).await;
 }

@@ -1,0 +1,43 @@
+//! The admin token: read from `relay.admin_token_file`, presented as `Authorization: Bearer`.
+
+use std::path::PathBuf;
+
+use crate::{config::Config, trust::constant_time_eq};
+
+/// The bearer token operator calls need. Its `Debug` does not show it.
+#[derive(Clone)]
+pub struct AdminToken(String);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(***)")
+    }
+}
+
+impl AdminToken {
+    /// Whether `presented` is this token (compared in constant time).
+    pub(crate) fn matches(&self, presented: &str) -> bool {
+        constant_time_eq(presented.as_bytes(), self.0.as_bytes())
+    }
+}
+
+/// Why `relay.admin_token_file` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminTokenError {
+    #[error("{}: admin token: cannot read: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: admin token: must hold one token of at least 16 characters, no spaces", path.display())]
+    Malformed { path: PathBuf },
+}
+
+/// Reads `relay.admin_token_file`: a token of at least 16 characters, or an error naming the file.
+pub fn load_admin_token(config: &Config) -> Result<Option<AdminToken>, AdminTokenError> {
+    let Some(path) = &config.admin_token_file else { return Ok(None) };
+    let token = std::fs::read_to_string(path)
+        .map_err(|source| AdminTokenError::Read { path: path.clone(), source })?;
+    let token = token.trim();
+    if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(AdminTokenError::Malformed { path: path.clone() });
+    }
+    Ok(Some(AdminToken(token.to_owned())))
+}

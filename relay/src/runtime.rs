@@ -1,0 +1,29 @@
+//! The relay's small runtime: what every plane shares while the relay runs, apart from the
+//! immutable [`Config`](crate::config::Config) and the state each listener owns.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, Default)]
+pub(crate) struct Runtime {
+    pub(crate) metrics: Metrics,
+    /// Serving (true) or not yet, or draining (false): what `/readyz` says.
+    ready: AtomicBool,
+    /// Client connections in flight (drained on shutdown).
+    pub(crate) clients: TaskTracker,
+    /// Everything else the relay spawned.
+    pub(crate) tasks: TaskTracker,
+}
+
+impl Runtime {
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+}

@@ -1,0 +1,116 @@
+//! Accepting agent connections: the handshake under its timeout, enrollment by ALPN, the agent's
+//! identity from its certificate, and revoked certificates refused.
+
+use std::sync::Arc;
+
+use quinn::{Connection, Endpoint, Incoming};
+use sallyport_proto::codes::close;
+use sallyport_runtime::{code, tls};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::{
+    trust::enroll,
+    tunnel::{control, Tunnels},
+};
+
+/// Accepts agent connections until `stop` is cancelled. Each connection gets its own task.
+pub(crate) async fn accept_loop(endpoint: Endpoint, tunnels: Arc<Tunnels>, stop: CancellationToken) {
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            () = stop.cancelled() => None,
+        };
+        let Some(incoming) = incoming else { break };
+        // Under a handshake flood, make unvalidated peers prove their address first.
+        if !incoming.remote_address_validated()
+            && endpoint.open_connections() > tunnels.config.limits.max_incoming
+        {
+            if let Err(e) = incoming.retry() {
+                debug!(error = %e, "retry refused");
+            }
+            continue;
+        }
+        let remote = incoming.remote_address();
+        let work = handle_incoming(incoming, tunnels.clone()).instrument(info_span!("tunnel", %remote));
+        tunnels.runtime.tasks.spawn(work);
+    }
+}
+
+async fn handle_incoming(incoming: Incoming, tunnels: Arc<Tunnels>) {
+    let limits = &tunnels.config.limits;
+    let metrics = &tunnels.runtime.metrics;
+    let connection = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
+            warn!(error = %e, "handshake failed");
+            metrics.handshake_failed("tls");
+            return;
+        }
+        Err(_) => {
+            warn!(timeout = ?limits.handshake_timeout, "handshake timed out");
+            metrics.handshake_failed("timeout");
+            return;
+        }
+    };
+    let alpn = connection
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    if alpn.as_deref() == Some(sallyport_proto::enroll::ALPN_ENROLL) {
+        match &tunnels.trust.enrollment {
+            Some(enrollment) => enroll::serve(connection, enrollment).await,
+            None => connection.close(code(close::REFUSED), b"enrollment is off"),
+        }
+        return;
+    }
+    let (name, serial) = match agent_identity(&connection) {
+        Ok(identity) => identity,
+        Err(refused) => {
+            warn!(reason = %refused, "agent certificate refused");
+            metrics.handshake_failed("certificate");
+            connection.close(code(close::REFUSED), refused.to_string().as_bytes());
+            return;
+        }
+    };
+    if tunnels.trust.revocations.contains(&serial) {
+        warn!(agent = %name, %serial, "revoked certificate refused");
+        metrics.handshake_failed("revoked");
+        connection.close(code(close::REFUSED), b"certificate revoked");
+        return;
+    }
+    control::serve_agent(connection, name.clone(), serial, tunnels)
+        .instrument(info_span!("agent", agent = %name))
+        .await;
+}
+
+/// Why a connection's client certificate does not name an agent.
+#[derive(Debug, thiserror::Error)]
+enum IdentityError {
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("empty client certificate chain")]
+    EmptyChain,
+    #[error(transparent)]
+    Unreadable(#[from] tls::CertError),
+    #[error("client certificate has no DNS name")]
+    NoName,
+    #[error("client certificate name {0:?} is not a valid agent name")]
+    InvalidName(String),
+}
+
+/// The agent's name and certificate serial: the first DNS name in its client certificate, which
+/// the handshake verified.
+fn agent_identity(connection: &Connection) -> Result<(String, String), IdentityError> {
+    let certs = connection
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .ok_or(IdentityError::NoCertificate)?;
+    let leaf = certs.first().ok_or(IdentityError::EmptyChain)?;
+    let info = tls::inspect(leaf)?;
+    let name = info.dns_name.ok_or(IdentityError::NoName)?;
+    if !sallyport_proto::is_valid_name(&name) {
+        return Err(IdentityError::InvalidName(name));
+    }
+    Ok((name, info.serial))
+}

@@ -1,0 +1,280 @@
+//! One agent's tunnel after the handshake: `Hello` within the handshake timeout, admission,
+//! `Welcome`, registration, then the control loop (one handler per message), the writer of pings,
+//! commands and replies, and the agent's datagrams, until one of them ends.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use quinn::{Connection, RecvStream, SendStream};
+use sallyport_proto::{codes::close, AgentMessage, ContainerReport, Hello, RelayMessage, MAX_CONTROL_FRAME};
+use sallyport_runtime::{code, read_frame, sync::lock, write_frame, FrameError};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::tunnel::{
+    admission::admit,
+    datagrams,
+    registry::{AgentSession, PendingCommand},
+    Tunnels,
+};
+
+/// How often the relay probes the control stream.
+const PING_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Why a tunnel ended without the agent doing anything wrong (said in the log).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Closed {
+    /// The agent finished its control stream.
+    #[error("control stream finished")]
+    Finished,
+    /// The control stream or the connection went away.
+    #[error(transparent)]
+    Stream(FrameError),
+    /// The connection closed while datagrams were read.
+    #[error(transparent)]
+    Connection(quinn::ConnectionError),
+}
+
+/// How an agent broke the protocol (said in the log and in the close frame).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProtocolError {
+    #[error("Hello sent twice")]
+    HelloTwice,
+    /// A control frame that is not valid.
+    #[error(transparent)]
+    Frame(FrameError),
+    /// A datagram that is not valid.
+    #[error("invalid datagram: {0}")]
+    Datagram(#[from] sallyport_proto::datagram::InvalidDatagram),
+    /// Only the relay opens flows.
+    #[error("the agent sent a flow-opening datagram")]
+    OpenDatagram,
+}
+
+/// Sorts a frame error into the agent's fault or the stream's end.
+fn frame_error(e: FrameError) -> Result<Closed, ProtocolError> {
+    if e.is_protocol_violation() || matches!(e, FrameError::Encode(_)) {
+        Err(ProtocolError::Frame(e))
+    } else {
+        Ok(Closed::Stream(e))
+    }
+}
+
+enum FirstMessageError {
+    /// The connection went away; nothing to tell anyone.
+    Gone,
+    /// The agent broke the protocol; the reason goes to the log and into the close frame.
+    Protocol(String),
+}
+
+pub(crate) async fn serve_agent(connection: Connection, name: String, serial: String, tunnels: Arc<Tunnels>) {
+    let metrics = &tunnels.runtime.metrics;
+    let (mut send, mut recv, hello) = match first_message(&connection, &tunnels).await {
+        Ok(v) => v,
+        Err(FirstMessageError::Gone) => return,
+        Err(FirstMessageError::Protocol(reason)) => {
+            warn!(%reason, "closing agent: protocol error");
+            metrics.handshake_failed("protocol");
+            connection.close(code(close::PROTOCOL_ERROR), reason.as_bytes());
+            return;
+        }
+    };
+    let welcome = match admit(&tunnels.config, &name, &hello) {
+        Ok(welcome) => welcome,
+        Err(refusal) => {
+            let reason = refusal.to_string();
+            warn!(%reason, "agent refused");
+            metrics.handshake_failed("refused");
+            let _ =
+                write_frame(&mut send, &RelayMessage::Refused { reason: reason.clone() }, MAX_CONTROL_FRAME)
+                    .await;
+            connection.close(code(close::REFUSED), reason.as_bytes());
+            return;
+        }
+    };
+    let services: BTreeSet<String> = welcome.published().map(str::to_owned).collect();
+    for (service, reason) in welcome.refused() {
+        warn!(%service, %reason, "service not published");
+    }
+    if let Err(e) = write_frame(&mut send, &RelayMessage::Welcome(welcome.clone()), MAX_CONTROL_FRAME).await {
+        info!(error = %e, "agent left during the handshake");
+        return;
+    }
+    let registry = &tunnels.registry;
+    let id = registry.next_id();
+    let (commands, mut command_rx) = mpsc::channel(16);
+    let containers = Arc::new(Mutex::new(Vec::new()));
+    let session = AgentSession {
+        id,
+        name: name.clone(),
+        remote: connection.remote_address(),
+        software: hello.software,
+        version: welcome.version,
+        services: services.clone(),
+        connected_at: std::time::SystemTime::now(),
+        containers: containers.clone(),
+        serial,
+        connection: connection.clone(),
+        commands,
+    };
+    if let Some(old) = registry.insert(session) {
+        info!(old_remote = %old.remote, "replacing the agent's previous connection");
+        old.connection.close(code(close::REPLACED), b"replaced by a newer connection");
+    }
+    info!(remote = %connection.remote_address(), ?services, version = welcome.version, "agent connected");
+
+    let pending = Mutex::new(HashMap::new());
+    let (replies, mut reply_rx) = mpsc::channel(4);
+    let reader =
+        Reader { name: &name, tunnels: &tunnels, pending: &pending, containers: &containers, replies };
+    let ended = tokio::select! {
+        r = control_reader(&mut recv, reader) => r,
+        r = control_writer(&mut send, &mut command_rx, &mut reply_rx, &pending) => r,
+        r = datagrams::from_agent(&connection, &tunnels.flows, metrics) => r,
+    };
+    registry.remove(&name, id);
+    match ended {
+        Ok(reason) => info!(%reason, "agent disconnected"),
+        Err(violation) => {
+            warn!(reason = %violation, "closing agent: protocol error");
+            connection.close(code(close::PROTOCOL_ERROR), violation.to_string().as_bytes());
+        }
+    }
+}
+
+/// Accepts the control stream and reads `Hello`, both within the handshake timeout.
+async fn first_message(
+    connection: &Connection,
+    tunnels: &Tunnels,
+) -> Result<(SendStream, RecvStream, Hello), FirstMessageError> {
+    let timeout = tunnels.config.limits.handshake_timeout;
+    let read = async {
+        let (send, mut recv) = connection.accept_bi().await.map_err(|_| FirstMessageError::Gone)?;
+        let mut buf = Vec::new();
+        match read_frame::<AgentMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await {
+            Ok(Some(AgentMessage::Hello(hello))) => Ok((send, recv, hello)),
+            Ok(Some(other)) => Err(FirstMessageError::Protocol(format!(
+                "first control message must be Hello, got {}",
+                message_kind(&other)
+            ))),
+            Ok(None) => Err(FirstMessageError::Protocol("control stream ended before Hello".into())),
+            Err(e) if e.is_protocol_violation() => Err(FirstMessageError::Protocol(e.to_string())),
+            Err(_) => Err(FirstMessageError::Gone),
+        }
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result,
+        Err(_) => Err(FirstMessageError::Protocol(format!("no Hello within {timeout:?}"))),
+    }
+}
+
+fn message_kind(msg: &AgentMessage) -> &'static str {
+    match msg {
+        AgentMessage::Hello(_) => "Hello",
+        AgentMessage::Pong { .. } => "Pong",
+        AgentMessage::CommandResult { .. } => "CommandResult",
+        AgentMessage::Containers(_) => "Containers",
+        AgentMessage::Renew { .. } => "Renew",
+    }
+}
+
+/// Commands sent to the agent and waiting for its result, by id.
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<String, String>>>>;
+
+/// What the control reader works with.
+struct Reader<'a> {
+    name: &'a str,
+    tunnels: &'a Tunnels,
+    pending: &'a Pending,
+    containers: &'a Mutex<Vec<ContainerReport>>,
+    /// Answers to the agent's requests, sent by the writer.
+    replies: mpsc::Sender<RelayMessage>,
+}
+
+/// Reads control messages until the stream ends (`Ok`) or the agent breaks the protocol (`Err`).
+async fn control_reader(recv: &mut RecvStream, reader: Reader<'_>) -> Result<Closed, ProtocolError> {
+    let mut buf = Vec::new();
+    loop {
+        let message = match read_frame::<AgentMessage>(recv, MAX_CONTROL_FRAME, &mut buf).await {
+            Ok(Some(message)) => message,
+            Ok(None) => return Ok(Closed::Finished),
+            Err(e) => return frame_error(e),
+        };
+        match message {
+            AgentMessage::Pong { nonce } => debug!(nonce, "pong"),
+            AgentMessage::CommandResult { id, result } => reader.command_result(id, result),
+            AgentMessage::Renew { csr_pem } => reader.renew(&csr_pem).await?,
+            AgentMessage::Containers(reports) => reader.containers(reports),
+            AgentMessage::Hello(_) => return Err(ProtocolError::HelloTwice),
+        }
+    }
+}
+
+impl Reader<'_> {
+    /// Hands a command's result to whoever waits for it.
+    fn command_result(&self, id: u64, result: Result<String, String>) {
+        match lock(self.pending).remove(&id) {
+            Some(waiter) => {
+                let _ = waiter.send(result);
+            }
+            None => debug!(id, "result of a command nobody waits for"),
+        }
+    }
+
+    /// Signs the agent's renewal request (when enrollment is on) and queues the answer.
+    async fn renew(&self, csr_pem: &str) -> Result<(), ProtocolError> {
+        let renewed = match &self.tunnels.trust.enrollment {
+            None => Err("certificate renewal is off on this relay (no relay.ca_key)".to_owned()),
+            Some(enrollment) => enrollment
+                .ca
+                .issue_agent_for_csr(self.name, csr_pem, enrollment.validity)
+                .map_err(|e| format!("bad certificate request: {e}")),
+        };
+        match &renewed {
+            Ok(_) => info!("agent certificate renewed"),
+            Err(reason) => warn!(%reason, "agent certificate not renewed"),
+        }
+        // The writer has stopped: the select in serve_agent ends the tunnel with its reason.
+        let _ = self.replies.send(RelayMessage::Renewed(renewed)).await;
+        Ok(())
+    }
+
+    /// Keeps the agent's latest container report for the admin API and metrics.
+    fn containers(&self, reports: Vec<ContainerReport>) {
+        for report in &reports {
+            debug!(container = %report.name, state = %report.state, "container state");
+        }
+        *lock(self.containers) = reports;
+    }
+}
+
+/// Sends a `Ping` every [`PING_INTERVAL`] and the commands operators queue; ends only when the
+/// stream fails.
+async fn control_writer(
+    send: &mut SendStream,
+    commands: &mut mpsc::Receiver<PendingCommand>,
+    replies: &mut mpsc::Receiver<RelayMessage>,
+    pending: &Pending,
+) -> Result<Closed, ProtocolError> {
+    let mut nonce = 0u64;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    loop {
+        let message = tokio::select! {
+            _ = ping.tick() => {
+                nonce += 1;
+                RelayMessage::Ping { nonce }
+            }
+            Some(reply) = replies.recv() => reply,
+            Some(PendingCommand { command, reply }) = commands.recv() => {
+                lock(pending).insert(command.id, reply);
+                RelayMessage::Command(command)
+            }
+        };
+        if let Err(e) = write_frame(send, &message, MAX_CONTROL_FRAME).await {
+            return frame_error(e);
+        }
+    }
+}

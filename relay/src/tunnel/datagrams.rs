@@ -1,0 +1,122 @@
+//! UDP flows as the tunnel plane sees them: every UDP service's flows by id, and the reader of the
+//! datagrams an agent sends back, which delivers each to its flow's client.
+//!
+//! The UDP service that owns a flow (see `expose::udp`) registers it here when it opens and
+//! removes it when the flow goes idle or is evicted.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use sallyport_proto::datagram::Datagram;
+use sallyport_runtime::{
+    flows::{Activity, Tracked},
+    sync::lock,
+};
+use tokio::net::UdpSocket;
+use tracing::{debug, info};
+
+use crate::{
+    config::Service,
+    metrics::Metrics,
+    tunnel::control::{Closed, ProtocolError},
+};
+
+/// One flow as both directions see it.
+#[derive(Debug)]
+pub(crate) struct FlowState {
+    pub(crate) id: u32,
+    pub(crate) client: SocketAddr,
+    /// The agent has answered on this tunnel: plain `Data` datagrams suffice.
+    pub(crate) confirmed: AtomicBool,
+    /// The tunnel connection the flow last went out on (a new one must hear `Open` again).
+    pub(crate) tunnel: AtomicU64,
+    /// The last datagram either way.
+    pub(crate) activity: Activity,
+}
+
+impl Tracked for FlowState {
+    fn activity(&self) -> &Activity {
+        &self.activity
+    }
+}
+
+/// Where a flow's datagrams from the agent go.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub(crate) flow: Arc<FlowState>,
+    /// The service's socket, which answers the client.
+    pub(crate) socket: Arc<UdpSocket>,
+    pub(crate) service: Arc<Service>,
+}
+
+/// Flows of every UDP service by id, for datagrams arriving from agents.
+#[derive(Debug)]
+pub(crate) struct FlowRoutes {
+    by_id: Mutex<HashMap<u32, Route>>,
+    next: AtomicU32,
+}
+
+impl Default for FlowRoutes {
+    fn default() -> Self {
+        Self { by_id: Mutex::new(HashMap::new()), next: AtomicU32::new(1) }
+    }
+}
+
+impl FlowRoutes {
+    /// A fresh flow id.
+    pub(crate) fn next_id(&self) -> u32 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The table, locked (for removing several flows at once).
+    pub(crate) fn lock(&self) -> MutexGuard<'_, HashMap<u32, Route>> {
+        lock(&self.by_id)
+    }
+
+    fn get(&self, id: u32) -> Option<Route> {
+        self.lock().get(&id).cloned()
+    }
+}
+
+/// Reads the datagrams an agent sends and delivers them to the flows' clients, until the tunnel
+/// closes (`Ok`). A datagram that is not valid, or opens a flow (only the relay does), is a
+/// protocol error (`Err`).
+pub(crate) async fn from_agent(
+    connection: &quinn::Connection,
+    flows: &FlowRoutes,
+    metrics: &Metrics,
+) -> Result<Closed, ProtocolError> {
+    loop {
+        let bytes = match connection.read_datagram().await {
+            Ok(bytes) => bytes,
+            Err(e) => return Ok(Closed::Connection(e)),
+        };
+        let (id, payload) = match Datagram::decode(&bytes)? {
+            Datagram::Open { .. } => return Err(ProtocolError::OpenDatagram),
+            Datagram::Data { flow, payload } => (flow, Some(payload)),
+            Datagram::Unknown { flow } => (flow, None),
+        };
+        // A flow the relay already forgot has no client any more.
+        let Some(Route { flow, socket, service }) = flows.get(id) else { continue };
+        let Some(payload) = payload else {
+            info!(service = %service.name, flow = id, "the agent lost a flow: reopening it");
+            flow.confirmed.store(false, Ordering::Relaxed);
+            continue;
+        };
+        flow.confirmed.store(true, Ordering::Relaxed);
+        flow.activity.touch();
+        match socket.send_to(payload, flow.client).await {
+            Ok(_) => metrics.udp_datagram(&service.name, false),
+            Err(e) => {
+                metrics.refused(&service.name, "client_send_failed");
+                debug!(service = %service.name, client = %flow.client, error = %e, "datagram to client not sent");
+            }
+        }
+    }
+}
