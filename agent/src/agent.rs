@@ -3,8 +3,8 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use sallyport_proto::ALPN_TUNNEL;
 use sallyport_runtime::{
-    tls::{self, TlsFileError},
-    transport, TlsError,
+    tls::{self, IdentityError, TlsFileError},
+    transport,
 };
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -16,14 +16,8 @@ use crate::{
     tunnel::{self, TunnelStatus, Tunnels},
 };
 
-/// Why the agent could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Tls(#[from] TlsFileError),
-    #[error("TLS configuration: {0}")]
-    Crypto(TlsError),
-}
+/// Why the agent could not start: its TLS identity is not usable.
+pub type StartError = IdentityError;
 
 /// The agent's identity as its certificate states it.
 #[derive(Debug, Clone)]
@@ -107,7 +101,7 @@ fn load_identity(config: &Config) -> Result<(Crypto, IdentityInfo), StartError> 
         path: config.tls.cert.clone(),
         reason: "certificate names no agent".into(),
     })?;
-    let crypto = tls::client_crypto(tls.roots, tls.identity, &[ALPN_TUNNEL]).map_err(StartError::Crypto)?;
+    let crypto = tls::client_crypto(tls.roots, tls.identity, &[ALPN_TUNNEL])?;
     Ok((
         crypto,
         IdentityInfo {

@@ -55,17 +55,18 @@ pub async fn enroll(token: &str, dir: &Path) -> Result<Enrolled, EnrollError> {
         .map_err(|e| EnrollError::Protocol(format!("cannot make a certificate request: {e}")))?;
     let request = EnrollRequest { token_id: token.id, secret: token.secret, csr_pem: csr };
 
-    let crypto = tls::pinned_client_crypto(token.ca_sha256, &[ALPN_ENROLL])
-        .map_err(|e| EnrollError::Protocol(e.to_string()))?;
-    let mut client = quinn::ClientConfig::new(crypto);
-    client.transport_config(transport::agent(
-        Duration::from_secs(2),
-        Duration::from_secs(10),
-        transport::Congestion::default(),
-    ));
     let mut failures = Vec::new();
     for relay in &token.relays {
-        match redeem(relay, &token.server_name, &client, &request).await {
+        // A fresh configuration per relay, so its pin check speaks of this relay only.
+        let (crypto, pin) = tls::pinned_client_crypto(token.ca_sha256, &[ALPN_ENROLL])
+            .map_err(|e| EnrollError::Protocol(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(crypto);
+        client.transport_config(transport::agent(
+            Duration::from_secs(2),
+            Duration::from_secs(10),
+            transport::Congestion::default(),
+        ));
+        match redeem(relay, &token.server_name, &client, &pin, &request).await {
             Ok(response) => return write_identity(response, &key.serialize_pem(), &token, dir),
             Err(e @ (EnrollError::WrongRelay(_) | EnrollError::Refused(_))) => return Err(e),
             Err(e) => failures.push(format!("{relay}: {e}")),
@@ -78,6 +79,7 @@ async fn redeem(
     relay: &str,
     server_name: &str,
     client: &quinn::ClientConfig,
+    pin: &tls::PinCheck,
     request: &EnrollRequest,
 ) -> Result<EnrollResponse, EnrollError> {
     let addr: SocketAddr = tokio::net::lookup_host(relay)
@@ -93,9 +95,7 @@ async fn redeem(
         .map_err(|e| EnrollError::Unreachable(e.to_string()))?;
     let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Err(_) => return Err(EnrollError::Unreachable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
-        Ok(Err(e)) if e.to_string().contains("CA does not match") => {
-            return Err(EnrollError::WrongRelay(relay.to_owned()))
-        }
+        Ok(Err(_)) if pin.ca_mismatched() => return Err(EnrollError::WrongRelay(relay.to_owned())),
         Ok(Err(e)) => return Err(EnrollError::Unreachable(e.to_string())),
         Ok(Ok(connection)) => connection,
     };

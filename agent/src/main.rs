@@ -3,7 +3,6 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use sallyport_agent::{Agent, Config};
 use sallyport_runtime::cli;
-use tokio_util::sync::CancellationToken;
 
 /// mimalloc returns memory freed after a bulk transfer to the system (glibc's allocator keeps it).
 #[global_allocator]
@@ -106,7 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { config } => {
-            cli::init_tracing().map_err(anyhow::Error::msg)?;
+            cli::init_tracing()?;
             let agent = Agent::new(Config::load(&config)?)?;
             serve(agent);
             Ok(())
@@ -116,13 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn serve(agent: Agent) {
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        cli::shutdown_signal().await;
-        token.cancel();
-    });
-    agent.run(shutdown).await;
+    agent.run(cli::cancel_on_signal()).await;
 }
 
 #[cfg(windows)]

@@ -50,7 +50,7 @@ impl JoinToken {
     /// Parses a token string, ignoring surrounding whitespace.
     pub fn decode(text: &str) -> Result<Self, TokenError> {
         let body = text.trim().strip_prefix(TOKEN_PREFIX).ok_or(TokenError::Prefix)?;
-        let bytes = base64url::decode(body).map_err(TokenError::Damaged)?;
+        let bytes = base64url::decode(body).map_err(|e| TokenError::Damaged(e.to_string()))?;
         let token: Self = postcard::from_bytes(&bytes).map_err(|e| TokenError::Damaged(e.to_string()))?;
         if token.relays.is_empty() || token.server_name.is_empty() {
             return Err(TokenError::Damaged("no relay address".into()));
@@ -93,8 +93,8 @@ mod base64url {
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    pub fn decode(text: &str) -> Result<Vec<u8>, String> {
-        URL_SAFE_NO_PAD.decode(text).map_err(|e| e.to_string())
+    pub fn decode(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
+        URL_SAFE_NO_PAD.decode(text)
     }
 }
 

@@ -4,7 +4,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sallyport_relay::{cli::check, trust::pki, Config};
 use sallyport_runtime::cli;
-use tokio_util::sync::CancellationToken;
 
 /// mimalloc returns memory freed after a bulk transfer to the system (glibc's allocator keeps it).
 #[global_allocator]
@@ -199,7 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config } => {
-            cli::init_tracing().map_err(anyhow::Error::msg)?;
+            cli::init_tracing()?;
             let config = Config::load(&config)?;
             serve(config)
         }
@@ -276,14 +275,8 @@ async fn admin_call(config: &Config, method: &str, path: String, with_token: boo
 
 #[tokio::main(flavor = "current_thread")]
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
     let relay = sallyport_relay::Relay::bind(config).await?;
-    let signal_token = shutdown.clone();
-    tokio::spawn(async move {
-        sallyport_runtime::shutdown_signal().await;
-        signal_token.cancel();
-    });
-    relay.run(shutdown).await;
+    relay.run(cli::cancel_on_signal()).await;
     Ok(())
 }
 

@@ -8,8 +8,8 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 use sallyport_proto::{codes::close, ALPN_TUNNEL};
 use sallyport_runtime::{
     code,
-    tls::{self, TlsFileError},
-    transport, TlsError,
+    tls::{self, IdentityError, TlsFileError},
+    transport,
 };
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -32,9 +32,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Tls(#[from] TlsFileError),
-    #[error("TLS configuration: {0}")]
-    Crypto(TlsError),
+    Identity(#[from] IdentityError),
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind { what: String, addr: SocketAddr, source: std::io::Error },
     #[error("no async runtime for QUIC")]
@@ -44,6 +42,12 @@ pub enum StartError {
     /// Enrollment, token or revocation state that cannot be used.
     #[error(transparent)]
     Trust(#[from] TrustError),
+}
+
+impl From<TlsFileError> for StartError {
+    fn from(error: TlsFileError) -> Self {
+        Self::Identity(error.into())
+    }
 }
 
 /// A relay with its sockets bound, ready to [`run`](Relay::run).
@@ -81,7 +85,7 @@ impl Relay {
         } else {
             tls::server_crypto(tls.roots, tls.identity, &[ALPN_TUNNEL])
         }
-        .map_err(StartError::Crypto)?;
+        .map_err(IdentityError::from)?;
         let mut server = quinn::ServerConfig::with_crypto(crypto);
         server
             .transport_config(transport::relay(config.limits.idle_timeout, config.limits.congestion))

@@ -23,6 +23,18 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// A shutdown token that the first shutdown signal cancels (see [`shutdown_signal`]). Call it
+/// inside the runtime: it spawns the task that waits for the signal.
+pub fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let cancel = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        cancel.cancel();
+    });
+    shutdown
+}
+
 /// Keeps the process on 4 KiB pages (Linux): no transparent huge pages, whatever the system's
 /// setting. With huge pages, touching one byte of an allocation makes 2 MiB of it resident, and
 /// quinn's receive buffer (32 slots of 64 packets, 13 MB at 6,500-byte packets, of which a burst
@@ -38,11 +50,16 @@ pub fn small_pages() {
     }
 }
 
+/// `SALLYPORT_LOG_FORMAT` names no known format.
+#[derive(Debug, thiserror::Error)]
+#[error("SALLYPORT_LOG_FORMAT={0:?}: expected \"text\" or \"json\"")]
+pub struct LogFormatError(String);
+
 /// Sets up logging to stderr; `RUST_LOG` overrides the default level `info`.
 ///
 /// `SALLYPORT_LOG_FORMAT=json` writes one JSON object per line (for log collectors); `text`, the
 /// default, writes readable lines. Any other value is an error naming the variable.
-pub fn init_tracing() -> Result<(), String> {
+pub fn init_tracing() -> Result<(), LogFormatError> {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -51,7 +68,7 @@ pub fn init_tracing() -> Result<(), String> {
     match std::env::var("SALLYPORT_LOG_FORMAT").as_deref() {
         Err(_) | Ok("" | "text") => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         Ok("json") => builder.json().with_ansi(false).init(),
-        Ok(other) => return Err(format!("SALLYPORT_LOG_FORMAT={other:?}: expected \"text\" or \"json\"")),
+        Ok(other) => return Err(LogFormatError(other.to_owned())),
     }
     Ok(())
 }

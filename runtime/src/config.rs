@@ -3,6 +3,7 @@
 
 use std::{
     fmt,
+    ops::RangeInclusive,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -74,27 +75,99 @@ impl From<HumanDuration> for Duration {
     }
 }
 
-/// Checks that a duration lies within `min..=max`, naming the key otherwise.
-pub fn duration_in(
+/// A value a config key bounds: a count or a duration.
+pub trait Bounded: PartialOrd + Copy {
+    /// Why `self` lies outside `min..=max`.
+    fn out_of_range(self, min: Self, max: Self) -> String;
+}
+
+impl Bounded for Duration {
+    fn out_of_range(self, min: Self, max: Self) -> String {
+        format!(
+            "{} is out of range: expected between {} and {}",
+            humantime::format_duration(self),
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        )
+    }
+}
+
+impl Bounded for usize {
+    fn out_of_range(self, min: Self, max: Self) -> String {
+        if max == usize::MAX {
+            format!("must be at least {min}")
+        } else {
+            format!("{self} is out of range ({min} to {max})")
+        }
+    }
+}
+
+/// The one bounds check every numeric key goes through: `value` within `bounds`, or an error that
+/// names the file and the key.
+pub fn within<T: Bounded>(
     path: &Path,
     key: &str,
-    value: Duration,
-    min: Duration,
-    max: Duration,
-) -> Result<Duration, ConfigError> {
+    value: T,
+    bounds: RangeInclusive<T>,
+) -> Result<T, ConfigError> {
+    let (min, max) = bounds.into_inner();
     if value < min || value > max {
-        return Err(ConfigError::invalid(
-            path,
-            key,
-            format!(
-                "{} is out of range: expected between {} and {}",
-                humantime::format_duration(value),
-                humantime::format_duration(min),
-                humantime::format_duration(max)
-            ),
-        ));
+        return Err(ConfigError::invalid(path, key, value.out_of_range(min, max)));
     }
     Ok(value)
+}
+
+/// One `[section]` of a file: its keys as written, or the section's defaults, each checked
+/// against its bounds by [`within`].
+#[derive(Debug, Clone, Copy)]
+pub struct Section<'a> {
+    path: &'a Path,
+    name: &'static str,
+}
+
+impl<'a> Section<'a> {
+    pub fn new(path: &'a Path, name: &'static str) -> Self {
+        Self { path, name }
+    }
+
+    /// The file, for errors of its own.
+    pub fn path(&self) -> &'a Path {
+        self.path
+    }
+
+    /// The full key of `key` in this section (`relay.idle_timeout`).
+    pub fn key(&self, key: &str) -> String {
+        format!("{}.{key}", self.name)
+    }
+
+    /// `raw` (or `default` when the key is absent), checked against `bounds`.
+    pub fn bounded<T: Bounded, R: Into<T>>(
+        &self,
+        key: &str,
+        raw: Option<R>,
+        default: T,
+        bounds: RangeInclusive<T>,
+    ) -> Result<T, ConfigError> {
+        within(self.path, &self.key(key), raw.map_or(default, Into::into), bounds)
+    }
+
+    /// `raw` (or `default`) parsed by its `FromStr`, whose error text becomes the reason.
+    pub fn parsed<T: std::str::FromStr>(
+        &self,
+        key: &str,
+        raw: Option<&str>,
+        default: T,
+    ) -> Result<T, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        match raw {
+            None => Ok(default),
+            Some(text) => text
+                .parse()
+                .map_err(|e: T::Err| ConfigError::invalid(self.path, self.key(key), e.to_string())),
+        }
+    }
 }
 
 /// Checks a service or agent name, naming the key otherwise.
@@ -123,16 +196,32 @@ mod tests {
 
     #[test]
     fn out_of_range_names_file_and_key() {
-        let err = duration_in(
-            Path::new("/etc/x.toml"),
-            "relay.idle_timeout",
-            Duration::from_secs(1),
-            Duration::from_secs(2),
-            Duration::from_secs(3),
-        )
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-        assert!(err.starts_with("/etc/x.toml: key `relay.idle_timeout`: 1s is out of range"), "{err}");
+        let path = Path::new("/etc/x.toml");
+        let secs = Duration::from_secs;
+        let err = within(path, "relay.idle_timeout", secs(1), secs(2)..=secs(3)).map_err(|e| e.to_string());
+        assert_eq!(
+            err,
+            Err("/etc/x.toml: key `relay.idle_timeout`: 1s is out of range: expected between 2s and 3s"
+                .into())
+        );
+        let err = within(path, "relay.udp_max_flows", 0usize, 1..=10).map_err(|e| e.to_string());
+        assert_eq!(err, Err("/etc/x.toml: key `relay.udp_max_flows`: 0 is out of range (1 to 10)".into()));
+        let err = within(path, "relay.max_incoming", 0usize, 1..=usize::MAX).map_err(|e| e.to_string());
+        assert_eq!(err, Err("/etc/x.toml: key `relay.max_incoming`: must be at least 1".into()));
+        assert_eq!(within(path, "k", secs(2), secs(2)..=secs(3)).ok(), Some(secs(2)));
+    }
+
+    #[test]
+    fn a_section_takes_the_default_for_an_absent_key_and_checks_both() {
+        let section = Section::new(Path::new("a.toml"), "agent");
+        let secs = Duration::from_secs;
+        let default = section.bounded("keep_alive", None::<HumanDuration>, secs(5), secs(1)..=secs(9));
+        assert_eq!(default.ok(), Some(secs(5)));
+        let written = section.bounded("keep_alive", Some(HumanDuration(secs(7))), secs(5), secs(1)..=secs(9));
+        assert_eq!(written.ok(), Some(secs(7)));
+        let bad = section.bounded("keep_alive", Some(HumanDuration(secs(70))), secs(5), secs(1)..=secs(9));
+        assert!(bad.is_err_and(|e| e.to_string().contains("key `agent.keep_alive`: 1m 10s is out of range")));
+        let parsed: Result<u8, _> = section.parsed("n", Some("x"), 3);
+        assert!(parsed.is_err_and(|e| e.to_string().starts_with("a.toml: key `agent.n`: ")));
     }
 }

@@ -147,9 +147,14 @@ pub fn client_crypto(
 /// Client crypto for enrollment: no client certificate, and the relay is trusted only if its chain
 /// includes a CA certificate whose SHA-256 is `ca_sha256` and the leaf verifies against that CA
 /// for the server name. Anything else fails the handshake, before a byte of the request is sent.
-pub fn pinned_client_crypto(ca_sha256: [u8; 32], alpn: &[&[u8]]) -> Result<Arc<QuicClientConfig>, TlsError> {
+/// The [`PinCheck`] says afterwards whether a failed handshake failed on the pin.
+pub fn pinned_client_crypto(
+    ca_sha256: [u8; 32],
+    alpn: &[&[u8]],
+) -> Result<(Arc<QuicClientConfig>, PinCheck), TlsError> {
     let provider = provider();
-    let verifier = Arc::new(PinnedCa { ca_sha256, provider: provider.clone() });
+    let check = PinCheck::default();
+    let verifier = Arc::new(PinnedCa { ca_sha256, provider: provider.clone(), mismatch: check.clone() });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Identity)?
@@ -158,7 +163,22 @@ pub fn pinned_client_crypto(ca_sha256: [u8; 32], alpn: &[&[u8]]) -> Result<Arc<Q
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.enable_early_data = false;
-    Ok(Arc::new(QuicClientConfig::try_from(config)?))
+    Ok((Arc::new(QuicClientConfig::try_from(config)?), check))
+}
+
+/// Whether a relay was refused because its chain held no CA with the pinned hash.
+#[derive(Debug, Clone, Default)]
+pub struct PinCheck(Arc<std::sync::atomic::AtomicBool>);
+
+impl PinCheck {
+    /// True once a relay's chain lacked the pinned CA (set by the handshake, never cleared).
+    pub fn ca_mismatched(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn mismatch(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// SHA-256 of a DER certificate.
@@ -174,6 +194,7 @@ pub fn cert_sha256(der: &[u8]) -> [u8; 32] {
 struct PinnedCa {
     ca_sha256: [u8; 32],
     provider: Arc<CryptoProvider>,
+    mismatch: PinCheck,
 }
 
 impl rustls::client::danger::ServerCertVerifier for PinnedCa {
@@ -185,9 +206,12 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
         ocsp_response: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let ca = intermediates.iter().find(|c| cert_sha256(c) == self.ca_sha256).ok_or_else(|| {
-            rustls::Error::General("the relay's CA does not match the join token's CA hash".into())
-        })?;
+        let Some(ca) = intermediates.iter().find(|c| cert_sha256(c) == self.ca_sha256) else {
+            self.mismatch.mismatch();
+            return Err(rustls::Error::General(
+                "the relay's CA does not match the join token's CA hash".into(),
+            ));
+        };
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -294,7 +318,7 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
         sans,
         not_after_unix: cert.validity().not_after.timestamp(),
         not_before_unix: cert.validity().not_before.timestamp(),
-        serial: cert.tbs_certificate.raw_serial().iter().map(|b| format!("{b:02x}")).collect(),
+        serial: crate::hex::encode(cert.tbs_certificate.raw_serial()),
     })
 }
 
@@ -331,6 +355,18 @@ pub struct LoadedTls {
     pub key_pem: Vec<u8>,
 }
 
+/// Why a relay's or an agent's TLS identity (CA, certificate, key) could not be set up: the
+/// start error both binaries share.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// A file is missing, unreadable, or not what it should be.
+    #[error(transparent)]
+    Files(#[from] TlsFileError),
+    /// The files load but do not make a TLS configuration (a key that is not the certificate's).
+    #[error("TLS configuration: {0}")]
+    Crypto(#[from] TlsError),
+}
+
 /// A TLS file that could not be used, named with what is wrong with it.
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {reason}", path.display())]
@@ -364,10 +400,7 @@ impl TlsFiles {
 impl CertInfo {
     /// Whole days of validity left (negative once expired).
     pub fn days_left(&self) -> i64 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or_default();
+        let now = i64::try_from(crate::clock::unix_now()).unwrap_or(i64::MAX);
         (self.not_after_unix - now).div_euclid(86_400)
     }
 }

@@ -19,6 +19,11 @@ use serde::Deserialize;
 
 use crate::containers::{spec::RawContainer, ContainerSpec, DockerSettings};
 
+mod target;
+
+use target::host_port;
+pub use target::{AddressError, Target, TargetError};
+
 /// The validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -31,10 +36,89 @@ pub struct Config {
     pub docker: DockerSettings,
     /// Containers the agent owns, by name.
     pub containers: BTreeMap<String, ContainerSpec>,
+    pub udp: UdpLimits,
+}
+
+/// The agent's UDP flows.
+#[derive(Debug, Clone)]
+pub struct UdpLimits {
     /// A UDP flow with no datagram either way for this long is closed.
-    pub udp_flow_idle: Duration,
+    pub flow_idle: Duration,
     /// UDP flows open at once, at most; a new one beyond it closes the oldest.
-    pub udp_max_flows: usize,
+    pub max_flows: usize,
+}
+
+const MILLISECOND: Duration = Duration::from_millis(1);
+const SECOND: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3600);
+
+impl Default for Timing {
+    /// The timers of an agent.toml that does not set them.
+    fn default() -> Self {
+        Self {
+            keep_alive: SECOND * 5,
+            idle_timeout: SECOND * 20,
+            handshake_timeout: SECOND * 10,
+            connect_timeout: SECOND * 5,
+            reconnect_min: MILLISECOND * 250,
+            reconnect_max: SECOND * 10,
+            congestion: Congestion::default(),
+        }
+    }
+}
+
+impl Timing {
+    /// The `[agent]` timers as written, each absent one from [`Timing::default`], each checked
+    /// against its bounds (listed here and nowhere else).
+    fn from_raw(a: &RawAgent, agent: conf::Section<'_>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let ms = MILLISECOND;
+        Ok(Self {
+            keep_alive: agent.bounded("keep_alive", a.keep_alive, d.keep_alive, ms * 100..=SECOND * 600)?,
+            idle_timeout: agent.bounded("idle_timeout", a.idle_timeout, d.idle_timeout, SECOND..=HOUR)?,
+            handshake_timeout: agent.bounded(
+                "handshake_timeout",
+                a.handshake_timeout,
+                d.handshake_timeout,
+                ms * 100..=SECOND * 300,
+            )?,
+            connect_timeout: agent.bounded(
+                "connect_timeout",
+                a.connect_timeout,
+                d.connect_timeout,
+                ms * 10..=SECOND * 300,
+            )?,
+            reconnect_min: agent.bounded(
+                "reconnect_min",
+                a.reconnect_min,
+                d.reconnect_min,
+                ms * 10..=SECOND * 600,
+            )?,
+            reconnect_max: agent.bounded(
+                "reconnect_max",
+                a.reconnect_max,
+                d.reconnect_max,
+                ms * 10..=HOUR,
+            )?,
+            congestion: agent.parsed("congestion", a.congestion.as_deref(), d.congestion)?,
+        })
+    }
+}
+
+impl Default for UdpLimits {
+    fn default() -> Self {
+        Self { flow_idle: SECOND * 60, max_flows: 4096 }
+    }
+}
+
+impl UdpLimits {
+    fn from_raw(a: &RawAgent, agent: conf::Section<'_>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        Ok(Self {
+            flow_idle: agent.bounded("udp_flow_idle", a.udp_flow_idle, d.flow_idle, SECOND..=HOUR)?,
+            max_flows: agent.bounded("udp_max_flows", a.udp_max_flows, d.max_flows, 1..=1_000_000)?,
+        })
+    }
 }
 
 /// Timers of the tunnel and of target dials.
@@ -82,94 +166,15 @@ pub struct Service {
     pub proxy_protocol: bool,
 }
 
-/// What a service connects to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// `tcp://HOST:PORT`
-    Tcp { host: String, port: u16 },
-    /// `container://NAME:PORT`: a port of a container declared under `[containers.NAME]`, at the
-    /// address the engine gives it (looked up after every start).
-    Container { name: String, port: u16 },
-    /// `udp://HOST:PORT`: the target of a UDP service.
-    Udp { host: String, port: u16 },
-    /// `wsl://DISTRO:PORT`: a port inside a WSL2 distribution (Windows agent only): TCP through
-    /// localhost forwarding, else the VM's address; UDP through the VM's address.
-    Wsl { distro: String, port: u16 },
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Tcp { host, port } if host.contains(':') => write!(f, "tcp://[{host}]:{port}"),
-            Self::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
-            Self::Container { name, port } => write!(f, "container://{name}:{port}"),
-            Self::Udp { host, port } if host.contains(':') => write!(f, "udp://[{host}]:{port}"),
-            Self::Udp { host, port } => write!(f, "udp://{host}:{port}"),
-            Self::Wsl { distro, port } => write!(f, "wsl://{distro}:{port}"),
-        }
-    }
-}
-
-impl Target {
-    /// Whether this target takes UDP flows (`udp://`, `wsl://`).
-    pub fn carries_udp(&self) -> bool {
-        matches!(self, Self::Udp { .. } | Self::Wsl { .. })
-    }
-
-    /// Whether this target takes TCP connections (all but `udp://`).
-    pub fn carries_tcp(&self) -> bool {
-        !matches!(self, Self::Udp { .. })
-    }
-
-    /// Parses `tcp://HOST:PORT`, `udp://HOST:PORT`, `container://NAME:PORT` or
-    /// `wsl://DISTRO:PORT`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        const EXPECTED: &str =
-            "expected tcp://HOST:PORT, udp://HOST:PORT, container://NAME:PORT or wsl://DISTRO:PORT";
-        if let Some(rest) = text.strip_prefix("container://") {
-            let (name, port) = host_port(rest).map_err(|e| format!("{text:?}: {e}"))?;
-            return Ok(Self::Container { name, port });
-        }
-        if let Some(rest) = text.strip_prefix("udp://") {
-            let (host, port) = host_port(rest).map_err(|e| format!("{text:?}: {e}"))?;
-            return Ok(Self::Udp { host, port });
-        }
-        if let Some(rest) = text.strip_prefix("wsl://") {
-            let (distro, port) = host_port(rest).map_err(|e| format!("{text:?}: {e}"))?;
-            if !is_valid_distro(&distro) {
-                return Err(format!("{text:?}: {distro:?} is not a WSL distribution name"));
-            }
-            return Ok(Self::Wsl { distro, port });
-        }
-        let Some(rest) = text.strip_prefix("tcp://") else {
-            let scheme = text.split_once("://").map_or("", |(s, _)| s);
-            return Err(if scheme.is_empty() {
-                format!("{text:?} has no scheme: {EXPECTED}")
-            } else {
-                format!("unsupported target scheme {scheme:?} in {text:?}: {EXPECTED}")
-            });
-        };
-        let (host, port) = host_port(rest).map_err(|e| format!("{text:?}: {e}"))?;
-        Ok(Self::Tcp { host, port })
-    }
-}
-
-/// Splits `HOST:PORT` or `[V6]:PORT`.
-fn host_port(text: &str) -> Result<(String, u16), String> {
-    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
-        let (host, port) = rest.split_once("]:").ok_or("expected [IPV6]:PORT")?;
-        (host, port)
-    } else {
-        text.rsplit_once(':').ok_or("expected HOST:PORT")?
-    };
-    if host.is_empty() || host.contains('/') {
-        return Err("missing or invalid host".into());
-    }
-    let port: u16 = port.parse().map_err(|_| format!("invalid port {port:?}"))?;
-    if port == 0 {
-        return Err("port 0 is not a destination".into());
-    }
-    Ok((host.to_owned(), port))
+/// `[docker]` as written, each absent key from [`DockerSettings::default`].
+fn docker_settings(raw: RawDocker, path: &Path) -> Result<DockerSettings, ConfigError> {
+    let d = DockerSettings::default();
+    let docker = conf::Section::new(path, "docker");
+    Ok(DockerSettings {
+        endpoint: raw.endpoint.unwrap_or(d.endpoint),
+        start_timeout: docker.bounded("start_timeout", raw.start_timeout, d.start_timeout, SECOND..=HOUR)?,
+        stop_grace: docker.bounded("stop_grace", raw.stop_grace, d.stop_grace, Duration::ZERO..=HOUR)?,
+    })
 }
 
 impl Config {
@@ -204,21 +209,9 @@ impl Config {
                 Ok(RelayAddr { host, port, server_name })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
-        let d = |key: &str, v: HumanDuration, min: u64, max: u64| {
-            conf::duration_in(path, key, v.0, Duration::from_millis(min), Duration::from_millis(max))
-        };
-        let timing = Timing {
-            keep_alive: d("agent.keep_alive", a.keep_alive, 100, 600_000)?,
-            idle_timeout: d("agent.idle_timeout", a.idle_timeout, 1_000, 3_600_000)?,
-            handshake_timeout: d("agent.handshake_timeout", a.handshake_timeout, 100, 300_000)?,
-            connect_timeout: d("agent.connect_timeout", a.connect_timeout, 10, 300_000)?,
-            reconnect_min: d("agent.reconnect_min", a.reconnect_min, 10, 600_000)?,
-            reconnect_max: d("agent.reconnect_max", a.reconnect_max, 10, 3_600_000)?,
-            congestion: a
-                .congestion
-                .parse()
-                .map_err(|e| ConfigError::invalid(path, "agent.congestion", e))?,
-        };
+        let agent = conf::Section::new(path, "agent");
+        let timing = Timing::from_raw(&a, agent)?;
+        let udp = UdpLimits::from_raw(&a, agent)?;
         if timing.keep_alive * 2 > timing.idle_timeout {
             return Err(ConfigError::invalid(
                 path,
@@ -243,7 +236,7 @@ impl Config {
             let key = format!("services.{name}");
             let name = conf::name(path, &key, &name)?;
             let target = Target::parse(&s.target)
-                .map_err(|e| ConfigError::invalid(path, format!("{key}.target"), e))?;
+                .map_err(|e| ConfigError::invalid(path, format!("{key}.target"), e.to_string()))?;
             if let Target::Container { name: container, .. } = &target {
                 if !containers.contains_key(container) {
                     return Err(ConfigError::invalid(
@@ -281,41 +274,7 @@ impl Config {
             };
             services.insert(name.clone(), Service { name, target, proxy_protocol });
         }
-        let docker = match raw.docker {
-            None => DockerSettings::default(),
-            Some(d) => {
-                let defaults = DockerSettings::default();
-                DockerSettings {
-                    endpoint: d.endpoint.unwrap_or(defaults.endpoint),
-                    start_timeout: d
-                        .start_timeout
-                        .map(|v| {
-                            conf::duration_in(
-                                path,
-                                "docker.start_timeout",
-                                v.0,
-                                Duration::from_secs(1),
-                                Duration::from_secs(3600),
-                            )
-                        })
-                        .transpose()?
-                        .unwrap_or(defaults.start_timeout),
-                    stop_grace: d
-                        .stop_grace
-                        .map(|v| {
-                            conf::duration_in(
-                                path,
-                                "docker.stop_grace",
-                                v.0,
-                                Duration::ZERO,
-                                Duration::from_secs(3600),
-                            )
-                        })
-                        .transpose()?
-                        .unwrap_or(defaults.stop_grace),
-                }
-            }
-        };
+        let docker = docker_settings(raw.docker.unwrap_or_default(), path)?;
         if !["unix://", "npipe://", "tcp://", "http://"].iter().any(|p| docker.endpoint.starts_with(p)) {
             return Err(ConfigError::invalid(
                 path,
@@ -338,17 +297,7 @@ impl Config {
             services,
             docker,
             containers,
-            udp_flow_idle: d("agent.udp_flow_idle", a.udp_flow_idle, 1_000, 3_600_000)?,
-            udp_max_flows: match a.udp_max_flows {
-                n @ 1..=1_000_000 => n,
-                n => {
-                    return Err(ConfigError::invalid(
-                        path,
-                        "agent.udp_max_flows",
-                        format!("{n} is out of range (1 to 1000000)"),
-                    ))
-                }
-            },
+            udp,
         })
     }
 }
@@ -364,7 +313,7 @@ struct RawConfig {
     containers: BTreeMap<String, RawContainer>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDocker {
     endpoint: Option<String>,
@@ -380,24 +329,15 @@ struct RawAgent {
     ca_cert: PathBuf,
     cert: PathBuf,
     key: PathBuf,
-    #[serde(default = "default_keep_alive")]
-    keep_alive: HumanDuration,
-    #[serde(default = "default_idle_timeout")]
-    idle_timeout: HumanDuration,
-    #[serde(default = "default_handshake_timeout")]
-    handshake_timeout: HumanDuration,
-    #[serde(default = "default_connect_timeout")]
-    connect_timeout: HumanDuration,
-    #[serde(default = "default_reconnect_min")]
-    reconnect_min: HumanDuration,
-    #[serde(default = "default_reconnect_max")]
-    reconnect_max: HumanDuration,
-    #[serde(default = "default_congestion")]
-    congestion: String,
-    #[serde(default = "default_udp_flow_idle")]
-    udp_flow_idle: HumanDuration,
-    #[serde(default = "default_udp_max_flows")]
-    udp_max_flows: usize,
+    keep_alive: Option<HumanDuration>,
+    idle_timeout: Option<HumanDuration>,
+    handshake_timeout: Option<HumanDuration>,
+    connect_timeout: Option<HumanDuration>,
+    reconnect_min: Option<HumanDuration>,
+    reconnect_max: Option<HumanDuration>,
+    congestion: Option<String>,
+    udp_flow_idle: Option<HumanDuration>,
+    udp_max_flows: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -405,40 +345,6 @@ struct RawAgent {
 struct RawService {
     target: String,
     proxy_protocol: Option<String>,
-}
-
-fn default_udp_flow_idle() -> HumanDuration {
-    HumanDuration(Duration::from_secs(60))
-}
-fn default_udp_max_flows() -> usize {
-    4096
-}
-
-fn default_keep_alive() -> HumanDuration {
-    HumanDuration(Duration::from_secs(5))
-}
-fn default_idle_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(20))
-}
-fn default_handshake_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(10))
-}
-fn default_connect_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(5))
-}
-fn default_reconnect_min() -> HumanDuration {
-    HumanDuration(Duration::from_millis(250))
-}
-fn default_congestion() -> String {
-    "bbr".into()
-}
-fn default_reconnect_max() -> HumanDuration {
-    HumanDuration(Duration::from_secs(10))
-}
-
-/// Whether `name` can be a WSL distribution name (and is safe on a command line).
-pub(crate) fn is_valid_distro(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 #[cfg(test)]
@@ -476,28 +382,6 @@ target = "tcp://127.0.0.1:1433"
         assert_eq!(c.services["mssql"].target, Target::Tcp { host: "127.0.0.1".into(), port: 1433 });
         assert_eq!(c.tls.key, Path::new("/etc/sallyport/agent.key"));
         assert_eq!(c.timing.keep_alive, Duration::from_secs(5));
-    }
-
-    #[test]
-    fn targets_parse_strictly() {
-        assert_eq!(Target::parse("tcp://[::1]:80"), Ok(Target::Tcp { host: "::1".into(), port: 80 }));
-        assert_eq!(
-            Target::parse("tcp://db.local:5432").map(|t| t.to_string()),
-            Ok("tcp://db.local:5432".into())
-        );
-        for (bad, why) in [
-            ("127.0.0.1:80", "no scheme"),
-            ("ftp://127.0.0.1:21", "unsupported target scheme \"ftp\""),
-            ("wsl://Ubuntu 24.04:80", "not a WSL distribution name"),
-            ("container://mssql", "expected HOST:PORT"),
-            ("tcp://127.0.0.1", "expected HOST:PORT"),
-            ("tcp://127.0.0.1:0", "port 0"),
-            ("tcp://:80", "invalid host"),
-            ("tcp://h:99999", "invalid port"),
-        ] {
-            let e = Target::parse(bad).expect_err(bad);
-            assert!(e.contains(why), "{bad}: {e}");
-        }
     }
 
     #[test]

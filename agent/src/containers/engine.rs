@@ -2,6 +2,7 @@
 //! negotiation, and the calls the manager makes. Every container it touches is checked for the
 //! agent's labels first.
 
+use sallyport_runtime::sync::lock;
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
@@ -127,7 +128,7 @@ impl Engine {
     /// The client, connected and version-negotiated (Docker Desktop on Windows 10 stays on older
     /// engines, so the API version is the lower of bollard's and the engine's).
     async fn client(&self) -> Result<Docker, ContainerError> {
-        if let Some(client) = self.client.lock().ok().and_then(|c| c.clone()) {
+        if let Some(client) = lock(&self.client).clone() {
             return Ok(client);
         }
         let endpoint = self.settings.endpoint.as_str();
@@ -142,9 +143,7 @@ impl Engine {
         };
         let client = connected.map_err(|e| self.unreachable(e))?;
         let client = client.negotiate_version().await.map_err(|e| self.unreachable(e))?;
-        if let Ok(mut slot) = self.client.lock() {
-            *slot = Some(client.clone());
-        }
+        *lock(&self.client) = Some(client.clone());
         Ok(client)
     }
 
@@ -155,9 +154,7 @@ impl Engine {
                 ContainerError::Docker(format!("{message} (HTTP {status_code})"))
             }
             other => {
-                if let Ok(mut slot) = self.client.lock() {
-                    *slot = None;
-                }
+                *lock(&self.client) = None;
                 self.unreachable(other)
             }
         }

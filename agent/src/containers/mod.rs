@@ -6,6 +6,7 @@
 mod engine;
 pub mod spec;
 
+use sallyport_runtime::sync::lock;
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -191,11 +192,8 @@ impl Containers {
             .map(|(name, slot)| sallyport_proto::ContainerReport {
                 name: name.clone(),
                 state: slot.state.borrow().word(),
-                cold_start_ms: slot
-                    .stats
-                    .lock()
-                    .ok()
-                    .and_then(|s| s.last_cold_start)
+                cold_start_ms: lock(&slot.stats)
+                    .last_cold_start
                     .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
             })
             .collect()
@@ -207,7 +205,7 @@ impl Containers {
     }
 
     pub fn stats(&self, name: &str) -> Option<ContainerStats> {
-        self.inner.slots.get(name).and_then(|slot| slot.stats.lock().ok().map(|s| s.clone()))
+        self.inner.slots.get(name).map(|slot| lock(&slot.stats).clone())
     }
 
     fn slot(&self, name: &str) -> Result<&Arc<Slot>, ContainerError> {
@@ -337,9 +335,7 @@ impl Containers {
             match self.inner.engine.stop(&slot.spec).await {
                 Ok(()) => {
                     info!(container = %slot.spec.name, idle = ?after, "container stopped after idling");
-                    if let Ok(mut stats) = slot.stats.lock() {
-                        stats.idle_stops += 1;
-                    }
+                    lock(&slot.stats).idle_stops += 1;
                 }
                 Err(e) => warn!(container = %slot.spec.name, error = %e, "cannot stop idle container"),
             }
@@ -365,9 +361,7 @@ impl Containers {
                 self.inner.engine.check_alive(&slot.spec).await?;
                 let took = started.elapsed();
                 info!(container = %name, cold_start = ?took, "container started for a connection");
-                if let Ok(mut stats) = slot.stats.lock() {
-                    stats.last_cold_start = Some(took);
-                }
+                lock(&slot.stats).last_cold_start = Some(took);
             }
             Ok(tcp)
         })
@@ -394,9 +388,7 @@ impl Containers {
     /// Starts the container (the caller holds its lifecycle lock) and returns its address.
     async fn start_locked(&self, slot: &Arc<Slot>) -> Result<IpAddr, ContainerError> {
         slot.state.send_replace(ContainerState::Starting);
-        if let Ok(mut stats) = slot.stats.lock() {
-            stats.starts += 1;
-        }
+        lock(&slot.stats).starts += 1;
         let result = self.inner.engine.start(&slot.spec).await;
         match &result {
             Ok(_) => {

@@ -104,7 +104,7 @@ impl ContainerSpec {
             self.network
         );
         let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-        digest.as_ref()[..12].iter().map(|b| format!("{b:02x}")).collect()
+        sallyport_runtime::hex::encode(&digest.as_ref()[..12])
     }
 
     pub(crate) fn from_raw(path: &Path, name: &str, raw: RawContainer) -> Result<Self, ConfigError> {
@@ -115,7 +115,12 @@ impl ContainerSpec {
         if raw.image.trim().is_empty() {
             return Err(invalid("image", "an image is required, e.g. \"postgres:16\"".into()));
         }
-        let memory = raw.memory.as_deref().map(parse_size).transpose().map_err(|e| invalid("memory", e))?;
+        let memory = raw
+            .memory
+            .as_deref()
+            .map(parse_size)
+            .transpose()
+            .map_err(|e| invalid("memory", e.to_string()))?;
         if memory.is_some_and(|m| m < 6 * 1024 * 1024) {
             return Err(invalid("memory", "Docker's smallest memory limit is 6MiB".into()));
         }
@@ -145,13 +150,8 @@ impl ContainerSpec {
         let idle_stop = raw
             .idle_stop
             .map(|d| {
-                conf::duration_in(
-                    path,
-                    &format!("{key}.idle_stop"),
-                    d.0,
-                    Duration::from_secs(1),
-                    Duration::from_secs(7 * 86_400),
-                )
+                let week = Duration::from_secs(7 * 86_400);
+                conf::within(path, &format!("{key}.idle_stop"), d.0, Duration::from_secs(1)..=week)
             })
             .transpose()?;
         if idle_stop.is_some() && raw.start != StartPolicy::OnDemand {
@@ -176,8 +176,19 @@ impl ContainerSpec {
     }
 }
 
+/// Why a size could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{text:?}: unknown unit {unit:?}; use e.g. \"512MiB\" or \"20GiB\"")]
+    Unit { text: String, unit: String },
+    #[error("{0:?} is not a size like \"20GiB\"")]
+    NotASize(String),
+    #[error("{0:?} is out of range")]
+    OutOfRange(String),
+}
+
 /// Parses a size: bytes, or a number with KiB/MiB/GiB/TiB (powers of 1024) or KB/MB/GB/TB (of 1000).
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let trimmed = text.trim();
     let split = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
@@ -191,12 +202,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
         "tb" => 1_000_000_000_000,
-        other => return Err(format!("{text:?}: unknown unit {other:?}; use e.g. \"512MiB\" or \"20GiB\"")),
+        other => return Err(SizeError::Unit { text: text.to_owned(), unit: other.to_owned() }),
     };
-    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a size like \"20GiB\""))?;
+    let value: f64 = number.parse().map_err(|_| SizeError::NotASize(text.to_owned()))?;
     let bytes = value * multiplier as f64;
     if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
-        return Err(format!("{text:?} is out of range"));
+        return Err(SizeError::OutOfRange(text.to_owned()));
     }
     Ok(bytes as u64)
 }

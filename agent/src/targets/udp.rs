@@ -4,13 +4,9 @@
 //! `agent.udp_max_flows` closes the oldest.
 
 use std::{
-    collections::{HashMap, VecDeque},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
+    sync::Arc,
+    time::Duration,
 };
 
 use bytes::BytesMut;
@@ -19,7 +15,10 @@ use sallyport_proto::{
     codes::close,
     datagram::{data_header, Datagram, DATA_OVERHEAD},
 };
-use sallyport_runtime::code;
+use sallyport_runtime::{
+    code,
+    flows::{Activity, FlowTable, Tracked},
+};
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
@@ -28,9 +27,15 @@ use crate::{config::Target, targets::Targets};
 #[derive(Debug)]
 struct Flow {
     socket: Arc<UdpSocket>,
-    /// Milliseconds since `epoch` of the last datagram either way.
-    last: Arc<AtomicU64>,
+    /// The last datagram either way.
+    activity: Arc<Activity>,
     reader: tokio::task::JoinHandle<()>,
+}
+
+impl Tracked for Flow {
+    fn activity(&self) -> &Activity {
+        &self.activity
+    }
 }
 
 impl Drop for Flow {
@@ -41,10 +46,8 @@ impl Drop for Flow {
 
 /// Serves the relay's datagrams on `connection` until it closes.
 pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
-    let epoch = Instant::now();
-    let mut flows: HashMap<u32, Flow> = HashMap::new();
-    let mut order: VecDeque<u32> = VecDeque::new();
-    let idle = targets.config.udp_flow_idle;
+    let idle = targets.config.udp.flow_idle;
+    let mut flows: FlowTable<u32, Flow> = FlowTable::new(targets.config.udp.max_flows);
     let mut sweep = tokio::time::interval((idle / 4).max(Duration::from_millis(250)));
     loop {
         let bytes = tokio::select! {
@@ -53,27 +56,20 @@ pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
                 Err(_) => return,
             },
             _ = sweep.tick() => {
-                let now = epoch.elapsed().as_millis() as u64;
-                flows.retain(|_, f| now.saturating_sub(f.last.load(Ordering::Relaxed)) < idle.as_millis() as u64);
-                order.retain(|id| flows.contains_key(id));
+                flows.sweep(idle);
                 continue;
             }
         };
         let (id, payload) = match Datagram::decode(&bytes) {
             Ok(Datagram::Data { flow, payload }) => (flow, payload),
             Ok(Datagram::Open { flow, service, client, payload }) => {
-                if !flows.contains_key(&flow) {
-                    let Some(new) = open(connection, targets, flow, service, client, epoch).await else {
+                if !flows.contains(&flow) {
+                    let Some(new) = open(connection, targets, flow, service, client).await else {
                         continue;
                     };
-                    if flows.len() >= targets.config.udp_max_flows {
-                        if let Some(oldest) = order.pop_front() {
-                            flows.remove(&oldest);
-                            debug!(flow = oldest, "too many UDP flows: closed the oldest");
-                        }
+                    if let Some((oldest, _)) = flows.insert(flow, new) {
+                        debug!(flow = oldest, "too many UDP flows: closed the oldest");
                     }
-                    flows.insert(flow, new);
-                    order.push_back(flow);
                 }
                 (flow, payload)
             }
@@ -91,7 +87,7 @@ pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
             let _ = connection.send_datagram(out.freeze());
             continue;
         };
-        flow.last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        flow.activity.touch();
         if let Err(e) = flow.socket.send(payload).await {
             debug!(flow = id, error = %e, "datagram to the target not sent");
         }
@@ -105,7 +101,6 @@ async fn open(
     id: u32,
     service: &str,
     client: SocketAddr,
-    epoch: Instant,
 ) -> Option<Flow> {
     let Some(declared) = targets.config.services.get(service) else {
         debug!(service, "UDP flow for a service this agent does not declare: dropped");
@@ -149,20 +144,14 @@ async fn open(
     }
     info!(service, %client, flow = id, %target, "UDP flow opened");
     let socket = Arc::new(socket);
-    let last = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
-    let reader = tokio::spawn(answers(connection.clone(), socket.clone(), id, last.clone(), epoch));
-    Some(Flow { socket, last, reader })
+    let activity = Arc::new(Activity::default());
+    let reader = tokio::spawn(answers(connection.clone(), socket.clone(), id, activity.clone()));
+    Some(Flow { socket, activity, reader })
 }
 
 /// Carries the target's datagrams of one flow to the relay. Each gets a buffer the size the tunnel
 /// can carry, allocated when the socket is readable, so an idle flow holds no buffer.
-async fn answers(
-    connection: Connection,
-    socket: Arc<UdpSocket>,
-    id: u32,
-    last: Arc<AtomicU64>,
-    epoch: Instant,
-) {
+async fn answers(connection: Connection, socket: Arc<UdpSocket>, id: u32, activity: Arc<Activity>) {
     loop {
         if socket.readable().await.is_err() {
             return;
@@ -185,7 +174,7 @@ async fn answers(
         }
         buf.truncate(DATA_OVERHEAD + len);
         buf[..DATA_OVERHEAD].copy_from_slice(&data_header(id));
-        last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.touch();
         if connection.send_datagram(buf.freeze()).is_err() {
             return;
         }

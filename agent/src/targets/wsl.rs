@@ -48,10 +48,29 @@ pub(crate) fn parse_addresses(output: &[u8]) -> Option<IpAddr> {
         .copied()
 }
 
+/// Why a distribution's address could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WslError {
+    /// The helper file is missing or unreadable.
+    #[error("{}: {source}", path.display())]
+    Helper { path: PathBuf, source: io::Error },
+    #[error("cannot run wsl.exe: {0}")]
+    Spawn(io::Error),
+    #[error("wsl.exe -d {distro} failed ({status}): {why}")]
+    Failed { distro: String, status: std::process::ExitStatus, why: String },
+    #[error("lookup failed: {0}")]
+    Lookup(#[from] tokio::task::JoinError),
+    #[error("lookup took longer than {LOOKUP_TIMEOUT:?}")]
+    Slow,
+    /// Every source failed; why each did.
+    #[error("no address for WSL distribution {distro:?}: {reasons}")]
+    NoAddress { distro: String, reasons: String },
+}
+
 /// Where a distribution's address can be read.
 pub(crate) trait Source: Send + Sync + std::fmt::Debug {
     /// The raw output naming the distribution's addresses.
-    fn lookup(&self, distro: &str) -> Result<Vec<u8>, String>;
+    fn lookup(&self, distro: &str) -> Result<Vec<u8>, WslError>;
 }
 
 /// The file the in-distribution helper keeps up to date.
@@ -59,9 +78,9 @@ pub(crate) trait Source: Send + Sync + std::fmt::Debug {
 pub(crate) struct HelperFile(pub(crate) PathBuf);
 
 impl Source for HelperFile {
-    fn lookup(&self, distro: &str) -> Result<Vec<u8>, String> {
+    fn lookup(&self, distro: &str) -> Result<Vec<u8>, WslError> {
         let path = self.0.join(format!("{distro}.addr"));
-        std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+        std::fs::read(&path).map_err(|source| WslError::Helper { path, source })
     }
 }
 
@@ -70,15 +89,15 @@ impl Source for HelperFile {
 pub(crate) struct WslExe;
 
 impl Source for WslExe {
-    fn lookup(&self, distro: &str) -> Result<Vec<u8>, String> {
+    fn lookup(&self, distro: &str) -> Result<Vec<u8>, WslError> {
         let out = std::process::Command::new("wsl.exe")
             .args(["-d", distro, "--", "hostname", "-I"])
             .stdin(std::process::Stdio::null())
             .output()
-            .map_err(|e| format!("cannot run wsl.exe: {e}"))?;
+            .map_err(WslError::Spawn)?;
         if !out.status.success() {
             let why = parse_message(&out.stderr).or_else(|| parse_message(&out.stdout)).unwrap_or_default();
-            return Err(format!("wsl.exe -d {distro} failed ({}): {why}", out.status));
+            return Err(WslError::Failed { distro: distro.to_owned(), status: out.status, why });
         }
         Ok(out.stdout)
     }
@@ -118,12 +137,12 @@ impl Resolver {
     }
 
     fn cached(&self) -> std::sync::MutexGuard<'_, Option<IpAddr>> {
-        self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        sallyport_runtime::sync::lock(&self.cached)
     }
 
     /// The VM address: the kept one, or a new lookup that skips `failed` (an address that just
     /// failed, which a stale helper file may still name).
-    pub(crate) async fn address(&self, failed: Option<IpAddr>) -> Result<IpAddr, String> {
+    pub(crate) async fn address(&self, failed: Option<IpAddr>) -> Result<IpAddr, WslError> {
         if let Some(addr) = *self.cached() {
             if Some(addr) != failed {
                 return Ok(addr);
@@ -140,10 +159,10 @@ impl Resolver {
                 }
                 Ok(Some(addr)) => reasons.push(format!("{source:?} still names {addr}, which failed")),
                 Ok(None) => reasons.push(format!("{source:?} names no address")),
-                Err(e) => reasons.push(e),
+                Err(e) => reasons.push(e.to_string()),
             }
         }
-        Err(format!("no address for WSL distribution {:?}: {}", self.distro, reasons.join("; ")))
+        Err(WslError::NoAddress { distro: self.distro.clone(), reasons: reasons.join("; ") })
     }
 
     /// Forgets `addr` if it is the kept address (a dial to it failed).
@@ -191,14 +210,13 @@ impl Resolver {
 }
 
 /// Runs a lookup off the async threads (`wsl.exe` may take seconds to boot a distribution).
-async fn lookup(source: std::sync::Arc<dyn Source>, distro: &str) -> Result<Vec<u8>, String> {
+async fn lookup(source: std::sync::Arc<dyn Source>, distro: &str) -> Result<Vec<u8>, WslError> {
     let distro = distro.to_owned();
     match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::task::spawn_blocking(move || source.lookup(&distro)))
         .await
     {
-        Ok(Ok(result)) => result,
-        Ok(Err(e)) => Err(format!("lookup failed: {e}")),
-        Err(_) => Err(format!("lookup took longer than {LOOKUP_TIMEOUT:?}")),
+        Ok(result) => result?,
+        Err(_) => Err(WslError::Slow),
     }
 }
 
@@ -230,26 +248,17 @@ mod tests {
         assert_eq!(parse_message(&msg).as_deref(), Some("There is no distribution with the supplied name."));
     }
 
-    #[test]
-    fn distro_names_are_checked() {
-        use crate::config::is_valid_distro;
-        assert!(is_valid_distro("Ubuntu-24.04") && is_valid_distro("kali_linux"));
-        assert!(
-            !is_valid_distro("")
-                && !is_valid_distro("a b")
-                && !is_valid_distro("x;calc")
-                && !is_valid_distro("a\"b")
-        );
-    }
-
     /// Answers from a script, counting calls: what a restarted WSL looks like.
     #[derive(Debug)]
     struct Script(Vec<&'static str>, Arc<AtomicUsize>);
 
     impl Source for Script {
-        fn lookup(&self, _: &str) -> Result<Vec<u8>, String> {
+        fn lookup(&self, _: &str) -> Result<Vec<u8>, WslError> {
             let i = self.1.fetch_add(1, Ordering::SeqCst);
-            self.0.get(i).map(|s| s.as_bytes().to_vec()).ok_or_else(|| "no more answers".into())
+            self.0
+                .get(i)
+                .map(|s| s.as_bytes().to_vec())
+                .ok_or_else(|| WslError::Spawn(std::io::Error::other("no more answers")))
         }
     }
 
@@ -263,13 +272,13 @@ mod tests {
             "Ubuntu",
             vec![Arc::new(Script(vec!["127.0.0.2\n", "127.0.0.3 172.17.0.1\n"], calls.clone()))],
         );
-        assert_eq!(resolver.address(None).await, Ok("127.0.0.2".parse().unwrap()));
-        assert_eq!(resolver.address(None).await, Ok("127.0.0.2".parse().unwrap()));
+        assert_eq!(resolver.address(None).await.ok(), Some("127.0.0.2".parse().unwrap()));
+        assert_eq!(resolver.address(None).await.ok(), Some("127.0.0.2".parse().unwrap()));
         assert_eq!(calls.load(Ordering::SeqCst), 1, "kept, not looked up again");
         let tcp = resolver.connect_tcp(port, None, Duration::from_secs(2)).await.expect("re-resolved dial");
         assert_eq!(tcp.peer_addr().expect("peer").ip(), "127.0.0.3".parse::<IpAddr>().unwrap());
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-        assert_eq!(resolver.address(None).await, Ok("127.0.0.3".parse().unwrap()));
+        assert_eq!(resolver.address(None).await.ok(), Some("127.0.0.3".parse().unwrap()));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,7 +300,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1, "the helper file was read first");
         // Neither source knows a working address: the error names both.
         let resolver = Resolver::with_sources("Gone", vec![Arc::new(HelperFile(dir.path().to_owned()))]);
-        let e = resolver.address(None).await.unwrap_err();
+        let e = resolver.address(None).await.unwrap_err().to_string();
         assert!(e.contains("Gone") && e.contains("Gone.addr"), "{e}");
     }
 

@@ -1,23 +1,43 @@
 //! Container commands from the relay: refused when expired, replayed or for a container this agent
 //! does not declare; otherwise run against the engine.
 
-use std::{
-    collections::BTreeMap,
-    sync::Mutex,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{collections::BTreeMap, sync::Mutex};
 
 use sallyport_proto::{Command, ContainerAction};
+use sallyport_runtime::{clock, sync::lock};
 use tracing::{info, warn};
 
-use crate::tunnel::Tunnels;
+use crate::{containers::ContainerError, tunnel::Tunnels};
 
 /// How far in the future an expiry may lie: bounds how long an id must be remembered.
 const MAX_LIFETIME_SECS: u64 = 600;
 
-pub(crate) async fn run(command: Command, tunnels: &Tunnels) -> Result<String, String> {
+/// Why a command from the relay was not run (the relay is told this text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Refused {
+    #[error("command {id} expired {ago} s ago")]
+    Expired { id: u64, ago: u64 },
+    #[error("command {0} expires too far in the future")]
+    TooFarAhead(u64),
+    #[error("container {0:?} is not declared by this agent")]
+    Undeclared(String),
+    #[error("command {0} was already run: replay refused")]
+    Replay(u64),
+}
+
+/// Why a command from the relay did not succeed (the relay is told this text).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CommandFailed {
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error(transparent)]
+    Container(#[from] ContainerError),
+}
+
+/// Runs a command from the relay if it is admitted.
+pub(crate) async fn run(command: Command, tunnels: &Tunnels) -> Result<String, CommandFailed> {
     let declared = tunnels.config.containers.contains_key(&command.container);
-    admit(&command, declared, &tunnels.seen_commands, now_unix())?;
+    admit(&command, declared, &tunnels.seen_commands, clock::unix_now())?;
     let c = &tunnels.targets.containers;
     let name = command.container.as_str();
     let result = match command.action {
@@ -33,11 +53,7 @@ pub(crate) async fn run(command: Command, tunnels: &Tunnels) -> Result<String, S
             warn!(id = command.id, container = name, action = ?command.action, error = %e, "command failed")
         }
     }
-    result.map_err(|e| e.to_string())
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    Ok(result?)
 }
 
 /// Checks expiry, replay and declaration; records the id in `seen` (ids with their expiry).
@@ -46,27 +62,25 @@ fn admit(
     declared: bool,
     seen: &Mutex<BTreeMap<u64, u64>>,
     now: u64,
-) -> Result<(), String> {
-    let refuse = |reason: String| {
-        warn!(id = command.id, container = %command.container, %reason, "command refused");
-        Err(reason)
+) -> Result<(), Refused> {
+    let refuse = |refused: Refused| {
+        warn!(id = command.id, container = %command.container, reason = %refused, "command refused");
+        Err(refused)
     };
     if command.expires_unix < now {
-        return refuse(format!("command {} expired {} s ago", command.id, now - command.expires_unix));
+        return refuse(Refused::Expired { id: command.id, ago: now - command.expires_unix });
     }
     if command.expires_unix > now + MAX_LIFETIME_SECS {
-        return refuse(format!("command {} expires too far in the future", command.id));
+        return refuse(Refused::TooFarAhead(command.id));
     }
     if !declared {
-        return refuse(format!("container {:?} is not declared by this agent", command.container));
+        return refuse(Refused::Undeclared(command.container.clone()));
     }
-    let Ok(mut seen) = seen.lock() else {
-        return refuse("internal error".into());
-    };
+    let mut seen = lock(seen);
     seen.retain(|_, expires| *expires >= now);
     if seen.insert(command.id, command.expires_unix).is_some() {
         drop(seen);
-        return refuse(format!("command {} was already run: replay refused", command.id));
+        return refuse(Refused::Replay(command.id));
     }
     Ok(())
 }
@@ -84,16 +98,16 @@ mod tests {
         let seen = Mutex::default();
         let now = 1_000_000;
         assert_eq!(admit(&command(1, now + 60), true, &seen, now), Ok(()));
-        let replay = admit(&command(1, now + 60), true, &seen, now + 1).expect_err("replay");
-        assert!(replay.contains("replay refused"), "{replay}");
+        let replay = admit(&command(1, now + 60), true, &seen, now + 1);
+        assert_eq!(replay, Err(Refused::Replay(1)));
         let expired = admit(&command(2, now - 5), true, &seen, now).expect_err("expired");
-        assert!(expired.contains("expired 5 s ago"), "{expired}");
-        let far = admit(&command(3, now + 3600), true, &seen, now).expect_err("far");
-        assert!(far.contains("too far in the future"), "{far}");
+        assert_eq!(expired.to_string(), "command 2 expired 5 s ago");
+        let far = admit(&command(3, now + 3600), true, &seen, now);
+        assert_eq!(far, Err(Refused::TooFarAhead(3)));
         let undeclared = admit(&command(4, now + 60), false, &seen, now).expect_err("undeclared");
-        assert!(undeclared.contains("not declared"), "{undeclared}");
+        assert!(undeclared.to_string().contains("not declared"), "{undeclared}");
         // Remembered ids are forgotten once their command expired: the memory stays bounded.
         assert_eq!(admit(&command(5, now + 700), true, &seen, now + 200), Ok(()));
-        assert_eq!(seen.lock().map(|s| s.len()).unwrap_or(0), 1);
+        assert_eq!(lock(&seen).len(), 1);
     }
 }

@@ -19,6 +19,7 @@ use sallyport_proto::{
 };
 use sallyport_runtime::{
     code, read_frame,
+    sync::read,
     transport::{self, StreamCredit},
     write_frame, FrameError,
 };
@@ -245,10 +246,7 @@ async fn connect(
         .next()
         .ok_or(TunnelError::NoAddress)?;
     let endpoint = endpoint_for(addr, endpoint)?;
-    let client_config = match tunnels.client_config.read() {
-        Ok(config) => config.clone(),
-        Err(poisoned) => poisoned.into_inner().clone(),
-    };
+    let client_config = read(&tunnels.client_config).clone();
     let connecting = endpoint.connect_with(client_config, addr, &relay.server_name)?;
     let timeout = tunnels.config.timing.handshake_timeout;
     let handshake = async {
@@ -353,7 +351,7 @@ async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, tunnels: &Ar
                     let (tx, tunnels) = (tx.clone(), tunnels.clone());
                     tokio::spawn(async move {
                         let id = command.id;
-                        let result = commands::run(command, &tunnels).await;
+                        let result = commands::run(command, &tunnels).await.map_err(|e| e.to_string());
                         let _ = tx.send(AgentMessage::CommandResult { id, result }).await;
                     });
                 }

@@ -3,10 +3,17 @@
 //! new key and certificate over the old ones and uses them for every new connection. Tunnels that
 //! are up stay up.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use sallyport_proto::{AgentMessage, ALPN_TUNNEL};
-use sallyport_runtime::{tls, transport};
+use sallyport_runtime::{
+    clock,
+    sync::{lock, write},
+    tls, transport,
+};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -25,25 +32,37 @@ fn check_interval(not_before: i64, not_after: i64) -> Duration {
 }
 
 fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    i64::try_from(clock::unix_now()).unwrap_or(i64::MAX)
+}
+
+/// Why a renewed certificate could not be put in place.
+#[derive(Debug, thiserror::Error)]
+enum InstallError {
+    /// The certificate, its key or the CA file do not make a usable identity.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Certificate(#[from] tls::CertError),
+    #[error("the relay sent an empty certificate")]
+    Empty,
+    #[error("{}: {source}", path.display())]
+    File { path: PathBuf, source: std::io::Error },
 }
 
 /// Sends a renewal request on `tx` whenever the certificate is due and none is in flight; runs
 /// as long as the control stream.
 pub(crate) async fn when_due(tx: &mpsc::Sender<AgentMessage>, tunnels: &Tunnels) {
     loop {
-        let (not_before, not_after) = tunnels.cert_validity.lock().map(|v| *v).unwrap_or((0, i64::MAX));
+        let (not_before, not_after) = *lock(&tunnels.cert_validity);
         tokio::time::sleep(check_interval(not_before, not_after)).await;
-        let (not_before, not_after) = tunnels.cert_validity.lock().map(|v| *v).unwrap_or((0, i64::MAX));
+        let (not_before, not_after) = *lock(&tunnels.cert_validity);
         if !due(not_before, not_after, now_unix()) {
             continue;
         }
         let Some(csr_pem) = start_request(tunnels) else { continue };
         info!(expires_in_s = not_after - now_unix(), "renewing the agent certificate");
         if tx.send(AgentMessage::Renew { csr_pem }).await.is_err() {
-            if let Ok(mut pending) = tunnels.renewal_key.lock() {
-                *pending = None;
-            }
+            *lock(&tunnels.renewal_key) = None;
             return;
         }
     }
@@ -52,7 +71,7 @@ pub(crate) async fn when_due(tx: &mpsc::Sender<AgentMessage>, tunnels: &Tunnels)
 /// Makes a key and its CSR and records the key as in flight; `None` if a request is already in
 /// flight (one at a time across all tunnels) or the request cannot be made.
 fn start_request(tunnels: &Tunnels) -> Option<String> {
-    let mut pending = tunnels.renewal_key.lock().ok()?;
+    let mut pending = lock(&tunnels.renewal_key);
     // An answer lost with its tunnel is given up on after a minute.
     if pending.as_ref().is_some_and(|(_, sent)| sent.elapsed() < Duration::from_secs(60)) {
         return None;
@@ -76,7 +95,7 @@ fn start_request(tunnels: &Tunnels) -> Option<String> {
 /// Takes the relay's answer: on success the new key and certificate replace the old files and
 /// the client configuration of new connections.
 pub(crate) fn apply(result: Result<String, String>, tunnels: &Tunnels) {
-    let key_pem = tunnels.renewal_key.lock().ok().and_then(|mut k| k.take()).map(|(key, _)| key);
+    let key_pem = lock(&tunnels.renewal_key).take().map(|(key, _)| key);
     let (cert_pem, key_pem) = match (result, key_pem) {
         (Ok(cert), Some(key)) => (cert, key),
         (Ok(_), None) => return warn!("a renewed certificate arrived with no request in flight"),
@@ -88,35 +107,31 @@ pub(crate) fn apply(result: Result<String, String>, tunnels: &Tunnels) {
     }
 }
 
-fn install(cert_pem: &str, key_pem: &str, tunnels: &Tunnels) -> Result<i64, String> {
+fn install(cert_pem: &str, key_pem: &str, tunnels: &Tunnels) -> Result<i64, InstallError> {
     let files = &tunnels.config.tls;
-    let identity =
-        tls::Identity::from_pem(cert_pem.as_bytes(), key_pem.as_bytes()).map_err(|e| e.to_string())?;
-    let leaf = identity.chain.first().ok_or("empty certificate")?;
-    let info = tls::inspect(leaf).map_err(|e| e.to_string())?;
-    let ca_pem = std::fs::read(&files.ca_cert).map_err(|e| format!("{}: {e}", files.ca_cert.display()))?;
-    let roots = tls::roots_from_pem(&ca_pem).map_err(|e| e.to_string())?;
-    let crypto = tls::client_crypto(roots, identity, &[ALPN_TUNNEL]).map_err(|e| e.to_string())?;
+    let identity = tls::Identity::from_pem(cert_pem.as_bytes(), key_pem.as_bytes())?;
+    let leaf = identity.chain.first().ok_or(InstallError::Empty)?;
+    let info = tls::inspect(leaf)?;
+    let ca_pem = std::fs::read(&files.ca_cert)
+        .map_err(|source| InstallError::File { path: files.ca_cert.clone(), source })?;
+    let roots = tls::roots_from_pem(&ca_pem)?;
+    let crypto = tls::client_crypto(roots, identity, &[ALPN_TUNNEL])?;
     // Key first, then certificate, each through a temporary file and a rename.
     write_replacing(&files.key, key_pem, true)?;
     write_replacing(&files.cert, cert_pem, false)?;
     let timing = &tunnels.config.timing;
     let mut client = quinn::ClientConfig::new(crypto);
     client.transport_config(transport::agent(timing.keep_alive, timing.idle_timeout, timing.congestion));
-    if let Ok(mut current) = tunnels.client_config.write() {
-        *current = client;
-    }
-    if let Ok(mut validity) = tunnels.cert_validity.lock() {
-        *validity = (info.not_before_unix, info.not_after_unix);
-    }
+    *write(&tunnels.client_config) = client;
+    *lock(&tunnels.cert_validity) = (info.not_before_unix, info.not_after_unix);
     Ok(info.not_after_unix)
 }
 
-fn write_replacing(path: &std::path::Path, contents: &str, private: bool) -> Result<(), String> {
+fn write_replacing(path: &Path, contents: &str, private: bool) -> Result<(), InstallError> {
     let tmp = path.with_extension("renewing");
     crate::enroll::write_file(&tmp, contents, private)
         .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(|source| InstallError::File { path: path.to_owned(), source })
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use sallyport_runtime::tls::{self, TlsFileError};
+use sallyport_runtime::tls::{self, IdentityError, TlsFileError};
 
 use crate::{config::Config, ops::auth::load_admin_token, relay::StartError};
 
@@ -48,7 +48,7 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
     let names = tls.leaf.sans.clone();
     // Building the server configuration checks that the key matches the certificate.
     tls::server_crypto(tls.roots, tls.identity, &[sallyport_proto::ALPN_TUNNEL])
-        .map_err(StartError::Crypto)?;
+        .map_err(IdentityError::from)?;
     let commands_enabled = load_admin_token(config)?.is_some();
     Ok(CheckReport {
         commands_enabled,

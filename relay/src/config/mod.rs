@@ -13,9 +13,13 @@ use std::{
 use sallyport_runtime::{
     config::{self as conf, ConfigError, HumanDuration},
     tls::TlsFiles,
-    transport::Congestion,
 };
 use serde::Deserialize;
+
+mod limits;
+
+pub use limits::Limits;
+use limits::{DAY, SECOND};
 
 /// The validated relay configuration.
 #[derive(Debug, Clone)]
@@ -46,34 +50,6 @@ pub struct Config {
     pub limits: Limits,
     /// Services by name.
     pub services: BTreeMap<String, Service>,
-}
-
-/// Timeouts and caps.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// A tunnel with no traffic (not even keep-alives) for this long is dead.
-    pub idle_timeout: Duration,
-    /// Time for a new agent to finish the handshake and send `Hello`.
-    pub handshake_timeout: Duration,
-    /// How long in-flight connections may take to finish on shutdown.
-    pub drain_grace: Duration,
-    /// QUIC handshakes in progress at once, at most.
-    pub max_incoming: usize,
-    /// Client connections open at once across all services, at most.
-    pub max_connections: usize,
-    /// Congestion controller of the relay-to-agent direction.
-    pub congestion: Congestion,
-    /// Time for an HTTP client to send a whole request head (and a TLS client its ClientHello);
-    /// also how long an idle keep-alive connection waits for its next request.
-    pub header_timeout: Duration,
-    /// The largest HTTP request head accepted (bigger: 431 and closed).
-    pub max_header_bytes: usize,
-    /// HTTP and HTTPS connections open at once from one client address, at most.
-    pub max_connections_per_ip: usize,
-    /// A UDP flow with no datagram either way for this long is forgotten.
-    pub udp_flow_idle: Duration,
-    /// UDP flows kept per service; a new flow beyond it replaces the oldest.
-    pub udp_max_flows: usize,
 }
 
 /// One published service.
@@ -125,6 +101,15 @@ impl std::fmt::Display for Listen {
 }
 
 impl Config {
+    /// Where agents reach the relay when `relay.listen` is not set.
+    pub const DEFAULT_LISTEN: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 4433);
+    /// The admin server's address when `relay.admin` is not set: loopback only.
+    pub const DEFAULT_ADMIN: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
+    /// Enrolled agents renew over the tunnel, so their certificates can be short-lived.
+    pub const DEFAULT_AGENT_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
+
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         Self::from_raw(conf::read_toml(path)?, path)
@@ -137,52 +122,8 @@ impl Config {
 
     fn from_raw(raw: RawConfig, path: &Path) -> Result<Self, ConfigError> {
         let r = raw.relay;
-        let limits = Limits {
-            idle_timeout: conf::duration_in(
-                path,
-                "relay.idle_timeout",
-                r.idle_timeout.into(),
-                Duration::from_secs(1),
-                Duration::from_secs(3600),
-            )?,
-            handshake_timeout: conf::duration_in(
-                path,
-                "relay.handshake_timeout",
-                r.handshake_timeout.into(),
-                Duration::from_millis(100),
-                Duration::from_secs(300),
-            )?,
-            drain_grace: conf::duration_in(
-                path,
-                "relay.drain_grace",
-                r.drain_grace.into(),
-                Duration::ZERO,
-                Duration::from_secs(3600),
-            )?,
-            max_incoming: positive(path, "relay.max_incoming", r.max_incoming)?,
-            max_connections: positive(path, "relay.max_connections", r.max_connections)?,
-            congestion: r
-                .congestion
-                .parse()
-                .map_err(|e| ConfigError::invalid(path, "relay.congestion", e))?,
-            header_timeout: conf::duration_in(
-                path,
-                "relay.header_timeout",
-                r.header_timeout.into(),
-                Duration::from_millis(100),
-                Duration::from_secs(300),
-            )?,
-            max_header_bytes: in_range(path, "relay.max_header_bytes", r.max_header_bytes, 8192, 1 << 20)?,
-            max_connections_per_ip: positive(path, "relay.max_connections_per_ip", r.max_connections_per_ip)?,
-            udp_flow_idle: conf::duration_in(
-                path,
-                "relay.udp_flow_idle",
-                r.udp_flow_idle.into(),
-                Duration::from_secs(1),
-                Duration::from_secs(3600),
-            )?,
-            udp_max_flows: in_range(path, "relay.udp_max_flows", r.udp_max_flows, 1, 1 << 20)?,
-        };
+        let relay = conf::Section::new(path, "relay");
+        let limits = Limits::from_raw(&r, relay)?;
         if raw.services.is_empty() {
             return Err(ConfigError::invalid(
                 path,
@@ -249,7 +190,7 @@ impl Config {
         }
         for (key, addr) in [("relay.http_listen", r.http_listen), ("relay.https_listen", r.https_listen)] {
             if let Some(other) = addr.filter(|a| a.port() != 0).and_then(|a| seen_listen.get(&("tcp", a))) {
-                let addr = addr.unwrap_or(r.listen);
+                let addr = addr.unwrap_or(Self::DEFAULT_LISTEN);
                 return Err(ConfigError::invalid(
                     path,
                     key,
@@ -259,20 +200,19 @@ impl Config {
         }
         Ok(Self {
             path: path.to_owned(),
-            listen: r.listen,
-            admin: r.admin,
+            listen: r.listen.unwrap_or(Self::DEFAULT_LISTEN),
+            admin: r.admin.unwrap_or(Self::DEFAULT_ADMIN),
             admin_token_file: r.admin_token_file.map(|f| conf::resolve(path, &f)),
             ca_key: r.ca_key.map(|f| conf::resolve(path, &f)),
             tokens_file: r.tokens_file.map(|f| conf::resolve(path, &f)),
             revocations_file: r.revocations_file.map(|f| conf::resolve(path, &f)),
             http_listen: r.http_listen,
             https_listen: r.https_listen,
-            agent_cert_validity: conf::duration_in(
-                path,
-                "relay.agent_cert_validity",
-                r.agent_cert_validity.0,
-                Duration::from_secs(10),
-                Duration::from_secs(10 * 365 * 86_400),
+            agent_cert_validity: relay.bounded(
+                "agent_cert_validity",
+                r.agent_cert_validity,
+                Self::DEFAULT_AGENT_CERT_VALIDITY,
+                SECOND * 10..=DAY * 3650,
             )?,
             tls: TlsFiles {
                 ca_cert: conf::resolve(path, &r.ca_cert),
@@ -288,13 +228,6 @@ impl Config {
     pub fn knows_agent(&self, agent: &str) -> bool {
         self.services.values().any(|s| s.agent == agent)
     }
-}
-
-fn in_range(path: &Path, key: &str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
-    if !(min..=max).contains(&value) {
-        return Err(ConfigError::invalid(path, key, format!("{value} is out of range ({min} to {max})")));
-    }
-    Ok(value)
 }
 
 /// Validates the host names of one service: DNS names, lower-cased, without a trailing dot, each
@@ -336,13 +269,6 @@ fn host_names(
     Ok(out)
 }
 
-fn positive(path: &Path, key: &str, value: usize) -> Result<usize, ConfigError> {
-    if value == 0 {
-        return Err(ConfigError::invalid(path, key, "must be at least 1"));
-    }
-    Ok(value)
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -353,44 +279,30 @@ struct RawConfig {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRelay {
-    #[serde(default = "default_listen")]
-    listen: SocketAddr,
-    #[serde(default = "default_admin")]
-    admin: SocketAddr,
+pub(super) struct RawRelay {
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
     admin_token_file: Option<PathBuf>,
     ca_key: Option<PathBuf>,
     tokens_file: Option<PathBuf>,
     revocations_file: Option<PathBuf>,
-    #[serde(default = "default_agent_cert_validity")]
-    agent_cert_validity: HumanDuration,
+    agent_cert_validity: Option<HumanDuration>,
     ca_cert: PathBuf,
     cert: PathBuf,
     key: PathBuf,
-    #[serde(default = "default_idle_timeout")]
-    idle_timeout: HumanDuration,
-    #[serde(default = "default_handshake_timeout")]
-    handshake_timeout: HumanDuration,
-    #[serde(default = "default_drain_grace")]
-    drain_grace: HumanDuration,
-    #[serde(default = "default_max_incoming")]
-    max_incoming: usize,
-    #[serde(default = "default_max_connections")]
-    max_connections: usize,
-    #[serde(default = "default_congestion")]
-    congestion: String,
+    idle_timeout: Option<HumanDuration>,
+    handshake_timeout: Option<HumanDuration>,
+    drain_grace: Option<HumanDuration>,
+    max_incoming: Option<usize>,
+    max_connections: Option<usize>,
+    congestion: Option<String>,
     http_listen: Option<SocketAddr>,
     https_listen: Option<SocketAddr>,
-    #[serde(default = "default_header_timeout")]
-    header_timeout: HumanDuration,
-    #[serde(default = "default_max_header_bytes")]
-    max_header_bytes: usize,
-    #[serde(default = "default_max_connections_per_ip")]
-    max_connections_per_ip: usize,
-    #[serde(default = "default_udp_flow_idle")]
-    udp_flow_idle: HumanDuration,
-    #[serde(default = "default_udp_max_flows")]
-    udp_max_flows: usize,
+    header_timeout: Option<HumanDuration>,
+    max_header_bytes: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    udp_flow_idle: Option<HumanDuration>,
+    udp_max_flows: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -402,51 +314,6 @@ struct RawService {
     hosts: Option<Vec<String>>,
     sni: Option<Vec<String>>,
     load_balancer_ip: Option<std::net::IpAddr>,
-}
-
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 4433))
-}
-/// Enrolled agents renew over the tunnel, so their certificates can be short-lived.
-fn default_agent_cert_validity() -> HumanDuration {
-    HumanDuration(Duration::from_secs(30 * 86_400))
-}
-
-fn default_admin() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9090))
-}
-fn default_idle_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(20))
-}
-fn default_handshake_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(10))
-}
-fn default_drain_grace() -> HumanDuration {
-    HumanDuration(Duration::from_secs(20))
-}
-fn default_max_incoming() -> usize {
-    256
-}
-fn default_max_connections() -> usize {
-    16_384
-}
-fn default_congestion() -> String {
-    "bbr".into()
-}
-fn default_header_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(10))
-}
-fn default_max_header_bytes() -> usize {
-    64 * 1024
-}
-fn default_max_connections_per_ip() -> usize {
-    256
-}
-fn default_udp_flow_idle() -> HumanDuration {
-    HumanDuration(Duration::from_secs(60))
-}
-fn default_udp_max_flows() -> usize {
-    4096
 }
 
 #[cfg(test)]

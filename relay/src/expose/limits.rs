@@ -7,6 +7,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use sallyport_runtime::sync::lock;
+
 /// Open connections per client address.
 #[derive(Debug)]
 pub(crate) struct PerIp {
@@ -21,7 +23,7 @@ impl PerIp {
 
     /// Counts one more connection from `ip`, or `None` if that address is at its cap.
     pub(crate) fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = lock(&self.open);
         let count = open.entry(ip).or_insert(0);
         if *count >= self.max {
             return None;
@@ -40,7 +42,7 @@ pub(crate) struct IpSlot {
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let mut open = self.limits.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = lock(&self.limits.open);
         if let Some(count) = open.get_mut(&self.ip) {
             *count -= 1;
             if *count == 0 {

@@ -35,7 +35,7 @@ const BODY: &str = "Hello from behind the NAT: this answer came through a Sallyp
 async fn main() -> std::process::ExitCode {
     let once = std::env::args().any(|a| a == "--once");
     let logging = match std::env::var_os("RUST_LOG") {
-        Some(_) => sallyport_runtime::cli::init_tracing().map_err(anyhow::Error::msg),
+        Some(_) => sallyport_runtime::cli::init_tracing().map_err(anyhow::Error::from),
         None => Ok(()),
     };
     let result = match logging {

@@ -15,45 +15,36 @@
 //!   (else 431 and close); malformed requests get 400. The per-address and global caps bound how
 //!   many connections anyone holds.
 
-use std::{
-    convert::Infallible,
-    io,
-    net::{IpAddr, SocketAddr},
-    pin::Pin,
-    sync::Arc,
-    task::{ready, Context, Poll},
-    time::Duration,
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::{
     body::Incoming,
-    client::conn::http1 as client,
-    header::{self, HeaderMap, HeaderName, HeaderValue},
+    header::{self, HeaderValue},
     server::conn::http1 as server,
     service::service_fn,
-    Request, Response, StatusCode, Uri,
+    Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use quinn::{RecvStream, SendStream};
-use sallyport_proto::Answer;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, Instrument};
 
-use self::pool::Pool;
+use self::{
+    headers::{is_upgrade, prepare, request_host, strip_hop_by_hop},
+    pool::Pool,
+    upstream::{connect, reason_of},
+};
 use crate::{
     config::Service,
     expose::{tcp, Exposure, Routes},
     metrics::Outcome,
-    tunnel::streams,
 };
 
+mod headers;
 mod pool;
+mod upstream;
 
 /// The HTTP listener's own state: its host names and its pool of upstream connections.
 #[derive(Debug)]
@@ -148,7 +139,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, http: &Http) -> Respon
         Ok(host) => host,
         Err(reason) => {
             metrics.refused("http", "bad_host");
-            return page(StatusCode::BAD_REQUEST, &reason);
+            return page(StatusCode::BAD_REQUEST, &reason.to_string());
         }
     };
     let Some(service) = http.routes.get(&host) else {
@@ -249,231 +240,6 @@ async fn carry_upgrade(
     Ok(response.map(Either::Left))
 }
 
-/// A new HTTP/1.1 connection to the service's target, carried on a new data stream.
-async fn connect(
-    connection: &quinn::Connection,
-    service: &Service,
-    peer: SocketAddr,
-    upgrades: bool,
-) -> Result<client::SendRequest<Incoming>, Failure> {
-    let (send, recv) = streams::open(connection, service, peer, &[])
-        .await
-        .map_err(|e| Failure::bad_gateway(format!("cannot open a stream to the agent: {e}")))?;
-    let io = TokioIo::new(AgentStream { send, recv, answered: false });
-    let (sender, conn) = client::Builder::new()
-        .handshake(io)
-        .await
-        .map_err(|e| Failure::bad_gateway(format!("HTTP handshake: {e}")))?;
-    let span = info_span!("upstream", service = %service.name);
-    if upgrades {
-        tokio::spawn(
-            async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    debug!(error = %e, "target connection ended");
-                }
-            }
-            .instrument(span),
-        );
-    } else {
-        tokio::spawn(
-            async move {
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "target connection ended");
-                }
-            }
-            .instrument(span),
-        );
-    }
-    Ok(sender)
-}
-
-/// The reason to show for a failed exchange: the agent's answer when it refused the stream.
-fn reason_of(error: &hyper::Error) -> String {
-    let mut source = std::error::Error::source(error);
-    while let Some(e) = source {
-        if let Some(refusal) = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
-            if let Some(refusal) = refusal.downcast_ref::<Refusal>() {
-                return refusal.0.to_owned();
-            }
-        }
-        source = e.source();
-    }
-    if error.is_incomplete_message() {
-        return "the target closed the connection before answering".into();
-    }
-    format!("the target connection failed: {error}")
-}
-
-/// The agent would not connect the target.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Refusal(&'static str);
-
-/// A data stream as a byte stream for hyper: the agent's one-byte answer is checked on the first
-/// read, so the request goes out without waiting for it (no added round trip).
-#[derive(Debug)]
-struct AgentStream {
-    send: SendStream,
-    recv: RecvStream,
-    answered: bool,
-}
-
-impl AsyncRead for AgentStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if !this.answered {
-            let mut byte = [0u8; 1];
-            let mut one = ReadBuf::new(&mut byte);
-            ready!(AsyncRead::poll_read(Pin::new(&mut this.recv), cx, &mut one))?;
-            let answer = match one.filled() {
-                [] => Err(Refusal("the agent closed the stream without answering")),
-                [b] => match Answer::try_from(*b) {
-                    Ok(Answer::Connected) => Ok(()),
-                    Ok(other) => Err(Refusal(other.describe())),
-                    Err(_) => Err(Refusal("the agent answered with an invalid byte")),
-                },
-                _ => unreachable!("a one-byte buffer"),
-            };
-            answer.map_err(io::Error::other)?;
-            this.answered = true;
-        }
-        AsyncRead::poll_read(Pin::new(&mut this.recv), cx, buf)
-    }
-}
-
-impl AsyncWrite for AgentStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
-    }
-}
-
-/// The host a request is for: its `Host` header, lower-cased, without port or trailing dot. An
-/// absolute-form target must name the same host.
-fn request_host<B>(req: &Request<B>) -> Result<String, String> {
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let (Some(value), None) = (hosts.next(), hosts.next()) else {
-        return Err(if req.headers().contains_key(header::HOST) {
-            "the request has more than one Host header".into()
-        } else {
-            "the request has no Host header".into()
-        });
-    };
-    let host = value.to_str().ok().and_then(host_only).ok_or("the Host header is not a host name")?;
-    if let Some(authority) = req.uri().authority() {
-        let target = host_only(authority.as_str()).unwrap_or_default();
-        if target != host {
-            return Err(format!("the request target names {target:?} but the Host header names {host:?}"));
-        }
-    }
-    Ok(host)
-}
-
-/// `name`, `name:port`, `[v6]` or `[v6]:port` to the lower-case name (brackets dropped).
-fn host_only(text: &str) -> Option<String> {
-    let name = if let Some(rest) = text.strip_prefix('[') {
-        let (v6, after) = rest.split_once(']')?;
-        if !(after.is_empty()
-            || after.strip_prefix(':').is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())))
-        {
-            return None;
-        }
-        v6
-    } else {
-        match text.rsplit_once(':') {
-            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-            Some(_) => return None,
-            None => text,
-        }
-    };
-    let name = name.trim_end_matches('.');
-    if name.is_empty() || name.contains('@') || !name.bytes().all(|b| b.is_ascii_graphic()) {
-        return None;
-    }
-    Some(name.to_ascii_lowercase())
-}
-
-fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// Drops hop-by-hop headers (those `Connection` lists, and the fixed set), keeping `Upgrade` and
-/// `Connection: upgrade` on an upgrade.
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        if !(upgrade && name == header::UPGRADE) {
-            headers.remove(name);
-        }
-    }
-    for name in [header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::PROXY_AUTHORIZATION] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    headers.remove(header::CONNECTION);
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
-    }
-}
-
-/// Makes a client's request fit to send on: hop-by-hop headers out, forwarding headers in, and
-/// the target in origin form.
-fn prepare<B>(req: &mut Request<B>, peer: SocketAddr, host: &str, upgrade: bool) {
-    let original_host = req.headers().get(header::HOST).cloned();
-    let headers = req.headers_mut();
-    strip_hop_by_hop(headers, upgrade);
-    let ip = peer.ip().to_canonical();
-    append(headers, HeaderName::from_static("x-forwarded-for"), &ip.to_string());
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
-    if let Some(value) = original_host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), value);
-    }
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    append(headers, header::FORWARDED, &format!("for={node};host=\"{host}\";proto=http"));
-    if req.uri().authority().is_some() {
-        let origin = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        if let Ok(uri) = origin.parse::<Uri>() {
-            *req.uri_mut() = uri;
-        }
-    }
-}
-
-/// Appends `value` to the comma-separated list in header `name` (joining repeated headers).
-fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    let mut joined: Vec<&str> = headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()).collect();
-    joined.push(value);
-    if let Ok(value) = HeaderValue::from_str(&joined.join(", ")) {
-        headers.insert(name, value);
-    }
-}
-
 /// A short plain-text page for a request the relay answers itself.
 fn page(status: StatusCode, reason: &str) -> Response<Body> {
     let body = format!("{} {}\n{reason}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
@@ -483,80 +249,4 @@ fn page(status: StatusCode, reason: &str) -> Response<Body> {
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn request(target: &str, hosts: &[&str]) -> Request<()> {
-        let mut builder = Request::builder().uri(target);
-        for h in hosts {
-            builder = builder.header(header::HOST, *h);
-        }
-        builder.body(()).expect("request")
-    }
-
-    #[test]
-    fn host_is_exact_case_insensitive_and_port_free() {
-        assert_eq!(request_host(&request("/", &["App.Home.LAN:8080"])), Ok("app.home.lan".into()));
-        assert_eq!(request_host(&request("/", &["app.home.lan."])), Ok("app.home.lan".into()));
-        assert_eq!(request_host(&request("/", &["[fd00::1]:80"])), Ok("fd00::1".into()));
-        assert_eq!(
-            request_host(&request("http://APP.home.lan:80/x", &["app.home.lan"])),
-            Ok("app.home.lan".into())
-        );
-    }
-
-    #[test]
-    fn missing_repeated_or_conflicting_hosts_are_bad_requests() {
-        assert!(request_host(&request("/", &[])).unwrap_err().contains("no Host header"));
-        assert!(request_host(&request("/", &["a", "b"])).unwrap_err().contains("more than one"));
-        let e = request_host(&request("http://other.lan/x", &["app.home.lan"])).unwrap_err();
-        assert!(e.contains("\"other.lan\"") && e.contains("\"app.home.lan\""), "{e}");
-        assert!(request_host(&request("/", &["a:b:c"])).is_err());
-        assert!(request_host(&request("/", &["user@host"])).is_err());
-    }
-
-    #[test]
-    fn forwarding_headers_are_added_and_hop_by_hop_removed() {
-        let mut req = Request::builder()
-            .uri("http://app.lan/path?q=1")
-            .header(header::HOST, "app.lan")
-            .header(header::CONNECTION, "keep-alive, x-secret")
-            .header("x-secret", "1")
-            .header("keep-alive", "timeout=5")
-            .header("x-forwarded-for", "203.0.113.7")
-            .body(())
-            .expect("request");
-        prepare(&mut req, "[2001:db8::9]:4000".parse().unwrap(), "app.lan", false);
-        let h = req.headers();
-        assert_eq!(req.uri(), "/path?q=1");
-        assert!(
-            h.get("x-secret").is_none()
-                && h.get("keep-alive").is_none()
-                && h.get(header::CONNECTION).is_none()
-        );
-        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 2001:db8::9");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "app.lan");
-        assert_eq!(h[header::FORWARDED], "for=\"[2001:db8::9]\";host=\"app.lan\";proto=http");
-        assert_eq!(h[header::HOST], "app.lan");
-    }
-
-    #[test]
-    fn upgrades_keep_their_headers() {
-        let mut req = Request::builder()
-            .uri("/ws")
-            .header(header::HOST, "app.lan")
-            .header(header::CONNECTION, "Upgrade")
-            .header(header::UPGRADE, "websocket")
-            .body(())
-            .expect("request");
-        assert!(is_upgrade(req.headers()));
-        prepare(&mut req, "10.0.0.2:5000".parse().unwrap(), "app.lan", true);
-        assert_eq!(req.headers()[header::UPGRADE], "websocket");
-        assert_eq!(req.headers()[header::CONNECTION], "upgrade");
-        assert_eq!(req.headers()[header::FORWARDED], "for=10.0.0.2;host=\"app.lan\";proto=http");
-    }
 }

@@ -1,0 +1,127 @@
+//! Upstream HTTP/1.1 connections: each a data stream to the agent, whose first read checks the
+//! agent's answer byte, so a request goes out with the stream header and no round trip is added.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
+use hyper::{body::Incoming, client::conn::http1 as client};
+use hyper_util::rt::TokioIo;
+use quinn::{RecvStream, SendStream};
+use sallyport_proto::Answer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::{debug, info_span, Instrument};
+
+use super::Failure;
+use crate::{config::Service, tunnel::streams};
+
+/// A new HTTP/1.1 connection to the service's target, carried on a new data stream.
+pub(super) async fn connect(
+    connection: &quinn::Connection,
+    service: &Service,
+    peer: SocketAddr,
+    upgrades: bool,
+) -> Result<client::SendRequest<Incoming>, Failure> {
+    let (send, recv) = streams::open(connection, service, peer, &[])
+        .await
+        .map_err(|e| Failure::bad_gateway(format!("cannot open a stream to the agent: {e}")))?;
+    let io = TokioIo::new(AgentStream { send, recv, answered: false });
+    let (sender, conn) = client::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|e| Failure::bad_gateway(format!("HTTP handshake: {e}")))?;
+    let span = info_span!("upstream", service = %service.name);
+    if upgrades {
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    debug!(error = %e, "target connection ended");
+                }
+            }
+            .instrument(span),
+        );
+    } else {
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    debug!(error = %e, "target connection ended");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    Ok(sender)
+}
+
+/// The reason to show for a failed exchange: the agent's answer when it refused the stream.
+pub(super) fn reason_of(error: &hyper::Error) -> String {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(refusal) = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(refusal) = refusal.downcast_ref::<Refusal>() {
+                return refusal.0.to_owned();
+            }
+        }
+        source = e.source();
+    }
+    if error.is_incomplete_message() {
+        return "the target closed the connection before answering".into();
+    }
+    format!("the target connection failed: {error}")
+}
+
+/// The agent would not connect the target.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refusal(&'static str);
+
+/// A data stream as a byte stream for hyper: the agent's one-byte answer is checked on the first
+/// read, so the request goes out without waiting for it (no added round trip).
+#[derive(Debug)]
+struct AgentStream {
+    send: SendStream,
+    recv: RecvStream,
+    answered: bool,
+}
+
+impl AsyncRead for AgentStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.answered {
+            let mut byte = [0u8; 1];
+            let mut one = ReadBuf::new(&mut byte);
+            ready!(AsyncRead::poll_read(Pin::new(&mut this.recv), cx, &mut one))?;
+            let answer = match one.filled() {
+                [] => Err(Refusal("the agent closed the stream without answering")),
+                [b] => match Answer::try_from(*b) {
+                    Ok(Answer::Connected) => Ok(()),
+                    Ok(other) => Err(Refusal(other.describe())),
+                    Err(_) => Err(Refusal("the agent answered with an invalid byte")),
+                },
+                _ => unreachable!("a one-byte buffer"),
+            };
+            answer.map_err(io::Error::other)?;
+            this.answered = true;
+        }
+        AsyncRead::poll_read(Pin::new(&mut this.recv), cx, buf)
+    }
+}
+
+impl AsyncWrite for AgentStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
+    }
+}
