@@ -3,10 +3,16 @@
 //!
 //! Each entry carries an [`Activity`] stamp that any task holding the value may refresh without
 //! the table's lock. A [`sweep`](FlowTable::sweep) removes the entries quiet for longer than the
-//! idle time; an [`insert`](FlowTable::insert) into a full table evicts the oldest entry first.
+//! idle time.
+//!
+//! Flows belong to groups (on the relay: the client's /24 or /64, since spoofing a source costs
+//! nothing on UDP). A group holds at most its share of the table, and a new flow in a full table
+//! evicts from the largest group. Within a group, flows that are not [established](Tracked) go
+//! first, oldest first; only then the oldest established one. So a flood of new sources evicts
+//! its own flows, and answered, active flows of other senders survive it.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     hash::Hash,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -46,31 +52,61 @@ impl Activity {
 /// A value whose quiet time decides when the table forgets it.
 pub trait Tracked {
     fn activity(&self) -> &Activity;
+
+    /// Whether the flow has proven itself (a conversation, active lately): such flows are evicted
+    /// only when no other flow of their group is left to evict.
+    fn established(&self) -> bool {
+        false
+    }
 }
 
 impl<T: Tracked + ?Sized> Tracked for std::sync::Arc<T> {
     fn activity(&self) -> &Activity {
         (**self).activity()
     }
+
+    fn established(&self) -> bool {
+        (**self).established()
+    }
 }
 
-/// Flows by key, at most `max` of them, oldest evicted first.
+/// How far an eviction looks into a group for a flow that is not established.
+const EVICTION_SCAN: usize = 64;
+
+/// Flows by key, at most `max` of them and at most `share` per group.
 #[derive(Debug)]
 pub struct FlowTable<K, V> {
-    entries: HashMap<K, V>,
-    /// Keys in the order they were inserted (may hold keys removed since; skipped on eviction).
-    order: VecDeque<K>,
+    entries: HashMap<K, (V, u128)>,
+    /// Each group's keys, oldest first.
+    groups: HashMap<u128, VecDeque<K>>,
+    /// Groups by how many flows they hold, to find the largest.
+    by_size: BTreeSet<(usize, u128)>,
     max: usize,
+    share: usize,
+    group_of: fn(&K) -> u128,
 }
 
 impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
-    /// An empty table that holds at most `max` flows (at least one).
+    /// An empty table that holds at most `max` flows (at least one), all in one group.
     pub fn new(max: usize) -> Self {
-        Self { entries: HashMap::new(), order: VecDeque::new(), max: max.max(1) }
+        Self::with_groups(max, max, |_| 0)
+    }
+
+    /// An empty table of at most `max` flows, at most `share` of them in any one group.
+    pub fn with_groups(max: usize, share: usize, group_of: fn(&K) -> u128) -> Self {
+        let max = max.max(1);
+        Self {
+            entries: HashMap::new(),
+            groups: HashMap::new(),
+            by_size: BTreeSet::new(),
+            max,
+            share: share.clamp(1, max),
+            group_of,
+        }
     }
 
     pub fn get(&self, key: &K) -> Option<&V> {
-        self.entries.get(key)
+        self.entries.get(key).map(|(v, _)| v)
     }
 
     pub fn contains(&self, key: &K) -> bool {
@@ -85,21 +121,75 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
         self.entries.is_empty()
     }
 
-    /// Adds a flow; in a full table the oldest flow makes room and is returned.
+    fn group_len(&self, group: u128) -> usize {
+        self.groups.get(&group).map_or(0, VecDeque::len)
+    }
+
+    /// Adds a flow. When its group is at its share, a flow of that group makes room; when the
+    /// table is full, a flow of the largest group does. The flow that made room is returned.
     pub fn insert(&mut self, key: K, value: V) -> Option<(K, V)> {
-        let mut evicted = None;
-        if !self.entries.contains_key(&key) && self.entries.len() >= self.max {
-            while let Some(oldest) = self.order.pop_front() {
-                if let Some(value) = self.entries.remove(&oldest) {
-                    evicted = Some((oldest, value));
-                    break;
-                }
-            }
+        let group = (self.group_of)(&key);
+        self.insert_in(group, key, value)
+    }
+
+    /// [`insert`](Self::insert) into `group`, for keys that do not say their group (the agent's
+    /// flows are keyed by id and grouped by their client's prefix).
+    pub fn insert_in(&mut self, group: u128, key: K, value: V) -> Option<(K, V)> {
+        if let Some(slot) = self.entries.get_mut(&key) {
+            slot.0 = value;
+            return None;
         }
-        if self.entries.insert(key.clone(), value).is_none() {
-            self.order.push_back(key);
-        }
+        let evicted = if self.group_len(group) >= self.share {
+            self.evict_from(group)
+        } else if self.entries.len() >= self.max {
+            let group = self.fullest_group();
+            group.and_then(|g| self.evict_from(g))
+        } else {
+            None
+        };
+        self.resize(group, |keys| keys.push_back(key.clone()));
+        self.entries.insert(key, (value, group));
         evicted
+    }
+
+    /// The group a full table evicts from: the largest one that holds a flow not established
+    /// (among the largest few), else the largest.
+    fn fullest_group(&self) -> Option<u128> {
+        let largest: Vec<u128> = self.by_size.iter().rev().take(EVICTION_SCAN).map(|&(_, g)| g).collect();
+        let entries = &self.entries;
+        let unestablished = |g: &u128| {
+            self.groups.get(g).is_some_and(|keys| {
+                keys.iter().take(EVICTION_SCAN).any(|k| entries.get(k).is_some_and(|(v, _)| !v.established()))
+            })
+        };
+        largest.iter().copied().find(unestablished).or_else(|| largest.first().copied())
+    }
+
+    /// Removes one flow of `group`: the oldest that is not established, else the oldest.
+    fn evict_from(&mut self, group: u128) -> Option<(K, V)> {
+        let keys = self.groups.get(&group)?;
+        let entries = &self.entries;
+        let victim = keys
+            .iter()
+            .take(EVICTION_SCAN)
+            .position(|k| entries.get(k).is_some_and(|(v, _)| !v.established()))
+            .unwrap_or(0);
+        let mut key = None;
+        self.resize(group, |keys| key = keys.remove(victim));
+        let key = key?;
+        self.entries.remove(&key).map(|(v, _)| (key, v))
+    }
+
+    /// Changes the keys of `group` and keeps the size index and the group map in step.
+    fn resize(&mut self, group: u128, change: impl FnOnce(&mut VecDeque<K>)) {
+        let keys = self.groups.entry(group).or_default();
+        self.by_size.remove(&(keys.len(), group));
+        change(keys);
+        if keys.is_empty() {
+            self.groups.remove(&group);
+        } else {
+            self.by_size.insert((keys.len(), group));
+        }
     }
 
     /// Removes the flows quiet for `idle` or longer and returns them.
@@ -107,35 +197,65 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
         let quiet: Vec<K> = self
             .entries
             .iter()
-            .filter(|(_, v)| v.activity().idle_for() >= idle)
+            .filter(|(_, (v, _))| v.activity().idle_for() >= idle)
             .map(|(k, _)| k.clone())
             .collect();
-        let removed: Vec<(K, V)> =
-            quiet.into_iter().filter_map(|k| self.entries.remove(&k).map(|v| (k, v))).collect();
-        if !removed.is_empty() {
-            let entries = &self.entries;
-            self.order.retain(|k| entries.contains_key(k));
+        if quiet.is_empty() {
+            return Vec::new();
         }
-        removed
+        let removed: Vec<(K, V, u128)> =
+            quiet.into_iter().filter_map(|k| self.entries.remove(&k).map(|(v, g)| (k, v, g))).collect();
+        let touched: BTreeSet<u128> = removed.iter().map(|(_, _, g)| *g).collect();
+        for group in touched {
+            let entries = &self.entries;
+            let mut keys = self.groups.remove(&group).unwrap_or_default();
+            self.by_size.remove(&(keys.len(), group));
+            keys.retain(|k| entries.contains_key(k));
+            if !keys.is_empty() {
+                self.by_size.insert((keys.len(), group));
+                self.groups.insert(group, keys);
+            }
+        }
+        removed.into_iter().map(|(k, v, _)| (k, v)).collect()
     }
 
     /// Empties the table, returning every flow.
     pub fn drain(&mut self) -> impl Iterator<Item = (K, V)> + '_ {
-        self.order.clear();
-        self.entries.drain()
+        self.groups.clear();
+        self.by_size.clear();
+        self.entries.drain().map(|(k, (v, _))| (k, v))
+    }
+}
+
+/// The group of a client address: its /24 (IPv4) or /64 (IPv6), where one sender usually sits.
+pub fn source_prefix(addr: &std::net::SocketAddr) -> u128 {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => u128::from(u32::from(v4) >> 8),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => u128::from(u32::from(v4) >> 8),
+            None => (u128::from(v6) >> 64) | (1 << 64),
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     #[derive(Debug, Default)]
-    struct Flow(Activity);
+    struct Flow(Activity, bool);
     impl Tracked for Flow {
         fn activity(&self) -> &Activity {
             &self.0
         }
+        fn established(&self) -> bool {
+            self.1
+        }
+    }
+
+    fn established() -> Flow {
+        Flow(Activity::default(), true)
     }
 
     #[test]
@@ -150,9 +270,48 @@ mod tests {
     }
 
     #[test]
+    fn established_flows_go_last() {
+        let mut t = FlowTable::new(3);
+        t.insert(1, established());
+        t.insert(2, Flow::default());
+        t.insert(3, established());
+        assert_eq!(t.insert(4, Flow::default()).map(|(k, _)| k), Some(2), "the unestablished flow");
+        assert_eq!(t.insert(5, Flow::default()).map(|(k, _)| k), Some(4));
+        t.insert(6, established());
+        let mut all_established = FlowTable::new(2);
+        all_established.insert(1, established());
+        all_established.insert(2, established());
+        assert_eq!(all_established.insert(3, Flow::default()).map(|(k, _)| k), Some(1), "else the oldest");
+    }
+
+    #[test]
+    fn a_flood_from_one_prefix_evicts_its_own_flows_only() {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let mut t: FlowTable<SocketAddr, Flow> = FlowTable::with_groups(100, 25, source_prefix);
+        let client = addr("192.0.2.7:5353");
+        t.insert(client, established());
+        // One sender's many ports stop at its share and then replace their own flows.
+        for port in 1..=1000u16 {
+            t.insert(SocketAddr::new(addr("198.51.100.9:0").ip(), port), Flow::default());
+        }
+        assert_eq!(t.len(), 26);
+        // Many senders fill the table; the fullest group makes room, never the lone client.
+        for i in 0..2000u32 {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8) + 1);
+            t.insert(SocketAddr::new(ip.into(), 53), Flow::default());
+        }
+        assert_eq!(t.len(), 100);
+        assert!(t.contains(&client), "the client's flow survived the flood");
+        let v6 = |s: &str| source_prefix(&addr(s));
+        assert_eq!(v6("[2001:db8:1:2::1]:1"), v6("[2001:db8:1:2::ff]:9"));
+        assert_ne!(v6("[2001:db8:1:2::1]:1"), v6("[2001:db8:1:3::1]:1"));
+        assert_eq!(source_prefix(&addr("[::ffff:10.1.2.3]:1")), source_prefix(&addr("10.1.2.99:1")));
+    }
+
+    #[test]
     fn sweep_removes_only_quiet_flows() {
         let mut t = FlowTable::new(10);
-        t.insert("old", Flow(Activity(AtomicU64::new(0))));
+        t.insert("old", Flow(Activity(AtomicU64::new(0)), false));
         t.insert("new", Flow::default());
         std::thread::sleep(Duration::from_millis(5));
         if let Some(f) = t.get(&"new") {
@@ -161,8 +320,9 @@ mod tests {
         let gone: Vec<_> = t.sweep(Duration::from_millis(3)).into_iter().map(|(k, _)| k).collect();
         assert_eq!(gone, vec!["old"]);
         assert!(t.contains(&"new"));
-        // The evicted key no longer stands in the eviction order.
+        // The swept key no longer stands in its group.
         t.insert("x", Flow::default());
         assert_eq!(t.len(), 2);
+        assert_eq!(t.group_len(0), 2);
     }
 }

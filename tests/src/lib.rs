@@ -7,6 +7,7 @@ pub mod impair;
 pub mod lab;
 pub mod pki;
 pub mod process;
+pub mod raw;
 pub mod running;
 pub mod servers;
 pub mod targets;

@@ -314,6 +314,20 @@ async fn udp_dns_through_the_tunnel_and_ten_thousand_flows() {
     assert_eq!(answer.as_deref(), Some("10.9.8.7"));
     println!("dig @relay nas.home.lan -> 10.9.8.7");
 
+    // A client that keeps one socket: once answered and active it is an established flow, and it
+    // sits in the same /24 as the first 250 flood sources.
+    let steady = std::net::UdpSocket::bind("127.0.1.251:0").expect("bind steady client");
+    steady.set_read_timeout(Some(std::time::Duration::from_secs(2))).expect("timeout");
+    let ask_steady = move |steady: &std::net::UdpSocket| {
+        let query = dns_query("nas.home.lan");
+        steady.send_to(&query, port).expect("steady send");
+        let mut buf = [0u8; 512];
+        // An answer carries the query's id and the address.
+        matches!(steady.recv(&mut buf), Ok(n) if n > 12 && buf[..2] == query[..2] && buf[..n].ends_with(&[10, 9, 8, 7]))
+    };
+    // Two exchanges make it a conversation the flow tables keep through a flood.
+    assert!(ask_steady(&steady) && ask_steady(&steady), "the steady client is answered before the flood");
+
     // 10,000 flows (each a client address) sending one query each, while dig keeps asking.
     let kernel_drops_before = udp_receive_buffer_errors();
     let flood = tokio::task::spawn_blocking(move || {
@@ -328,6 +342,8 @@ async fn udp_dns_through_the_tunnel_and_ten_thousand_flows() {
     });
     let mut answered = 0;
     let mut asked = 0;
+    let (mut steady_answered, mut steady_asked) = (0, 0);
+    let mut steady = Some(steady);
     while !flood.is_finished() {
         asked += 1;
         let t = Instant::now();
@@ -336,6 +352,16 @@ async fn udp_dns_through_the_tunnel_and_ten_thousand_flows() {
         if got.as_deref() == Some("10.9.8.7") {
             answered += 1;
         }
+        let socket = steady.take().expect("steady socket");
+        let (socket, ok) = tokio::task::spawn_blocking(move || {
+            let ok = ask_steady(&socket);
+            (socket, ok)
+        })
+        .await
+        .expect("steady client");
+        steady = Some(socket);
+        steady_asked += 1;
+        steady_answered += usize::from(ok);
     }
     let took = flood.await.expect("flood");
     for _ in 0..3 {
@@ -369,6 +395,8 @@ async fn udp_dns_through_the_tunnel_and_ten_thousand_flows() {
         "every flow beyond the cap evicted the oldest: {evicted} evicted of {up} datagrams: {m}"
     );
     assert!(answered == asked && answered >= 4, "normal client kept working: {answered}/{asked}");
+    println!("the steady client (same /24 as 250 flood sources) was answered {steady_answered} of {steady_asked} times during the flood");
+    assert_eq!(steady_answered, steady_asked, "an established flow survives the flood");
     // An oversized datagram is counted and dropped, and the service goes on.
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     socket.send_to(&vec![0u8; 8000], port).expect("send big");

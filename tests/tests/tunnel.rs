@@ -6,9 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sallyport_proto::{codes, frame, AgentMessage, Hello, RelayMessage, ALPN_TUNNEL};
-use sallyport_runtime::tls;
-use sallyport_tests::{targets, transfer, RunningAgent, RunningRelay, TestPki};
+use sallyport_proto::{codes, RelayMessage};
+use sallyport_tests::{raw::RawAgent, targets, transfer, RunningAgent, RunningRelay, TestPki};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -228,41 +227,15 @@ async fn agent_reconnects_after_a_relay_restart() {
     relay.stop().await;
 }
 
-/// A raw QUIC client presenting the certificate of agent `name` from `identity_pki`, trusting the
-/// CA of `trust`. It sends `Hello` and waits for the relay's answer, since the server checks the
-/// client certificate after the client considers the handshake done.
+/// A raw agent of `name` from `identity_pki` offering no service: the relay's answer, or why none.
 async fn raw_agent(
     identity_pki: &TestPki,
     name: &str,
     trust: &TestPki,
     relay: SocketAddr,
 ) -> Result<(quinn::Connection, quinn::SendStream, RelayMessage), String> {
-    let bundle = identity_pki.agent_bundle(name);
-    let read = |f: &str| std::fs::read(bundle.join(f)).expect("bundle file");
-    let identity = tls::Identity::from_pem(&read("agent.crt"), &read("agent.key")).expect("identity");
-    let roots = tls::roots_from_pem(&std::fs::read(trust.dir().join("ca.crt")).expect("ca")).expect("roots");
-    let crypto = tls::client_crypto(roots, identity, &[ALPN_TUNNEL]).expect("crypto");
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
-    let connection =
-        endpoint.connect(relay, "127.0.0.1").expect("connect").await.map_err(|e| e.to_string())?;
-    let closed =
-        |c: &quinn::Connection| c.close_reason().map_or("stream failed".to_owned(), |r| r.to_string());
-    let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-    let hello = AgentMessage::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        software: "raw".into(),
-        services: vec![],
-    });
-    let bytes = frame::encode_to_vec(&hello, 1024).expect("encode");
-    send.write_all(&bytes).await.map_err(|_| closed(&connection))?;
-    let mut buf = Vec::new();
-    let answer = sallyport_runtime::read_frame::<RelayMessage>(&mut recv, 1024, &mut buf)
-        .await
-        .map_err(|_| closed(&connection))?
-        .ok_or("control stream ended")?;
-    Ok((connection, send, answer))
+    let raw = RawAgent::connect(identity_pki, name, trust, relay, &[]).await?;
+    Ok((raw.connection, raw.control, raw.answer))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

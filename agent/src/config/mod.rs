@@ -44,7 +44,8 @@ pub struct Config {
 pub struct UdpLimits {
     /// A UDP flow with no datagram either way for this long is closed.
     pub flow_idle: Duration,
-    /// UDP flows open at once, at most; a new one beyond it closes the oldest.
+    /// UDP flows open at once, at most; a new one beyond it closes a flow of the fullest client
+    /// prefix (not-yet-answered and quiet ones first).
     pub max_flows: usize,
 }
 

@@ -1,11 +1,16 @@
 //! The agent's side of UDP services: datagrams from the relay open flows (one socket each toward
 //! the service's UDP target) and carry their payloads; the target's answers go back as datagrams
-//! of the same flow. A flow quiet for `agent.udp_flow_idle` is closed, and a new flow beyond
-//! `agent.udp_max_flows` closes the oldest.
+//! of the same flow. A flow quiet for `agent.udp_flow_idle` is closed. Flows are grouped by their
+//! client's prefix as the relay's are: one prefix holds at most a quarter of `agent.udp_max_flows`,
+//! and a new flow in a full table closes a flow of the fullest prefix, not-yet-answered and quiet
+//! ones first, so a flood of new clients does not close the flows of others.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -17,7 +22,7 @@ use sallyport_proto::{
 };
 use sallyport_runtime::{
     code,
-    flows::{Activity, FlowTable, Tracked},
+    flows::{source_prefix, Activity, FlowTable, Tracked},
 };
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
@@ -27,14 +32,39 @@ use crate::{config::Target, targets::Targets};
 #[derive(Debug)]
 struct Flow {
     socket: Arc<UdpSocket>,
-    /// The last datagram either way.
-    activity: Arc<Activity>,
+    live: Arc<Liveness>,
     reader: tokio::task::JoinHandle<()>,
 }
 
+/// What a flow's table entry and its reader task share.
+#[derive(Debug, Default)]
+struct Liveness {
+    /// The last datagram either way.
+    activity: Activity,
+    /// The target has answered.
+    answered: AtomicBool,
+    /// Datagrams carried to the target (counting stops at 2).
+    sent: AtomicU32,
+}
+
+/// How recently an answered flow must have carried a datagram to count as established.
+const ESTABLISHED_WITHIN: Duration = Duration::from_secs(10);
+
+/// The share of the flow table one client prefix (/24, /64) may hold.
+const PREFIX_SHARE: usize = 4;
+
 impl Tracked for Flow {
     fn activity(&self) -> &Activity {
-        &self.activity
+        &self.live.activity
+    }
+
+    /// A conversation: its client spoke more than once, its target answered, and it was active
+    /// lately. A flood of new one-datagram flows does not push it out.
+    fn established(&self) -> bool {
+        let live = &self.live;
+        live.sent.load(Ordering::Relaxed) >= 2
+            && live.answered.load(Ordering::Relaxed)
+            && live.activity.idle_for() < ESTABLISHED_WITHIN
     }
 }
 
@@ -47,7 +77,9 @@ impl Drop for Flow {
 /// Serves the relay's datagrams on `connection` until it closes.
 pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
     let idle = targets.config.udp.flow_idle;
-    let mut flows: FlowTable<u32, Flow> = FlowTable::new(targets.config.udp.max_flows);
+    let max = targets.config.udp.max_flows;
+    // Grouped by the client's prefix (from the relay's `Open`), like the relay's own table.
+    let mut flows: FlowTable<u32, Flow> = FlowTable::with_groups(max, max / PREFIX_SHARE, |_| 0);
     let mut sweep = tokio::time::interval((idle / 4).max(Duration::from_millis(250)));
     loop {
         let bytes = tokio::select! {
@@ -67,7 +99,7 @@ pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
                     let Some(new) = open(connection, targets, flow, service, client).await else {
                         continue;
                     };
-                    if let Some((oldest, _)) = flows.insert(flow, new) {
+                    if let Some((oldest, _)) = flows.insert_in(source_prefix(&client), flow, new) {
                         debug!(flow = oldest, "too many UDP flows: closed the oldest");
                     }
                 }
@@ -87,7 +119,9 @@ pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
             let _ = connection.send_datagram(out.freeze());
             continue;
         };
-        flow.activity.touch();
+        flow.live.activity.touch();
+        let _ =
+            flow.live.sent.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < 2).then_some(n + 1));
         if let Err(e) = flow.socket.send(payload).await {
             debug!(flow = id, error = %e, "datagram to the target not sent");
         }
@@ -144,14 +178,14 @@ async fn open(
     }
     info!(service, %client, flow = id, %target, "UDP flow opened");
     let socket = Arc::new(socket);
-    let activity = Arc::new(Activity::default());
-    let reader = tokio::spawn(answers(connection.clone(), socket.clone(), id, activity.clone()));
-    Some(Flow { socket, activity, reader })
+    let live = Arc::new(Liveness::default());
+    let reader = tokio::spawn(answers(connection.clone(), socket.clone(), id, live.clone()));
+    Some(Flow { socket, live, reader })
 }
 
 /// Carries the target's datagrams of one flow to the relay. Each gets a buffer the size the tunnel
 /// can carry, allocated when the socket is readable, so an idle flow holds no buffer.
-async fn answers(connection: Connection, socket: Arc<UdpSocket>, id: u32, activity: Arc<Activity>) {
+async fn answers(connection: Connection, socket: Arc<UdpSocket>, id: u32, live: Arc<Liveness>) {
     loop {
         if socket.readable().await.is_err() {
             return;
@@ -174,7 +208,8 @@ async fn answers(connection: Connection, socket: Arc<UdpSocket>, id: u32, activi
         }
         buf.truncate(DATA_OVERHEAD + len);
         buf[..DATA_OVERHEAD].copy_from_slice(&data_header(id));
-        activity.touch();
+        live.activity.touch();
+        live.answered.store(true, Ordering::Relaxed);
         if connection.send_datagram(buf.freeze()).is_err() {
             return;
         }

@@ -33,7 +33,8 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// A UDP flow with no datagram either way for this long is forgotten.
     pub udp_flow_idle: Duration,
-    /// UDP flows kept per service; a new flow beyond it replaces the oldest.
+    /// UDP flows kept per service; a new flow beyond it replaces a flow of the fullest client
+    /// prefix (not-yet-answered and quiet ones first).
     pub udp_max_flows: usize,
 }
 

@@ -3,21 +3,21 @@
 //!
 //! The service's task owns its flow table (client address to flow); the tunnel plane's
 //! `FlowRoutes` maps flow ids back to socket and client for datagrams coming from agents. A flow quiet for
-//! `relay.udp_flow_idle` is forgotten; a new flow beyond `relay.udp_max_flows` replaces the oldest.
+//! `relay.udp_flow_idle` is forgotten. One client prefix holds at most a quarter of
+//! `relay.udp_max_flows`, and a new flow in a full table replaces a flow of the fullest prefix, so
+//! a flood of new sources cannot push out the established flows of other clients (see
+//! `sallyport_runtime::flows`).
 //! A datagram too large for the tunnel's datagram size is counted and dropped.
 
 use std::{
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
 use bytes::BytesMut;
 use sallyport_proto::datagram::{Datagram, MAX_OPEN_OVERHEAD};
-use sallyport_runtime::flows::{Activity, FlowTable};
+use sallyport_runtime::flows::{source_prefix, FlowTable};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -25,8 +25,11 @@ use tracing::debug;
 use crate::{
     config::Service,
     expose::Exposure,
-    tunnel::datagrams::{FlowRoutes, FlowState, Route},
+    tunnel::datagrams::{FlowRoutes, FlowState},
 };
+
+/// The share of a service's flow table one client prefix (/24, /64) may hold.
+const PREFIX_SHARE: usize = 4;
 
 /// The largest UDP payload read from a client (the IPv4 maximum).
 const MAX_PAYLOAD: usize = 65_535;
@@ -42,7 +45,9 @@ pub(crate) async fn serve(
     let socket = Arc::new(socket);
     let limits = &exposure.config.limits;
     let metrics = &exposure.runtime.metrics;
-    let mut table: FlowTable<SocketAddr, Arc<FlowState>> = FlowTable::new(limits.udp_max_flows);
+    let max = limits.udp_max_flows;
+    let mut table: FlowTable<SocketAddr, Arc<FlowState>> =
+        FlowTable::with_groups(max, max / PREFIX_SHARE, source_prefix);
     // The payload is read after room for the largest header, which is then written in front of it.
     let mut buf = vec![0u8; MAX_OPEN_OVERHEAD + MAX_PAYLOAD];
     let mut sweep = tokio::time::interval((limits.udp_flow_idle / 4).max(Duration::from_millis(250)));
@@ -77,15 +82,7 @@ pub(crate) async fn serve(
         let flow = match table.get(&client) {
             Some(flow) => flow.clone(),
             None => {
-                let flow = Arc::new(FlowState {
-                    id: flows.next_id(),
-                    client,
-                    confirmed: AtomicBool::new(false),
-                    tunnel: AtomicU64::new(tunnel),
-                    activity: Activity::default(),
-                });
-                let route = Route { flow: flow.clone(), socket: socket.clone(), service: service.clone() };
-                flows.lock().insert(flow.id, route);
+                let flow = flows.open(client, tunnel, &socket, &service);
                 if let Some((_, old)) = table.insert(client, flow.clone()) {
                     flows.lock().remove(&old.id);
                     metrics.refused(&service.name, "flow_evicted");
@@ -94,7 +91,7 @@ pub(crate) async fn serve(
                 flow
             }
         };
-        flow.activity.touch();
+        flow.client_spoke();
         if flow.tunnel.swap(tunnel, Ordering::Relaxed) != tunnel {
             flow.confirmed.store(false, Ordering::Relaxed);
         }

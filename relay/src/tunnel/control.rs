@@ -133,7 +133,7 @@ pub(crate) async fn serve_agent(connection: Connection, name: String, serial: St
     let ended = tokio::select! {
         r = control_reader(&mut recv, reader) => r,
         r = control_writer(&mut send, &mut command_rx, &mut reply_rx, &pending) => r,
-        r = datagrams::from_agent(&connection, &tunnels.flows, metrics) => r,
+        r = datagrams::from_agent(&connection, &name, &tunnels.flows, metrics) => r,
     };
     registry.remove(&name, id);
     match ended {

@@ -11,6 +11,7 @@ use std::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
+    time::Duration,
 };
 
 use sallyport_proto::datagram::Datagram;
@@ -38,11 +39,33 @@ pub(crate) struct FlowState {
     pub(crate) tunnel: AtomicU64,
     /// The last datagram either way.
     pub(crate) activity: Activity,
+    /// Datagrams from the client (counting stops at 2).
+    pub(crate) from_client: AtomicU32,
 }
+
+impl FlowState {
+    /// Counts a datagram from the client and marks the flow active.
+    pub(crate) fn client_spoke(&self) {
+        self.activity.touch();
+        let _ =
+            self.from_client.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < 2).then_some(n + 1));
+    }
+}
+
+/// How recently an answered flow must have carried a datagram to count as established.
+const ESTABLISHED_WITHIN: Duration = Duration::from_secs(10);
 
 impl Tracked for FlowState {
     fn activity(&self) -> &Activity {
         &self.activity
+    }
+
+    /// A conversation: its client spoke more than once, the agent answered, and it was active
+    /// lately. A flood of new one-datagram sources does not push it out.
+    fn established(&self) -> bool {
+        self.from_client.load(Ordering::Relaxed) >= 2
+            && self.confirmed.load(Ordering::Relaxed)
+            && self.activity.idle_for() < ESTABLISHED_WITHIN
     }
 }
 
@@ -55,23 +78,39 @@ pub(crate) struct Route {
     pub(crate) service: Arc<Service>,
 }
 
-/// Flows of every UDP service by id, for datagrams arriving from agents.
-#[derive(Debug)]
+/// Flows of every UDP service by id, for datagrams arriving from agents. Ids are random, so an
+/// agent cannot guess the flows of another, and a new id never replaces a live flow.
+#[derive(Debug, Default)]
 pub(crate) struct FlowRoutes {
     by_id: Mutex<HashMap<u32, Route>>,
-    next: AtomicU32,
-}
-
-impl Default for FlowRoutes {
-    fn default() -> Self {
-        Self { by_id: Mutex::new(HashMap::new()), next: AtomicU32::new(1) }
-    }
 }
 
 impl FlowRoutes {
-    /// A fresh flow id.
-    pub(crate) fn next_id(&self) -> u32 {
-        self.next.fetch_add(1, Ordering::Relaxed)
+    /// Registers a new flow of `service` for `client`, first carried on tunnel `tunnel`.
+    pub(crate) fn open(
+        &self,
+        client: SocketAddr,
+        tunnel: u64,
+        socket: &Arc<UdpSocket>,
+        service: &Arc<Service>,
+    ) -> Arc<FlowState> {
+        let mut by_id = self.lock();
+        let id = loop {
+            let id = fastrand::u32(1..);
+            if !by_id.contains_key(&id) {
+                break id;
+            }
+        };
+        let flow = Arc::new(FlowState {
+            id,
+            client,
+            confirmed: AtomicBool::new(false),
+            tunnel: AtomicU64::new(tunnel),
+            activity: Activity::default(),
+            from_client: AtomicU32::new(0),
+        });
+        by_id.insert(id, Route { flow: flow.clone(), socket: socket.clone(), service: service.clone() });
+        flow
     }
 
     /// The table, locked (for removing several flows at once).
@@ -87,8 +126,13 @@ impl FlowRoutes {
 /// Reads the datagrams an agent sends and delivers them to the flows' clients, until the tunnel
 /// closes (`Ok`). A datagram that is not valid, or opens a flow (only the relay does), is a
 /// protocol error (`Err`).
+///
+/// A datagram for a flow of another agent's service is dropped and counted
+/// (`sallyport_refusals_total{reason="foreign_flow"}`): a flow is usable only by the agent that
+/// carries its service.
 pub(crate) async fn from_agent(
     connection: &quinn::Connection,
+    agent: &str,
     flows: &FlowRoutes,
     metrics: &Metrics,
 ) -> Result<Closed, ProtocolError> {
@@ -104,6 +148,11 @@ pub(crate) async fn from_agent(
         };
         // A flow the relay already forgot has no client any more.
         let Some(Route { flow, socket, service }) = flows.get(id) else { continue };
+        if service.agent != agent {
+            metrics.refused(&service.name, "foreign_flow");
+            debug!(service = %service.name, flow = id, agent, "datagram for another agent's flow: dropped");
+            continue;
+        }
         let Some(payload) = payload else {
             info!(service = %service.name, flow = id, "the agent lost a flow: reopening it");
             flow.confirmed.store(false, Ordering::Relaxed);

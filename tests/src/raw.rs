@@ -1,0 +1,88 @@
+//! A raw agent: a QUIC client with an agent's certificate that speaks the control protocol by hand,
+//! for tests that play a misbehaving or compromised agent.
+
+use std::{net::SocketAddr, path::Path};
+
+use sallyport_proto::{frame, AgentMessage, Hello, RelayMessage, ServiceOffer, ALPN_TUNNEL};
+use sallyport_runtime::tls;
+
+use crate::TestPki;
+
+/// A connected raw agent: its connection, its control stream, and the relay's first answer.
+#[derive(Debug)]
+pub struct RawAgent {
+    pub connection: quinn::Connection,
+    pub control: quinn::SendStream,
+    pub control_recv: quinn::RecvStream,
+    pub answer: RelayMessage,
+}
+
+/// Why a raw agent got no answer to its `Hello`: the connection's close reason, as text.
+pub type Refused = String;
+
+impl RawAgent {
+    /// Connects with a fresh bundle of agent `name` from `identity_pki`, trusting the CA of `trust`,
+    /// offers `services`, and waits for the relay's answer (the server checks the client
+    /// certificate after the client considers the handshake done).
+    pub async fn connect(
+        identity_pki: &TestPki,
+        name: &str,
+        trust: &TestPki,
+        relay: SocketAddr,
+        services: &[&str],
+    ) -> Result<Self, Refused> {
+        let bundle = identity_pki.agent_bundle(name);
+        Self::connect_with(&bundle.join("agent.crt"), &bundle.join("agent.key"), trust, relay, services).await
+    }
+
+    /// Connects with the certificate and key in these files.
+    pub async fn connect_with(
+        cert: &Path,
+        key: &Path,
+        trust: &TestPki,
+        relay: SocketAddr,
+        services: &[&str],
+    ) -> Result<Self, Refused> {
+        let read = |f: &Path| std::fs::read(f).expect("identity file");
+        let identity = tls::Identity::from_pem(&read(cert), &read(key)).expect("identity");
+        let roots =
+            tls::roots_from_pem(&std::fs::read(trust.dir().join("ca.crt")).expect("ca")).expect("roots");
+        let crypto = tls::client_crypto(roots, identity, &[ALPN_TUNNEL]).expect("crypto");
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
+        let connection =
+            endpoint.connect(relay, "127.0.0.1").expect("connect").await.map_err(|e| e.to_string())?;
+        let closed =
+            |c: &quinn::Connection| c.close_reason().map_or("stream failed".to_owned(), |r| r.to_string());
+        let (mut control, mut control_recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        let hello = AgentMessage::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            software: "raw".into(),
+            services: services.iter().map(|s| ServiceOffer { name: (*s).to_owned() }).collect(),
+        });
+        let bytes = frame::encode_to_vec(&hello, 1024).expect("encode");
+        control.write_all(&bytes).await.map_err(|_| closed(&connection))?;
+        let mut buf = Vec::new();
+        let answer = sallyport_runtime::read_frame::<RelayMessage>(&mut control_recv, 64 * 1024, &mut buf)
+            .await
+            .map_err(|_| closed(&connection))?
+            .ok_or("control stream ended")?;
+        Ok(Self { connection, control, control_recv, answer })
+    }
+
+    /// Sends one control message.
+    pub async fn send(&mut self, message: &AgentMessage) {
+        let bytes = frame::encode_to_vec(message, 64 * 1024).expect("encode");
+        self.control.write_all(&bytes).await.expect("control write");
+    }
+
+    /// Reads the next control message (`None` when the stream ends or fails).
+    pub async fn next(&mut self) -> Option<RelayMessage> {
+        let mut buf = Vec::new();
+        sallyport_runtime::read_frame::<RelayMessage>(&mut self.control_recv, 64 * 1024, &mut buf)
+            .await
+            .ok()
+            .flatten()
+    }
+}
