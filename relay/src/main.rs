@@ -92,11 +92,11 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AgentCommand {
-    /// Revoke the certificate agent NAME is connected with (or --serial) on the running relay:
-    /// its tunnel closes at once and that certificate is refused from then on.
+    /// Revoke agent NAME on the running relay: its tunnel closes at once, and every certificate of
+    /// it issued up to now (renewals included) is refused from then on.
     Revoke {
         name: String,
-        /// A certificate serial (hex) to revoke while the agent is not connected.
+        /// Also revoke this certificate serial (hex).
         #[arg(long)]
         serial: Option<String>,
         #[arg(long, short, default_value = "relay.toml")]

@@ -59,6 +59,7 @@ pub(crate) struct Metrics {
     http_responses: Family<Labels, Counter>,
     udp_datagrams: Family<Labels, Counter>,
     udp_flows: Family<Labels, Gauge>,
+    renewals: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -80,6 +81,7 @@ impl Default for Metrics {
             http_responses: Family::default(),
             udp_datagrams: Family::default(),
             udp_flows: Family::default(),
+            renewals: Family::default(),
             registry,
         };
         m.registry.register(
@@ -134,6 +136,11 @@ impl Default for Metrics {
             m.udp_datagrams.clone(),
         );
         m.registry.register("udp_flows", "UDP flows open now, by service", m.udp_flows.clone());
+        m.registry.register(
+            "certificate_renewals",
+            "Certificate renewals agents asked for over their tunnels, by result",
+            m.renewals.clone(),
+        );
         m
     }
 }
@@ -168,6 +175,10 @@ impl Metrics {
 
     pub(crate) fn udp_flows(&self, service: &str, open: usize) {
         self.udp_flows.get_or_create(&vec![("service", service.to_owned())]).set(open as i64);
+    }
+
+    pub(crate) fn renewal(&self, result: &'static str) {
+        self.renewals.get_or_create(&vec![("result", result.to_owned())]).inc();
     }
 
     pub(crate) fn handshake_failed(&self, reason: &'static str) {

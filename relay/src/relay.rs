@@ -202,6 +202,7 @@ impl Relay {
             registry: registry.clone(),
             trust: ops.trust.clone(),
             flows: flows.clone(),
+            renewals: Default::default(),
         });
         let tasks = &runtime.tasks;
         tasks.spawn(tunnel::accept_loop(endpoint.clone(), tunnels, shutdown.clone()));

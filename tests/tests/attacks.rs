@@ -100,3 +100,207 @@ async fn an_agent_cannot_answer_another_agents_udp_flows() {
     assert_eq!(relay.connected(), vec!["intruder".to_owned(), "winbox".to_owned()]);
     relay.stop().await;
 }
+
+const ADMIN_TOKEN: &str = "attacks-test-admin-token";
+
+async fn admin_post(relay: &RunningRelay, path: &str) -> (u16, String) {
+    sallyport_relay::cli::admin_client::request(relay.admin, "POST", path, Some(ADMIN_TOKEN))
+        .await
+        .expect("admin API")
+}
+
+/// A fresh key and a CSR for it.
+fn key_and_csr() -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .and_then(|c| c.pem())
+        .expect("csr");
+    (key.serialize_pem(), csr)
+}
+
+/// Sends `Renew` and waits for the relay's answer (skipping pings).
+async fn renew(raw: &mut RawAgent, csr_pem: &str) -> Result<String, String> {
+    raw.send(&sallyport_proto::AgentMessage::Renew { csr_pem: csr_pem.to_owned() }).await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), raw.next()).await.expect("answer in time") {
+            Some(RelayMessage::Renewed(result)) => return result,
+            Some(_) => continue,
+            None => panic!("control stream ended"),
+        }
+    }
+}
+
+/// Someone holding a copy of an agent's key asks for renewals in a burst, then the operator revokes
+/// the agent: the relay renewed only when due and only once, and after `agent revoke` neither the
+/// copied certificate nor the renewed one gets in, also after the relay restarts. Another agent's
+/// traffic is untouched throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_are_rationed_and_revoking_an_agent_refuses_all_its_certificates() {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    std::fs::write(pki.dir().join("admin.token"), ADMIN_TOKEN).expect("token file");
+    let config = pki.relay_config(
+        &[("svc", "fresh"), ("web", "other")],
+        "admin_token_file = \"admin.token\"\nca_key = \"ca.key\"\ntokens_file = \"tokens.toml\"\n\
+         revocations_file = \"revoked.toml\"\nagent_cert_validity = \"15s\"",
+    );
+    let mut relay = RunningRelay::start(config.clone()).await;
+    let target = sallyport_tests::targets::transfer_server().await;
+    let other = sallyport_tests::RunningAgent::start(pki.agent_config(
+        "other",
+        &[relay.quic],
+        &[("web", target.addr)],
+        "",
+    ));
+    relay.wait_agent("other").await;
+
+    let (status, body) = admin_post(&relay, "/tokens?agent=fresh&ttl_secs=600").await;
+    assert_eq!(status, 200, "{body}");
+    let token = sallyport_relay::cli::join_token::join_token(&config, &[relay.quic.to_string()], &body)
+        .expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let enrolled = sallyport_agent::enroll::enroll(&token, dir.path()).await.expect("enrolls");
+    assert_eq!(enrolled.agent, "fresh");
+    let (cert, key) = (dir.path().join("agent.crt"), dir.path().join("agent.key"));
+
+    // The copied identity connects like the agent would.
+    let mut copy = RawAgent::connect_with(&cert, &key, &pki, relay.quic, &["svc"]).await.expect("admitted");
+    assert!(matches!(copy.answer, RelayMessage::Welcome(_)), "{:?}", copy.answer);
+    let (_, csr) = key_and_csr();
+    let early = renew(&mut copy, &csr).await.expect_err("not due yet");
+    println!("renewal before it is due: {early}");
+    assert!(early.contains("not due"), "{early}");
+
+    // Due with a third (5 s) of its 15 s left.
+    let info = sallyport_runtime::tls::inspect(
+        &sallyport_runtime::tls::certs_from_pem(&std::fs::read(&cert).expect("cert"), "cert").expect("pem")
+            [0],
+    )
+    .expect("inspect");
+    let due = info.not_after_unix - (info.not_after_unix - info.not_before_unix) / 3;
+    let wait = (due - sallyport_runtime::clock::unix_now() as i64 + 1).max(0) as u64;
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    sallyport_tests::transfer::run(relay.service("web"), 100_000, 100_000, 1)
+        .await
+        .expect("other agent works");
+
+    let (renewed_key, csr) = key_and_csr();
+    let mut issued = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..5 {
+        match renew(&mut copy, &csr).await {
+            Ok(pem) => issued.push(pem),
+            Err(reason) => refused.push(reason),
+        }
+    }
+    println!("burst of 5 renewals: {} issued, refused: {refused:?}", issued.len());
+    assert_eq!(issued.len(), 1, "one renewal per certificate and minute");
+    assert!(refused.iter().all(|r| r.contains("renewed less than")), "{refused:?}");
+    let renewed_cert = dir.path().join("renewed.crt");
+    let renewed_key_file = dir.path().join("renewed.key");
+    std::fs::write(&renewed_cert, &issued[0]).expect("write");
+    std::fs::write(&renewed_key_file, &renewed_key).expect("write");
+    let renewed = RawAgent::connect_with(&renewed_cert, &renewed_key_file, &pki, relay.quic, &["svc"])
+        .await
+        .expect("the renewed certificate works before the revocation");
+    drop(renewed);
+
+    let (status, body) = admin_post(&relay, "/agents/fresh/revoke").await;
+    assert_eq!(status, 200, "{body}");
+    println!("{}", body.trim());
+    let closed =
+        tokio::time::timeout(Duration::from_secs(5), copy.connection.closed()).await.expect("closed");
+    println!("the copy's live tunnel: {closed}");
+
+    for restarted in [false, true] {
+        if restarted {
+            relay.stop().await;
+            relay = RunningRelay::start(config.clone()).await;
+        }
+        for (what, cert, key) in [("copied", &cert, &key), ("renewed", &renewed_cert, &renewed_key_file)] {
+            let refused = RawAgent::connect_with(cert, key, &pki, relay.quic, &["svc"])
+                .await
+                .expect_err("revoked certificate refused");
+            println!("{what} certificate{}: {refused}", if restarted { " after a restart" } else { "" });
+            assert!(refused.contains("certificate revoked"), "{what}: {refused}");
+        }
+        if !restarted {
+            sallyport_tests::transfer::run(relay.service("web"), 100_000, 100_000, 2)
+                .await
+                .expect("other agent unaffected");
+        }
+    }
+    let m = metrics(&relay).await;
+    assert!(m.contains("sallyport_handshake_failures_total{reason=\"revoked\"} 2"), "{m}");
+    other.stop().await;
+    relay.stop().await;
+}
+
+/// `kill -9` of the relay at random points while it saves revocations, ten times: the
+/// revocations file always loads, and it holds every revocation the relay confirmed before it died.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_relay_mid_save_never_leaves_a_broken_state_file() {
+    use sallyport_tests::process::{addr_field, binary, Spawned};
+    let pki = TestPki::new();
+    std::fs::write(pki.dir().join("admin.token"), ADMIN_TOKEN).expect("token file");
+    let relay_toml = pki.dir().join("crash-relay.toml");
+    std::fs::write(
+        &relay_toml,
+        "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\n\
+         key = \"relay.key\"\nadmin_token_file = \"admin.token\"\nrevocations_file = \"revoked.toml\"\n\
+         [services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .expect("relay.toml");
+    let state = pki.dir().join("revoked.toml");
+    let mut confirmed: Vec<String> = Vec::new();
+    for round in 0..10u32 {
+        let mut relay = Spawned::start({
+            let mut c = std::process::Command::new(binary("sallyport-relay"));
+            c.arg("serve").arg("--config").arg(&relay_toml);
+            c
+        });
+        let admin = addr_field(&relay.wait_line("relay ready", Duration::from_secs(10)), "admin");
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::spawn(async move {
+            for i in 0u64.. {
+                let agent = format!("a{round}-{i}");
+                let path = format!(
+                    "/agents/{agent}/revoke?serial={:032x}",
+                    (u128::from(round) << 64) | u128::from(i)
+                );
+                match sallyport_relay::cli::admin_client::request(admin, "POST", &path, Some(ADMIN_TOKEN))
+                    .await
+                {
+                    Ok((200, _)) => {
+                        let _ = done_tx.send(agent);
+                    }
+                    _ => return,
+                }
+            }
+        });
+        // Fault injection, not a wait for readiness: the kill lands somewhere inside a save.
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(30..300))).await;
+        relay.kill();
+        let _ = writer.await;
+        while let Ok(agent) = done_rx.try_recv() {
+            confirmed.push(agent);
+        }
+        let text = std::fs::read_to_string(&state).expect("the state file exists once anything was revoked");
+        let file: toml::Table = toml::from_str(&text)
+            .unwrap_or_else(|e| panic!("round {round}: the state file does not load: {e}\n{text}"));
+        let kept: std::collections::BTreeSet<&str> = file["agents"]
+            .as_array()
+            .expect("agents")
+            .iter()
+            .filter_map(|a| a.get("agent")?.as_str())
+            .collect();
+        let lost: Vec<&String> = confirmed.iter().filter(|a| !kept.contains(a.as_str())).collect();
+        assert!(lost.is_empty(), "round {round}: confirmed revocations lost: {lost:?}");
+        println!(
+            "round {round}: killed after {} confirmed revocations in all; the file loads and keeps them",
+            confirmed.len()
+        );
+    }
+    assert!(confirmed.len() >= 10, "revocations were saved: {}", confirmed.len());
+}

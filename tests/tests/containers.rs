@@ -224,7 +224,10 @@ async fn relay_commands_start_stop_restart_status_and_logs_with_the_admin_token(
     let pki = TestPki::new();
     let token_file = pki.dir().join("admin.token");
     std::fs::write(&token_file, "s3cret-token-0123456789\n").expect("token file");
-    let relay_extra = format!("admin_token_file = \"{}\"\nidle_timeout = \"10s\"", token_file.display());
+    let relay_extra = format!(
+        "admin_token_file = \"{}\"\nrevocations_file = \"revoked.toml\"\nidle_timeout = \"10s\"",
+        token_file.display()
+    );
     let mut relay = RunningRelay::start(pki.relay_config(&[("svc", "dock-commands")], &relay_extra)).await;
     let config =
         format!("[docker]\nstop_grace = \"1s\"\n{}", container_config("cmd", &image, "start = \"manual\""));
@@ -282,7 +285,7 @@ async fn relay_commands_start_stop_restart_status_and_logs_with_the_admin_token(
     std::fs::write(
         &cli_config,
         format!(
-            "[relay]\nadmin = \"{}\"\nadmin_token_file = \"admin.token\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\nkey = \"relay.key\"\n\
+            "[relay]\nadmin = \"{}\"\nadmin_token_file = \"admin.token\"\nrevocations_file = \"revoked.toml\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\nkey = \"relay.key\"\n\
              [services.svc]\nagent = \"dock-commands\"\nlisten = \"127.0.0.1:1\"\n",
             relay.admin
         ),
@@ -358,6 +361,49 @@ async fn the_engine_going_away_and_coming_back_is_survived() {
     let report =
         transfer::run(relay.service("svc"), 30_000, 30_000, 3).await.expect("works after the engine returns");
     assert_eq!(report.down, 30_000);
+    agent.stop().await;
+    relay.stop().await;
+}
+
+/// A container whose logs run to megabytes: `logs` answers with their end, cut to fit one control
+/// frame with a marker, and the tunnel (and the service behind it) stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn megabytes_of_container_logs_come_back_cut_and_leave_the_tunnel_up() {
+    docker_or_skip!();
+    let image = docker::test_image();
+    let _cleanup = Cleanup::new("dock-chatty");
+    let pki = TestPki::new();
+    std::fs::write(pki.dir().join("admin.token"), "chatty-token-0123456789").expect("token file");
+    let mut relay = RunningRelay::start(pki.relay_config(
+        &[("svc", "dock-chatty")],
+        "admin_token_file = \"admin.token\"\nrevocations_file = \"revoked.toml\"",
+    ))
+    .await;
+    let command = format!(
+        "command = [\"/transfer-server\", \"transfer-server\", \"--listen\", \"0.0.0.0:{IMAGE_PORT}\", \"--chatter\", \"3000000\"]\nstart = \"manual\""
+    );
+    let config = format!("[docker]\nstop_grace = \"1s\"\n{}", container_config("chatty", &image, &command));
+    let agent = RunningAgent::start(pki.agent_config("dock-chatty", &[relay.quic], &[], &config));
+    relay.wait_agent("dock-chatty").await;
+    let tunnel = relay.session_id("dock-chatty");
+    let token = Some("chatty-token-0123456789");
+    let base = "/agents/dock-chatty/containers/chatty";
+    let (status, body) = admin(&relay, "POST", &format!("{base}/start"), token).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The chatter is written before the server listens: once a transfer works, it is all there.
+    transfer::run(relay.service("svc"), 1000, 1000, 1).await.expect("the container serves");
+    let (status, logs) = admin(&relay, "POST", &format!("{base}/logs?tail=10000"), token).await;
+    assert_eq!(status, 200, "{}", &logs[..logs.len().min(300)]);
+    println!("logs of 10,000 lines of 200 bytes: {} bytes back, starting {:?}", logs.len(), &logs[..40]);
+    assert!(logs.starts_with("[... ") && logs.contains(" bytes left out ...]"), "{:?}", &logs[..80]);
+    assert!(logs.len() > 50_000 && logs.len() <= sallyport_proto::MAX_CONTROL_FRAME, "{}", logs.len());
+    assert!(logs.trim_end().ends_with("transfer server listening on 0.0.0.0:9000"), "the end of the log is kept");
+
+    assert_eq!(relay.session_id("dock-chatty"), tunnel, "the tunnel stayed up");
+    transfer::run(relay.service("svc"), 100_000, 100_000, 2).await.expect("still serves");
+    let (status, body) = admin(&relay, "POST", &format!("{base}/status"), token).await;
+    assert_eq!((status, body.trim()), (200, "chatty: running"));
     agent.stop().await;
     relay.stop().await;
 }

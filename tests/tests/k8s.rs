@@ -217,4 +217,38 @@ fn the_overlay_agrees_with_its_relay_toml() {
     for file in [&config.tls.ca_cert, &config.tls.cert, &config.tls.key] {
         assert!(file.starts_with("/etc/sallyport/tls"), "{} is not in the Secret's mount", file.display());
     }
+
+    // State that must survive a restart sits on a writable volume backed by a claim that the
+    // manifests create; the relay itself refuses to start otherwise.
+    sallyport_relay::trust::check_durable(&config, config.admin_token_file.is_some())
+        .expect("the overlay keeps its revocations");
+    let mounts = container["volumeMounts"].as_sequence().expect("volume mounts");
+    for file in [config.revocations_file.as_ref(), config.tokens_file.as_ref()].into_iter().flatten() {
+        let mount = mounts
+            .iter()
+            .find(|m| m["mountPath"].as_str().is_some_and(|p| file.starts_with(p)))
+            .unwrap_or_else(|| panic!("{} is on no mounted volume", file.display()));
+        assert_ne!(mount["readOnly"].as_bool(), Some(true), "{} is on a read-only mount", file.display());
+        let volume = pod["volumes"]
+            .as_sequence()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("the mount's volume");
+        let claim = volume["persistentVolumeClaim"]["claimName"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{} is not on a persistent volume", file.display()));
+        find(&docs, "PersistentVolumeClaim", claim);
+    }
+
+    // The admin port is for the kubelet's probes and in-cluster scrapes, never a Service's port.
+    for service in docs.iter().filter(|d| d["kind"].as_str() == Some("Service")) {
+        for (_, port, target) in ports(service) {
+            assert!(
+                port != u64::from(config.admin.port()) && target != u64::from(config.admin.port()),
+                "Service {} exposes the admin port",
+                service["metadata"]["name"].as_str().unwrap_or_default()
+            );
+        }
+    }
 }

@@ -12,6 +12,24 @@ use crate::{containers::ContainerError, tunnel::Tunnels};
 /// How far in the future an expiry may lie: bounds how long an id must be remembered.
 const MAX_LIFETIME_SECS: u64 = 600;
 
+/// The most of a command's output or error that goes back to the relay: the result travels in one
+/// control frame, which has room for a little more.
+pub(crate) const MAX_RESULT: usize = sallyport_proto::MAX_CONTROL_FRAME - 4 * 1024;
+
+/// `text`, or its end with a marker saying how much was left out when it is over `max` bytes (the
+/// end of a log is what an operator reads).
+pub(crate) fn bounded(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let marker_room = 64;
+    let mut start = text.len() - max.saturating_sub(marker_room);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("[... {start} bytes left out ...]\n{}", &text[start..])
+}
+
 /// Why a command from the relay was not run (the relay is told this text).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum Refused {
@@ -34,8 +52,17 @@ pub(crate) enum CommandFailed {
     Container(#[from] ContainerError),
 }
 
+/// Runs a command from the relay if it is admitted; the answer for the relay, bounded to fit a
+/// control frame.
+pub(crate) async fn answer(command: Command, tunnels: &Tunnels) -> Result<String, String> {
+    match run(command, tunnels).await {
+        Ok(output) => Ok(bounded(output, MAX_RESULT)),
+        Err(e) => Err(bounded(e.to_string(), MAX_RESULT)),
+    }
+}
+
 /// Runs a command from the relay if it is admitted.
-pub(crate) async fn run(command: Command, tunnels: &Tunnels) -> Result<String, CommandFailed> {
+async fn run(command: Command, tunnels: &Tunnels) -> Result<String, CommandFailed> {
     let declared = tunnels.config.containers.contains_key(&command.container);
     admit(&command, declared, &tunnels.seen_commands, clock::unix_now())?;
     let c = &tunnels.targets.containers;
@@ -91,6 +118,20 @@ mod tests {
 
     fn command(id: u64, expires_unix: u64) -> Command {
         Command { id, expires_unix, container: "sql".into(), action: ContainerAction::Status }
+    }
+
+    #[test]
+    fn results_are_cut_to_their_end_with_a_marker() {
+        assert_eq!(bounded("short".into(), 100), "short");
+        let long = format!("{}THE END", "é".repeat(50_000));
+        let cut = bounded(long.clone(), 1_000);
+        assert!(cut.len() <= 1_000 && cut.ends_with("THE END"), "{} bytes", cut.len());
+        assert!(cut.starts_with("[... ") && cut.contains(" bytes left out ...]\n"), "{}", &cut[..40]);
+        let result = sallyport_proto::AgentMessage::CommandResult {
+            id: u64::MAX,
+            result: Ok(bounded(long, MAX_RESULT)),
+        };
+        assert!(sallyport_proto::frame::encode_to_vec(&result, sallyport_proto::MAX_CONTROL_FRAME).is_ok());
     }
 
     #[test]

@@ -332,8 +332,11 @@ async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, tunnels: &Ar
     let (tx, mut rx) = tokio::sync::mpsc::channel::<AgentMessage>(64);
     let writer = async {
         while let Some(message) = rx.recv().await {
-            if write_frame(send, &message, MAX_CONTROL_FRAME).await.is_err() {
-                return;
+            match write_frame(send, &message, MAX_CONTROL_FRAME).await {
+                Ok(()) => {}
+                // One message that does not fit is dropped; the tunnel goes on.
+                Err(FrameError::Encode(e)) => warn!(error = %e, "control message not sent"),
+                Err(_) => return,
             }
         }
     };
@@ -351,7 +354,7 @@ async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, tunnels: &Ar
                     let (tx, tunnels) = (tx.clone(), tunnels.clone());
                     tokio::spawn(async move {
                         let id = command.id;
-                        let result = commands::run(command, &tunnels).await.map_err(|e| e.to_string());
+                        let result = commands::answer(command, &tunnels).await;
                         let _ = tx.send(AgentMessage::CommandResult { id, result }).await;
                     });
                 }

@@ -50,6 +50,7 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
     tls::server_crypto(tls.roots, tls.identity, &[sallyport_proto::ALPN_TUNNEL])
         .map_err(IdentityError::from)?;
     let commands_enabled = load_admin_token(config)?.is_some();
+    crate::trust::check_durable(config, commands_enabled)?;
     Ok(CheckReport {
         commands_enabled,
         relay_names: names,

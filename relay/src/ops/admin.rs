@@ -164,24 +164,33 @@ fn tokens(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
             if !(1..=30 * 86_400).contains(&ttl) {
                 return (StatusCode::BAD_REQUEST, "ttl_secs must be 1 s to 30 days\n".into());
             }
-            let (id, secret) = enrollment.tokens.create(agent, Duration::from_secs(ttl));
+            let (id, secret) = match enrollment.tokens.create(agent, Duration::from_secs(ttl)) {
+                Ok(created) => created,
+                Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("token not created: {e}\n")),
+            };
             let secret = hex::encode(&secret);
             tracing::info!(agent, token = format!("{id:016x}"), ttl_secs = ttl, "join token created");
             (StatusCode::OK, format!("{id:016x} {secret}\n"))
         }
-        (&Method::POST, ["tokens", id, "revoke"]) => match u64::from_str_radix(id, 16) {
-            Ok(id) if enrollment.tokens.revoke(id) => {
-                tracing::info!(token = format!("{id:016x}"), "join token revoked");
-                (StatusCode::OK, format!("{id:016x} revoked\n"))
+        (&Method::POST, ["tokens", id, "revoke"]) => {
+            match u64::from_str_radix(id, 16).map(|id| (id, enrollment.tokens.revoke(id))) {
+                Ok((_, Err(e))) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, format!("revoked until the relay restarts: {e}\n"))
+                }
+                Ok((id, Ok(true))) => {
+                    tracing::info!(token = format!("{id:016x}"), "join token revoked");
+                    (StatusCode::OK, format!("{id:016x} revoked\n"))
+                }
+                _ => (StatusCode::NOT_FOUND, format!("no token {id}\n")),
             }
-            _ => (StatusCode::NOT_FOUND, format!("no token {id}\n")),
-        },
+        }
         _ => (StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
 
-/// `POST /agents/AGENT/revoke[?serial=HEX]`: revokes the certificate the agent is connected with
-/// (or the given serial) and closes its tunnel.
+/// `POST /agents/AGENT/revoke[?serial=HEX]`: refuses every certificate of the agent issued up to
+/// now (renewals included), the certificate it is connected with, and the given serial, on this
+/// relay and after restarts; closes its tunnel.
 fn revoke_agent(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
     if let Err(refusal) = authorize(req, ops) {
         return refusal;
@@ -190,27 +199,32 @@ fn revoke_agent(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
     let ["agents", agent, "revoke"] = parts.as_slice() else {
         return (StatusCode::NOT_FOUND, "expected /agents/AGENT/revoke\n".into());
     };
-    let session = ops.agents.subscribe().borrow().get(*agent).cloned();
-    let serial = match (query(req, "serial"), &session) {
-        (Some(serial), _) => serial.to_ascii_lowercase(),
-        (None, Some(session)) => session.serial.clone(),
-        (None, None) => {
-            return (
-                StatusCode::NOT_FOUND,
-                format!("agent {agent:?} is not connected: name its certificate with ?serial=HEX\n"),
-            )
-        }
-    };
-    if let Err(e) = ops.trust.revocations.revoke(agent, &serial) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+    if !sallyport_proto::is_valid_name(agent) {
+        return (StatusCode::BAD_REQUEST, format!("{agent:?} is not an agent name\n"));
     }
-    tracing::warn!(agent, %serial, "agent certificate revoked");
-    if let Some(session) = session.filter(|s| s.serial == serial) {
+    let session = ops.agents.subscribe().borrow().get(*agent).cloned();
+    let mut serials: Vec<String> = session.iter().map(|s| s.serial.clone()).collect();
+    if let Some(serial) = query(req, "serial") {
+        if sallyport_runtime::hex::decode(serial).is_none_or(|bytes| bytes.is_empty()) {
+            return (StatusCode::BAD_REQUEST, format!("serial {serial:?} is not hex\n"));
+        }
+        serials.push(serial.to_ascii_lowercase());
+    }
+    let cutoff = match ops.trust.revocations.revoke_agent(agent, &serials) {
+        Ok(cutoff) => cutoff,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    };
+    tracing::warn!(agent, ?serials, issued_up_to_unix = cutoff, "agent certificates revoked");
+    if let Some(session) = session {
         session
             .connection
             .close(sallyport_runtime::code(sallyport_proto::codes::close::REFUSED), b"certificate revoked");
     }
-    (StatusCode::OK, format!("agent {agent}: certificate {serial} revoked\n"))
+    let listed = if serials.is_empty() { String::new() } else { format!(" and {}", serials.join(", ")) };
+    (
+        StatusCode::OK,
+        format!("agent {agent}: certificates issued up to {cutoff} (unix time){listed} revoked\n"),
+    )
 }
 
 /// `POST /agents/AGENT/containers/NAME/ACTION[?tail=N]`, with the admin bearer token.

@@ -17,7 +17,7 @@ use sallyport_runtime::{
     clock::unix_now as now_unix, code, hex, read_frame, sync::lock, write_frame, FrameError,
 };
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::trust::{
     constant_time_eq,
@@ -85,6 +85,9 @@ pub(crate) enum RedeemError {
     /// No such token, or the wrong secret: one answer for both, so a guesser learns nothing.
     #[error("invalid join token")]
     Invalid,
+    /// The token was good but its use could not be recorded: it stays used, and nothing is issued.
+    #[error("the relay cannot record the token's use; ask the operator")]
+    Unsaved,
     #[error("join token already used")]
     Used,
     #[error("join token revoked")]
@@ -115,16 +118,14 @@ impl TokenStore {
         Ok(Self { path, tokens: Mutex::new(tokens) })
     }
 
-    fn save(&self, tokens: &BTreeMap<u64, TokenRecord>) {
-        let Some(path) = &self.path else { return };
+    fn save(&self, tokens: &BTreeMap<u64, TokenRecord>) -> Result<(), StateError> {
+        let Some(path) = &self.path else { return Ok(()) };
         let file = TokenFile { tokens: tokens.values().cloned().collect() };
-        if let Err(e) = state_file::save(path, &file) {
-            warn!(error = %e, "cannot save the token store");
-        }
+        state_file::save(path, &file)
     }
 
     /// Creates a token for `agent`, valid for `ttl`; returns its id and secret.
-    pub fn create(&self, agent: &str, ttl: Duration) -> (u64, [u8; 32]) {
+    pub fn create(&self, agent: &str, ttl: Duration) -> Result<(u64, [u8; 32]), StateError> {
         let rng = ring::rand::SystemRandom::new();
         let mut secret = [0u8; 32];
         let mut id = [0u8; 8];
@@ -143,21 +144,25 @@ impl TokenStore {
         };
         let mut tokens = lock(&self.tokens);
         tokens.insert(id, record);
-        self.save(&tokens);
-        (id, secret)
+        if let Err(e) = self.save(&tokens) {
+            // A token that could not be kept is not handed out.
+            tokens.remove(&id);
+            return Err(e);
+        }
+        Ok((id, secret))
     }
 
     pub fn list(&self) -> Vec<TokenRecord> {
         lock(&self.tokens).values().cloned().collect()
     }
 
-    /// Revokes token `id`; false if there is none.
-    pub fn revoke(&self, id: u64) -> bool {
+    /// Revokes token `id`; false if there is none. Revoked in memory even if the save fails.
+    pub fn revoke(&self, id: u64) -> Result<bool, StateError> {
         let mut tokens = lock(&self.tokens);
-        let Some(record) = tokens.get_mut(&id) else { return false };
+        let Some(record) = tokens.get_mut(&id) else { return Ok(false) };
         record.state = TokenState::Revoked;
-        self.save(&tokens);
-        true
+        self.save(&tokens)?;
+        Ok(true)
     }
 
     /// Checks `secret` for token `id` and marks it used; returns the agent name it was made for.
@@ -176,7 +181,11 @@ impl TokenStore {
         }
         record.state = TokenState::Used;
         let agent = record.agent.clone();
-        self.save(&tokens);
+        if let Err(e) = self.save(&tokens) {
+            // Used stays used in memory: failing closed, nothing is issued for it.
+            error!(error = %e, token = format!("{id:016x}"), "cannot record a used join token: enrollment refused");
+            return Err(RedeemError::Unsaved);
+        }
         Ok(agent)
     }
 }
@@ -221,12 +230,15 @@ fn respond(request: &EnrollRequest, enrollment: &Enrollment) -> EnrollResponse {
         Err(refused) => return EnrollResponse::Refused { reason: refused.to_string() },
     };
     match enrollment.ca.issue_agent_for_csr(&agent, &request.csr_pem, enrollment.validity) {
-        Ok(cert_pem) => EnrollResponse::Issued {
-            agent,
-            cert_pem,
-            ca_pem: enrollment.ca.cert_pem().to_owned(),
-            not_after_unix: (now_unix() + enrollment.validity.as_secs()) as i64,
-        },
+        Ok(cert_pem) => {
+            crate::trust::pki::log_issued(&agent, &cert_pem, "enrollment");
+            EnrollResponse::Issued {
+                agent,
+                cert_pem,
+                ca_pem: enrollment.ca.cert_pem().to_owned(),
+                not_after_unix: (now_unix() + enrollment.validity.as_secs()) as i64,
+            }
+        }
         Err(e) => EnrollResponse::Refused { reason: format!("bad certificate request: {e}") },
     }
 }
@@ -238,7 +250,7 @@ mod tests {
     #[test]
     fn a_token_is_redeemed_once_within_its_lifetime_and_only_with_its_secret() {
         let store = TokenStore::open(None).expect("store");
-        let (id, secret) = store.create("winbox", Duration::from_secs(60));
+        let (id, secret) = store.create("winbox", Duration::from_secs(60)).expect("create");
         let now = now_unix();
         let mut wrong = secret;
         wrong[0] ^= 1;
@@ -247,8 +259,8 @@ mod tests {
         assert_eq!(store.redeem(id, &secret, now + 61), Err(RedeemError::Expired));
         assert_eq!(store.redeem(id, &secret, now), Ok("winbox".into()));
         assert_eq!(store.redeem(id, &secret, now), Err(RedeemError::Used));
-        let (id2, secret2) = store.create("winbox", Duration::from_secs(60));
-        assert!(store.revoke(id2));
+        let (id2, secret2) = store.create("winbox", Duration::from_secs(60)).expect("create");
+        assert!(store.revoke(id2).expect("revoke"));
         assert_eq!(store.redeem(id2, &secret2, now), Err(RedeemError::Revoked));
         assert_eq!(RedeemError::Invalid.to_string(), "invalid join token");
     }
@@ -258,7 +270,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("tokens.toml");
         let store = TokenStore::open(Some(path.clone())).expect("store");
-        let (id, secret) = store.create("winbox", Duration::from_secs(60));
+        let (id, secret) = store.create("winbox", Duration::from_secs(60)).expect("create");
         let text = std::fs::read_to_string(&path).expect("saved");
         assert!(!text.contains(&hex::encode(&secret)), "the secret itself is never stored");
         let reopened = TokenStore::open(Some(path)).expect("reopen");

@@ -38,12 +38,27 @@ pub enum TrustError {
     /// The tokens or revocations file cannot be used.
     #[error(transparent)]
     State(#[from] StateError),
+    /// Enrollment is on, and used join tokens would be forgotten on a restart.
+    #[error(
+        "{}: key `relay.tokens_file`: relay.ca_key turns enrollment on, which needs a tokens file on \
+         storage that survives restarts (a used join token must stay used)",
+        path.display()
+    )]
+    TokensNotKept { path: PathBuf },
+    /// Operators can revoke agents, and revocations would be forgotten on a restart.
+    #[error(
+        "{}: key `relay.revocations_file`: {reason}, which needs a revocations file on storage that \
+         survives restarts (a revoked agent must stay revoked)",
+        path.display()
+    )]
+    RevocationsNotKept { path: PathBuf, reason: &'static str },
 }
 
 impl Trust {
     /// Loads revocations, and with `relay.ca_key` set the CA and its tokens (which need the admin
     /// token, since tokens are made through the admin API).
     pub(crate) fn load(config: &Config, has_admin_token: bool) -> Result<Self, TrustError> {
+        check_durable(config, has_admin_token)?;
         let enrollment = match &config.ca_key {
             None => None,
             Some(key_path) => Some(Self::enrollment(config, key_path, has_admin_token)?),
@@ -70,6 +85,28 @@ impl Trust {
     }
 }
 
+/// Fails when revocation or enrollment is on and its state would not survive a restart: a
+/// restart must not let a revoked agent back in or a used token be redeemed again.
+pub fn check_durable(config: &Config, has_admin_token: bool) -> Result<(), TrustError> {
+    let path = || config.path.clone();
+    if config.revocations_file.is_none() {
+        let reason = if config.ca_key.is_some() {
+            Some("relay.ca_key turns enrollment and revocation on")
+        } else if has_admin_token {
+            Some("relay.admin_token_file lets operators revoke agents")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(TrustError::RevocationsNotKept { path: path(), reason });
+        }
+    }
+    if config.ca_key.is_some() && config.tokens_file.is_none() {
+        return Err(TrustError::TokensNotKept { path: path() });
+    }
+    Ok(())
+}
+
 /// Compares secrets in time independent of where they differ (lengths are not secret here).
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -78,6 +115,31 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "[relay]\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\nkey = \"relay.key\"\n{extra}\n\
+             [services.web]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n"
+        );
+        Config::from_toml(&text, Path::new("/etc/sallyport/relay.toml")).expect("valid config")
+    }
+
+    #[test]
+    fn revocation_and_enrollment_need_state_that_survives_a_restart() {
+        assert!(check_durable(&config(""), false).is_ok(), "nothing to keep");
+        let e = check_durable(&config("admin_token_file = \"admin.token\""), true).expect_err("revocations");
+        assert!(
+            e.to_string().starts_with(
+                "/etc/sallyport/relay.toml: key `relay.revocations_file`: relay.admin_token_file"
+            ),
+            "{e}"
+        );
+        let e = check_durable(&config("ca_key = \"ca.key\"\nrevocations_file = \"r.toml\""), true)
+            .expect_err("tokens");
+        assert!(e.to_string().contains("key `relay.tokens_file`"), "{e}");
+        let kept = config("ca_key = \"ca.key\"\nrevocations_file = \"r.toml\"\ntokens_file = \"t.toml\"");
+        assert!(check_durable(&kept, true).is_ok());
+    }
 
     #[test]
     fn secrets_compare_equal_only_when_equal() {

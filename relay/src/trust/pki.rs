@@ -82,7 +82,7 @@ impl Ca {
         params.distinguished_name.push(DnType::OrganizationName, "Sallyport");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        set_validity(&mut params, CA_VALIDITY)?;
+        set_validity(&mut params, CA_VALIDITY, clock_slack(CA_VALIDITY))?;
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
         let cert_pem = cert.pem();
@@ -120,7 +120,7 @@ impl Ca {
         let mut params = CertificateParams::new(sans.to_vec())?;
         params.distinguished_name.push(DnType::CommonName, "sallyport relay");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign(params, RELAY_VALIDITY)
+        self.sign(params, RELAY_VALIDITY, clock_slack(RELAY_VALIDITY))
     }
 
     /// Issues a client certificate for agent `name` (the name goes into the SAN and the CN).
@@ -131,7 +131,7 @@ impl Ca {
         let mut params = CertificateParams::new(vec![name.to_owned()])?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign(params, validity)
+        self.sign(params, validity, OFFLINE_AGENT_SLACK)
     }
 
     /// Issues a client certificate for agent `name` to the public key of `csr_pem` (the agent's
@@ -152,25 +152,41 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, validity)?;
+        // Checked on the relay's own clock: valid from the second of issue, which `agent revoke`
+        // compares against.
+        set_validity(&mut params, validity, Duration::ZERO)?;
         Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
     }
 
-    fn sign(&self, mut params: CertificateParams, validity: Duration) -> Result<Issued, PkiError> {
+    fn sign(
+        &self,
+        mut params: CertificateParams,
+        validity: Duration,
+        slack: Duration,
+    ) -> Result<Issued, PkiError> {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, validity)?;
+        set_validity(&mut params, validity, slack)?;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 }
 
-fn set_validity(params: &mut CertificateParams, validity: Duration) -> Result<(), PkiError> {
+/// How far back a certificate checked on other machines' clocks (the CA's, the relay's) is valid:
+/// an hour, or a quarter of a short lifetime.
+fn clock_slack(validity: Duration) -> Duration {
+    (validity / 4).min(Duration::from_secs(3600))
+}
+
+/// How far back an agent certificate from `agent add` is valid: it may be made on another machine
+/// whose clock runs a little ahead of the relay's. `agent revoke` refuses such a certificate made
+/// up to this long after the revocation, too.
+const OFFLINE_AGENT_SLACK: Duration = Duration::from_secs(300);
+
+/// Valid from `slack` before now for `validity`, with a random serial.
+fn set_validity(params: &mut CertificateParams, validity: Duration, slack: Duration) -> Result<(), PkiError> {
     let now = OffsetDateTime::now_utc();
-    // Slack for clocks that run a little behind the relay's: an hour, or a quarter of a short
-    // lifetime (renewal keys off the whole lifetime).
-    let slack = (validity / 4).min(Duration::from_secs(3600));
     params.not_before = now - time::Duration::try_from(slack).unwrap_or(time::Duration::hours(1));
     params.not_after = now + time::Duration::try_from(validity).unwrap_or(time::Duration::days(365));
     let mut serial = [0u8; 16];
@@ -308,6 +324,19 @@ pub(crate) fn write_private_io(path: &Path, contents: &str) -> std::io::Result<(
 
 fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
     fs::write(path, contents).map_err(|source| PkiError::Io { path: path.to_owned(), source })
+}
+
+/// Logs a certificate the relay issued, with its serial and end of validity.
+pub(crate) fn log_issued(agent: &str, cert_pem: &str, why: &'static str) {
+    let info = sallyport_runtime::tls::certs_from_pem(cert_pem.as_bytes(), "issued certificate")
+        .ok()
+        .and_then(|certs| certs.first().and_then(|c| sallyport_runtime::tls::inspect(c).ok()));
+    match info {
+        Some(info) => {
+            tracing::info!(agent, serial = %info.serial, not_after_unix = info.not_after_unix, why, "agent certificate issued")
+        }
+        None => tracing::info!(agent, why, "agent certificate issued"),
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
-//! Revoked agent certificates, by serial number. A revoked certificate's live tunnel is closed
-//! at once and its every later connection refused; the agent gets back in only with a new
-//! certificate (a new join token or `agent add`). Kept in `relay.revocations_file` when set.
+//! Revoked agent certificates. `agent revoke NAME` refuses every certificate of that agent issued
+//! up to the revocation (renewals included, whoever holds them) and closes its live tunnel; single
+//! certificates can also be revoked by serial. The agent gets back in only with a certificate
+//! issued afterwards (a new join token or `agent add`). Kept in `relay.revocations_file`, which a
+//! relay that can revoke must have.
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Mutex};
 
@@ -9,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::trust::state_file::{self, StateError};
 
+/// One certificate revoked by serial.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revoked {
     pub serial: String,
@@ -16,42 +19,87 @@ pub struct Revoked {
     pub at_unix: u64,
 }
 
+/// Every certificate of `agent` issued at or before `before_unix` is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedAgent {
+    pub agent: String,
+    pub before_unix: u64,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct RevocationFile {
     #[serde(default)]
     revoked: Vec<Revoked>,
+    #[serde(default)]
+    agents: Vec<RevokedAgent>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    by_serial: BTreeMap<String, Revoked>,
+    /// Per agent: certificates issued at or before this second are refused.
+    cutoffs: BTreeMap<String, u64>,
+}
+
+/// A certificate as the relay judges it: whose, which, and when it was issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CertId {
+    pub(crate) agent: String,
+    pub(crate) serial: String,
+    /// Its `notBefore`: the relay issues agent certificates valid from the second of issue.
+    pub(crate) issued_unix: i64,
 }
 
 #[derive(Debug)]
 pub(crate) struct Revocations {
     path: Option<PathBuf>,
-    by_serial: Mutex<BTreeMap<String, Revoked>>,
+    state: Mutex<State>,
 }
 
 impl Revocations {
     pub fn open(path: Option<PathBuf>) -> Result<Self, StateError> {
         let file: RevocationFile = state_file::load(path.as_deref())?;
-        let by_serial = file.revoked.into_iter().map(|r| (r.serial.clone(), r)).collect();
-        Ok(Self { path, by_serial: Mutex::new(by_serial) })
+        let state = State {
+            by_serial: file.revoked.into_iter().map(|r| (r.serial.clone(), r)).collect(),
+            cutoffs: file.agents.into_iter().map(|a| (a.agent, a.before_unix)).collect(),
+        };
+        Ok(Self { path, state: Mutex::new(state) })
     }
 
-    pub fn contains(&self, serial: &str) -> bool {
-        lock(&self.by_serial).contains_key(serial)
+    /// Whether `cert` is refused: its serial is revoked, or its agent was revoked at or after the
+    /// second it was issued.
+    pub fn refuses(&self, cert: &CertId) -> bool {
+        let state = lock(&self.state);
+        state.by_serial.contains_key(&cert.serial)
+            || state.cutoffs.get(&cert.agent).is_some_and(|&cutoff| cert.issued_unix <= cutoff as i64)
     }
 
-    pub fn revoke(&self, agent: &str, serial: &str) -> Result<(), StateError> {
-        let at_unix = clock::unix_now();
-        let mut all = lock(&self.by_serial);
-        all.insert(
-            serial.to_owned(),
-            Revoked { serial: serial.to_owned(), agent: agent.to_owned(), at_unix },
-        );
-        match &self.path {
-            Some(path) => {
-                state_file::save(path, &RevocationFile { revoked: all.values().cloned().collect() })
-            }
-            None => Ok(()),
+    /// Refuses every certificate of `agent` issued up to now, and each of `serials` (certificates
+    /// of it issued elsewhere); returns the cutoff.
+    pub fn revoke_agent(&self, agent: &str, serials: &[String]) -> Result<u64, StateError> {
+        let now = clock::unix_now();
+        let mut state = lock(&self.state);
+        let cutoff = state.cutoffs.entry(agent.to_owned()).or_insert(0);
+        *cutoff = (*cutoff).max(now);
+        for serial in serials {
+            let record = Revoked { serial: serial.clone(), agent: agent.to_owned(), at_unix: now };
+            state.by_serial.insert(serial.clone(), record);
         }
+        self.save(&state)?;
+        Ok(now)
+    }
+
+    fn save(&self, state: &State) -> Result<(), StateError> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let file = RevocationFile {
+            revoked: state.by_serial.values().cloned().collect(),
+            agents: state
+                .cutoffs
+                .iter()
+                .map(|(agent, &before_unix)| RevokedAgent { agent: agent.clone(), before_unix })
+                .collect(),
+        };
+        state_file::save(path, &file)
     }
 }
 
@@ -59,14 +107,29 @@ impl Revocations {
 mod tests {
     use super::*;
 
+    fn cert(agent: &str, serial: &str, issued_unix: i64) -> CertId {
+        CertId { agent: agent.into(), serial: serial.into(), issued_unix }
+    }
+
     #[test]
-    fn revocations_persist() {
+    fn revocations_persist_and_cover_every_earlier_certificate_of_the_agent() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("revoked.toml");
         let r = Revocations::open(Some(path.clone())).expect("open");
-        assert!(!r.contains("0a"));
-        r.revoke("winbox", "0a").expect("revoke");
-        assert!(r.contains("0a"));
-        assert!(Revocations::open(Some(path)).expect("reopen").contains("0a"));
+        let now = clock::unix_now() as i64;
+        let earlier = cert("winbox", "0a", now - 100);
+        let renewed = cert("winbox", "0b", now);
+        let later = cert("winbox", "0c", now + 5);
+        let other = cert("nas", "0d", now - 100);
+        assert!(!r.refuses(&earlier) && !r.refuses(&renewed));
+        let cutoff = r.revoke_agent("winbox", &["0e".to_owned()]).expect("revoke");
+        assert!(cutoff as i64 >= now);
+        for refused in [&earlier, &renewed, &cert("winbox", "0e", now + 50)] {
+            assert!(r.refuses(refused), "{refused:?}");
+        }
+        assert!(!r.refuses(&later) && !r.refuses(&other));
+        let reopened = Revocations::open(Some(path)).expect("reopen");
+        assert!(reopened.refuses(&earlier) && reopened.refuses(&renewed));
+        assert!(!reopened.refuses(&later));
     }
 }

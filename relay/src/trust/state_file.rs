@@ -1,5 +1,7 @@
-//! The relay's small state files (tokens, revocations): TOML, read whole at start, written whole
-//! through a temporary file and a rename, readable by the owner only.
+//! The relay's small state files (tokens, revocations): TOML, read whole at start, written whole,
+//! readable by the owner only. A save writes a temporary file, flushes it to disk, renames it over
+//! the old one and flushes the directory: a crash or a power cut at any point leaves the old state
+//! or the new one, never an empty or torn file.
 
 use std::path::{Path, PathBuf};
 
@@ -34,12 +36,53 @@ pub(crate) fn load<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result
     }
 }
 
-/// Replaces `path` with `state`.
+/// Replaces `path` with `state`, durably.
 pub(crate) fn save<T: Serialize>(path: &Path, state: &T) -> Result<(), StateError> {
     let text =
         toml::to_string(state).map_err(|source| StateError::Encode { path: path.to_owned(), source })?;
+    replace_durably(path, &text).map_err(|source| StateError::Write { path: path.to_owned(), source })
+}
+
+/// Writes `text` to `path` through a temporary file: written and flushed to disk, renamed over
+/// `path`, and the rename flushed by syncing the directory.
+fn replace_durably(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let write = |source| StateError::Write { path: path.to_owned(), source };
-    crate::trust::pki::write_private_io(&tmp, &text).map_err(write)?;
-    std::fs::rename(&tmp, path).map_err(write)
+    crate::trust::pki::write_private_io(&tmp, text)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    #[cfg(unix)]
+    {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Sample {
+        items: Vec<String>,
+    }
+
+    #[test]
+    fn a_save_replaces_the_whole_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.toml");
+        assert_eq!(load::<Sample>(Some(&path)).expect("missing is empty"), Sample::default());
+        let state = Sample { items: vec!["a".into(), "b".into()] };
+        save(&path, &state).expect("save");
+        save(&path, &state).expect("save again");
+        assert_eq!(load::<Sample>(Some(&path)).expect("load"), state);
+        assert!(!path.with_extension("tmp").exists());
+        // A torn temporary from a crash mid-write is simply replaced by the next save.
+        std::fs::write(path.with_extension("tmp"), "items = [\"tor").expect("torn");
+        save(&path, &Sample { items: vec!["c".into()] }).expect("save over a torn temporary");
+        assert_eq!(load::<Sample>(Some(&path)).expect("load").items, vec!["c".to_owned()]);
+        std::fs::write(&path, "items = [").expect("corrupt");
+        let e = load::<Sample>(Some(&path)).expect_err("a corrupt file is an error, not empty state");
+        assert!(e.to_string().contains("state.toml"), "{e}");
+    }
 }

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::{
-    trust::enroll,
+    trust::{enroll, revocations::CertId},
     tunnel::{control, Tunnels},
 };
 
@@ -64,7 +64,7 @@ async fn handle_incoming(incoming: Incoming, tunnels: Arc<Tunnels>) {
         }
         return;
     }
-    let (name, serial) = match agent_identity(&connection) {
+    let cert = match agent_identity(&connection) {
         Ok(identity) => identity,
         Err(refused) => {
             warn!(reason = %refused, "agent certificate refused");
@@ -73,15 +73,14 @@ async fn handle_incoming(incoming: Incoming, tunnels: Arc<Tunnels>) {
             return;
         }
     };
-    if tunnels.trust.revocations.contains(&serial) {
-        warn!(agent = %name, %serial, "revoked certificate refused");
+    if tunnels.trust.revocations.refuses(&cert.id) {
+        warn!(agent = %cert.id.agent, serial = %cert.id.serial, "revoked certificate refused");
         metrics.handshake_failed("revoked");
         connection.close(code(close::REFUSED), b"certificate revoked");
         return;
     }
-    control::serve_agent(connection, name.clone(), serial, tunnels)
-        .instrument(info_span!("agent", agent = %name))
-        .await;
+    let span = info_span!("agent", agent = %cert.id.agent);
+    control::serve_agent(connection, cert, tunnels).instrument(span).await;
 }
 
 /// Why a connection's client certificate does not name an agent.
@@ -99,9 +98,16 @@ enum IdentityError {
     InvalidName(String),
 }
 
-/// The agent's name and certificate serial: the first DNS name in its client certificate, which
-/// the handshake verified.
-fn agent_identity(connection: &Connection) -> Result<(String, String), IdentityError> {
+/// The certificate an agent connected with, which the handshake verified.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentCert {
+    /// Its agent (the first DNS name), serial and time of issue.
+    pub(crate) id: CertId,
+    pub(crate) not_after_unix: i64,
+}
+
+/// The agent's certificate: the first DNS name in it names the agent.
+fn agent_identity(connection: &Connection) -> Result<AgentCert, IdentityError> {
     let certs = connection
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
@@ -112,5 +118,6 @@ fn agent_identity(connection: &Connection) -> Result<(String, String), IdentityE
     if !sallyport_proto::is_valid_name(&name) {
         return Err(IdentityError::InvalidName(name));
     }
-    Ok((name, info.serial))
+    let id = CertId { agent: name, serial: info.serial, issued_unix: info.not_before_unix };
+    Ok(AgentCert { id, not_after_unix: info.not_after_unix })
 }

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::tunnel::{
+    accept::AgentCert,
     admission::admit,
     datagrams,
     registry::{AgentSession, PendingCommand},
@@ -70,7 +71,8 @@ enum FirstMessageError {
     Protocol(String),
 }
 
-pub(crate) async fn serve_agent(connection: Connection, name: String, serial: String, tunnels: Arc<Tunnels>) {
+pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels: Arc<Tunnels>) {
+    let name = cert.id.agent.clone();
     let metrics = &tunnels.runtime.metrics;
     let (mut send, mut recv, hello) = match first_message(&connection, &tunnels).await {
         Ok(v) => v,
@@ -116,7 +118,7 @@ pub(crate) async fn serve_agent(connection: Connection, name: String, serial: St
         services: services.clone(),
         connected_at: std::time::SystemTime::now(),
         containers: containers.clone(),
-        serial,
+        serial: cert.id.serial.clone(),
         connection: connection.clone(),
         commands,
     };
@@ -129,7 +131,7 @@ pub(crate) async fn serve_agent(connection: Connection, name: String, serial: St
     let pending = Mutex::new(HashMap::new());
     let (replies, mut reply_rx) = mpsc::channel(4);
     let reader =
-        Reader { name: &name, tunnels: &tunnels, pending: &pending, containers: &containers, replies };
+        Reader { cert: &cert, tunnels: &tunnels, pending: &pending, containers: &containers, replies };
     let ended = tokio::select! {
         r = control_reader(&mut recv, reader) => r,
         r = control_writer(&mut send, &mut command_rx, &mut reply_rx, &pending) => r,
@@ -186,7 +188,8 @@ type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<String, String>>>>;
 
 /// What the control reader works with.
 struct Reader<'a> {
-    name: &'a str,
+    /// The certificate the tunnel runs on.
+    cert: &'a AgentCert,
     tunnels: &'a Tunnels,
     pending: &'a Pending,
     containers: &'a Mutex<Vec<ContainerReport>>,
@@ -224,19 +227,16 @@ impl Reader<'_> {
         }
     }
 
-    /// Signs the agent's renewal request (when enrollment is on) and queues the answer.
+    /// Signs the agent's renewal request if it may have one and queues the answer.
     async fn renew(&self, csr_pem: &str) -> Result<(), ProtocolError> {
-        let renewed = match &self.tunnels.trust.enrollment {
-            None => Err("certificate renewal is off on this relay (no relay.ca_key)".to_owned()),
-            Some(enrollment) => enrollment
-                .ca
-                .issue_agent_for_csr(self.name, csr_pem, enrollment.validity)
-                .map_err(|e| format!("bad certificate request: {e}")),
-        };
-        match &renewed {
-            Ok(_) => info!("agent certificate renewed"),
-            Err(reason) => warn!(%reason, "agent certificate not renewed"),
-        }
+        let tunnels = self.tunnels;
+        let renewed = tunnels
+            .renewals
+            .renew(&tunnels.trust, self.cert, csr_pem, &tunnels.runtime.metrics)
+            .map_err(|refused| {
+                warn!(reason = %refused, serial = %self.cert.id.serial, "agent certificate not renewed");
+                refused.to_string()
+            });
         // The writer has stopped: the select in serve_agent ends the tunnel with its reason.
         let _ = self.replies.send(RelayMessage::Renewed(renewed)).await;
         Ok(())
@@ -273,8 +273,19 @@ async fn control_writer(
                 RelayMessage::Command(command)
             }
         };
-        if let Err(e) = write_frame(send, &message, MAX_CONTROL_FRAME).await {
-            return frame_error(e);
+        match write_frame(send, &message, MAX_CONTROL_FRAME).await {
+            Ok(()) => {}
+            // One message that does not fit (a command naming a huge container) fails alone: its
+            // waiter hears why, and the tunnel goes on.
+            Err(FrameError::Encode(e)) => {
+                warn!(error = %e, "control message not sent");
+                if let RelayMessage::Command(command) = message {
+                    if let Some(waiter) = lock(pending).remove(&command.id) {
+                        let _ = waiter.send(Err(format!("the command could not be sent: {e}")));
+                    }
+                }
+            }
+            Err(e) => return frame_error(e),
         }
     }
 }

@@ -7,6 +7,7 @@ mod admission;
 mod control;
 pub(crate) mod datagrams;
 pub(crate) mod registry;
+mod renewal;
 pub(crate) mod streams;
 
 use std::sync::Arc;
@@ -25,4 +26,5 @@ pub(crate) struct Tunnels {
     pub(crate) trust: Arc<Trust>,
     /// UDP flows by id, for the datagrams agents send back.
     pub(crate) flows: Arc<datagrams::FlowRoutes>,
+    pub(crate) renewals: renewal::Renewals,
 }

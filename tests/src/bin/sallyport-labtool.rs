@@ -67,6 +67,9 @@ enum Tool {
     TransferServer {
         #[arg(long)]
         listen: SocketAddr,
+        /// First write this many bytes of log lines to stderr (for tests of large container logs).
+        #[arg(long, default_value_t = 0)]
+        chatter: usize,
     },
     /// --count transfers at once against --to, sizes 0..=--max each way; one line per transfer.
     Transfers {
@@ -131,7 +134,13 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("greeter listening on {listen}");
             sallyport_tests::bench::workloads::serve_greetings(listener).await;
         }
-        Tool::TransferServer { listen } => {
+        Tool::TransferServer { listen, chatter } => {
+            let line = format!("chatter {}\n", "x".repeat(191));
+            let mut stderr = std::io::stderr().lock();
+            for _ in 0..chatter.div_ceil(line.len()) {
+                std::io::Write::write_all(&mut stderr, line.as_bytes())?;
+            }
+            drop(stderr);
             let listener = tokio::net::TcpListener::bind(listen).await?;
             eprintln!("transfer server listening on {listen}");
             loop {
