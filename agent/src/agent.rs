@@ -13,7 +13,7 @@ use crate::{
     config::Config,
     containers::Containers,
     targets::Targets,
-    tunnel::{self, TunnelStatus, Tunnels},
+    tunnel::{self, renew, TunnelStatus, Tunnels},
 };
 
 /// Why the agent could not start: its TLS identity is not usable.
@@ -96,6 +96,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
 type Crypto = Arc<quinn::crypto::rustls::QuicClientConfig>;
 
 fn load_identity(config: &Config) -> Result<(Crypto, IdentityInfo), StartError> {
+    // A renewal a crash interrupted is finished or undone first: key and certificate must match.
+    match renew::recover_identity(&config.tls) {
+        Ok(renew::Recovered::Nothing) => {}
+        Ok(recovered) => tracing::warn!(?recovered, "an interrupted certificate renewal was recovered"),
+        Err(e) => {
+            return Err(TlsFileError {
+                path: config.tls.cert.clone(),
+                reason: format!("cannot recover an interrupted renewal: {e}"),
+            }
+            .into())
+        }
+    }
     let tls = config.tls.load()?;
     let name = tls.leaf.dns_name.clone().ok_or_else(|| TlsFileError {
         path: config.tls.cert.clone(),

@@ -169,5 +169,8 @@ pub(crate) fn write_file(path: &Path, contents: &str, private: bool) -> std::io:
     }
     #[cfg(not(unix))]
     let _ = private;
-    options.open(path)?.write_all(contents.as_bytes())
+    let mut file = options.open(path)?;
+    file.write_all(contents.as_bytes())?;
+    // Flushed to disk before anything renames it into place.
+    file.sync_all()
 }

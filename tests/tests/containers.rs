@@ -398,7 +398,10 @@ async fn megabytes_of_container_logs_come_back_cut_and_leave_the_tunnel_up() {
     println!("logs of 10,000 lines of 200 bytes: {} bytes back, starting {:?}", logs.len(), &logs[..40]);
     assert!(logs.starts_with("[... ") && logs.contains(" bytes left out ...]"), "{:?}", &logs[..80]);
     assert!(logs.len() > 50_000 && logs.len() <= sallyport_proto::MAX_CONTROL_FRAME, "{}", logs.len());
-    assert!(logs.trim_end().ends_with("transfer server listening on 0.0.0.0:9000"), "the end of the log is kept");
+    assert!(
+        logs.trim_end().ends_with("transfer server listening on 0.0.0.0:9000"),
+        "the end of the log is kept"
+    );
 
     assert_eq!(relay.session_id("dock-chatty"), tunnel, "the tunnel stayed up");
     transfer::run(relay.service("svc"), 100_000, 100_000, 2).await.expect("still serves");

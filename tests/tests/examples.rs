@@ -43,3 +43,32 @@ fn example_services_match_between_relay_and_agent() {
     let offered: Vec<_> = agent.services.keys().collect();
     assert_eq!(published, offered, "the examples must describe one consistent setup");
 }
+
+/// The systemd unit keeps the system read-only but lets the agent write its own identity (renewal
+/// replaces agent.key and agent.crt in place, beside agent.toml).
+#[test]
+fn the_systemd_unit_lets_the_agent_renew_its_certificate() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/linux/sallyport-agent.service"),
+    )
+    .expect("unit file");
+    let values = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.trim().strip_prefix(&format!("{key}=")))
+            .flat_map(|v| v.split_whitespace().map(str::to_owned))
+            .collect()
+    };
+    let config = values("ExecStart").into_iter().skip_while(|a| a != "--config").nth(1).expect("--config");
+    let identity_dir = Path::new(&config).parent().expect("config folder").to_owned();
+    assert_eq!(values("ProtectSystem"), ["strict"]);
+    assert!(
+        values("ReadWritePaths").iter().any(|p| identity_dir.starts_with(p)),
+        "{} is not writable for renewals",
+        identity_dir.display()
+    );
+    assert!(
+        !values("ReadOnlyPaths").iter().any(|p| identity_dir.starts_with(p)),
+        "{} is read-only",
+        identity_dir.display()
+    );
+}

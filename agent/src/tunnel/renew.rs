@@ -12,7 +12,8 @@ use sallyport_proto::{AgentMessage, ALPN_TUNNEL};
 use sallyport_runtime::{
     clock,
     sync::{lock, write},
-    tls, transport,
+    tls::{self, TlsFiles},
+    transport,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -116,9 +117,8 @@ fn install(cert_pem: &str, key_pem: &str, tunnels: &Tunnels) -> Result<i64, Inst
         .map_err(|source| InstallError::File { path: files.ca_cert.clone(), source })?;
     let roots = tls::roots_from_pem(&ca_pem)?;
     let crypto = tls::client_crypto(roots, identity, &[ALPN_TUNNEL])?;
-    // Key first, then certificate, each through a temporary file and a rename.
-    write_replacing(&files.key, key_pem, true)?;
-    write_replacing(&files.cert, cert_pem, false)?;
+    swap_identity(files, key_pem, cert_pem)
+        .map_err(|source| InstallError::File { path: files.cert.clone(), source })?;
     let timing = &tunnels.config.timing;
     let mut client = quinn::ClientConfig::new(crypto);
     client.transport_config(transport::agent(timing.keep_alive, timing.idle_timeout, timing.congestion));
@@ -127,16 +127,129 @@ fn install(cert_pem: &str, key_pem: &str, tunnels: &Tunnels) -> Result<i64, Inst
     Ok(info.not_after_unix)
 }
 
-fn write_replacing(path: &Path, contents: &str, private: bool) -> Result<(), InstallError> {
-    let tmp = path.with_extension("renewing");
-    crate::enroll::write_file(&tmp, contents, private)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|source| InstallError::File { path: path.to_owned(), source })
+/// `agent.key.renewing`, `agent.crt.partial`, `agent.crt.renewing` beside the identity files.
+fn staged(path: &Path, stage: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".");
+    name.push(stage);
+    path.with_file_name(name)
+}
+
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Replaces the key and the certificate as one: a crash at any point leaves the old pair or the
+/// new one once [`recover_identity`] has run (the agent runs it before loading its identity).
+///
+/// The new key is staged, then the new certificate; the certificate's rename to
+/// `agent.crt.renewing` commits the swap, and both are then renamed into place.
+pub(crate) fn swap_identity(files: &TlsFiles, key_pem: &str, cert_pem: &str) -> std::io::Result<()> {
+    let (key_staged, cert_partial, cert_staged) =
+        (staged(&files.key, "renewing"), staged(&files.cert, "partial"), staged(&files.cert, "renewing"));
+    crate::enroll::write_file(&key_staged, key_pem, true)?;
+    crate::enroll::write_file(&cert_partial, cert_pem, false)?;
+    std::fs::rename(&cert_partial, &cert_staged)?;
+    sync_dir(&files.cert)?;
+    roll_forward(files)
+}
+
+/// Finishes a committed swap.
+fn roll_forward(files: &TlsFiles) -> std::io::Result<()> {
+    let (key_staged, cert_staged) = (staged(&files.key, "renewing"), staged(&files.cert, "renewing"));
+    if key_staged.exists() {
+        std::fs::rename(&key_staged, &files.key)?;
+    }
+    std::fs::rename(&cert_staged, &files.cert)?;
+    sync_dir(&files.key)?;
+    sync_dir(&files.cert)
+}
+
+/// What [`recover_identity`] found of a renewal a crash interrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Recovered {
+    /// No renewal was under way.
+    Nothing,
+    /// The swap was committed: the new key and certificate are now in place.
+    Finished,
+    /// The swap was not committed: the staged files are gone and the old pair stays.
+    Abandoned,
+}
+
+/// Completes or undoes a renewal that a crash interrupted, so the key and the certificate always
+/// belong together.
+pub(crate) fn recover_identity(files: &TlsFiles) -> std::io::Result<Recovered> {
+    if staged(&files.cert, "renewing").exists() {
+        roll_forward(files)?;
+        return Ok(Recovered::Finished);
+    }
+    let mut abandoned = false;
+    for stale in [staged(&files.key, "renewing"), staged(&files.cert, "partial")] {
+        if stale.exists() {
+            std::fs::remove_file(&stale)?;
+            abandoned = true;
+        }
+    }
+    Ok(if abandoned { Recovered::Abandoned } else { Recovered::Nothing })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A crash after each step of a swap leaves, after recovery, either the old pair or the new.
+    #[test]
+    fn a_crash_at_any_step_of_a_swap_leaves_a_matching_pair() {
+        let steps = ["staged key", "partial certificate", "committed", "key in place", "done"];
+        for (crash_after, step) in steps.iter().enumerate() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let files = TlsFiles {
+                ca_cert: dir.path().join("ca.crt"),
+                cert: dir.path().join("agent.crt"),
+                key: dir.path().join("agent.key"),
+            };
+            std::fs::write(&files.key, "old key").expect("key");
+            std::fs::write(&files.cert, "old cert").expect("cert");
+            // The swap, step by step, stopping where the crash hits.
+            let run = |n: usize| -> std::io::Result<()> {
+                let ops: [&dyn Fn() -> std::io::Result<()>; 5] = [
+                    &|| crate::enroll::write_file(&staged(&files.key, "renewing"), "new key", true),
+                    &|| crate::enroll::write_file(&staged(&files.cert, "partial"), "new cert", false),
+                    &|| std::fs::rename(staged(&files.cert, "partial"), staged(&files.cert, "renewing")),
+                    &|| std::fs::rename(staged(&files.key, "renewing"), &files.key),
+                    &|| std::fs::rename(staged(&files.cert, "renewing"), &files.cert),
+                ];
+                ops.iter().take(n + 1).try_for_each(|op| op())
+            };
+            run(crash_after).expect("steps");
+            let recovered = recover_identity(&files).expect("recover");
+            let key = std::fs::read_to_string(&files.key).expect("key");
+            let cert = std::fs::read_to_string(&files.cert).expect("cert");
+            let pair = (key.trim_end_matches(" key").to_owned(), cert.trim_end_matches(" cert").to_owned());
+            let expected = if crash_after >= 2 { "new" } else { "old" };
+            assert_eq!(pair, (expected.to_owned(), expected.to_owned()), "crash after {step}: {recovered:?}");
+            let left: Vec<_> =
+                std::fs::read_dir(dir.path()).expect("dir").flatten().map(|e| e.file_name()).collect();
+            assert_eq!(left.len(), 2, "crash after {step}: no staged file is left: {left:?}");
+        }
+        // The real thing, uninterrupted.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = TlsFiles {
+            ca_cert: dir.path().join("ca"),
+            cert: dir.path().join("c"),
+            key: dir.path().join("k"),
+        };
+        swap_identity(&files, "K", "C").expect("swap");
+        assert_eq!(recover_identity(&files).expect("recover"), Recovered::Nothing);
+        assert_eq!(std::fs::read_to_string(&files.key).expect("key"), "K");
+    }
 
     #[test]
     fn renewal_is_due_with_a_third_of_the_lifetime_left() {
