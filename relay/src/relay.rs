@@ -203,6 +203,7 @@ impl Relay {
             trust: ops.trust.clone(),
             flows: flows.clone(),
             renewals: Default::default(),
+            gate: tunnel::gate(&config.limits),
         });
         let tasks = &runtime.tasks;
         tasks.spawn(tunnel::accept_loop(endpoint.clone(), tunnels, shutdown.clone()));

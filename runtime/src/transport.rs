@@ -108,11 +108,30 @@ fn mtu_discovery() -> MtuDiscoveryConfig {
     config
 }
 
-/// Transport settings of the relay's endpoint: agents may open only a few streams.
+/// The connection receive window of a relay connection whose peer has not proven who it is yet:
+/// all the stream data such a peer can make the relay hold.
+pub const UNAUTHENTICATED_RECEIVE_WINDOW: u32 = 64 * 1024;
+
+/// Datagrams the relay keeps per connection until it reads them (the tunnel reads an agent's
+/// datagrams as they come; a peer that is not an agent is never read).
+pub const DATAGRAM_RECEIVE_BUFFER: usize = 256 * 1024;
+
+/// Transport settings of the relay's endpoint. Every connection starts with what an unknown peer
+/// may have: one stream (the control or the enrollment stream) and a small receive window;
+/// [`admit_agent`] raises them once the peer's certificate names an admitted agent.
 pub fn relay(idle_timeout: Duration, congestion: Congestion) -> Arc<TransportConfig> {
     let mut config = common(idle_timeout, congestion);
-    config.max_concurrent_bidi_streams(VarInt::from_u32(MAX_AGENT_STREAMS));
+    config
+        .max_concurrent_bidi_streams(VarInt::from_u32(1))
+        .receive_window(VarInt::from_u32(UNAUTHENTICATED_RECEIVE_WINDOW))
+        .datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
     Arc::new(config)
+}
+
+/// Gives the connection of an authenticated agent the tunnel's limits.
+pub fn admit_agent(connection: &quinn::Connection) {
+    connection.set_receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
+    connection.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_AGENT_STREAMS));
 }
 
 /// Transport settings of the agent's connection: the relay may open many data streams; the agent

@@ -19,7 +19,8 @@ fn metric(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .sum::<f64>()
+        + 0.0
 }
 
 fn encode(datagram: &Datagram<'_>) -> Vec<u8> {
@@ -303,4 +304,116 @@ async fn killing_the_relay_mid_save_never_leaves_a_broken_state_file() {
         );
     }
     assert!(confirmed.len() >= 10, "revocations were saved: {}", confirmed.len());
+}
+
+/// 200 connections without a certificate, from 25 addresses, each pushing garbage on a stream and
+/// in datagrams: the relay holds little for them, refuses or pushes out what is over its caps, and
+/// a real agent still connects within 2 s and carries traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_certificateless_connections_holds_little_and_keeps_no_agent_out() {
+    use sallyport_proto::enroll::ALPN_ENROLL;
+    use sallyport_runtime::tls;
+    use sallyport_tests::{
+        lab::rss_kib,
+        process::{addr_field, binary, Spawned},
+    };
+    const ATTACKERS: u32 = 200;
+    let pki = TestPki::new();
+    std::fs::write(pki.dir().join("admin.token"), ADMIN_TOKEN).expect("token file");
+    let relay_toml = pki.dir().join("flood-relay.toml");
+    std::fs::write(
+        &relay_toml,
+        "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\n\
+         key = \"relay.key\"\nadmin_token_file = \"admin.token\"\nca_key = \"ca.key\"\ntokens_file = \"tokens.toml\"\n\
+         revocations_file = \"revoked.toml\"\n[services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .expect("relay.toml");
+    let mut relay = Spawned::start({
+        let mut c = std::process::Command::new(binary("sallyport-relay"));
+        c.arg("serve").arg("--config").arg(&relay_toml);
+        c
+    });
+    let service = addr_field(&relay.wait_line("service listening", Duration::from_secs(10)), "addr");
+    let ready = relay.wait_line("relay ready", Duration::from_secs(10));
+    let (quic, admin) = (addr_field(&ready, "quic"), addr_field(&ready, "admin"));
+    let pid = relay.child.id();
+    let idle_kib = rss_kib(pid);
+
+    let ca =
+        tls::certs_from_pem(&std::fs::read(pki.dir().join("ca.crt")).expect("ca"), "ca").expect("ca pem");
+    let pin = tls::cert_sha256(&ca[0]);
+    let mut attackers = tokio::task::JoinSet::new();
+    for i in 0..ATTACKERS {
+        let source: SocketAddr = format!("127.0.3.{}:0", 1 + i / 8).parse().expect("addr");
+        attackers.spawn(async move {
+            let (crypto, _) = tls::pinned_client_crypto(pin, &[ALPN_ENROLL]).expect("crypto");
+            let endpoint = quinn::Endpoint::client(source).expect("endpoint");
+            let Ok(connecting) = endpoint.connect_with(quinn::ClientConfig::new(crypto), quic, "127.0.0.1")
+            else {
+                return (false, endpoint);
+            };
+            let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), connecting).await else {
+                return (false, endpoint);
+            };
+            for _ in 0..200 {
+                let _ = connection.send_datagram(vec![0xee; 1100].into());
+            }
+            if let Ok((mut send, _recv)) = connection.open_bi().await {
+                let garbage = vec![0xab; 64 * 1024];
+                for _ in 0..32 {
+                    if tokio::time::timeout(Duration::from_secs(1), send.write_all(&garbage)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            (true, endpoint)
+        });
+    }
+    // The flood is on: peak memory while it lasts, and an agent's way in.
+    let started = std::time::Instant::now();
+    let pki_agent = pki.agent_config("winbox", &[quic], &[("svc", "127.0.0.1:9".parse().expect("addr"))], "");
+    let target = sallyport_tests::targets::transfer_server().await;
+    let mut config = pki_agent;
+    if let Some(svc) = config.services.get_mut("svc") {
+        svc.target =
+            sallyport_agent::config::Target::Tcp { host: "127.0.0.1".into(), port: target.addr.port() };
+    }
+    let agent = sallyport_tests::RunningAgent::start(config);
+    let mut status = agent.status.clone();
+    let connected = tokio::time::timeout(
+        Duration::from_secs(2),
+        status.wait_for(|s| s.values().any(|t| matches!(t, sallyport_agent::TunnelStatus::Connected { .. }))),
+    )
+    .await;
+    let agent_in = started.elapsed();
+    assert!(connected.is_ok(), "the agent did not get in within 2 s of the flood's start");
+    let mut peak_kib = rss_kib(pid);
+    let report =
+        sallyport_tests::transfer::run(service, 1 << 20, 1 << 20, 3).await.expect("traffic during the flood");
+    assert_eq!(report.down, 1 << 20);
+    let mut completed = 0;
+    while let Some(done) = attackers.join_next().await {
+        peak_kib = peak_kib.max(rss_kib(pid));
+        completed += usize::from(done.map(|(ok, _)| ok).unwrap_or(false));
+    }
+    let (_, m) =
+        sallyport_relay::cli::admin_client::request(admin, "GET", "/metrics", None).await.expect("metrics");
+    let refused =
+        |reason: &str| metric(&m, &format!("sallyport_handshake_failures_total{{reason=\"{reason}\"}}"));
+    println!(
+        "{ATTACKERS} certificate-less connections from 25 addresses: {completed} got a connection, {} pushed out, \
+         {} over an address's cap, {} over its handshake rate; relay RSS {} KiB idle, {} KiB at most during the \
+         flood (+{} KiB); the agent was in after {agent_in:?}",
+        refused("unauthenticated_pushed_out"),
+        refused("unauthenticated_per_ip_cap"),
+        refused("handshake_rate"),
+        idle_kib,
+        peak_kib,
+        peak_kib.saturating_sub(idle_kib),
+    );
+    // 64 held at once, each at most 64 KiB of stream data and 256 KiB of datagrams, plus the
+    // connections' own state: far below what the flood sent (200 x 2 MiB + 220 KB).
+    assert!(peak_kib.saturating_sub(idle_kib) < 64 * 1024, "relay grew by {} KiB", peak_kib - idle_kib);
+    assert!(refused("unauthenticated_pushed_out") > 0.0, "the cap on unauthenticated connections held\n{m}");
+    agent.stop().await;
 }

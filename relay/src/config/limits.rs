@@ -20,6 +20,12 @@ pub struct Limits {
     pub drain_grace: Duration,
     /// QUIC handshakes in progress at once, at most.
     pub max_incoming: usize,
+    /// Connections whose peer has not proven who it is (handshake, Hello, enrollment), at most.
+    pub max_unauthenticated: usize,
+    /// Such connections from one address, at most.
+    pub max_unauthenticated_per_ip: usize,
+    /// New handshakes one address may start per second (in bursts of twice that).
+    pub handshakes_per_ip_per_second: usize,
     /// Client connections open at once across all services, at most.
     pub max_connections: usize,
     /// Congestion controller of the relay-to-agent direction.
@@ -51,6 +57,9 @@ impl Default for Limits {
             handshake_timeout: SECOND * 10,
             drain_grace: SECOND * 20,
             max_incoming: 256,
+            max_unauthenticated: 64,
+            max_unauthenticated_per_ip: 8,
+            handshakes_per_ip_per_second: 10,
             max_connections: 16_384,
             congestion: Congestion::default(),
             header_timeout: SECOND * 10,
@@ -78,6 +87,24 @@ impl Limits {
             )?,
             drain_grace: relay.bounded("drain_grace", r.drain_grace, d.drain_grace, Duration::ZERO..=HOUR)?,
             max_incoming: relay.bounded("max_incoming", r.max_incoming, d.max_incoming, any.clone())?,
+            max_unauthenticated: relay.bounded(
+                "max_unauthenticated",
+                r.max_unauthenticated,
+                d.max_unauthenticated,
+                1..=65_536,
+            )?,
+            max_unauthenticated_per_ip: relay.bounded(
+                "max_unauthenticated_per_ip",
+                r.max_unauthenticated_per_ip,
+                d.max_unauthenticated_per_ip,
+                1..=65_536,
+            )?,
+            handshakes_per_ip_per_second: relay.bounded(
+                "handshakes_per_ip_per_second",
+                r.handshakes_per_ip_per_second,
+                d.handshakes_per_ip_per_second,
+                1..=100_000,
+            )?,
             max_connections: relay.bounded(
                 "max_connections",
                 r.max_connections,

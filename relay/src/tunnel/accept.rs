@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use quinn::{Connection, Endpoint, Incoming};
 use sallyport_proto::codes::close;
-use sallyport_runtime::{code, tls};
+use sallyport_runtime::{code, tls, transport};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::{
     trust::{enroll, revocations::CertId},
-    tunnel::{control, Tunnels},
+    tunnel::{control, gate::Pass, Tunnels},
 };
 
 /// Accepts agent connections until `stop` is cancelled. Each connection gets its own task.
@@ -32,12 +32,35 @@ pub(crate) async fn accept_loop(endpoint: Endpoint, tunnels: Arc<Tunnels>, stop:
             continue;
         }
         let remote = incoming.remote_address();
-        let work = handle_incoming(incoming, tunnels.clone()).instrument(info_span!("tunnel", %remote));
+        let pass = match tunnels.gate.enter(remote.ip()) {
+            Ok((pass, pushed_out)) => {
+                if pushed_out {
+                    tunnels.runtime.metrics.handshake_failed("unauthenticated_pushed_out");
+                }
+                pass
+            }
+            Err(refused) => {
+                tunnels.runtime.metrics.handshake_failed(refused.metric());
+                debug!(%remote, reason = %refused, "connection refused before its handshake");
+                incoming.refuse();
+                continue;
+            }
+        };
+        let work = handle_incoming(incoming, pass, tunnels.clone()).instrument(info_span!("tunnel", %remote));
         tunnels.runtime.tasks.spawn(work);
     }
 }
 
-async fn handle_incoming(incoming: Incoming, tunnels: Arc<Tunnels>) {
+/// Serves one incoming connection; while its peer is unproven, newer connections may push it out.
+async fn handle_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) {
+    let closed = pass.closed.clone();
+    tokio::select! {
+        () = serve_incoming(incoming, pass, tunnels) => {}
+        () = closed.cancelled() => debug!("unauthenticated connection pushed out by newer ones"),
+    }
+}
+
+async fn serve_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) {
     let limits = &tunnels.config.limits;
     let metrics = &tunnels.runtime.metrics;
     let connection = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
@@ -58,10 +81,12 @@ async fn handle_incoming(incoming: Incoming, tunnels: Arc<Tunnels>) {
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.protocol);
     if alpn.as_deref() == Some(sallyport_proto::enroll::ALPN_ENROLL) {
+        // An enrolling peer holds its unauthenticated place until it is done.
         match &tunnels.trust.enrollment {
             Some(enrollment) => enroll::serve(connection, enrollment).await,
             None => connection.close(code(close::REFUSED), b"enrollment is off"),
         }
+        drop(pass);
         return;
     }
     let cert = match agent_identity(&connection) {
@@ -79,6 +104,9 @@ async fn handle_incoming(incoming: Incoming, tunnels: Arc<Tunnels>) {
         connection.close(code(close::REFUSED), b"certificate revoked");
         return;
     }
+    // A proven agent: the tunnel's limits, and its place behind the gate is free again.
+    transport::admit_agent(&connection);
+    pass.authenticated();
     let span = info_span!("agent", agent = %cert.id.agent);
     control::serve_agent(connection, cert, tunnels).instrument(span).await;
 }

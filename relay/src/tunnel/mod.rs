@@ -6,6 +6,7 @@ mod accept;
 mod admission;
 mod control;
 pub(crate) mod datagrams;
+mod gate;
 pub(crate) mod registry;
 mod renewal;
 pub(crate) mod streams;
@@ -13,6 +14,11 @@ pub(crate) mod streams;
 use std::sync::Arc;
 
 pub(crate) use accept::accept_loop;
+
+/// The gate in front of the handshake, for `limits`.
+pub(crate) fn gate(limits: &crate::config::Limits) -> Arc<gate::Gate> {
+    gate::Gate::new(limits)
+}
 pub use admission::SOFTWARE;
 
 use crate::{config::Config, runtime::Runtime, trust::Trust};
@@ -27,4 +33,6 @@ pub(crate) struct Tunnels {
     /// UDP flows by id, for the datagrams agents send back.
     pub(crate) flows: Arc<datagrams::FlowRoutes>,
     pub(crate) renewals: renewal::Renewals,
+    /// What peers that have not proven who they are may hold.
+    pub(crate) gate: Arc<gate::Gate>,
 }
