@@ -565,3 +565,65 @@ async fn http_listener_survives_bad_clients() {
         );
     }
 }
+
+/// One keep-alive request on `stream`; the response body.
+async fn keep_alive_get(stream: &mut tokio::net::TcpStream, host: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.expect("request");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await.expect("response");
+        assert!(n > 0, "connection closed mid-response: {:?}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                })
+                .and_then(|v| v.parse().ok())
+                .expect("content-length");
+            if body.len() >= length {
+                return body[..length].to_owned();
+            }
+        }
+    }
+}
+
+/// Two clients behind one address (one NAT) never share an upstream connection: what a target
+/// ties to a connection (NTLM authentication, a PROXY header's client) stays with its client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_from_one_address_never_share_an_upstream_connection() {
+    tools_or_skip!("nginx");
+    sallyport_tests::init_logging();
+    let port = servers::free_port();
+    let _nginx = servers::nginx(&[(port, "", "location / { return 200 \"conn=$connection\\n\"; }")]);
+    let pki = TestPki::new();
+    let mut relay = RunningRelay::start(pki.relay_config_toml(
+        "http_listen = \"127.0.0.1:0\"",
+        "[services.app]\nagent = \"winbox\"\nhosts = [\"app.home.lan\"]\n",
+    ))
+    .await;
+    let agent = RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[relay.quic],
+        "",
+        &format!("[services.app]\ntarget = \"tcp://127.0.0.1:{port}\"\n"),
+    ));
+    relay.wait_agent("winbox").await;
+    let http = relay.http.expect("http listener");
+    let mut alice = tokio::net::TcpStream::connect(http).await.expect("alice");
+    let mut bob = tokio::net::TcpStream::connect(http).await.expect("bob");
+    assert_eq!(alice.local_addr().expect("a").ip(), bob.local_addr().expect("b").ip(), "one address");
+    let a1 = keep_alive_get(&mut alice, "app.home.lan").await;
+    let b1 = keep_alive_get(&mut bob, "app.home.lan").await;
+    let a2 = keep_alive_get(&mut alice, "app.home.lan").await;
+    let b2 = keep_alive_get(&mut bob, "app.home.lan").await;
+    println!("alice: {} then {}; bob: {} then {}", a1.trim(), a2.trim(), b1.trim(), b2.trim());
+    assert_eq!(a1, a2, "a client keeps its upstream connection between requests");
+    assert_eq!(b1, b2, "a client keeps its upstream connection between requests");
+    assert_ne!(a1, b1, "two clients never share an upstream connection");
+    agent.stop().await;
+}

@@ -1,9 +1,10 @@
 //! The HTTP listener: routes each request by its `Host` (exact, case-insensitive, port ignored) to
 //! the service that lists that name, over HTTP/1.1 connections carried on data streams.
 //!
-//! - Connections toward the agent are pooled per service and client address (a target that reads
-//!   PROXY headers then still sees the right client) and kept alive between requests; a pooled
-//!   connection found closed before the request went out is replaced, and the request retried.
+//! - Connections toward the agent are kept alive between the requests of one client connection and
+//!   never serve another: state a target ties to its connection (NTLM or Negotiate authentication,
+//!   the client a PROXY header names) stays with the client it belongs to. A kept connection found
+//!   closed before the request went out is replaced, and the request retried.
 //! - `Upgrade` requests (WebSocket and others) get a stream of their own; after `101` the two
 //!   sides are spliced.
 //! - Hop-by-hop headers are dropped; `X-Forwarded-For` and `Forwarded` get the client appended,
@@ -15,7 +16,7 @@
 //!   (else 431 and close); malformed requests get 400. The per-address and global caps bound how
 //!   many connections anyone holds.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -46,12 +47,11 @@ mod headers;
 mod pool;
 mod upstream;
 
-/// The HTTP listener's own state: its host names and its pool of upstream connections.
+/// The HTTP listener's own state: its host names.
 #[derive(Debug)]
 struct Http {
     exposure: Arc<Exposure>,
     routes: Routes,
-    pool: Pool,
 }
 
 type Body = Either<Incoming, Full<Bytes>>;
@@ -64,8 +64,7 @@ pub(crate) async fn serve(
     routes: Routes,
     stop: CancellationToken,
 ) {
-    let http = Arc::new(Http { exposure: exposure.clone(), routes, pool: Pool::default() });
-    exposure.runtime.tasks.spawn(pool::sweep_every(POOL_SWEEP, http.clone(), stop.clone()));
+    let http = Arc::new(Http { exposure: exposure.clone(), routes });
     let per_ip = Some(exposure.per_ip.clone());
     tcp::accept_loop(listener, "http", per_ip, exposure, stop.clone(), |stream, peer| {
         connection(stream, peer, http.clone(), stop.clone()).instrument(info_span!("http", %peer))
@@ -73,18 +72,17 @@ pub(crate) async fn serve(
     .await;
 }
 
-/// How often the pool drops closed and long-unused connections.
-const POOL_SWEEP: Duration = Duration::from_secs(15);
-
 async fn connection(stream: TcpStream, peer: SocketAddr, http: Arc<Http>, stop: CancellationToken) {
     let _ = stream.set_nodelay(true);
     let limits = &http.exposure.config.limits;
     let metrics = &http.exposure.runtime.metrics;
+    // This client connection's own upstream connections; they close with it.
+    let pool = Arc::new(Pool::default());
     let handler = {
         let http = http.clone();
         service_fn(move |req| {
-            let http = http.clone();
-            async move { Ok::<_, Infallible>(handle(req, peer, &http).await) }
+            let (http, pool) = (http.clone(), pool.clone());
+            async move { Ok::<_, Infallible>(handle(req, peer, &http, &pool).await) }
         })
     };
     let conn = server::Builder::new()
@@ -133,7 +131,7 @@ impl Failure {
     }
 }
 
-async fn handle(req: Request<Incoming>, peer: SocketAddr, http: &Http) -> Response<Body> {
+async fn handle(req: Request<Incoming>, peer: SocketAddr, http: &Http, pool: &Pool) -> Response<Body> {
     let metrics = &http.exposure.runtime.metrics;
     let host = match request_host(&req) {
         Ok(host) => host,
@@ -147,7 +145,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, http: &Http) -> Respon
         return page(StatusCode::NOT_FOUND, &format!("no service is published under the host name {host:?}"));
     };
     let active = metrics.connection(&service.name);
-    let response = match forward(req, peer, &host, service, http).await {
+    let response = match forward(req, peer, &host, service, http, pool).await {
         Ok(response) => {
             active.end(Outcome::Completed, 0, 0);
             response
@@ -168,6 +166,7 @@ async fn forward(
     host: &str,
     service: &Arc<Service>,
     http: &Http,
+    pool: &Pool,
 ) -> Result<Response<Body>, Failure> {
     let Some(connection) = http.exposure.agents.route(&service.agent, &service.name) else {
         return Err(Failure {
@@ -181,17 +180,17 @@ async fn forward(
     if upgrade {
         return carry_upgrade(req, &connection, service, peer, &http.exposure).await;
     }
-    let key = (service.name.clone(), peer.ip());
+    let key = service.name.clone();
     let tunnel = connection.stable_id();
     let mut req = Some(req);
     while let Some(request) = req.take() {
-        let (mut sender, reused) = match http.pool.take(&key, tunnel) {
+        let (mut sender, reused) = match pool.take(&key, tunnel) {
             Some(sender) => (sender, true),
             None => (connect(&connection, service, peer, false).await?, false),
         };
         match sender.try_send_request(request).await {
             Ok(mut response) => {
-                http.pool.put(key, tunnel, sender);
+                pool.put(key, tunnel, sender);
                 strip_hop_by_hop(response.headers_mut(), false);
                 return Ok(response.map(Either::Left));
             }

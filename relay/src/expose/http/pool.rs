@@ -1,26 +1,19 @@
-//! Keep-alive HTTP/1.1 connections to targets, carried on data streams, reused per service and
-//! client address; idle ones are dropped by a periodic sweep.
+//! Keep-alive HTTP/1.1 connections to targets, carried on data streams: each client connection
+//! has its own pool, by service, and it closes with that client connection.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use hyper::{body::Incoming, client::conn::http1 as client};
 use sallyport_runtime::{flows::Activity, sync::lock};
-use tokio_util::sync::CancellationToken;
 
-use super::Http;
-
-/// How long a pooled connection may sit unused, and how many are kept per service and client.
+/// How long a kept connection may sit unused, and how many are kept per service.
 pub(super) const POOL_IDLE: Duration = Duration::from_secs(60);
 const POOL_PER_KEY: usize = 32;
 
-pub(super) type PoolKey = (String, IpAddr);
+/// The service a connection leads to.
+pub(super) type PoolKey = String;
 
-/// Keep-alive HTTP/1.1 connections to targets, per service and client address.
+/// One client connection's keep-alive HTTP/1.1 connections to targets, by service.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     idle: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
@@ -63,26 +56,6 @@ impl Pool {
         let list = idle.entry(key).or_default();
         if list.len() < POOL_PER_KEY {
             list.push(Pooled { sender, tunnel, since: Activity::default() });
-        }
-    }
-
-    /// Drops closed and long-unused connections (their streams and target connections close).
-    fn sweep(&self) {
-        let mut idle = lock(&self.idle);
-        idle.retain(|_, list| {
-            list.retain(|p| !p.sender.is_closed() && p.since.idle_for() < POOL_IDLE);
-            !list.is_empty()
-        });
-    }
-}
-
-/// Sweeps the pool of `http` every `period` until `stop` is cancelled.
-pub(super) async fn sweep_every(period: Duration, http: Arc<Http>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(period);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => http.pool.sweep(),
-            () = stop.cancelled() => return,
         }
     }
 }
