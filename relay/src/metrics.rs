@@ -31,6 +31,8 @@ pub(crate) enum Outcome {
     NoAgent,
     /// The tunnel would not carry a new stream.
     StreamFailed,
+    /// Nothing moved either way for the service's idle timeout.
+    Idle,
 }
 
 impl Outcome {
@@ -40,6 +42,7 @@ impl Outcome {
             Self::Reset => "reset",
             Self::NoAgent => "no_agent",
             Self::StreamFailed => "stream_failed",
+            Self::Idle => "idle",
         }
     }
 }
@@ -214,7 +217,7 @@ impl Metrics {
     pub(crate) fn service_figures(&self, service: &str) -> (i64, u64, u64, u64) {
         let s = service.to_owned();
         let active = self.active.get_or_create(&vec![("service", s.clone())]).get();
-        let total = ["completed", "reset", "no_agent", "stream_failed"]
+        let total = ["completed", "reset", "no_agent", "stream_failed", "idle"]
             .iter()
             .map(|r| {
                 self.connections

@@ -49,6 +49,17 @@ impl Activity {
     }
 }
 
+/// Completes once `activity` has been quiet for `idle` (checking only when that could be so).
+pub async fn idle_for(activity: &Activity, idle: Duration) {
+    loop {
+        let quiet = activity.idle_for();
+        if quiet >= idle {
+            return;
+        }
+        tokio::time::sleep(idle - quiet).await;
+    }
+}
+
 /// A value whose quiet time decides when the table forgets it.
 pub trait Tracked {
     fn activity(&self) -> &Activity;

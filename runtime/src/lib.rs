@@ -10,7 +10,8 @@
 //! - [`splice`]: a TCP connection joined to a QUIC stream, with half-close and reset semantics.
 //! - [`config`]: loading a TOML file into a raw model, human durations, errors naming file and key.
 //! - [`cli`]: process setup both binaries share: signals, logging, small pages, error rendering.
-//! - [`flows`]: the idle-flow table (UDP flows on both sides) and its activity stamps.
+//! - [`flows`]: the idle-flow table (UDP flows on both sides) and its activity stamps;
+//!   [`watched`]: an IO object that stamps activity, for idle timeouts of plain copies.
 //! - [`clock`], [`hex`], [`sync`]: Unix seconds, lowercase hex, and the one way to treat a
 //!   poisoned lock.
 #![forbid(unsafe_code)]
@@ -25,10 +26,11 @@ pub mod splice;
 pub mod sync;
 pub mod tls;
 pub mod transport;
+pub mod watched;
 
 pub use cli::shutdown_signal;
 pub use framed::{read_frame, write_frame, FrameError};
-pub use splice::{reset_on_close, splice, Side, SpliceError, Spliced};
+pub use splice::{reset_on_close, splice, splice_watched, Side, SpliceError, Spliced};
 pub use tls::{Identity, TlsError};
 
 /// Turns one of the protocol's `u32` codes into a QUIC variable-length integer.

@@ -20,7 +20,7 @@ use tokio::{
     },
 };
 
-use crate::code;
+use crate::{code, flows::Activity};
 use sallyport_proto::{codes, stream::InvalidAnswer, Answer};
 
 /// Bytes read from TCP in one go: the first read and after small ones, and the most.
@@ -111,8 +111,22 @@ pub async fn splice(
     recv: &mut RecvStream,
     side: Side,
 ) -> Result<Spliced, SpliceError> {
+    splice_watched(tcp, send, recv, side, None).await
+}
+
+/// [`splice`], stamping `activity` whenever bytes move either way (for idle timeouts).
+pub async fn splice_watched(
+    tcp: &mut TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    side: Side,
+    activity: Option<&Activity>,
+) -> Result<Spliced, SpliceError> {
     let (mut reader, writer) = tcp.split();
-    let result = tokio::try_join!(tcp_to_stream(&mut reader, send), stream_to_tcp(&writer, recv, side));
+    let result = tokio::try_join!(
+        tcp_to_stream(&mut reader, send, activity),
+        stream_to_tcp(&writer, recv, side, activity)
+    );
     match result {
         Ok((up, down)) => Ok(Spliced { up, down }),
         Err(err) => {
@@ -136,7 +150,11 @@ pub fn reset_on_close(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
 }
 
-async fn tcp_to_stream(tcp: &mut ReadHalf<'_>, send: &mut SendStream) -> Result<u64, SpliceError> {
+async fn tcp_to_stream(
+    tcp: &mut ReadHalf<'_>,
+    send: &mut SendStream,
+    activity: Option<&Activity>,
+) -> Result<u64, SpliceError> {
     let mut want = MIN_READ;
     let mut total = 0u64;
     loop {
@@ -154,6 +172,9 @@ async fn tcp_to_stream(tcp: &mut ReadHalf<'_>, send: &mut SendStream) -> Result<
             }
             n => {
                 total += n as u64;
+                if let Some(activity) = activity {
+                    activity.touch();
+                }
                 want = next_read_size(want, n);
                 send.write_chunk(buf.freeze()).await?;
             }
@@ -173,7 +194,12 @@ fn next_read_size(want: usize, got: usize) -> usize {
     }
 }
 
-async fn stream_to_tcp(tcp: &WriteHalf<'_>, recv: &mut RecvStream, side: Side) -> Result<u64, SpliceError> {
+async fn stream_to_tcp(
+    tcp: &WriteHalf<'_>,
+    recv: &mut RecvStream,
+    side: Side,
+    activity: Option<&Activity>,
+) -> Result<u64, SpliceError> {
     if side == Side::Relay {
         read_answer(recv).await?;
     }
@@ -197,6 +223,9 @@ async fn stream_to_tcp(tcp: &WriteHalf<'_>, recv: &mut RecvStream, side: Side) -
             }
         }
         total += batch.iter().map(|b| b.len() as u64).sum::<u64>();
+        if let Some(activity) = activity {
+            activity.touch();
+        }
         write_all_vectored(tcp, &batch).await?;
     }
     let socket = socket2::SockRef::from(tcp.as_ref());

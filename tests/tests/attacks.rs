@@ -417,3 +417,147 @@ async fn a_flood_of_certificateless_connections_holds_little_and_keeps_no_agent_
     assert!(refused("unauthenticated_pushed_out") > 0.0, "the cap on unauthenticated connections held\n{m}");
     agent.stop().await;
 }
+
+/// A raw WebSocket upgrade from `source` to the HTTP listener; the connection after `101`.
+async fn upgraded(source: &str, http: SocketAddr, host: &str) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().expect("source"))?;
+    let mut stream = socket.connect(http).await?;
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before 101"));
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    if head.starts_with("HTTP/1.1 101") {
+        Ok(stream)
+    } else {
+        Err(std::io::Error::other(head.lines().next().unwrap_or_default().to_owned()))
+    }
+}
+
+/// Whether a TCP connection from `source` to `addr` gets the target's greeting (a connection over
+/// a cap is reset instead).
+async fn greeted(source: &str, addr: SocketAddr) -> bool {
+    use tokio::io::AsyncReadExt;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(format!("{source}:0").parse().expect("source")).expect("bind");
+    let Ok(mut stream) = socket.connect(addr).await else { return false };
+    let mut greeting = [0u8; 5];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut greeting)).await,
+        Ok(Ok(_)) if &greeting == b"hello"
+    )
+}
+
+/// One address fills its cap with WebSocket connections: upgraded connections keep counting, so
+/// its next connection (to a plain TCP service) is reset, while another address still gets through
+/// both listeners; once the upgraded connections end, the address gets in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_and_plain_connections_count_against_the_per_address_cap() {
+    if !sallyport_tests::servers::have("websockets") {
+        assert!(std::env::var("CI").is_err(), "python3 websockets missing in CI");
+        eprintln!("SKIPPED: python3 websockets is not installed");
+        return;
+    }
+    sallyport_tests::init_logging();
+    let echo = sallyport_tests::servers::websocket_echo();
+    let greeter = sallyport_tests::targets::greeter(b"hello").await;
+    let pki = TestPki::new();
+    let mut relay = RunningRelay::start(pki.relay_config_toml(
+        "http_listen = \"127.0.0.1:0\"\nmax_connections_per_ip = 6",
+        "[services.ws]\nagent = \"winbox\"\nhosts = [\"ws.home.lan\"]\n\
+         [services.db]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
+    ))
+    .await;
+    let agent = sallyport_tests::RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[relay.quic],
+        "",
+        &format!(
+            "[services.ws]\ntarget = \"tcp://{}\"\n[services.db]\ntarget = \"tcp://{}\"\n",
+            echo.addr, greeter.addr
+        ),
+    ));
+    relay.wait_agent("winbox").await;
+    let (http, db) = (relay.http.expect("http listener"), relay.service("db"));
+
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(upgraded("127.0.0.1", http, "ws.home.lan").await.expect("upgrade within the cap"));
+    }
+    assert!(!greeted("127.0.0.1", db).await, "a 7th connection from the address is reset");
+    assert!(upgraded("127.0.0.1", http, "ws.home.lan").await.is_err(), "and a 7th upgrade too");
+    assert!(greeted("127.0.0.2", db).await, "another address still reaches the TCP service");
+    let other = upgraded("127.0.0.2", http, "ws.home.lan").await.expect("and the HTTP listener");
+    drop(other);
+    drop(held);
+    let mut back = false;
+    for _ in 0..50 {
+        // The relay frees the places as it sees the upgraded connections end.
+        if greeted("127.0.0.1", db).await {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "the address gets in again once its upgraded connections ended");
+    let m = metrics(&relay).await;
+    assert!(metric(&m, "sallyport_refusals_total{listener=\"db\",reason=\"per_ip_cap\"}") >= 1.0, "{m}");
+    assert!(metric(&m, "sallyport_refusals_total{listener=\"http\",reason=\"per_ip_cap\"}") >= 1.0, "{m}");
+    agent.stop().await;
+    relay.stop().await;
+}
+
+/// A connection that moves nothing for its service's `idle_timeout` is reset and frees its places;
+/// a service with `idle_timeout = "0s"` (a protocol that sits quiet) keeps its connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_reset_unless_their_service_says_otherwise() {
+    use tokio::io::AsyncReadExt;
+    sallyport_tests::init_logging();
+    let greeter = sallyport_tests::targets::greeter(b"hello").await;
+    let pki = TestPki::new();
+    let mut relay = RunningRelay::start(pki.relay_config_toml(
+        "",
+        "[services.short]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\n\
+         [services.quiet]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"0s\"\n",
+    ))
+    .await;
+    let agent = sallyport_tests::RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[relay.quic],
+        "",
+        &format!(
+            "[services.short]\ntarget = \"tcp://{0}\"\n[services.quiet]\ntarget = \"tcp://{0}\"\n",
+            greeter.addr
+        ),
+    ));
+    relay.wait_agent("winbox").await;
+    let mut short = tokio::net::TcpStream::connect(relay.service("short")).await.expect("short");
+    let mut quiet = tokio::net::TcpStream::connect(relay.service("quiet")).await.expect("quiet");
+    let mut greeting = [0u8; 5];
+    short.read_exact(&mut greeting).await.expect("greeting");
+    quiet.read_exact(&mut greeting).await.expect("greeting");
+    let started = std::time::Instant::now();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(5), short.read(&mut greeting)).await.expect("ended in time");
+    let after = started.elapsed();
+    println!("idle connection with idle_timeout = 1s ended after {after:?}: {ended:?}");
+    assert!(ended.is_err(), "reset, not closed cleanly: {ended:?}");
+    assert!(after >= Duration::from_millis(900) && after < Duration::from_secs(3), "{after:?}");
+    let still = tokio::time::timeout(Duration::from_secs(2), quiet.read(&mut greeting)).await;
+    assert!(still.is_err(), "a service without an idle timeout keeps its quiet connection: {still:?}");
+    let m = metrics(&relay).await;
+    assert_eq!(metric(&m, "sallyport_connections_total{service=\"short\",result=\"idle\"}"), 1.0, "{m}");
+    agent.stop().await;
+    relay.stop().await;
+}

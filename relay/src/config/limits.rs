@@ -35,7 +35,7 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// The largest HTTP request head accepted (bigger: 431 and closed).
     pub max_header_bytes: usize,
-    /// HTTP and HTTPS connections open at once from one client address, at most.
+    /// Connections open at once from one client address, across every listener, at most.
     pub max_connections_per_ip: usize,
     /// A UDP flow with no datagram either way for this long is forgotten.
     pub udp_flow_idle: Duration,

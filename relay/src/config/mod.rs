@@ -63,6 +63,9 @@ pub struct Service {
     /// In Kubernetes: a MetalLB IP of the service's own instead of the relay's shared one (used by
     /// `sallyport-relay manifests` only).
     pub load_balancer_ip: Option<std::net::IpAddr>,
+    /// A client connection (TCP, or HTTP after an upgrade) that moves no byte either way for this
+    /// long is reset; `None` for long-lived protocols that sit quiet (`idle_timeout = "0s"`).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// How a service is exposed.
@@ -109,6 +112,8 @@ impl Config {
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
     /// Enrolled agents renew over the tunnel, so their certificates can be short-lived.
     pub const DEFAULT_AGENT_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
+    /// How long a service's client connection may sit quiet unless the service says otherwise.
+    pub const DEFAULT_SERVICE_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -185,8 +190,15 @@ impl Config {
                     ));
                 }
             }
-            services
-                .insert(name.clone(), Service { name, agent, listen, load_balancer_ip: s.load_balancer_ip });
+            let idle_timeout = conf::within(
+                path,
+                &format!("{key}.idle_timeout"),
+                s.idle_timeout.map_or(Self::DEFAULT_SERVICE_IDLE_TIMEOUT, Duration::from),
+                Duration::ZERO..=Duration::from_secs(7 * 86_400),
+            )?;
+            let idle_timeout = (!idle_timeout.is_zero()).then_some(idle_timeout);
+            let load_balancer_ip = s.load_balancer_ip;
+            services.insert(name.clone(), Service { name, agent, listen, load_balancer_ip, idle_timeout });
         }
         for (key, addr) in [("relay.http_listen", r.http_listen), ("relay.https_listen", r.https_listen)] {
             if let Some(other) = addr.filter(|a| a.port() != 0).and_then(|a| seen_listen.get(&("tcp", a))) {
@@ -317,6 +329,7 @@ struct RawService {
     hosts: Option<Vec<String>>,
     sni: Option<Vec<String>>,
     load_balancer_ip: Option<std::net::IpAddr>,
+    idle_timeout: Option<HumanDuration>,
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! Per-address connection caps of the HTTP and HTTPS listeners: one client address cannot hold
-//! more than its share of connections, however slowly it speaks.
+//! Per-address connection caps, shared by every listener: one client address cannot hold more
+//! than `relay.max_connections_per_ip` connections, however slowly it speaks.
 
 use std::{
     collections::HashMap,

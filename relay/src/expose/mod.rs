@@ -26,7 +26,7 @@ pub(crate) struct Exposure {
     pub(crate) agents: Arc<Registry>,
     /// The relay-wide cap on client connections.
     pub(crate) connections: Arc<Semaphore>,
-    /// Connections per client address on the HTTP and HTTPS listeners.
+    /// Connections per client address, across every listener.
     pub(crate) per_ip: Arc<limits::PerIp>,
 }
 

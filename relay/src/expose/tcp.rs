@@ -3,14 +3,22 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use sallyport_runtime::{reset_on_close, splice, Side};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use sallyport_proto::codes;
+use sallyport_runtime::{
+    code,
+    flows::{self, Activity},
+    reset_on_close, splice, splice_watched, Side,
+};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::{
     config::Service,
-    expose::{limits::PerIp, Exposure},
+    expose::{limits::IpSlot, Exposure},
     metrics::Outcome,
     tunnel::streams,
 };
@@ -27,49 +35,52 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-/// Accepts connections on `listener` until `stop` is cancelled, each under the relay's global
-/// connection cap (and, when given, the per-address cap), and runs `handle` for each in the
-/// relay's client tracker (drained on shutdown).
+/// What one client connection counts against, for as long as it lives (an upgraded HTTP
+/// connection keeps it past its request): the relay-wide cap, its listener's share of it, and the
+/// per-address cap.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    _global: OwnedSemaphorePermit,
+    _listener: OwnedSemaphorePermit,
+    _address: IpSlot,
+}
+
+/// One listener may hold at most this share of the relay-wide connection cap, so one busy or
+/// attacked listener leaves room for the others.
+const LISTENER_SHARE: usize = 2;
+
+/// Accepts connections on `listener` until `stop` is cancelled and runs `handle` for each in the
+/// relay's client tracker (drained on shutdown). A connection over the relay-wide cap, its
+/// listener's share or its address's cap is reset at once, counted, and does not hold up the
+/// accept loop.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     name: &str,
-    per_ip: Option<Arc<PerIp>>,
     exposure: Arc<Exposure>,
     stop: CancellationToken,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Arc<Lease>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let share = Arc::new(Semaphore::new((exposure.config.limits.max_connections / LISTENER_SHARE).max(1)));
     loop {
-        let permit = tokio::select! {
-            p = exposure.connections.clone().acquire_owned() => p,
-            () = stop.cancelled() => break,
-        };
-        // The semaphore is never closed, so acquiring only fails if that invariant breaks.
-        let Ok(permit) = permit else { break };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = stop.cancelled() => break,
         };
         match accepted {
             Ok((stream, peer)) => {
-                let slot = match &per_ip {
-                    None => None,
-                    Some(limits) => match limits.enter(peer.ip()) {
-                        Some(slot) => Some(slot),
-                        None => {
-                            debug!(listener = name, %peer, "too many connections from this address: closing");
-                            exposure.runtime.metrics.refused(name, "per_ip_cap");
-                            continue;
-                        }
-                    },
+                let lease = match lease(&exposure, &share, peer) {
+                    Ok(lease) => Arc::new(lease),
+                    Err(reason) => {
+                        debug!(listener = name, %peer, reason, "over a connection cap: reset");
+                        exposure.runtime.metrics.refused(name, reason);
+                        reset_on_close(&stream);
+                        continue;
+                    }
                 };
-                let work = handle(stream, peer);
-                exposure.runtime.clients.spawn(async move {
-                    work.await;
-                    drop((permit, slot));
-                });
+                exposure.runtime.clients.spawn(handle(stream, peer, lease));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -80,6 +91,14 @@ pub(crate) async fn accept_loop<F, Fut>(
     }
 }
 
+/// Takes the caps' places for a connection from `peer`, or says which cap is full.
+fn lease(exposure: &Exposure, share: &Arc<Semaphore>, peer: SocketAddr) -> Result<Lease, &'static str> {
+    let address = exposure.per_ip.enter(peer.ip()).ok_or("per_ip_cap")?;
+    let global = exposure.connections.clone().try_acquire_owned().map_err(|_| "global_cap")?;
+    let listener = share.clone().try_acquire_owned().map_err(|_| "listener_share")?;
+    Ok(Lease { _global: global, _listener: listener, _address: address })
+}
+
 /// Accepts clients of one TCP service until `stop` is cancelled; then the listener is dropped.
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -88,10 +107,14 @@ pub(crate) async fn serve(
     stop: CancellationToken,
 ) {
     let name = service.name.clone();
-    accept_loop(listener, &name, None, exposure.clone(), stop, |stream, peer| {
+    accept_loop(listener, &name, exposure.clone(), stop, |stream, peer, lease| {
         let (service, exposure) = (service.clone(), exposure.clone());
         let span = info_span!("client", service = %service.name, %peer);
-        async move { carry(stream, peer, &service, &exposure, &[]).await }.instrument(span)
+        async move {
+            carry(stream, peer, &service, &exposure, &[]).await;
+            drop(lease);
+        }
+        .instrument(span)
     })
     .await;
 }
@@ -122,7 +145,21 @@ pub(crate) async fn carry(
             return;
         }
     };
-    match splice(&mut stream, &mut send, &mut recv, Side::Relay).await {
+    let activity = Activity::default();
+    let spliced = match service.idle_timeout {
+        None => splice(&mut stream, &mut send, &mut recv, Side::Relay).await,
+        Some(idle) => tokio::select! {
+            r = splice_watched(&mut stream, &mut send, &mut recv, Side::Relay, Some(&activity)) => r,
+            () = flows::idle_for(&activity, idle) => {
+                debug!(?idle, "client connection idle: reset");
+                let _ = send.reset(code(codes::stream::INTERNAL));
+                let _ = recv.stop(code(codes::stream::INTERNAL));
+                active.end(Outcome::Idle, 0, 0);
+                return;
+            }
+        },
+    };
+    match spliced {
         Ok(done) => {
             let up = done.up + first.len() as u64;
             debug!(up, down = done.down, "client connection closed");

@@ -16,7 +16,12 @@
 //!   (else 431 and close); malformed requests get 400. The per-address and global caps bound how
 //!   many connections anyone holds.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use sallyport_runtime::{
+    flows::{self, Activity},
+    watched::Watched,
+};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -39,7 +44,10 @@ use self::{
 };
 use crate::{
     config::Service,
-    expose::{tcp, Exposure, Routes},
+    expose::{
+        tcp::{self, Lease},
+        Exposure, Routes,
+    },
     metrics::Outcome,
 };
 
@@ -65,24 +73,37 @@ pub(crate) async fn serve(
     stop: CancellationToken,
 ) {
     let http = Arc::new(Http { exposure: exposure.clone(), routes });
-    let per_ip = Some(exposure.per_ip.clone());
-    tcp::accept_loop(listener, "http", per_ip, exposure, stop.clone(), |stream, peer| {
-        connection(stream, peer, http.clone(), stop.clone()).instrument(info_span!("http", %peer))
+    tcp::accept_loop(listener, "http", exposure, stop.clone(), |stream, peer, lease| {
+        connection(stream, peer, http.clone(), lease, stop.clone()).instrument(info_span!("http", %peer))
     })
     .await;
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, http: Arc<Http>, stop: CancellationToken) {
+/// What every request of one client connection shares: its upstream connections, and its places
+/// under the caps (an upgraded connection keeps them until it ends).
+#[derive(Debug)]
+struct ClientConnection {
+    pool: Pool,
+    lease: Arc<Lease>,
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    http: Arc<Http>,
+    lease: Arc<Lease>,
+    stop: CancellationToken,
+) {
     let _ = stream.set_nodelay(true);
     let limits = &http.exposure.config.limits;
     let metrics = &http.exposure.runtime.metrics;
     // This client connection's own upstream connections; they close with it.
-    let pool = Arc::new(Pool::default());
+    let client = Arc::new(ClientConnection { pool: Pool::default(), lease });
     let handler = {
         let http = http.clone();
         service_fn(move |req| {
-            let (http, pool) = (http.clone(), pool.clone());
-            async move { Ok::<_, Infallible>(handle(req, peer, &http, &pool).await) }
+            let (http, client) = (http.clone(), client.clone());
+            async move { Ok::<_, Infallible>(handle(req, peer, &http, &client).await) }
         })
     };
     let conn = server::Builder::new()
@@ -131,7 +152,12 @@ impl Failure {
     }
 }
 
-async fn handle(req: Request<Incoming>, peer: SocketAddr, http: &Http, pool: &Pool) -> Response<Body> {
+async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    http: &Http,
+    client: &ClientConnection,
+) -> Response<Body> {
     let metrics = &http.exposure.runtime.metrics;
     let host = match request_host(&req) {
         Ok(host) => host,
@@ -145,7 +171,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, http: &Http, pool: &Po
         return page(StatusCode::NOT_FOUND, &format!("no service is published under the host name {host:?}"));
     };
     let active = metrics.connection(&service.name);
-    let response = match forward(req, peer, &host, service, http, pool).await {
+    let response = match forward(req, peer, &host, service, http, client).await {
         Ok(response) => {
             active.end(Outcome::Completed, 0, 0);
             response
@@ -166,8 +192,9 @@ async fn forward(
     host: &str,
     service: &Arc<Service>,
     http: &Http,
-    pool: &Pool,
+    client: &ClientConnection,
 ) -> Result<Response<Body>, Failure> {
+    let pool = &client.pool;
     let Some(connection) = http.exposure.agents.route(&service.agent, &service.name) else {
         return Err(Failure {
             status: StatusCode::SERVICE_UNAVAILABLE,
@@ -178,7 +205,7 @@ async fn forward(
     let upgrade = is_upgrade(req.headers());
     prepare(&mut req, peer, host, upgrade);
     if upgrade {
-        return carry_upgrade(req, &connection, service, peer, &http.exposure).await;
+        return carry_upgrade(req, &connection, service, peer, &http.exposure, client.lease.clone()).await;
     }
     let key = service.name.clone();
     let tunnel = connection.stable_id();
@@ -211,22 +238,20 @@ async fn carry_upgrade(
     service: &Service,
     peer: SocketAddr,
     exposure: &Exposure,
+    lease: Arc<Lease>,
 ) -> Result<Response<Body>, Failure> {
     let client_side = hyper::upgrade::on(&mut req);
+    let idle = service.idle_timeout;
     let mut sender = connect(connection, service, peer, true).await?;
     let mut response = sender.send_request(req).await.map_err(|e| Failure::bad_gateway(reason_of(&e)))?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let target_side = hyper::upgrade::on(&mut response);
         exposure.runtime.clients.spawn(
             async move {
+                // Holds the client's places under the caps for as long as the upgraded connection.
+                let _lease = lease;
                 match tokio::try_join!(client_side, target_side) {
-                    Ok((client, target)) => {
-                        let (mut client, mut target) = (TokioIo::new(client), TokioIo::new(target));
-                        match tokio::io::copy_bidirectional(&mut client, &mut target).await {
-                            Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
-                            Err(e) => debug!(error = %e, "upgraded connection reset"),
-                        }
-                    }
+                    Ok((client, target)) => splice_upgraded(client, target, idle).await,
                     Err(e) => debug!(error = %e, "upgrade failed"),
                 }
             }
@@ -237,6 +262,32 @@ async fn carry_upgrade(
         strip_hop_by_hop(response.headers_mut(), false);
     }
     Ok(response.map(Either::Left))
+}
+
+/// Copies both ways between an upgraded client connection and its target until both end, or
+/// until nothing moved for `idle`.
+async fn splice_upgraded(
+    client: hyper::upgrade::Upgraded,
+    target: hyper::upgrade::Upgraded,
+    idle: Option<Duration>,
+) {
+    let activity = Activity::default();
+    let mut client = Watched::new(TokioIo::new(client), &activity);
+    let mut target = Watched::new(TokioIo::new(target), &activity);
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut target);
+    let quiet = async {
+        match idle {
+            Some(idle) => flows::idle_for(&activity, idle).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        copied = copy => match copied {
+            Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
+            Err(e) => debug!(error = %e, "upgraded connection reset"),
+        },
+        () = quiet => debug!(?idle, "upgraded connection idle: closed"),
+    }
 }
 
 /// A short plain-text page for a request the relay answers itself.

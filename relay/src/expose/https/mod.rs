@@ -24,11 +24,14 @@ pub(crate) async fn serve(
     routes: Routes,
     stop: CancellationToken,
 ) {
-    let per_ip = Some(exposure.per_ip.clone());
     let routes = Arc::new(routes);
-    tcp::accept_loop(listener, "https", per_ip, exposure.clone(), stop, |stream, peer| {
+    tcp::accept_loop(listener, "https", exposure.clone(), stop, |stream, peer, lease| {
         let (exposure, routes) = (exposure.clone(), routes.clone());
-        async move { route(stream, peer, &exposure, &routes).await }.instrument(info_span!("https", %peer))
+        async move {
+            route(stream, peer, &exposure, &routes).await;
+            drop(lease);
+        }
+        .instrument(info_span!("https", %peer))
     })
     .await;
 }
