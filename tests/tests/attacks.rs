@@ -561,3 +561,35 @@ async fn idle_connections_are_reset_unless_their_service_says_otherwise() {
     agent.stop().await;
     relay.stop().await;
 }
+
+/// An admin server bound beyond loopback tells nothing about agents without the admin token; the
+/// kubelet's probes stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_server_beyond_loopback_needs_the_token_for_reads() {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    std::fs::write(pki.dir().join("admin.token"), ADMIN_TOKEN).expect("token file");
+    let mut config = pki.relay_config(
+        &[("svc", "winbox")],
+        "admin_token_file = \"admin.token\"\nrevocations_file = \"revoked.toml\"",
+    );
+    config.admin = "0.0.0.0:0".parse().expect("addr");
+    let relay = RunningRelay::start(config).await;
+    // Reached over loopback here; what counts is the address the server is bound to.
+    let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], relay.admin.port()));
+    let get = |path: &'static str, token: Option<&'static str>| async move {
+        sallyport_relay::cli::admin_client::request(admin, "GET", path, token).await.expect("admin answers")
+    };
+    for path in ["/agents", "/metrics", "/", "/status.txt"] {
+        let (status, body) = get(path, None).await;
+        assert_eq!(status, 401, "{path} without the token: {body}");
+        let (status, _) = get(path, Some("wrong-token-0000000000")).await;
+        assert_eq!(status, 401, "{path} with a wrong token");
+        let (status, _) = get(path, Some(ADMIN_TOKEN)).await;
+        assert_eq!(status, 200, "{path} with the token");
+    }
+    for path in ["/livez", "/readyz"] {
+        assert_eq!(get(path, None).await.0, 200, "{path} stays open for the kubelet");
+    }
+    relay.stop().await;
+}

@@ -247,8 +247,16 @@ async fn relay_commands_start_stop_restart_status_and_logs_with_the_admin_token(
     assert!(docker::running("sallyport-cmd"));
     let (_, body) = admin(&relay, "POST", &format!("{base}/status"), token).await;
     assert_eq!(body.trim(), "cmd: running");
-    let (_, logs) = admin(&relay, "POST", &format!("{base}/logs?tail=5"), token).await;
-    assert!(logs.contains("transfer server listening"), "{logs:?}");
+    // Started is not yet logged: the server writes its line once it listens.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, logs) = admin(&relay, "POST", &format!("{base}/logs?tail=5"), token).await;
+        if logs.contains("transfer server listening") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the container never logged that it listens: {logs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The agent's container states reach the relay's agent listing.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -241,6 +241,26 @@ fn the_overlay_agrees_with_its_relay_toml() {
         find(&docs, "PersistentVolumeClaim", claim);
     }
 
+    // Only the monitoring namespace reaches the admin port; every other port is open.
+    let policy = find(&docs, "NetworkPolicy", "sallyport-relay");
+    let admin_port = u64::from(config.admin.port());
+    for rule in policy["spec"]["ingress"].as_sequence().expect("ingress rules") {
+        let covers_admin = rule["ports"].as_sequence().expect("ports").iter().any(|p| {
+            let start = p["port"].as_u64().unwrap_or(0);
+            let end = p["endPort"].as_u64().unwrap_or(start);
+            p["protocol"].as_str() == Some("TCP") && (start..=end).contains(&admin_port)
+        });
+        if covers_admin {
+            let from = rule["from"].as_sequence().expect("the admin port's rule names who may come");
+            assert!(
+                !from.is_empty() && from.iter().all(|f| f.get("namespaceSelector").is_some()),
+                "the admin port is open to more than a namespace: {rule:?}"
+            );
+        } else {
+            assert!(rule.get("from").is_none(), "service ports are open to the homelab: {rule:?}");
+        }
+    }
+
     // The admin port is for the kubelet's probes and in-cluster scrapes, never a Service's port.
     for service in docs.iter().filter(|d| d["kind"].as_str() == Some("Service")) {
         for (_, port, target) in ports(service) {

@@ -44,41 +44,51 @@ pub(crate) async fn serve(listener: TcpListener, ops: Arc<Ops>, stop: Cancellati
     }
 }
 
+/// Reads that say something about agents: open on a loopback admin address, behind the admin
+/// token on any other.
+const GUARDED_READS: [&str; 5] = ["/agents", "/metrics", "/", "/status", "/status.txt"];
+
 async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let text = "text/plain; charset=utf-8";
-    let (status, content_type, body): (StatusCode, &str, String) = match (req.method(), path.as_str()) {
-        (&Method::GET, "/livez") => (StatusCode::OK, text, "ok\n".into()),
-        (&Method::GET, "/readyz") if ops.runtime.is_ready() => (StatusCode::OK, text, "ready\n".into()),
-        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, text, "draining\n".into()),
-        (&Method::GET, "/agents") => (StatusCode::OK, text, agent_listing(&ops)),
-        (&Method::GET, "/metrics") => {
-            let agents = ops.agents.subscribe().borrow().clone();
-            let gauges = agents.values().map(|s| AgentGauges {
-                name: &s.name,
-                rtt: s.connection.rtt(),
-                containers: lock(&s.containers).clone(),
-            });
-            let body = ops.runtime.metrics.render(gauges);
-            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
+    let guarded = GUARDED_READS.contains(&path.as_str()) && !ops.config.admin.ip().is_loopback();
+    let refused = if guarded { authorize_read(&req, &ops).err() } else { None };
+    let (status, content_type, body): (StatusCode, &str, String) = if let Some((status, body)) = refused {
+        (status, text, body)
+    } else {
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/livez") => (StatusCode::OK, text, "ok\n".into()),
+            (&Method::GET, "/readyz") if ops.runtime.is_ready() => (StatusCode::OK, text, "ready\n".into()),
+            (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, text, "draining\n".into()),
+            (&Method::GET, "/agents") => (StatusCode::OK, text, agent_listing(&ops)),
+            (&Method::GET, "/metrics") => {
+                let agents = ops.agents.subscribe().borrow().clone();
+                let gauges = agents.values().map(|s| AgentGauges {
+                    name: &s.name,
+                    rtt: s.connection.rtt(),
+                    containers: lock(&s.containers).clone(),
+                });
+                let body = ops.runtime.metrics.render(gauges);
+                (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
+            }
+            (&Method::GET, "/" | "/status") => {
+                (StatusCode::OK, "text/html; charset=utf-8", status::html(&status::snapshot(&ops)))
+            }
+            (&Method::GET, "/status.txt") => (StatusCode::OK, text, status::text(&status::snapshot(&ops))),
+            (_, p) if p == "/tokens" || p.starts_with("/tokens/") => {
+                let (status, body) = tokens(&req, &ops);
+                (status, text, body)
+            }
+            (&Method::POST, p) if p.starts_with("/agents/") && p.ends_with("/revoke") => {
+                let (status, body) = revoke_agent(&req, &ops);
+                (status, text, body)
+            }
+            (&Method::POST, p) if p.starts_with("/agents/") => {
+                let (status, body) = container_command(&req, &ops).await;
+                (status, text, body)
+            }
+            _ => (StatusCode::NOT_FOUND, text, "not found\n".into()),
         }
-        (&Method::GET, "/" | "/status") => {
-            (StatusCode::OK, "text/html; charset=utf-8", status::html(&status::snapshot(&ops)))
-        }
-        (&Method::GET, "/status.txt") => (StatusCode::OK, text, status::text(&status::snapshot(&ops))),
-        (_, p) if p == "/tokens" || p.starts_with("/tokens/") => {
-            let (status, body) = tokens(&req, &ops);
-            (status, text, body)
-        }
-        (&Method::POST, p) if p.starts_with("/agents/") && p.ends_with("/revoke") => {
-            let (status, body) = revoke_agent(&req, &ops);
-            (status, text, body)
-        }
-        (&Method::POST, p) if p.starts_with("/agents/") => {
-            let (status, body) = container_command(&req, &ops).await;
-            (status, text, body)
-        }
-        _ => (StatusCode::NOT_FOUND, text, "not found\n".into()),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -108,6 +118,19 @@ fn agent_listing(ops: &Ops) -> String {
         out.push_str("no agents connected\n");
     }
     out
+}
+
+/// Reads about agents on an admin server that is reachable from the network need the admin token
+/// too; without one configured they are off there.
+fn authorize_read(req: &Request<Incoming>, ops: &Ops) -> Result<(), (StatusCode, String)> {
+    if ops.admin_token.is_none() {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "the admin server listens beyond loopback: reads about agents need relay.admin_token_file\n"
+                .into(),
+        ));
+    }
+    authorize(req, ops)
 }
 
 /// Operator calls need `Authorization: Bearer <relay.admin_token_file>`; without a configured token
