@@ -9,6 +9,7 @@
 //! semantics, TLS and transport configuration) live in the `sallyport-runtime` crate.
 #![forbid(unsafe_code)]
 
+pub mod client_hello;
 pub mod codes;
 pub mod control;
 pub mod datagram;

@@ -12,7 +12,7 @@
 //!   loop (one handler per message), the registry of connected agents, opening data streams, the
 //!   datagrams agents send back.
 //! - `expose/`: how homelab clients reach services: `tcp`, `udp`, `http/` (routing by Host, the
-//!   upstream pool), `https/` (routing by SNI, with its ClientHello parser), per-address caps.
+//!   upstream pool), `https/` (routing by SNI; the ClientHello parser is in `sallyport_proto`), per-address caps.
 //! - [`trust`]: the PKI, enrollment with join tokens, revocations, state files.
 //! - [`ops`]: the admin API and its auth, container commands, the status page.
 //! - [`cli`]: bodies of the subcommands that do not run the relay.

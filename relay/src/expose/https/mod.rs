@@ -3,8 +3,6 @@
 //! to the agent with the stream header, then the connection is spliced like any TCP service, so the
 //! client completes its handshake with the target and sees the target's certificate.
 
-mod client_hello;
-
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{
@@ -14,8 +12,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, Instrument};
 
-use self::client_hello::Hello;
 use crate::expose::{tcp, Exposure, Routes};
+use sallyport_proto::client_hello::{self, Hello};
 
 /// Accepts TLS clients until `stop` is cancelled.
 pub(crate) async fn serve(

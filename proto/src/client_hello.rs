@@ -6,7 +6,7 @@
 
 /// What the bytes read so far say.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Hello {
+pub enum Hello {
     /// Not a whole ClientHello yet: read more.
     Incomplete,
     /// A ClientHello naming this host (lower-cased).
@@ -18,7 +18,7 @@ pub(crate) enum Hello {
 }
 
 /// The largest ClientHello the listener waits for (larger ones are refused).
-pub(crate) const MAX_HELLO: usize = 16 * 1024;
+pub const MAX_HELLO: usize = 16 * 1024;
 
 const HANDSHAKE: u8 = 22;
 const CLIENT_HELLO: u8 = 1;
@@ -26,7 +26,7 @@ const SERVER_NAME: u16 = 0;
 const HOST_NAME: u8 = 0;
 
 /// Parses the start of a TLS connection.
-pub(crate) fn parse(buf: &[u8]) -> Hello {
+pub fn parse(buf: &[u8]) -> Hello {
     // Join the handshake records' payloads.
     let mut handshake = Vec::new();
     let mut rest = buf;
@@ -135,7 +135,7 @@ impl<'a> Reader<'a> {
 
 /// A fatal `unrecognized_name` alert (TLS 1.2 record framing, which every client reads), sent to a
 /// client asking for a name no service has, so it sees why instead of a bare close.
-pub(crate) const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 112];
+pub const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 112];
 
 #[cfg(test)]
 mod tests {
