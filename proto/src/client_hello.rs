@@ -33,7 +33,7 @@ pub fn parse(buf: &[u8]) -> Hello {
     loop {
         let [kind, major, _minor, hi, lo, ref body @ ..] = *rest else { return Hello::Incomplete };
         if kind != HANDSHAKE {
-            return Hello::NotTls("the first record is not a handshake record");
+            return Hello::NotTls("a record before the ClientHello's end is not a handshake record");
         }
         if major != 3 {
             return Hello::NotTls("unknown record version");
@@ -45,10 +45,11 @@ pub fn parse(buf: &[u8]) -> Hello {
         };
         handshake.extend_from_slice(payload);
         rest = after;
-        if let [msg_kind, a, b, c, ..] = *handshake {
-            if msg_kind != CLIENT_HELLO {
-                return Hello::NotTls("the first handshake message is not a ClientHello");
-            }
+        // What the bytes so far already decide, as a prefix cut inside this record would.
+        if let Hello::NotTls(why) = check_partial(&handshake) {
+            return Hello::NotTls(why);
+        }
+        if let [_, a, b, c, ..] = *handshake {
             let msg_len = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
             if msg_len > MAX_HELLO {
                 return Hello::NotTls("ClientHello too large");
@@ -198,5 +199,18 @@ mod tests {
         assert!(matches!(parse(&[22, 3, 1, 0, 5, 1, 0xff, 0, 0, 0]), Hello::NotTls(_)));
         // A whole but truncated ClientHello body.
         assert!(matches!(parse(&[22, 3, 1, 0, 6, 1, 0, 0, 2, 3, 3]), Hello::NotTls(_)));
+    }
+
+    #[test]
+    fn a_prefix_is_incomplete_or_already_the_verdict() {
+        // Found by fuzzing: a first record too short to hold the message's length, then a record
+        // that is not a handshake. The first byte already decides, cut or whole.
+        let input = [0x16, 3, 1, 0, 3, 0, 0, 0, 0, 0, 0, 0x80, 0xd6, 1];
+        let whole = parse(&input);
+        assert_eq!(whole, Hello::NotTls("the first handshake message is not a ClientHello"));
+        for cut in 0..input.len() {
+            let part = parse(&input[..cut]);
+            assert!(part == Hello::Incomplete || part == whole, "cut at {cut}: {part:?}");
+        }
     }
 }
