@@ -130,6 +130,14 @@ fn write_identity(
     let EnrollResponse::Issued { agent, cert_pem, ca_pem, not_after_unix } = response else {
         return Err(EnrollError::Protocol("unexpected answer".into()));
     };
+    // The CA the agent will trust from now on must be the one the token pins, whatever the relay
+    // sent.
+    let pinned = tls::certs_from_pem(ca_pem.as_bytes(), "CA certificate")
+        .ok()
+        .is_some_and(|certs| certs.len() == 1 && tls::cert_sha256(&certs[0]) == token.ca_sha256);
+    if !pinned {
+        return Err(EnrollError::Protocol("the relay sent a CA certificate other than the token's".into()));
+    }
     let write = |name: &str, contents: &str, private: bool| {
         let path = dir.join(name);
         write_file(&path, contents, private).map_err(|source| EnrollError::Write { path, source })
@@ -170,6 +178,12 @@ pub(crate) fn write_file(path: &Path, contents: &str, private: bool) -> std::io:
     #[cfg(not(unix))]
     let _ = private;
     let mut file = options.open(path)?;
+    // A file that existed keeps its old mode through `open`: a key is made private either way.
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     file.write_all(contents.as_bytes())?;
     // Flushed to disk before anything renames it into place.
     file.sync_all()

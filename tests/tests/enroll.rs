@@ -71,6 +71,14 @@ async fn a_valid_token_enrolls_and_the_agent_then_connects_with_mutual_tls() {
     let token = s.token("fresh", 3600).await;
     println!("token: {} characters", token.len());
     let dir = tempfile::tempdir().expect("tempdir");
+    // A key file left readable by others from before is made private, not kept as it was.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(dir.path().join("agent.key"), "old").expect("old key");
+        std::fs::set_permissions(dir.path().join("agent.key"), std::fs::Permissions::from_mode(0o644))
+            .expect("mode");
+    }
     let enrolled = enroll(&token, dir.path()).await.expect("enrolls");
     assert_eq!(enrolled.agent, "fresh");
     assert!(enrolled.config_written);

@@ -167,6 +167,19 @@ pub struct Service {
     pub proxy_protocol: bool,
 }
 
+/// The host of a plaintext Docker endpoint (`tcp://`, `http://`) that is not on loopback.
+fn plaintext_remote_engine(endpoint: &str) -> Option<String> {
+    let rest = endpoint.strip_prefix("tcp://").or_else(|| endpoint.strip_prefix("http://"))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| host.to_owned())
+}
+
 /// `[docker]` as written, each absent key from [`DockerSettings::default`].
 fn docker_settings(raw: RawDocker, path: &Path) -> Result<DockerSettings, ConfigError> {
     let d = DockerSettings::default();
@@ -276,6 +289,17 @@ impl Config {
             services.insert(name.clone(), Service { name, target, proxy_protocol });
         }
         let docker = docker_settings(raw.docker.unwrap_or_default(), path)?;
+        if let Some(host) = plaintext_remote_engine(&docker.endpoint) {
+            return Err(ConfigError::invalid(
+                path,
+                "docker.endpoint",
+                format!(
+                    "{:?}: the Docker API over plain TCP to {host:?} would let anyone on that path run \
+                     containers as the engine's user; use the named pipe or socket, or a loopback address",
+                    docker.endpoint
+                ),
+            ));
+        }
         if !["unix://", "npipe://", "tcp://", "http://"].iter().any(|p| docker.endpoint.starts_with(p)) {
             return Err(ConfigError::invalid(
                 path,
@@ -420,6 +444,23 @@ target = "tcp://127.0.0.1:1433"
         if !cfg!(windows) {
             let e = err(&GOOD.replace("tcp://127.0.0.1:1433", "wsl://Ubuntu:5432"));
             assert!(e.contains("wsl:// targets are for the agent on Windows"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_plaintext_docker_endpoint_must_be_on_loopback() {
+        for remote in ["tcp://192.0.2.10:2375", "http://docker.lan:2375", "tcp://[2001:db8::1]:2375"] {
+            let e = err(&format!("{GOOD}\n[docker]\nendpoint = \"{remote}\"\n"));
+            assert!(e.contains("key `docker.endpoint`") && e.contains("plain TCP"), "{remote}: {e}");
+        }
+        for local in [
+            "tcp://127.0.0.1:2375",
+            "http://localhost:2375",
+            "tcp://[::1]:2375",
+            "unix:///var/run/docker.sock",
+        ] {
+            let text = format!("{GOOD}\n[docker]\nendpoint = \"{local}\"\n");
+            assert!(Config::from_toml(&text, Path::new("a.toml")).is_ok(), "{local}");
         }
     }
 

@@ -107,11 +107,15 @@ fn agent_listing(ops: &Ops) -> String {
         out.push_str(&format!(
             "agent {name} remote={} software={:?} services={}\n",
             session.remote,
-            session.software,
+            status::printable(&session.software),
             services.join(",")
         ));
         for c in lock(&session.containers).iter() {
-            out.push_str(&format!("  container {} {}\n", c.name, c.state));
+            out.push_str(&format!(
+                "  container {} {}\n",
+                status::printable(&c.name),
+                status::printable(&c.state)
+            ));
         }
     }
     if agents.is_empty() {

@@ -7,6 +7,12 @@ use sallyport_runtime::sync::lock;
 
 use crate::{config::Listen, ops::Ops};
 
+/// `text` an agent sent, safe to print on an operator's terminal: control characters (escape
+/// sequences, line breaks) become `?`, and it is cut at 200 characters.
+pub(crate) fn printable(text: &str) -> String {
+    text.chars().take(200).map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
 /// What the page shows, read once.
 #[derive(Debug)]
 pub(crate) struct Snapshot {
@@ -44,7 +50,7 @@ pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
         .map(|s| AgentRow {
             name: s.name.clone(),
             remote: s.remote.to_string(),
-            software: s.software.clone(),
+            software: printable(&s.software),
             connected_for: SystemTime::now()
                 .duration_since(s.connected_at)
                 .map(|d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string())
@@ -52,7 +58,7 @@ pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
             rtt_ms: s.connection.rtt().as_secs_f64() * 1000.0,
             containers: lock(&s.containers)
                 .iter()
-                .map(|c| (c.name.clone(), c.state.clone(), c.cold_start_ms))
+                .map(|c| (printable(&c.name), printable(&c.state), c.cold_start_ms))
                 .collect(),
         })
         .collect();
@@ -240,4 +246,15 @@ pub(crate) fn text(s: &Snapshot) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_strings_print_without_control_characters() {
+        assert_eq!(printable("running\u{1b}[2J\nroot"), "running?[2J?root");
+        assert_eq!(printable(&"x".repeat(500)).len(), 200);
+    }
 }

@@ -87,7 +87,10 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
     for name in listed {
-        if !(upgrade && name == header::UPGRADE) {
+        // A client cannot make the relay drop end-to-end headers it relies on by listing them.
+        let kept =
+            name == header::HOST || name == header::CONTENT_LENGTH || (upgrade && name == header::UPGRADE);
+        if !kept {
             headers.remove(name);
         }
     }
@@ -195,6 +198,19 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "app.lan");
         assert_eq!(h[header::FORWARDED], "for=\"[2001:db8::9]\";host=\"app.lan\";proto=http");
         assert_eq!(h[header::HOST], "app.lan");
+    }
+
+    #[test]
+    fn connection_cannot_name_host_or_content_length_away() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("app.home.lan"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("host, content-length, x-secret"));
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.get(header::HOST).map(|v| v.as_bytes()), Some(&b"app.home.lan"[..]));
+        assert!(headers.contains_key(header::CONTENT_LENGTH));
+        assert!(!headers.contains_key("x-secret") && !headers.contains_key(header::CONNECTION));
     }
 
     #[test]
