@@ -6,6 +6,21 @@ use std::{net::SocketAddr, time::Duration};
 use sallyport_proto::{datagram::Datagram, RelayMessage};
 use sallyport_tests::{raw::RawAgent, RunningRelay, TestPki};
 
+/// A relay with `extra` in its `[relay]` table and `services`, and agent `winbox` with `targets`,
+/// connected.
+async fn relay_and_winbox(
+    pki: &TestPki,
+    extra: &str,
+    services: &str,
+    targets: &str,
+) -> (RunningRelay, sallyport_tests::RunningAgent) {
+    let mut relay = RunningRelay::start(pki.relay_config_toml(extra, services)).await;
+    let agent =
+        sallyport_tests::RunningAgent::start(pki.agent_config_toml("winbox", &[relay.quic], "", targets));
+    relay.wait_agent("winbox").await;
+    (relay, agent)
+}
+
 /// `GET /metrics` on the relay's admin server.
 async fn metrics(relay: &RunningRelay) -> String {
     let (status, body) = sallyport_relay::cli::admin_client::request(relay.admin, "GET", "/metrics", None)
@@ -473,22 +488,17 @@ async fn upgraded_and_plain_connections_count_against_the_per_address_cap() {
     let echo = sallyport_tests::servers::websocket_echo();
     let greeter = sallyport_tests::targets::greeter(b"hello").await;
     let pki = TestPki::new();
-    let mut relay = RunningRelay::start(pki.relay_config_toml(
+    let (relay, agent) = relay_and_winbox(
+        &pki,
         "http_listen = \"127.0.0.1:0\"\nmax_connections_per_ip = 6",
         "[services.ws]\nagent = \"winbox\"\nhosts = [\"ws.home.lan\"]\n\
          [services.db]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
-    ))
-    .await;
-    let agent = sallyport_tests::RunningAgent::start(pki.agent_config_toml(
-        "winbox",
-        &[relay.quic],
-        "",
         &format!(
             "[services.ws]\ntarget = \"tcp://{}\"\n[services.db]\ntarget = \"tcp://{}\"\n",
             echo.addr, greeter.addr
         ),
-    ));
-    relay.wait_agent("winbox").await;
+    )
+    .await;
     let (http, db) = (relay.http.expect("http listener"), relay.service("db"));
 
     let mut held = Vec::new();
@@ -526,22 +536,17 @@ async fn idle_connections_are_reset_unless_their_service_says_otherwise() {
     sallyport_tests::init_logging();
     let greeter = sallyport_tests::targets::greeter(b"hello").await;
     let pki = TestPki::new();
-    let mut relay = RunningRelay::start(pki.relay_config_toml(
+    let (relay, agent) = relay_and_winbox(
+        &pki,
         "",
         "[services.short]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\n\
          [services.quiet]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"0s\"\n",
-    ))
-    .await;
-    let agent = sallyport_tests::RunningAgent::start(pki.agent_config_toml(
-        "winbox",
-        &[relay.quic],
-        "",
         &format!(
             "[services.short]\ntarget = \"tcp://{0}\"\n[services.quiet]\ntarget = \"tcp://{0}\"\n",
             greeter.addr
         ),
-    ));
-    relay.wait_agent("winbox").await;
+    )
+    .await;
     let mut short = tokio::net::TcpStream::connect(relay.service("short")).await.expect("short");
     let mut quiet = tokio::net::TcpStream::connect(relay.service("quiet")).await.expect("quiet");
     let mut greeting = [0u8; 5];
