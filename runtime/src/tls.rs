@@ -344,7 +344,6 @@ pub struct TlsFiles {
 
 /// A side's TLS material, read and checked: the certificate parses, matches the CA and names a
 /// peer. The key is checked against the certificate when a TLS configuration is built from it.
-#[derive(Debug)]
 pub struct LoadedTls {
     /// The CA certificate (DER), for a chain that lets enrolling agents pin it.
     pub ca: CertificateDer<'static>,
@@ -353,6 +352,16 @@ pub struct LoadedTls {
     pub leaf: CertInfo,
     /// The private key as read (PEM), for deriving stable endpoint keys.
     pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for LoadedTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedTls")
+            .field("identity", &self.identity)
+            .field("leaf", &self.leaf)
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a relay's or an agent's TLS identity (CA, certificate, key) could not be set up: the

@@ -361,6 +361,20 @@ mod tests {
     }
 
     #[test]
+    fn loaded_tls_material_never_prints_its_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path(), &["127.0.0.1".to_owned()]).expect("init");
+        let files = tls::TlsFiles {
+            ca_cert: dir.path().join(CA_CERT),
+            cert: dir.path().join(RELAY_CERT),
+            key: dir.path().join(RELAY_KEY),
+        };
+        let loaded = files.load().expect("load");
+        let shown = format!("{loaded:?}");
+        assert!(!shown.contains("PRIVATE KEY") && shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
     fn init_writes_owner_only_keys_and_refuses_to_overwrite() {
         let dir = tempfile::tempdir().expect("tempdir");
         let report = init(dir.path(), &["127.0.0.1".into(), "relay.lan".into()]).expect("init");
