@@ -48,12 +48,17 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
         std::fs::copy(pki.dir().join(file), tls.path().join(file)).expect("copy TLS file");
     }
     std::fs::write(tls.path().join("admin.token"), "image-test-admin-token\n").expect("token");
-    let chown = Command::new("chown").args(["-R", "65532:65532"]).arg(tls.path()).status().expect("chown");
-    assert!(chown.success());
+    // The state volume the PersistentVolumeClaim would provide, writable by the image's user.
+    let state = tempfile::tempdir().expect("tempdir");
+    for dir in [tls.path(), state.path()] {
+        let chown = Command::new("chown").args(["-R", "65532:65532"]).arg(dir).status().expect("chown");
+        assert!(chown.success());
+    }
     let overlay = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/overlays/homelab/relay.toml");
 
     let mount_tls = format!("{}:/etc/sallyport/tls:ro", tls.path().display());
     let mount_config = format!("{}:/etc/sallyport/relay.toml:ro", overlay.display());
+    let mount_state = format!("{}:/var/lib/sallyport", state.path().display());
     docker::docker(&[
         "run",
         "-d",
@@ -70,6 +75,8 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
         &mount_tls,
         "-v",
         &mount_config,
+        "-v",
+        &mount_state,
         IMAGE,
     ]);
     let ip = docker::inspect(&name, "{{.NetworkSettings.IPAddress}}");
@@ -100,10 +107,15 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
         &[("mssql", target.addr)],
         "server_name = \"localhost\"",
     ));
+    // The pod's admin port listens beyond loopback: reads about agents need the token.
+    let token = Some("image-test-admin-token");
+    let (status, _) =
+        sallyport_relay::cli::admin_client::request(admin, "GET", "/agents", None).await.expect("admin");
+    assert_eq!(status, 401, "the agent listing needs the admin token off loopback");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, listing) =
-            sallyport_relay::cli::admin_client::request(admin, "GET", "/agents", None).await.expect("admin");
+            sallyport_relay::cli::admin_client::request(admin, "GET", "/agents", token).await.expect("admin");
         if listing.contains("agent winbox") {
             break;
         }
@@ -115,11 +127,21 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
         .expect("transfer through the containerized relay");
     assert_eq!((report.up, report.down), (500_000, 700_000));
     let (_, metrics) =
-        sallyport_relay::cli::admin_client::request(admin, "GET", "/metrics", None).await.expect("metrics");
+        sallyport_relay::cli::admin_client::request(admin, "GET", "/metrics", token).await.expect("metrics");
     assert!(
         metrics.contains("sallyport_connections_total{service=\"mssql\",result=\"completed\"} 1"),
         "{metrics}"
     );
+
+    // A revocation lands on the state volume, as it would on the claim.
+    let (status, body) =
+        sallyport_relay::cli::admin_client::request(admin, "POST", "/agents/winbox/revoke", token)
+            .await
+            .expect("revoke");
+    assert_eq!(status, 200, "{body}");
+    let saved =
+        std::fs::read_to_string(state.path().join("revoked.toml")).expect("revocations on the volume");
+    assert!(saved.contains("winbox"), "{saved}");
 
     // SIGTERM (what Kubernetes sends after preStop): drain, tell the agent, exit 0.
     let stopping = Instant::now();
