@@ -12,6 +12,7 @@
 //! - [`cli`]: process setup both binaries share: signals, logging, small pages, error rendering.
 //! - [`flows`]: the idle-flow table (UDP flows on both sides) and its activity stamps;
 //!   [`watched`]: an IO object that stamps activity, for idle timeouts of plain copies.
+//! - [`durable`]: flushing a rename's directory.
 //! - [`clock`], [`hex`], [`sync`]: Unix seconds, lowercase hex, and the one way to treat a
 //!   poisoned lock.
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod durable;
 pub mod flows;
 pub mod framed;
 pub mod hex;

@@ -21,6 +21,22 @@ async fn relay_and_winbox(
     (relay, agent)
 }
 
+/// Writes `file` in the PKI's folder: a relay.toml for the relay binary on port 0 with the admin
+/// token, a revocations file, `extra` in `[relay]` and service `svc` of agent `winbox`.
+fn relay_toml_with_admin_token(pki: &TestPki, file: &str, extra: &str) -> std::path::PathBuf {
+    let path = pki.dir().join(file);
+    std::fs::write(
+        &path,
+        format!(
+            "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\n\
+             key = \"relay.key\"\nadmin_token_file = \"admin.token\"\nrevocations_file = \"revoked.toml\"\n{extra}\
+             [services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n"
+        ),
+    )
+    .expect("relay.toml");
+    path
+}
+
 /// `GET /metrics` on the relay's admin server.
 async fn metrics(relay: &RunningRelay) -> String {
     let (status, body) = sallyport_relay::cli::admin_client::request(relay.admin, "GET", "/metrics", None)
@@ -260,14 +276,7 @@ async fn killing_the_relay_mid_save_never_leaves_a_broken_state_file() {
     use sallyport_tests::process::{addr_field, binary, Spawned};
     let pki = TestPki::new();
     std::fs::write(pki.dir().join("admin.token"), ADMIN_TOKEN).expect("token file");
-    let relay_toml = pki.dir().join("crash-relay.toml");
-    std::fs::write(
-        &relay_toml,
-        "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\n\
-         key = \"relay.key\"\nadmin_token_file = \"admin.token\"\nrevocations_file = \"revoked.toml\"\n\
-         [services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .expect("relay.toml");
+    let relay_toml = relay_toml_with_admin_token(&pki, "crash-relay.toml", "");
     let state = pki.dir().join("revoked.toml");
     let mut confirmed: Vec<String> = Vec::new();
     for round in 0..10u32 {
@@ -335,14 +344,11 @@ async fn a_flood_of_certificateless_connections_holds_little_and_keeps_no_agent_
     const ATTACKERS: u32 = 200;
     let pki = TestPki::new();
     std::fs::write(pki.dir().join("admin.token"), ADMIN_TOKEN).expect("token file");
-    let relay_toml = pki.dir().join("flood-relay.toml");
-    std::fs::write(
-        &relay_toml,
-        "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\n\
-         key = \"relay.key\"\nadmin_token_file = \"admin.token\"\nca_key = \"ca.key\"\ntokens_file = \"tokens.toml\"\n\
-         revocations_file = \"revoked.toml\"\n[services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .expect("relay.toml");
+    let relay_toml = relay_toml_with_admin_token(
+        &pki,
+        "flood-relay.toml",
+        "ca_key = \"ca.key\"\ntokens_file = \"tokens.toml\"\n",
+    );
     let mut relay = Spawned::start({
         let mut c = std::process::Command::new(binary("sallyport-relay"));
         c.arg("serve").arg("--config").arg(&relay_toml);

@@ -11,6 +11,7 @@ use std::{
 use sallyport_proto::{AgentMessage, ALPN_TUNNEL};
 use sallyport_runtime::{
     clock,
+    durable::sync_parent_dir,
     sync::{lock, write},
     tls::{self, TlsFiles},
     transport,
@@ -135,17 +136,6 @@ fn staged(path: &Path, stage: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
-fn sync_dir(path: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
-}
-
 /// Replaces the key and the certificate as one: a crash at any point leaves the old pair or the
 /// new one once [`recover_identity`] has run (the agent runs it before loading its identity).
 ///
@@ -157,7 +147,7 @@ pub(crate) fn swap_identity(files: &TlsFiles, key_pem: &str, cert_pem: &str) -> 
     crate::enroll::write_file(&key_staged, key_pem, true)?;
     crate::enroll::write_file(&cert_partial, cert_pem, false)?;
     std::fs::rename(&cert_partial, &cert_staged)?;
-    sync_dir(&files.cert)?;
+    sync_parent_dir(&files.cert)?;
     roll_forward(files)
 }
 
@@ -168,8 +158,8 @@ fn roll_forward(files: &TlsFiles) -> std::io::Result<()> {
         std::fs::rename(&key_staged, &files.key)?;
     }
     std::fs::rename(&cert_staged, &files.cert)?;
-    sync_dir(&files.key)?;
-    sync_dir(&files.cert)
+    sync_parent_dir(&files.key)?;
+    sync_parent_dir(&files.cert)
 }
 
 /// What [`recover_identity`] found of a renewal a crash interrupted.

@@ -50,12 +50,7 @@ fn replace_durably(path: &Path, text: &str) -> std::io::Result<()> {
     crate::trust::pki::write_private_io(&tmp, text)?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path)?;
-    #[cfg(unix)]
-    {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    sallyport_runtime::durable::sync_parent_dir(path)
 }
 
 #[cfg(test)]

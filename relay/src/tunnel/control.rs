@@ -55,9 +55,10 @@ pub(crate) enum ProtocolError {
     OpenDatagram,
 }
 
-/// Sorts a frame error into the agent's fault or the stream's end.
+/// Sorts a frame error into the agent's fault or the stream's end (an encoding failure of the
+/// relay's own message is handled where it is written).
 fn frame_error(e: FrameError) -> Result<Closed, ProtocolError> {
-    if e.is_protocol_violation() || matches!(e, FrameError::Encode(_)) {
+    if e.is_protocol_violation() {
         Err(ProtocolError::Frame(e))
     } else {
         Ok(Closed::Stream(e))
