@@ -182,6 +182,42 @@ pub fn name(path: &Path, key: &str, value: &str) -> Result<String, ConfigError> 
     Ok(value.to_owned())
 }
 
+/// Why a size could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{text:?}: unknown unit {unit:?}; use e.g. \"512MiB\" or \"20GiB\"")]
+    Unit { text: String, unit: String },
+    #[error("{0:?} is not a size like \"20GiB\"")]
+    NotASize(String),
+    #[error("{0:?} is out of range")]
+    OutOfRange(String),
+}
+
+/// Parses a size: bytes, or a number with KiB/MiB/GiB/TiB (powers of 1024) or KB/MB/GB/TB (of 1000).
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
+    let trimmed = text.trim();
+    let split = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "tib" | "t" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => return Err(SizeError::Unit { text: text.to_owned(), unit: other.to_owned() }),
+    };
+    let value: f64 = number.parse().map_err(|_| SizeError::NotASize(text.to_owned()))?;
+    let bytes = value * multiplier as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(SizeError::OutOfRange(text.to_owned()));
+    }
+    Ok(bytes as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +259,17 @@ mod tests {
         assert!(bad.is_err_and(|e| e.to_string().contains("key `agent.keep_alive`: 1m 10s is out of range")));
         let parsed: Result<u8, _> = section.parsed("n", Some("x"), 3);
         assert!(parsed.is_err_and(|e| e.to_string().starts_with("a.toml: key `agent.n`: ")));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_size("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5g"), Ok(3 << 29));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "GiB", "12 parsecs", "-1GiB", "0"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 }
