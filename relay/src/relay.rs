@@ -234,6 +234,21 @@ impl Relay {
             }
             tasks.spawn(https::serve(listener, exposure.clone(), https_routes, shutdown.clone()));
         }
+        let (limits, budget) = (&config.limits, config.limits.budget());
+        info!(
+            memory_budget_mib = limits.memory_budget >> 20,
+            max_connections = limits.max_connections,
+            per_connection_kib = budget.per_connection >> 10,
+            "memory budget"
+        );
+        if limits.max_connections > budget.connections {
+            warn!(
+                max_connections = limits.max_connections,
+                fit = budget.connections,
+                "relay.max_connections is more than relay.memory_budget holds at worst: raise the budget \
+                 (and the pod's memory limit) or lower the cap"
+            );
+        }
         runtime.set_ready(true);
         if let Ok(quic) = endpoint.local_addr() {
             info!(%quic, admin = %admin_addr, services = config.services.len(), "relay ready");

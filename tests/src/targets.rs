@@ -46,6 +46,15 @@ pub async fn transfer_server() -> Target {
     .await
 }
 
+/// Accepts connections and never reads from them (a stalled upstream).
+pub async fn sink() -> Target {
+    serve(|stream| async move {
+        std::future::pending::<()>().await;
+        drop(stream);
+    })
+    .await
+}
+
 /// Sends `greeting` as soon as a client connects, before reading anything, then echoes.
 pub async fn greeter(greeting: &'static [u8]) -> Target {
     serve(move |mut stream| async move {

@@ -604,3 +604,136 @@ async fn an_admin_server_beyond_loopback_needs_the_token_for_reads() {
     }
     relay.stop().await;
 }
+
+/// The relay with the defaults `init` writes, every connection its memory budget allows open at
+/// once in the state that costs it most: half are HTTP clients stuck just short of the longest
+/// request head, half push into a TCP service whose upstream never reads (so the tunnel's flow
+/// control holds their data back). The relay keeps them all and stays within its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_relay_stays_within_its_memory_budget() {
+    use sallyport_tests::{
+        lab::rss_kib,
+        process::{addr_field, binary, Spawned},
+    };
+    use tokio::io::AsyncWriteExt;
+    let pki = TestPki::new();
+    let http = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr");
+    let relay_toml = pki.dir().join("budget-relay.toml");
+    std::fs::write(
+        &relay_toml,
+        format!(
+            "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\n\
+             key = \"relay.key\"\nhttp_listen = \"{http}\"\n\
+             [services.web]\nagent = \"winbox\"\nhosts = [\"web.home.lan\"]\n\
+             [services.sink]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n"
+        ),
+    )
+    .expect("relay.toml");
+    let limits = sallyport_relay::Config::load(&relay_toml).expect("relay config").limits;
+    let mut relay = Spawned::start({
+        let mut c = std::process::Command::new(binary("sallyport-relay"));
+        c.arg("serve").arg("--config").arg(&relay_toml);
+        c
+    });
+    let sink_addr = addr_field(&relay.wait_line("service listening", Duration::from_secs(10)), "addr");
+    let ready = relay.wait_line("relay ready", Duration::from_secs(10));
+    let quic = addr_field(&ready, "quic");
+    let pid = relay.child.id();
+
+    let (sink, web) = (sallyport_tests::targets::sink().await, sallyport_tests::targets::sink().await);
+    let agent = sallyport_tests::RunningAgent::start(pki.agent_config(
+        "winbox",
+        &[quic],
+        &[("web", web.addr), ("sink", sink.addr)],
+        "",
+    ));
+    let mut status = agent.status.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.values().any(|t| matches!(t, sallyport_agent::TunnelStatus::Connected { .. }))),
+    )
+    .await
+    .expect("agent connects")
+    .expect("agent running");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_kib = rss_kib(pid);
+
+    // Each listener may hold half the cap; 200 connections per source address keeps each under
+    // the default per-address cap.
+    let per_kind = limits.max_connections / 2;
+    let source = |i: usize| format!("127.0.7.{}", 1 + i / 200);
+    let connect = |i: usize, to: SocketAddr| async move {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(format!("{}:0", source(i)).parse().expect("source")).expect("bind source");
+        socket.connect(to).await
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut pushers = tokio::task::JoinSet::new();
+    for i in 0..per_kind {
+        let mut stream = connect(i, sink_addr).await.expect("connect to the TCP service");
+        let stop = stop.clone();
+        pushers.spawn(async move {
+            let chunk = vec![0x5a; 64 * 1024];
+            tokio::select! {
+                () = stop.cancelled() => true,
+                alive = async {
+                    for _ in 0..8 {
+                        if stream.write_all(&chunk).await.is_err() {
+                            return false;
+                        }
+                    }
+                    stop.cancelled().await;
+                    true
+                } => alive,
+            }
+        });
+    }
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: web.home.lan\r\nX-Padding: {}\r\n",
+        "p".repeat(limits.max_header_bytes - 1024)
+    );
+    let mut heads = Vec::with_capacity(per_kind);
+    for i in 0..per_kind {
+        let mut stream = connect(per_kind + i, http).await.expect("connect to the HTTP listener");
+        stream.write_all(head.as_bytes()).await.expect("most of a request head");
+        heads.push(stream);
+    }
+    // Let the pushed data fill the tunnel and the relay's buffers.
+    let mut peak_kib = rss_kib(pid);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        peak_kib = peak_kib.max(rss_kib(pid));
+    }
+    // Every connection is still open: the HTTP ones wait for the rest of their head.
+    let mut buf = [0u8; 1];
+    let open = heads
+        .iter()
+        .filter(|s| matches!(s.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
+        .count();
+    stop.cancel();
+    let mut pushing = 0;
+    while let Some(alive) = pushers.join_next().await {
+        pushing += usize::from(alive.unwrap_or(false));
+    }
+    let budget = limits.budget();
+    println!(
+        "memory budget {} MiB: max_connections {} ({} KiB each at worst, {} MiB reserved); {} HTTP heads of {} \
+         KiB and {} stalled TCP pushes open: relay RSS {} KiB idle, {} KiB at most (+{} KiB, {:.1} KiB per \
+         connection)",
+        limits.memory_budget >> 20,
+        limits.max_connections,
+        budget.per_connection >> 10,
+        budget.reserved >> 20,
+        open,
+        head.len() >> 10,
+        pushing,
+        idle_kib,
+        peak_kib,
+        peak_kib.saturating_sub(idle_kib),
+        peak_kib.saturating_sub(idle_kib) as f64 / (2 * per_kind) as f64,
+    );
+    assert_eq!(open, per_kind, "every HTTP client is still waiting for its head to be read");
+    assert_eq!(pushing, per_kind, "every pushing client is still connected");
+    assert!(peak_kib * 1024 <= limits.memory_budget, "relay RSS {peak_kib} KiB is over the budget");
+    agent.stop().await;
+}

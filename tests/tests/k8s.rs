@@ -198,6 +198,19 @@ fn the_overlay_agrees_with_its_relay_toml() {
         "terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop} + drain_grace {:?}",
         config.limits.drain_grace
     );
+    // The relay's caps are derived from its memory budget: the budget is the pod's limit, and the
+    // caps it holds at worst fit in it.
+    let limit = container["resources"]["limits"]["memory"].as_str().expect("a memory limit");
+    // Kubernetes writes 512Mi for 512 MiB.
+    let limit =
+        sallyport_runtime::config::parse_size(&format!("{limit}B")).expect("memory limit in Mi or Gi");
+    assert_eq!(config.limits.memory_budget, limit, "relay.memory_budget is the pod's memory limit");
+    let budget = config.limits.budget();
+    assert!(
+        config.limits.max_connections <= budget.connections,
+        "max_connections {} is more than the budget holds ({budget:?})",
+        config.limits.max_connections
+    );
     assert_eq!(container["securityContext"]["readOnlyRootFilesystem"].as_bool(), Some(true));
     assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
     assert_eq!(container["securityContext"]["capabilities"]["drop"][0].as_str(), Some("ALL"));

@@ -14,6 +14,10 @@ pub struct CheckReport {
     pub services: Vec<(String, String, String)>,
     /// Whether container commands are on (an admin token is configured and readable).
     pub commands_enabled: bool,
+    /// `max_connections`, and how many the memory budget holds at worst.
+    pub max_connections: usize,
+    pub budget: crate::config::Budget,
+    pub memory_budget: u64,
 }
 
 impl fmt::Display for CheckReport {
@@ -27,6 +31,17 @@ impl fmt::Display for CheckReport {
         for (name, agent, listen) in &self.services {
             writeln!(f, "service {name}: agent {agent}, listens on {listen}")?;
         }
+        writeln!(
+            f,
+            "memory budget: {} MiB holds {} client connections at worst ({} KiB each, {} MiB for the runtime \
+             and tunnels); max_connections = {}{}",
+            self.memory_budget >> 20,
+            self.budget.connections,
+            self.budget.per_connection >> 10,
+            self.budget.reserved >> 20,
+            self.max_connections,
+            if self.max_connections > self.budget.connections { " (more than the budget holds)" } else { "" }
+        )?;
         if self.commands_enabled {
             writeln!(f, "container commands: on (admin token loaded)")?;
         } else {
@@ -53,6 +68,9 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
     crate::trust::check_durable(config, commands_enabled)?;
     Ok(CheckReport {
         commands_enabled,
+        max_connections: config.limits.max_connections,
+        budget: config.limits.budget(),
+        memory_budget: config.limits.memory_budget,
         relay_names: names,
         relay_cert_days_left: days_left,
         services: config

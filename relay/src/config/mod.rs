@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 mod limits;
 
-pub use limits::Limits;
+pub use limits::{Budget, Limits};
 use limits::{DAY, SECOND};
 
 /// The validated relay configuration.
@@ -309,6 +309,7 @@ pub(super) struct RawRelay {
     max_unauthenticated: Option<usize>,
     max_unauthenticated_per_ip: Option<usize>,
     handshakes_per_ip_per_second: Option<usize>,
+    memory_budget: Option<String>,
     max_connections: Option<usize>,
     congestion: Option<String>,
     http_listen: Option<SocketAddr>,
@@ -394,6 +395,35 @@ listen = "0.0.0.0:1433"
         assert!(e.contains("key `relay.congestion`: unknown congestion controller \"vegas\""), "{e}");
         let e = err(&GOOD.replace("\"30s\"", "\"0s\""));
         assert!(e.contains("key `relay.idle_timeout`: 0s is out of range"), "{e}");
+    }
+
+    #[test]
+    fn the_connection_cap_follows_the_memory_budget() {
+        let c = Config::from_toml(GOOD, Path::new("r.toml")).expect("valid");
+        let budget = c.limits.budget();
+        assert_eq!(c.limits.memory_budget, 512 << 20);
+        assert_eq!(c.limits.max_connections, budget.connections);
+        assert!(
+            budget.reserved + budget.per_connection * budget.connections as u64 <= 512 << 20,
+            "{budget:?}"
+        );
+        assert!(budget.connections > 2000, "{budget:?}");
+        // A bigger budget holds more; smaller heads hold more in the same budget; a written cap wins.
+        let with = |line: &str| {
+            Config::from_toml(&GOOD.replace("[relay]", &format!("[relay]\n{line}")), Path::new("r.toml"))
+                .expect("valid")
+                .limits
+        };
+        assert!(with("memory_budget = \"2GiB\"").max_connections > 4 * budget.connections);
+        assert!(with("max_header_bytes = 16384").max_connections > budget.connections);
+        assert_eq!(with("max_connections = 100").max_connections, 100);
+        let e = err(&GOOD.replace("[relay]", "[relay]\nmemory_budget = \"128MiB\""));
+        assert!(
+            e.contains("key `relay.memory_budget`: 128 MiB leaves no room for client connections"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("[relay]", "[relay]\nmemory_budget = \"lots\""));
+        assert!(e.contains("key `relay.memory_budget`: \"lots\": unknown unit"), "{e}");
     }
 
     #[test]

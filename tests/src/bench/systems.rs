@@ -168,7 +168,7 @@ pub fn start(
             let dir = tools.dir.path();
             let pki = tools.pki.dir();
             let relay = format!(
-                "[relay]\nlisten = \"{quic}\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/relay.crt\"\nkey = \"{0}/relay.key\"\nmax_connections = 30000\nmax_connections_per_ip = 30000\n[services.bench]\nagent = \"bench\"\nlisten = \"{entry}\"\n",
+                "[relay]\nlisten = \"{quic}\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/relay.crt\"\nkey = \"{0}/relay.key\"\nmemory_budget = \"5GiB\"\nmax_connections = 30000\nmax_connections_per_ip = 30000\n[services.bench]\nagent = \"bench\"\nlisten = \"{entry}\"\n",
                 pki.display()
             );
             let bundle = tools.pki.agent_bundle("bench");
