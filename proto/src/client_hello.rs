@@ -27,48 +27,65 @@ const HOST_NAME: u8 = 0;
 
 /// Parses the start of a TLS connection.
 pub fn parse(buf: &[u8]) -> Hello {
-    // Join the handshake records' payloads.
-    let mut handshake = Vec::new();
-    let mut rest = buf;
-    loop {
-        let [kind, major, _minor, hi, lo, ref body @ ..] = *rest else { return Hello::Incomplete };
-        if kind != HANDSHAKE {
-            return Hello::NotTls("a record before the ClientHello's end is not a handshake record");
-        }
-        if major != 3 {
-            return Hello::NotTls("unknown record version");
-        }
-        let len = usize::from(u16::from_be_bytes([hi, lo]));
-        let Some((payload, after)) = body.split_at_checked(len) else {
-            handshake.extend_from_slice(body);
-            return check_partial(&handshake);
-        };
-        handshake.extend_from_slice(payload);
-        rest = after;
-        // What the bytes so far already decide, as a prefix cut inside this record would.
-        if let Hello::NotTls(why) = check_partial(&handshake) {
-            return Hello::NotTls(why);
-        }
-        if let [_, a, b, c, ..] = *handshake {
-            let msg_len = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
-            if msg_len > MAX_HELLO {
-                return Hello::NotTls("ClientHello too large");
+    HelloReader::default().advance(buf)
+}
+
+/// Reads a ClientHello as its bytes arrive, looking at each byte once: each call gets everything
+/// read so far (the same bytes as before, and maybe more) and goes on where the last call stopped.
+#[derive(Debug, Default)]
+pub struct HelloReader {
+    /// Bytes of whole records already taken.
+    consumed: usize,
+    /// The handshake records' payloads joined.
+    handshake: Vec<u8>,
+}
+
+impl HelloReader {
+    /// What `buf` (all bytes read so far) says.
+    pub fn advance(&mut self, buf: &[u8]) -> Hello {
+        loop {
+            let rest = buf.get(self.consumed..).unwrap_or_default();
+            let [kind, major, _minor, hi, lo, ref body @ ..] = *rest else { return Hello::Incomplete };
+            if kind != HANDSHAKE {
+                return Hello::NotTls("a record before the ClientHello's end is not a handshake record");
             }
-            if handshake.len() >= 4 + msg_len {
-                return match client_hello(&handshake[4..4 + msg_len]) {
-                    Some(Some(name)) => Hello::Name(name),
-                    Some(None) => Hello::NoName,
-                    None => Hello::NotTls("malformed ClientHello"),
-                };
+            if major != 3 {
+                return Hello::NotTls("unknown record version");
+            }
+            let len = usize::from(u16::from_be_bytes([hi, lo]));
+            let Some(payload) = body.get(..len) else {
+                // A record cut short: only its first byte can decide anything yet.
+                let first = self.handshake.first().or(body.first());
+                return check_partial(first.copied());
+            };
+            self.handshake.extend_from_slice(payload);
+            self.consumed += 5 + len;
+            // What the bytes so far already decide, as a prefix cut inside this record would.
+            if let Hello::NotTls(why) = check_partial(self.handshake.first().copied()) {
+                return Hello::NotTls(why);
+            }
+            if let [_, a, b, c, ..] = *self.handshake {
+                let msg_len = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+                if msg_len > MAX_HELLO {
+                    return Hello::NotTls("ClientHello too large");
+                }
+                if self.handshake.len() >= 4 + msg_len {
+                    return match client_hello(&self.handshake[4..4 + msg_len]) {
+                        Some(Some(name)) => Hello::Name(name),
+                        Some(None) => Hello::NoName,
+                        None => Hello::NotTls("malformed ClientHello"),
+                    };
+                }
             }
         }
     }
 }
 
-/// A record cut short: still incomplete, unless what is there already is not a ClientHello.
-fn check_partial(handshake: &[u8]) -> Hello {
-    match handshake.first() {
-        Some(&kind) if kind != CLIENT_HELLO => {
+/// Handshake bytes cut short, starting with `first`: still incomplete, unless that is already not
+/// a ClientHello.
+fn check_partial(first: Option<u8>) -> Hello {
+    match first {
+        Some(kind) if kind != CLIENT_HELLO => {
             Hello::NotTls("the first handshake message is not a ClientHello")
         }
         _ => Hello::Incomplete,
@@ -199,6 +216,35 @@ mod tests {
         assert!(matches!(parse(&[22, 3, 1, 0, 5, 1, 0xff, 0, 0, 0]), Hello::NotTls(_)));
         // A whole but truncated ClientHello body.
         assert!(matches!(parse(&[22, 3, 1, 0, 6, 1, 0, 0, 2, 3, 3]), Hello::NotTls(_)));
+    }
+
+    #[test]
+    fn fed_a_byte_at_a_time_the_reader_gives_the_verdict_of_the_whole() {
+        let many = hello(Some("db.home.lan"), 7);
+        let inputs = [
+            hello(Some("App.Home.lan"), 16_384),
+            many.clone(),
+            hello(None, 16_384),
+            b"GET / HTTP/1.1".to_vec(),
+        ];
+        for input in inputs {
+            let whole = parse(&input);
+            let mut reader = HelloReader::default();
+            let mut verdict = Hello::Incomplete;
+            for end in 1..=input.len() {
+                verdict = reader.advance(&input[..end]);
+                if verdict != Hello::Incomplete {
+                    break;
+                }
+            }
+            assert_eq!(verdict, whole, "{input:?}");
+        }
+        // Each record is copied once: the joined payload is the message, not a square of it.
+        let mut reader = HelloReader::default();
+        for end in 1..=many.len() {
+            reader.advance(&many[..end]);
+        }
+        assert!(reader.handshake.len() < many.len(), "{} of {}", reader.handshake.len(), many.len());
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod durable;
 pub mod flows;
 pub mod framed;
 pub mod hex;
+pub mod logs;
 pub mod splice;
 pub mod sync;
 pub mod tls;
@@ -39,3 +40,6 @@ pub use tls::{Identity, TlsError};
 pub fn code(value: u32) -> quinn::VarInt {
     quinn::VarInt::from_u32(value)
 }
+
+#[doc(hidden)]
+pub use tracing;

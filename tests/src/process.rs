@@ -94,6 +94,14 @@ impl Spawned {
         }
     }
 
+    /// Every line received so far, in [`Spawned::log`].
+    pub fn drain(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push(line);
+        }
+        &self.log
+    }
+
     /// Sends SIGKILL (no cleanup, as a crash).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

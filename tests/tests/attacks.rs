@@ -737,3 +737,70 @@ async fn a_full_relay_stays_within_its_memory_budget() {
     assert!(peak_kib * 1024 <= limits.memory_budget, "relay RSS {peak_kib} KiB is over the budget");
     agent.stop().await;
 }
+
+/// 300 clients that are not TLS on the HTTPS listener and 300 malformed requests on the HTTP
+/// listener, from 30 addresses: each is refused and counted, and the log gets a few lines per
+/// kind with a count of the rest, not a line each (spoofed or many sources must not fill a disk).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_clients_is_counted_in_full_but_logged_in_few_lines() {
+    use sallyport_tests::process::{addr_field, binary, Spawned};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const EACH: usize = 300;
+    let pki = TestPki::new();
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr");
+    let (http, https) = (free(), free());
+    let relay_toml = pki.dir().join("log-relay.toml");
+    std::fs::write(
+        &relay_toml,
+        format!(
+            "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\n\
+             key = \"relay.key\"\nhttp_listen = \"{http}\"\nhttps_listen = \"{https}\"\n\
+             [services.web]\nagent = \"winbox\"\nhosts = [\"web.home.lan\"]\n\
+             [services.tls]\nagent = \"winbox\"\nsni = [\"tls.home.lan\"]\n"
+        ),
+    )
+    .expect("relay.toml");
+    let mut relay = Spawned::start({
+        let mut c = std::process::Command::new(binary("sallyport-relay"));
+        c.arg("serve").arg("--config").arg(&relay_toml);
+        c
+    });
+    let admin = addr_field(&relay.wait_line("relay ready", Duration::from_secs(10)), "admin");
+    let started = std::time::Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..EACH {
+        for (to, bytes) in
+            [(https, &b"GET / HTTP/1.1\r\n\r\n"[..]), (http, &b"\x01\x02 nonsense\r\n\r\n"[..])]
+        {
+            clients.spawn(async move {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket.bind(format!("127.0.8.{}:0", 1 + i % 30).parse().expect("source")).expect("bind");
+                let mut stream = socket.connect(to).await.expect("connect");
+                stream.write_all(bytes).await.expect("write");
+                let mut rest = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+            });
+        }
+    }
+    while clients.join_next().await.is_some() {}
+    let (_, m) =
+        sallyport_relay::cli::admin_client::request(admin, "GET", "/metrics", None).await.expect("metrics");
+    assert_eq!(
+        metric(&m, "sallyport_refusals_total{listener=\"https\",reason=\"not_tls\"}"),
+        EACH as f64,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "sallyport_refusals_total{listener=\"http\",reason=\"malformed\"}"),
+        EACH as f64,
+        "{m}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let periods = 1 + started.elapsed().as_secs() as usize / 10;
+    let log = relay.drain();
+    for needle in ["not a TLS ClientHello", "malformed request"] {
+        let lines = log.iter().filter(|l| l.contains(needle)).count();
+        println!("{EACH} refusals, {lines} lines with {needle:?} in {:?}", started.elapsed());
+        assert!((1..=10 * periods).contains(&lines), "{lines} lines with {needle:?}");
+    }
+}

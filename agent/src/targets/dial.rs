@@ -6,7 +6,7 @@ use quinn::{RecvStream, SendStream};
 use sallyport_proto::{codes, Answer, StreamHeader, MAX_STREAM_HEADER};
 use sallyport_runtime::{code, read_frame, splice, Side};
 use tokio::net::TcpStream;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span, Instrument};
 
 use crate::{config::Target, containers::ContainerError, targets::Targets};
 
@@ -24,13 +24,13 @@ pub(crate) async fn handle_stream(mut send: SendStream, mut recv: RecvStream, ta
         Ok(Ok(Some(header))) => header,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
-            warn!(error = %e, "bad data stream header: resetting the stream");
+            sallyport_runtime::limited!(warn, error = %e, "bad data stream header: resetting the stream");
             let _ = send.reset(code(codes::stream::INTERNAL));
             let _ = recv.stop(code(codes::stream::INTERNAL));
             return;
         }
         Err(_) => {
-            warn!("no data stream header in time: resetting the stream");
+            sallyport_runtime::limited!(warn, "no data stream header in time: resetting the stream");
             let _ = send.reset(code(codes::stream::INTERNAL));
             let _ = recv.stop(code(codes::stream::INTERNAL));
             return;
@@ -42,7 +42,7 @@ pub(crate) async fn handle_stream(mut send: SendStream, mut recv: RecvStream, ta
 
 async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream, targets: Arc<Targets>) {
     let Some(service) = targets.config.services.get(&header.service) else {
-        warn!("relay asked for a service this agent does not declare");
+        sallyport_runtime::limited!(warn, "relay asked for a service this agent does not declare");
         refuse(&mut send, &mut recv, Answer::UnknownService).await;
         return;
     };
@@ -63,7 +63,7 @@ async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream,
                 (tcp, Some(lease))
             }
             Err(e) => {
-                warn!(target = %service.target, error = %e, "container not available: refusing the connection");
+                sallyport_runtime::limited!(warn, target = %service.target, error = %e, "container not available: refusing the connection");
                 let answer = match e {
                     ContainerError::NotReady { .. } => Answer::TimedOut,
                     _ => Answer::Unreachable,
@@ -84,14 +84,14 @@ async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream,
                     (tcp, None)
                 }
                 Err(e) => {
-                    warn!(target = %service.target, error = %e, "WSL2 target not reachable");
+                    sallyport_runtime::limited!(warn, target = %service.target, error = %e, "WSL2 target not reachable");
                     refuse(&mut send, &mut recv, answer_for(&e)).await;
                     return;
                 }
             }
         }
         Target::Udp { .. } => {
-            warn!(target = %service.target, "the relay opened a TCP stream for a UDP target: refused");
+            sallyport_runtime::limited!(warn, target = %service.target, "the relay opened a TCP stream for a UDP target: refused");
             refuse(&mut send, &mut recv, Answer::UnknownService).await;
             return;
         }

@@ -25,7 +25,7 @@ use sallyport_runtime::{
     flows::{source_prefix, Activity, FlowTable, Tracked},
 };
 use tokio::net::UdpSocket;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::{config::Target, targets::Targets};
 
@@ -144,7 +144,7 @@ async fn open(
         Target::Udp { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
             Ok(mut addrs) => addrs.next(),
             Err(e) => {
-                warn!(service, target = %declared.target, error = %e, "cannot resolve the UDP target");
+                sallyport_runtime::limited!(warn, service, target = %declared.target, error = %e, "cannot resolve the UDP target");
                 None
             }
         },
@@ -152,14 +152,14 @@ async fn open(
             Some(resolver) => match resolver.address(None).await {
                 Ok(ip) => Some(SocketAddr::new(ip, *port)),
                 Err(e) => {
-                    warn!(service, error = %e, "no WSL2 address for the UDP target");
+                    sallyport_runtime::limited!(warn, service, error = %e, "no WSL2 address for the UDP target");
                     None
                 }
             },
             None => None,
         },
         Target::Tcp { .. } | Target::Container { .. } => {
-            warn!(service, target = %declared.target, "the relay sent UDP for a service whose target is not UDP: dropped");
+            sallyport_runtime::limited!(warn, service, target = %declared.target, "the relay sent UDP for a service whose target is not UDP: dropped");
             None
         }
     }?;
@@ -168,15 +168,15 @@ async fn open(
     let socket = match UdpSocket::bind(bind).await {
         Ok(socket) => socket,
         Err(e) => {
-            warn!(service, error = %e, "cannot open a UDP socket for a flow");
+            sallyport_runtime::limited!(warn, service, error = %e, "cannot open a UDP socket for a flow");
             return None;
         }
     };
     if let Err(e) = socket.connect(target).await {
-        warn!(service, %target, error = %e, "cannot reach the UDP target");
+        sallyport_runtime::limited!(warn, service, %target, error = %e, "cannot reach the UDP target");
         return None;
     }
-    info!(service, %client, flow = id, %target, "UDP flow opened");
+    sallyport_runtime::limited!(info, service, %client, flow = id, %target, "UDP flow opened");
     let socket = Arc::new(socket);
     let live = Arc::new(Liveness::default());
     let reader = tokio::spawn(answers(connection.clone(), socket.clone(), id, live.clone()));

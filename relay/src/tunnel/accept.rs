@@ -7,7 +7,7 @@ use quinn::{Connection, Endpoint, Incoming};
 use sallyport_proto::codes::close;
 use sallyport_runtime::{code, tls, transport};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span, Instrument};
 
 use crate::{
     trust::{enroll, revocations::CertId},
@@ -66,12 +66,12 @@ async fn serve_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) {
     let connection = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {
-            warn!(error = %e, "handshake failed");
+            sallyport_runtime::limited!(warn, error = %e, "handshake failed");
             metrics.handshake_failed("tls");
             return;
         }
         Err(_) => {
-            warn!(timeout = ?limits.handshake_timeout, "handshake timed out");
+            sallyport_runtime::limited!(warn, timeout = ?limits.handshake_timeout, "handshake timed out");
             metrics.handshake_failed("timeout");
             return;
         }
@@ -92,14 +92,14 @@ async fn serve_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) {
     let cert = match agent_identity(&connection) {
         Ok(identity) => identity,
         Err(refused) => {
-            warn!(reason = %refused, "agent certificate refused");
+            sallyport_runtime::limited!(warn, reason = %refused, "agent certificate refused");
             metrics.handshake_failed("certificate");
             connection.close(code(close::REFUSED), refused.to_string().as_bytes());
             return;
         }
     };
     if tunnels.trust.revocations.refuses(&cert.id) {
-        warn!(agent = %cert.id.agent, serial = %cert.id.serial, "revoked certificate refused");
+        sallyport_runtime::limited!(warn, agent = %cert.id.agent, serial = %cert.id.serial, "revoked certificate refused");
         metrics.handshake_failed("revoked");
         connection.close(code(close::REFUSED), b"certificate revoked");
         return;

@@ -20,7 +20,7 @@ use sallyport_runtime::{
     sync::lock,
 };
 use tokio::net::UdpSocket;
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::{
     config::Service,
@@ -154,7 +154,7 @@ pub(crate) async fn from_agent(
             continue;
         }
         let Some(payload) = payload else {
-            info!(service = %service.name, flow = id, "the agent lost a flow: reopening it");
+            sallyport_runtime::limited!(info, service = %service.name, flow = id, "the agent lost a flow: reopening it");
             flow.confirmed.store(false, Ordering::Relaxed);
             continue;
         };

@@ -35,7 +35,7 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, Instrument};
+use tracing::{debug, info_span, Instrument};
 
 use self::{
     headers::{is_upgrade, prepare, request_host, strip_hop_by_hop},
@@ -123,15 +123,19 @@ async fn connection(
     match result {
         Ok(()) => {}
         Err(e) if e.is_timeout() => {
-            info!(timeout = ?limits.header_timeout, "no whole request head in time: closing");
+            sallyport_runtime::limited!(info, timeout = ?limits.header_timeout, "no whole request head in time: closing");
             metrics.refused("http", "header_timeout");
         }
         Err(e) if e.is_parse_too_large() => {
-            info!(limit = limits.max_header_bytes, "request head too large: closing");
+            sallyport_runtime::limited!(
+                info,
+                limit = limits.max_header_bytes,
+                "request head too large: closing"
+            );
             metrics.refused("http", "header_too_large");
         }
         Err(e) if e.is_parse() => {
-            info!(error = %e, "malformed request: closing");
+            sallyport_runtime::limited!(info, error = %e, "malformed request: closing");
             metrics.refused("http", "malformed");
         }
         Err(e) => debug!(error = %e, "HTTP connection ended"),

@@ -10,7 +10,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, Instrument};
+use tracing::{info_span, Instrument};
 
 use crate::expose::{tcp, Exposure, Routes};
 use sallyport_proto::client_hello::{self, Hello};
@@ -38,9 +38,10 @@ async fn route(mut stream: TcpStream, peer: SocketAddr, exposure: &Exposure, rou
     let timeout = exposure.config.limits.header_timeout;
     let metrics = &exposure.runtime.metrics;
     let mut buf = Vec::with_capacity(2048);
+    let mut reader = client_hello::HelloReader::default();
     let hello = tokio::time::timeout(timeout, async {
         loop {
-            match client_hello::parse(&buf) {
+            match reader.advance(&buf) {
                 Hello::Incomplete if buf.len() > client_hello::MAX_HELLO + 64 => {
                     return Hello::NotTls("ClientHello too large")
                 }
@@ -57,25 +58,25 @@ async fn route(mut stream: TcpStream, peer: SocketAddr, exposure: &Exposure, rou
     let name = match hello {
         Ok(Hello::Name(name)) => name,
         Ok(Hello::NoName) => {
-            info!("TLS client sent no server name (SNI): closing");
+            sallyport_runtime::limited!(info, "TLS client sent no server name (SNI): closing");
             metrics.refused("https", "no_sni");
             let _ = stream.write_all(&client_hello::UNRECOGNIZED_NAME_ALERT).await;
             return;
         }
         Ok(Hello::NotTls(reason)) => {
-            info!(reason, "not a TLS ClientHello: closing");
+            sallyport_runtime::limited!(info, reason, "not a TLS ClientHello: closing");
             metrics.refused("https", "not_tls");
             return;
         }
         Ok(Hello::Incomplete) => return,
         Err(_) => {
-            info!(?timeout, "no whole ClientHello in time: closing");
+            sallyport_runtime::limited!(info, ?timeout, "no whole ClientHello in time: closing");
             metrics.refused("https", "timeout");
             return;
         }
     };
     let Some(service) = routes.get(&name) else {
-        info!(server_name = %name, "no service is published under this server name: closing");
+        sallyport_runtime::limited!(info, server_name = %name, "no service is published under this server name: closing");
         metrics.refused("https", "unknown_sni");
         let _ = stream.write_all(&client_hello::UNRECOGNIZED_NAME_ALERT).await;
         return;
