@@ -37,6 +37,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Ask the running relay to read its relay.toml again and apply it without dropping tunnels
+    /// or connections of unchanged services (through the admin API, with the token of
+    /// relay.admin_token_file). The relay also reloads on SIGHUP and when the file changes.
+    Reload {
+        #[arg(long, short, default_value = "relay.toml")]
+        config: PathBuf,
+    },
     /// Validate a configuration and its certificates without starting anything.
     Check {
         #[arg(long, short)]
@@ -171,6 +178,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Reload { config } => {
+            let config = Config::load(&config)?;
+            print!("{}", admin_call(&config, "POST", "/reload".into(), true)?);
+            Ok(())
+        }
         Command::Agent { command: AgentCommand::Revoke { name, serial, config } } => {
             let config = Config::load(&config)?;
             let path = match serial {
@@ -260,7 +272,7 @@ async fn admin_call(config: &Config, method: &str, path: String, with_token: boo
                 .to_owned(),
         ),
         (None, true) => anyhow::bail!(
-            "{}: container commands need relay.admin_token_file (the same file the relay reads)",
+            "{}: operator commands need relay.admin_token_file (the same file the relay reads)",
             config.path.display()
         ),
         _ => None,

@@ -63,6 +63,9 @@ pub(crate) struct Metrics {
     udp_datagrams: Family<Labels, Counter>,
     udp_flows: Family<Labels, Gauge>,
     renewals: Family<Labels, Counter>,
+    config: Family<Labels, Gauge>,
+    reloads: Family<Labels, Counter>,
+    tasks: Gauge,
 }
 
 impl Default for Metrics {
@@ -85,6 +88,9 @@ impl Default for Metrics {
             udp_datagrams: Family::default(),
             udp_flows: Family::default(),
             renewals: Family::default(),
+            config: Family::default(),
+            reloads: Family::default(),
+            tasks: Gauge::default(),
             registry,
         };
         m.registry.register(
@@ -144,6 +150,17 @@ impl Default for Metrics {
             "Certificate renewals agents asked for over their tunnels, by result",
             m.renewals.clone(),
         );
+        m.registry.register(
+            "config_info",
+            "The configuration in force: 1 for the SHA-256 (first 12 hex digits) of its file",
+            m.config.clone(),
+        );
+        m.registry.register(
+            "config_reloads",
+            "Configuration reloads by result (applied, refused, unchanged)",
+            m.reloads.clone(),
+        );
+        m.registry.register("tasks", "The relay's tasks and client connections running now", m.tasks.clone());
         m
     }
 }
@@ -178,6 +195,20 @@ impl Metrics {
 
     pub(crate) fn udp_flows(&self, service: &str, open: usize) {
         self.udp_flows.get_or_create(&vec![("service", service.to_owned())]).set(open as i64);
+    }
+
+    /// `hash` is the configuration in force now (the one before, if any, is no longer).
+    pub(crate) fn config_live(&self, hash: &str) {
+        self.config.clear();
+        self.config.get_or_create(&vec![("hash", hash.to_owned())]).set(1);
+    }
+
+    pub(crate) fn tasks(&self, running: usize) {
+        self.tasks.set(running as i64);
+    }
+
+    pub(crate) fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&vec![("result", result.to_owned())]).inc();
     }
 
     pub(crate) fn renewal(&self, result: &'static str) {

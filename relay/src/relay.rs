@@ -3,7 +3,12 @@
 //! [`Relay::bind`] loads the TLS material and binds every socket (failing closed with a clear
 //! error); [`Relay::run`] serves until the shutdown token is cancelled and then drains.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use sallyport_proto::{codes::close, ALPN_TUNNEL};
 use sallyport_runtime::{
@@ -11,16 +16,20 @@ use sallyport_runtime::{
     tls::{self, IdentityError, TlsFileError},
     transport,
 };
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    config::{Config, Listen, Service},
-    expose::{self, http, https, tcp, udp, Exposure},
+    config::{Config, Live},
+    expose::{
+        listeners::{Listeners, Sockets},
+        Exposure,
+    },
     ops::{
         admin,
         auth::{load_admin_token, AdminTokenError},
+        reload::{self, Reloader},
         Ops,
     },
     runtime::Runtime,
@@ -54,11 +63,9 @@ impl From<TlsFileError> for StartError {
 #[derive(Debug)]
 pub struct Relay {
     endpoint: quinn::Endpoint,
-    listeners: Vec<(Arc<Service>, TcpListener)>,
-    udp: Vec<(Arc<Service>, UdpSocket)>,
-    http: Option<TcpListener>,
-    https: Option<TcpListener>,
+    sockets: Sockets,
     admin: TcpListener,
+    reloads: mpsc::Receiver<reload::Request>,
     config: Arc<Config>,
     runtime: Arc<Runtime>,
     registry: Arc<Registry>,
@@ -88,7 +95,11 @@ impl Relay {
         .map_err(IdentityError::from)?;
         let mut server = quinn::ServerConfig::with_crypto(crypto);
         server
-            .transport_config(transport::relay(config.limits.idle_timeout, config.limits.congestion))
+            .transport_config(transport::relay(
+                config.limits.keep_alive,
+                config.limits.idle_timeout,
+                config.limits.congestion,
+            ))
             .max_incoming(config.limits.max_incoming);
 
         let bind_err = |what: &str, addr| {
@@ -106,53 +117,26 @@ impl Relay {
         )
         .map_err(bind_err("the QUIC endpoint", config.listen))?;
 
-        let mut listeners = Vec::new();
-        let mut udp = Vec::new();
-        for service in config.services.values() {
-            let what = format!("service {:?}", service.name);
-            match service.listen {
-                Listen::Tcp(addr) => {
-                    let listener = tcp::bind(addr).map_err(bind_err(&what, addr))?;
-                    listeners.push((Arc::new(service.clone()), listener));
-                }
-                Listen::Udp(addr) => {
-                    let socket = transport::service_udp_socket(addr)
-                        .and_then(UdpSocket::from_std)
-                        .map_err(bind_err(&what, addr))?;
-                    udp.push((Arc::new(service.clone()), socket));
-                }
-                Listen::Http(_) | Listen::Https(_) => {}
-            }
-        }
-        let http = match config.http_listen {
-            Some(addr) => Some(tcp::bind(addr).map_err(bind_err("the HTTP listener", addr))?),
-            None => None,
-        };
-        let https = match config.https_listen {
-            Some(addr) => Some(tcp::bind(addr).map_err(bind_err("the HTTPS listener", addr))?),
-            None => None,
-        };
+        let sockets = Sockets::bind(&config, None)?;
         let admin =
             TcpListener::bind(config.admin).await.map_err(bind_err("the admin server", config.admin))?;
 
-        let bound = listeners
-            .iter()
-            .filter_map(|(s, l)| l.local_addr().ok().map(|a| (s.name.clone(), a)))
-            .chain(udp.iter().filter_map(|(s, u)| u.local_addr().ok().map(|a| (s.name.clone(), a))))
-            .collect();
+        let bound = Arc::new(RwLock::new(sockets.service_addrs(&config)));
         let config = Arc::new(config);
+        let (reload, reloads) = mpsc::channel(4);
         let runtime = Arc::new(Runtime::default());
         let registry = Arc::new(Registry::default());
         let ops = Arc::new(Ops {
-            config: config.clone(),
+            config: Live::new(config.clone()),
             runtime: runtime.clone(),
             agents: registry.clone(),
             trust: Arc::new(trust),
             admin_token,
             commands: Default::default(),
             bound,
+            reload,
         });
-        Ok(Self { endpoint, listeners, udp, http, https, admin, config, runtime, registry, ops })
+        Ok(Self { endpoint, sockets, admin, reloads, config, runtime, registry, ops })
     }
 
     /// The UDP address of the QUIC endpoint.
@@ -163,17 +147,17 @@ impl Relay {
 
     /// The bound address of each service's own listener (TCP or UDP), by service name.
     pub fn service_addrs(&self) -> BTreeMap<String, SocketAddr> {
-        self.ops.bound.clone()
+        sallyport_runtime::sync::read(&self.ops.bound).clone()
     }
 
     /// The bound address of the HTTP listener, if there is one.
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http.as_ref().and_then(|l| l.local_addr().ok())
+        self.sockets.http_addr()
     }
 
     /// The bound address of the HTTPS listener, if there is one.
     pub fn https_addr(&self) -> Option<SocketAddr> {
-        self.https.as_ref().and_then(|l| l.local_addr().ok())
+        self.sockets.https_addr()
     }
 
     /// The bound address of the admin server.
@@ -190,14 +174,15 @@ impl Relay {
     /// client connections finish within the grace period, and closes every tunnel with
     /// "going away" so agents reconnect at once (to this relay once it is back, or another).
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self { endpoint, listeners, udp, http, https, admin, config, runtime, registry, ops } = self;
+        let Self { endpoint, sockets, admin, reloads, config, runtime, registry, ops } = self;
         let admin_addr = admin.local_addr().unwrap_or(config.admin);
         let admin_stop = CancellationToken::new();
         tokio::spawn(admin::serve(admin, ops.clone(), admin_stop.clone()));
 
+        let live = ops.config.clone();
         let flows = Arc::new(FlowRoutes::default());
         let tunnels = Arc::new(Tunnels {
-            config: config.clone(),
+            config: live.clone(),
             runtime: runtime.clone(),
             registry: registry.clone(),
             trust: ops.trust.clone(),
@@ -208,32 +193,13 @@ impl Relay {
         let tasks = &runtime.tasks;
         tasks.spawn(tunnel::accept_loop(endpoint.clone(), tunnels, shutdown.clone()));
 
-        let exposure = Arc::new(Exposure::new(config.clone(), runtime.clone(), registry.clone()));
-        for (service, listener) in listeners {
-            if let Ok(addr) = listener.local_addr() {
-                info!(service = %service.name, %addr, "service listening");
-            }
-            tasks.spawn(tcp::serve(listener, service, exposure.clone(), shutdown.clone()));
-        }
-        for (service, socket) in udp {
-            if let Ok(addr) = socket.local_addr() {
-                info!(service = %service.name, %addr, "UDP service listening");
-            }
-            tasks.spawn(udp::serve(socket, service, exposure.clone(), flows.clone(), shutdown.clone()));
-        }
-        let (http_routes, https_routes) = expose::routes(&config);
-        if let Some(listener) = http {
-            if let Ok(addr) = listener.local_addr() {
-                info!(%addr, hosts = http_routes.len(), "HTTP listener routing by Host");
-            }
-            tasks.spawn(http::serve(listener, exposure.clone(), http_routes, shutdown.clone()));
-        }
-        if let Some(listener) = https {
-            if let Ok(addr) = listener.local_addr() {
-                info!(%addr, names = https_routes.len(), "HTTPS listener routing by SNI");
-            }
-            tasks.spawn(https::serve(listener, exposure.clone(), https_routes, shutdown.clone()));
-        }
+        let exposure = Arc::new(Exposure::new(live.clone(), runtime.clone(), registry.clone()));
+        let mut listeners = Listeners::new(exposure, flows, shutdown.clone(), ops.bound.clone());
+        listeners.apply(&config, sockets);
+        let reloader =
+            Reloader { live: live.clone(), listeners, registry: registry.clone(), runtime: runtime.clone() };
+        let reload_stop = CancellationToken::new();
+        tokio::spawn(reload::watch(reloader, reloads, reload_stop.clone()));
         let (limits, budget) = (&config.limits, config.limits.budget());
         info!(
             memory_budget_mib = limits.memory_budget >> 20,
@@ -255,7 +221,8 @@ impl Relay {
         }
 
         shutdown.cancelled().await;
-        drain(&endpoint, &runtime, &registry, config.limits.drain_grace).await;
+        reload_stop.cancel();
+        drain(&endpoint, &runtime, &registry, live.get().limits.drain_grace).await;
         admin_stop.cancel();
         info!("relay stopped");
     }

@@ -87,7 +87,19 @@ impl Congestion {
     }
 }
 
-fn common(idle_timeout: Duration, congestion: Congestion) -> TransportConfig {
+/// How often an idle tunnel says it is alive, by default: one packet a second each way (each side's
+/// keep-alive timer restarts on every packet it receives, so the two sides take turns: a PING one
+/// way, its ACK the other).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// How long a tunnel may hear nothing before it is dead, by default: a second and a half, so a
+/// peer that died or went dark is noticed within that (and a client that arrives in the meantime
+/// waits at most that long), while a live peer's keep-alive and its retransmissions (each a
+/// retransmission timeout apart) all have to be lost for a false alarm. QUIC uses the smaller of
+/// the two sides' values, and never less than three retransmission timeouts of the path.
+pub const IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+fn common(keep_alive: Duration, idle_timeout: Duration, congestion: Congestion) -> TransportConfig {
     let mut config = TransportConfig::default();
     config
         .congestion_controller_factory(congestion.factory())
@@ -96,6 +108,7 @@ fn common(idle_timeout: Duration, congestion: Congestion) -> TransportConfig {
         .send_window(SEND_WINDOW)
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .mtu_discovery_config(Some(mtu_discovery()))
+        .keep_alive_interval(Some(keep_alive))
         // Durations up to 2^62 microseconds are representable; config loading caps idle timeouts far
         // below that, so the fallback (no idle timeout) is unreachable in practice.
         .max_idle_timeout(idle_timeout.try_into().ok());
@@ -119,8 +132,8 @@ pub const DATAGRAM_RECEIVE_BUFFER: usize = 256 * 1024;
 /// Transport settings of the relay's endpoint. Every connection starts with what an unknown peer
 /// may have: one stream (the control or the enrollment stream) and a small receive window;
 /// [`admit_agent`] raises them once the peer's certificate names an admitted agent.
-pub fn relay(idle_timeout: Duration, congestion: Congestion) -> Arc<TransportConfig> {
-    let mut config = common(idle_timeout, congestion);
+pub fn relay(keep_alive: Duration, idle_timeout: Duration, congestion: Congestion) -> Arc<TransportConfig> {
+    let mut config = common(keep_alive, idle_timeout, congestion);
     config
         .max_concurrent_bidi_streams(VarInt::from_u32(1))
         .receive_window(VarInt::from_u32(UNAUTHENTICATED_RECEIVE_WINDOW))
@@ -137,11 +150,10 @@ pub fn admit_agent(connection: &quinn::Connection) {
 /// Transport settings of the agent's connection: the relay may open many data streams; the agent
 /// keeps the path alive well inside NAT and conntrack timeouts.
 pub fn agent(keep_alive: Duration, idle_timeout: Duration, congestion: Congestion) -> Arc<TransportConfig> {
-    let mut config = common(idle_timeout, congestion);
+    let mut config = common(keep_alive, idle_timeout, congestion);
     config
         .max_concurrent_bidi_streams(VarInt::from_u32(INITIAL_DATA_STREAMS))
-        .stream_receive_window(VarInt::from_u32(AGENT_STREAM_RECEIVE_WINDOW))
-        .keep_alive_interval(Some(keep_alive));
+        .stream_receive_window(VarInt::from_u32(AGENT_STREAM_RECEIVE_WINDOW));
     Arc::new(config)
 }
 

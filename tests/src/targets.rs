@@ -46,6 +46,25 @@ pub async fn transfer_server() -> Target {
     .await
 }
 
+/// Answers each request head with `200 OK` and `body`, then closes (`Connection: close`).
+pub async fn http_ok(body: &'static str) -> Target {
+    use tokio::io::AsyncReadExt;
+    serve(move |mut stream| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let response =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        let _ = stream.write_all(response.as_bytes()).await;
+    })
+    .await
+}
+
 /// Accepts connections and never reads from them (a stalled upstream).
 pub async fn sink() -> Target {
     serve(|stream| async move {

@@ -57,7 +57,7 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
     let overlay = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/overlays/homelab/relay.toml");
 
     let mount_tls = format!("{}:/etc/sallyport/tls:ro", tls.path().display());
-    let mount_config = format!("{}:/etc/sallyport/relay.toml:ro", overlay.display());
+    let mount_config = format!("{}:/etc/sallyport/config/relay.toml:ro", overlay.display());
     let mount_state = format!("{}:/var/lib/sallyport", state.path().display());
     docker::docker(&[
         "run",

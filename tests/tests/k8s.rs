@@ -217,13 +217,23 @@ fn the_overlay_agrees_with_its_relay_toml() {
 
     let args: Vec<&str> =
         container["args"].as_sequence().expect("args").iter().filter_map(|a| a.as_str()).collect();
-    assert_eq!(args, ["serve", "--config", "/etc/sallyport/relay.toml"]);
+    assert_eq!(args, ["serve", "--config", "/etc/sallyport/config/relay.toml"]);
+    // The config folder is mounted whole (a subPath mount never sees a ConfigMap update), and the
+    // ConfigMap keeps its name (an update reloads the relay instead of rolling the pods).
+    let config_mount = container["volumeMounts"]
+        .as_sequence()
+        .expect("volume mounts")
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some("/etc/sallyport/config"))
+        .expect("the config folder is mounted");
+    assert!(config_mount.get("subPath").is_none(), "no subPath: {config_mount:?}");
     let map_name = pod["volumes"]
         .as_sequence()
         .expect("volumes")
         .iter()
         .find_map(|v| v["configMap"]["name"].as_str())
         .expect("config volume");
+    assert_eq!(map_name, "sallyport-relay-config", "the ConfigMap keeps its name (no hash suffix)");
     let map = find(&docs, "ConfigMap", map_name);
     let shipped = std::fs::read_to_string(overlay.join("relay.toml")).expect("relay.toml");
     assert_eq!(map["data"]["relay.toml"].as_str(), Some(shipped.as_str()));

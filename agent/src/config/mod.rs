@@ -13,7 +13,7 @@ use std::{
 use sallyport_runtime::{
     config::{self as conf, ConfigError, HumanDuration},
     tls::TlsFiles,
-    transport::Congestion,
+    transport::{self, Congestion},
 };
 use serde::Deserialize;
 
@@ -57,8 +57,8 @@ impl Default for Timing {
     /// The timers of an agent.toml that does not set them.
     fn default() -> Self {
         Self {
-            keep_alive: SECOND * 5,
-            idle_timeout: SECOND * 20,
+            keep_alive: transport::KEEP_ALIVE,
+            idle_timeout: transport::IDLE_TIMEOUT,
             handshake_timeout: SECOND * 10,
             connect_timeout: SECOND * 5,
             reconnect_min: MILLISECOND * 250,
@@ -76,7 +76,7 @@ impl Timing {
         let ms = MILLISECOND;
         Ok(Self {
             keep_alive: agent.bounded("keep_alive", a.keep_alive, d.keep_alive, ms * 100..=SECOND * 600)?,
-            idle_timeout: agent.bounded("idle_timeout", a.idle_timeout, d.idle_timeout, SECOND..=HOUR)?,
+            idle_timeout: agent.bounded("idle_timeout", a.idle_timeout, d.idle_timeout, ms * 500..=HOUR)?,
             handshake_timeout: agent.bounded(
                 "handshake_timeout",
                 a.handshake_timeout,
@@ -127,7 +127,7 @@ impl UdpLimits {
 pub struct Timing {
     /// QUIC keep-alive interval: well under NAT and conntrack UDP timeouts (30 s on Linux).
     pub keep_alive: Duration,
-    /// A tunnel silent for this long is dead.
+    /// A tunnel silent for this long is dead (QUIC takes the smaller of this and the relay's).
     pub idle_timeout: Duration,
     /// Time for the QUIC handshake plus the relay's `Welcome`.
     pub handshake_timeout: Duration,
@@ -226,11 +226,11 @@ impl Config {
         let agent = conf::Section::new(path, "agent");
         let timing = Timing::from_raw(&a, agent)?;
         let udp = UdpLimits::from_raw(&a, agent)?;
-        if timing.keep_alive * 2 > timing.idle_timeout {
+        if timing.keep_alive * 3 > timing.idle_timeout * 2 {
             return Err(ConfigError::invalid(
                 path,
                 "agent.keep_alive",
-                "must be at most half of agent.idle_timeout, or a quiet tunnel is declared dead",
+                "must be at most two thirds of agent.idle_timeout, or a quiet tunnel is declared dead",
             ));
         }
         if timing.reconnect_min > timing.reconnect_max {
@@ -406,7 +406,8 @@ target = "tcp://127.0.0.1:1433"
         assert_eq!(c.relays[1].to_string(), "[fd00::1]:4433");
         assert_eq!(c.services["mssql"].target, Target::Tcp { host: "127.0.0.1".into(), port: 1433 });
         assert_eq!(c.tls.key, Path::new("/etc/sallyport/agent.key"));
-        assert_eq!(c.timing.keep_alive, Duration::from_secs(5));
+        assert_eq!(c.timing.keep_alive, Duration::from_secs(1));
+        assert_eq!(c.timing.idle_timeout, Duration::from_millis(1500));
     }
 
     #[test]
@@ -476,7 +477,7 @@ target = "tcp://127.0.0.1:1433"
         let e = err(&GOOD.replace("relays = [\"192.168.4.60:443\", \"[fd00::1]:4433\"]", "relays = []"));
         assert!(e.contains("key `agent.relays`"), "{e}");
         let e = err(&GOOD.replace("key = \"agent.key\"", "key = \"agent.key\"\nkeep_alive = \"15s\""));
-        assert!(e.contains("key `agent.keep_alive`: must be at most half"), "{e}");
+        assert!(e.contains("key `agent.keep_alive`: must be at most two thirds"), "{e}");
         let e = err(&GOOD.replace("[services.mssql]", "[services.MSSQL]"));
         assert!(e.contains("key `services.MSSQL`"), "{e}");
         let e = err(&format!("{GOOD}\nsecret = 1\n"));

@@ -9,7 +9,7 @@ use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex, RwLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
@@ -56,7 +56,7 @@ pub(crate) struct Tunnels {
     /// of it is left.
     pub(crate) cert_validity: Mutex<(i64, i64)>,
     /// The key of a renewal request in flight and when it was sent, until its certificate arrives.
-    pub(crate) renewal_key: Mutex<Option<(String, std::time::Instant)>>,
+    pub(crate) renewal_key: Mutex<Option<(String, Instant)>>,
     /// Data streams in flight.
     pub(crate) streams: TaskTracker,
     /// Ids of container commands already run, with their expiry: a replay is refused.
@@ -125,6 +125,8 @@ pub enum TunnelError {
     Protocol(String),
     #[error("no Welcome from the relay within {0:?}")]
     Timeout(Duration),
+    #[error("no answer from the relay within {0:?}")]
+    NoAnswer(Duration),
 }
 
 /// How a tunnel ended.
@@ -133,8 +135,8 @@ enum Outcome {
     Stopped,
     /// The relay is draining or restarting: reconnect at once.
     GoingAway,
-    /// The tunnel was up and is lost.
-    Lost(String),
+    /// The tunnel was up and is lost, with the path's round-trip time when it was last known.
+    Lost(String, Duration),
     /// The attempt failed before the tunnel was up.
     Failed(TunnelError),
 }
@@ -147,20 +149,40 @@ pub(crate) async fn maintain(relay: RelayAddr, tunnels: Arc<Tunnels>, stop: Canc
         let timing = &tunnels.config.timing;
         let mut backoff = Backoff::new(timing.reconnect_min, timing.reconnect_max);
         let mut endpoint = None;
+        let mut redial = Redial::default();
         loop {
             tunnels.set_status(&key, TunnelStatus::Connecting);
-            let delay = match connect_and_serve(&relay, &mut endpoint, &tunnels, &stop).await {
+            let answer_within = redial.answer_within(Instant::now());
+            let delay = match connect_and_serve(&relay, &mut endpoint, &tunnels, &stop, answer_within).await {
                 Outcome::Stopped => break,
                 Outcome::GoingAway => {
                     info!("relay going away: reconnecting now");
                     backoff.reset();
+                    redial.lost(Instant::now(), None);
                     // A little spread so many agents do not arrive in the same instant.
                     Duration::from_millis(fastrand::u64(0..100))
                 }
-                Outcome::Lost(reason) => {
+                Outcome::Lost(reason, rtt) => {
                     warn!(%reason, "tunnel lost");
                     backoff.reset();
-                    backoff.next_delay()
+                    redial.lost(Instant::now(), Some(rtt));
+                    Duration::from_millis(fastrand::u64(0..50))
+                }
+                // The relay is not answering yet (restarting, or the path is still dark): the next
+                // attempt goes out at once, while the tunnel was lost only a short while ago.
+                Outcome::Failed(TunnelError::NoAnswer(wait)) => {
+                    // Said once, then every 40 attempts (about every 10 s): the rest is debug.
+                    if redial.unanswered % 40 == 0 {
+                        warn!(error = %TunnelError::NoAnswer(wait), "cannot connect: dialing again at once");
+                    } else {
+                        debug!(?wait, "no answer from the relay: dialing again");
+                    }
+                    redial.unanswered += 1;
+                    tunnels.set_status(
+                        &key,
+                        TunnelStatus::Retrying { error: TunnelError::NoAnswer(wait).to_string() },
+                    );
+                    Duration::ZERO
                 }
                 Outcome::Failed(e) => {
                     let delay = backoff.next_delay();
@@ -187,14 +209,49 @@ pub(crate) async fn maintain(relay: RelayAddr, tunnels: Arc<Tunnels>, stop: Canc
     .await
 }
 
+/// How soon to give up on an attempt that hears nothing: after a tunnel was lost, the relay is
+/// most likely restarting, so for [`Redial::WINDOW`] each attempt waits only a few round trips for
+/// the relay's first answer and the next goes out at once (one Initial packet every few hundred
+/// milliseconds while the relay is away); the agent is then back within that of the relay being
+/// ready. Outside the window an attempt waits the whole handshake timeout, with backoff between.
+#[derive(Debug, Default)]
+struct Redial {
+    until: Option<Instant>,
+    rtt: Option<Duration>,
+    /// Attempts without an answer since the tunnel was lost.
+    unanswered: u32,
+}
+
+impl Redial {
+    const WINDOW: Duration = Duration::from_secs(60);
+    const MIN_WAIT: Duration = Duration::from_millis(250);
+    const MAX_WAIT: Duration = Duration::from_secs(2);
+
+    fn lost(&mut self, now: Instant, rtt: Option<Duration>) {
+        self.until = Some(now + Self::WINDOW);
+        self.unanswered = 0;
+        self.rtt = rtt.or(self.rtt);
+    }
+
+    /// How long the next attempt waits for the relay's first answer, if not the whole handshake.
+    fn answer_within(&self, now: Instant) -> Option<Duration> {
+        let until = self.until?;
+        (now < until).then(|| {
+            (self.rtt.unwrap_or_default() * 4 + Duration::from_millis(100))
+                .clamp(Self::MIN_WAIT, Self::MAX_WAIT)
+        })
+    }
+}
+
 async fn connect_and_serve(
     relay: &RelayAddr,
     endpoint: &mut Option<Endpoint>,
     tunnels: &Arc<Tunnels>,
     stop: &CancellationToken,
+    answer_within: Option<Duration>,
 ) -> Outcome {
     let attempt = tokio::select! {
-        a = connect(relay, endpoint, tunnels) => a,
+        a = connect(relay, endpoint, tunnels, answer_within) => a,
         () = stop.cancelled() => return Outcome::Stopped,
     };
     let (connection, mut send, mut recv, welcome) = match attempt {
@@ -224,21 +281,23 @@ async fn connect_and_serve(
         Some(ConnectionError::ApplicationClosed(c)) if c.error_code == code(close::GOING_AWAY) => {
             Outcome::GoingAway
         }
-        Some(reason) => Outcome::Lost(reason.to_string()),
+        Some(reason) => Outcome::Lost(reason.to_string(), connection.rtt()),
         None => {
             connection.close(code(close::PROTOCOL_ERROR), b"control stream ended");
-            Outcome::Lost("the relay ended the control stream".into())
+            Outcome::Lost("the relay ended the control stream".into(), connection.rtt())
         }
     }
 }
 
 type Session = (Connection, SendStream, RecvStream, Welcome);
 
-/// Dials the relay and completes the control handshake within the handshake timeout.
+/// Dials the relay and completes the control handshake within the handshake timeout; with
+/// `answer_within`, the QUIC handshake must be done within that.
 async fn connect(
     relay: &RelayAddr,
     endpoint: &mut Option<Endpoint>,
     tunnels: &Tunnels,
+    answer_within: Option<Duration>,
 ) -> Result<Session, TunnelError> {
     let addr = tokio::net::lookup_host((relay.host.as_str(), relay.port))
         .await
@@ -250,7 +309,12 @@ async fn connect(
     let connecting = endpoint.connect_with(client_config, addr, &relay.server_name)?;
     let timeout = tunnels.config.timing.handshake_timeout;
     let handshake = async {
-        let connection = connecting.await?;
+        let connection = match answer_within {
+            None => connecting.await?,
+            Some(wait) => {
+                tokio::time::timeout(wait, connecting).await.map_err(|_| TunnelError::NoAnswer(wait))??
+            }
+        };
         let result = hello(&connection, tunnels).await;
         match result {
             Ok((send, recv, welcome)) => Ok((connection, send, recv, welcome)),

@@ -15,6 +15,8 @@ use super::RawRelay;
 pub struct Limits {
     /// A tunnel with no traffic (not even keep-alives) for this long is dead.
     pub idle_timeout: Duration,
+    /// A quiet tunnel sends a keep-alive after this long.
+    pub keep_alive: Duration,
     /// Time for a new agent to finish the handshake and send `Hello`.
     pub handshake_timeout: Duration,
     /// How long in-flight connections may take to finish on shutdown.
@@ -111,7 +113,8 @@ impl Default for Limits {
         const MAX_HEADER_BYTES: usize = 64 * 1024;
         const MAX_UNAUTHENTICATED: usize = 64;
         Self {
-            idle_timeout: SECOND * 20,
+            idle_timeout: transport::IDLE_TIMEOUT,
+            keep_alive: transport::KEEP_ALIVE,
             handshake_timeout: SECOND * 10,
             drain_grace: SECOND * 20,
             max_incoming: 256,
@@ -152,6 +155,17 @@ impl Limits {
                 .map_err(|e| ConfigError::invalid(relay.path(), relay.key("memory_budget"), e.to_string()))?,
         };
         let budget = Budget::new(memory_budget, max_header_bytes, max_unauthenticated);
+        let idle_timeout =
+            relay.bounded("idle_timeout", r.idle_timeout, d.idle_timeout, MILLISECOND * 500..=HOUR)?;
+        let keep_alive =
+            relay.bounded("keep_alive", r.keep_alive, d.keep_alive, MILLISECOND * 100..=SECOND * 600)?;
+        if keep_alive * 3 > idle_timeout * 2 {
+            return Err(ConfigError::invalid(
+                relay.path(),
+                relay.key("keep_alive"),
+                "must be at most two thirds of relay.idle_timeout, or a quiet tunnel is declared dead",
+            ));
+        }
         if budget.connections == 0 {
             return Err(ConfigError::invalid(
                 relay.path(),
@@ -165,7 +179,8 @@ impl Limits {
             ));
         }
         Ok(Self {
-            idle_timeout: relay.bounded("idle_timeout", r.idle_timeout, d.idle_timeout, SECOND..=HOUR)?,
+            idle_timeout,
+            keep_alive,
             handshake_timeout: relay.bounded(
                 "handshake_timeout",
                 r.handshake_timeout,

@@ -24,8 +24,10 @@ use limits::{DAY, SECOND};
 /// The validated relay configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The file it came from (for messages).
+    /// The file it came from (for messages, and to reload).
     pub path: PathBuf,
+    /// The first 12 hex digits of the SHA-256 of the file's text: which configuration is live.
+    pub hash: String,
     /// UDP address of the QUIC endpoint agents connect to.
     pub listen: SocketAddr,
     /// TCP address of the admin HTTP server (`/livez`, `/readyz`).
@@ -117,15 +119,57 @@ impl Config {
 
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::from_raw(conf::read_toml(path)?, path)
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text, path)
     }
 
     /// Validates `text` as if it had been read from `path` (relative paths resolve against it).
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        Self::from_raw(conf::parse_toml(text, path)?, path)
+        Self::from_raw(conf::parse_toml(text, path)?, path, hash(text.as_bytes()))
     }
 
-    fn from_raw(raw: RawConfig, path: &Path) -> Result<Self, ConfigError> {
+    /// The keys a reload cannot change (the QUIC endpoint, the admin server, the trust files and
+    /// the tunnels' transport), each with its value: a change to one needs a restart.
+    fn fixed(&self) -> [(&'static str, String); 19] {
+        let l = &self.limits;
+        [
+            ("relay.listen", format!("{:?}", self.listen)),
+            ("relay.admin", format!("{:?}", self.admin)),
+            ("relay.admin_token_file", format!("{:?}", self.admin_token_file)),
+            ("relay.ca_key", format!("{:?}", self.ca_key)),
+            ("relay.tokens_file", format!("{:?}", self.tokens_file)),
+            ("relay.revocations_file", format!("{:?}", self.revocations_file)),
+            ("relay.agent_cert_validity", format!("{:?}", self.agent_cert_validity)),
+            ("relay.ca_cert", format!("{:?}", self.tls.ca_cert)),
+            ("relay.cert", format!("{:?}", self.tls.cert)),
+            ("relay.key", format!("{:?}", self.tls.key)),
+            ("relay.idle_timeout", format!("{:?}", l.idle_timeout)),
+            ("relay.keep_alive", format!("{:?}", l.keep_alive)),
+            ("relay.handshake_timeout", format!("{:?}", l.handshake_timeout)),
+            ("relay.max_incoming", format!("{:?}", l.max_incoming)),
+            ("relay.max_unauthenticated", format!("{:?}", l.max_unauthenticated)),
+            ("relay.max_unauthenticated_per_ip", format!("{:?}", l.max_unauthenticated_per_ip)),
+            ("relay.handshakes_per_ip_per_second", format!("{:?}", l.handshakes_per_ip_per_second)),
+            ("relay.congestion", format!("{:?}", l.congestion)),
+            ("relay.udp_max_flows", format!("{:?}", l.udp_max_flows)),
+        ]
+    }
+
+    /// Why `new` cannot replace this configuration without a restart: the first key it changes
+    /// that a reload cannot, as an error naming the file and the key.
+    pub fn reload_refusal(&self, new: &Config) -> Option<ConfigError> {
+        let (old, changed) = (self.fixed(), new.fixed());
+        old.iter().zip(changed.iter()).find(|(a, b)| a.1 != b.1).map(|((key, _), _)| {
+            ConfigError::invalid(
+                &new.path,
+                *key,
+                "cannot change while the relay runs: restart it to apply this (the running configuration stays)",
+            )
+        })
+    }
+
+    fn from_raw(raw: RawConfig, path: &Path, hash: String) -> Result<Self, ConfigError> {
         let r = raw.relay;
         let relay = conf::Section::new(path, "relay");
         let limits = Limits::from_raw(&r, relay)?;
@@ -212,6 +256,7 @@ impl Config {
         }
         Ok(Self {
             path: path.to_owned(),
+            hash,
             listen: r.listen.unwrap_or(Self::DEFAULT_LISTEN),
             admin: r.admin.unwrap_or(Self::DEFAULT_ADMIN),
             admin_token_file: r.admin_token_file.map(|f| conf::resolve(path, &f)),
@@ -281,6 +326,33 @@ fn host_names(
     Ok(out)
 }
 
+/// The first 12 hex digits of the SHA-256 of `bytes`.
+pub(crate) fn hash(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    sallyport_runtime::hex::encode(&digest.as_ref()[..6])
+}
+
+/// The configuration in force: read for each new connection, replaced whole by a reload.
+#[derive(Debug)]
+pub struct Live {
+    current: std::sync::RwLock<std::sync::Arc<Config>>,
+}
+
+impl Live {
+    pub fn new(config: std::sync::Arc<Config>) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self { current: std::sync::RwLock::new(config) })
+    }
+
+    /// The configuration in force now.
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        sallyport_runtime::sync::read(&self.current).clone()
+    }
+
+    pub(crate) fn set(&self, config: std::sync::Arc<Config>) {
+        *sallyport_runtime::sync::write(&self.current) = config;
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -303,6 +375,7 @@ pub(super) struct RawRelay {
     cert: PathBuf,
     key: PathBuf,
     idle_timeout: Option<HumanDuration>,
+    keep_alive: Option<HumanDuration>,
     handshake_timeout: Option<HumanDuration>,
     drain_grace: Option<HumanDuration>,
     max_incoming: Option<usize>,

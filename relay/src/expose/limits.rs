@@ -1,31 +1,63 @@
-//! Per-address connection caps, shared by every listener: one client address cannot hold more
-//! than `relay.max_connections_per_ip` connections, however slowly it speaks.
+//! Connection caps, counted against the limits in force (a reload that changes a cap applies to
+//! the next connection): the relay-wide cap and each listener's share ([`Count`]), and the
+//! per-address cap shared by every listener ([`PerIp`]: one client address cannot hold more than
+//! `relay.max_connections_per_ip` connections, however slowly it speaks).
 
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
 };
+
+/// Connections open under one cap.
+#[derive(Debug, Default)]
+pub(crate) struct Count {
+    open: AtomicUsize,
+}
+
+impl Count {
+    /// Counts one more connection, or `None` if `max` are open already.
+    pub(crate) fn enter(self: &Arc<Self>, max: usize) -> Option<CountSlot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| (open < max).then_some(open + 1))
+            .ok()?;
+        Some(CountSlot(self.clone()))
+    }
+
+    /// Connections open now.
+    #[cfg(test)]
+    fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// One counted connection; dropping it frees the place.
+#[derive(Debug)]
+pub(crate) struct CountSlot(Arc<Count>);
+
+impl Drop for CountSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 use sallyport_runtime::sync::lock;
 
 /// Open connections per client address.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct PerIp {
-    max: usize,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl PerIp {
-    pub(crate) fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self { max, open: Mutex::new(HashMap::new()) })
-    }
-
-    /// Counts one more connection from `ip`, or `None` if that address is at its cap.
-    pub(crate) fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+    /// Counts one more connection from `ip`, or `None` if that address has `max` open already.
+    pub(crate) fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
         let mut open = lock(&self.open);
         let count = open.entry(ip).or_insert(0);
-        if *count >= self.max {
+        if *count >= max {
             return None;
         }
         *count += 1;
@@ -58,15 +90,28 @@ mod tests {
 
     #[test]
     fn cap_is_per_address_and_slots_come_back() {
-        let limits = PerIp::new(2);
+        let limits = Arc::new(PerIp::default());
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let one = limits.enter(a).unwrap();
-        let _two = limits.enter(a).unwrap();
-        assert!(limits.enter(a).is_none());
-        let _other = limits.enter(b).unwrap();
+        let one = limits.enter(a, 2).unwrap();
+        let _two = limits.enter(a, 2).unwrap();
+        assert!(limits.enter(a, 2).is_none());
+        let _other = limits.enter(b, 2).unwrap();
         drop(one);
-        assert!(limits.enter(a).is_some());
+        assert!(limits.enter(a, 2).is_some());
         assert_eq!(limits.open.lock().unwrap().len(), 2);
+        // A cap raised by a reload holds from the next connection on.
+        assert!(limits.enter(a, 3).is_some());
+    }
+
+    #[test]
+    fn a_count_holds_the_cap_in_force() {
+        let count = Arc::new(Count::default());
+        let held: Vec<_> = (0..3).map(|_| count.enter(3).unwrap()).collect();
+        assert!(count.enter(3).is_none());
+        assert!(count.enter(4).is_some(), "a raised cap admits one more");
+        assert!(count.enter(2).is_none(), "a lowered cap admits none until enough have ended");
+        drop(held);
+        assert_eq!(count.open(), 0);
     }
 }

@@ -5,15 +5,19 @@
 pub(crate) mod http;
 pub(crate) mod https;
 pub(crate) mod limits;
+pub(crate) mod listeners;
 pub(crate) mod tcp;
 pub(crate) mod udp;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
 
-use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{Config, Listen, Service},
+    config::{Config, Listen, Live, Service},
     runtime::Runtime,
     tunnel::registry::Registry,
 };
@@ -21,33 +25,53 @@ use crate::{
 /// What every listener shares.
 #[derive(Debug)]
 pub(crate) struct Exposure {
-    pub(crate) config: Arc<Config>,
+    /// The configuration in force (caps and timeouts are read from it for each connection).
+    pub(crate) config: Arc<Live>,
     pub(crate) runtime: Arc<Runtime>,
     pub(crate) agents: Arc<Registry>,
-    /// The relay-wide cap on client connections.
-    pub(crate) connections: Arc<Semaphore>,
+    /// Client connections open across the relay (`relay.max_connections`).
+    pub(crate) connections: Arc<limits::Count>,
     /// Connections per client address, across every listener.
     pub(crate) per_ip: Arc<limits::PerIp>,
 }
 
 impl Exposure {
-    pub(crate) fn new(config: Arc<Config>, runtime: Arc<Runtime>, agents: Arc<Registry>) -> Self {
-        Self {
-            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
-            per_ip: limits::PerIp::new(config.limits.max_connections_per_ip),
-            config,
-            runtime,
-            agents,
-        }
+    pub(crate) fn new(config: Arc<Live>, runtime: Arc<Runtime>, agents: Arc<Registry>) -> Self {
+        Self { connections: Default::default(), per_ip: Default::default(), config, runtime, agents }
     }
 }
 
+/// A service as the listeners serve it: its definition, and the token that ends its connections
+/// when a reload removed or changed it and `drain_grace` has passed.
+#[derive(Debug)]
+pub(crate) struct Served {
+    pub(crate) service: Arc<Service>,
+    pub(crate) retired: CancellationToken,
+}
+
+impl Served {
+    pub(crate) fn new(service: &Service) -> Arc<Self> {
+        Arc::new(Self { service: Arc::new(service.clone()), retired: CancellationToken::new() })
+    }
+}
+
+/// The service a listener of its own serves now (a reload may put a changed definition in).
+pub(crate) type Slot = Arc<RwLock<Arc<Served>>>;
+
+/// The service in `slot` now.
+pub(crate) fn current(slot: &Slot) -> Arc<Served> {
+    sallyport_runtime::sync::read(slot).clone()
+}
+
 /// Host names (or TLS server names) to their services.
-pub(crate) type Routes = HashMap<String, Arc<Service>>;
+pub(crate) type Routes = HashMap<String, Arc<Served>>;
+
+/// The routes a shared listener reads for each request or connection; a reload replaces them.
+pub(crate) type LiveRoutes = Arc<RwLock<Routes>>;
 
 /// The names of the HTTP listener (`http`) and of the HTTPS listener (`https`), each to its
-/// service.
-pub(crate) fn routes(config: &Config) -> (Routes, Routes) {
+/// service; a service already served under `old` with the same definition keeps its [`Served`].
+pub(crate) fn routes(config: &Config, old: &[&Routes]) -> (Routes, Routes) {
     let (mut http, mut https) = (Routes::new(), Routes::new());
     for service in config.services.values() {
         let (map, names) = match &service.listen {
@@ -55,9 +79,14 @@ pub(crate) fn routes(config: &Config) -> (Routes, Routes) {
             Listen::Https(names) => (&mut https, names),
             Listen::Tcp(_) | Listen::Udp(_) => continue,
         };
-        let service = Arc::new(service.clone());
+        let served = old
+            .iter()
+            .flat_map(|routes| routes.values())
+            .find(|s| *s.service == *service)
+            .cloned()
+            .unwrap_or_else(|| Served::new(service));
         for name in names {
-            map.insert(name.clone(), service.clone());
+            map.insert(name.clone(), served.clone());
         }
     }
     (http, https)

@@ -9,16 +9,17 @@ use sallyport_runtime::{
     flows::{self, Activity},
     reset_on_close, splice, splice_watched, Side,
 };
-use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
-};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::{
     config::Service,
-    expose::{limits::IpSlot, Exposure},
+    expose::{
+        current,
+        limits::{Count, CountSlot, IpSlot},
+        Exposure, Slot,
+    },
     metrics::Outcome,
     tunnel::streams,
 };
@@ -40,8 +41,8 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// per-address cap.
 #[derive(Debug)]
 pub(crate) struct Lease {
-    _global: OwnedSemaphorePermit,
-    _listener: OwnedSemaphorePermit,
+    _global: CountSlot,
+    _listener: CountSlot,
     _address: IpSlot,
 }
 
@@ -63,7 +64,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr, Arc<Lease>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let share = Arc::new(Semaphore::new((exposure.config.limits.max_connections / LISTENER_SHARE).max(1)));
+    let share = Arc::new(Count::default());
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -91,27 +92,35 @@ pub(crate) async fn accept_loop<F, Fut>(
     }
 }
 
-/// Takes the caps' places for a connection from `peer`, or says which cap is full.
-fn lease(exposure: &Exposure, share: &Arc<Semaphore>, peer: SocketAddr) -> Result<Lease, &'static str> {
-    let address = exposure.per_ip.enter(peer.ip()).ok_or("per_ip_cap")?;
-    let global = exposure.connections.clone().try_acquire_owned().map_err(|_| "global_cap")?;
-    let listener = share.clone().try_acquire_owned().map_err(|_| "listener_share")?;
+/// Takes the caps' places for a connection from `peer`, or says which cap is full (the caps in
+/// force now).
+fn lease(exposure: &Exposure, share: &Arc<Count>, peer: SocketAddr) -> Result<Lease, &'static str> {
+    let config = exposure.config.get();
+    let limits = &config.limits;
+    let address = exposure.per_ip.enter(peer.ip(), limits.max_connections_per_ip).ok_or("per_ip_cap")?;
+    let global = exposure.connections.enter(limits.max_connections).ok_or("global_cap")?;
+    let listener = share.enter((limits.max_connections / LISTENER_SHARE).max(1)).ok_or("listener_share")?;
     Ok(Lease { _global: global, _listener: listener, _address: address })
 }
 
-/// Accepts clients of one TCP service until `stop` is cancelled; then the listener is dropped.
+/// Accepts clients of one TCP service (the one in `slot` when each client arrives) until `stop`
+/// is cancelled; then the listener is dropped. A connection ends early when its service is
+/// retired by a reload.
 pub(crate) async fn serve(
     listener: TcpListener,
-    service: Arc<Service>,
+    slot: Slot,
     exposure: Arc<Exposure>,
     stop: CancellationToken,
 ) {
-    let name = service.name.clone();
+    let name = current(&slot).service.name.clone();
     accept_loop(listener, &name, exposure.clone(), stop, |stream, peer, lease| {
-        let (service, exposure) = (service.clone(), exposure.clone());
-        let span = info_span!("client", service = %service.name, %peer);
+        let (served, exposure) = (current(&slot), exposure.clone());
+        let span = info_span!("client", service = %served.service.name, %peer);
         async move {
-            carry(stream, peer, &service, &exposure, &[]).await;
+            tokio::select! {
+                () = carry(stream, peer, &served.service, &exposure, &[]) => {}
+                () = served.retired.cancelled() => debug!("service removed by a reload: connection ended"),
+            }
             drop(lease);
         }
         .instrument(span)

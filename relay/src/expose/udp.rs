@@ -23,8 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::{
-    config::Service,
-    expose::Exposure,
+    expose::{current, Exposure, Slot},
     tunnel::datagrams::{FlowRoutes, FlowState},
 };
 
@@ -34,24 +33,31 @@ const PREFIX_SHARE: usize = 4;
 /// The largest UDP payload read from a client (the IPv4 maximum).
 const MAX_PAYLOAD: usize = 65_535;
 
-/// Serves one UDP service until `stop` is cancelled.
+/// Serves one UDP service (the one in `slot` now: a reload may change its agent, and its flows
+/// follow) until `stop` is cancelled.
 pub(crate) async fn serve(
     socket: UdpSocket,
-    service: Arc<Service>,
+    slot: Slot,
     exposure: Arc<Exposure>,
     flows: Arc<FlowRoutes>,
     stop: CancellationToken,
 ) {
     let socket = Arc::new(socket);
-    let limits = &exposure.config.limits;
     let metrics = &exposure.runtime.metrics;
-    let max = limits.udp_max_flows;
+    let started = exposure.config.get();
+    let max = started.limits.udp_max_flows;
     let mut table: FlowTable<SocketAddr, Arc<FlowState>> =
         FlowTable::with_groups(max, max / PREFIX_SHARE, source_prefix);
     // The payload is read after room for the largest header, which is then written in front of it.
     let mut buf = vec![0u8; MAX_OPEN_OVERHEAD + MAX_PAYLOAD];
-    let mut sweep = tokio::time::interval((limits.udp_flow_idle / 4).max(Duration::from_millis(250)));
+    // Each second at most: quiet flows are forgotten, and every flow once the agent is gone.
+    let mut sweep = tokio::time::interval(
+        (started.limits.udp_flow_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(1)),
+    );
+    drop(started);
     loop {
+        let served = current(&slot);
+        let service = &served.service;
         let (len, client) = tokio::select! {
             r = socket.recv_from(&mut buf[MAX_OPEN_OVERHEAD..]) => match r {
                 Ok(got) => got,
@@ -62,7 +68,11 @@ pub(crate) async fn serve(
                 }
             },
             _ = sweep.tick() => {
-                let quiet = table.sweep(limits.udp_flow_idle);
+                let quiet = if exposure.agents.route(&service.agent, &service.name).is_some() {
+                    table.sweep(exposure.config.get().limits.udp_flow_idle)
+                } else {
+                    table.drain().collect()
+                };
                 if !quiet.is_empty() {
                     let mut by_id = flows.lock();
                     for (_, flow) in quiet {
@@ -82,7 +92,7 @@ pub(crate) async fn serve(
         let flow = match table.get(&client) {
             Some(flow) => flow.clone(),
             None => {
-                let flow = flows.open(client, tunnel, &socket, &service);
+                let flow = flows.open(client, tunnel, &socket, service);
                 if let Some((_, old)) = table.insert(client, flow.clone()) {
                     flows.lock().remove(&old.id);
                     metrics.refused(&service.name, "flow_evicted");

@@ -51,7 +51,7 @@ const GUARDED_READS: [&str; 5] = ["/agents", "/metrics", "/", "/status", "/statu
 async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let text = "text/plain; charset=utf-8";
-    let guarded = GUARDED_READS.contains(&path.as_str()) && !ops.config.admin.ip().is_loopback();
+    let guarded = GUARDED_READS.contains(&path.as_str()) && !ops.config.get().admin.ip().is_loopback();
     let refused = if guarded { authorize_read(&req, &ops).err() } else { None };
     let (status, content_type, body): (StatusCode, &str, String) = if let Some((status, body)) = refused {
         (status, text, body)
@@ -68,6 +68,7 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
                     rtt: s.connection.rtt(),
                     containers: lock(&s.containers).clone(),
                 });
+                ops.runtime.metrics.tasks(ops.runtime.tasks.len() + ops.runtime.clients.len());
                 let body = ops.runtime.metrics.render(gauges);
                 (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
             }
@@ -77,6 +78,10 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
             (&Method::GET, "/status.txt") => (StatusCode::OK, text, status::text(&status::snapshot(&ops))),
             (_, p) if p == "/tokens" || p.starts_with("/tokens/") => {
                 let (status, body) = tokens(&req, &ops);
+                (status, text, body)
+            }
+            (&Method::POST, "/reload") => {
+                let (status, body) = reload(&req, &ops).await;
                 (status, text, body)
             }
             (&Method::POST, p) if p.starts_with("/agents/") && p.ends_with("/revoke") => {
@@ -218,6 +223,22 @@ fn tokens(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
 /// `POST /agents/AGENT/revoke[?serial=HEX]`: refuses every certificate of the agent issued up to
 /// now (renewals included), the certificate it is connected with, and the given serial, on this
 /// relay and after restarts; closes its tunnel.
+/// `POST /reload`: reads relay.toml again and applies it (operator token), or says why not.
+async fn reload(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
+    if let Err(refusal) = authorize(req, ops) {
+        return refusal;
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if ops.reload.send(reply).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the relay is stopping\n".into());
+    }
+    match answer.await {
+        Ok(Ok(message)) => (StatusCode::OK, format!("{message}\n")),
+        Ok(Err(reason)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{reason}\n")),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the relay is stopping\n".into()),
+    }
+}
+
 fn revoke_agent(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
     if let Err(refusal) = authorize(req, ops) {
         return refusal;

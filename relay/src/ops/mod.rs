@@ -3,16 +3,23 @@
 pub(crate) mod admin;
 pub mod auth;
 pub(crate) mod commands;
+pub(crate) mod reload;
 pub(crate) mod status;
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
 
-use crate::{config::Config, runtime::Runtime, trust::Trust, tunnel::registry::Registry};
+use tokio::sync::mpsc;
+
+use crate::{config::Live, runtime::Runtime, trust::Trust, tunnel::registry::Registry};
 
 /// What the admin API works with.
 #[derive(Debug)]
 pub(crate) struct Ops {
-    pub(crate) config: Arc<Config>,
+    pub(crate) config: Arc<Live>,
     pub(crate) runtime: Arc<Runtime>,
     pub(crate) agents: Arc<Registry>,
     pub(crate) trust: Arc<Trust>,
@@ -20,5 +27,7 @@ pub(crate) struct Ops {
     pub(crate) admin_token: Option<auth::AdminToken>,
     pub(crate) commands: commands::Commands,
     /// Each service listener's bound address (the configured port may be 0).
-    pub(crate) bound: BTreeMap<String, SocketAddr>,
+    pub(crate) bound: Arc<RwLock<BTreeMap<String, SocketAddr>>>,
+    /// Where `POST /reload` asks for a reload.
+    pub(crate) reload: mpsc::Sender<reload::Request>,
 }

@@ -62,12 +62,12 @@ pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
                 .collect(),
         })
         .collect();
-    let services = ops
-        .config
+    let (config, bound) = (ops.config.get(), sallyport_runtime::sync::read(&ops.bound).clone());
+    let services = config
         .services
         .values()
         .map(|s| {
-            let listen = match (ops.bound.get(&s.name), &s.listen) {
+            let listen = match (bound.get(&s.name), &s.listen) {
                 (Some(bound), Listen::Tcp(_)) => format!("tcp {bound}"),
                 (Some(bound), Listen::Udp(_)) => format!("udp {bound}"),
                 _ => s.listen.to_string(),

@@ -240,7 +240,6 @@ admin = "127.0.0.1:9090"
 ca_cert = "ca.crt"
 cert = "relay.crt"
 key = "relay.key"
-idle_timeout = "20s"
 drain_grace = "20s"
 
 # One table per service: which agent carries it, and where the relay listens for its clients.

@@ -24,7 +24,7 @@ pub(crate) async fn accept_loop(endpoint: Endpoint, tunnels: Arc<Tunnels>, stop:
         let Some(incoming) = incoming else { break };
         // Under a handshake flood, make unvalidated peers prove their address first.
         if !incoming.remote_address_validated()
-            && endpoint.open_connections() > tunnels.config.limits.max_incoming
+            && endpoint.open_connections() > tunnels.config.get().limits.max_incoming
         {
             if let Err(e) = incoming.retry() {
                 debug!(error = %e, "retry refused");
@@ -61,7 +61,8 @@ async fn handle_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) 
 }
 
 async fn serve_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) {
-    let limits = &tunnels.config.limits;
+    let config = tunnels.config.get();
+    let limits = &config.limits;
     let metrics = &tunnels.runtime.metrics;
     let connection = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
         Ok(Ok(connection)) => connection,

@@ -1,11 +1,10 @@
 //! One agent's tunnel after the handshake: `Hello` within the handshake timeout, admission,
-//! `Welcome`, registration, then the control loop (one handler per message), the writer of pings,
+//! `Welcome`, registration, then the control loop (one handler per message), the writer of
 //! commands and replies, and the agent's datagrams, until one of them ends.
 
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use quinn::{Connection, RecvStream, SendStream};
@@ -21,9 +20,6 @@ use crate::tunnel::{
     registry::{AgentSession, PendingCommand},
     Tunnels,
 };
-
-/// How often the relay probes the control stream.
-const PING_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Why a tunnel ended without the agent doing anything wrong (said in the log).
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +81,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
             return;
         }
     };
-    let welcome = match admit(&tunnels.config, &name, &hello) {
+    let welcome = match admit(&tunnels.config.get(), &name, &hello) {
         Ok(welcome) => welcome,
         Err(refusal) => {
             let reason = refusal.to_string();
@@ -117,6 +113,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         software: hello.software,
         version: welcome.version,
         services: services.clone(),
+        offered: hello.services.iter().map(|s| s.name.clone()).collect(),
         connected_at: std::time::SystemTime::now(),
         containers: containers.clone(),
         serial: cert.id.serial.clone(),
@@ -153,7 +150,7 @@ async fn first_message(
     connection: &Connection,
     tunnels: &Tunnels,
 ) -> Result<(SendStream, RecvStream, Hello), FirstMessageError> {
-    let timeout = tunnels.config.limits.handshake_timeout;
+    let timeout = tunnels.config.get().limits.handshake_timeout;
     let read = async {
         let (send, mut recv) = connection.accept_bi().await.map_err(|_| FirstMessageError::Gone)?;
         let mut buf = Vec::new();
@@ -252,27 +249,24 @@ impl Reader<'_> {
     }
 }
 
-/// Sends a `Ping` every [`PING_INTERVAL`] and the commands operators queue; ends only when the
-/// stream fails.
+/// Sends the commands operators queue and the replies the reader hands over; ends only when the
+/// stream fails. (Liveness is QUIC's keep-alive: no periodic `Ping` adds packets to an idle
+/// tunnel.)
 async fn control_writer(
     send: &mut SendStream,
     commands: &mut mpsc::Receiver<PendingCommand>,
     replies: &mut mpsc::Receiver<RelayMessage>,
     pending: &Pending,
 ) -> Result<Closed, ProtocolError> {
-    let mut nonce = 0u64;
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
     loop {
         let message = tokio::select! {
-            _ = ping.tick() => {
-                nonce += 1;
-                RelayMessage::Ping { nonce }
-            }
             Some(reply) = replies.recv() => reply,
             Some(PendingCommand { command, reply }) = commands.recv() => {
                 lock(pending).insert(command.id, reply);
                 RelayMessage::Command(command)
             }
+            // Both queues closed: the tunnel is ending, and the reader says why.
+            else => return std::future::pending().await,
         };
         match write_frame(send, &message, MAX_CONTROL_FRAME).await {
             Ok(()) => {}

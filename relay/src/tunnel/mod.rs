@@ -21,12 +21,12 @@ pub(crate) fn gate(limits: &crate::config::Limits) -> Arc<gate::Gate> {
 }
 pub use admission::SOFTWARE;
 
-use crate::{config::Config, runtime::Runtime, trust::Trust};
+use crate::{config::Live, runtime::Runtime, trust::Trust};
 
 /// What the tunnel plane works with.
 #[derive(Debug)]
 pub(crate) struct Tunnels {
-    pub(crate) config: Arc<Config>,
+    pub(crate) config: Arc<Live>,
     pub(crate) runtime: Arc<Runtime>,
     pub(crate) registry: Arc<registry::Registry>,
     pub(crate) trust: Arc<Trust>,

@@ -25,6 +25,8 @@ pub struct AgentSession {
     pub version: u16,
     /// The services the relay routes to this connection.
     pub services: BTreeSet<String>,
+    /// The services the agent offered in its `Hello` (a reload may publish more of them).
+    pub offered: BTreeSet<String>,
     pub connected_at: SystemTime,
     /// The agent's containers as it last reported them.
     pub containers: Arc<Mutex<Vec<ContainerReport>>>,
@@ -94,6 +96,29 @@ impl Registry {
     /// Removes every session (on shutdown), so their connections are released.
     pub(crate) fn clear(&self) {
         self.agents.send_modify(BTreeMap::clear);
+    }
+
+    /// Publishes for each connected agent the services it offered that `config` gives it, after a
+    /// reload (a service removed from the agent is no longer routed to it; one added is, if the
+    /// agent offered it).
+    pub(crate) fn republish(&self, config: &crate::config::Config) {
+        self.agents.send_if_modified(|agents| {
+            let mut modified = false;
+            for session in agents.values_mut() {
+                let services: BTreeSet<String> = session
+                    .offered
+                    .iter()
+                    .filter(|name| config.services.get(*name).is_some_and(|s| s.agent == session.name))
+                    .cloned()
+                    .collect();
+                if services != session.services {
+                    tracing::info!(agent = %session.name, ?services, "services published to the agent after a reload");
+                    session.services = services;
+                    modified = true;
+                }
+            }
+            modified
+        });
     }
 
     /// The connection that carries `service` of `agent`, if that agent is connected and offers it.

@@ -25,7 +25,7 @@ use crate::process::{binary, Spawned};
 
 mod servers;
 mod tunnel;
-pub use tunnel::{LabTunnel, TransferReport, TunnelSpec};
+pub use tunnel::{LabTunnel, TransferReport, TunnelSpec, QUIC_PORT};
 
 pub const RELAY_IP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 60);
 /// A second relay, for drain and high-availability tests.

@@ -74,6 +74,11 @@ impl LabTunnel {
     pub fn relay(&self) -> usize {
         self.relays[0]
     }
+
+    /// The relay.toml of relay `i`.
+    pub fn relay_toml(&self, i: usize) -> &str {
+        &self.relay_tomls[i]
+    }
 }
 
 impl Lab {
@@ -109,7 +114,7 @@ impl Lab {
             dials.push(format!("\"{}\"", addr(dial, QUIC_PORT)));
         }
         let mut agent = format!(
-            "[agent]\nrelays = [{}]\nserver_name = \"relay.lab\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nhandshake_timeout = \"3s\"\n{}\n",
+            "[agent]\nrelays = [{}]\nserver_name = \"relay.lab\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{}\n",
             dials.join(", "),
             bundle.join("ca.crt").display(),
             bundle.join("agent.crt").display(),

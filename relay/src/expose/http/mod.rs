@@ -46,7 +46,7 @@ use crate::{
     config::Service,
     expose::{
         tcp::{self, Lease},
-        Exposure, Routes,
+        Exposure, LiveRoutes,
     },
     metrics::Outcome,
 };
@@ -55,11 +55,11 @@ mod headers;
 mod pool;
 mod upstream;
 
-/// The HTTP listener's own state: its host names.
+/// The HTTP listener's own state: its host names (replaced by a reload).
 #[derive(Debug)]
 struct Http {
     exposure: Arc<Exposure>,
-    routes: Routes,
+    routes: LiveRoutes,
 }
 
 type Body = Either<Incoming, Full<Bytes>>;
@@ -69,7 +69,7 @@ type Body = Either<Incoming, Full<Bytes>>;
 pub(crate) async fn serve(
     listener: TcpListener,
     exposure: Arc<Exposure>,
-    routes: Routes,
+    routes: LiveRoutes,
     stop: CancellationToken,
 ) {
     let http = Arc::new(Http { exposure: exposure.clone(), routes });
@@ -95,7 +95,8 @@ async fn connection(
     stop: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let limits = &http.exposure.config.limits;
+    let config = http.exposure.config.get();
+    let limits = &config.limits;
     let metrics = &http.exposure.runtime.metrics;
     // This client connection's own upstream connections; they close with it.
     let client = Arc::new(ClientConnection { pool: Pool::default(), lease });
@@ -170,12 +171,21 @@ async fn handle(
             return page(StatusCode::BAD_REQUEST, &reason.to_string());
         }
     };
-    let Some(service) = http.routes.get(&host) else {
+    let Some(served) = sallyport_runtime::sync::read(&http.routes).get(&host).cloned() else {
         metrics.refused("http", "unknown_host");
         return page(StatusCode::NOT_FOUND, &format!("no service is published under the host name {host:?}"));
     };
+    let service = &served.service;
     let active = metrics.connection(&service.name);
-    let response = match forward(req, peer, &host, service, http, client).await {
+    let forwarded = tokio::select! {
+        r = forward(req, peer, &host, service, &served.retired, http, client) => r,
+        () = served.retired.cancelled() => Err(Failure {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason: format!("the service {:?} was removed from the relay's configuration", service.name),
+            outcome: Outcome::NoAgent,
+        }),
+    };
+    let response = match forwarded {
         Ok(response) => {
             active.end(Outcome::Completed, 0, 0);
             response
@@ -195,6 +205,7 @@ async fn forward(
     peer: SocketAddr,
     host: &str,
     service: &Arc<Service>,
+    retired: &CancellationToken,
     http: &Http,
     client: &ClientConnection,
 ) -> Result<Response<Body>, Failure> {
@@ -208,16 +219,42 @@ async fn forward(
     };
     let upgrade = is_upgrade(req.headers());
     prepare(&mut req, peer, host, upgrade);
-    if upgrade {
-        return carry_upgrade(req, &connection, service, peer, &http.exposure, client.lease.clone()).await;
-    }
+    let carried = if upgrade {
+        carry_upgrade(req, &connection, service, peer, &http.exposure, client.lease.clone(), retired.clone())
+            .await
+    } else {
+        carry(req, &connection, service, peer, pool).await
+    };
+    // A tunnel that died under the request (its agent went silent, or the path went dark): the
+    // service is unavailable, and the page says why.
+    carried.map_err(|failure| match connection.close_reason() {
+        Some(reason) => Failure {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason: format!(
+                "the tunnel to agent {:?} of service {:?} was lost: {reason}",
+                service.agent, service.name
+            ),
+            outcome: Outcome::NoAgent,
+        },
+        None => failure,
+    })
+}
+
+/// A plain request, on a pooled upstream connection of this client's or a new one.
+async fn carry(
+    req: Request<Incoming>,
+    connection: &quinn::Connection,
+    service: &Arc<Service>,
+    peer: SocketAddr,
+    pool: &Pool,
+) -> Result<Response<Body>, Failure> {
     let key = service.name.clone();
     let tunnel = connection.stable_id();
     let mut req = Some(req);
     while let Some(request) = req.take() {
         let (mut sender, reused) = match pool.take(&key, tunnel) {
             Some(sender) => (sender, true),
-            None => (connect(&connection, service, peer, false).await?, false),
+            None => (connect(connection, service, peer, false).await?, false),
         };
         match sender.try_send_request(request).await {
             Ok(mut response) => {
@@ -243,6 +280,7 @@ async fn carry_upgrade(
     peer: SocketAddr,
     exposure: &Exposure,
     lease: Arc<Lease>,
+    retired: CancellationToken,
 ) -> Result<Response<Body>, Failure> {
     let client_side = hyper::upgrade::on(&mut req);
     let idle = service.idle_timeout;
@@ -254,9 +292,15 @@ async fn carry_upgrade(
             async move {
                 // Holds the client's places under the caps for as long as the upgraded connection.
                 let _lease = lease;
-                match tokio::try_join!(client_side, target_side) {
-                    Ok((client, target)) => splice_upgraded(client, target, idle).await,
-                    Err(e) => debug!(error = %e, "upgrade failed"),
+                let spliced = async {
+                    match tokio::try_join!(client_side, target_side) {
+                        Ok((client, target)) => splice_upgraded(client, target, idle).await,
+                        Err(e) => debug!(error = %e, "upgrade failed"),
+                    }
+                };
+                tokio::select! {
+                    () = spliced => {}
+                    () = retired.cancelled() => debug!("service removed by a reload: upgraded connection ended"),
                 }
             }
             .instrument(info_span!("upgraded", service = %service.name, %peer)),

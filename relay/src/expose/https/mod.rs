@@ -12,17 +12,16 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
 
-use crate::expose::{tcp, Exposure, Routes};
+use crate::expose::{tcp, Exposure, LiveRoutes};
 use sallyport_proto::client_hello::{self, Hello};
 
 /// Accepts TLS clients until `stop` is cancelled.
 pub(crate) async fn serve(
     listener: TcpListener,
     exposure: Arc<Exposure>,
-    routes: Routes,
+    routes: LiveRoutes,
     stop: CancellationToken,
 ) {
-    let routes = Arc::new(routes);
     tcp::accept_loop(listener, "https", exposure.clone(), stop, |stream, peer, lease| {
         let (exposure, routes) = (exposure.clone(), routes.clone());
         async move {
@@ -34,8 +33,8 @@ pub(crate) async fn serve(
     .await;
 }
 
-async fn route(mut stream: TcpStream, peer: SocketAddr, exposure: &Exposure, routes: &Routes) {
-    let timeout = exposure.config.limits.header_timeout;
+async fn route(mut stream: TcpStream, peer: SocketAddr, exposure: &Exposure, routes: &LiveRoutes) {
+    let timeout = exposure.config.get().limits.header_timeout;
     let metrics = &exposure.runtime.metrics;
     let mut buf = Vec::with_capacity(2048);
     let mut reader = client_hello::HelloReader::default();
@@ -75,12 +74,15 @@ async fn route(mut stream: TcpStream, peer: SocketAddr, exposure: &Exposure, rou
             return;
         }
     };
-    let Some(service) = routes.get(&name) else {
+    let Some(served) = sallyport_runtime::sync::read(routes).get(&name).cloned() else {
         sallyport_runtime::limited!(info, server_name = %name, "no service is published under this server name: closing");
         metrics.refused("https", "unknown_sni");
         let _ = stream.write_all(&client_hello::UNRECOGNIZED_NAME_ALERT).await;
         return;
     };
-    let span = info_span!("client", service = %service.name, server_name = %name);
-    tcp::carry(stream, peer, service, exposure, &buf).instrument(span).await;
+    let span = info_span!("client", service = %served.service.name, server_name = %name);
+    tokio::select! {
+        () = tcp::carry(stream, peer, &served.service, exposure, &buf).instrument(span) => {}
+        () = served.retired.cancelled() => {}
+    }
 }

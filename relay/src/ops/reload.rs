@@ -1,0 +1,151 @@
+//! Reloading relay.toml while the relay runs: on SIGHUP, when the file's content changes, and on
+//! `POST /reload` (`sallyport-relay reload`).
+//!
+//! The file is read whole every second and compared by hash with the configuration in force, so
+//! an in-place edit, an editor's rename and a Kubernetes ConfigMap update (an atomic swap of the
+//! `..data` symlink in the mounted folder) are all seen. A new configuration is validated whole,
+//! its new listeners bound, and only then applied; anything wrong (a bad key, an address taken, a
+//! key that only a restart may change) leaves the running configuration as it was, with the
+//! error naming the file, the key and the reason.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::{
+    config::{self, Config, Live},
+    expose::listeners::{Listeners, Sockets},
+    runtime::Runtime,
+    tunnel::registry::Registry,
+};
+
+/// How often the file is read for changes.
+const POLL: Duration = Duration::from_secs(1);
+
+/// A reload asked for through the admin API; the answer says what happened.
+pub(crate) type Request = oneshot::Sender<Result<String, String>>;
+
+/// What a reload works on.
+#[derive(Debug)]
+pub(crate) struct Reloader {
+    pub(crate) live: Arc<Live>,
+    pub(crate) listeners: Listeners,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) runtime: Arc<Runtime>,
+}
+
+impl Reloader {
+    /// Reads the file again and applies it, or says why not.
+    pub(crate) fn reload(&mut self, why: &str) -> Result<String, String> {
+        let old = self.live.get();
+        let result = self.try_reload(&old);
+        match &result {
+            Ok(Some(message)) => {
+                self.runtime.metrics.reload("applied");
+                info!(why, "{message}");
+            }
+            Ok(None) => self.runtime.metrics.reload("unchanged"),
+            Err(e) => {
+                self.runtime.metrics.reload("refused");
+                // One line in the log (a TOML error points at its line over several).
+                let e = e
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && *l != "|")
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                error!(why, hash = %old.hash, "configuration not reloaded, the running one stays: {e}");
+            }
+        }
+        result.map(|m| m.unwrap_or_else(|| format!("configuration {} is live (unchanged)", old.hash)))
+    }
+
+    fn try_reload(&mut self, old: &Config) -> Result<Option<String>, String> {
+        let new = Config::load(&old.path).map_err(|e| e.to_string())?;
+        if new.hash == old.hash {
+            return Ok(None);
+        }
+        if let Some(refusal) = old.reload_refusal(&new) {
+            return Err(refusal.to_string());
+        }
+        let sockets =
+            Sockets::bind(&new, Some(&self.listeners)).map_err(|e| format!("{}: {e}", new.path.display()))?;
+        let new = Arc::new(new);
+        self.live.set(new.clone());
+        let changes = self.listeners.apply(&new, sockets);
+        self.registry.republish(&new);
+        self.runtime.metrics.config_live(&new.hash);
+        Ok(Some(format!(
+            "configuration {} is live (was {}): services added {:?}, removed {:?}, changed {:?}",
+            new.hash, old.hash, changes.added, changes.removed, changes.changed
+        )))
+    }
+}
+
+/// Reloads on SIGHUP, on a change of the file and on `requests`, until `stop` is cancelled.
+pub(crate) async fn watch(
+    mut reloader: Reloader,
+    mut requests: mpsc::Receiver<Request>,
+    stop: CancellationToken,
+) {
+    let live = reloader.live.get();
+    reloader.runtime.metrics.config_live(&live.hash);
+    info!(hash = %live.hash, path = %live.path.display(), "configuration live");
+    drop(live);
+    let mut hangups = hangups();
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A file that failed to load is tried again only once it changes again.
+    let mut refused: Option<String> = None;
+    loop {
+        let (why, reply) = tokio::select! {
+            Some(()) = next_hangup(&mut hangups) => ("SIGHUP", None),
+            _ = poll.tick() => {
+                let path = reloader.live.get().path.clone();
+                let Ok(bytes) = std::fs::read(&path) else { continue };
+                let hash = config::hash(&bytes);
+                if hash == reloader.live.get().hash || refused.as_deref() == Some(hash.as_str()) {
+                    continue;
+                }
+                refused = Some(hash);
+                ("the file changed", None)
+            }
+            Some(reply) = requests.recv() => ("asked through the admin API", Some(reply)),
+            () = stop.cancelled() => break,
+        };
+        let result = reloader.reload(why);
+        if result.is_ok() {
+            refused = None;
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = ();
+
+#[cfg(unix)]
+fn hangups() -> Hangups {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+#[cfg(not(unix))]
+fn hangups() -> Hangups {}
+
+/// The next SIGHUP; never, where there is none.
+#[cfg(unix)]
+async fn next_hangup(hangups: &mut Hangups) -> Option<()> {
+    match hangups {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+#[cfg(not(unix))]
+async fn next_hangup(_: &mut Hangups) -> Option<()> {
+    std::future::pending().await
+}
