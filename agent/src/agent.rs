@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    config::Config,
+    config::{Config, Live},
     containers::Containers,
     targets::Targets,
     tunnel::{self, renew, TunnelStatus, Tunnels},
@@ -34,6 +34,7 @@ pub struct IdentityInfo {
 pub struct Agent {
     tunnels: Arc<Tunnels>,
     identity: IdentityInfo,
+    reloads: Arc<tokio::sync::Notify>,
 }
 
 impl Agent {
@@ -50,11 +51,17 @@ impl Agent {
         ));
         let containers =
             Containers::new(&identity.name, config.docker.clone(), config.containers.values().cloned());
-        let config = Arc::new(config);
+        let config = Live::new(Arc::new(config));
         let targets = Arc::new(Targets::new(config.clone(), containers));
         let validity = (identity.not_before_unix, identity.not_after_unix);
         let tunnels = Arc::new(Tunnels::new(config, targets, client_config, validity));
-        Ok(Self { tunnels, identity })
+        Ok(Self { tunnels, identity, reloads: Arc::default() })
+    }
+
+    /// Notifying it makes the running agent read its agent.toml again (the Windows service's
+    /// parameter-change control does; SIGHUP and a change of the file do it on their own).
+    pub fn reload_trigger(&self) -> Arc<tokio::sync::Notify> {
+        self.reloads.clone()
     }
 
     pub fn identity(&self) -> &IdentityInfo {
@@ -75,10 +82,12 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) {
         let tunnels = TaskTracker::new();
         tunnels.spawn(self.tunnels.targets.containers.clone().run(shutdown.clone()));
-        tracing::info!(agent = %self.identity.name, relays = self.tunnels.config.relays.len(), "agent starting");
-        for relay in &self.tunnels.config.relays {
+        let config = self.tunnels.config.get();
+        tracing::info!(agent = %self.identity.name, relays = config.relays.len(), "agent starting");
+        for relay in &config.relays {
             tunnels.spawn(tunnel::maintain(relay.clone(), self.tunnels.clone(), shutdown.clone()));
         }
+        tunnels.spawn(crate::reload::watch(self.tunnels.clone(), self.reloads.clone(), shutdown.clone()));
         tunnels.close();
         tunnels.wait().await;
         self.tunnels.streams.close();

@@ -24,6 +24,7 @@ pub mod backoff;
 pub mod config;
 pub mod containers;
 pub mod enroll;
+mod reload;
 pub mod service;
 mod targets;
 mod tunnel;

@@ -57,6 +57,9 @@ enum ServiceCommand {
     Uninstall,
     Start,
     Stop,
+    /// Make the running service read its agent.toml again (the parameter-change control; the same
+    /// as `sc.exe control sallyport-agent paramchange`).
+    Reload,
     Status,
     /// The service's entry point (the Service Control Manager starts this).
     #[command(hide = true)]
@@ -148,6 +151,11 @@ fn service(command: ServiceCommand) -> anyhow::Result<()> {
         }
         ServiceCommand::Start => windows::start(),
         ServiceCommand::Stop => windows::stop(),
+        ServiceCommand::Reload => {
+            windows::reload()?;
+            println!("asked {} to reload its configuration (see its log)", service::SERVICE_NAME);
+            Ok(())
+        }
         ServiceCommand::Status => {
             println!("{}", windows::status()?);
             Ok(())
@@ -159,7 +167,8 @@ fn service(command: ServiceCommand) -> anyhow::Result<()> {
 #[cfg(not(windows))]
 fn service(_command: ServiceCommand) -> anyhow::Result<()> {
     anyhow::bail!(
-        "Windows services exist on Windows only; on Linux install deploy/linux/sallyport-agent.service (systemd)"
+        "Windows services exist on Windows only; on Linux install deploy/linux/sallyport-agent.service (systemd: \
+         `systemctl reload sallyport-agent` sends SIGHUP, which reloads agent.toml)"
     )
 }
 

@@ -22,6 +22,9 @@ pub enum AgentMessage {
     /// A certificate request for a new key, sent when a third of the current certificate's
     /// lifetime is left; answered with [`RelayMessage::Renewed`].
     Renew { csr_pem: String },
+    /// The services the agent offers now, after its configuration was reloaded (version 2 on);
+    /// answered with [`RelayMessage::Published`].
+    Offer(Vec<ServiceOffer>),
 }
 
 /// Messages from the relay to the agent.
@@ -37,6 +40,8 @@ pub enum RelayMessage {
     Command(Command),
     /// The new client certificate (PEM), or why the relay would not issue one.
     Renewed(Result<String, String>),
+    /// The relay's verdict on each service of an [`AgentMessage::Offer`], in the order offered.
+    Published(Vec<ServiceVerdict>),
 }
 
 /// The agent's introduction. Its identity is not here: it is the name in its client certificate.

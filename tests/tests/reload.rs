@@ -106,6 +106,14 @@ fn metric(text: &str, prefix: &str) -> f64 {
         + 0.0
 }
 
+/// Whether a client of `addr` is turned away (reset at connect or before any answer).
+async fn refused(addr: SocketAddr) -> bool {
+    match TcpStream::connect(addr).await {
+        Ok(mut stream) => !echo_once(&mut stream, b"x").await,
+        Err(_) => true,
+    }
+}
+
 /// `sallyport-relay reload --config PATH`: its exit status and output.
 fn reload_command(path: &Path) -> (bool, String) {
     let out = std::process::Command::new(binary("sallyport-relay"))
@@ -381,4 +389,83 @@ async fn a_hundred_reloads_leave_memory_and_tasks_flat() {
     assert!(rss_after <= rss_before + 2048, "RSS grew from {rss_before} to {rss_after} KiB");
     assert!(!relay.drain().iter().any(|l| l.contains("agent disconnected")));
     agent.stop().await;
+}
+
+/// The agent's agent.toml changes while it runs (a file change, then SIGHUP): a new service is
+/// offered on the live tunnel and reachable at once, a removed one refuses new clients while its
+/// open connection finishes, and the tunnel is never re-established.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reload_offers_its_services_on_the_live_tunnel() {
+    let pki = TestPki::new();
+    let (http, keep, added) = (free_port(), free_port(), free_port());
+    let ports = (http, free_port());
+    let relay_path: PathBuf = pki.dir().join("relay.toml");
+    std::fs::write(
+        &relay_path,
+        relay_toml(
+            &pki,
+            ports,
+            "",
+            &format!(
+                "[services.keep]\nagent = \"winbox\"\nlisten = \"{keep}\"\n\
+                 [services.added]\nagent = \"winbox\"\nlisten = \"{added}\"\n"
+            ),
+        ),
+    )
+    .expect("relay.toml");
+    let (mut relay, quic, _admin) = start_relay(&relay_path);
+    let greeter = sallyport_tests::targets::greeter(b"hello").await;
+    let bundle = pki.agent_bundle("winbox");
+    let agent_path = bundle.join("agent.toml");
+    let agent_toml = |services: &[&str]| {
+        let mut text = format!(
+            "[agent]\nrelays = [\"{quic}\"]\nca_cert = \"ca.crt\"\ncert = \"agent.crt\"\nkey = \"agent.key\"\n"
+        );
+        for service in services {
+            text.push_str(&format!("[services.{service}]\ntarget = \"tcp://{}\"\n", greeter.addr));
+        }
+        text
+    };
+    std::fs::write(&agent_path, agent_toml(&["keep"])).expect("agent.toml");
+    let mut agent = Spawned::start({
+        let mut c = std::process::Command::new(binary("sallyport-agent"));
+        c.arg("run").arg("--config").arg(&agent_path);
+        c
+    });
+    agent.wait_line("tunnel up", Duration::from_secs(15));
+    let mut kept = TcpStream::connect(keep).await.expect("keep");
+    assert!(echo_once(&mut kept, b"one").await);
+    assert!(refused(added).await, "not offered yet: refused");
+
+    // The file changes: `added` is offered on the live tunnel.
+    replace(&agent_path, &agent_toml(&["keep", "added"]));
+    let applied = agent.wait_line("is live (was", Duration::from_secs(5));
+    assert!(applied.contains("services added [\"added\"]"), "{applied}");
+    agent.wait_line("the relay publishes the services after the reload", Duration::from_secs(5));
+    let mut new = TcpStream::connect(added).await.expect("added");
+    assert!(echo_once(&mut new, b"two").await, "the new service is reachable without a reconnect");
+
+    // SIGHUP after removing `keep`: new clients are refused, the open connection finishes.
+    replace(&agent_path, &agent_toml(&["added"]));
+    let pid = agent.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());
+    let line = agent.wait_line("is live (was", Duration::from_secs(5));
+    assert!(line.contains("removed [\"keep\"]"), "{line}");
+    agent.wait_line("the relay publishes the services after the reload", Duration::from_secs(5));
+    assert!(
+        echo_once(&mut kept, b"three").await,
+        "the open connection of a removed service finishes its work"
+    );
+    assert!(refused(keep).await, "a removed service refuses new clients");
+
+    // A broken file changes nothing.
+    replace(&agent_path, &agent_toml(&["added"]).replace("[agent]", "[agent]\nbogus = 1"));
+    let line = agent.wait_line("configuration not reloaded", Duration::from_secs(5));
+    assert!(line.contains("agent.toml") && line.contains("bogus"), "{line}");
+    let mut again = TcpStream::connect(added).await.expect("added");
+    assert!(echo_once(&mut again, b"four").await);
+
+    let agent_log = agent.drain().join("\n");
+    assert_eq!(agent_log.matches("tunnel up").count(), 1, "one tunnel all along:\n{agent_log}");
+    assert!(!relay.drain().iter().any(|l| l.contains("agent disconnected")));
 }

@@ -28,6 +28,8 @@ pub use target::{AddressError, Target, TargetError};
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
+    /// The first 12 hex digits of the SHA-256 of the file's text: which configuration is live.
+    pub hash: String,
     /// Every relay the agent keeps a tunnel to.
     pub relays: Vec<RelayAddr>,
     pub tls: TlsFiles,
@@ -158,6 +160,32 @@ impl fmt::Display for RelayAddr {
     }
 }
 
+/// The first 12 hex digits of the SHA-256 of `bytes`.
+pub fn hash(bytes: &[u8]) -> String {
+    sallyport_runtime::hex::encode(&sallyport_runtime::tls::cert_sha256(bytes)[..6])
+}
+
+/// The configuration in force: read for each stream and flow, replaced whole by a reload.
+#[derive(Debug)]
+pub struct Live {
+    current: std::sync::RwLock<std::sync::Arc<Config>>,
+}
+
+impl Live {
+    pub fn new(config: std::sync::Arc<Config>) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self { current: std::sync::RwLock::new(config) })
+    }
+
+    /// The configuration in force now.
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        sallyport_runtime::sync::read(&self.current).clone()
+    }
+
+    pub(crate) fn set(&self, config: std::sync::Arc<Config>) {
+        *sallyport_runtime::sync::write(&self.current) = config;
+    }
+}
+
 /// One service the agent carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
@@ -193,14 +221,42 @@ fn docker_settings(raw: RawDocker, path: &Path) -> Result<DockerSettings, Config
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::from_raw(conf::read_toml(path)?, path)
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text, path)
     }
 
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        Self::from_raw(conf::parse_toml(text, path)?, path)
+        Self::from_raw(conf::parse_toml(text, path)?, path, hash(text.as_bytes()))
     }
 
-    fn from_raw(raw: RawConfig, path: &Path) -> Result<Self, ConfigError> {
+    /// Why `new` cannot replace this configuration while the agent runs: the first key it changes
+    /// that only a restart applies (the relays, the identity, the timers, the Docker engine, the
+    /// set of containers), as an error naming the file and the key.
+    pub fn reload_refusal(&self, new: &Config) -> Option<ConfigError> {
+        let fixed = |c: &Config| {
+            [
+                ("agent.relays", format!("{:?}", c.relays)),
+                ("agent.ca_cert", format!("{:?}", c.tls.ca_cert)),
+                ("agent.cert", format!("{:?}", c.tls.cert)),
+                ("agent.key", format!("{:?}", c.tls.key)),
+                ("agent (timers)", format!("{:?}", c.timing)),
+                ("agent (udp_flow_idle, udp_max_flows)", format!("{:?}", c.udp)),
+                ("docker", format!("{:?}", c.docker)),
+                ("containers (which are declared)", format!("{:?}", c.containers.keys().collect::<Vec<_>>())),
+            ]
+        };
+        let (old, changed) = (fixed(self), fixed(new));
+        old.iter().zip(changed.iter()).find(|(a, b)| a.1 != b.1).map(|((key, _), _)| {
+            ConfigError::invalid(
+                &new.path,
+                *key,
+                "cannot change while the agent runs: restart it to apply this (the running configuration stays)",
+            )
+        })
+    }
+
+    fn from_raw(raw: RawConfig, path: &Path, hash: String) -> Result<Self, ConfigError> {
         let a = raw.agent;
         if a.relays.is_empty() {
             return Err(ConfigError::invalid(
@@ -312,6 +368,7 @@ impl Config {
         }
         Ok(Self {
             path: path.to_owned(),
+            hash,
             relays,
             tls: TlsFiles {
                 ca_cert: conf::resolve(path, &a.ca_cert),

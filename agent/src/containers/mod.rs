@@ -12,7 +12,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
     },
     time::{Duration, Instant},
 };
@@ -111,7 +111,8 @@ pub struct ContainerStats {
 
 #[derive(Debug)]
 struct Slot {
-    spec: ContainerSpec,
+    /// Replaced by a reload; a new spec applies at the container's next start.
+    spec: RwLock<Arc<ContainerSpec>>,
     state: watch::Sender<ContainerState>,
     /// Connections holding the container up.
     leases: AtomicUsize,
@@ -122,6 +123,13 @@ struct Slot {
     lifecycle: tokio::sync::Mutex<()>,
     idle: tokio::sync::Notify,
     stats: Mutex<ContainerStats>,
+}
+
+impl Slot {
+    /// The spec in force.
+    fn spec(&self) -> Arc<ContainerSpec> {
+        sallyport_runtime::sync::read(&self.spec).clone()
+    }
 }
 
 /// The manager of the agent's declared containers.
@@ -160,8 +168,9 @@ impl Containers {
         let slots = specs
             .into_iter()
             .map(|spec| {
+                let name = spec.name.clone();
                 let slot = Slot {
-                    spec,
+                    spec: RwLock::new(Arc::new(spec)),
                     state: watch::Sender::new(ContainerState::Unknown),
                     leases: AtomicUsize::new(0),
                     generation: AtomicU64::new(0),
@@ -169,10 +178,22 @@ impl Containers {
                     idle: tokio::sync::Notify::new(),
                     stats: Mutex::default(),
                 };
-                (slot.spec.name.clone(), Arc::new(slot))
+                (name, Arc::new(slot))
             })
             .collect();
         Self { inner: Arc::new(Inner { engine: Engine::new(agent, settings), slots }) }
+    }
+
+    /// Takes the specs of a reloaded configuration: each declared container's spec is replaced
+    /// and applies at its next start (a running container goes on as it is).
+    pub fn update_specs(&self, specs: impl IntoIterator<Item = ContainerSpec>) {
+        for spec in specs {
+            if let Some(slot) = self.inner.slots.get(&spec.name) {
+                if *slot.spec() != spec {
+                    *sallyport_runtime::sync::write(&slot.spec) = Arc::new(spec);
+                }
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -223,7 +244,7 @@ impl Containers {
             .inner
             .slots
             .values()
-            .filter(|slot| slot.spec.start == StartPolicy::OnDemand && slot.spec.idle_stop.is_some())
+            .filter(|slot| slot.spec().start == StartPolicy::OnDemand && slot.spec().idle_stop.is_some())
             .map(|slot| tokio::spawn(self.clone().idle_stop(slot.clone())))
             .collect();
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
@@ -302,12 +323,12 @@ impl Containers {
     /// ones with no connection get their idle timer armed.
     fn reconcile(&self, slot: &Arc<Slot>) {
         let running = matches!(*slot.state.borrow(), ContainerState::Running { .. });
-        match slot.spec.start {
+        match slot.spec().start {
             StartPolicy::Always if !running => {
                 let (this, slot) = (self.clone(), slot.clone());
                 tokio::spawn(async move {
                     if let Err(e) = this.ensure_running(&slot).await {
-                        warn!(container = %slot.spec.name, error = %e, "cannot start container");
+                        warn!(container = %slot.spec().name, error = %e, "cannot start container");
                     }
                 });
             }
@@ -320,7 +341,7 @@ impl Containers {
 
     /// Stops an on-demand container `idle_stop` after its last connection closed.
     async fn idle_stop(self, slot: Arc<Slot>) {
-        let Some(after) = slot.spec.idle_stop else { return };
+        let Some(after) = slot.spec().idle_stop else { return };
         loop {
             slot.idle.notified().await;
             let armed = slot.generation.load(Ordering::Acquire);
@@ -332,12 +353,12 @@ impl Containers {
             if !matches!(*slot.state.borrow(), ContainerState::Running { .. }) {
                 continue;
             }
-            match self.inner.engine.stop(&slot.spec).await {
+            match self.inner.engine.stop(&slot.spec()).await {
                 Ok(()) => {
-                    info!(container = %slot.spec.name, idle = ?after, "container stopped after idling");
+                    info!(container = %slot.spec().name, idle = ?after, "container stopped after idling");
                     lock(&slot.stats).idle_stops += 1;
                 }
-                Err(e) => warn!(container = %slot.spec.name, error = %e, "cannot stop idle container"),
+                Err(e) => warn!(container = %slot.spec().name, error = %e, "cannot stop idle container"),
             }
         }
     }
@@ -358,7 +379,7 @@ impl Containers {
                 // A container that exited at once frees its address, and the engine may give it to
                 // another container at once: the connection counts only if ours still runs (a
                 // running container keeps its address).
-                self.inner.engine.check_alive(&slot.spec).await?;
+                self.inner.engine.check_alive(&slot.spec()).await?;
                 let took = started.elapsed();
                 info!(container = %name, cold_start = ?took, "container started for a connection");
                 lock(&slot.stats).last_cold_start = Some(took);
@@ -377,7 +398,7 @@ impl Containers {
     /// it waited for) started it.
     async fn ensure_running(&self, slot: &Arc<Slot>) -> Result<(IpAddr, bool), ContainerError> {
         let _guard = slot.lifecycle.lock().await;
-        let inspected = self.inner.engine.ensure_created(&slot.spec).await?;
+        let inspected = self.inner.engine.ensure_created(&slot.spec()).await?;
         if let Inspected { running: true, address: Some(ip), .. } = inspected {
             return Ok((ip, false));
         }
@@ -389,14 +410,14 @@ impl Containers {
     async fn start_locked(&self, slot: &Arc<Slot>) -> Result<IpAddr, ContainerError> {
         slot.state.send_replace(ContainerState::Starting);
         lock(&slot.stats).starts += 1;
-        let result = self.inner.engine.start(&slot.spec).await;
+        let result = self.inner.engine.start(&slot.spec()).await;
         match &result {
             Ok(_) => {
                 slot.state.send_replace(ContainerState::Running { health: None });
             }
             Err(e) => {
-                warn!(container = %slot.spec.name, error = %e, "container did not start");
-                let state = self.inner.engine.state_of(&slot.spec).await.unwrap_or(ContainerState::Unknown);
+                warn!(container = %slot.spec().name, error = %e, "container did not start");
+                let state = self.inner.engine.state_of(&slot.spec()).await.unwrap_or(ContainerState::Unknown);
                 slot.state.send_replace(state);
             }
         }
@@ -406,9 +427,9 @@ impl Containers {
     /// Waits until the container is ready and returns the first accepted connection.
     async fn until_ready(&self, slot: &Arc<Slot>, addr: SocketAddr) -> Result<TcpStream, ContainerError> {
         loop {
-            let healthy = match slot.spec.ready {
+            let healthy = match slot.spec().ready {
                 Ready::Port => true,
-                Ready::Health => self.inner.engine.is_healthy(&slot.spec).await?,
+                Ready::Health => self.inner.engine.is_healthy(&slot.spec()).await?,
             };
             if healthy {
                 if let Ok(Ok(tcp)) =
@@ -418,7 +439,7 @@ impl Containers {
                 }
             }
             // Not accepting yet: still starting, or gone?
-            self.inner.engine.check_alive(&slot.spec).await?;
+            self.inner.engine.check_alive(&slot.spec()).await?;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -434,8 +455,8 @@ impl Containers {
     pub async fn stop(&self, name: &str) -> Result<String, ContainerError> {
         let slot = self.slot(name)?.clone();
         let _guard = slot.lifecycle.lock().await;
-        self.inner.engine.stop(&slot.spec).await?;
-        slot.state.send_replace(self.inner.engine.state_of(&slot.spec).await?);
+        self.inner.engine.stop(&slot.spec()).await?;
+        slot.state.send_replace(self.inner.engine.state_of(&slot.spec()).await?);
         Ok(format!("{name} stopped"))
     }
 
@@ -443,8 +464,8 @@ impl Containers {
     pub async fn restart(&self, name: &str) -> Result<String, ContainerError> {
         let slot = self.slot(name)?.clone();
         let _guard = slot.lifecycle.lock().await;
-        self.inner.engine.ensure_created(&slot.spec).await?;
-        self.inner.engine.stop(&slot.spec).await?;
+        self.inner.engine.ensure_created(&slot.spec()).await?;
+        self.inner.engine.stop(&slot.spec()).await?;
         let ip = self.start_locked(&slot).await?;
         Ok(format!("{name} restarted, running at {ip}"))
     }
@@ -452,7 +473,7 @@ impl Containers {
     /// The state of `name` as the engine reports it now.
     pub async fn status(&self, name: &str) -> Result<String, ContainerError> {
         let slot = self.slot(name)?.clone();
-        let state = self.inner.engine.state_of(&slot.spec).await?;
+        let state = self.inner.engine.state_of(&slot.spec()).await?;
         slot.state.send_replace(state.clone());
         Ok(format!("{name}: {}", state.word()))
     }
@@ -460,6 +481,6 @@ impl Containers {
     /// The last `tail` lines of the container's output.
     pub async fn logs(&self, name: &str, tail: u32) -> Result<String, ContainerError> {
         let slot = self.slot(name)?.clone();
-        self.inner.engine.logs(&slot.spec, tail).await
+        self.inner.engine.logs(&slot.spec(), tail).await
     }
 }

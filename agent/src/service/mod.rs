@@ -33,6 +33,12 @@ pub fn log_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("logs")
 }
 
+/// What `sallyport-agent service reload` runs `sc.exe` with: the parameter-change control, which
+/// the running service answers by reloading agent.toml.
+pub fn reload_arguments() -> [&'static str; 3] {
+    ["control", SERVICE_NAME, "paramchange"]
+}
+
 /// The command line the Service Control Manager starts the executable with.
 pub fn launch_arguments(config: &Path) -> Vec<OsString> {
     vec!["service".into(), "run".into(), "--config".into(), config.as_os_str().to_owned()]
@@ -86,6 +92,11 @@ pub mod windows;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reload_is_the_parameter_change_control() {
+        assert_eq!(reload_arguments(), ["control", "sallyport-agent", "paramchange"]);
+    }
 
     #[test]
     fn paths_follow_program_data() {

@@ -94,6 +94,18 @@ pub fn start() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends the running service the parameter-change control, which makes it reload agent.toml. The
+/// binding the agent uses exposes no call for it, so this runs `sc.exe`, which every Windows has.
+pub fn reload() -> anyhow::Result<()> {
+    let out = std::process::Command::new("sc.exe").args(super::reload_arguments()).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "sc.exe control {SERVICE_NAME} paramchange: {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    Ok(())
+}
+
 pub fn stop() -> anyhow::Result<()> {
     let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)?;
     let service = manager.open_service(SERVICE_NAME, ServiceAccess::STOP)?;
@@ -149,7 +161,7 @@ fn service_status(state: ServiceState, exit: u32, wait: Duration) -> ServiceStat
         service_type: ServiceType::OWN_PROCESS,
         current_state: state,
         controls_accepted: if state == ServiceState::Running {
-            ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN
+            ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN | ServiceControlAccept::PARAM_CHANGE
         } else {
             ServiceControlAccept::empty()
         },
@@ -163,9 +175,15 @@ fn service_status(state: ServiceState, exit: u32, wait: Duration) -> ServiceStat
 fn run_service() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let on_control = stop.clone();
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+    let on_reload = reload.clone();
     let handle = service_control_handler::register(SERVICE_NAME, move |control| match control {
         ServiceControl::Stop | ServiceControl::Shutdown => {
             on_control.cancel();
+            ServiceControlHandlerResult::NoError
+        }
+        ServiceControl::ParamChange => {
+            on_reload.notify_one();
             ServiceControlHandlerResult::NoError
         }
         ServiceControl::Interrogate => ServiceControlHandlerResult::NoError,
@@ -195,6 +213,13 @@ fn run_service() -> anyhow::Result<()> {
         tokio::spawn(async move {
             stopping.cancelled().await;
             tracing::info!("service stop requested: shutting down");
+        });
+        let trigger = agent.reload_trigger();
+        tokio::spawn(async move {
+            loop {
+                reload.notified().await;
+                trigger.notify_one();
+            }
         });
         agent.run(drained).await;
     });

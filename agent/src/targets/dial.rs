@@ -41,14 +41,17 @@ pub(crate) async fn handle_stream(mut send: SendStream, mut recv: RecvStream, ta
 }
 
 async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream, targets: Arc<Targets>) {
-    let Some(service) = targets.config.services.get(&header.service) else {
+    // The service as configured now (a reload may have added, changed or removed it; a stream
+    // already open goes on with what it started with).
+    let config = targets.config.get();
+    let Some(service) = config.services.get(&header.service) else {
         sallyport_runtime::limited!(warn, "relay asked for a service this agent does not declare");
         refuse(&mut send, &mut recv, Answer::UnknownService).await;
         return;
     };
     // A container connection holds its lease until the splice ends.
     let (mut tcp, _lease) = match &service.target {
-        Target::Tcp { host, port } => match dial(host, *port, targets.config.timing.connect_timeout).await {
+        Target::Tcp { host, port } => match dial(host, *port, config.timing.connect_timeout).await {
             Ok(tcp) => (tcp, None),
             Err(answer) => {
                 debug!(target = %service.target, reason = answer.describe(), "dial failed");
@@ -73,11 +76,11 @@ async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream,
             }
         },
         Target::Wsl { distro, port } => {
-            let Some(resolver) = targets.wsl.get(distro) else {
+            let Some(resolver) = targets.wsl(distro) else {
                 refuse(&mut send, &mut recv, Answer::UnknownService).await;
                 return;
             };
-            let timeout = targets.config.timing.connect_timeout;
+            let timeout = config.timing.connect_timeout;
             match resolver.connect_tcp(*port, Some(crate::targets::wsl::LOCALHOST), timeout).await {
                 Ok(tcp) => {
                     prepare(&tcp);

@@ -6,10 +6,13 @@ pub(crate) mod dial;
 pub(crate) mod udp;
 pub(crate) mod wsl;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+};
 
 use crate::{
-    config::{Config, Target},
+    config::{Config, Live, Target},
     containers::Containers,
 };
 
@@ -17,23 +20,34 @@ use crate::{
 /// behind them, and the WSL2 distributions they name.
 #[derive(Debug)]
 pub(crate) struct Targets {
-    pub(crate) config: Arc<Config>,
+    /// The configuration in force (a reload replaces it).
+    pub(crate) config: Arc<Live>,
     pub(crate) containers: Containers,
     /// The VM address of each WSL distribution a `wsl://` target names.
-    pub(crate) wsl: BTreeMap<String, wsl::Resolver>,
+    wsl: RwLock<BTreeMap<String, Arc<wsl::Resolver>>>,
 }
 
 impl Targets {
-    pub(crate) fn new(config: Arc<Config>, containers: Containers) -> Self {
+    pub(crate) fn new(config: Arc<Live>, containers: Containers) -> Self {
+        let targets = Self { config, containers, wsl: RwLock::default() };
+        targets.resolve_wsl(&targets.config.get());
+        targets
+    }
+
+    /// The resolver of WSL distribution `distro`, if a `wsl://` target names it.
+    pub(crate) fn wsl(&self, distro: &str) -> Option<Arc<wsl::Resolver>> {
+        sallyport_runtime::sync::read(&self.wsl).get(distro).cloned()
+    }
+
+    /// Adds a resolver for each WSL distribution `config` names that has none yet.
+    pub(crate) fn resolve_wsl(&self, config: &Config) {
         let config_dir = config.path.parent().unwrap_or(std::path::Path::new(".")).to_owned();
-        let wsl = config
-            .services
-            .values()
-            .filter_map(|s| match &s.target {
-                Target::Wsl { distro, .. } => Some((distro.clone(), wsl::Resolver::new(distro, &config_dir))),
-                _ => None,
-            })
-            .collect();
-        Self { config, containers, wsl }
+        let mut wsl = sallyport_runtime::sync::write(&self.wsl);
+        for service in config.services.values() {
+            if let Target::Wsl { distro, .. } = &service.target {
+                wsl.entry(distro.clone())
+                    .or_insert_with(|| Arc::new(wsl::Resolver::new(distro, &config_dir)));
+            }
+        }
     }
 }

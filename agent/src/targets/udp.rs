@@ -76,8 +76,9 @@ impl Drop for Flow {
 
 /// Serves the relay's datagrams on `connection` until it closes.
 pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
-    let idle = targets.config.udp.flow_idle;
-    let max = targets.config.udp.max_flows;
+    let config = targets.config.get();
+    let (idle, max) = (config.udp.flow_idle, config.udp.max_flows);
+    drop(config);
     // Grouped by the client's prefix (from the relay's `Open`), like the relay's own table.
     let mut flows: FlowTable<u32, Flow> = FlowTable::with_groups(max, max / PREFIX_SHARE, |_| 0);
     let mut sweep = tokio::time::interval((idle / 4).max(Duration::from_millis(250)));
@@ -136,7 +137,8 @@ async fn open(
     service: &str,
     client: SocketAddr,
 ) -> Option<Flow> {
-    let Some(declared) = targets.config.services.get(service) else {
+    let config = targets.config.get();
+    let Some(declared) = config.services.get(service) else {
         debug!(service, "UDP flow for a service this agent does not declare: dropped");
         return None;
     };
@@ -148,7 +150,7 @@ async fn open(
                 None
             }
         },
-        Target::Wsl { distro, port } => match targets.wsl.get(distro) {
+        Target::Wsl { distro, port } => match targets.wsl(distro) {
             Some(resolver) => match resolver.address(None).await {
                 Ok(ip) => Some(SocketAddr::new(ip, *port)),
                 Err(e) => {

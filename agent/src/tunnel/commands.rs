@@ -63,7 +63,7 @@ pub(crate) async fn answer(command: Command, tunnels: &Tunnels) -> Result<String
 
 /// Runs a command from the relay if it is admitted.
 async fn run(command: Command, tunnels: &Tunnels) -> Result<String, CommandFailed> {
-    let declared = tunnels.config.containers.contains_key(&command.container);
+    let declared = tunnels.config.get().containers.contains_key(&command.container);
     admit(&command, declared, &tunnels.seen_commands, clock::unix_now())?;
     let c = &tunnels.targets.containers;
     let name = command.container.as_str();

@@ -30,7 +30,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::{
     backoff::Backoff,
-    config::{Config, RelayAddr},
+    config::{Live, RelayAddr},
     targets::{dial, Targets},
 };
 /// This build, as the agent describes itself to relays.
@@ -47,7 +47,10 @@ pub enum TunnelStatus {
 /// What the tunnels to every relay share.
 #[derive(Debug)]
 pub(crate) struct Tunnels {
-    pub(crate) config: Arc<Config>,
+    /// The configuration in force (a reload replaces it; see [`crate::reload`]).
+    pub(crate) config: Arc<Live>,
+    /// Bumped by each applied reload: every live tunnel then offers the relay its services again.
+    pub(crate) offers: watch::Sender<u64>,
     /// What the relay's streams and datagrams are dialed to.
     pub(crate) targets: Arc<Targets>,
     /// Rebuilt when the certificate is renewed; each new connection takes the current one.
@@ -66,13 +69,14 @@ pub(crate) struct Tunnels {
 
 impl Tunnels {
     pub(crate) fn new(
-        config: Arc<Config>,
+        config: Arc<Live>,
         targets: Arc<Targets>,
         client_config: quinn::ClientConfig,
         cert_validity: (i64, i64),
     ) -> Self {
         Self {
             config,
+            offers: watch::Sender::new(0),
             targets,
             client_config: RwLock::new(client_config),
             cert_validity: Mutex::new(cert_validity),
@@ -94,12 +98,17 @@ impl Tunnels {
         });
     }
 
+    /// The services this agent offers now.
+    pub(crate) fn offers(&self) -> Vec<ServiceOffer> {
+        self.config.get().services.keys().map(|name| ServiceOffer { name: name.clone() }).collect()
+    }
+
     pub(crate) fn hello(&self) -> Hello {
         Hello {
             min_version: MIN_PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
             software: SOFTWARE.to_owned(),
-            services: self.config.services.keys().map(|name| ServiceOffer { name: name.clone() }).collect(),
+            services: self.offers(),
         }
     }
 }
@@ -146,7 +155,7 @@ pub(crate) async fn maintain(relay: RelayAddr, tunnels: Arc<Tunnels>, stop: Canc
     let key = relay.to_string();
     let span = info_span!("tunnel", relay = %key);
     async {
-        let timing = &tunnels.config.timing;
+        let timing = tunnels.config.get().timing.clone();
         let mut backoff = Backoff::new(timing.reconnect_min, timing.reconnect_max);
         let mut endpoint = None;
         let mut redial = Redial::default();
@@ -268,10 +277,11 @@ async fn connect_and_serve(
         TunnelStatus::Connected { remote: connection.remote_address(), published },
     );
 
+    let relay_key = relay.to_string();
     tokio::select! {
         () = accept_streams(&connection, tunnels) => {}
         () = crate::targets::udp::serve(&connection, &tunnels.targets) => {}
-        () = control_loop(&mut send, &mut recv, tunnels) => {}
+        () = control_loop(&mut send, &mut recv, tunnels, (&relay_key, welcome.version)) => {}
         () = stop.cancelled() => {
             connection.close(code(close::NORMAL), b"agent stopping");
             return Outcome::Stopped;
@@ -307,7 +317,7 @@ async fn connect(
     let endpoint = endpoint_for(addr, endpoint)?;
     let client_config = read(&tunnels.client_config).clone();
     let connecting = endpoint.connect_with(client_config, addr, &relay.server_name)?;
-    let timeout = tunnels.config.timing.handshake_timeout;
+    let timeout = tunnels.config.get().timing.handshake_timeout;
     let handshake = async {
         let connection = match answer_within {
             None => connecting.await?,
@@ -335,9 +345,12 @@ async fn hello(
     match read_frame::<RelayMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await? {
         Some(RelayMessage::Welcome(welcome)) => Ok((send, recv, welcome)),
         Some(RelayMessage::Refused { reason }) => Err(TunnelError::Refused(reason)),
-        Some(RelayMessage::Ping { .. } | RelayMessage::Command(_) | RelayMessage::Renewed(_)) => {
-            Err(TunnelError::Protocol("a control message before Welcome".into()))
-        }
+        Some(
+            RelayMessage::Ping { .. }
+            | RelayMessage::Command(_)
+            | RelayMessage::Renewed(_)
+            | RelayMessage::Published(_),
+        ) => Err(TunnelError::Protocol("a control message before Welcome".into())),
         None => Err(TunnelError::Protocol("control stream ended before Welcome".into())),
     }
 }
@@ -392,7 +405,14 @@ async fn accept_streams(connection: &Connection, tunnels: &Arc<Tunnels>) {
 /// The control stream after `Welcome`: answers pings, runs container commands, and reports
 /// container states, until the stream ends or breaks. Reading and writing run side by side, joined
 /// by a queue, so a slow command never holds up a ping.
-async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, tunnels: &Arc<Tunnels>) {
+async fn control_loop(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    tunnels: &Arc<Tunnels>,
+    (relay, version): (&str, u16),
+) {
+    let mut reloads = tunnels.offers.subscribe();
+    reloads.mark_unchanged();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<AgentMessage>(64);
     let writer = async {
         while let Some(message) = rx.recv().await {
@@ -414,6 +434,20 @@ async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, tunnels: &Ar
                     }
                 }
                 Ok(Some(RelayMessage::Renewed(result))) => renew::apply(result, tunnels),
+                Ok(Some(RelayMessage::Published(verdicts))) => {
+                    let published: Vec<String> =
+                        verdicts.iter().filter(|v| v.refused.is_none()).map(|v| v.name.clone()).collect();
+                    for verdict in &verdicts {
+                        if let Some(reason) = &verdict.refused {
+                            warn!(service = %verdict.name, %reason, "relay does not publish this service");
+                        }
+                    }
+                    info!(?published, "the relay publishes the services after the reload");
+                    let now = tunnels.status().borrow().get(relay).cloned();
+                    if let Some(TunnelStatus::Connected { remote, .. }) = now {
+                        tunnels.set_status(relay, TunnelStatus::Connected { remote, published });
+                    }
+                }
                 Ok(Some(RelayMessage::Command(command))) => {
                     let (tx, tunnels) = (tx.clone(), tunnels.clone());
                     tokio::spawn(async move {
@@ -450,10 +484,27 @@ async fn control_loop(send: &mut SendStream, recv: &mut RecvStream, tunnels: &Ar
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     };
+    // After a reload, the services are offered again on this tunnel: no reconnect.
+    let offerer = async {
+        while reloads.changed().await.is_ok() {
+            if version < 2 {
+                warn!(
+                    version,
+                    "the relay speaks an older protocol: changed services are offered at the next reconnect"
+                );
+                continue;
+            }
+            if tx.send(AgentMessage::Offer(tunnels.offers())).await.is_err() {
+                return;
+            }
+        }
+        std::future::pending().await
+    };
     tokio::select! {
         () = writer => {}
         () = reader => {}
         () = reporter => {}
+        () = offerer => {}
         () = renew::when_due(&tx, tunnels) => {}
     }
 }

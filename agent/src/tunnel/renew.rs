@@ -110,7 +110,8 @@ pub(crate) fn apply(result: Result<String, String>, tunnels: &Tunnels) {
 }
 
 fn install(cert_pem: &str, key_pem: &str, tunnels: &Tunnels) -> Result<i64, InstallError> {
-    let files = &tunnels.config.tls;
+    let config = tunnels.config.get();
+    let files = &config.tls;
     let identity = tls::Identity::from_pem(cert_pem.as_bytes(), key_pem.as_bytes())?;
     let leaf = identity.chain.first().ok_or(InstallError::Empty)?;
     let info = tls::inspect(leaf)?;
@@ -120,7 +121,7 @@ fn install(cert_pem: &str, key_pem: &str, tunnels: &Tunnels) -> Result<i64, Inst
     let crypto = tls::client_crypto(roots, identity, &[ALPN_TUNNEL])?;
     swap_identity(files, key_pem, cert_pem)
         .map_err(|source| InstallError::File { path: files.cert.clone(), source })?;
-    let timing = &tunnels.config.timing;
+    let timing = &config.timing;
     let mut client = quinn::ClientConfig::new(crypto);
     client.transport_config(transport::agent(timing.keep_alive, timing.idle_timeout, timing.congestion));
     *write(&tunnels.client_config) = client;

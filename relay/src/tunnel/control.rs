@@ -129,7 +129,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
     let pending = Mutex::new(HashMap::new());
     let (replies, mut reply_rx) = mpsc::channel(4);
     let reader =
-        Reader { cert: &cert, tunnels: &tunnels, pending: &pending, containers: &containers, replies };
+        Reader { cert: &cert, id, tunnels: &tunnels, pending: &pending, containers: &containers, replies };
     let ended = tokio::select! {
         r = control_reader(&mut recv, reader) => r,
         r = control_writer(&mut send, &mut command_rx, &mut reply_rx, &pending) => r,
@@ -178,6 +178,7 @@ fn message_kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::CommandResult { .. } => "CommandResult",
         AgentMessage::Containers(_) => "Containers",
         AgentMessage::Renew { .. } => "Renew",
+        AgentMessage::Offer(_) => "Offer",
     }
 }
 
@@ -188,6 +189,8 @@ type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<String, String>>>>;
 struct Reader<'a> {
     /// The certificate the tunnel runs on.
     cert: &'a AgentCert,
+    /// The session this tunnel is in the registry.
+    id: u64,
     tunnels: &'a Tunnels,
     pending: &'a Pending,
     containers: &'a Mutex<Vec<ContainerReport>>,
@@ -209,6 +212,7 @@ async fn control_reader(recv: &mut RecvStream, reader: Reader<'_>) -> Result<Clo
             AgentMessage::CommandResult { id, result } => reader.command_result(id, result),
             AgentMessage::Renew { csr_pem } => reader.renew(&csr_pem).await?,
             AgentMessage::Containers(reports) => reader.containers(reports),
+            AgentMessage::Offer(offers) => reader.offer(offers).await?,
             AgentMessage::Hello(_) => return Err(ProtocolError::HelloTwice),
         }
     }
@@ -241,6 +245,29 @@ impl Reader<'_> {
     }
 
     /// Keeps the agent's latest container report for the admin API and metrics.
+    /// The agent reloaded its configuration and offers these services now: publish those this
+    /// relay gives it (no reconnect), and tell it which.
+    async fn offer(&self, offers: Vec<sallyport_proto::ServiceOffer>) -> Result<(), ProtocolError> {
+        let name = &self.cert.id.agent;
+        let hello = sallyport_proto::Hello {
+            min_version: sallyport_proto::PROTOCOL_VERSION,
+            max_version: sallyport_proto::PROTOCOL_VERSION,
+            software: String::new(),
+            services: offers,
+        };
+        let Ok(verdicts) = admit(&self.tunnels.config.get(), name, &hello) else {
+            // The agent is no longer configured at all: it publishes nothing.
+            self.tunnels.registry.reoffer(name, self.id, BTreeSet::new(), BTreeSet::new());
+            return Ok(());
+        };
+        let offered = hello.services.iter().map(|s| s.name.clone()).collect();
+        let published: BTreeSet<String> = verdicts.published().map(str::to_owned).collect();
+        info!(?published, "the agent offers new services");
+        self.tunnels.registry.reoffer(name, self.id, offered, published);
+        let _ = self.replies.send(RelayMessage::Published(verdicts.services)).await;
+        Ok(())
+    }
+
     fn containers(&self, reports: Vec<ContainerReport>) {
         for report in &reports {
             debug!(container = %report.name, state = %report.state, "container state");

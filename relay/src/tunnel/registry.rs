@@ -121,6 +121,18 @@ impl Registry {
         });
     }
 
+    /// Session `id` of `name` offers `offered` now, of which the relay publishes `services`.
+    pub(crate) fn reoffer(&self, name: &str, id: u64, offered: BTreeSet<String>, services: BTreeSet<String>) {
+        self.agents.send_if_modified(|agents| match agents.get_mut(name) {
+            Some(session) if session.id == id => {
+                session.offered = offered;
+                session.services = services;
+                true
+            }
+            _ => false,
+        });
+    }
+
     /// The connection that carries `service` of `agent`, if that agent is connected and offers it.
     pub(crate) fn route(&self, agent: &str, service: &str) -> Option<quinn::Connection> {
         let agents = self.agents.borrow();
