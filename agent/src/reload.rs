@@ -11,31 +11,29 @@
 
 use std::{sync::Arc, time::Duration};
 
+use sallyport_runtime::live::{self, Hangups};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::{
-    config::{self, Config},
-    tunnel::Tunnels,
-};
+use crate::{config::Config, tunnel::Tunnels};
 
 const POLL: Duration = Duration::from_secs(1);
 
 /// Reloads on SIGHUP, on a change of the file and on `trigger`, until `stop` is cancelled.
 pub(crate) async fn watch(tunnels: Arc<Tunnels>, trigger: Arc<Notify>, stop: CancellationToken) {
-    let mut hangups = hangups();
+    let mut hangups = Hangups::new();
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refused: Option<String> = None;
     loop {
         let why = tokio::select! {
-            Some(()) = next_hangup(&mut hangups) => "SIGHUP",
+            () = hangups.next() => "SIGHUP",
             () = trigger.notified() => "the service's parameter-change control",
             _ = poll.tick() => {
                 let live = tunnels.config.get();
                 let Ok(bytes) = std::fs::read(&live.path) else { continue };
-                let hash = config::hash(&bytes);
+                let hash = live::hash(&bytes);
                 if hash == live.hash || refused.as_deref() == Some(hash.as_str()) {
                     continue;
                 }
@@ -50,12 +48,7 @@ pub(crate) async fn watch(tunnels: Arc<Tunnels>, trigger: Arc<Notify>, stop: Can
                 info!(why, "{message}");
             }
             Err(e) => {
-                let e = e
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && *l != "|")
-                    .collect::<Vec<_>>()
-                    .join(" ");
+                let e = live::one_line(&e);
                 error!(why, "configuration not reloaded, the running one stays: {e}");
             }
         }
@@ -94,28 +87,4 @@ fn reload(tunnels: &Tunnels) -> Result<String, String> {
          container specs changed {containers:?} (applied at their next start)",
         old.hash
     ))
-}
-
-#[cfg(unix)]
-type Hangups = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangups = ();
-
-#[cfg(unix)]
-fn hangups() -> Hangups {
-    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
-}
-#[cfg(not(unix))]
-fn hangups() -> Hangups {}
-
-#[cfg(unix)]
-async fn next_hangup(hangups: &mut Hangups) -> Option<()> {
-    match hangups {
-        Some(signal) => signal.recv().await,
-        None => std::future::pending().await,
-    }
-}
-#[cfg(not(unix))]
-async fn next_hangup(_: &mut Hangups) -> Option<()> {
-    std::future::pending().await
 }

@@ -24,6 +24,7 @@ pub mod durable;
 pub mod flows;
 pub mod framed;
 pub mod hex;
+pub mod live;
 pub mod logs;
 pub mod splice;
 pub mod sync;

@@ -87,10 +87,14 @@ impl Congestion {
     }
 }
 
-/// How often an idle tunnel says it is alive, by default: one packet a second each way (each side's
-/// keep-alive timer restarts on every packet it receives, so the two sides take turns: a PING one
-/// way, its ACK the other).
+/// How often an idle tunnel says it is alive, by default: the agent sends a PING after a second
+/// without a packet from the relay, and the relay's ACK comes back: one packet a second each way.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// The relay's keep-alive, by default: a little longer than the agent's, so on an idle tunnel the
+/// agent's fires first every time (each side's timer restarts on every packet it receives) and the
+/// relay only answers; it keeps alive a tunnel to an agent configured with a longer keep-alive.
+pub const RELAY_KEEP_ALIVE: Duration = Duration::from_millis(1250);
 
 /// How long a tunnel may hear nothing before it is dead, by default: a second and a half, so a
 /// peer that died or went dark is noticed within that (and a client that arrives in the meantime

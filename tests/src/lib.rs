@@ -25,3 +25,13 @@ pub fn init_logging() {
             .try_init();
     }
 }
+
+/// The sum of the samples in Prometheus text `text` whose line starts with `prefix` (a metric name
+/// with some of its labels): 0 when there is none.
+pub fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        + 0.0
+}

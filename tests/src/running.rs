@@ -116,6 +116,18 @@ impl RunningAgent {
         Self { status, containers, shutdown, task }
     }
 
+    /// Waits until one of the agent's tunnels is up; panics after `within`.
+    pub async fn wait_connected(&self, within: Duration) {
+        let mut status = self.status.clone();
+        tokio::time::timeout(
+            within,
+            status.wait_for(|s| s.values().any(|t| matches!(t, TunnelStatus::Connected { .. }))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the agent did not connect within {within:?}"))
+        .expect("agent running");
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.task)

@@ -46,13 +46,7 @@ async fn metrics(relay: &RunningRelay) -> String {
     body
 }
 
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>()
-        + 0.0
-}
+use sallyport_tests::metric;
 
 fn encode(datagram: &Datagram<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(datagram.encoded_len());
@@ -647,14 +641,7 @@ async fn a_full_relay_stays_within_its_memory_budget() {
         &[("web", web.addr), ("sink", sink.addr)],
         "",
     ));
-    let mut status = agent.status.clone();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        status.wait_for(|s| s.values().any(|t| matches!(t, sallyport_agent::TunnelStatus::Connected { .. }))),
-    )
-    .await
-    .expect("agent connects")
-    .expect("agent running");
+    agent.wait_connected(Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_kib = rss_kib(pid);
 

@@ -98,13 +98,7 @@ async fn metrics(admin: SocketAddr) -> String {
     sallyport_relay::cli::admin_client::request(admin, "GET", "/metrics", None).await.expect("metrics").1
 }
 
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>()
-        + 0.0
-}
+use sallyport_tests::metric;
 
 /// Whether a client of `addr` is turned away (reset at connect or before any answer).
 async fn refused(addr: SocketAddr) -> bool {
@@ -136,14 +130,7 @@ async fn winbox(
         ["keep", "gone", "added"].iter().map(|s| (*s, greeter.addr)).collect();
     services.push(("web", web.addr));
     let agent = RunningAgent::start(pki.agent_config("winbox", &[quic], &services, ""));
-    let mut status = agent.status.clone();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        status.wait_for(|s| s.values().any(|t| matches!(t, sallyport_agent::TunnelStatus::Connected { .. }))),
-    )
-    .await
-    .expect("agent connects")
-    .expect("agent running");
+    agent.wait_connected(Duration::from_secs(10)).await;
     (agent, (greeter, web))
 }
 

@@ -53,12 +53,7 @@ async fn metrics(relay: &RunningRelay) -> String {
     body
 }
 
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use sallyport_tests::metric;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_routes_by_host_with_forwarding_headers_and_clear_refusals() {

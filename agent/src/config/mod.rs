@@ -160,31 +160,8 @@ impl fmt::Display for RelayAddr {
     }
 }
 
-/// The first 12 hex digits of the SHA-256 of `bytes`.
-pub fn hash(bytes: &[u8]) -> String {
-    sallyport_runtime::hex::encode(&sallyport_runtime::tls::cert_sha256(bytes)[..6])
-}
-
-/// The configuration in force: read for each stream and flow, replaced whole by a reload.
-#[derive(Debug)]
-pub struct Live {
-    current: std::sync::RwLock<std::sync::Arc<Config>>,
-}
-
-impl Live {
-    pub fn new(config: std::sync::Arc<Config>) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self { current: std::sync::RwLock::new(config) })
-    }
-
-    /// The configuration in force now.
-    pub fn get(&self) -> std::sync::Arc<Config> {
-        sallyport_runtime::sync::read(&self.current).clone()
-    }
-
-    pub(crate) fn set(&self, config: std::sync::Arc<Config>) {
-        *sallyport_runtime::sync::write(&self.current) = config;
-    }
-}
+/// The agent's configuration in force: read for each stream and flow, replaced whole by a reload.
+pub type Live = sallyport_runtime::live::Live<Config>;
 
 /// One service the agent carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,7 +204,7 @@ impl Config {
     }
 
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        Self::from_raw(conf::parse_toml(text, path)?, path, hash(text.as_bytes()))
+        Self::from_raw(conf::parse_toml(text, path)?, path, sallyport_runtime::live::hash(text.as_bytes()))
     }
 
     /// Why `new` cannot replace this configuration while the agent runs: the first key it changes

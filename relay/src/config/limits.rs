@@ -114,7 +114,7 @@ impl Default for Limits {
         const MAX_UNAUTHENTICATED: usize = 64;
         Self {
             idle_timeout: transport::IDLE_TIMEOUT,
-            keep_alive: transport::KEEP_ALIVE,
+            keep_alive: transport::RELAY_KEEP_ALIVE,
             handshake_timeout: SECOND * 10,
             drain_grace: SECOND * 20,
             max_incoming: 256,
@@ -159,11 +159,11 @@ impl Limits {
             relay.bounded("idle_timeout", r.idle_timeout, d.idle_timeout, MILLISECOND * 500..=HOUR)?;
         let keep_alive =
             relay.bounded("keep_alive", r.keep_alive, d.keep_alive, MILLISECOND * 100..=SECOND * 600)?;
-        if keep_alive * 3 > idle_timeout * 2 {
+        if keep_alive * 6 > idle_timeout * 5 {
             return Err(ConfigError::invalid(
                 relay.path(),
                 relay.key("keep_alive"),
-                "must be at most two thirds of relay.idle_timeout, or a quiet tunnel is declared dead",
+                "must be at most five sixths of relay.idle_timeout, or a quiet tunnel is declared dead",
             ));
         }
         if budget.connections == 0 {

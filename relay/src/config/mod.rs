@@ -126,7 +126,7 @@ impl Config {
 
     /// Validates `text` as if it had been read from `path` (relative paths resolve against it).
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        Self::from_raw(conf::parse_toml(text, path)?, path, hash(text.as_bytes()))
+        Self::from_raw(conf::parse_toml(text, path)?, path, sallyport_runtime::live::hash(text.as_bytes()))
     }
 
     /// The keys a reload cannot change (the QUIC endpoint, the admin server, the trust files and
@@ -326,32 +326,8 @@ fn host_names(
     Ok(out)
 }
 
-/// The first 12 hex digits of the SHA-256 of `bytes`.
-pub(crate) fn hash(bytes: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    sallyport_runtime::hex::encode(&digest.as_ref()[..6])
-}
-
-/// The configuration in force: read for each new connection, replaced whole by a reload.
-#[derive(Debug)]
-pub struct Live {
-    current: std::sync::RwLock<std::sync::Arc<Config>>,
-}
-
-impl Live {
-    pub fn new(config: std::sync::Arc<Config>) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self { current: std::sync::RwLock::new(config) })
-    }
-
-    /// The configuration in force now.
-    pub fn get(&self) -> std::sync::Arc<Config> {
-        sallyport_runtime::sync::read(&self.current).clone()
-    }
-
-    pub(crate) fn set(&self, config: std::sync::Arc<Config>) {
-        *sallyport_runtime::sync::write(&self.current) = config;
-    }
-}
+/// The relay's configuration in force: read for each new connection, replaced whole by a reload.
+pub type Live = sallyport_runtime::live::Live<Config>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

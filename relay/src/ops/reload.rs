@@ -10,12 +10,13 @@
 
 use std::{sync::Arc, time::Duration};
 
+use sallyport_runtime::live::{self, Hangups};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::{
-    config::{self, Config, Live},
+    config::{Config, Live},
     expose::listeners::{Listeners, Sockets},
     runtime::Runtime,
     tunnel::registry::Registry,
@@ -49,13 +50,7 @@ impl Reloader {
             Ok(None) => self.runtime.metrics.reload("unchanged"),
             Err(e) => {
                 self.runtime.metrics.reload("refused");
-                // One line in the log (a TOML error points at its line over several).
-                let e = e
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && *l != "|")
-                    .collect::<Vec<_>>()
-                    .join(" ");
+                let e = live::one_line(e);
                 error!(why, hash = %old.hash, "configuration not reloaded, the running one stays: {e}");
             }
         }
@@ -94,18 +89,18 @@ pub(crate) async fn watch(
     reloader.runtime.metrics.config_live(&live.hash);
     info!(hash = %live.hash, path = %live.path.display(), "configuration live");
     drop(live);
-    let mut hangups = hangups();
+    let mut hangups = Hangups::new();
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A file that failed to load is tried again only once it changes again.
     let mut refused: Option<String> = None;
     loop {
         let (why, reply) = tokio::select! {
-            Some(()) = next_hangup(&mut hangups) => ("SIGHUP", None),
+            () = hangups.next() => ("SIGHUP", None),
             _ = poll.tick() => {
                 let path = reloader.live.get().path.clone();
                 let Ok(bytes) = std::fs::read(&path) else { continue };
-                let hash = config::hash(&bytes);
+                let hash = live::hash(&bytes);
                 if hash == reloader.live.get().hash || refused.as_deref() == Some(hash.as_str()) {
                     continue;
                 }
@@ -123,29 +118,4 @@ pub(crate) async fn watch(
             let _ = reply.send(result);
         }
     }
-}
-
-#[cfg(unix)]
-type Hangups = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangups = ();
-
-#[cfg(unix)]
-fn hangups() -> Hangups {
-    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
-}
-#[cfg(not(unix))]
-fn hangups() -> Hangups {}
-
-/// The next SIGHUP; never, where there is none.
-#[cfg(unix)]
-async fn next_hangup(hangups: &mut Hangups) -> Option<()> {
-    match hangups {
-        Some(signal) => signal.recv().await,
-        None => std::future::pending().await,
-    }
-}
-#[cfg(not(unix))]
-async fn next_hangup(_: &mut Hangups) -> Option<()> {
-    std::future::pending().await
 }
