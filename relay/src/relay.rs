@@ -117,7 +117,11 @@ impl Relay {
         )
         .map_err(bind_err("the QUIC endpoint", config.listen))?;
 
-        let sockets = Sockets::bind(&config, None)?;
+        let sockets = Sockets::bind(&config, None).map_err(|e| StartError::Bind {
+            what: e.what,
+            addr: e.addr,
+            source: e.source,
+        })?;
         let admin =
             TcpListener::bind(config.admin).await.map_err(bind_err("the admin server", config.admin))?;
 

@@ -26,7 +26,6 @@ use tracing::info;
 use crate::{
     config::{Config, Listen, Service},
     expose::{current, http, https, routes, tcp, udp, Exposure, LiveRoutes, Served, Slot},
-    relay::StartError,
     tunnel::datagrams::FlowRoutes,
 };
 
@@ -47,6 +46,15 @@ fn key(service: &Service) -> Option<Key> {
         Listen::Http(_) | Listen::Https(_) => return None,
     };
     Some((proto, addr, (addr.port() == 0).then(|| service.name.clone())))
+}
+
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind {what} on {addr}: {source}")]
+pub(crate) struct BindError {
+    pub(crate) what: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) source: std::io::Error,
 }
 
 /// Sockets bound for a configuration before it takes effect: binding everything first lets a
@@ -75,8 +83,8 @@ impl Own {
 
 impl Sockets {
     /// Binds the listeners `config` has and `running` does not (everything when nothing runs).
-    pub(crate) fn bind(config: &Config, running: Option<&Listeners>) -> Result<Self, StartError> {
-        let bind_err = |what: String, addr| move |source| StartError::Bind { what, addr, source };
+    pub(crate) fn bind(config: &Config, running: Option<&Listeners>) -> Result<Self, BindError> {
+        let bind_err = |what: String, addr| move |source| BindError { what, addr, source };
         let mut sockets = Self::default();
         for service in config.services.values() {
             let Some(key) = key(service) else { continue };
