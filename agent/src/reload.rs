@@ -11,7 +11,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use sallyport_runtime::live::{self, Hangups};
+use sallyport_runtime::{
+    config::ConfigError,
+    live::{self, Hangups},
+};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -48,7 +51,7 @@ pub(crate) async fn watch(tunnels: Arc<Tunnels>, trigger: Arc<Notify>, stop: Can
                 info!(why, "{message}");
             }
             Err(e) => {
-                let e = live::one_line(&e);
+                let e = live::one_line(&e.to_string());
                 error!(why, "configuration not reloaded, the running one stays: {e}");
             }
         }
@@ -56,14 +59,14 @@ pub(crate) async fn watch(tunnels: Arc<Tunnels>, trigger: Arc<Notify>, stop: Can
 }
 
 /// Reads the file again and applies it, or says why not.
-fn reload(tunnels: &Tunnels) -> Result<String, String> {
+fn reload(tunnels: &Tunnels) -> Result<String, ConfigError> {
     let old = tunnels.config.get();
-    let new = Config::load(&old.path).map_err(|e| e.to_string())?;
+    let new = Config::load(&old.path)?;
     if new.hash == old.hash {
         return Ok(format!("configuration {} is live (unchanged)", old.hash));
     }
     if let Some(refusal) = old.reload_refusal(&new) {
-        return Err(refusal.to_string());
+        return Err(refusal);
     }
     let names = |pick: &dyn Fn(&str) -> bool, of: &Config| -> Vec<String> {
         of.services.keys().filter(|n| pick(n)).cloned().collect()

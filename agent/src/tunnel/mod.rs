@@ -47,7 +47,7 @@ pub enum TunnelStatus {
 /// What the tunnels to every relay share.
 #[derive(Debug)]
 pub(crate) struct Tunnels {
-    /// The configuration in force (a reload replaces it; see [`crate::reload`]).
+    /// The configuration in force (a reload of agent.toml replaces it).
     pub(crate) config: Arc<Live>,
     /// Bumped by each applied reload: every live tunnel then offers the relay its services again.
     pub(crate) offers: watch::Sender<u64>,

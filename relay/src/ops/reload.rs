@@ -17,7 +17,7 @@ use tracing::{error, info};
 
 use crate::{
     config::{Config, Live},
-    expose::listeners::{Listeners, Sockets},
+    expose::listeners::{BindError, Listeners, Sockets},
     runtime::Runtime,
     tunnel::registry::Registry,
 };
@@ -26,7 +26,18 @@ use crate::{
 const POLL: Duration = Duration::from_secs(1);
 
 /// A reload asked for through the admin API; the answer says what happened.
-pub(crate) type Request = oneshot::Sender<Result<String, String>>;
+pub(crate) type Request = oneshot::Sender<Result<String, ReloadError>>;
+
+/// Why a configuration was not applied (the running one stays).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReloadError {
+    /// The file does not load, or changes a key only a restart may change.
+    #[error(transparent)]
+    Config(#[from] sallyport_runtime::config::ConfigError),
+    /// A listener it adds cannot be bound.
+    #[error("{}: {source}", path.display())]
+    Bind { path: std::path::PathBuf, source: BindError },
+}
 
 /// What a reload works on.
 #[derive(Debug)]
@@ -39,7 +50,7 @@ pub(crate) struct Reloader {
 
 impl Reloader {
     /// Reads the file again and applies it, or says why not.
-    pub(crate) fn reload(&mut self, why: &str) -> Result<String, String> {
+    pub(crate) fn reload(&mut self, why: &str) -> Result<String, ReloadError> {
         let old = self.live.get();
         let result = self.try_reload(&old);
         match &result {
@@ -50,23 +61,23 @@ impl Reloader {
             Ok(None) => self.runtime.metrics.reload("unchanged"),
             Err(e) => {
                 self.runtime.metrics.reload("refused");
-                let e = live::one_line(e);
+                let e = live::one_line(&e.to_string());
                 error!(why, hash = %old.hash, "configuration not reloaded, the running one stays: {e}");
             }
         }
         result.map(|m| m.unwrap_or_else(|| format!("configuration {} is live (unchanged)", old.hash)))
     }
 
-    fn try_reload(&mut self, old: &Config) -> Result<Option<String>, String> {
-        let new = Config::load(&old.path).map_err(|e| e.to_string())?;
+    fn try_reload(&mut self, old: &Config) -> Result<Option<String>, ReloadError> {
+        let new = Config::load(&old.path)?;
         if new.hash == old.hash {
             return Ok(None);
         }
         if let Some(refusal) = old.reload_refusal(&new) {
-            return Err(refusal.to_string());
+            return Err(refusal.into());
         }
-        let sockets =
-            Sockets::bind(&new, Some(&self.listeners)).map_err(|e| format!("{}: {e}", new.path.display()))?;
+        let sockets = Sockets::bind(&new, Some(&self.listeners))
+            .map_err(|source| ReloadError::Bind { path: new.path.clone(), source })?;
         let new = Arc::new(new);
         self.live.set(new.clone());
         let changes = self.listeners.apply(&new, sockets);
