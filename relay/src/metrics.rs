@@ -1,7 +1,7 @@
 //! Prometheus metrics on the admin port (`/metrics`), all prefixed `sallyport_`. Counters move as
 //! traffic flows; gauges about agents and containers are read from the registry at scrape time.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -9,6 +9,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use sallyport_proto::ContainerReport;
+use sallyport_runtime::udp_count::UdpFigures;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -66,6 +67,9 @@ pub(crate) struct Metrics {
     config: Family<Labels, Gauge>,
     reloads: Family<Labels, Counter>,
     tasks: Gauge,
+    udp_datagrams_quic: Family<Labels, Counter>,
+    udp_calls: Family<Labels, Counter>,
+    udp_offload: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -91,6 +95,9 @@ impl Default for Metrics {
             config: Family::default(),
             reloads: Family::default(),
             tasks: Gauge::default(),
+            udp_datagrams_quic: Family::default(),
+            udp_calls: Family::default(),
+            udp_offload: Family::default(),
             registry,
         };
         m.registry.register(
@@ -161,6 +168,22 @@ impl Default for Metrics {
             m.reloads.clone(),
         );
         m.registry.register("tasks", "The relay's tasks and client connections running now", m.tasks.clone());
+        m.registry.register(
+            "quic_udp_datagrams",
+            "Datagrams the QUIC socket sent and received, by direction",
+            m.udp_datagrams_quic.clone(),
+        );
+        m.registry.register(
+            "quic_udp_calls",
+            "System calls of the QUIC socket that sent or returned datagrams, by direction: fewer \
+             calls than datagrams is segmentation offload (GSO, GRO) at work",
+            m.udp_calls.clone(),
+        );
+        m.registry.register(
+            "quic_udp_offload_segments",
+            "The most datagrams one system call of the QUIC socket carries (1: no offload), by kind",
+            m.udp_offload.clone(),
+        );
         m
     }
 }
@@ -220,7 +243,22 @@ impl Metrics {
     }
 
     /// The exposition text, with agent and container gauges set from `agents` now.
-    pub(crate) fn render<'a>(&self, agents: impl ExactSizeIterator<Item = AgentGauges<'a>>) -> String {
+    pub(crate) fn render<'a>(
+        &self,
+        agents: impl ExactSizeIterator<Item = AgentGauges<'a>>,
+        udp: UdpFigures,
+    ) -> String {
+        for (direction, datagrams, calls) in
+            [("sent", udp.sent, udp.send_calls), ("received", udp.received, udp.receive_calls)]
+        {
+            let labels = vec![("direction", direction.to_owned())];
+            // The socket's own counters are the source: the exposition shows them as they are.
+            self.udp_datagrams_quic.get_or_create(&labels).inner().store(datagrams, Ordering::Relaxed);
+            self.udp_calls.get_or_create(&labels).inner().store(calls, Ordering::Relaxed);
+        }
+        for (kind, segments) in [("gso", udp.gso_segments), ("gro", udp.gro_segments)] {
+            self.udp_offload.get_or_create(&vec![("kind", kind.to_owned())]).set(segments as i64);
+        }
         self.agents.set(agents.len() as i64);
         self.rtt.clear();
         self.container_state.clear();

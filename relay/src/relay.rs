@@ -44,8 +44,6 @@ pub enum StartError {
     Identity(#[from] IdentityError),
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind { what: String, addr: SocketAddr, source: std::io::Error },
-    #[error("no async runtime for QUIC")]
-    Runtime,
     #[error(transparent)]
     AdminToken(#[from] AdminTokenError),
     /// Enrollment, token or revocation state that cannot be used.
@@ -108,12 +106,10 @@ impl Relay {
         };
         let socket =
             transport::quic_socket(config.listen).map_err(bind_err("the QUIC endpoint", config.listen))?;
-        let quic_runtime = quinn::default_runtime().ok_or(StartError::Runtime)?;
-        let endpoint = quinn::Endpoint::new(
+        let (endpoint, udp) = sallyport_runtime::udp_count::counted_endpoint(
             transport::endpoint_with_stable_reset(&tls.key_pem),
             Some(server),
             socket,
-            quic_runtime,
         )
         .map_err(bind_err("the QUIC endpoint", config.listen))?;
 
@@ -128,7 +124,7 @@ impl Relay {
         let bound = Arc::new(RwLock::new(sockets.service_addrs(&config)));
         let config = Arc::new(config);
         let (reload, reloads) = mpsc::channel(4);
-        let runtime = Arc::new(Runtime::default());
+        let runtime = Arc::new(Runtime::with_udp(udp));
         let registry = Arc::new(Registry::default());
         let ops = Arc::new(Ops {
             config: Live::new(config.clone()),
@@ -250,6 +246,7 @@ async fn drain(endpoint: &quinn::Endpoint, runtime: &Runtime, registry: &Registr
     runtime.tasks.close();
     let _ = tokio::time::timeout(settle, runtime.tasks.wait()).await;
     let _ = tokio::time::timeout(settle, endpoint.wait_idle()).await;
+    info!(udp = %runtime.udp.figures(), "QUIC socket");
 }
 
 /// Binds and runs a relay until `shutdown` is cancelled.

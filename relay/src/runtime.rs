@@ -1,7 +1,12 @@
 //! The relay's small runtime: what every plane shares while the relay runs, apart from the
 //! immutable [`Config`](crate::config::Config) and the state each listener owns.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
+use sallyport_runtime::udp_count::UdpCounters;
 
 use tokio_util::task::TaskTracker;
 
@@ -10,6 +15,8 @@ use crate::metrics::Metrics;
 #[derive(Debug, Default)]
 pub(crate) struct Runtime {
     pub(crate) metrics: Metrics,
+    /// The QUIC socket's system calls and datagrams.
+    pub(crate) udp: Arc<UdpCounters>,
     /// Serving (true) or not yet, or draining (false): what `/readyz` says.
     ready: AtomicBool,
     /// Client connections in flight (drained on shutdown).
@@ -19,6 +26,11 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
+    /// A runtime whose QUIC socket counts into `udp`.
+    pub(crate) fn with_udp(udp: Arc<UdpCounters>) -> Self {
+        Self { udp, ..Self::default() }
+    }
+
     pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }

@@ -5,7 +5,8 @@
 //! - [`tls`]: rustls configurations (server, client, pinned enrollment client) and certificate
 //!   inspection.
 //! - [`transport`]: quinn's limits for both ends, the packet-size bound for path MTU discovery, the
-//!   QUIC socket with its kernel buffers, the stable stateless-reset key.
+//!   QUIC socket with its kernel buffers, the stable stateless-reset key; [`udp_count`]: the
+//!   QUIC socket's system calls and datagrams, counted (segmentation offload made visible).
 //! - [`framed`]: length-prefixed frames (see `sallyport_proto::frame`) on QUIC streams.
 //! - [`splice`]: a TCP connection joined to a QUIC stream, with half-close and reset semantics.
 //! - [`config`]: loading a TOML file into a raw model, human durations, errors naming file and key.
@@ -30,6 +31,7 @@ pub mod splice;
 pub mod sync;
 pub mod tls;
 pub mod transport;
+pub mod udp_count;
 pub mod watched;
 
 pub use cli::shutdown_signal;

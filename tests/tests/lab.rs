@@ -583,3 +583,60 @@ fn a_reload_during_twenty_transfers_drops_nothing() {
     let log = lab.process(tunnel.relay()).drain().join("\n");
     assert!(!log.contains("agent disconnected"), "the tunnel stayed up:\n{log}");
 }
+
+/// Segmentation offload across the NAT at Ethernet MTU, from the relay's own counters: during bulk
+/// transfers both ways, one send call of the relay's QUIC socket carries several 1,452-byte
+/// packets (GSO), and the counters say how many datagrams each receive call returned (GRO).
+#[test]
+fn bulk_across_the_nat_is_sent_several_packets_a_system_call() {
+    let mut lab = lab_or_skip!();
+    let token = "lab-admin-token-0123456789abcdef";
+    let token_file = lab.dir().join("admin.token");
+    std::fs::write(&token_file, token).expect("token");
+    lab.start_transfer_server(TRANSFER_PORT);
+    let spec = transfer_spec().relay_extra(&format!(
+        "admin_token_file = \"{}\"\nrevocations_file = \"{}\"",
+        token_file.display(),
+        lab.dir().join("revoked.toml").display()
+    ));
+    let _tunnel = lab.start_tunnel(&spec);
+    let scrape = |lab: &Lab| {
+        let auth = format!("Authorization: Bearer {token}");
+        let out = lab.home.run("curl", &["-s", "-H", &auth, &format!("http://{RELAY_IP}:9090/metrics")]);
+        let get = |name: &str, direction: &str| {
+            sallyport_tests::metric(
+                &out,
+                &format!("sallyport_quic_udp_{name}_total{{direction=\"{direction}\"}}"),
+            )
+        };
+        let gso = sallyport_tests::metric(&out, "sallyport_quic_udp_offload_segments{kind=\"gso\"}");
+        let gro = sallyport_tests::metric(&out, "sallyport_quic_udp_offload_segments{kind=\"gro\"}");
+        (
+            get("datagrams", "sent"),
+            get("calls", "sent"),
+            get("datagrams", "received"),
+            get("calls", "received"),
+            gso,
+            gro,
+        )
+    };
+    let before = scrape(&lab);
+    let report = lab.transfers(TRANSFER_PORT, &["--count", "4", "--min", "16000000", "--max", "16000000"]);
+    assert_eq!(report.count("ok"), 4, "{:#?}", report.lines);
+    let after = scrape(&lab);
+    let (sent, send_calls) = (after.0 - before.0, after.1 - before.1);
+    let (received, receive_calls) = (after.2 - before.2, after.3 - before.3);
+    println!(
+        "relay during 4 x 16 MB each way: sent {sent} datagrams in {send_calls} calls ({:.2} a call, GSO up to {}), \
+         received {received} in {receive_calls} calls ({:.2} a call, GRO up to {})",
+        sent / send_calls,
+        after.4,
+        received / receive_calls,
+        after.5
+    );
+    // 64 MB down cannot take fewer than 44,000 packets of 1,452 bytes.
+    assert!(sent >= 44_000.0 && received >= 44_000.0, "{sent} {received}");
+    assert!(after.4 > 1.0, "the relay's socket has no GSO on this kernel");
+    assert!(sent / send_calls >= 2.0, "GSO is not batching: {sent} datagrams in {send_calls} calls");
+    assert!(received >= receive_calls, "{received} datagrams in {receive_calls} receive calls");
+}

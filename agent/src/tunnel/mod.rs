@@ -21,6 +21,7 @@ use sallyport_runtime::{
     code, read_frame,
     sync::read,
     transport::{self, StreamCredit},
+    udp_count::{counted_endpoint, UdpCounters},
     write_frame, FrameError,
 };
 use tokio::sync::watch;
@@ -210,8 +211,9 @@ pub(crate) async fn maintain(relay: RelayAddr, tunnels: Arc<Tunnels>, stop: Canc
                 () = stop.cancelled() => break,
             }
         }
-        if let Some(endpoint) = endpoint {
+        if let Some(Quic { endpoint, udp }) = endpoint {
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            info!(udp = %udp.figures(), "QUIC socket");
         }
     }
     .instrument(span)
@@ -254,7 +256,7 @@ impl Redial {
 
 async fn connect_and_serve(
     relay: &RelayAddr,
-    endpoint: &mut Option<Endpoint>,
+    endpoint: &mut Option<Quic>,
     tunnels: &Arc<Tunnels>,
     stop: &CancellationToken,
     answer_within: Option<Duration>,
@@ -305,7 +307,7 @@ type Session = (Connection, SendStream, RecvStream, Welcome);
 /// `answer_within`, the QUIC handshake must be done within that.
 async fn connect(
     relay: &RelayAddr,
-    endpoint: &mut Option<Endpoint>,
+    endpoint: &mut Option<Quic>,
     tunnels: &Tunnels,
     answer_within: Option<Duration>,
 ) -> Result<Session, TunnelError> {
@@ -364,21 +366,27 @@ fn refusal(connection: &Connection) -> Option<TunnelError> {
     }
 }
 
+/// The tunnel's UDP endpoint and what its socket has done.
+#[derive(Debug)]
+struct Quic {
+    endpoint: Endpoint,
+    udp: Arc<UdpCounters>,
+}
+
 /// The tunnel's UDP endpoint, opened for the relay address's family and kept across attempts.
-fn endpoint_for(addr: SocketAddr, slot: &mut Option<Endpoint>) -> Result<Endpoint, TunnelError> {
-    if let Some(endpoint) = slot {
-        if endpoint.local_addr().is_ok_and(|local| local.is_ipv4() == addr.is_ipv4()) {
-            return Ok(endpoint.clone());
+fn endpoint_for(addr: SocketAddr, slot: &mut Option<Quic>) -> Result<Endpoint, TunnelError> {
+    if let Some(quic) = slot {
+        if quic.endpoint.local_addr().is_ok_and(|local| local.is_ipv4() == addr.is_ipv4()) {
+            return Ok(quic.endpoint.clone());
         }
+        info!(udp = %quic.udp.figures(), "QUIC socket replaced (the relay address changed family)");
     }
     let bind: SocketAddr =
         if addr.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
     let socket = transport::quic_socket(bind).map_err(TunnelError::Socket)?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| TunnelError::Socket(std::io::Error::other("no async runtime for QUIC")))?;
-    let endpoint =
-        Endpoint::new(transport::endpoint_config(), None, socket, runtime).map_err(TunnelError::Socket)?;
-    *slot = Some(endpoint.clone());
+    let (endpoint, udp) =
+        counted_endpoint(transport::endpoint_config(), None, socket).map_err(TunnelError::Socket)?;
+    *slot = Some(Quic { endpoint: endpoint.clone(), udp });
     Ok(endpoint)
 }
 

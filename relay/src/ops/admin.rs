@@ -69,7 +69,7 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
                     containers: lock(&s.containers).clone(),
                 });
                 ops.runtime.metrics.tasks(ops.runtime.tasks.len() + ops.runtime.clients.len());
-                let body = ops.runtime.metrics.render(gauges);
+                let body = ops.runtime.metrics.render(gauges, ops.runtime.udp.figures());
                 (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
             }
             (&Method::GET, "/" | "/status") => {
