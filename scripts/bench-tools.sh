@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs what the benchmarks need: Debian's wrk, nginx and iperf3, and the peers rathole and
+# Installs what the benchmarks need: Debian's wrk, nginx, iperf3, Redis and PostgreSQL (servers and
+# their benchmark clients) and the network lab's tools, and the peers rathole (plain and noise) and
 # bore-cli built from crates.io into target/bench-tools (release builds, once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(wrk nginx-light iperf3)
+packages=(wrk nginx-light iperf3 redis-server redis-tools postgresql postgresql-client iproute2 iptables conntrack)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,7 +19,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 root=target/bench-tools
-# rathole: plain TCP transport only (no TLS or noise), so it needs no OpenSSL.
+# rathole with its plain TCP transport and its noise transport (encrypted, no certificates; the
+# fair peer of an encrypted tunnel); no TLS, so it needs no OpenSSL. `rathole --genkey` exists only
+# with noise, which tells an older plain-only build apart.
 # Not --locked: its lockfile pins a `time` release that no longer builds on current Rust.
-[ -x "$root/bin/rathole" ] || cargo install --quiet --root "$root" rathole --no-default-features --features server,client
+if ! "$root/bin/rathole" --genkey >/dev/null 2>&1; then
+    cargo install --quiet --force --root "$root" rathole --no-default-features --features server,client,noise
+fi
 [ -x "$root/bin/bore" ] || cargo install --locked --quiet --root "$root" bore-cli

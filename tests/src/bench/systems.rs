@@ -1,9 +1,12 @@
 //! The systems under comparison, each carrying client connections from an entry port to a target:
-//! direct (no tunnel), Sallyport, rathole and bore, optionally across a path with a round trip of
-//! twice `delay` between the tunnel's two halves.
+//! direct (no tunnel), Sallyport, rathole (plain TCP and its noise transport) and bore, optionally
+//! across a path with a round trip of twice `delay` between the tunnel's two halves, on one of two
+//! grounds: everything on one loopback, or across the network lab's double NAT at Ethernet MTU.
 
 use std::{
-    net::{SocketAddr, TcpListener, UdpSocket},
+    cell::RefCell,
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
     path::PathBuf,
     process::Command,
     time::Duration,
@@ -11,7 +14,11 @@ use std::{
 
 use anyhow::Context;
 
-use crate::{lab::rss_kib, process::Spawned, TestPki};
+use crate::{
+    lab::{rss_kib, Lab, PROXY_IP, RELAY_IP, ROUTER_HOME_IP, WSL_IP},
+    process::Spawned,
+    TestPki,
+};
 
 const READY: Duration = Duration::from_secs(30);
 
@@ -19,19 +26,106 @@ const READY: Duration = Duration::from_secs(30);
 pub enum Kind {
     Direct,
     Sallyport,
+    /// rathole over plain TCP: no encryption.
     Rathole,
+    /// rathole over its noise transport (Noise_NK_25519_ChaChaPoly_BLAKE2s): encrypted, the fair
+    /// peer of an encrypted tunnel.
+    RatholeNoise,
     Bore,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Direct, Kind::Sallyport, Kind::Rathole, Kind::Bore];
+    pub const ALL: [Kind; 5] = [Kind::Direct, Kind::Sallyport, Kind::Rathole, Kind::RatholeNoise, Kind::Bore];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
             Self::Sallyport => "sallyport",
             Self::Rathole => "rathole",
+            Self::RatholeNoise => "rathole-noise",
             Self::Bore => "bore",
+        }
+    }
+
+    /// A peer whose failure in a workload is a finding, not the end of the run.
+    pub fn is_peer(self) -> bool {
+        matches!(self, Self::Rathole | Self::RatholeNoise | Self::Bore)
+    }
+}
+
+/// Where the systems run.
+#[derive(Debug)]
+pub enum Ground {
+    /// Both halves, the targets and the clients on one loopback interface (packets up to 64 KiB).
+    Loopback,
+    /// The network lab with a double NAT: tunnel servers and clients on the homelab side, tunnel
+    /// clients and targets on the WSL2 side behind two masquerading routers, 1,500-byte MTU.
+    /// This process runs in the lab's homelab namespace.
+    Nat { lab: Lab, forwarded: RefCell<BTreeSet<u16>> },
+}
+
+impl Ground {
+    pub fn nat(lab: Lab) -> Self {
+        Self::Nat { lab, forwarded: RefCell::new(BTreeSet::new()) }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Loopback => "loopback",
+            Self::Nat { .. } => "NAT",
+        }
+    }
+
+    /// A command on the homelab side (relay halves, delay proxies, clients): where this process is.
+    pub fn home(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        Command::new(program)
+    }
+
+    /// A command on the agent's side (tunnel clients and targets).
+    pub fn agent_side(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match self {
+            Self::Loopback => Command::new(program),
+            Self::Nat { lab, .. } => {
+                lab.wsl.as_ref().map_or_else(|| Command::new(&program), |ns| ns.command(&program))
+            }
+        }
+    }
+
+    /// Where tunnel servers and their service ports listen.
+    pub fn relay_ip(&self) -> IpAddr {
+        match self {
+            Self::Loopback => Ipv4Addr::LOCALHOST.into(),
+            Self::Nat { .. } => RELAY_IP.into(),
+        }
+    }
+
+    /// Where targets listen.
+    pub fn target_ip(&self) -> IpAddr {
+        match self {
+            Self::Loopback => Ipv4Addr::LOCALHOST.into(),
+            Self::Nat { .. } => WSL_IP.into(),
+        }
+    }
+
+    /// Where delay proxies listen (a second address, for peers with a fixed control port).
+    pub fn proxy_ip(&self) -> IpAddr {
+        match self {
+            Self::Loopback => Ipv4Addr::new(127, 0, 0, 2).into(),
+            Self::Nat { .. } => PROXY_IP.into(),
+        }
+    }
+
+    /// Where a homelab client reaches `target` without a tunnel: the target itself on loopback,
+    /// port forwarding through both NATs on the NAT ground.
+    pub fn direct(&self, target: SocketAddr) -> SocketAddr {
+        match self {
+            Self::Loopback => target,
+            Self::Nat { lab, forwarded } => {
+                if forwarded.borrow_mut().insert(target.port()) {
+                    lab.forward_port(target.port());
+                }
+                SocketAddr::new(ROUTER_HOME_IP.into(), target.port())
+            }
         }
     }
 }
@@ -40,6 +134,8 @@ impl Kind {
 #[derive(Debug)]
 pub struct Tools {
     pub rathole: PathBuf,
+    /// The noise transport's X25519 key pair (`rathole --genkey`): private, public.
+    noise_keys: (String, String),
     pub bore: PathBuf,
     pub labtool: PathBuf,
     pub relay: PathBuf,
@@ -52,8 +148,19 @@ impl Tools {
     /// `tools_dir` holds `bin/rathole` and `bin/bore`; the Sallyport binaries sit beside this one.
     pub fn new(tools_dir: PathBuf) -> anyhow::Result<Self> {
         let here = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
+        let rathole = tools_dir.join("bin/rathole");
+        anyhow::ensure!(rathole.exists(), "{} is missing (scripts/bench.sh installs it)", rathole.display());
+        let genkey = Command::new(&rathole).arg("--genkey").output().context("rathole --genkey")?;
+        let text = String::from_utf8_lossy(&genkey.stdout).into_owned();
+        let keys: Vec<&str> =
+            text.lines().map(str::trim).filter(|l| l.len() == 44 && l.ends_with('=')).collect();
+        anyhow::ensure!(
+            genkey.status.success() && keys.len() == 2,
+            "rathole --genkey gave no key pair (is it built with its noise feature?): {text}"
+        );
         let tools = Self {
-            rathole: tools_dir.join("bin/rathole"),
+            noise_keys: (keys[0].to_owned(), keys[1].to_owned()),
+            rathole,
             bore: tools_dir.join("bin/bore"),
             labtool: here.join("sallyport-labtool"),
             relay: here.join("sallyport-relay"),
@@ -109,62 +216,61 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// A loopback port free right now.
 pub fn free_port() -> u16 {
+    free_port_on(Ipv4Addr::LOCALHOST.into())
+}
+
+/// A port free right now for TCP and UDP on `ip` (an address of this namespace) and on loopback.
+pub fn free_port_on(ip: IpAddr) -> u16 {
     loop {
-        let Ok(tcp) = TcpListener::bind("127.0.0.1:0") else { continue };
+        let Ok(tcp) = TcpListener::bind((ip, 0)) else { continue };
         let Ok(port) = tcp.local_addr().map(|a| a.port()) else { continue };
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        let free = |ip: IpAddr| TcpListener::bind((ip, port)).is_ok() && UdpSocket::bind((ip, port)).is_ok();
+        drop(tcp);
+        if free(ip) && free(Ipv4Addr::LOCALHOST.into()) {
             return port;
         }
     }
 }
 
-fn spawn(program: &PathBuf, args: &[String]) -> Spawned {
-    let mut command = Command::new(program);
+fn spawn(mut command: Command, args: &[String]) -> Spawned {
     command.args(args);
     Spawned::start(command)
 }
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// Starts `kind` toward `target`, with a delayed path between its halves if `delay` is given.
+/// Starts `kind` on `ground` toward `target`, with a delayed path between its halves if `delay`
+/// is given.
 pub fn start(
     kind: Kind,
+    ground: &Ground,
     target: SocketAddr,
     delay: Option<Duration>,
     tools: &Tools,
 ) -> anyhow::Result<Tunnel> {
     let mut procs = Vec::new();
     let delay_arg = delay.map(|d| format!("{}ms", d.as_millis()));
-    let tcp_delay = |procs: &mut Vec<Spawned>, listen: SocketAddr, upstream: SocketAddr| {
-        if let Some(d) = &delay_arg {
-            let args = [
-                "tcp-delay",
-                "--listen",
-                &listen.to_string(),
-                "--upstream",
-                &upstream.to_string(),
-                "--delay",
-                d,
-            ];
-            let mut p = spawn(&tools.labtool, &args.map(str::to_owned));
-            p.wait_line("tcp-delay listening", READY);
-            procs.push(p);
-        }
+    let at = |ip: IpAddr, port: u16| SocketAddr::new(ip, port);
+    // A delay proxy on the homelab side: `listen` forwards to `upstream` with the delay each way.
+    let delayed = |procs: &mut Vec<Spawned>, mode: &str, listen: SocketAddr, upstream: SocketAddr| {
+        let d = delay_arg.as_deref().unwrap_or("0ms");
+        let args = [mode, "--listen", &listen.to_string(), "--upstream", &upstream.to_string(), "--delay", d];
+        let mut p = spawn(ground.home(&tools.labtool), &args.map(str::to_owned));
+        p.wait_line(&format!("{mode} listening"), READY);
+        procs.push(p);
     };
+    let home = ground.relay_ip();
     let (entry, server, client) = match kind {
         Kind::Direct => {
+            let direct = ground.direct(target);
             if delay.is_some() {
-                let entry = loopback(free_port());
-                tcp_delay(&mut procs, entry, target);
+                let entry = at(ground.proxy_ip(), free_port_on(ground.proxy_ip()));
+                delayed(&mut procs, "tcp-delay", entry, direct);
                 (entry, None, None)
             } else {
-                (target, None, None)
+                (direct, None, None)
             }
         }
         Kind::Sallyport => {
-            let (quic, entry) = (loopback(free_port()), loopback(free_port()));
+            let (quic, entry) = (at(home, free_port_on(home)), at(home, free_port_on(home)));
             let dir = tools.dir.path();
             let pki = tools.pki.dir();
             let relay = format!(
@@ -173,58 +279,63 @@ pub fn start(
             );
             let bundle = tools.pki.agent_bundle("bench");
             let mut dial = quic;
-            if let Some(d) = &delay_arg {
-                dial = loopback(free_port());
-                let args =
-                    ["impair", "--listen", &dial.to_string(), "--upstream", &quic.to_string(), "--delay", d];
-                let mut p = spawn(&tools.labtool, &args.map(str::to_owned));
-                p.wait_line("impair listening", READY);
-                procs.push(p);
+            if delay.is_some() {
+                dial = at(ground.proxy_ip(), free_port_on(ground.proxy_ip()));
+                delayed(&mut procs, "impair", dial, quic);
             }
             let agent = format!(
-                "[agent]\nrelays = [\"{dial}\"]\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/agent.crt\"\nkey = \"{0}/agent.key\"\n[services.bench]\ntarget = \"tcp://{target}\"\n",
+                "[agent]\nrelays = [\"{dial}\"]\nserver_name = \"localhost\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/agent.crt\"\nkey = \"{0}/agent.key\"\n[services.bench]\ntarget = \"tcp://{target}\"\n",
                 bundle.display()
             );
             std::fs::write(dir.join("relay.toml"), relay)?;
             std::fs::write(dir.join("agent.toml"), agent)?;
             let mut r = spawn(
-                &tools.relay,
+                ground.home(&tools.relay),
                 &["serve".into(), "--config".into(), dir.join("relay.toml").display().to_string()],
             );
             r.wait_line("relay ready", READY);
             procs.push(r);
             let mut a = spawn(
-                &tools.agent,
+                ground.agent_side(&tools.agent),
                 &["run".into(), "--config".into(), dir.join("agent.toml").display().to_string()],
             );
             a.wait_line("tunnel up", READY);
             procs.push(a);
             (entry, Some(procs.len() - 2), Some(procs.len() - 1))
         }
-        Kind::Rathole => {
-            let (control, entry) = (loopback(free_port()), loopback(free_port()));
+        Kind::Rathole | Kind::RatholeNoise => {
+            let (control, entry) = (at(home, free_port_on(home)), at(home, free_port_on(home)));
             let mut remote = control;
             if delay.is_some() {
-                remote = loopback(free_port());
-                tcp_delay(&mut procs, remote, control);
+                remote = at(ground.proxy_ip(), free_port_on(ground.proxy_ip()));
+                delayed(&mut procs, "tcp-delay", remote, control);
             }
+            let (server_transport, client_transport) = if kind == Kind::RatholeNoise {
+                let (private, public) = &tools.noise_keys;
+                (
+                    format!("[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{private}\"\n"),
+                    format!("[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n"),
+                )
+            } else {
+                Default::default()
+            };
             let dir = tools.dir.path();
             std::fs::write(
                 dir.join("rathole-server.toml"),
-                format!("[server]\nbind_addr = \"{control}\"\ndefault_token = \"bench\"\n[server.services.bench]\nbind_addr = \"{entry}\"\n"),
+                format!("[server]\nbind_addr = \"{control}\"\ndefault_token = \"bench\"\n{server_transport}[server.services.bench]\nbind_addr = \"{entry}\"\n"),
             )?;
             std::fs::write(
                 dir.join("rathole-client.toml"),
-                format!("[client]\nremote_addr = \"{remote}\"\ndefault_token = \"bench\"\n[client.services.bench]\nlocal_addr = \"{target}\"\n"),
+                format!("[client]\nremote_addr = \"{remote}\"\ndefault_token = \"bench\"\n{client_transport}[client.services.bench]\nlocal_addr = \"{target}\"\n"),
             )?;
             let mut s = spawn(
-                &tools.rathole,
+                ground.home(&tools.rathole),
                 &["--server".into(), dir.join("rathole-server.toml").display().to_string()],
             );
             s.wait_line("Listening at", READY);
             procs.push(s);
             let mut c = spawn(
-                &tools.rathole,
+                ground.agent_side(&tools.rathole),
                 &["--client".into(), dir.join("rathole-client.toml").display().to_string()],
             );
             c.wait_line("Control channel established", READY);
@@ -232,25 +343,27 @@ pub fn start(
             (entry, Some(procs.len() - 2), Some(procs.len() - 1))
         }
         Kind::Bore => {
-            // bore's control port is fixed (7835); a delayed path sits on 127.0.0.2.
-            let entry = loopback(free_port());
+            // bore's control port is fixed (7835); a delayed path sits on the proxy address.
+            let entry = at(home, free_port_on(home));
             let port = entry.port().to_string();
+            let bind = home.to_string();
             let mut s = spawn(
-                &tools.bore,
-                &["server", "--bind-addr", "127.0.0.1", "--min-port", &port, "--max-port", &port]
+                ground.home(&tools.bore),
+                &["server", "--bind-addr", &bind, "--min-port", &port, "--max-port", &port]
                     .map(str::to_owned),
             );
             s.wait_line("server listening", READY);
             procs.push(s);
-            let mut to = "127.0.0.1";
+            let mut to = home;
             if delay.is_some() {
-                to = "127.0.0.2";
-                tcp_delay(&mut procs, "127.0.0.2:7835".parse()?, "127.0.0.1:7835".parse()?);
+                to = ground.proxy_ip();
+                delayed(&mut procs, "tcp-delay", at(to, 7835), at(home, 7835));
             }
-            let target_port = target.port().to_string();
+            let (target_port, target_host, to) =
+                (target.port().to_string(), target.ip().to_string(), to.to_string());
             let mut c = spawn(
-                &tools.bore,
-                &["local", &target_port, "--local-host", "127.0.0.1", "--to", to, "--port", &port]
+                ground.agent_side(&tools.bore),
+                &["local", &target_port, "--local-host", &target_host, "--to", &to, "--port", &port]
                     .map(str::to_owned),
             );
             c.wait_line("listening at", READY);

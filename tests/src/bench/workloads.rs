@@ -15,14 +15,14 @@ use tokio::{
     sync::Semaphore,
 };
 
-use super::systems::{free_port, Tunnel};
+use super::systems::{free_port, Ground, Tunnel};
 use crate::process::Spawned;
 
 /// A target that greets every connection with one byte and then holds it open until EOF, in its
 /// own process (so its sockets do not count against the load generator's descriptor limit).
-pub fn greeter(labtool: &std::path::Path) -> anyhow::Result<(Spawned, SocketAddr)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut command = Command::new(labtool);
+pub fn greeter(ground: &Ground, labtool: &std::path::Path) -> anyhow::Result<(Spawned, SocketAddr)> {
+    let addr = SocketAddr::new(ground.target_ip(), free_port());
+    let mut command = ground.agent_side(labtool);
     command.args(["greeter", "--listen", &addr.to_string()]);
     let mut server = Spawned::start(command);
     server.wait_line("greeter listening", Duration::from_secs(10));
@@ -61,23 +61,32 @@ async fn greeted(entry: SocketAddr) -> anyhow::Result<(TcpStream, Duration)> {
 }
 
 /// An iperf3 server for the whole run.
-pub fn iperf3_server() -> anyhow::Result<(Spawned, SocketAddr)> {
+pub fn iperf3_server(ground: &Ground) -> anyhow::Result<(Spawned, SocketAddr)> {
     let port = free_port();
-    let mut command = Command::new("iperf3");
-    command.args(["-s", "-B", "127.0.0.1", "-p", &port.to_string(), "--forceflush"]);
+    let mut command = ground.agent_side("iperf3");
+    command.args(["-s", "-B", &ground.target_ip().to_string(), "-p", &port.to_string(), "--forceflush"]);
     let mut server = Spawned::start(command);
     server.wait_line("Server listening", Duration::from_secs(10));
-    Ok((server, SocketAddr::from(([127, 0, 0, 1], port))))
+    Ok((server, SocketAddr::new(ground.target_ip(), port)))
 }
 
-/// Bulk throughput: iperf3 for `seconds` with `streams` parallel connections.
-/// Returns (Gbit/s received, tunnel CPU seconds per Gbit transferred).
-pub fn bulk(tunnel: &Tunnel, seconds: u64, streams: u32) -> anyhow::Result<(f64, f64)> {
+/// Bulk throughput: iperf3 for `seconds` with `streams` parallel connections, from the homelab
+/// toward the target (`down` false) or from the target toward the homelab (`down` true, iperf3
+/// -R). Returns (Gbit/s received, tunnel CPU seconds per Gbit transferred).
+pub fn bulk(tunnel: &Tunnel, seconds: u64, streams: u32, down: bool) -> anyhow::Result<(f64, f64)> {
     let cpu_before = tunnel.cpu_seconds();
-    let out = Command::new("iperf3")
-        .args(["-c", &tunnel.entry.ip().to_string(), "-p", &tunnel.entry.port().to_string()])
-        .args(["-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"])
-        .output()?;
+    let mut command = Command::new("iperf3");
+    command.args(["-c", &tunnel.entry.ip().to_string(), "-p", &tunnel.entry.port().to_string()]).args([
+        "-t",
+        &seconds.to_string(),
+        "-P",
+        &streams.to_string(),
+        "-J",
+    ]);
+    if down {
+        command.arg("-R");
+    }
+    let out = command.output()?;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
     if let Some(error) = json.get("error") {
         bail!("iperf3 through {}: {error}", tunnel.kind.name());
@@ -90,8 +99,9 @@ pub fn bulk(tunnel: &Tunnel, seconds: u64, streams: u32) -> anyhow::Result<(f64,
 }
 
 /// nginx serving a small file, for the whole run.
-pub fn nginx(dir: &std::path::Path) -> anyhow::Result<(Spawned, SocketAddr)> {
+pub fn nginx(ground: &Ground, dir: &std::path::Path) -> anyhow::Result<(Spawned, SocketAddr)> {
     let port = free_port();
+    let ip = ground.target_ip();
     let www = dir.join("www");
     std::fs::create_dir_all(&www)?;
     std::fs::write(www.join("small.txt"), "x".repeat(512))?;
@@ -99,28 +109,155 @@ pub fn nginx(dir: &std::path::Path) -> anyhow::Result<(Spawned, SocketAddr)> {
     std::fs::write(
         &conf,
         format!(
-            "daemon off;\nworker_processes 1;\nuser root;\npid {0}/nginx.pid;\nerror_log stderr;\nevents {{ worker_connections 4096; }}\n\
+            "daemon off;\nmaster_process off;\nworker_processes 1;\nuser root;\npid {0}/nginx.pid;\nerror_log stderr;\nevents {{ worker_connections 4096; }}\n\
              http {{ access_log off; client_body_temp_path {0}; proxy_temp_path {0}; fastcgi_temp_path {0}; uwsgi_temp_path {0}; scgi_temp_path {0};\n\
-             server {{ listen 127.0.0.1:{port}; root {1}; keepalive_requests 1000000; }} }}\n",
+             server {{ listen {ip}:{port}; root {1}; keepalive_requests 1000000; }} }}\n",
             dir.display(),
             www.display()
         ),
     )?;
-    let mut command = Command::new("nginx");
+    let mut command = ground.agent_side("nginx");
     command.args(["-c", &conf.display().to_string(), "-e", "stderr"]);
     let server = Spawned::start(command);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "nginx did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let addr = SocketAddr::new(ip, port);
+    wait_listening(ground, addr, "nginx")?;
     Ok((server, addr))
 }
 
-/// HTTP through the tunnel: wrk with `connections` for `seconds`. Returns (requests/s, p50 ms, p99 ms).
-pub fn http(tunnel: &Tunnel, seconds: u64, connections: u32) -> anyhow::Result<(f64, f64, f64)> {
+/// Waits until something accepts TCP connections on `addr` on the agent's side.
+fn wait_listening(ground: &Ground, addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let probe =
+        format!("import socket; socket.create_connection(('{}', {}), timeout=1)", addr.ip(), addr.port());
+    while !ground.agent_side("python3").args(["-c", &probe]).output()?.status.success() {
+        anyhow::ensure!(Instant::now() < deadline, "{what} did not start on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Redis on the agent's side, no persistence.
+pub fn redis(ground: &Ground) -> anyhow::Result<(Spawned, SocketAddr)> {
+    let addr = SocketAddr::new(ground.target_ip(), free_port());
+    let mut command = ground.agent_side("redis-server");
+    command.args(["--bind", &addr.ip().to_string(), "--port", &addr.port().to_string()]);
+    command.args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
+    let mut server = Spawned::start(command);
+    server.wait_line("Ready to accept connections", Duration::from_secs(30));
+    Ok((server, addr))
+}
+
+/// PostgreSQL on the agent's side with trust authentication and pgbench's tables (scale 1), data
+/// under `dir`.
+pub fn postgres(ground: &Ground, dir: &std::path::Path) -> anyhow::Result<(Spawned, SocketAddr)> {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL under /usr/lib/postgresql (scripts/install-deps.sh installs it)")?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("postgres").exists())
+        .max()
+        .context("a PostgreSQL server binary")?;
+    let data = dir.join("pg");
+    std::fs::create_dir_all(&data)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let chown = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&data).status()?;
+    anyhow::ensure!(chown.success(), "chown of the PostgreSQL data directory");
+    let init = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join("initdb"))
+        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+        .arg(&data)
+        .output()?;
+    anyhow::ensure!(init.status.success(), "initdb: {}", String::from_utf8_lossy(&init.stderr));
+    let hba = data.join("pg_hba.conf");
+    let mut rules = std::fs::read_to_string(&hba)?;
+    rules.push_str("host all all 0.0.0.0/0 trust\n");
+    std::fs::write(&hba, rules)?;
+    let addr = SocketAddr::new(ground.target_ip(), free_port());
+    // setpriv runs the server in its own process (runuser would stay as its parent, and the
+    // server would outlive the benchmark when runuser is killed).
+    let mut command = ground.agent_side("setpriv");
+    command.args(["--reuid=postgres", "--regid=postgres", "--clear-groups"]);
+    command.arg(bin.join("postgres")).arg("-D").arg(&data);
+    command.args(["-p", &addr.port().to_string(), "-k"]).arg(&data);
+    command.args([
+        "-c",
+        &format!("listen_addresses={}", addr.ip()),
+        "-c",
+        "fsync=off",
+        "-c",
+        "max_connections=200",
+    ]);
+    let mut server = Spawned::start(command);
+    server.wait_line("ready to accept connections", Duration::from_secs(60));
+    let pg =
+        ["-h", &addr.ip().to_string(), "-p", &addr.port().to_string(), "-U", "postgres"].map(str::to_owned);
+    let out = ground.agent_side("pgbench").args(&pg).args(["-i", "-q", "postgres"]).output()?;
+    anyhow::ensure!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
+    Ok((server, addr))
+}
+
+/// redis-benchmark GET with `clients` connections and `requests` requests through the tunnel.
+/// Returns (requests/s, tunnel CPU microseconds per request).
+pub fn redis_get(tunnel: &Tunnel, clients: u32, requests: u64) -> anyhow::Result<(f64, f64)> {
+    let cpu_before = tunnel.cpu_seconds();
+    let out = Command::new("redis-benchmark")
+        .args(["-h", &tunnel.entry.ip().to_string(), "-p", &tunnel.entry.port().to_string()])
+        .args(["-c", &clients.to_string(), "-n", &requests.to_string(), "-t", "get", "-q"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
+    anyhow::ensure!(out.status.success(), "redis-benchmark through {}: {text}", tunnel.kind.name());
+    let rps = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("GET:"))
+        .find_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .with_context(|| format!("redis-benchmark GET rate in {text:?}"))?;
+    let cpu = tunnel.cpu_seconds() - cpu_before;
+    Ok((rps, cpu * 1e6 / requests as f64))
+}
+
+/// pgbench select-only with `clients` connections for `seconds` through the tunnel.
+/// Returns (transactions/s, tunnel CPU microseconds per transaction).
+pub fn pgbench_select(tunnel: &Tunnel, clients: u32, seconds: u64) -> anyhow::Result<(f64, f64)> {
+    let cpu_before = tunnel.cpu_seconds();
+    let out = Command::new("pgbench")
+        .args([
+            "-h",
+            &tunnel.entry.ip().to_string(),
+            "-p",
+            &tunnel.entry.port().to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-S", "-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string(), "postgres"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench through {}: {text}{}",
+        tunnel.kind.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tps = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("tps = "))
+        .find_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .with_context(|| format!("pgbench tps in {text:?}"))?;
+    let done = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next()?.trim().parse::<f64>().ok())
+        .unwrap_or(tps * seconds as f64);
+    let cpu = tunnel.cpu_seconds() - cpu_before;
+    Ok((tps, cpu * 1e6 / done.max(1.0)))
+}
+
+/// HTTP through the tunnel: wrk with `connections` for `seconds`. Returns (requests/s, p50 ms,
+/// p99 ms, tunnel CPU microseconds per request).
+pub fn http(tunnel: &Tunnel, seconds: u64, connections: u32) -> anyhow::Result<(f64, f64, f64, f64)> {
     let threads = connections.min(2);
+    let cpu_before = tunnel.cpu_seconds();
     let out = Command::new("wrk")
         .args([
             "-t",
@@ -140,7 +277,8 @@ pub fn http(tunnel: &Tunnel, seconds: u64, connections: u32) -> anyhow::Result<(
     let rps = field(&text, "Requests/sec:").context("wrk Requests/sec")?;
     let p50 = latency(&text, "50%").context("wrk p50")?;
     let p99 = latency(&text, "99%").context("wrk p99")?;
-    Ok((rps, p50, p99))
+    let cpu = tunnel.cpu_seconds() - cpu_before;
+    Ok((rps, p50, p99, cpu * 1e6 / (rps * seconds as f64).max(1.0)))
 }
 
 fn field(text: &str, key: &str) -> Option<f64> {

@@ -1,23 +1,33 @@
-//! Runs the benchmark workloads through direct connections, Sallyport, rathole and bore,
-//! interleaved over rounds, and writes a results table (Markdown) and the raw figures (JSON).
+//! Runs the benchmark workloads through direct connections, Sallyport, rathole (plain TCP and
+//! noise) and bore, interleaved over rounds, on two grounds (one loopback; the network lab's double
+//! NAT at Ethernet MTU), and writes a results table per ground (Markdown) and the raw figures (JSON).
 //! Use `scripts/bench.sh`, which builds everything in release mode and installs the peers.
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use sallyport_tests::bench::{
-    median, percentile,
-    systems::{self, Kind, Tools, Tunnel},
-    workloads,
+use sallyport_tests::{
+    bench::{
+        median, percentile,
+        systems::{self, Ground, Kind, Tools, Tunnel},
+        workloads,
+    },
+    lab::Lab,
 };
 
 #[derive(Parser)]
 struct Cli {
-    /// One short round: keeps the harness from rotting; figures are indicative only.
+    /// One short round on the NAT ground: keeps the harness from rotting; figures are indicative.
     #[arg(long)]
     quick: bool,
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Seconds each timed workload runs (2 in quick mode).
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// The grounds to run on (loopback, nat); both by default, nat only in quick mode.
+    #[arg(long, value_delimiter = ',')]
+    grounds: Vec<String>,
     /// Where rathole and bore are installed (bin/rathole, bin/bore).
     #[arg(long, default_value = "target/bench-tools")]
     tools: PathBuf,
@@ -25,10 +35,10 @@ struct Cli {
     out: PathBuf,
     #[arg(long, default_value = "bench/results.json")]
     json: PathBuf,
-    /// Run only these workloads (bulk, http, ttfb, idle, cps); all by default.
+    /// Run only these workloads (bulk, http, redis, pgbench, ttfb, idle, cps); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Run only these systems (direct, sallyport, rathole, bore); all by default.
+    /// Run only these systems (direct, sallyport, rathole, rathole-noise, bore); all by default.
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
 }
@@ -55,25 +65,111 @@ impl Results {
     }
 
     fn fail(&mut self, name: &str, kind: Kind, reason: &str) {
-        println!("  {:<10} {name}: FAILED: {reason}", kind.name());
+        println!("  {:<13} {name}: FAILED: {reason}", kind.name());
         *self.failures.entry((name.to_owned(), kind)).or_default() += 1;
     }
 
     fn add(&mut self, name: &str, kind: Kind, value: f64) {
-        println!("  {:<10} {name}: {value:.3}", kind.name());
+        println!("  {:<13} {name}: {value:.3}", kind.name());
         self.samples.entry(name.to_owned()).or_default().entry(kind).or_default().push(value);
+    }
+
+    /// Records a workload's outcome: figures, a peer's failure, or the end of the run when
+    /// Sallyport or direct fail (those must work).
+    fn record(
+        &mut self,
+        names: &[&str],
+        kind: Kind,
+        outcome: anyhow::Result<Vec<f64>>,
+    ) -> anyhow::Result<()> {
+        match outcome {
+            Ok(values) => {
+                for (name, value) in names.iter().zip(values) {
+                    if value.is_finite() {
+                        self.add(name, kind, value);
+                    }
+                }
+                Ok(())
+            }
+            Err(e) if kind.is_peer() => {
+                self.fail(names[0], kind, &format!("{e:#}"));
+                Ok(())
+            }
+            Err(e) => Err(e.context(format!("{} through {}", names[0], kind.name()))),
+        }
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let grounds: Vec<String> = match (&cli.grounds[..], cli.quick) {
+        ([], true) => vec!["nat".into()],
+        ([], false) => vec!["nat".into(), "loopback".into()],
+        (g, _) => g.to_vec(),
+    };
+    for g in &grounds {
+        anyhow::ensure!(g == "nat" || g == "loopback", "--grounds: unknown ground {g:?} (loopback, nat)");
+    }
+    // The NAT ground's lab is built first and this process moves into its homelab namespace
+    // before any runtime thread exists, so every socket it opens is on the homelab side.
+    let lab = if grounds.iter().any(|g| g == "nat") {
+        let lab =
+            Lab::double_nat().map_err(|e| anyhow::anyhow!("the NAT ground needs the network lab: {e}"))?;
+        lab.home.enter().map_err(|e| anyhow::anyhow!("entering the lab's homelab namespace: {e}"))?;
+        Some(lab)
+    } else {
+        None
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(cli, grounds, lab))
+}
+
+async fn run(cli: Cli, grounds: Vec<String>, mut lab: Option<Lab>) -> anyhow::Result<()> {
     let rounds = if cli.quick { 1 } else { cli.rounds };
-    let secs = if cli.quick { 2 } else { 8 };
+    let secs = if cli.quick { 2 } else { cli.seconds };
     let tools = Tools::new(cli.tools.clone())?;
-    let (_iperf, iperf_target) = workloads::iperf3_server()?;
-    let (_nginx, http_target) = workloads::nginx(tools.dir.path())?;
-    let (_greeter, greeter) = workloads::greeter(&tools.labtool)?;
+    let mut tables = String::new();
+    let mut raw = BTreeMap::new();
+    for name in &grounds {
+        let ground = match name.as_str() {
+            "nat" => Ground::nat(lab.take().expect("the lab was built")),
+            _ => Ground::Loopback,
+        };
+        println!("== ground: {} ==", ground.name());
+        let r = run_ground(&cli, &ground, &tools, rounds, secs).await?;
+        tables.push_str(&render(&r, ground.name(), rounds, cli.quick));
+        tables.push('\n');
+        let samples: BTreeMap<String, BTreeMap<&str, Vec<f64>>> = r
+            .samples
+            .iter()
+            .map(|(m, by)| (m.clone(), by.iter().map(|(k, v)| (k.name(), v.clone())).collect()))
+            .collect();
+        raw.insert(ground.name(), samples);
+    }
+    println!("\n{tables}");
+    if let Some(dir) = cli.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&cli.out, &tables)?;
+    std::fs::write(&cli.json, serde_json::to_string_pretty(&raw)?)?;
+    println!("written: {} and {}", cli.out.display(), cli.json.display());
+    Ok(())
+}
+
+async fn run_ground(
+    cli: &Cli,
+    ground: &Ground,
+    tools: &Tools,
+    rounds: usize,
+    secs: u64,
+) -> anyhow::Result<Results> {
+    let dir = tempfile::tempdir()?;
+    let run = |w: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == w);
+    let (_iperf, iperf_target) = workloads::iperf3_server(ground)?;
+    let (_nginx, http_target) = workloads::nginx(ground, dir.path())?;
+    let (_greeter, greeter) = workloads::greeter(ground, &tools.labtool)?;
+    let redis = if run("redis") { Some(workloads::redis(ground)?) } else { None };
+    let postgres = if run("pgbench") { Some(workloads::postgres(ground, dir.path())?) } else { None };
     let idle_sizes: &[usize] = if cli.quick { &[1000] } else { &[1000, 10_000] };
     let mut r = Results::default();
 
@@ -85,28 +181,30 @@ async fn main() -> anyhow::Result<()> {
         let len = order.len().max(1);
         order.rotate_left(round % len);
         println!(
-            "round {} of {rounds}, order {:?}",
+            "round {} of {rounds} on {}, order {:?}",
             round + 1,
+            ground.name(),
             order.iter().map(|k| k.name()).collect::<Vec<_>>()
         );
 
-        let run = |w: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == w);
-        for streams in [1u32, 4].into_iter().filter(|_| run("bulk")) {
+        for (streams, down) in
+            [(1u32, false), (4, false), (1, true), (4, true)].into_iter().filter(|_| run("bulk"))
+        {
+            let way = if down { "down" } else { "up" };
             let (tput, cpu) = (
-                format!("bulk, {streams} connection(s), Gbit/s"),
-                format!("bulk, {streams} connection(s), tunnel CPU s per Gbit"),
+                format!("bulk {way}, {streams} connection(s), Gbit/s"),
+                format!("bulk {way}, {streams} connection(s), tunnel CPU s per Gbit"),
             );
-            r.metric(&tput, &format!("iperf3 -t {secs} -P {streams}"), true);
-            r.metric(&cpu, &format!("/proc/PID/stat of both halves during iperf3 -P {streams}"), false);
+            let flag = if down { " -R" } else { "" };
+            r.metric(&tput, &format!("iperf3 -t {secs} -P {streams}{flag}"), true);
+            r.metric(&cpu, &format!("/proc/PID/stat of both halves during iperf3 -P {streams}{flag}"), false);
             for &kind in &order {
-                let tunnel = systems::start(kind, iperf_target, None, &tools)?;
+                let tunnel = systems::start(kind, ground, iperf_target, None, tools)?;
                 let idle = tunnel.rss_kib();
-                let (gbps, cpu_per_gbit) = workloads::bulk(&tunnel, secs, streams)?;
-                r.add(&tput, kind, gbps);
-                if kind != Kind::Direct {
-                    r.add(&cpu, kind, cpu_per_gbit);
-                }
-                if streams == 4 && kind != Kind::Direct {
+                let outcome = workloads::bulk(&tunnel, secs, streams, down)
+                    .map(|(gbps, cpu)| vec![gbps, if kind == Kind::Direct { f64::NAN } else { cpu }]);
+                r.record(&[&tput, &cpu], kind, outcome)?;
+                if streams == 4 && !down && kind != Kind::Direct {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     let after = tunnel.rss_kib();
                     let name = "RSS after bulk / RSS idle (worse half)";
@@ -122,19 +220,52 @@ async fn main() -> anyhow::Result<()> {
             let rps = format!("HTTP wrk -c{connections}, requests/s");
             let p50 = format!("HTTP wrk -c{connections}, p50 ms");
             let p99 = format!("HTTP wrk -c{connections}, p99 ms");
+            let cpu = format!("HTTP wrk -c{connections}, tunnel CPU µs per request");
             let command = format!(
                 "wrk -t{} -c{connections} -d{secs}s --latency (nginx, 512 B file)",
                 connections.min(2)
             );
-            r.metric(&rps, &command, true);
-            r.metric(&p50, &command, false);
-            r.metric(&p99, &command, false);
+            for name in [&rps, &p50, &p99, &cpu] {
+                r.metric(name, &command, name == &rps);
+            }
             for &kind in &order {
-                let tunnel = systems::start(kind, http_target, None, &tools)?;
-                let (a, b, c) = workloads::http(&tunnel, secs, connections)?;
-                r.add(&rps, kind, a);
-                r.add(&p50, kind, b);
-                r.add(&p99, kind, c);
+                let tunnel = systems::start(kind, ground, http_target, None, tools)?;
+                let outcome = workloads::http(&tunnel, secs, connections)
+                    .map(|(a, b, c, d)| vec![a, b, c, if kind == Kind::Direct { f64::NAN } else { d }]);
+                r.record(&[&rps, &p50, &p99, &cpu], kind, outcome)?;
+            }
+        }
+
+        if let Some((_, target)) = &redis {
+            let (rps, cpu) = (
+                "redis-benchmark GET -c50, requests/s",
+                "redis-benchmark GET -c50, tunnel CPU µs per request",
+            );
+            let requests: u64 = if cli.quick { 20_000 } else { 100_000 };
+            let command = format!("redis-benchmark -c 50 -n {requests} -t get");
+            r.metric(rps, &command, true);
+            r.metric(cpu, &command, false);
+            for &kind in &order {
+                let tunnel = systems::start(kind, ground, *target, None, tools)?;
+                let outcome = workloads::redis_get(&tunnel, 50, requests)
+                    .map(|(a, b)| vec![a, if kind == Kind::Direct { f64::NAN } else { b }]);
+                r.record(&[rps, cpu], kind, outcome)?;
+            }
+        }
+
+        if let Some((_, target)) = &postgres {
+            let (tps, cpu) = (
+                "pgbench select-only -c8, transactions/s",
+                "pgbench select-only -c8, tunnel CPU µs per transaction",
+            );
+            let command = format!("pgbench -S -c 8 -j 2 -T {secs}");
+            r.metric(tps, &command, true);
+            r.metric(cpu, &command, false);
+            for &kind in &order {
+                let tunnel = systems::start(kind, ground, *target, None, tools)?;
+                let outcome = workloads::pgbench_select(&tunnel, 8, secs)
+                    .map(|(a, b)| vec![a, if kind == Kind::Direct { f64::NAN } else { b }]);
+                r.record(&[tps, cpu], kind, outcome)?;
             }
         }
 
@@ -151,11 +282,15 @@ async fn main() -> anyhow::Result<()> {
                 false,
             );
             for &kind in &order {
-                let tunnel = systems::start(kind, greeter, Some(DELAY), &tools)?;
+                let tunnel = systems::start(kind, ground, greeter, Some(DELAY), tools)?;
                 // One connection first, so a lazily built pool or path is warm for every system.
-                workloads::ttfb(tunnel.entry, 1, 1).await?;
-                let samples = workloads::ttfb(tunnel.entry, ttfb_count.max(burst), burst).await?;
-                r.add(&name, kind, percentile(&samples, pct) / RTT_MS);
+                let outcome = async {
+                    workloads::ttfb(tunnel.entry, 1, 1).await?;
+                    let samples = workloads::ttfb(tunnel.entry, ttfb_count.max(burst), burst).await?;
+                    Ok(vec![percentile(&samples, pct) / RTT_MS])
+                }
+                .await;
+                r.record(&[&name], kind, outcome)?;
             }
         }
 
@@ -170,28 +305,19 @@ async fn main() -> anyhow::Result<()> {
                 format!("{n} idle connections: RSS MiB, client half"),
             );
             let command = format!("{n} connections opened at once, greeted end to end, held; VmRSS");
-            r.metric(&open, &command, false);
-            for name in [&ks, &kc, &ms, &mc] {
+            for name in [&open, &ks, &kc, &ms, &mc] {
                 r.metric(name, &command, false);
             }
             for &kind in &order {
-                let tunnel: Tunnel = systems::start(kind, greeter, None, &tools)?;
-                match workloads::idle_memory(&tunnel, n).await {
-                    Ok((secs_open, per_server, per_client, mib_server, mib_client)) => {
-                        r.add(&open, kind, secs_open);
-                        if kind != Kind::Direct {
-                            r.add(&ks, kind, per_server);
-                            r.add(&kc, kind, per_client);
-                            r.add(&ms, kind, mib_server);
-                            r.add(&mc, kind, mib_client);
-                        }
+                let tunnel: Tunnel = systems::start(kind, ground, greeter, None, tools)?;
+                let outcome = workloads::idle_memory(&tunnel, n).await.map(|(a, b, c, d, e)| {
+                    if kind == Kind::Direct {
+                        vec![a]
+                    } else {
+                        vec![a, b, c, d, e]
                     }
-                    // Sallyport and direct must hold them; a peer that cannot is a finding, not a crash.
-                    Err(e) if matches!(kind, Kind::Rathole | Kind::Bore) => {
-                        r.fail(&open, kind, &format!("{e:#}"));
-                    }
-                    Err(e) => return Err(e.context(format!("{n} idle connections through {}", kind.name()))),
-                }
+                });
+                r.record(&[&open, &ks, &kc, &ms, &mc], kind, outcome)?;
             }
         }
 
@@ -201,28 +327,33 @@ async fn main() -> anyhow::Result<()> {
         }
         r.metric(name, &format!("connect, read first byte, close; 8 loops for {secs} s"), true);
         for &kind in &order {
-            let tunnel = systems::start(kind, greeter, None, &tools)?;
-            match workloads::connections_per_second(tunnel.entry, secs, 8).await {
-                Ok(cps) => r.add(name, kind, cps),
-                Err(e) if matches!(kind, Kind::Rathole | Kind::Bore) => {
-                    r.fail(name, kind, &format!("{e:#}"));
-                }
-                Err(e) => return Err(e.context(format!("short connections through {}", kind.name()))),
-            }
+            let tunnel = systems::start(kind, ground, greeter, None, tools)?;
+            let outcome = workloads::connections_per_second(tunnel.entry, secs, 8).await.map(|v| vec![v]);
+            r.record(&[name], kind, outcome)?;
         }
     }
 
-    let table = render(&r, rounds, cli.quick);
-    println!("\n{table}");
-    if let Some(dir) = cli.out.parent() {
-        std::fs::create_dir_all(dir)?;
+    // How each system's bulk grows with parallel connections, from the medians.
+    for way in ["up", "down"] {
+        let (one, four) =
+            (format!("bulk {way}, 1 connection(s), Gbit/s"), format!("bulk {way}, 4 connection(s), Gbit/s"));
+        let name = format!("bulk {way}, 4 connections ÷ 1 connection");
+        let scaled: Vec<(Kind, f64)> = Kind::ALL
+            .into_iter()
+            .filter_map(|k| {
+                let a = median(r.samples.get(&one)?.get(&k)?);
+                let b = median(r.samples.get(&four)?.get(&k)?);
+                (a > 0.0).then_some((k, b / a))
+            })
+            .collect();
+        if !scaled.is_empty() {
+            r.metric(&name, "median of the 4-connection figure over median of the 1-connection figure", true);
+            for (k, v) in scaled {
+                r.add(&name, k, v);
+            }
+        }
     }
-    std::fs::write(&cli.out, &table)?;
-    let raw: BTreeMap<&String, BTreeMap<&str, &Vec<f64>>> =
-        r.samples.iter().map(|(m, by)| (m, by.iter().map(|(k, v)| (k.name(), v)).collect())).collect();
-    std::fs::write(&cli.json, serde_json::to_string_pretty(&raw)?)?;
-    println!("written: {} and {}", cli.out.display(), cli.json.display());
-    Ok(())
+    Ok(r)
 }
 
 fn machine() -> String {
@@ -238,7 +369,7 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
-fn render(r: &Results, rounds: usize, quick: bool) -> String {
+fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
     // A system that failed some rounds shows the figures of the others and how often it failed;
     // its ratio comes from the rounds it completed.
     let cell = |metric: &str, kind: Kind| {
@@ -267,25 +398,36 @@ fn render(r: &Results, rounds: usize, quick: bool) -> String {
             _ => "–".to_owned(),
         }
     };
+    let ground_text = match ground {
+        "NAT" => {
+            "across the network lab's double NAT at Ethernet MTU (1,500 bytes): tunnel servers and \
+                  clients on the homelab side, tunnel clients and targets behind two masquerading routers; \
+                  direct = port forwarding through both NATs"
+        }
+        _ => "on one loopback interface",
+    };
     let mut out = format!(
-        "Machine: {}. {} round(s){}, medians (min–max), systems interleaved per round. \
+        "### Ground: {ground}\n\nMachine: {}. {} round(s){}, medians (min–max), systems interleaved per round, {ground_text}. \
          Ratio = Sallyport ÷ peer; ✓ marks Sallyport ahead.\n\n\
-         | metric | direct | sallyport | rathole | bore | vs rathole | vs bore | command |\n|---|---|---|---|---|---|---|---|\n",
+         | metric | direct | sallyport | rathole | rathole noise | bore | vs rathole | vs rathole noise | vs bore | command |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         machine(),
         rounds,
         if quick { " (quick mode: short runs, indicative only)" } else { "" }
     );
     for (metric, command, higher) in &r.order {
-        if !r.samples.contains_key(metric) {
+        if !r.samples.contains_key(metric) && !r.failures.keys().any(|(m, _)| m == metric) {
             continue;
         }
         out.push_str(&format!(
-            "| {metric} | {} | {} | {} | {} | {} | {} | `{command}` |\n",
+            "| {metric} | {} | {} | {} | {} | {} | {} | {} | {} | `{command}` |\n",
             cell(metric, Kind::Direct),
             cell(metric, Kind::Sallyport),
             cell(metric, Kind::Rathole),
+            cell(metric, Kind::RatholeNoise),
             cell(metric, Kind::Bore),
             ratio(r, metric, Kind::Rathole, *higher),
+            ratio(r, metric, Kind::RatholeNoise, *higher),
             ratio(r, metric, Kind::Bore, *higher),
         ));
     }
@@ -308,12 +450,12 @@ mod tests {
         r.add(name, Kind::Rathole, 9.0);
         r.fail(name, Kind::Rathole, "Connection refused");
         r.fail(name, Kind::Bore, "early eof");
-        let table = render(&r, 3, false);
+        let table = render(&r, "loopback", 3, false);
         let row = table.lines().find(|l| l.starts_with(&format!("| {name} |"))).expect("the metric's row");
         let cells: Vec<&str> = row.split(" | ").collect();
         assert_eq!(cells[2], "11.000 (10.000–12.000)", "{row}");
         assert_eq!(cells[3], "8.000 (8.000–9.000); failed in 1 round(s)", "{row}");
-        assert_eq!(cells[4], "failed", "{row}");
-        assert_eq!(cells[5], "1.38× ✓", "{row}");
+        assert_eq!(cells[5], "failed", "{row}");
+        assert_eq!(cells[6], "1.38× ✓", "{row}");
     }
 }

@@ -9,7 +9,15 @@
 //!
 //! The router masquerades the windows side behind 10.4.0.1 and forwards only replies back in, so
 //! the homelab has a route to 172.28.0.0/24 and still cannot open a connection there: just like a
-//! home router in front of a Windows box. Every lab has unique namespace names, so tests run in
+//! home router in front of a Windows box. [`Lab::double_nat`] adds the WSL2 side: a fourth
+//! namespace behind the windows one, which masquerades 172.29.0.0/24 behind 172.28.0.10 the way
+//! Windows does for a WSL2 VM in NAT mode:
+//!
+//! ```text
+//!  ... windows 172.28.0.10 | 172.29.0.1 (NAT) ── wsl 172.29.0.10 (agent + targets)
+//! ```
+//!
+//! Every link is a veth pair with Ethernet's 1,500-byte MTU. Every lab has unique namespace names, so tests run in
 //! parallel; dropping the [`Lab`] kills its processes and deletes its namespaces, also when a test
 //! panics. Labs left behind by a killed test run are removed by the next one.
 
@@ -35,6 +43,9 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 70);
 pub const ROUTER_HOME_IP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 1);
 pub const ROUTER_WIN_IP: Ipv4Addr = Ipv4Addr::new(172, 28, 0, 1);
 pub const WIN_IP: Ipv4Addr = Ipv4Addr::new(172, 28, 0, 10);
+/// The windows host's address toward its WSL2 network, and the WSL2 side's own address.
+pub const WIN_WSL_IP: Ipv4Addr = Ipv4Addr::new(172, 29, 0, 1);
+pub const WSL_IP: Ipv4Addr = Ipv4Addr::new(172, 29, 0, 10);
 
 /// Prefix of every lab namespace: `spl<pid>x<n><role>`.
 const PREFIX: &str = "spl";
@@ -51,6 +62,18 @@ impl Netns {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).arg(program);
         c
+    }
+
+    /// Moves the calling thread into this namespace; threads it starts afterwards are in it too.
+    /// A program calls this before it starts any other thread (an async runtime included).
+    pub fn enter(&self) -> std::io::Result<()> {
+        use std::os::fd::AsFd;
+        let file = std::fs::File::open(format!("/run/netns/{}", self.name))?;
+        rustix::thread::move_into_link_name_space(
+            file.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )?;
+        Ok(())
     }
 
     /// Runs `program args` in this namespace and returns its output, whatever the exit status.
@@ -91,6 +114,8 @@ pub struct Lab {
     pub home: Netns,
     pub router: Netns,
     pub win: Netns,
+    /// The WSL2 side, in a double-NAT lab.
+    pub wsl: Option<Netns>,
     dir: tempfile::TempDir,
     processes: Vec<Spawned>,
 }
@@ -128,6 +153,7 @@ impl Lab {
             home: ns("h"),
             router: ns("r"),
             win: ns("w"),
+            wsl: None,
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
             processes: Vec::new(),
         };
@@ -165,6 +191,58 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Builds the NAT topology with a WSL2-style network behind the windows namespace, which
+    /// masquerades it and lets only replies back in.
+    pub fn double_nat() -> Result<Self, String> {
+        let mut lab = Self::nat()?;
+        let wsl = Netns { name: format!("{}l", &lab.win.name[..lab.win.name.len() - 1]) };
+        sh(&format!("ip netns add {}", wsl.name));
+        wsl.run("ip", &["link", "set", "lo", "up"]);
+        sh(&format!("ip link add eth0 netns {} type veth peer name wsl0 netns {}", wsl.name, lab.win.name));
+        wsl.run("ip", &["addr", "add", &format!("{WSL_IP}/24"), "dev", "eth0"]);
+        wsl.run("ip", &["link", "set", "eth0", "up"]);
+        wsl.run("ip", &["route", "add", "default", "via", &WIN_WSL_IP.to_string()]);
+        lab.win.run("ip", &["addr", "add", &format!("{WIN_WSL_IP}/24"), "dev", "wsl0"]);
+        lab.win.run("ip", &["link", "set", "wsl0", "up"]);
+        lab.win.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]);
+        for rule in [
+            "-t nat -A POSTROUTING -o eth0 -j MASQUERADE",
+            "-P FORWARD DROP",
+            "-A FORWARD -i wsl0 -o eth0 -j ACCEPT",
+            "-A FORWARD -i eth0 -o wsl0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        ] {
+            let args: Vec<&str> = rule.split_whitespace().collect();
+            lab.win.run("iptables", &args);
+        }
+        lab.wsl = Some(wsl);
+        Ok(lab)
+    }
+
+    /// Forwards TCP and UDP `port` from the homelab side of the router through every NAT of the
+    /// lab to the innermost host (WSL2 in a double-NAT lab): the port forwarding a tunnel makes
+    /// unnecessary, as a baseline over the same path.
+    pub fn forward_port(&self, port: u16) {
+        let port = port.to_string();
+        let mut hops = vec![(&self.router, "home0", "win0", WIN_IP)];
+        if self.wsl.is_some() {
+            hops.push((&self.win, "eth0", "wsl0", WSL_IP));
+        }
+        for (ns, outside, inside, to) in hops {
+            for proto in ["tcp", "udp"] {
+                let to = format!("{to}:{port}");
+                let dnat = ["-t", "nat", "-A", "PREROUTING", "-i", outside, "-p", proto, "--dport", &port];
+                ns.run("iptables", &[&dnat[..], &["-j", "DNAT", "--to-destination", &to]].concat());
+                ns.run(
+                    "iptables",
+                    &[
+                        "-A", "FORWARD", "-i", outside, "-o", inside, "-p", proto, "--dport", &port, "-j",
+                        "ACCEPT",
+                    ],
+                );
+            }
+        }
+    }
+
     /// A directory for this lab's files, removed with the lab.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -200,6 +278,7 @@ impl Lab {
             Role::Home => &self.home,
             Role::Router => &self.router,
             Role::Win => &self.win,
+            Role::Wsl => self.wsl.as_ref().expect("a double-NAT lab (Lab::double_nat)"),
         }
     }
 
@@ -277,6 +356,8 @@ pub enum Role {
     Home,
     Router,
     Win,
+    /// The WSL2 side of a double-NAT lab.
+    Wsl,
 }
 
 impl Drop for Lab {
@@ -284,7 +365,7 @@ impl Drop for Lab {
         for p in &mut self.processes {
             p.kill();
         }
-        for n in [&self.home, &self.router, &self.win] {
+        for n in [&self.home, &self.router, &self.win].into_iter().chain(self.wsl.as_ref()) {
             let _ = Command::new("ip").args(["netns", "del", &n.name]).status();
         }
     }
