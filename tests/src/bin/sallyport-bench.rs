@@ -115,6 +115,12 @@ fn main() -> anyhow::Result<()> {
     let lab = if grounds.iter().any(|g| g == "nat") {
         let lab =
             Lab::double_nat().map_err(|e| anyhow::anyhow!("the NAT ground needs the network lab: {e}"))?;
+        // Tens of thousands of short connections a minute from the tunnel clients to the targets
+        // leave as many local ports in TIME_WAIT on the WSL2 side; without reuse (Linux reuses them
+        // only toward loopback by default) the port range runs dry within a round.
+        if let Some(wsl) = &lab.wsl {
+            wsl.run("sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"]);
+        }
         lab.home.enter().map_err(|e| anyhow::anyhow!("entering the lab's homelab namespace: {e}"))?;
         Some(lab)
     } else {
