@@ -150,30 +150,8 @@ pub fn redis(ground: &Ground) -> anyhow::Result<(Spawned, SocketAddr)> {
 /// PostgreSQL on the agent's side with trust authentication and pgbench's tables (scale 1), data
 /// under `dir`.
 pub fn postgres(ground: &Ground, dir: &std::path::Path) -> anyhow::Result<(Spawned, SocketAddr)> {
-    let bin = std::fs::read_dir("/usr/lib/postgresql")
-        .context("PostgreSQL under /usr/lib/postgresql (scripts/install-deps.sh installs it)")?
-        .flatten()
-        .map(|e| e.path().join("bin"))
-        .filter(|p| p.join("postgres").exists())
-        .max()
-        .context("a PostgreSQL server binary")?;
-    let data = dir.join("pg");
-    std::fs::create_dir_all(&data)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-    let chown = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&data).status()?;
-    anyhow::ensure!(chown.success(), "chown of the PostgreSQL data directory");
-    let init = Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(bin.join("initdb"))
-        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
-        .arg(&data)
-        .output()?;
-    anyhow::ensure!(init.status.success(), "initdb: {}", String::from_utf8_lossy(&init.stderr));
-    let hba = data.join("pg_hba.conf");
-    let mut rules = std::fs::read_to_string(&hba)?;
-    rules.push_str("host all all 0.0.0.0/0 trust\n");
-    std::fs::write(&hba, rules)?;
+    let (bin, data) = crate::lab::postgres_data(dir, "0.0.0.0/0");
+    let bin = std::path::PathBuf::from(bin);
     let addr = SocketAddr::new(ground.target_ip(), free_port());
     // setpriv runs the server in its own process (runuser would stay as its parent, and the
     // server would outlive the benchmark when runuser is killed).

@@ -33,6 +33,7 @@ use crate::process::{binary, Spawned};
 
 mod servers;
 mod tunnel;
+pub use servers::postgres_data;
 pub use tunnel::{LabTunnel, TransferReport, TunnelSpec, QUIC_PORT};
 
 pub const RELAY_IP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 60);

@@ -9,24 +9,8 @@ const WAIT: Duration = Duration::from_secs(60);
 impl Lab {
     /// PostgreSQL on `WIN_IP:port` with trust authentication, data in the lab directory.
     pub fn start_postgres(&mut self, port: u16) -> usize {
-        let bin = postgres_bin_dir();
-        let data = self.dir().join("pg");
-        std::fs::create_dir_all(&data).expect("pg dir");
-        open_to_others(self.dir());
-        chown_postgres(&data);
-        let init = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(format!("{bin}/initdb"))
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
-            .arg(&data)
-            .output()
-            .expect("initdb");
-        assert!(init.status.success(), "initdb: {}", String::from_utf8_lossy(&init.stderr));
         // Clients arrive from the agent's address (the Windows host), not from loopback.
-        let hba = data.join("pg_hba.conf");
-        let mut rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
-        rules.push_str(&format!("host all all {WIN_IP}/32 trust\n"));
-        std::fs::write(&hba, rules).expect("pg_hba.conf");
+        let (bin, data) = postgres_data(self.dir(), &format!("{WIN_IP}/32"));
         let data = data.display().to_string();
         let port = port.to_string();
         let listen = format!("listen_addresses={WIN_IP}");
@@ -86,6 +70,29 @@ impl Lab {
         self.process(index).wait_line("Server listening", WAIT);
         index
     }
+}
+
+/// A PostgreSQL data directory `pg` under `dir`, made by initdb as the `postgres` user, trusting
+/// clients from `trusted` (a CIDR). Returns the server's bin directory and the data directory.
+pub fn postgres_data(dir: &Path, trusted: &str) -> (String, std::path::PathBuf) {
+    let bin = postgres_bin_dir();
+    let data = dir.join("pg");
+    std::fs::create_dir_all(&data).expect("pg dir");
+    open_to_others(dir);
+    chown_postgres(&data);
+    let init = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(format!("{bin}/initdb"))
+        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+        .arg(&data)
+        .output()
+        .expect("initdb");
+    assert!(init.status.success(), "initdb: {}", String::from_utf8_lossy(&init.stderr));
+    let hba = data.join("pg_hba.conf");
+    let mut rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+    rules.push_str(&format!("host all all {trusted} trust\n"));
+    std::fs::write(&hba, rules).expect("pg_hba.conf");
+    (bin, data)
 }
 
 fn postgres_bin_dir() -> String {
