@@ -25,6 +25,10 @@ pub enum AgentMessage {
     /// The services the agent offers now, after its configuration was reloaded (version 2 on);
     /// answered with [`RelayMessage::Published`].
     Offer(Vec<ServiceOffer>),
+    /// First message of a lane (version 3 on): another connection of the agent whose tunnel is
+    /// session `session`, carrying data streams beside it. Answered with
+    /// [`RelayMessage::LaneAccepted`] or [`RelayMessage::Refused`].
+    Lane { session: u64 },
 }
 
 /// Messages from the relay to the agent.
@@ -42,6 +46,12 @@ pub enum RelayMessage {
     Renewed(Result<String, String>),
     /// The relay's verdict on each service of an [`AgentMessage::Offer`], in the order offered.
     Published(Vec<ServiceVerdict>),
+    /// Sent after `Welcome` (version 3 on): the tunnel's session number and how many connections
+    /// in all (this one included) the relay spreads the agent's data streams over. The agent may
+    /// open up to `max - 1` lanes, each naming `session`.
+    Lanes { session: u64, max: u16 },
+    /// The relay took the lane into the session.
+    LaneAccepted,
 }
 
 /// The agent's introduction. Its identity is not here: it is the name in its client certificate.

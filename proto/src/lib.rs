@@ -29,7 +29,7 @@ pub use stream::{Answer, StreamHeader};
 pub const ALPN_TUNNEL: &[u8] = b"sallyport/1";
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -22,6 +22,7 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
         ),
         any::<u64>().prop_map(|nonce| AgentMessage::Pong { nonce }),
         ".{0,300}".prop_map(|csr_pem| AgentMessage::Renew { csr_pem }),
+        any::<u64>().prop_map(|session| AgentMessage::Lane { session }),
         (any::<u64>(), any::<bool>(), ".{0,200}").prop_map(|(id, ok, text)| AgentMessage::CommandResult {
             id,
             result: if ok { Ok(text) } else { Err(text) },
@@ -50,6 +51,8 @@ fn relay_message() -> impl Strategy<Value = RelayMessage> {
             })),
         ".{0,200}".prop_map(|reason| RelayMessage::Refused { reason }),
         any::<u64>().prop_map(|nonce| RelayMessage::Ping { nonce }),
+        (any::<u64>(), any::<u16>()).prop_map(|(session, max)| RelayMessage::Lanes { session, max }),
+        Just(RelayMessage::LaneAccepted),
         (any::<bool>(), ".{0,300}").prop_map(|(ok, text)| RelayMessage::Renewed(if ok {
             Ok(text)
         } else {

@@ -285,11 +285,19 @@ async fn admin_call(config: &Config, method: &str, path: String, with_token: boo
     Ok(body)
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let relay = sallyport_relay::Relay::bind(config).await?;
-    relay.run(cli::cancel_on_signal()).await;
-    Ok(())
+/// Runs the relay on `relay.threads` threads (one: everything on this thread).
+fn serve(config: Config) -> anyhow::Result<()> {
+    let threads = config.limits.threads;
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
+    };
+    runtime.block_on(async {
+        let relay = sallyport_relay::Relay::bind(config).await?;
+        relay.run(cli::cancel_on_signal()).await;
+        Ok(())
+    })
 }
 
 fn default_relay_addr(dir: &std::path::Path) -> anyhow::Result<String> {

@@ -18,6 +18,8 @@ type Labels = Vec<(&'static str, String)>;
 pub(crate) struct AgentGauges<'a> {
     pub(crate) name: &'a str,
     pub(crate) rtt: std::time::Duration,
+    /// Its tunnel's connection and the lanes beside it.
+    pub(crate) connections: usize,
     pub(crate) containers: Vec<ContainerReport>,
 }
 
@@ -57,6 +59,7 @@ pub(crate) struct Metrics {
     handshake_failures: Family<Labels, Counter>,
     agents: Gauge,
     rtt: Family<Labels, Gauge<f64, AtomicU64>>,
+    agent_connections: Family<Labels, Gauge>,
     container_state: Family<Labels, Gauge>,
     cold_start: Family<Labels, Gauge<f64, AtomicU64>>,
     refusals: Family<Labels, Counter>,
@@ -85,6 +88,7 @@ impl Default for Metrics {
             handshake_failures: Family::default(),
             agents: Gauge::default(),
             rtt: Family::default(),
+            agent_connections: Family::default(),
             container_state: Family::default(),
             cold_start: Family::default(),
             refusals: Family::default(),
@@ -125,6 +129,11 @@ impl Default for Metrics {
             "quic_rtt_seconds",
             "Smoothed round-trip time of each agent's tunnel",
             m.rtt.clone(),
+        );
+        m.registry.register(
+            "agent_connections",
+            "QUIC connections of each agent: its tunnel and the lanes that carry data streams beside it",
+            m.agent_connections.clone(),
         );
         m.registry.register(
             "container_state",
@@ -261,11 +270,15 @@ impl Metrics {
         }
         self.agents.set(agents.len() as i64);
         self.rtt.clear();
+        self.agent_connections.clear();
         self.container_state.clear();
         self.cold_start.clear();
         for agent in agents {
             let name = agent.name.to_owned();
             self.rtt.get_or_create(&vec![("agent", name.clone())]).set(agent.rtt.as_secs_f64());
+            self.agent_connections
+                .get_or_create(&vec![("agent", name.clone())])
+                .set(agent.connections as i64);
             for c in &agent.containers {
                 let state = c.state.split_whitespace().next().unwrap_or("unknown").to_owned();
                 let labels = vec![("agent", name.clone()), ("container", c.name.clone()), ("state", state)];

@@ -151,6 +151,16 @@ pub fn admit_agent(connection: &quinn::Connection) {
     connection.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_AGENT_STREAMS));
 }
 
+/// Gives each of an agent's `connections` (its tunnel and lanes) an equal share of one tunnel's
+/// windows, so what an agent can make the relay hold in flight is the same however many
+/// connections it holds.
+pub fn share_agent_windows(connection: &quinn::Connection, connections: usize) {
+    let n = connections.max(1) as u64;
+    let receive = u64::from(CONNECTION_RECEIVE_WINDOW) / n;
+    connection.set_receive_window(VarInt::from_u64(receive).unwrap_or(VarInt::MAX));
+    connection.set_send_window(SEND_WINDOW / n);
+}
+
 /// Transport settings of the agent's connection: the relay may open many data streams; the agent
 /// keeps the path alive well inside NAT and conntrack timeouts.
 pub fn agent(keep_alive: Duration, idle_timeout: Duration, congestion: Congestion) -> Arc<TransportConfig> {

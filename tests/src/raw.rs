@@ -43,6 +43,38 @@ impl RawAgent {
         relay: SocketAddr,
         services: &[&str],
     ) -> Result<Self, Refused> {
+        let hello = AgentMessage::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            software: "raw".into(),
+            services: services.iter().map(|s| ServiceOffer { name: (*s).to_owned() }).collect(),
+        });
+        Self::open(cert, key, trust, relay, &hello).await
+    }
+
+    /// Connects with a fresh bundle of agent `name` and asks to join session `session` as a lane;
+    /// returns the relay's answer.
+    pub async fn lane(
+        identity_pki: &TestPki,
+        name: &str,
+        trust: &TestPki,
+        relay: SocketAddr,
+        session: u64,
+    ) -> Result<Self, Refused> {
+        let bundle = identity_pki.agent_bundle(name);
+        let lane = AgentMessage::Lane { session };
+        Self::open(&bundle.join("agent.crt"), &bundle.join("agent.key"), trust, relay, &lane).await
+    }
+
+    /// Connects with the certificate and key in these files, sends `first` on a new control
+    /// stream, and waits for the relay's answer.
+    async fn open(
+        cert: &Path,
+        key: &Path,
+        trust: &TestPki,
+        relay: SocketAddr,
+        first: &AgentMessage,
+    ) -> Result<Self, Refused> {
         let read = |f: &Path| std::fs::read(f).expect("identity file");
         let identity = tls::Identity::from_pem(&read(cert), &read(key)).expect("identity");
         let roots =
@@ -55,13 +87,7 @@ impl RawAgent {
         let closed =
             |c: &quinn::Connection| c.close_reason().map_or("stream failed".to_owned(), |r| r.to_string());
         let (mut control, mut control_recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-        let hello = AgentMessage::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
-            software: "raw".into(),
-            services: services.iter().map(|s| ServiceOffer { name: (*s).to_owned() }).collect(),
-        });
-        let bytes = frame::encode_to_vec(&hello, 1024).expect("encode");
+        let bytes = frame::encode_to_vec(first, 1024).expect("encode");
         control.write_all(&bytes).await.map_err(|_| closed(&connection))?;
         let mut buf = Vec::new();
         let answer = sallyport_runtime::read_frame::<RelayMessage>(&mut control_recv, 64 * 1024, &mut buf)

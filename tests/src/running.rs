@@ -79,6 +79,30 @@ impl RunningRelay {
         self.agents.borrow().get(agent).map(|s| s.path_mtu())
     }
 
+    /// How many connections `agent` holds to this relay (its tunnel and its lanes), if connected.
+    pub fn connections(&self, agent: &str) -> Option<usize> {
+        self.agents.borrow().get(agent).map(AgentSession::connections)
+    }
+
+    /// Data streams routed so far to each of `agent`'s connections (the tunnel's first).
+    pub fn streams_per_connection(&self, agent: &str) -> Vec<u64> {
+        self.agents.borrow().get(agent).map(AgentSession::streams_per_connection).unwrap_or_default()
+    }
+
+    /// Waits until `agent` holds `n` connections; returns how long that took.
+    pub async fn wait_connections(&self, agent: &str, n: usize) -> Duration {
+        let started = std::time::Instant::now();
+        while self.connections(agent) != Some(n) {
+            assert!(
+                started.elapsed() < WAIT,
+                "agent {agent} holds {:?} connections, not {n}",
+                self.connections(agent)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        started.elapsed()
+    }
+
     pub fn connected(&self) -> Vec<String> {
         self.agents.borrow().keys().cloned().collect()
     }

@@ -791,3 +791,69 @@ async fn a_flood_of_bad_clients_is_counted_in_full_but_logged_in_few_lines() {
         assert!((1..=10 * periods).contains(&lines), "{lines} lines with {needle:?}");
     }
 }
+
+/// Another agent, or anybody who learned a session number, asks to join `winbox`'s tunnel as a
+/// lane: refused (the lane's certificate must name the session's agent), counted, and `winbox`'s
+/// transfers running meanwhile arrive intact. A lane that then sends a control message is closed,
+/// alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_joins_only_its_own_agents_tunnel() {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    let target = sallyport_tests::targets::transfer_server().await;
+    let mut relay = RunningRelay::start(pki.relay_config(&[("svc", "winbox"), ("web", "other")], "")).await;
+    let agent = sallyport_tests::RunningAgent::start(pki.agent_config(
+        "winbox",
+        &[relay.quic],
+        &[("svc", target.addr)],
+        "lanes = 2",
+    ));
+    relay.wait_agent("winbox").await;
+    relay.wait_connections("winbox", 2).await;
+    let session = relay.session_id("winbox").expect("session");
+    let service = relay.service("svc");
+    let traffic = tokio::spawn(async move {
+        for seed in 0..20 {
+            sallyport_tests::transfer::run(service, 1 << 20, 1 << 20, seed)
+                .await
+                .expect("traffic during the attack");
+        }
+    });
+
+    for (who, session, expected) in [
+        ("other", session, "no tunnel session"),
+        ("intruder", session, "no tunnel session"),
+        ("winbox", session + 1_000, "no tunnel session"),
+    ] {
+        let refused = match RawAgent::lane(&pki, who, &pki, relay.quic, session).await {
+            Ok(raw) => match raw.answer {
+                RelayMessage::Refused { reason } => reason,
+                other => panic!("{who} joined session {session}: {other:?}"),
+            },
+            Err(closed) => closed,
+        };
+        println!("{who} asking for lane of session {session}: {refused}");
+        assert!(refused.contains(expected), "{refused}");
+    }
+    assert_eq!(relay.connections("winbox"), Some(2));
+
+    // The agent's own identity may add a lane (up to relay.lanes); a control message on it closes
+    // that lane alone.
+    let mut own = RawAgent::lane(&pki, "winbox", &pki, relay.quic, session).await.expect("lane");
+    assert_eq!(own.answer, RelayMessage::LaneAccepted);
+    assert_eq!(relay.connections("winbox"), Some(3));
+    own.send(&sallyport_proto::AgentMessage::Pong { nonce: 1 }).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), own.connection.closed()).await.expect("closed");
+    println!("lane after a control message: {closed}");
+    assert!(closed.to_string().contains("a lane carries no control message"), "{closed}");
+
+    traffic.await.expect("traffic intact");
+    let text = metrics(&relay).await;
+    assert_eq!(
+        sallyport_tests::metric(&text, "sallyport_handshake_failures_total{reason=\"lane_refused\"}"),
+        3.0
+    );
+    assert_eq!(sallyport_tests::metric(&text, "sallyport_agent_connections{agent=\"winbox\"}"), 2.0);
+    agent.stop().await;
+    relay.stop().await;
+}

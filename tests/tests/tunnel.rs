@@ -409,3 +409,63 @@ async fn agent_unknown_to_the_relay_is_refused_with_a_reason() {
     agent.stop().await;
     relay.stop().await;
 }
+
+/// An agent holds as many connections to the relay as `agent.lanes` says (its tunnel and lanes
+/// beside it), within 2 s of the tunnel coming up, and the relay spreads data streams over all of
+/// them in turn; every transfer arrives intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_carry_data_streams_beside_the_tunnel() {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    let target = targets::transfer_server().await;
+    let mut relay = RunningRelay::start(pki.relay_config(&[("svc", "winbox")], "")).await;
+    let agent =
+        RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target.addr)], "lanes = 3"));
+    relay.wait_agent("winbox").await;
+    let took = relay.wait_connections("winbox", 3).await;
+    println!("3 connections {took:?} after the tunnel was up");
+    assert!(took < Duration::from_secs(2), "lanes took {took:?}");
+
+    let svc = relay.service("svc");
+    let mut transfers = tokio::task::JoinSet::new();
+    for seed in 0..30 {
+        transfers.spawn(async move { transfer::run(svc, MIB, MIB, seed).await });
+    }
+    while let Some(done) = transfers.join_next().await {
+        let report = done.expect("task").expect("transfer intact");
+        assert_eq!((report.up, report.down), (MIB, MIB));
+    }
+    let spread = relay.streams_per_connection("winbox");
+    println!("data streams per connection: {spread:?}");
+    assert_eq!(spread, vec![10, 10, 10]);
+    agent.stop().await;
+    relay.stop().await;
+}
+
+/// The relay caps an agent's connections at `relay.lanes`: an agent that wants more gets that
+/// many, and with `lanes = 1` on either side the tunnel carries everything alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_caps_the_lanes_an_agent_opens() {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    let target = targets::transfer_server().await;
+    for (relay_lanes, agent_lanes, expected) in [(2, 4, 2), (1, 4, 1), (8, 1, 1)] {
+        let mut relay =
+            RunningRelay::start(pki.relay_config(&[("svc", "winbox")], &format!("lanes = {relay_lanes}")))
+                .await;
+        let agent = RunningAgent::start(pki.agent_config(
+            "winbox",
+            &[relay.quic],
+            &[("svc", target.addr)],
+            &format!("lanes = {agent_lanes}"),
+        ));
+        relay.wait_agent("winbox").await;
+        relay.wait_connections("winbox", expected).await;
+        // Whatever would come comes within a few round trips on loopback.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(relay.connections("winbox"), Some(expected), "relay {relay_lanes}, agent {agent_lanes}");
+        transfer::run(relay.service("svc"), MIB, MIB, 5).await.expect("transfer intact");
+        agent.stop().await;
+        relay.stop().await;
+    }
+}

@@ -39,6 +39,9 @@ pub struct Config {
     /// Containers the agent owns, by name.
     pub containers: BTreeMap<String, ContainerSpec>,
     pub udp: UdpLimits,
+    /// Connections to each relay that the relay spreads data streams over: the tunnel and
+    /// `lanes - 1` lanes beside it, each driven on its own thread (the relay may allow fewer).
+    pub lanes: usize,
 }
 
 /// The agent's UDP flows.
@@ -54,6 +57,12 @@ pub struct UdpLimits {
 const MILLISECOND: Duration = Duration::from_millis(1);
 const SECOND: Duration = Duration::from_secs(1);
 const HOUR: Duration = Duration::from_secs(3600);
+
+/// The default number of connections to each relay: one per two cores the agent may use (the
+/// kernel's share of moving the traffic runs on the other), between 1 and 4.
+pub fn default_lanes() -> usize {
+    (std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) / 2).clamp(1, 4)
+}
 
 impl Default for Timing {
     /// The timers of an agent.toml that does not set them.
@@ -219,6 +228,7 @@ impl Config {
                 ("agent.key", format!("{:?}", c.tls.key)),
                 ("agent (timers)", format!("{:?}", c.timing)),
                 ("agent (udp_flow_idle, udp_max_flows)", format!("{:?}", c.udp)),
+                ("agent.lanes", format!("{:?}", c.lanes)),
                 ("docker", format!("{:?}", c.docker)),
                 ("containers (which are declared)", format!("{:?}", c.containers.keys().collect::<Vec<_>>())),
             ]
@@ -259,6 +269,7 @@ impl Config {
         let agent = conf::Section::new(path, "agent");
         let timing = Timing::from_raw(&a, agent)?;
         let udp = UdpLimits::from_raw(&a, agent)?;
+        let lanes = agent.bounded("lanes", a.lanes, default_lanes(), 1..=64)?;
         if timing.keep_alive * 3 > timing.idle_timeout * 2 {
             return Err(ConfigError::invalid(
                 path,
@@ -357,6 +368,7 @@ impl Config {
             docker,
             containers,
             udp,
+            lanes,
         })
     }
 }
@@ -397,6 +409,7 @@ struct RawAgent {
     congestion: Option<String>,
     udp_flow_idle: Option<HumanDuration>,
     udp_max_flows: Option<usize>,
+    lanes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,6 +2,7 @@
 //! and answer pings until the connection ends; reconnect forever with full-jitter backoff.
 
 pub(crate) mod commands;
+mod lanes;
 pub(crate) mod renew;
 
 use std::{
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use self::lanes::LaneStarter;
 use crate::{
     backoff::Backoff,
     config::{Live, RelayAddr},
@@ -280,10 +282,14 @@ async fn connect_and_serve(
     );
 
     let relay_key = relay.to_string();
+    // The lanes of this tunnel end with it.
+    let lanes =
+        LaneStarter { relay: relay.clone(), addr: connection.remote_address(), stop: stop.child_token() };
+    let _lanes_end = lanes.stop.clone().drop_guard();
     tokio::select! {
         () = accept_streams(&connection, tunnels) => {}
         () = crate::targets::udp::serve(&connection, &tunnels.targets) => {}
-        () = control_loop(&mut send, &mut recv, tunnels, (&relay_key, welcome.version)) => {}
+        () = control_loop(&mut send, &mut recv, tunnels, (&relay_key, welcome.version), &lanes) => {}
         () = stop.cancelled() => {
             connection.close(code(close::NORMAL), b"agent stopping");
             return Outcome::Stopped;
@@ -351,7 +357,9 @@ async fn hello(
             RelayMessage::Ping { .. }
             | RelayMessage::Command(_)
             | RelayMessage::Renewed(_)
-            | RelayMessage::Published(_),
+            | RelayMessage::Published(_)
+            | RelayMessage::Lanes { .. }
+            | RelayMessage::LaneAccepted,
         ) => Err(TunnelError::Protocol("a control message before Welcome".into())),
         None => Err(TunnelError::Protocol("control stream ended before Welcome".into())),
     }
@@ -418,6 +426,7 @@ async fn control_loop(
     recv: &mut RecvStream,
     tunnels: &Arc<Tunnels>,
     (relay, version): (&str, u16),
+    lanes: &LaneStarter,
 ) {
     let mut reloads = tunnels.offers.subscribe();
     reloads.mark_unchanged();
@@ -442,6 +451,7 @@ async fn control_loop(
                     }
                 }
                 Ok(Some(RelayMessage::Renewed(result))) => renew::apply(result, tunnels),
+                Ok(Some(RelayMessage::Lanes { session, max })) => lanes.start(session, max, tunnels),
                 Ok(Some(RelayMessage::Published(verdicts))) => {
                     let published: Vec<String> =
                         verdicts.iter().filter(|v| v.refused.is_none()).map(|v| v.name.clone()).collect();

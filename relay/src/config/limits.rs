@@ -48,6 +48,20 @@ pub struct Limits {
     /// UDP flows kept per service; a new flow beyond it replaces a flow of the fullest client
     /// prefix (not-yet-answered and quiet ones first).
     pub udp_max_flows: usize,
+    /// Threads that run the relay (tunnels, listeners, copying): by default half the cores the
+    /// process may use (see [`default_threads`]).
+    pub threads: usize,
+    /// Connections per agent (its tunnel and its lanes) that the relay spreads the agent's data
+    /// streams over, at most; the agent opens as many as it is configured to, up to this.
+    pub lanes: usize,
+}
+
+/// The default number of runtime threads: half the cores this process may use (its CPU quota
+/// where a cgroup sets one), at least one. Each thread that moves tunnel traffic brings about as
+/// much kernel work with it (TCP, UDP, and in a pod the node's forwarding), which runs on the other
+/// half; on 2 cores a second thread only adds hand-offs (README, Benchmarks).
+pub fn default_threads() -> usize {
+    (std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) / 2).max(1)
 }
 
 const KIB: u64 = 1 << 10;
@@ -59,8 +73,9 @@ const MIB: u64 = 1 << 20;
 /// is still sending it), one read on its way into the tunnel (64 KiB, while the tunnel's flow
 /// control holds it back) and its own state (task, socket, HTTP or TLS state:
 /// [`Budget::CONNECTION_STATE`]). Data in flight inside the tunnels is bounded per tunnel, not per
-/// connection, by the QUIC windows; the budget sets that aside for [`Budget::TUNNELS`] tunnels,
-/// along with the runtime and the connections still proving who they are.
+/// connection, by the QUIC windows (an agent's lanes share its tunnel's); the budget sets that
+/// aside for [`Budget::TUNNELS`] tunnels, along with the runtime and the connections still proving
+/// who they are.
 ///
 /// Kernel socket buffers are not in it: they are the kernel's (charged to the pod's memory cgroup
 /// on cgroup v2 only under the kernel's own TCP memory limits).
@@ -130,6 +145,8 @@ impl Default for Limits {
             max_connections_per_ip: 256,
             udp_flow_idle: SECOND * 60,
             udp_max_flows: 4096,
+            threads: default_threads(),
+            lanes: 8,
         }
     }
 }
@@ -225,6 +242,8 @@ impl Limits {
             )?,
             udp_flow_idle: relay.bounded("udp_flow_idle", r.udp_flow_idle, d.udp_flow_idle, SECOND..=HOUR)?,
             udp_max_flows: relay.bounded("udp_max_flows", r.udp_max_flows, d.udp_max_flows, 1..=1 << 20)?,
+            threads: relay.bounded("threads", r.threads, d.threads, 1..=256)?,
+            lanes: relay.bounded("lanes", r.lanes, d.lanes, 1..=64)?,
         })
     }
 }

@@ -131,7 +131,7 @@ impl Config {
 
     /// The keys a reload cannot change (the QUIC endpoint, the admin server, the trust files and
     /// the tunnels' transport), each with its value: a change to one needs a restart.
-    fn fixed(&self) -> [(&'static str, String); 19] {
+    fn fixed(&self) -> [(&'static str, String); 20] {
         let l = &self.limits;
         [
             ("relay.listen", format!("{:?}", self.listen)),
@@ -152,6 +152,7 @@ impl Config {
             ("relay.max_unauthenticated_per_ip", format!("{:?}", l.max_unauthenticated_per_ip)),
             ("relay.handshakes_per_ip_per_second", format!("{:?}", l.handshakes_per_ip_per_second)),
             ("relay.congestion", format!("{:?}", l.congestion)),
+            ("relay.threads", format!("{:?}", l.threads)),
             ("relay.udp_max_flows", format!("{:?}", l.udp_max_flows)),
         ]
     }
@@ -368,6 +369,8 @@ pub(super) struct RawRelay {
     max_connections_per_ip: Option<usize>,
     udp_flow_idle: Option<HumanDuration>,
     udp_max_flows: Option<usize>,
+    threads: Option<usize>,
+    lanes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

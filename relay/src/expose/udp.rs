@@ -68,7 +68,7 @@ pub(crate) async fn serve(
                 }
             },
             _ = sweep.tick() => {
-                let quiet = if exposure.agents.route(&service.agent, &service.name).is_some() {
+                let quiet = if exposure.agents.route_datagrams(&service.agent, &service.name).is_some() {
                     table.sweep(exposure.config.get().limits.udp_flow_idle)
                 } else {
                     table.drain().collect()
@@ -84,7 +84,7 @@ pub(crate) async fn serve(
             }
             () = stop.cancelled() => break,
         };
-        let Some(connection) = exposure.agents.route(&service.agent, &service.name) else {
+        let Some(connection) = exposure.agents.route_datagrams(&service.agent, &service.name) else {
             metrics.refused(&service.name, "no_agent");
             continue;
         };

@@ -66,6 +66,7 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
                 let gauges = agents.values().map(|s| AgentGauges {
                     name: &s.name,
                     rtt: s.connection.rtt(),
+                    connections: s.connections(),
                     containers: lock(&s.containers).clone(),
                 });
                 ops.runtime.metrics.tasks(ops.runtime.tasks.len() + ops.runtime.clients.len());
@@ -110,10 +111,11 @@ fn agent_listing(ops: &Ops) -> String {
     for (name, session) in &agents {
         let services: Vec<&str> = session.services.iter().map(String::as_str).collect();
         out.push_str(&format!(
-            "agent {name} remote={} software={:?} services={}\n",
+            "agent {name} remote={} software={:?} services={} connections={}\n",
             session.remote,
             status::printable(&session.software),
-            services.join(",")
+            services.join(","),
+            session.connections()
         ));
         for c in lock(&session.containers).iter() {
             out.push_str(&format!(
@@ -264,9 +266,9 @@ fn revoke_agent(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
     };
     tracing::warn!(agent, ?serials, issued_up_to_unix = cutoff, "agent certificates revoked");
     if let Some(session) = session {
-        session
-            .connection
-            .close(sallyport_runtime::code(sallyport_proto::codes::close::REFUSED), b"certificate revoked");
+        let refused = sallyport_runtime::code(sallyport_proto::codes::close::REFUSED);
+        session.connection.close(refused, b"certificate revoked");
+        session.lanes.close_all(refused, b"certificate revoked");
     }
     let listed = if serials.is_empty() { String::new() } else { format!(" and {}", serials.join(", ")) };
     (

@@ -28,6 +28,8 @@ pub(crate) struct AgentRow {
     pub software: String,
     pub connected_for: String,
     pub rtt_ms: f64,
+    /// The tunnel's connection and its lanes.
+    pub connections: usize,
     pub containers: Vec<(String, String, Option<u64>)>,
 }
 
@@ -56,6 +58,7 @@ pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
                 .map(|d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string())
                 .unwrap_or_default(),
             rtt_ms: s.connection.rtt().as_secs_f64() * 1000.0,
+            connections: s.connections(),
             containers: lock(&s.containers)
                 .iter()
                 .map(|c| (printable(&c.name), printable(&c.state), c.cold_start_ms))
@@ -125,6 +128,7 @@ fn tables(s: &Snapshot) -> [Table; 3] {
                 a.remote.clone(),
                 a.connected_for.clone(),
                 format!("{:.1} ms", a.rtt_ms),
+                a.connections.to_string(),
                 a.software.clone(),
             ]
         })
@@ -155,7 +159,7 @@ fn tables(s: &Snapshot) -> [Table; 3] {
         Table {
             id: "agents",
             title: format!("Agents ({})", s.agents.len()),
-            header: &["agent", "from", "connected for", "RTT", "software"],
+            header: &["agent", "from", "connected for", "RTT", "connections", "software"],
             rows: agents,
             empty: Some("No agent connected."),
         },

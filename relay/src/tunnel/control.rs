@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 use crate::tunnel::{
     accept::AgentCert,
     admission::admit,
-    datagrams,
-    registry::{AgentSession, PendingCommand},
+    datagrams, lanes,
+    registry::{AgentSession, Lanes, PendingCommand},
     Tunnels,
 };
 
@@ -40,6 +40,8 @@ pub(crate) enum Closed {
 pub(crate) enum ProtocolError {
     #[error("Hello sent twice")]
     HelloTwice,
+    #[error("Lane sent on a tunnel's control stream")]
+    LaneOnTunnel,
     /// A control frame that is not valid.
     #[error(transparent)]
     Frame(FrameError),
@@ -61,7 +63,7 @@ fn frame_error(e: FrameError) -> Result<Closed, ProtocolError> {
     }
 }
 
-enum FirstMessageError {
+pub(crate) enum FirstMessageError {
     /// The connection went away; nothing to tell anyone.
     Gone,
     /// The agent broke the protocol; the reason goes to the log and into the close frame.
@@ -72,7 +74,10 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
     let name = cert.id.agent.clone();
     let metrics = &tunnels.runtime.metrics;
     let (mut send, mut recv, hello) = match first_message(&connection, &tunnels).await {
-        Ok(v) => v,
+        Ok(First::Hello(send, recv, hello)) => (send, recv, hello),
+        Ok(First::Lane(send, recv, session)) => {
+            return lanes::serve_lane(connection, &name, session, (send, recv), &tunnels).await
+        }
         Err(FirstMessageError::Gone) => return,
         Err(FirstMessageError::Protocol(reason)) => {
             warn!(%reason, "closing agent: protocol error");
@@ -104,6 +109,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
     }
     let registry = &tunnels.registry;
     let id = registry.next_id();
+    let lanes = Arc::new(Lanes::new(connection.clone()));
     let (commands, mut command_rx) = mpsc::channel(16);
     let containers = Arc::new(Mutex::new(Vec::new()));
     let session = AgentSession {
@@ -119,15 +125,22 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         serial: cert.id.serial.clone(),
         connection: connection.clone(),
         commands,
+        lanes: lanes.clone(),
     };
     if let Some(old) = registry.insert(session) {
         info!(old_remote = %old.remote, "replacing the agent's previous connection");
         old.connection.close(code(close::REPLACED), b"replaced by a newer connection");
+        old.lanes.close_all(code(close::REPLACED), b"replaced by a newer connection");
     }
     info!(remote = %connection.remote_address(), ?services, version = welcome.version, "agent connected");
 
     let pending = Mutex::new(HashMap::new());
     let (replies, mut reply_rx) = mpsc::channel(4);
+    let max_lanes = tunnels.config.get().limits.lanes;
+    if welcome.version >= 3 && max_lanes > 1 {
+        let max = u16::try_from(max_lanes).unwrap_or(u16::MAX);
+        let _ = replies.try_send(RelayMessage::Lanes { session: id, max });
+    }
     let reader =
         Reader { cert: &cert, id, tunnels: &tunnels, pending: &pending, containers: &containers, replies };
     let ended = tokio::select! {
@@ -136,6 +149,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         r = datagrams::from_agent(&connection, &name, &tunnels.flows, metrics) => r,
     };
     registry.remove(&name, id);
+    lanes.close_all(code(close::GOING_AWAY), b"the agent's tunnel ended");
     match ended {
         Ok(reason) => info!(%reason, "agent disconnected"),
         Err(violation) => {
@@ -145,19 +159,25 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
     }
 }
 
-/// Accepts the control stream and reads `Hello`, both within the handshake timeout.
-async fn first_message(
-    connection: &Connection,
-    tunnels: &Tunnels,
-) -> Result<(SendStream, RecvStream, Hello), FirstMessageError> {
+/// What a connection's first control message makes of it.
+enum First {
+    /// A tunnel.
+    Hello(SendStream, RecvStream, Hello),
+    /// A lane of the tunnel with this session number.
+    Lane(SendStream, RecvStream, u64),
+}
+
+/// Accepts the control stream and reads `Hello` (or `Lane`), both within the handshake timeout.
+async fn first_message(connection: &Connection, tunnels: &Tunnels) -> Result<First, FirstMessageError> {
     let timeout = tunnels.config.get().limits.handshake_timeout;
     let read = async {
         let (send, mut recv) = connection.accept_bi().await.map_err(|_| FirstMessageError::Gone)?;
         let mut buf = Vec::new();
         match read_frame::<AgentMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await {
-            Ok(Some(AgentMessage::Hello(hello))) => Ok((send, recv, hello)),
+            Ok(Some(AgentMessage::Hello(hello))) => Ok(First::Hello(send, recv, hello)),
+            Ok(Some(AgentMessage::Lane { session })) => Ok(First::Lane(send, recv, session)),
             Ok(Some(other)) => Err(FirstMessageError::Protocol(format!(
-                "first control message must be Hello, got {}",
+                "first control message must be Hello or Lane, got {}",
                 message_kind(&other)
             ))),
             Ok(None) => Err(FirstMessageError::Protocol("control stream ended before Hello".into())),
@@ -179,6 +199,7 @@ fn message_kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::Containers(_) => "Containers",
         AgentMessage::Renew { .. } => "Renew",
         AgentMessage::Offer(_) => "Offer",
+        AgentMessage::Lane { .. } => "Lane",
     }
 }
 
@@ -214,6 +235,7 @@ async fn control_reader(recv: &mut RecvStream, reader: Reader<'_>) -> Result<Clo
             AgentMessage::Containers(reports) => reader.containers(reports),
             AgentMessage::Offer(offers) => reader.offer(offers).await?,
             AgentMessage::Hello(_) => return Err(ProtocolError::HelloTwice),
+            AgentMessage::Lane { .. } => return Err(ProtocolError::LaneOnTunnel),
         }
     }
 }

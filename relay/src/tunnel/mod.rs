@@ -7,6 +7,7 @@ mod admission;
 mod control;
 pub(crate) mod datagrams;
 mod gate;
+mod lanes;
 pub(crate) mod registry;
 mod renewal;
 pub(crate) mod streams;

@@ -11,7 +11,8 @@ use std::{
     time::SystemTime,
 };
 
-use sallyport_proto::{Command, ContainerReport};
+use sallyport_proto::{codes::close, Command, ContainerReport};
+use sallyport_runtime::{code, sync::lock, transport};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// One live tunnel connection of an agent.
@@ -34,6 +35,8 @@ pub struct AgentSession {
     pub serial: String,
     pub(crate) connection: quinn::Connection,
     pub(crate) commands: mpsc::Sender<PendingCommand>,
+    /// The agent's other connections, which carry data streams beside this one.
+    pub(crate) lanes: Arc<Lanes>,
 }
 
 impl AgentSession {
@@ -41,6 +44,107 @@ impl AgentSession {
     /// agent: about 1,452 across Ethernet, more on loopback or with jumbo frames.
     pub fn path_mtu(&self) -> u16 {
         self.connection.stats().path.current_mtu
+    }
+
+    /// The agent's connections to this relay: its tunnel and the lanes beside it.
+    pub fn connections(&self) -> usize {
+        1 + self.lanes.count()
+    }
+
+    /// Data streams routed so far to each connection (the tunnel's first, then each open lane's).
+    pub fn streams_per_connection(&self) -> Vec<u64> {
+        self.lanes.streams()
+    }
+}
+
+/// The lanes of one session: further connections of the same agent (same certificate name) that
+/// carry data streams, so an agent's streams are spread over several connections, each driven on
+/// its own thread on both sides.
+#[derive(Debug)]
+pub(crate) struct Lanes {
+    /// The tunnel's own connection.
+    tunnel: quinn::Connection,
+    open: Mutex<Vec<Lane>>,
+    next: AtomicU64,
+    /// Data streams routed to the tunnel's own connection.
+    tunnel_streams: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Lane {
+    id: u64,
+    connection: quinn::Connection,
+    /// Data streams routed to it.
+    streams: u64,
+}
+
+impl Lanes {
+    pub(crate) fn new(tunnel: quinn::Connection) -> Self {
+        Self { tunnel, open: Mutex::default(), next: AtomicU64::new(0), tunnel_streams: AtomicU64::new(0) }
+    }
+
+    /// Shares one tunnel's windows among the connections open now: an agent holds no more in
+    /// flight at the relay with lanes than without.
+    fn share_windows(&self, open: &[Lane]) {
+        let n = open.len() + 1;
+        transport::share_agent_windows(&self.tunnel, n);
+        for lane in open {
+            transport::share_agent_windows(&lane.connection, n);
+        }
+    }
+
+    /// Lanes open now (the tunnel's own connection not counted).
+    pub(crate) fn count(&self) -> usize {
+        lock(&self.open).len()
+    }
+
+    /// Adds lane `id` unless `max` connections (the tunnel's own included) are open already.
+    pub(crate) fn add(&self, id: u64, connection: quinn::Connection, max: usize) -> bool {
+        let mut open = lock(&self.open);
+        if open.len() + 1 >= max {
+            return false;
+        }
+        open.push(Lane { id, connection, streams: 0 });
+        self.share_windows(&open);
+        true
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        let mut open = lock(&self.open);
+        open.retain(|lane| lane.id != id);
+        self.share_windows(&open);
+    }
+
+    /// Closes every lane (the session is over).
+    pub(crate) fn close_all(&self, code: quinn::VarInt, reason: &[u8]) {
+        for lane in lock(&self.open).drain(..) {
+            lane.connection.close(code, reason);
+        }
+    }
+
+    /// The connection for the next data stream: the tunnel's own and its lanes in turn.
+    fn pick(&self) -> quinn::Connection {
+        let mut open = lock(&self.open);
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) as usize % (open.len() + 1);
+        match turn.checked_sub(1) {
+            Some(index) => {
+                let lane = &mut open[index];
+                lane.streams += 1;
+                lane.connection.clone()
+            }
+            None => {
+                self.tunnel_streams.fetch_add(1, Ordering::Relaxed);
+                self.tunnel.clone()
+            }
+        }
+    }
+
+    /// Data streams routed so far to the tunnel's connection, then to each open lane.
+    fn streams(&self) -> Vec<u64> {
+        let open = lock(&self.open);
+        std::iter::once(self.tunnel_streams.load(Ordering::Relaxed))
+            .chain(open.iter().map(|l| l.streams))
+            .collect()
     }
 }
 
@@ -95,7 +199,12 @@ impl Registry {
 
     /// Removes every session (on shutdown), so their connections are released.
     pub(crate) fn clear(&self) {
-        self.agents.send_modify(BTreeMap::clear);
+        self.agents.send_modify(|agents| {
+            for session in agents.values() {
+                session.lanes.close_all(code(close::GOING_AWAY), b"relay stopping");
+            }
+            agents.clear();
+        });
     }
 
     /// Publishes for each connected agent the services it offered that `config` gives it, after a
@@ -133,10 +242,25 @@ impl Registry {
         });
     }
 
-    /// The connection that carries `service` of `agent`, if that agent is connected and offers it.
+    /// The connection that carries the next data stream of `service` of `agent` (the tunnel or
+    /// one of its lanes, in turn), if that agent is connected and offers it.
     pub(crate) fn route(&self, agent: &str, service: &str) -> Option<quinn::Connection> {
         let agents = self.agents.borrow();
         let session = agents.get(agent)?;
+        session.services.contains(service).then(|| session.lanes.pick())
+    }
+
+    /// The tunnel's own connection, which carries `service`'s datagrams (UDP services), if that
+    /// agent is connected and offers it.
+    pub(crate) fn route_datagrams(&self, agent: &str, service: &str) -> Option<quinn::Connection> {
+        let agents = self.agents.borrow();
+        let session = agents.get(agent)?;
         session.services.contains(service).then(|| session.connection.clone())
+    }
+
+    /// The lanes of session `id` of `name`, if it is still the agent's session.
+    pub(crate) fn lanes_of(&self, name: &str, id: u64) -> Option<Arc<Lanes>> {
+        let agents = self.agents.borrow();
+        agents.get(name).filter(|s| s.id == id).map(|s| s.lanes.clone())
     }
 }

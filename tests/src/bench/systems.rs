@@ -26,6 +26,9 @@ const READY: Duration = Duration::from_secs(30);
 pub enum Kind {
     Direct,
     Sallyport,
+    /// Sallyport on two threads each side: the relay with `threads = 2`, the agent with a lane
+    /// beside its tunnel (`lanes = 2`). On a 2-core machine the defaults are one thread each.
+    SallyportTwoThreads,
     /// rathole over plain TCP: no encryption.
     Rathole,
     /// rathole over its noise transport (Noise_NK_25519_ChaChaPoly_BLAKE2s): encrypted, the fair
@@ -35,12 +38,20 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Direct, Kind::Sallyport, Kind::Rathole, Kind::RatholeNoise, Kind::Bore];
+    pub const ALL: [Kind; 6] = [
+        Kind::Direct,
+        Kind::Sallyport,
+        Kind::SallyportTwoThreads,
+        Kind::Rathole,
+        Kind::RatholeNoise,
+        Kind::Bore,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
             Self::Sallyport => "sallyport",
+            Self::SallyportTwoThreads => "sallyport-2-threads",
             Self::Rathole => "rathole",
             Self::RatholeNoise => "rathole-noise",
             Self::Bore => "bore",
@@ -269,12 +280,17 @@ pub fn start(
                 (direct, None, None)
             }
         }
-        Kind::Sallyport => {
+        Kind::Sallyport | Kind::SallyportTwoThreads => {
+            // The defaults, or one thread each side.
+            let (relay_extra, agent_extra, lanes) = match kind {
+                Kind::SallyportTwoThreads => ("threads = 2\n", "lanes = 2\n", 2),
+                _ => ("", "", sallyport_agent::config::default_lanes()),
+            };
             let (quic, entry) = (at(home, free_port_on(home)), at(home, free_port_on(home)));
             let dir = tools.dir.path();
             let pki = tools.pki.dir();
             let relay = format!(
-                "[relay]\nlisten = \"{quic}\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/relay.crt\"\nkey = \"{0}/relay.key\"\nmemory_budget = \"5GiB\"\nmax_connections = 30000\nmax_connections_per_ip = 30000\n[services.bench]\nagent = \"bench\"\nlisten = \"{entry}\"\n",
+                "[relay]\nlisten = \"{quic}\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/relay.crt\"\nkey = \"{0}/relay.key\"\nmemory_budget = \"5GiB\"\nmax_connections = 30000\nmax_connections_per_ip = 30000\n{relay_extra}[services.bench]\nagent = \"bench\"\nlisten = \"{entry}\"\n",
                 pki.display()
             );
             let bundle = tools.pki.agent_bundle("bench");
@@ -284,7 +300,7 @@ pub fn start(
                 delayed(&mut procs, "impair", dial, quic);
             }
             let agent = format!(
-                "[agent]\nrelays = [\"{dial}\"]\nserver_name = \"localhost\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/agent.crt\"\nkey = \"{0}/agent.key\"\n[services.bench]\ntarget = \"tcp://{target}\"\n",
+                "[agent]\nrelays = [\"{dial}\"]\nserver_name = \"localhost\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/agent.crt\"\nkey = \"{0}/agent.key\"\n{agent_extra}[services.bench]\ntarget = \"tcp://{target}\"\n",
                 bundle.display()
             );
             std::fs::write(dir.join("relay.toml"), relay)?;
@@ -300,6 +316,9 @@ pub fn start(
                 &["run".into(), "--config".into(), dir.join("agent.toml").display().to_string()],
             );
             a.wait_line("tunnel up", READY);
+            for _ in 1..lanes {
+                a.wait_line("lane up", READY);
+            }
             procs.push(a);
             (entry, Some(procs.len() - 2), Some(procs.len() - 1))
         }

@@ -415,8 +415,10 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
     let mut out = format!(
         "### Ground: {ground}\n\nMachine: {}. {} round(s){}, medians (min–max), systems interleaved per round, {ground_text}. \
          Ratio = Sallyport ÷ peer; ✓ marks Sallyport ahead.\n\n\
-         | metric | direct | sallyport | rathole | rathole noise | bore | vs rathole | vs rathole noise | vs bore | command |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         `sallyport` runs the defaults; `sallyport, 2 threads` runs the relay on two threads and the \
+         agent with a lane beside its tunnel (`relay.threads = 2`, `agent.lanes = 2`).\n\n\
+         | metric | direct | sallyport | sallyport, 2 threads | rathole | rathole noise | bore | vs rathole | vs rathole noise | vs bore | command |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
         machine(),
         rounds,
         if quick { " (quick mode: short runs, indicative only)" } else { "" }
@@ -426,9 +428,10 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
             continue;
         }
         out.push_str(&format!(
-            "| {metric} | {} | {} | {} | {} | {} | {} | {} | {} | `{command}` |\n",
+            "| {metric} | {} | {} | {} | {} | {} | {} | {} | {} | {} | `{command}` |\n",
             cell(metric, Kind::Direct),
             cell(metric, Kind::Sallyport),
+            cell(metric, Kind::SallyportTwoThreads),
             cell(metric, Kind::Rathole),
             cell(metric, Kind::RatholeNoise),
             cell(metric, Kind::Bore),
@@ -459,9 +462,11 @@ mod tests {
         let table = render(&r, "loopback", 3, false);
         let row = table.lines().find(|l| l.starts_with(&format!("| {name} |"))).expect("the metric's row");
         let cells: Vec<&str> = row.split(" | ").collect();
+        // metric, direct, sallyport, sallyport 2 threads, rathole, rathole noise, bore, ratios...
         assert_eq!(cells[2], "11.000 (10.000–12.000)", "{row}");
-        assert_eq!(cells[3], "8.000 (8.000–9.000); failed in 1 round(s)", "{row}");
-        assert_eq!(cells[5], "failed", "{row}");
-        assert_eq!(cells[6], "1.38× ✓", "{row}");
+        assert_eq!(cells[3], "–", "{row}");
+        assert_eq!(cells[4], "8.000 (8.000–9.000); failed in 1 round(s)", "{row}");
+        assert_eq!(cells[6], "failed", "{row}");
+        assert_eq!(cells[7], "1.38× ✓", "{row}");
     }
 }

@@ -1,0 +1,119 @@
+//! Lanes: further connections to a relay beside the tunnel, which the relay spreads data streams
+//! over. Each lane runs on its own thread, with its own runtime and its own UDP socket, so the
+//! agent's share of the work (QUIC, TLS, system calls, copying to targets) uses more than one
+//! core. A lane names the tunnel's session in its first control message and ends with the tunnel.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use quinn::Connection;
+use sallyport_proto::{codes::close, AgentMessage, RelayMessage, MAX_CONTROL_FRAME};
+use sallyport_runtime::{code, read_frame, sync::read, write_frame};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::{accept_streams, endpoint_for, refusal, Quic, TunnelError, Tunnels};
+use crate::config::RelayAddr;
+
+/// Where lanes of one tunnel go, and when they stop (the tunnel ended, or the agent stops).
+#[derive(Debug, Clone)]
+pub(crate) struct LaneStarter {
+    pub(crate) relay: RelayAddr,
+    /// The address the tunnel reached: lanes go to the same relay.
+    pub(crate) addr: SocketAddr,
+    pub(crate) stop: CancellationToken,
+}
+
+impl LaneStarter {
+    /// Opens the lanes the relay allows for session `session`: up to `max` connections in all,
+    /// the tunnel's included.
+    pub(crate) fn start(&self, session: u64, max: u16, tunnels: &Arc<Tunnels>) {
+        let wanted = tunnels.config.get().lanes.min(usize::from(max));
+        for index in 1..wanted {
+            let (lane, tunnels) = (self.clone(), tunnels.clone());
+            let span = info_span!("lane", index);
+            let spawned =
+                std::thread::Builder::new().name(format!("sallyport-lane-{index}")).spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime.block_on(lane.keep(session, tunnels).instrument(span)),
+                        Err(e) => warn!(error = %e, "cannot start a lane's runtime"),
+                    }
+                });
+            if let Err(e) = spawned {
+                warn!(error = %e, "cannot start a lane's thread: the tunnel carries its streams alone");
+                return;
+            }
+        }
+    }
+
+    /// Keeps one lane up until the tunnel ends; a lane that drops is opened again.
+    async fn keep(self, session: u64, tunnels: Arc<Tunnels>) {
+        let mut endpoint = None;
+        loop {
+            match self.run(session, &mut endpoint, &tunnels).await {
+                Ok(()) => {}
+                Err(TunnelError::Refused(reason)) => {
+                    info!(%reason, "the relay refused the lane");
+                    break;
+                }
+                Err(e) => debug!(error = %e, "lane lost"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(250 + fastrand::u64(0..250))) => {}
+                () = self.stop.cancelled() => break,
+            }
+        }
+        if let Some(Quic { endpoint, udp }) = endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            debug!(udp = %udp.figures(), "lane's QUIC socket");
+        }
+    }
+
+    /// One lane connection: dial, `Lane`, `LaneAccepted`, then serve its data streams until it or
+    /// the tunnel ends.
+    async fn run(
+        &self,
+        session: u64,
+        endpoint: &mut Option<Quic>,
+        tunnels: &Arc<Tunnels>,
+    ) -> Result<(), TunnelError> {
+        let endpoint = endpoint_for(self.addr, endpoint)?;
+        let client_config = read(&tunnels.client_config).clone();
+        let connecting = endpoint.connect_with(client_config, self.addr, &self.relay.server_name)?;
+        let timeout = tunnels.config.get().timing.handshake_timeout;
+        let opened = async {
+            let connection = connecting.await?;
+            match join(&connection, session).await {
+                Ok(control) => Ok((connection, control)),
+                Err(e) => Err(refusal(&connection).unwrap_or(e)),
+            }
+        };
+        let (connection, _control) = tokio::select! {
+            opened = tokio::time::timeout(timeout, opened) => {
+                opened.map_err(|_| TunnelError::Timeout(timeout))??
+            }
+            () = self.stop.cancelled() => return Ok(()),
+        };
+        info!(remote = %connection.remote_address(), "lane up");
+        tokio::select! {
+            () = accept_streams(&connection, tunnels) => {}
+            () = self.stop.cancelled() => connection.close(code(close::NORMAL), b"tunnel ended"),
+        }
+        Ok(())
+    }
+}
+
+/// Opens the lane's control stream and joins session `session`.
+async fn join(
+    connection: &Connection,
+    session: u64,
+) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
+    let (mut send, mut recv) = connection.open_bi().await?;
+    write_frame(&mut send, &AgentMessage::Lane { session }, MAX_CONTROL_FRAME).await?;
+    let mut buf = Vec::new();
+    match read_frame::<RelayMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await? {
+        Some(RelayMessage::LaneAccepted) => Ok((send, recv)),
+        Some(RelayMessage::Refused { reason }) => Err(TunnelError::Refused(reason)),
+        Some(_) => Err(TunnelError::Protocol("a control message other than LaneAccepted on a lane".into())),
+        None => Err(TunnelError::Protocol("lane control stream ended before LaneAccepted".into())),
+    }
+}
