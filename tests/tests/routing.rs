@@ -138,6 +138,16 @@ async fn http_routes_by_host_with_forwarding_headers_and_clear_refusals() {
     let (code, text) = status("gone.home.lan", &[]);
     assert_eq!(code, "502", "{text}");
     assert!(text.contains("the target refused the connection"), "{text}");
+    // With a body bigger than the stream's window, sending fails (the agent stopped the stream)
+    // before the refusal is read: the refusal is still the reason given.
+    let body = tempfile::NamedTempFile::new().expect("body file");
+    std::fs::write(body.path(), vec![b'x'; 8 << 20]).expect("body");
+    let data = format!("@{}", body.path().display());
+    for _ in 0..5 {
+        let (code, text) = status("gone.home.lan", &["--data-binary", &data]);
+        assert_eq!(code, "502", "{text}");
+        assert!(text.contains("the target refused the connection"), "{text}");
+    }
     println!("refusals: 404, 503, 502 as specified ({})", text.trim().replace('\n', ": "));
 
     // Absolute form naming another host than Host: 400, and the target never sees it.

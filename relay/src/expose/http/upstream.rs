@@ -28,7 +28,7 @@ pub(super) async fn connect(
     let (send, recv) = streams::open(connection, service, peer, &[])
         .await
         .map_err(|e| Failure::bad_gateway(format!("cannot open a stream to the agent: {e}")))?;
-    let io = TokioIo::new(AgentStream { send, recv, answered: false });
+    let io = TokioIo::new(AgentStream { send, recv, answered: false, failed: None });
     let (sender, conn) = client::Builder::new()
         .handshake(io)
         .await
@@ -85,6 +85,58 @@ struct AgentStream {
     send: SendStream,
     recv: RecvStream,
     answered: bool,
+    /// A write that failed before the answer was read: the agent refused the target and stopped
+    /// the stream, and its answer, on its way, says why.
+    failed: Option<io::Error>,
+}
+
+impl AgentStream {
+    /// Reads and checks the agent's answer byte (once).
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.answered {
+            return Poll::Ready(Ok(()));
+        }
+        let mut byte = [0u8; 1];
+        let mut one = ReadBuf::new(&mut byte);
+        ready!(AsyncRead::poll_read(Pin::new(&mut self.recv), cx, &mut one))?;
+        let answer = match one.filled() {
+            [] => Err(Refusal("the agent closed the stream without answering")),
+            [b] => match Answer::try_from(*b) {
+                Ok(Answer::Connected) => Ok(()),
+                Ok(other) => Err(Refusal(other.describe())),
+                Err(_) => Err(Refusal("the agent answered with an invalid byte")),
+            },
+            _ => unreachable!("a one-byte buffer"),
+        };
+        answer.map_err(io::Error::other)?;
+        self.answered = true;
+        Poll::Ready(Ok(()))
+    }
+
+    /// After a failed write: the agent's refusal if its answer says so, else the write's error.
+    fn poll_failure<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let answer = ready!(self.poll_answer(cx));
+        let failed = self.failed.take().unwrap_or_else(|| io::Error::other("the stream failed"));
+        Poll::Ready(Err(match answer {
+            Err(refusal) if refusal.get_ref().is_some_and(|e| e.is::<Refusal>()) => refusal,
+            _ => failed,
+        }))
+    }
+
+    /// Runs one write; one that fails before the answer was read waits for the answer.
+    fn poll_io<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: impl FnOnce(Pin<&mut SendStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if self.failed.is_none() {
+            match io(Pin::new(&mut self.send), cx) {
+                Poll::Ready(Err(e)) if !self.answered => self.failed = Some(e),
+                other => return other,
+            }
+        }
+        self.poll_failure(cx)
+    }
 }
 
 impl AsyncRead for AgentStream {
@@ -94,34 +146,19 @@ impl AsyncRead for AgentStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.answered {
-            let mut byte = [0u8; 1];
-            let mut one = ReadBuf::new(&mut byte);
-            ready!(AsyncRead::poll_read(Pin::new(&mut this.recv), cx, &mut one))?;
-            let answer = match one.filled() {
-                [] => Err(Refusal("the agent closed the stream without answering")),
-                [b] => match Answer::try_from(*b) {
-                    Ok(Answer::Connected) => Ok(()),
-                    Ok(other) => Err(Refusal(other.describe())),
-                    Err(_) => Err(Refusal("the agent answered with an invalid byte")),
-                },
-                _ => unreachable!("a one-byte buffer"),
-            };
-            answer.map_err(io::Error::other)?;
-            this.answered = true;
-        }
+        ready!(this.poll_answer(cx))?;
         AsyncRead::poll_read(Pin::new(&mut this.recv), cx, buf)
     }
 }
 
 impl AsyncWrite for AgentStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+        self.poll_io(cx, |send, cx| AsyncWrite::poll_write(send, cx, buf))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+        self.poll_io(cx, AsyncWrite::poll_flush)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
+        self.poll_io(cx, AsyncWrite::poll_shutdown)
     }
 }
