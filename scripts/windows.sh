@@ -6,6 +6,8 @@
 #   ./scripts/windows.sh build            # sallyport-agent.exe -> target/windows/x86_64-pc-windows-gnu/release/
 #   ./scripts/windows.sh check            # type-check the Windows-facing crates
 #   ./scripts/windows.sh test             # unit tests of proto, runtime and agent, run under wine
+#   ./scripts/windows.sh e2e              # sallyport-agent.exe under wine against the Linux relay
+#   ./scripts/windows.sh prefix           # prepare the wine prefix with its stand-ins; print its path
 #
 # Installs what it needs with apt-get the first time (root or sudo).
 set -euo pipefail
@@ -44,29 +46,19 @@ prepare_wine() {
     command -v /usr/lib/wine/wine64 >/dev/null || install wine64
     export WINEPREFIX=${WINEPREFIX:-$PWD/target/windows/wineprefix} WINEDEBUG=-all
     export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER=/usr/lib/wine/wine64
-    local prng="$WINEPREFIX/drive_c/windows/system32/bcryptprimitives.dll"
-    if ! [ -f "$prng" ]; then
-        mkdir -p "$WINEPREFIX"
-        /usr/lib/wine/wine64 wineboot -i >/dev/null 2>&1 || true
-        # Rust's std imports ProcessPrng from bcryptprimitives.dll, which wine 8 lacks: a
-        # one-function stand-in built with mingw, backed by RtlGenRandom.
-        local dir
-        dir=$(mktemp -d)
-        cat >"$dir/prng.c" <<'EOF'
-#include <windows.h>
-#include <ntsecapi.h>
-__declspec(dllexport) BOOL WINAPI ProcessPrng(PBYTE data, SIZE_T len) {
-    while (len) {
-        ULONG chunk = len > 0x7fffffff ? 0x7fffffff : (ULONG)len;
-        if (!RtlGenRandom(data, chunk)) return FALSE;
-        data += chunk;
-        len -= chunk;
-    }
-    return TRUE;
-}
-EOF
-        x86_64-w64-mingw32-gcc -shared -O2 -o "$prng" "$dir/prng.c" -ladvapi32
-        rm -rf "$dir"
+    # What wine 8 lacks and Windows 10 has, as a stand-in DLL in the test prefix only (see
+    # scripts/wine/standins.c): ProcessPrng, and the ECN socket options quinn-udp sets.
+    local dll="$WINEPREFIX/drive_c/windows/system32/bcryptprimitives.dll"
+    local stamp="$WINEPREFIX/standins.sha256"
+    local want
+    want=$(sha256sum scripts/wine/standins.c | cut -d' ' -f1)
+    if ! [ -f "$dll" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        if ! [ -d "$WINEPREFIX/drive_c/windows/system32" ]; then
+            mkdir -p "$WINEPREFIX"
+            /usr/lib/wine/wine64 wineboot -i >/dev/null 2>&1 || true
+        fi
+        x86_64-w64-mingw32-gcc -shared -O2 -o "$dll" scripts/wine/standins.c -ladvapi32 -lws2_32
+        echo "$want" >"$stamp"
     fi
 }
 
@@ -93,8 +85,27 @@ case "$command" in
         echo "windows: $passed unit tests passed under wine"
         exit "$status"
         ;;
+    e2e)
+        # sallyport-agent.exe under wine against the Linux relay (tests/tests/wine.rs). The .exe is
+        # built like the unit tests (dependencies unoptimized, so their build is shared): its
+        # throughput is an indication, not a figure.
+        prepare_wine
+        "${cargo[@]}" build "${build_std[@]}" -p sallyport-agent --bin sallyport-agent \
+            --config 'profile.dev.package."*".opt-level=0' "$@"
+        exe="$PWD/$CARGO_TARGET_DIR/$target/debug/sallyport-agent.exe"
+        # The Linux side (the relay and the test) with the usual toolchain and target directory.
+        env -u RUSTC -u RUSTDOC -u RUSTC_BOOTSTRAP -u CARGO_TARGET_DIR \
+            -u CARGO_TARGET_X86_64_PC_WINDOWS_GNU_LINKER -u CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER \
+            bash -c 'cargo build --quiet -p sallyport-relay --bins &&
+                SALLYPORT_WINDOWS_AGENT="$1" cargo nextest run --profile wine' _ "$exe"
+        ;;
+    prefix)
+        # Prepares the wine prefix (with the stand-ins) and prints its path.
+        prepare_wine
+        echo "$WINEPREFIX"
+        ;;
     *)
-        echo "usage: $0 build|check|test [cargo arguments]" >&2
+        echo "usage: $0 build|check|test|e2e|prefix [cargo arguments]" >&2
         exit 2
         ;;
 esac

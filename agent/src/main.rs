@@ -32,7 +32,12 @@ enum Command {
     /// get its certificate from the relay, and write agent.key, agent.crt, ca.crt and (if missing)
     /// agent.toml into DIR.
     Enroll {
-        token: String,
+        /// The join token. Prefer --token-file: a command line is visible to every local user.
+        #[arg(required_unless_present = "token_file", conflicts_with = "token_file")]
+        token: Option<String>,
+        /// A file holding the join token (`-`: standard input).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
@@ -93,7 +98,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Service { command } => service(command),
-        Command::Enroll { token, dir } => {
+        Command::Enroll { token, token_file, dir } => {
+            let token = match (token, token_file) {
+                (_, Some(file)) => read_token(&file)?,
+                (Some(token), None) => {
+                    eprintln!(
+                        "note: a token on the command line is visible to every local user while enroll runs; \
+                         --token-file FILE (or - for standard input) keeps it out of the process list"
+                    );
+                    token
+                }
+                (None, None) => {
+                    anyhow::bail!("give the join token as --token-file FILE (or - for standard input)")
+                }
+            };
             let enrolled = enroll(&token, &dir)?;
             println!("enrolled as agent {:?}; identity in {}", enrolled.agent, enrolled.dir.display());
             if enrolled.config_written {
@@ -170,6 +188,28 @@ fn service(_command: ServiceCommand) -> anyhow::Result<()> {
         "Windows services exist on Windows only; on Linux install deploy/linux/sallyport-agent.service (systemd: \
          `systemctl reload sallyport-agent` sends SIGHUP, which reloads agent.toml)"
     )
+}
+
+/// The join token in `file` (`-`: standard input): its first non-empty line.
+fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::Read;
+    let mut text = String::new();
+    if file.as_os_str() == "-" {
+        std::io::stdin()
+            .take(64 * 1024)
+            .read_to_string(&mut text)
+            .context("standard input: cannot read the join token")?;
+    } else {
+        std::fs::File::open(file)
+            .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
+            .with_context(|| format!("{}: cannot read the join token", file.display()))?;
+    }
+    text.lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .map(str::to_owned)
+        .with_context(|| format!("{}: no join token in it", file.display()))
 }
 
 #[tokio::main(flavor = "current_thread")]

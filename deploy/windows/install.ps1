@@ -1,10 +1,13 @@
 # Installs the Sallyport agent as a Windows service.
 # Run in an elevated PowerShell from the folder holding sallyport-agent.exe, either with a join
-# token (from `sallyport-relay token create --agent NAME`):
-#   powershell -ExecutionPolicy Bypass -File install.ps1 -Token spjoin1.XXXX
+# token (from `sallyport-relay token create --agent NAME`) saved in a file:
+#   powershell -ExecutionPolicy Bypass -File install.ps1 -TokenFile .\join.token
+# (-Token spjoin1.XXXX works too, but a command line is visible to every local user while it runs),
 # or with an agent bundle (from `sallyport-relay agent add NAME`):
 #   powershell -ExecutionPolicy Bypass -File install.ps1 -Bundle .\winbox-bundle
 param(
+    # A file holding the join token.
+    [string] $TokenFile,
     [string] $Token,
     # The folder `sallyport-relay agent add` wrote: agent.toml, ca.crt, agent.crt, agent.key.
     [string] $Bundle,
@@ -18,7 +21,9 @@ if (-not $principal.IsInRole([Security.Principal.WindowsBuiltInRole]::Administra
     throw "Run this script in an elevated PowerShell (Run as administrator)."
 }
 if (-not (Test-Path $Exe)) { throw "sallyport-agent.exe not found at $Exe (pass -Exe)." }
-if (($Token -and $Bundle) -or (-not $Token -and -not $Bundle)) { throw "Pass either -Token or -Bundle." }
+$given = @($TokenFile, $Token, $Bundle | Where-Object { $_ }).Count
+if ($given -ne 1) { throw "Pass one of -TokenFile, -Token or -Bundle." }
+if ($Token) { Write-Warning "-Token is visible to local users in the process list while this runs; -TokenFile keeps it out." }
 
 # The program goes to Program Files; config, identity and logs to ProgramData.
 New-Item -ItemType Directory -Force -Path $InstallDir | Out-Null
@@ -26,11 +31,16 @@ $installed = Join-Path $InstallDir "sallyport-agent.exe"
 Copy-Item -Force $Exe $installed
 $data = Join-Path $env:ProgramData "Sallyport"
 
-if ($Token) {
+if ($TokenFile -or $Token) {
     # The key is generated here; the relay is checked against the CA hash in the token before the
-    # token's secret is sent.
+    # token's secret is sent. The token reaches enroll through a file or standard input, never its
+    # command line.
     New-Item -ItemType Directory -Force -Path $data | Out-Null
-    & $installed enroll $Token --dir $data
+    if ($TokenFile) {
+        & $installed enroll --token-file $TokenFile --dir $data
+    } else {
+        $Token | & $installed enroll --token-file - --dir $data
+    }
     if ($LASTEXITCODE -ne 0) { throw "Enrollment failed (see above)." }
     $config = Join-Path $data "agent.toml"
 } else {

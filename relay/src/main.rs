@@ -232,7 +232,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let created = admin_call(&config, "POST", path, true)?;
             println!("{}", sallyport_relay::cli::join_token::join_token(&config, &relays, &created)?);
             eprintln!(
-                "join token for agent {agent:?}, valid {} and once; on the agent machine: sallyport-agent enroll TOKEN",
+                "join token for agent {agent:?}, valid {} and once; on the agent machine, saved in a file: sallyport-agent enroll --token-file FILE",
                 humantime::format_duration(ttl)
             );
             Ok(())
