@@ -206,6 +206,13 @@ impl StreamCredit {
 pub fn quic_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = buffered_udp_socket(addr)?;
     let granted = receive_buffer(&socket);
+    // Said at every start: Windows' defaults (64 KiB) are small, and what a system grants varies.
+    tracing::info!(
+        receive_bytes = granted,
+        send_bytes = send_buffer(&socket),
+        wanted_bytes = UDP_SOCKET_BUFFER,
+        "QUIC socket buffers"
+    );
     if granted < UDP_SOCKET_BUFFER {
         tracing::warn!(
             granted_bytes = granted,
@@ -241,6 +248,16 @@ fn buffered_udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
 pub fn receive_buffer(socket: &std::net::UdpSocket) -> usize {
     let reported = socket2::SockRef::from(socket).recv_buffer_size().unwrap_or(0);
     // Linux reports twice the size it granted (the other half is for its bookkeeping).
+    if cfg!(target_os = "linux") {
+        reported / 2
+    } else {
+        reported
+    }
+}
+
+/// The send buffer the kernel granted `socket`, in bytes (0 if it cannot say).
+pub fn send_buffer(socket: &std::net::UdpSocket) -> usize {
+    let reported = socket2::SockRef::from(socket).send_buffer_size().unwrap_or(0);
     if cfg!(target_os = "linux") {
         reported / 2
     } else {

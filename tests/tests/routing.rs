@@ -632,3 +632,56 @@ async fn two_clients_from_one_address_never_share_an_upstream_connection() {
     assert_ne!(a1, b1, "two clients never share an upstream connection");
     agent.stop().await;
 }
+
+/// A UDP flow whose target is not listening yet gets port-unreachable back (ECONNREFUSED on the
+/// agent's connected socket, WSAECONNRESET on Windows): the flow stays, and once the target
+/// listens, the same client's datagrams are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flow_survives_port_unreachable_until_its_target_listens() {
+    sallyport_tests::init_logging();
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], servers::free_udp_port()));
+    let pki = TestPki::new();
+    let mut relay = RunningRelay::start(
+        pki.relay_config_toml("", "[services.echo]\nagent = \"winbox\"\nudp = \"127.0.0.1:0\"\n"),
+    )
+    .await;
+    let agent = RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[relay.quic],
+        "",
+        &format!("[services.echo]\ntarget = \"udp://{target}\"\n"),
+    ));
+    relay.wait_agent("winbox").await;
+    let service = relay.service("echo");
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    for _ in 0..5 {
+        client.send_to(b"anyone there?", service).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut buf = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), client.recv_from(&mut buf)).await.is_err(),
+        "an answer from a target that is not there"
+    );
+    let echo = tokio::net::UdpSocket::bind(target).await.expect("target binds");
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let mut answered = None;
+    for attempt in 0..10 {
+        client.send_to(b"now?", service).await.expect("send");
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(500), client.recv_from(&mut buf)).await
+        {
+            answered = Some((attempt, buf[..n].to_vec()));
+            break;
+        }
+    }
+    println!("answered after port-unreachable: {answered:?}");
+    assert_eq!(answered.map(|(_, b)| b), Some(b"now?".to_vec()));
+    agent.stop().await;
+    relay.stop().await;
+}

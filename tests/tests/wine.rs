@@ -59,17 +59,15 @@ fn relay(config: &Path) -> Spawned {
     relay
 }
 
-/// A UDP echo server on loopback, for as long as the runtime runs.
-async fn udp_echo() -> SocketAddr {
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("udp bind");
-    let addr = socket.local_addr().expect("addr");
+/// A UDP echo server on `addr`, for as long as the runtime runs.
+async fn udp_echo(addr: SocketAddr) {
+    let socket = tokio::net::UdpSocket::bind(addr).await.expect("udp bind");
     tokio::spawn(async move {
         let mut buf = [0u8; 2048];
         while let Ok((n, from)) = socket.recv_from(&mut buf).await {
             let _ = socket.send_to(&buf[..n], from).await;
         }
     });
-    addr
 }
 
 /// Sends 1,000 numbered datagrams through `service` one after another, each resent until its echo
@@ -144,7 +142,8 @@ async fn the_windows_agent_carries_tcp_and_udp_comes_back_after_a_relay_restart_
 
     // The bundle `agent add` writes, pointed at a transfer server and a UDP echo server.
     let target = targets::transfer_server().await;
-    let echo = udp_echo().await;
+    // The UDP target is not there yet: the first datagrams get ICMP port-unreachable back.
+    let echo = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
     let bundle = d.join("winbox");
     let (ok, text) = output({
         let mut c = Command::new(&relay_bin);
@@ -189,8 +188,44 @@ async fn the_windows_agent_carries_tcp_and_udp_comes_back_after_a_relay_restart_
     agent.wait_line("tunnel up", WAIT);
     println!("tunnel up {:?} after the .exe started", started.elapsed());
 
+    // Said before the tunnel came up: the buffers the Windows build asked for and was granted.
+    let buffers = agent.drain().iter().find(|l| l.contains("QUIC socket buffers")).cloned();
+    println!("{}", buffers.as_deref().unwrap_or("no QUIC socket buffers line"));
+    assert!(
+        buffers.is_some_and(|l| l.contains("wanted_bytes=4194304")),
+        "the agent's log names its socket buffers"
+    );
+
     let (up, down) = bulk(tcp).await;
     println!("sallyport-agent.exe under wine: 64 MiB up at {up:.0} Mbit/s, 64 MiB down at {down:.0} Mbit/s");
+    // Datagrams to a target that is not listening: the flow's socket gets port-unreachable
+    // (WSAECONNRESET on Windows), and the flow stays; when the target comes, the same flow works.
+    let early = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("udp bind");
+    for _ in 0..5 {
+        early.send_to(b"anyone there?", udp).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut buf = [0u8; 64];
+    let silent = tokio::time::timeout(Duration::from_millis(300), early.recv_from(&mut buf)).await.is_err();
+    assert!(silent, "an answer from a target that is not there");
+    udp_echo(echo).await;
+    let mut answered = false;
+    for _ in 0..10 {
+        early.send_to(b"now?", udp).await.expect("send");
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(500), early.recv_from(&mut buf)).await
+        {
+            answered = &buf[..n] == b"now?";
+            break;
+        }
+    }
+    let udp_log: Vec<String> =
+        agent.drain().iter().filter(|l| l.contains("UDP") || l.contains("datagram")).cloned().collect();
+    assert!(
+        answered,
+        "the flow that met port-unreachable did not carry the target's answer:\n{}",
+        udp_log.join("\n")
+    );
     let echoed = echo_thousand(udp).await;
     println!("UDP: {echoed} of 1000 datagrams echoed");
     assert_eq!(echoed, 1000);

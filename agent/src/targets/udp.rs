@@ -34,6 +34,9 @@ struct Flow {
     socket: Arc<UdpSocket>,
     live: Arc<Liveness>,
     reader: tokio::task::JoinHandle<()>,
+    /// What the flow was opened for, to open it again on a fresh socket.
+    service: String,
+    client: SocketAddr,
 }
 
 /// What a flow's table entry and its reader task share.
@@ -45,6 +48,16 @@ struct Liveness {
     answered: AtomicBool,
     /// Datagrams carried to the target (counting stops at 2).
     sent: AtomicU32,
+    /// The target's host said "port unreachable" to this socket: the next datagram goes out on a
+    /// fresh one (a socket told that may report nothing the target sends later: wine's Windows
+    /// sockets stop there).
+    unreachable: AtomicBool,
+}
+
+/// Whether an error of a flow's socket is the target's host saying "port unreachable" (ICMP):
+/// ECONNREFUSED on Linux, WSAECONNRESET on Windows.
+fn is_unreachable(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset)
 }
 
 /// How recently an answered flow must have carried a datagram to count as established.
@@ -113,18 +126,29 @@ pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
                 return;
             }
         };
-        let Some(flow) = flows.get(&id) else {
+        let Some(mut flow) = flows.get(&id) else {
             // Closed here (idle or over the cap) but still known to the relay: ask it to reopen.
             let mut out = BytesMut::with_capacity(DATA_OVERHEAD);
             Datagram::Unknown { flow: id }.encode(&mut out);
             let _ = connection.send_datagram(out.freeze());
             continue;
         };
+        if flow.live.unreachable.load(Ordering::Relaxed) {
+            let (service, client) = (flow.service.clone(), flow.client);
+            debug!(flow = id, "the target was unreachable: the flow goes on from a fresh socket");
+            let Some(fresh) = open(connection, targets, id, &service, client).await else { continue };
+            flows.insert_in(source_prefix(&client), id, fresh);
+            let Some(reopened) = flows.get(&id) else { continue };
+            flow = reopened;
+        }
         flow.live.activity.touch();
         let _ =
             flow.live.sent.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < 2).then_some(n + 1));
         if let Err(e) = flow.socket.send(payload).await {
             debug!(flow = id, error = %e, "datagram to the target not sent");
+            if is_unreachable(&e) {
+                flow.live.unreachable.store(true, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -182,7 +206,7 @@ async fn open(
     let socket = Arc::new(socket);
     let live = Arc::new(Liveness::default());
     let reader = tokio::spawn(answers(connection.clone(), socket.clone(), id, live.clone()));
-    Some(Flow { socket, live, reader })
+    Some(Flow { socket, live, reader, service: service.to_owned(), client })
 }
 
 /// Carries the target's datagrams of one flow to the relay. Each gets a buffer the size the tunnel
@@ -198,8 +222,14 @@ async fn answers(connection: Connection, socket: Arc<UdpSocket>, id: u32, live: 
         let len = match socket.try_recv(&mut buf[DATA_OVERHEAD..]) {
             Ok(len) => len,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if is_unreachable(&e) => {
+                // The target is not there (yet): the next datagram opens a fresh socket, with a
+                // reader of its own.
+                debug!(flow = id, error = %e, "UDP target unreachable");
+                live.unreachable.store(true, Ordering::Relaxed);
+                return;
+            }
             Err(e) => {
-                // ICMP port unreachable and the like: the target is not there (yet).
                 debug!(flow = id, error = %e, "UDP target error");
                 continue;
             }

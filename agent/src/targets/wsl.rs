@@ -71,16 +71,136 @@ pub(crate) enum WslError {
 pub(crate) trait Source: Send + Sync + std::fmt::Debug {
     /// The raw output naming the distribution's addresses.
     fn lookup(&self, distro: &str) -> Result<Vec<u8>, WslError>;
+
+    /// Whether an address this source named may be dialed (why not, if not).
+    fn vet(&self, _addr: IpAddr) -> Result<(), String> {
+        Ok(())
+    }
 }
 
-/// The file the in-distribution helper keeps up to date.
+/// The file the in-distribution helper keeps up to date. The installing user's unelevated
+/// processes can write it, so what it names is dialed only if it is a VM address on the WSL
+/// virtual switch: never loopback, never this machine, never another host.
 #[derive(Debug)]
-pub(crate) struct HelperFile(pub(crate) PathBuf);
+pub(crate) struct HelperFile {
+    pub(crate) dir: PathBuf,
+    /// The WSL virtual switch's subnets, read when an address is checked.
+    pub(crate) switches: fn() -> Vec<Switch>,
+}
+
+/// The most a helper file may hold: one or two addresses and a newline.
+const HELPER_FILE_MAX: u64 = 1024;
 
 impl Source for HelperFile {
     fn lookup(&self, distro: &str) -> Result<Vec<u8>, WslError> {
-        let path = self.0.join(format!("{distro}.addr"));
-        std::fs::read(&path).map_err(|source| WslError::Helper { path, source })
+        use std::io::Read;
+        let path = self.dir.join(format!("{distro}.addr"));
+        let mut bytes = Vec::new();
+        let read =
+            std::fs::File::open(&path).and_then(|f| f.take(HELPER_FILE_MAX + 1).read_to_end(&mut bytes));
+        match read {
+            Ok(n) if n as u64 > HELPER_FILE_MAX => Err(WslError::Helper {
+                path,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("longer than {HELPER_FILE_MAX} bytes: not an address file"),
+                ),
+            }),
+            Ok(_) => Ok(bytes),
+            Err(source) => Err(WslError::Helper { path, source }),
+        }
+    }
+
+    fn vet(&self, addr: IpAddr) -> Result<(), String> {
+        vet_vm_address(addr, &(self.switches)())
+    }
+}
+
+/// One subnet of the WSL virtual switch as this machine sees it: its own address there and the
+/// prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Switch {
+    pub(crate) host: IpAddr,
+    pub(crate) prefix: u8,
+}
+
+impl Switch {
+    fn contains(&self, addr: IpAddr) -> bool {
+        match (self.host, addr) {
+            (IpAddr::V4(host), IpAddr::V4(addr)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix.min(32))).unwrap_or(0);
+                u32::from(host) & mask == u32::from(addr) & mask
+            }
+            (IpAddr::V6(host), IpAddr::V6(addr)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix.min(128))).unwrap_or(0);
+                u128::from(host) & mask == u128::from(addr) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Switch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.host, self.prefix)
+    }
+}
+
+/// Whether `addr` (from the helper file) may be dialed as a WSL2 VM's address: inside one of the
+/// virtual switch's `switches`, and not this machine's own address there, loopback, multicast or
+/// a broadcast address.
+pub(crate) fn vet_vm_address(addr: IpAddr, switches: &[Switch]) -> Result<(), String> {
+    if addr.is_loopback() || addr.is_unspecified() || addr.is_multicast() {
+        return Err(format!("{addr} cannot be a WSL2 VM's address"));
+    }
+    if switches.is_empty() {
+        return Err(format!(
+            "{addr} is not trusted: this machine has no WSL virtual switch (no adapter named \"vEthernet (WSL...)\")"
+        ));
+    }
+    if switches.iter().any(|s| s.host == addr) {
+        return Err(format!("{addr} is this machine's own address on the WSL virtual switch"));
+    }
+    let Some(switch) = switches.iter().find(|s| s.contains(addr)) else {
+        let list: Vec<String> = switches.iter().map(Switch::to_string).collect();
+        return Err(format!("{addr} is outside the WSL virtual switch ({})", list.join(", ")));
+    };
+    if let (IpAddr::V4(a), true) = (addr, switch.prefix < 31) {
+        let host_bits = u32::MAX.checked_shr(u32::from(switch.prefix)).unwrap_or(0);
+        if u32::from(a) & host_bits == host_bits {
+            return Err(format!("{addr} is the broadcast address of {switch}"));
+        }
+    }
+    Ok(())
+}
+
+/// The WSL virtual switch's subnets: this machine's adapters named "vEthernet (WSL...)" (in NAT
+/// mode, one per address family). None outside Windows.
+pub(crate) fn wsl_switches() -> Vec<Switch> {
+    #[cfg(windows)]
+    {
+        let interfaces = match if_addrs::get_if_addrs() {
+            Ok(interfaces) => interfaces,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list network adapters: the WSL helper file is not trusted");
+                return Vec::new();
+            }
+        };
+        interfaces
+            .into_iter()
+            .filter(|i| i.name.starts_with("vEthernet (WSL"))
+            .map(|i| {
+                let prefix = match &i.addr {
+                    if_addrs::IfAddr::V4(a) => a.prefixlen,
+                    if_addrs::IfAddr::V6(a) => a.prefixlen,
+                };
+                Switch { host: i.ip(), prefix }
+            })
+            .collect()
+    }
+    #[cfg(not(windows))]
+    {
+        Vec::new()
     }
 }
 
@@ -128,7 +248,10 @@ impl Resolver {
     pub(crate) fn new(distro: &str, config_dir: &Path) -> Self {
         Self::with_sources(
             distro,
-            vec![std::sync::Arc::new(HelperFile(config_dir.join("wsl"))), std::sync::Arc::new(WslExe)],
+            vec![
+                std::sync::Arc::new(HelperFile { dir: config_dir.join("wsl"), switches: wsl_switches }),
+                std::sync::Arc::new(WslExe),
+            ],
         )
     }
 
@@ -152,11 +275,17 @@ impl Resolver {
         for source in &self.sources {
             let output = lookup(source.clone(), &self.distro).await;
             match output.map(|o| parse_addresses(&o)) {
-                Ok(Some(addr)) if Some(addr) != failed => {
-                    info!(distro = %self.distro, %addr, "WSL2 address found");
-                    *self.cached() = Some(addr);
-                    return Ok(addr);
-                }
+                Ok(Some(addr)) if Some(addr) != failed => match source.vet(addr) {
+                    Ok(()) => {
+                        info!(distro = %self.distro, %addr, "WSL2 address found");
+                        *self.cached() = Some(addr);
+                        return Ok(addr);
+                    }
+                    Err(why) => {
+                        sallyport_runtime::limited!(warn, distro = %self.distro, source = ?source, %why, "address refused");
+                        reasons.push(format!("{source:?} names {addr}, refused: {why}"));
+                    }
+                },
                 Ok(Some(addr)) => reasons.push(format!("{source:?} still names {addr}, which failed")),
                 Ok(None) => reasons.push(format!("{source:?} names no address")),
                 Err(e) => reasons.push(e.to_string()),
@@ -291,7 +420,7 @@ mod tests {
         let resolver = Resolver::with_sources(
             "Ubuntu",
             vec![
-                Arc::new(HelperFile(dir.path().to_owned())),
+                Arc::new(HelperFile { dir: dir.path().to_owned(), switches: loopback_switch }),
                 Arc::new(Script(vec!["127.0.0.4"], calls.clone())),
             ],
         );
@@ -299,9 +428,64 @@ mod tests {
         assert_eq!(tcp.peer_addr().expect("peer").ip(), "127.0.0.4".parse::<IpAddr>().unwrap());
         assert_eq!(calls.load(Ordering::SeqCst), 1, "the helper file was read first");
         // Neither source knows a working address: the error names both.
-        let resolver = Resolver::with_sources("Gone", vec![Arc::new(HelperFile(dir.path().to_owned()))]);
+        let helper = HelperFile { dir: dir.path().to_owned(), switches: loopback_switch };
+        let resolver = Resolver::with_sources("Gone", vec![Arc::new(helper)]);
         let e = resolver.address(None).await.unwrap_err().to_string();
         assert!(e.contains("Gone") && e.contains("Gone.addr"), "{e}");
+    }
+
+    /// No WSL virtual switch here (the tests above dial loopback, which the helper file may never
+    /// name).
+    fn loopback_switch() -> Vec<Switch> {
+        Vec::new()
+    }
+
+    fn nat_switch() -> Vec<Switch> {
+        vec![
+            Switch { host: "172.29.0.1".parse().unwrap(), prefix: 20 },
+            Switch { host: "fd00:29::1".parse().unwrap(), prefix: 64 },
+        ]
+    }
+
+    #[test]
+    fn the_helper_file_may_name_only_a_vm_on_the_wsl_switch() {
+        let ok = |a: &str| vet_vm_address(a.parse().unwrap(), &nat_switch());
+        assert_eq!(ok("172.29.5.7"), Ok(()));
+        assert_eq!(ok("fd00:29::5"), Ok(()));
+        for (addr, why) in [
+            ("127.0.0.1", "cannot be a WSL2 VM's address"),
+            ("::1", "cannot be a WSL2 VM's address"),
+            ("0.0.0.0", "cannot be a WSL2 VM's address"),
+            ("224.0.0.1", "cannot be a WSL2 VM's address"),
+            ("172.29.0.1", "this machine's own address"),
+            ("192.168.4.10", "outside the WSL virtual switch (172.29.0.1/20, fd00:29::1/64)"),
+            ("172.29.16.1", "outside the WSL virtual switch"),
+            ("172.29.15.255", "broadcast address of 172.29.0.1/20"),
+            ("fd00:30::5", "outside the WSL virtual switch"),
+        ] {
+            let refused = ok(addr).expect_err(addr);
+            assert!(refused.contains(why), "{addr}: {refused}");
+        }
+        let none = vet_vm_address("172.29.5.7".parse().unwrap(), &[]).expect_err("no switch");
+        assert!(none.contains("no WSL virtual switch"), "{none}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_helper_file_naming_another_host_or_too_long_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().expect("dir");
+        let helper = || Arc::new(HelperFile { dir: dir.path().to_owned(), switches: nat_switch });
+        std::fs::write(dir.path().join("Ubuntu.addr"), "192.168.4.10\n").expect("write");
+        let e = Resolver::with_sources("Ubuntu", vec![helper()]).address(None).await.unwrap_err().to_string();
+        assert!(
+            e.contains("names 192.168.4.10, refused") && e.contains("outside the WSL virtual switch"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("Ubuntu.addr"), "172.29.5.7 ".repeat(200)).expect("write");
+        let e = Resolver::with_sources("Ubuntu", vec![helper()]).address(None).await.unwrap_err().to_string();
+        assert!(e.contains("longer than 1024 bytes"), "{e}");
+        std::fs::write(dir.path().join("Ubuntu.addr"), "172.29.5.7\n").expect("write");
+        let found = Resolver::with_sources("Ubuntu", vec![helper()]).address(None).await.expect("accepted");
+        assert_eq!(found, "172.29.5.7".parse::<IpAddr>().unwrap());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
