@@ -87,10 +87,10 @@ case "$command" in
         ;;
     e2e)
         # sallyport-agent.exe under wine against the Linux relay (tests/tests/wine.rs). The .exe is
-        # built like the unit tests (dependencies unoptimized, so their build is shared): its
-        # throughput is an indication, not a figure.
+        # built with the unit tests' crates, targets and settings (dependencies unoptimized), so the
+        # dependencies `test` built are reused: its throughput is an indication, not a figure.
         prepare_wine
-        "${cargo[@]}" build "${build_std[@]}" -p sallyport-agent --bin sallyport-agent \
+        "${cargo[@]}" build "${build_std[@]}" "${crates[@]}" --lib --bins --tests \
             --config 'profile.dev.package."*".opt-level=0' "$@"
         exe="$PWD/$CARGO_TARGET_DIR/$target/debug/sallyport-agent.exe"
         # The Linux side (the relay and the test) with the usual toolchain and target directory.
