@@ -246,8 +246,12 @@ fn buffered_udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
 
 /// The receive buffer the kernel granted `socket`, in bytes (0 if it cannot say).
 pub fn receive_buffer(socket: &std::net::UdpSocket) -> usize {
-    let reported = socket2::SockRef::from(socket).recv_buffer_size().unwrap_or(0);
-    // Linux reports twice the size it granted (the other half is for its bookkeeping).
+    granted(socket2::SockRef::from(socket).recv_buffer_size().unwrap_or(0))
+}
+
+/// A buffer size as the system reports it, as the bytes it granted: Linux reports twice the size
+/// it granted (the other half is for its bookkeeping).
+fn granted(reported: usize) -> usize {
     if cfg!(target_os = "linux") {
         reported / 2
     } else {
@@ -257,12 +261,7 @@ pub fn receive_buffer(socket: &std::net::UdpSocket) -> usize {
 
 /// The send buffer the kernel granted `socket`, in bytes (0 if it cannot say).
 pub fn send_buffer(socket: &std::net::UdpSocket) -> usize {
-    let reported = socket2::SockRef::from(socket).send_buffer_size().unwrap_or(0);
-    if cfg!(target_os = "linux") {
-        reported / 2
-    } else {
-        reported
-    }
+    granted(socket2::SockRef::from(socket).send_buffer_size().unwrap_or(0))
 }
 
 /// An endpoint configuration that accepts packets up to [`MAX_UDP_PAYLOAD`] (quinn's default is

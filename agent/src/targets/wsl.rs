@@ -73,7 +73,7 @@ pub(crate) trait Source: Send + Sync + std::fmt::Debug {
     fn lookup(&self, distro: &str) -> Result<Vec<u8>, WslError>;
 
     /// Whether an address this source named may be dialed (why not, if not).
-    fn vet(&self, _addr: IpAddr) -> Result<(), String> {
+    fn vet(&self, _addr: IpAddr) -> Result<(), NotVm> {
         Ok(())
     }
 }
@@ -111,7 +111,7 @@ impl Source for HelperFile {
         }
     }
 
-    fn vet(&self, addr: IpAddr) -> Result<(), String> {
+    fn vet(&self, addr: IpAddr) -> Result<(), NotVm> {
         vet_vm_address(addr, &(self.switches)())
     }
 }
@@ -146,29 +146,42 @@ impl std::fmt::Display for Switch {
     }
 }
 
+/// Why an address from the helper file is not dialed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum NotVm {
+    #[error("{0} cannot be a WSL2 VM's address")]
+    Special(IpAddr),
+    #[error("{0} is not trusted: this machine has no WSL virtual switch (no adapter named \"vEthernet (WSL...)\")")]
+    NoSwitch(IpAddr),
+    #[error("{0} is this machine's own address on the WSL virtual switch")]
+    Host(IpAddr),
+    #[error("{addr} is outside the WSL virtual switch ({switches})")]
+    Outside { addr: IpAddr, switches: String },
+    #[error("{addr} is the broadcast address of {switch}")]
+    Broadcast { addr: IpAddr, switch: Switch },
+}
+
 /// Whether `addr` (from the helper file) may be dialed as a WSL2 VM's address: inside one of the
 /// virtual switch's `switches`, and not this machine's own address there, loopback, multicast or
 /// a broadcast address.
-pub(crate) fn vet_vm_address(addr: IpAddr, switches: &[Switch]) -> Result<(), String> {
+pub(crate) fn vet_vm_address(addr: IpAddr, switches: &[Switch]) -> Result<(), NotVm> {
     if addr.is_loopback() || addr.is_unspecified() || addr.is_multicast() {
-        return Err(format!("{addr} cannot be a WSL2 VM's address"));
+        return Err(NotVm::Special(addr));
     }
     if switches.is_empty() {
-        return Err(format!(
-            "{addr} is not trusted: this machine has no WSL virtual switch (no adapter named \"vEthernet (WSL...)\")"
-        ));
+        return Err(NotVm::NoSwitch(addr));
     }
     if switches.iter().any(|s| s.host == addr) {
-        return Err(format!("{addr} is this machine's own address on the WSL virtual switch"));
+        return Err(NotVm::Host(addr));
     }
     let Some(switch) = switches.iter().find(|s| s.contains(addr)) else {
         let list: Vec<String> = switches.iter().map(Switch::to_string).collect();
-        return Err(format!("{addr} is outside the WSL virtual switch ({})", list.join(", ")));
+        return Err(NotVm::Outside { addr, switches: list.join(", ") });
     };
     if let (IpAddr::V4(a), true) = (addr, switch.prefix < 31) {
         let host_bits = u32::MAX.checked_shr(u32::from(switch.prefix)).unwrap_or(0);
         if u32::from(a) & host_bits == host_bits {
-            return Err(format!("{addr} is the broadcast address of {switch}"));
+            return Err(NotVm::Broadcast { addr, switch: *switch });
         }
     }
     Ok(())
@@ -463,10 +476,10 @@ mod tests {
             ("172.29.15.255", "broadcast address of 172.29.0.1/20"),
             ("fd00:30::5", "outside the WSL virtual switch"),
         ] {
-            let refused = ok(addr).expect_err(addr);
+            let refused = ok(addr).expect_err(addr).to_string();
             assert!(refused.contains(why), "{addr}: {refused}");
         }
-        let none = vet_vm_address("172.29.5.7".parse().unwrap(), &[]).expect_err("no switch");
+        let none = vet_vm_address("172.29.5.7".parse().unwrap(), &[]).expect_err("no switch").to_string();
         assert!(none.contains("no WSL virtual switch"), "{none}");
     }
 
