@@ -147,7 +147,7 @@ pub fn relay(keep_alive: Duration, idle_timeout: Duration, congestion: Congestio
 
 /// Gives the connection of an authenticated agent the tunnel's limits.
 pub fn admit_agent(connection: &quinn::Connection) {
-    connection.set_receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
+    share_agent_windows(connection, 1);
     connection.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_AGENT_STREAMS));
 }
 

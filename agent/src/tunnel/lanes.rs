@@ -7,12 +7,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use quinn::Connection;
 use sallyport_proto::{codes::close, AgentMessage, RelayMessage, MAX_CONTROL_FRAME};
-use sallyport_runtime::{code, read_frame, sync::read, write_frame};
+use sallyport_runtime::{code, read_frame, write_frame};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::{accept_streams, endpoint_for, refusal, Quic, TunnelError, Tunnels};
-use crate::config::RelayAddr;
+use super::{accept_streams, dial, endpoint_for, Quic, TunnelError, Tunnels};
+use crate::{backoff::Backoff, config::RelayAddr};
 
 /// Where lanes of one tunnel go, and when they stop (the tunnel ended, or the agent stops).
 #[derive(Debug, Clone)]
@@ -45,20 +45,31 @@ impl LaneStarter {
         }
     }
 
-    /// Keeps one lane up until the tunnel ends; a lane that drops is opened again.
+    /// Keeps one lane up until the tunnel ends; a lane that drops is opened again, with the
+    /// tunnel's reconnect backoff between failed attempts.
     async fn keep(self, session: u64, tunnels: Arc<Tunnels>) {
         let mut endpoint = None;
+        let timing = tunnels.config.get().timing.clone();
+        let mut backoff = Backoff::new(timing.reconnect_min, timing.reconnect_max);
         loop {
-            match self.run(session, &mut endpoint, &tunnels).await {
-                Ok(()) => {}
+            let delay = match self.run(session, &mut endpoint, &tunnels).await {
+                // It was up: dial again at once.
+                Ok(()) => {
+                    backoff.reset();
+                    Duration::ZERO
+                }
                 Err(TunnelError::Refused(reason)) => {
                     info!(%reason, "the relay refused the lane");
                     break;
                 }
-                Err(e) => debug!(error = %e, "lane lost"),
-            }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    debug!(error = %e, retry_in = ?delay, "lane lost");
+                    delay
+                }
+            };
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(250 + fastrand::u64(0..250))) => {}
+                () = tokio::time::sleep(delay) => {}
                 () = self.stop.cancelled() => break,
             }
         }
@@ -77,20 +88,11 @@ impl LaneStarter {
         tunnels: &Arc<Tunnels>,
     ) -> Result<(), TunnelError> {
         let endpoint = endpoint_for(self.addr, endpoint)?;
-        let client_config = read(&tunnels.client_config).clone();
-        let connecting = endpoint.connect_with(client_config, self.addr, &self.relay.server_name)?;
-        let timeout = tunnels.config.get().timing.handshake_timeout;
-        let opened = async {
-            let connection = connecting.await?;
-            match join(&connection, session).await {
-                Ok(control) => Ok((connection, control)),
-                Err(e) => Err(refusal(&connection).unwrap_or(e)),
-            }
-        };
+        let opened = dial(&endpoint, self.addr, &self.relay.server_name, tunnels, None, |c| async move {
+            join(&c, session).await
+        });
         let (connection, _control) = tokio::select! {
-            opened = tokio::time::timeout(timeout, opened) => {
-                opened.map_err(|_| TunnelError::Timeout(timeout))??
-            }
+            opened = opened => opened?,
             () = self.stop.cancelled() => return Ok(()),
         };
         info!(remote = %connection.remote_address(), "lane up");

@@ -323,8 +323,31 @@ async fn connect(
         .next()
         .ok_or(TunnelError::NoAddress)?;
     let endpoint = endpoint_for(addr, endpoint)?;
+    let (connection, (send, recv, welcome)) =
+        dial(&endpoint, addr, &relay.server_name, tunnels, answer_within, |c| async move {
+            hello(&c, tunnels).await
+        })
+        .await?;
+    Ok((connection, send, recv, welcome))
+}
+
+/// Dials `addr` with the current client certificate and runs `first` (the control stream's
+/// opening exchange) on the new connection, all within the handshake timeout; with
+/// `answer_within`, the QUIC handshake must be done within that. A reason the relay closed with
+/// beats "connection lost".
+pub(crate) async fn dial<T, Fut>(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    tunnels: &Tunnels,
+    answer_within: Option<Duration>,
+    first: impl FnOnce(Connection) -> Fut,
+) -> Result<(Connection, T), TunnelError>
+where
+    Fut: std::future::Future<Output = Result<T, TunnelError>>,
+{
     let client_config = read(&tunnels.client_config).clone();
-    let connecting = endpoint.connect_with(client_config, addr, &relay.server_name)?;
+    let connecting = endpoint.connect_with(client_config, addr, server_name)?;
     let timeout = tunnels.config.get().timing.handshake_timeout;
     let handshake = async {
         let connection = match answer_within {
@@ -333,10 +356,8 @@ async fn connect(
                 tokio::time::timeout(wait, connecting).await.map_err(|_| TunnelError::NoAnswer(wait))??
             }
         };
-        let result = hello(&connection, tunnels).await;
-        match result {
-            Ok((send, recv, welcome)) => Ok((connection, send, recv, welcome)),
-            // The relay closes with a reason when it refuses; that beats "connection lost".
+        match first(connection.clone()).await {
+            Ok(opened) => Ok((connection, opened)),
             Err(e) => Err(refusal(&connection).unwrap_or(e)),
         }
     };
