@@ -9,6 +9,7 @@ packages=(
     curl postgresql postgresql-client redis-server redis-tools iperf3 python3   # real servers and clients
     chromium                              # renders the relay's status page in a test
     nginx-light dnsmasq-base bind9-dnsutils openssl   # HTTP/PROXY v2 target, UDP DNS server and dig, TLS targets
+    wixl msitools                         # builds the Windows agent's MSI and reads its tables back
 )
 
 missing=()

@@ -7,6 +7,7 @@
 #   ./scripts/windows.sh check            # type-check the Windows-facing crates
 #   ./scripts/windows.sh test             # unit tests of proto, runtime and agent, run under wine
 #   ./scripts/windows.sh e2e              # sallyport-agent.exe under wine against the Linux relay
+#   ./scripts/windows.sh msi [--release]  # the MSI (scripts/msi.sh) -> target/windows/sallyport-agent.msi
 #   ./scripts/windows.sh prefix           # prepare the wine prefix with its stand-ins; print its path
 #
 # Installs what it needs with apt-get the first time (root or sudo).
@@ -99,13 +100,29 @@ case "$command" in
             bash -c 'cargo build --quiet -p sallyport-relay --bins &&
                 SALLYPORT_WINDOWS_AGENT="$1" cargo nextest run --profile wine' _ "$exe"
         ;;
+    msi)
+        # The MSI (scripts/msi.sh, msitools): `msi` packages the .exe the e2e build made (quick;
+        # what CI does), `msi --release` builds and packages the release .exe.
+        if [ "${1:-}" = "--release" ]; then
+            shift
+            "${cargo[@]}" build --release "${build_std[@]}" -p sallyport-agent "$@"
+            exe="$CARGO_TARGET_DIR/$target/release/sallyport-agent.exe"
+        else
+            "${cargo[@]}" build "${build_std[@]}" "${crates[@]}" --lib --bins --tests \
+                --config 'profile.dev.package."*".opt-level=0' "$@"
+            exe="$CARGO_TARGET_DIR/$target/debug/sallyport-agent.exe"
+        fi
+        ./scripts/msi.sh "$exe" "$CARGO_TARGET_DIR/sallyport-agent.msi"
+        msiinfo suminfo "$CARGO_TARGET_DIR/sallyport-agent.msi"
+        msiinfo export "$CARGO_TARGET_DIR/sallyport-agent.msi" ServiceInstall | tail -n +4
+        ;;
     prefix)
         # Prepares the wine prefix (with the stand-ins) and prints its path.
         prepare_wine
         echo "$WINEPREFIX"
         ;;
     *)
-        echo "usage: $0 build|check|test|e2e|prefix [cargo arguments]" >&2
+        echo "usage: $0 build|check|test|e2e|msi|prefix [cargo arguments]" >&2
         exit 2
         ;;
 esac

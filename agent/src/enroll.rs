@@ -175,8 +175,15 @@ pub(crate) fn write_file(path: &Path, contents: &str, private: bool) -> std::io:
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    #[cfg(not(unix))]
-    let _ = private;
+    // On Windows a key gets its own descriptor (SYSTEM, Administrators, its owner) while the file
+    // is still empty, whatever the folder would pass on to it.
+    #[cfg(windows)]
+    let mut file = if private {
+        crate::acl::create_private_file(path).map_err(std::io::Error::other)?
+    } else {
+        options.open(path)?
+    };
+    #[cfg(not(windows))]
     let mut file = options.open(path)?;
     // A file that existed keeps its old mode through `open`: a key is made private either way.
     #[cfg(unix)]

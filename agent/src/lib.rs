@@ -17,13 +17,18 @@
 //! - [`service`]: the Windows service (its plan is data, unit-tested everywhere).
 //! - [`enroll`]: `sallyport-agent enroll`: a join token redeemed for a certificate.
 //! - [`backoff`]: full-jitter exponential backoff.
-#![forbid(unsafe_code)]
+//! - [`acl`]: who may change the service's files, decided from Windows' access descriptors.
+//! - [`events`]: the Event Log's stable event IDs (log events carry them as `event_id`).
+// Denied everywhere but in the Windows Event Log writer (service/eventlog.rs), which says why.
+#![deny(unsafe_code)]
 
+pub mod acl;
 pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod containers;
 pub mod enroll;
+pub mod events;
 mod reload;
 pub mod service;
 mod targets;

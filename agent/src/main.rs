@@ -57,9 +57,27 @@ enum ServiceCommand {
         /// The agent.toml of the bundle to install.
         #[arg(long, short)]
         config: PathBuf,
+        /// Take in hand a %ProgramData%\Sallyport that someone other than SYSTEM or
+        /// Administrators created before the install (its access is reset either way).
+        #[arg(long)]
+        take_over: bool,
+    },
+    /// Create the service's folder (or reset an existing one) so that only SYSTEM and
+    /// Administrators can change it or read the key, before anything is written in it.
+    Prepare {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Take in hand a folder someone other than SYSTEM or Administrators owns.
+        #[arg(long)]
+        take_over: bool,
     },
     /// Stop and remove the service (the files in %ProgramData%\Sallyport stay).
     Uninstall,
+    /// Delete the service's folder: config, identity and logs (the MSI's REMOVEDATA=1).
+    RemoveData {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     Start,
     Stop,
     /// Make the running service read its agent.toml again (the parameter-change control; the same
@@ -114,6 +132,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let enrolled = enroll(&token, &dir)?;
             println!("enrolled as agent {:?}; identity in {}", enrolled.agent, enrolled.dir.display());
+            #[cfg(windows)]
+            {
+                use sallyport_agent::{
+                    events,
+                    service::{eventlog::EventLog, EVENT_SOURCE},
+                };
+                let text =
+                    format!("enrolled as agent {:?}; identity in {}", enrolled.agent, enrolled.dir.display());
+                // The log file is the service's; an enrollment is on record in the Event Log only.
+                if let Err(e) = EventLog::open(EVENT_SOURCE)
+                    .and_then(|log| log.report(events::id::ENROLLED, events::Severity::Information, &text))
+                {
+                    eprintln!("note: the enrollment could not be written to the Event Log: {e}");
+                }
+            }
             if enrolled.config_written {
                 println!(
                     "wrote {}: add your services, then: sallyport-agent run --config {}",
@@ -143,15 +176,17 @@ async fn serve(agent: Agent) {
 fn service(command: ServiceCommand) -> anyhow::Result<()> {
     use sallyport_agent::service::{self, windows};
     match command {
-        ServiceCommand::Install { config } => {
+        ServiceCommand::Install { config, take_over } => {
             // Validate before installing anything: a service that cannot start helps nobody.
             Agent::new(Config::load(&config)?)?;
+            let exe = std::env::current_exe()?;
+            windows::check_binary(&exe)?;
             let data_dir = service::data_dir(std::env::var_os("ProgramData"));
+            sallyport_agent::acl::prepare(&data_dir, take_over)?;
             let copied = service::stage_bundle(&config, &data_dir)?;
             let installed = service::config_path(&data_dir);
             Agent::new(Config::load(&installed)?)?;
-            let exe = std::env::current_exe()?;
-            windows::install(&exe, &installed, &data_dir)?;
+            windows::install(&exe, &installed)?;
             println!(
                 "copied {} files to {} (SYSTEM and Administrators only)",
                 copied.len(),
@@ -160,6 +195,30 @@ fn service(command: ServiceCommand) -> anyhow::Result<()> {
             println!("installed service {} running {}", service::SERVICE_NAME, exe.display());
             println!("start it with: sallyport-agent service start");
             println!("logs: {}", service::log_dir(&data_dir).display());
+            Ok(())
+        }
+        ServiceCommand::Prepare { dir, take_over } => {
+            let dir = dir.unwrap_or_else(|| service::data_dir(std::env::var_os("ProgramData")));
+            let done = sallyport_agent::acl::prepare(&dir, take_over)?;
+            println!(
+                "{}: {} (SYSTEM and Administrators only)",
+                dir.display(),
+                match done {
+                    sallyport_agent::acl::Prepare::Create => "created",
+                    sallyport_agent::acl::Prepare::Reset => "access reset",
+                }
+            );
+            Ok(())
+        }
+        ServiceCommand::RemoveData { dir } => {
+            let dir = dir.unwrap_or_else(|| service::data_dir(std::env::var_os("ProgramData")));
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => println!("removed {}", dir.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    println!("{} is already gone", dir.display())
+                }
+                Err(e) => anyhow::bail!("{}: cannot remove: {e}", dir.display()),
+            }
             Ok(())
         }
         ServiceCommand::Uninstall => {

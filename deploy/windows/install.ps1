@@ -12,6 +12,8 @@ param(
     # The folder `sallyport-relay agent add` wrote: agent.toml, ca.crt, agent.crt, agent.key.
     [string] $Bundle,
     [string] $Exe = (Join-Path $PSScriptRoot "sallyport-agent.exe"),
+    # Take in hand a %ProgramData%\Sallyport that someone else created before the install.
+    [switch] $TakeOver,
     [string] $InstallDir = (Join-Path $env:ProgramFiles "Sallyport")
 )
 $ErrorActionPreference = "Stop"
@@ -30,12 +32,18 @@ New-Item -ItemType Directory -Force -Path $InstallDir | Out-Null
 $installed = Join-Path $InstallDir "sallyport-agent.exe"
 Copy-Item -Force $Exe $installed
 $data = Join-Path $env:ProgramData "Sallyport"
+# Before anything is written there: the folder is created (or its access reset) for SYSTEM and
+# Administrators only, owned by Administrators; one that a standard user created first is refused
+# unless -TakeOver.
+$prepare = @("service", "prepare", "--dir", $data)
+if ($TakeOver) { $prepare += "--take-over" }
+& $installed @prepare
+if ($LASTEXITCODE -ne 0) { throw "Cannot prepare $data (see above)." }
 
 if ($TokenFile -or $Token) {
     # The key is generated here; the relay is checked against the CA hash in the token before the
     # token's secret is sent. The token reaches enroll through a file or standard input, never its
     # command line.
-    New-Item -ItemType Directory -Force -Path $data | Out-Null
     if ($TokenFile) {
         & $installed enroll --token-file $TokenFile --dir $data
     } else {
@@ -52,7 +60,9 @@ if ($TokenFile -or $Token) {
 & $installed check --config $config
 if ($LASTEXITCODE -ne 0) { throw "The configuration does not check out (see above)." }
 
-& $installed service install --config $config
+$install = @("service", "install", "--config", $config)
+if ($TakeOver) { $install += "--take-over" }
+& $installed @install
 if ($LASTEXITCODE -ne 0) { throw "Service installation failed (see above)." }
 & $installed service start
 if ($LASTEXITCODE -ne 0) { throw "The service did not start (see above)." }

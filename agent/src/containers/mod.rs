@@ -416,7 +416,12 @@ impl Containers {
                 slot.state.send_replace(ContainerState::Running { health: None });
             }
             Err(e) => {
-                warn!(container = %slot.spec().name, error = %e, "container did not start");
+                warn!(
+                    event_id = crate::events::id::CONTAINER_START_FAILED,
+                    container = %slot.spec().name,
+                    error = %e,
+                    "container did not start"
+                );
                 let state = self.inner.engine.state_of(&slot.spec()).await.unwrap_or(ContainerState::Unknown);
                 slot.state.send_replace(state);
             }

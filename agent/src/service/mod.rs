@@ -50,20 +50,6 @@ pub const RESTART_DELAYS: [Duration; 3] =
     [Duration::from_secs(5), Duration::from_secs(30), Duration::from_secs(60)];
 pub const FAILURE_RESET: Duration = Duration::from_secs(24 * 3600);
 
-/// `icacls` arguments that leave `dir` (and everything created in it) to SYSTEM and the
-/// Administrators group only: inheritance from ProgramData removed, full control to the two
-/// well-known SIDs (named by SID, so the language of the Windows install does not matter).
-pub fn acl_arguments(dir: &Path) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec![dir.as_os_str().to_owned()];
-    // /T: files already there (an enrolled identity) get the same treatment.
-    for arg in
-        ["/inheritance:r", "/grant:r", "*S-1-5-18:(OI)(CI)F", "/grant:r", "*S-1-5-32-544:(OI)(CI)F", "/T"]
-    {
-        args.push(arg.into());
-    }
-    args
-}
-
 /// Copies `bundle`'s agent.toml, certificate, key and CA into `data_dir` (which then holds the
 /// only copy the service reads). Returns the files copied.
 pub fn stage_bundle(bundle_config: &Path, data_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -86,6 +72,8 @@ pub fn stage_bundle(bundle_config: &Path, data_dir: &Path) -> std::io::Result<Ve
     Ok(copied)
 }
 
+#[cfg(windows)]
+pub mod eventlog;
 #[cfg(windows)]
 pub mod windows;
 
@@ -114,18 +102,37 @@ mod tests {
     }
 
     #[test]
-    fn the_acl_names_system_and_administrators_only() {
-        let args = acl_arguments(Path::new(r"C:\ProgramData\Sallyport"));
-        let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert_eq!(args[0], r"C:\ProgramData\Sallyport");
-        assert!(
-            args.contains(&"/inheritance:r".to_owned()),
-            "no inherited access (Users can read ProgramData)"
-        );
-        let grants: Vec<&String> = args.iter().filter(|a| a.starts_with('*')).collect();
-        assert_eq!(grants, ["*S-1-5-18:(OI)(CI)F", "*S-1-5-32-544:(OI)(CI)F"]);
-        assert_eq!(args.iter().filter(|a| *a == "/grant:r").count(), 2, "grants replace, not add");
-        assert_eq!(args.last().map(String::as_str), Some("/T"), "existing files too");
+    fn event_ids_are_unique_and_the_message_table_holds_each() {
+        use crate::events::{message_id, message_table, Severity, EVENTS};
+        let mut ids: Vec<u16> = EVENTS.iter().map(|e| e.0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), EVENTS.len(), "an ID names one event");
+        assert_eq!(message_id(1000, Severity::Information), 0x4000_03E8);
+        assert_eq!(message_id(1, Severity::Error), 0xC000_0001, "the message compiler's layout");
+        // Read the table back as FormatMessage does: blocks of IDs, each pointing at its entries.
+        let table = message_table();
+        let u32_at = |at: usize| u32::from_le_bytes(table[at..at + 4].try_into().expect("4 bytes"));
+        let blocks = u32_at(0) as usize;
+        assert_eq!(blocks, EVENTS.len());
+        let mut found = Vec::new();
+        for b in 0..blocks {
+            let (low, high, offset) = (u32_at(4 + 12 * b), u32_at(8 + 12 * b), u32_at(12 + 12 * b) as usize);
+            assert_eq!(low, high);
+            let length = u16::from_le_bytes([table[offset], table[offset + 1]]) as usize;
+            assert_eq!(length % 4, 0, "entries are 4-byte aligned");
+            assert_eq!(u16::from_le_bytes([table[offset + 2], table[offset + 3]]), 1, "UTF-16");
+            let text: Vec<u16> = table[offset + 4..offset + length]
+                .chunks(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .take_while(|&u| u != 0)
+                .collect();
+            assert_eq!(String::from_utf16_lossy(&text), "%1\r\n");
+            found.push(low);
+        }
+        for (id, severity, _) in EVENTS {
+            assert!(found.contains(&message_id(id, severity)), "event {id} in the table");
+        }
     }
 
     #[test]

@@ -23,18 +23,28 @@ use windows_service::{
 };
 
 use super::{
-    acl_arguments, launch_arguments, log_dir, DESCRIPTION, DISPLAY_NAME, EVENT_SOURCE, FAILURE_RESET,
-    RESTART_DELAYS, SERVICE_NAME,
+    launch_arguments, log_dir, DESCRIPTION, DISPLAY_NAME, EVENT_SOURCE, FAILURE_RESET, RESTART_DELAYS,
+    SERVICE_NAME,
 };
-use crate::{agent::Agent, config::Config};
+use crate::{acl, agent::Agent, config::Config};
 
 /// The config the dispatcher's entry point runs with (set before the dispatcher starts).
 static CONFIG: OnceLock<PathBuf> = OnceLock::new();
 
+/// Refuses a program a standard user could replace: the service would run it as LocalSystem.
+pub fn check_binary(exe: &Path) -> Result<(), acl::AclError> {
+    for (path, kind) in acl::binary_checks(exe) {
+        acl::check_private(&path, &acl::read(&path)?, kind, acl::BINARY_FIX)?;
+    }
+    Ok(())
+}
+
 /// Registers the service: starts with Windows (delayed, after the network and Docker Desktop's
-/// engine had a chance), restarts on failure, runs as LocalSystem with `config`.
-pub fn install(exe: &Path, config: &Path, data_dir: &Path) -> anyhow::Result<()> {
-    restrict(data_dir)?;
+/// engine had a chance), restarts on failure, runs as LocalSystem with `config`. The program's
+/// path is checked first ([`check_binary`]); the folder is prepared by the caller before anything
+/// is copied into it ([`acl::prepare`]).
+pub fn install(exe: &Path, config: &Path) -> anyhow::Result<()> {
+    check_binary(exe)?;
     let manager = ServiceManager::local_computer(
         None::<&str>,
         ServiceManagerAccess::CONNECT | ServiceManagerAccess::CREATE_SERVICE,
@@ -66,7 +76,7 @@ pub fn install(exe: &Path, config: &Path, data_dir: &Path) -> anyhow::Result<()>
     })?;
     // An exit with an error code counts as a failure too, not only a crash.
     service.set_failure_actions_on_non_crash_failures(true)?;
-    if let Err(e) = winlog2::register(EVENT_SOURCE) {
+    if let Err(e) = super::eventlog::register(EVENT_SOURCE, exe) {
         tracing::warn!(error = %e, "cannot register the Event Log source; warnings go to the log file only");
     }
     Ok(())
@@ -83,7 +93,7 @@ pub fn uninstall() -> anyhow::Result<()> {
         let _ = service.stop();
     }
     service.delete()?;
-    let _ = winlog2::deregister(EVENT_SOURCE);
+    let _ = super::eventlog::deregister(EVENT_SOURCE);
     Ok(())
 }
 
@@ -128,16 +138,16 @@ pub fn status() -> anyhow::Result<String> {
     ))
 }
 
-/// Leaves `dir` to SYSTEM and Administrators (see [`acl_arguments`]).
-fn restrict(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let out = std::process::Command::new("icacls").args(acl_arguments(dir)).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "icacls {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stdout).trim()
-    );
+/// The start-time check: the folder and the files in it that decide what the service does or
+/// whom it trusts are writable by SYSTEM and Administrators only.
+pub fn check_data_dir(data_dir: &Path) -> Result<(), acl::AclError> {
+    let fix = acl::start_fix(data_dir);
+    for (path, kind) in acl::start_checks(data_dir) {
+        if kind == acl::Kind::File && !path.exists() {
+            continue;
+        }
+        acl::check_private(&path, &acl::read(&path)?, kind, &fix)?;
+    }
     Ok(())
 }
 
@@ -193,13 +203,24 @@ fn run_service() -> anyhow::Result<()> {
     let config_path = CONFIG.get().cloned().unwrap_or_else(|| super::config_path(&super::data_dir(None)));
     let data_dir = config_path.parent().map(Path::to_owned).unwrap_or_else(|| super::data_dir(None));
     let _logging = logging::init(&log_dir(&data_dir));
+    // The service does what its folder's files say, as LocalSystem: refuse to start if anyone but
+    // SYSTEM and Administrators can change them.
+    if let Err(e) = check_data_dir(&data_dir) {
+        tracing::error!(
+            event_id = crate::events::id::FILES_NOT_PRIVATE,
+            error = %e,
+            "refusing to start: the service's files are not private"
+        );
+        handle.set_service_status(service_status(ServiceState::Stopped, 1, Duration::ZERO))?;
+        return Ok(());
+    }
     let outcome = Config::load(&config_path)
         .map_err(anyhow::Error::from)
         .and_then(|config| Agent::new(config).map_err(anyhow::Error::from));
     let agent = match outcome {
         Ok(agent) => agent,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start the agent");
+            tracing::error!(event_id = crate::events::id::START_FAILED, error = %e, "cannot start the agent");
             // A non-zero exit: the recovery actions retry (a config fixed meanwhile is picked up).
             handle.set_service_status(service_status(ServiceState::Stopped, 1, Duration::ZERO))?;
             return Ok(());
@@ -227,15 +248,17 @@ fn run_service() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The service's logging: everything to a daily log file under `logs\` (seven kept), warnings and
-/// errors also to the Event Log (source "Sallyport Agent").
+/// The service's logging: everything to a daily log file under `logs\` (seven kept); to the Event
+/// Log (source "Sallyport Agent") every event that carries an `event_id` field, under that ID, and
+/// every other warning and error under the general IDs (see [`super::events`]).
 mod logging {
     use std::path::Path;
 
     use tracing::{field::Visit, Level};
     use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
 
-    use super::EVENT_SOURCE;
+    use super::{super::eventlog, EVENT_SOURCE};
+    use crate::events::{id, severity_of, Severity};
 
     pub(super) fn init(dir: &Path) -> Option<()> {
         let appender = tracing_appender::rolling::Builder::new()
@@ -245,45 +268,57 @@ mod logging {
             .max_log_files(7)
             .build(dir)
             .ok()?;
-        let event_log = winlog2::init(EVENT_SOURCE).is_ok();
-        log::set_max_level(log::LevelFilter::Warn);
+        let event_log = eventlog::EventLog::open(EVENT_SOURCE).ok().map(EventLog);
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let file = tracing_subscriber::fmt::layer().with_ansi(false).with_target(false).with_writer(appender);
-        tracing_subscriber::registry()
-            .with(filter)
-            .with(file)
-            .with(event_log.then_some(EventLog))
-            .try_init()
-            .ok()
+        tracing_subscriber::registry().with(filter).with(file).with(event_log).try_init().ok()
     }
 
-    /// Forwards warnings and errors to the Event Log.
-    struct EventLog;
+    struct EventLog(eventlog::EventLog);
 
     impl<S: tracing::Subscriber> Layer<S> for EventLog {
         fn on_event(&self, event: &tracing::Event<'_>, _ctx: tracing_subscriber::layer::Context<'_, S>) {
             let level = *event.metadata().level();
-            if level > Level::WARN {
-                return;
-            }
-            let mut text = Text(String::new());
+            let mut text = Text::default();
             event.record(&mut text);
-            if level == Level::ERROR {
-                log::error!(target: "sallyport", "{}", text.0);
-            } else {
-                log::warn!(target: "sallyport", "{}", text.0);
-            }
+            let (id, severity) = match text.event_id.and_then(|n| u16::try_from(n).ok()) {
+                Some(n) => (n, severity_of(n).unwrap_or(Severity::Information)),
+                None if level == Level::ERROR => (id::ERROR, Severity::Error),
+                None if level == Level::WARN => (id::WARNING, Severity::Warning),
+                None => return,
+            };
+            // Nothing to do if the Event Log refuses: the log file has the line.
+            let _ = self.0.report(id, severity, &text.text);
         }
     }
 
-    struct Text(String);
+    #[derive(Default)]
+    struct Text {
+        text: String,
+        event_id: Option<u64>,
+    }
 
     impl Visit for Text {
+        fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+            if field.name() == "event_id" {
+                self.event_id = Some(value);
+            } else {
+                self.record_debug(field, &value);
+            }
+        }
+
+        fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+            match u64::try_from(value) {
+                Ok(v) if field.name() == "event_id" => self.event_id = Some(v),
+                _ => self.record_debug(field, &value),
+            }
+        }
+
         fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
             if field.name() == "message" {
-                self.0.insert_str(0, &format!("{value:?}"));
+                self.text.insert_str(0, &format!("{value:?}"));
             } else {
-                self.0.push_str(&format!(" {}={value:?}", field.name()));
+                self.text.push_str(&format!(" {}={value:?}", field.name()));
             }
         }
     }

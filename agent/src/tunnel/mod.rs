@@ -175,7 +175,7 @@ pub(crate) async fn maintain(relay: RelayAddr, tunnels: Arc<Tunnels>, stop: Canc
                     Duration::from_millis(fastrand::u64(0..100))
                 }
                 Outcome::Lost(reason, rtt) => {
-                    warn!(%reason, "tunnel lost");
+                    warn!(event_id = crate::events::id::TUNNEL_DOWN, %reason, "tunnel lost");
                     backoff.reset();
                     redial.lost(Instant::now(), Some(rtt));
                     Duration::from_millis(fastrand::u64(0..50))
@@ -275,7 +275,13 @@ async fn connect_and_serve(
     for (service, reason) in welcome.refused() {
         warn!(%service, %reason, "relay does not publish this service");
     }
-    info!(remote = %connection.remote_address(), relay_software = %welcome.software, ?published, "tunnel up");
+    info!(
+        event_id = crate::events::id::TUNNEL_UP,
+        remote = %connection.remote_address(),
+        relay_software = %welcome.software,
+        ?published,
+        "tunnel up"
+    );
     tunnels.set_status(
         &relay.to_string(),
         TunnelStatus::Connected { remote: connection.remote_address(), published },

@@ -19,7 +19,10 @@ use sallyport_runtime::{
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::tunnel::Tunnels;
+use crate::{
+    events::id::{CERTIFICATE_RENEWED, RENEWAL_FAILED},
+    tunnel::Tunnels,
+};
 
 /// Whether a certificate valid from `not_before` to `not_after` should be renewed at `now`.
 pub(crate) fn due(not_before: i64, not_after: i64, now: i64) -> bool {
@@ -88,7 +91,7 @@ fn start_request(tunnels: &Tunnels) -> Option<String> {
             Some(csr_pem)
         }
         Err(e) => {
-            warn!(error = %e, "cannot make a renewal request");
+            warn!(event_id = RENEWAL_FAILED, error = %e, "cannot make a renewal request");
             None
         }
     }
@@ -101,11 +104,15 @@ pub(crate) fn apply(result: Result<String, String>, tunnels: &Tunnels) {
     let (cert_pem, key_pem) = match (result, key_pem) {
         (Ok(cert), Some(key)) => (cert, key),
         (Ok(_), None) => return warn!("a renewed certificate arrived with no request in flight"),
-        (Err(reason), _) => return warn!(%reason, "the relay did not renew the agent certificate"),
+        (Err(reason), _) => {
+            return warn!(event_id = RENEWAL_FAILED, %reason, "the relay did not renew the agent certificate")
+        }
     };
     match install(&cert_pem, &key_pem, tunnels) {
-        Ok(not_after) => info!(not_after_unix = not_after, "agent certificate renewed"),
-        Err(e) => warn!(error = %e, "cannot install the renewed certificate"),
+        Ok(not_after) => {
+            info!(event_id = CERTIFICATE_RENEWED, not_after_unix = not_after, "agent certificate renewed")
+        }
+        Err(e) => warn!(event_id = RENEWAL_FAILED, error = %e, "cannot install the renewed certificate"),
     }
 }
 
