@@ -214,13 +214,30 @@ fn run_service() -> anyhow::Result<()> {
         handle.set_service_status(service_status(ServiceState::Stopped, 1, Duration::ZERO))?;
         return Ok(());
     }
-    let outcome = Config::load(&config_path)
-        .map_err(anyhow::Error::from)
-        .and_then(|config| Agent::new(config).map_err(anyhow::Error::from));
+    let outcome = Config::load(&config_path).map_err(anyhow::Error::from).and_then(|config| {
+        // The identity files agent.toml names may lie outside the folder: they are held to the
+        // same rule.
+        let fix = acl::start_fix(&data_dir);
+        for path in [&config.tls.ca_cert, &config.tls.cert, &config.tls.key] {
+            if let Err(e) =
+                acl::read(path).and_then(|sddl| acl::check_private(path, &sddl, acl::Kind::File, &fix))
+            {
+                tracing::error!(
+                    event_id = crate::events::id::FILES_NOT_PRIVATE,
+                    error = %e,
+                    "refusing to start: the service's files are not private"
+                );
+                return Err(e.into());
+            }
+        }
+        Agent::new(config).map_err(anyhow::Error::from)
+    });
     let agent = match outcome {
         Ok(agent) => agent,
         Err(e) => {
-            tracing::error!(event_id = crate::events::id::START_FAILED, error = %e, "cannot start the agent");
+            if e.downcast_ref::<acl::AclError>().is_none() {
+                tracing::error!(event_id = crate::events::id::START_FAILED, error = %e, "cannot start the agent");
+            }
             // A non-zero exit: the recovery actions retry (a config fixed meanwhile is picked up).
             handle.set_service_status(service_status(ServiceState::Stopped, 1, Duration::ZERO))?;
             return Ok(());
