@@ -21,6 +21,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp "$exe" "$work/sallyport-agent.exe"
 cp "$src/sallyport-agent.wxs" "$work/"
+cp deploy/windows/sallyport-wsl-helper.sh "$work/"
 (cd "$work" && wixl -a x64 -D Exe=sallyport-agent.exe -D Version="$version" -o package.msi sallyport-agent.wxs 2>wixl.log) || {
     cat "$work/wixl.log" >&2; exit 1; }
 # wixl warns about attributes it does not model (Vital, KeyPath, Win64): only the rest is shown.

@@ -22,6 +22,23 @@ pub const DATA_FILE_SDDL: &str = "O:BAD:P(A;;FA;;;SY)(A;;FA;;;BA)";
 /// owner (the user who enrolled: an elevated install makes that Administrators), no one else.
 pub const KEY_SDDL: &str = "D:P(A;;FA;;;SY)(A;;FA;;;BA)(A;;FA;;;OW)";
 
+/// The `wsl` folder inside it, where the helper in each WSL2 distribution (running as the user who
+/// installed) writes the distribution's address: the same, plus modify rights for that one user.
+/// What it may write there is vetted when read (`targets/wsl.rs`).
+pub fn wsl_dir_sddl(writer: &str) -> Result<String, AclError> {
+    // A SID and nothing else: S-1-<authority>-<sub>..., digits and dashes only.
+    let parts: Vec<&str> = writer.split('-').collect();
+    let well_formed = parts.len() >= 3
+        && parts[0] == "S"
+        && parts[1] == "1"
+        && parts[2..].iter().all(|p| !p.is_empty() && p.len() <= 10 && p.bytes().all(|b| b.is_ascii_digit()));
+    if !well_formed {
+        return Err(AclError::NotASid { text: writer.to_owned() });
+    }
+    // 0x1301bf: modify (read, write, execute, delete), not change access or owner.
+    Ok(format!("O:BAD:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;0x1301bf;;;{writer})"))
+}
+
 /// SIDs trusted to write: LocalSystem, the Administrators group, and TrustedInstaller (which owns
 /// Program Files).
 const TRUSTED: [&str; 3] = ["SY", "BA", "S-1-5-80-956008885-3418522649-1831038044-1853292631-2271478464"];
@@ -97,6 +114,8 @@ pub enum AclError {
     ForeignOwner { path: PathBuf, owner: String },
     #[error("{path}: something was created in it while it was being set up ({entry}); check the folder and run again")]
     NotEmpty { path: PathBuf, entry: String },
+    #[error("--wsl-writer {text:?} is not a SID (S-1-5-21-...)")]
+    NotASid { text: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -343,7 +362,7 @@ pub enum Prepare {
 }
 
 #[cfg(windows)]
-pub use os::{apply, create_private_file, prepare, read};
+pub use os::{apply, create_private_file, prepare, prepare_wsl, read};
 
 #[cfg(windows)]
 mod os {
@@ -436,6 +455,15 @@ mod os {
             }
         }
         Ok(plan)
+    }
+
+    /// Creates (or resets) `dir\wsl` for the helper run by the user `writer` (a SID).
+    pub fn prepare_wsl(dir: &Path, writer: &str) -> Result<std::path::PathBuf, AclError> {
+        let sddl = super::wsl_dir_sddl(writer)?;
+        let wsl = dir.join("wsl");
+        std::fs::create_dir_all(&wsl).map_err(io(&wsl))?;
+        apply(&wsl, &sddl)?;
+        Ok(wsl)
     }
 
     fn reset_tree(dir: &Path) -> Result<(), AclError> {
@@ -560,6 +588,18 @@ mod tests {
         );
         assert!(Descriptor::parse("O:BAD:(A;;QQ;;;BU)").is_err(), "unknown rights are refused, not guessed");
         assert!(Descriptor::parse("O:BAD:(A;;FA;BU)").is_err());
+    }
+
+    #[test]
+    fn the_wsl_folder_adds_one_user_by_sid_and_nothing_else() {
+        let sddl = wsl_dir_sddl("S-1-5-21-1004336348-1177238915-682003330-1001").expect("a SID");
+        let d = Descriptor::parse(&sddl).expect("parse");
+        assert_eq!(d.writers(Kind::Folder), ["S-1-5-21-1004336348-1177238915-682003330-1001"]);
+        let ace = d.dacl.as_ref().and_then(|a| a.last()).expect("the user's entry");
+        assert_eq!(ace.rights & (WRITE_DAC | WRITE_OWNER), 0, "the user may not change who may write");
+        for bad in ["", "BU", "WD", "S-1-5-21-1)(A;OICI;FA;;;WD", "S-1", "S-1-5-x", "Users"] {
+            assert!(matches!(wsl_dir_sddl(bad), Err(AclError::NotASid { .. })), "{bad:?} accepted");
+        }
     }
 
     #[test]

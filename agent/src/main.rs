@@ -70,6 +70,10 @@ enum ServiceCommand {
         /// Take in hand a folder someone other than SYSTEM or Administrators owns.
         #[arg(long)]
         take_over: bool,
+        /// Also create its `wsl` folder, where this user (a SID: the MSI passes the installing
+        /// user's) may write the WSL helper's address files.
+        #[arg(long, value_name = "SID")]
+        wsl_writer: Option<String>,
     },
     /// Stop and remove the service (the files in %ProgramData%\Sallyport stay).
     Uninstall,
@@ -197,7 +201,7 @@ fn service(command: ServiceCommand) -> anyhow::Result<()> {
             println!("logs: {}", service::log_dir(&data_dir).display());
             Ok(())
         }
-        ServiceCommand::Prepare { dir, take_over } => {
+        ServiceCommand::Prepare { dir, take_over, wsl_writer } => {
             let dir = dir.unwrap_or_else(|| service::data_dir(std::env::var_os("ProgramData")));
             let done = sallyport_agent::acl::prepare(&dir, take_over)?;
             println!(
@@ -208,6 +212,10 @@ fn service(command: ServiceCommand) -> anyhow::Result<()> {
                     sallyport_agent::acl::Prepare::Reset => "access reset",
                 }
             );
+            if let Some(writer) = wsl_writer {
+                let wsl = sallyport_agent::acl::prepare_wsl(&dir, &writer)?;
+                println!("{}: {writer} may write the WSL helper's files here", wsl.display());
+            }
             Ok(())
         }
         ServiceCommand::RemoveData { dir } => {

@@ -64,14 +64,16 @@ $install = @("service", "install", "--config", $config)
 if ($TakeOver) { $install += "--take-over" }
 & $installed @install
 if ($LASTEXITCODE -ne 0) { throw "Service installation failed (see above)." }
+# The folder's `wsl` folder is where the helper inside each WSL2 distribution
+# (sallyport-wsl-helper.sh) writes the distribution's address, as the user who runs WSL: that user
+# (this one) may write there, no one else but SYSTEM and Administrators.
+$me = [Security.Principal.WindowsIdentity]::GetCurrent().User.Value
+& $installed service prepare --dir $data --wsl-writer $me
+if ($LASTEXITCODE -ne 0) { throw "Cannot prepare $data\wsl (see above)." }
 & $installed service start
 if ($LASTEXITCODE -ne 0) { throw "The service did not start (see above)." }
 
-# wsl:// targets: the helper inside each WSL2 distribution (deploy/windows/sallyport-wsl-helper.sh)
-# writes the distribution's address here, as the user who runs WSL; the service reads it.
-$wsl = Join-Path $data "wsl"
-New-Item -ItemType Directory -Force -Path $wsl | Out-Null
-& icacls $wsl /grant "$($env:USERDOMAIN)\$($env:USERNAME):(OI)(CI)M" | Out-Null
+# The WSL helper script, for wsl:// targets (see the README).
 Copy-Item -Force (Join-Path $PSScriptRoot "sallyport-wsl-helper.sh") $data -ErrorAction SilentlyContinue
 
 Write-Host ""

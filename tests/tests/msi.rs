@@ -154,6 +154,7 @@ fn the_msi_installs_what_service_install_does() {
     let file = Table::read(&msi, "File");
     let exe = file.row("File", "AgentExe");
     assert!(exe["FileName"].ends_with("sallyport-agent.exe"), "{}", exe["FileName"]);
+    assert!(file.row("File", "WslHelper")["FileName"].ends_with("sallyport-wsl-helper.sh"));
     let dirs = Table::read(&msi, "Directory");
     let install = dirs.row("Directory", "INSTALLDIR");
     assert_eq!(install["Directory_Parent"], "ProgramFiles64Folder");
@@ -188,6 +189,13 @@ fn the_msi_installs_what_service_install_does() {
         r#"REMOVE~="ALL" AND REMOVEDATA"#,
         "data stays unless asked"
     );
+    for prepare in ["SallyportPrepare", "SallyportPrepareTakeOver"] {
+        let target = &actions.row("Action", prepare)["Target"];
+        assert!(
+            target.contains("--wsl-writer [UserSID]"),
+            "the installing user writes the wsl folder: {target}"
+        );
+    }
     let enroll = &actions.row("Action", "SallyportEnroll")["Target"];
     assert!(enroll.contains("--token-file \"[TOKENFILE]\""), "{enroll}");
     let secure = Table::read(&msi, "Property");

@@ -378,6 +378,7 @@ fn the_msi_installs_enrolls_and_uninstalls_under_wine_msiexec() {
     for file in ["agent.key", "agent.crt", "ca.crt", "agent.toml"] {
         assert!(data.join(file).is_file(), "{file} is missing from ProgramData\\Sallyport");
     }
+    assert!(data.join("wsl").is_dir(), "the WSL helper's folder was not made");
     let reg = |key: &str| {
         output({
             let mut c = Command::new("/usr/lib/wine/wine64");
