@@ -220,6 +220,12 @@ fn service(command: ServiceCommand) -> anyhow::Result<()> {
         }
         ServiceCommand::RemoveData { dir } => {
             let dir = dir.unwrap_or_else(|| service::data_dir(std::env::var_os("ProgramData")));
+            // Deletes a whole tree as an administrator: only what looks like the service's folder.
+            anyhow::ensure!(
+                !dir.exists() || dir.file_name().is_some_and(|n| n == "Sallyport") || dir.join("agent.toml").exists(),
+                "{} does not look like the agent's folder (named Sallyport, or holding agent.toml): not removed",
+                dir.display()
+            );
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => println!("removed {}", dir.display()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

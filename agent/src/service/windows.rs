@@ -267,7 +267,7 @@ fn run_service() -> anyhow::Result<()> {
 
 /// The service's logging: everything to a daily log file under `logs\` (seven kept); to the Event
 /// Log (source "Sallyport Agent") every event that carries an `event_id` field, under that ID, and
-/// every other warning and error under the general IDs (see [`super::events`]).
+/// every other warning and error under the general IDs (see [`crate::events`]).
 mod logging {
     use std::path::Path;
 
