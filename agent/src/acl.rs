@@ -147,8 +147,7 @@ impl Descriptor {
     /// its owner (who may always rewrite the DACL), and every allow entry that applies to the object
     /// and grants a right that changes it. A missing DACL names "Everyone".
     pub fn writers(&self, kind: Kind) -> Vec<String> {
-        let trusted = |sid: &str| TRUSTED.contains(&sid) || sid == "S-1-5-18" || sid == "S-1-5-32-544";
-        let owner_trusted = self.owner.as_deref().is_some_and(trusted);
+        let owner_trusted = self.owner_trusted();
         let mut writers = Vec::new();
         if let Some(owner) = &self.owner {
             if !owner_trusted {
@@ -177,8 +176,13 @@ impl Descriptor {
 
     /// True when the owner is SYSTEM, Administrators or TrustedInstaller.
     pub fn owner_trusted(&self) -> bool {
-        self.owner.as_deref().is_some_and(|o| TRUSTED.contains(&o) || o == "S-1-5-18" || o == "S-1-5-32-544")
+        self.owner.as_deref().is_some_and(trusted)
     }
+}
+
+/// SYSTEM, Administrators or TrustedInstaller, by alias or by number.
+fn trusted(sid: &str) -> bool {
+    TRUSTED.contains(&sid) || sid == "S-1-5-18" || sid == "S-1-5-32-544"
 }
 
 /// Where the part that starts `body` ends: at the next top-level `X:` tag.
