@@ -21,6 +21,8 @@ pub(crate) struct AgentGauges<'a> {
     /// Its tunnel's connection and the lanes beside it.
     pub(crate) connections: usize,
     pub(crate) containers: Vec<ContainerReport>,
+    /// When the certificate it connected with stops being valid (Unix time).
+    pub(crate) cert_not_after_unix: i64,
 }
 
 /// How a client connection ended.
@@ -60,6 +62,11 @@ pub(crate) struct Metrics {
     agents: Gauge,
     rtt: Family<Labels, Gauge<f64, AtomicU64>>,
     agent_connections: Family<Labels, Gauge>,
+    agent_up: Family<Labels, Gauge>,
+    cert_expiry: Family<Labels, Gauge>,
+    ready: Gauge,
+    /// The relay's own certificate's end of validity (Unix time; 0: not known).
+    relay_cert_not_after: std::sync::atomic::AtomicI64,
     container_state: Family<Labels, Gauge>,
     cold_start: Family<Labels, Gauge<f64, AtomicU64>>,
     refusals: Family<Labels, Counter>,
@@ -102,6 +109,10 @@ impl Default for Metrics {
             udp_datagrams_quic: Family::default(),
             udp_calls: Family::default(),
             udp_offload: Family::default(),
+            agent_up: Family::default(),
+            cert_expiry: Family::default(),
+            relay_cert_not_after: std::sync::atomic::AtomicI64::new(0),
+            ready: Gauge::default(),
             registry,
         };
         m.registry.register(
@@ -189,6 +200,21 @@ impl Default for Metrics {
             m.udp_calls.clone(),
         );
         m.registry.register(
+            "ready",
+            "1 while the relay serves (what /readyz says); 0 while it starts or drains",
+            m.ready.clone(),
+        );
+        m.registry.register(
+            "agent_up",
+            "1 while the agent has a live tunnel; 0 for an agent a service names that has none",
+            m.agent_up.clone(),
+        );
+        m.registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When a certificate stops being valid, as Unix time: the relay's own, and each connected agent's",
+            m.cert_expiry.clone(),
+        );
+        m.registry.register(
             "quic_udp_offload_segments",
             "The most datagrams one system call of the QUIC socket carries (1: no offload), by kind",
             m.udp_offload.clone(),
@@ -252,9 +278,22 @@ impl Metrics {
     }
 
     /// The exposition text, with agent and container gauges set from `agents` now.
+    /// Whether the relay serves now (`/readyz`), for the exposition.
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// The relay's own certificate's end of validity (set at start).
+    pub(crate) fn relay_certificate(&self, not_after_unix: i64) {
+        self.relay_cert_not_after.store(not_after_unix, Ordering::Relaxed);
+    }
+
+    /// The exposition, with the per-agent figures of `agents` (the connected ones) and an up/down
+    /// line for each agent in `named` (the agents the config's services name).
     pub(crate) fn render<'a>(
         &self,
         agents: impl ExactSizeIterator<Item = AgentGauges<'a>>,
+        named: &std::collections::BTreeSet<String>,
         udp: UdpFigures,
     ) -> String {
         for (direction, datagrams, calls) in
@@ -273,8 +312,21 @@ impl Metrics {
         self.agent_connections.clear();
         self.container_state.clear();
         self.cold_start.clear();
+        self.agent_up.clear();
+        self.cert_expiry.clear();
+        let relay_cert = self.relay_cert_not_after.load(Ordering::Relaxed);
+        if relay_cert != 0 {
+            self.cert_expiry.get_or_create(&vec![("certificate", "relay".to_owned())]).set(relay_cert);
+        }
+        for name in named {
+            self.agent_up.get_or_create(&vec![("agent", name.clone())]).set(0);
+        }
         for agent in agents {
             let name = agent.name.to_owned();
+            self.agent_up.get_or_create(&vec![("agent", name.clone())]).set(1);
+            self.cert_expiry
+                .get_or_create(&vec![("certificate", "agent".to_owned()), ("agent", name.clone())])
+                .set(agent.cert_not_after_unix);
             self.rtt.get_or_create(&vec![("agent", name.clone())]).set(agent.rtt.as_secs_f64());
             self.agent_connections
                 .get_or_create(&vec![("agent", name.clone())])

@@ -75,6 +75,7 @@ impl Relay {
     /// the admin listener. Nothing is accepted until [`run`](Relay::run).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let tls = config.tls.load()?;
+        let relay_not_after = tls.leaf.not_after_unix;
         let admin_token = load_admin_token(&config)?;
         let trust = Trust::load(&config, admin_token.is_some())?;
         let crypto = if trust.enrollment.is_some() {
@@ -125,6 +126,7 @@ impl Relay {
         let config = Arc::new(config);
         let (reload, reloads) = mpsc::channel(4);
         let runtime = Arc::new(Runtime::with_udp(udp));
+        runtime.metrics.relay_certificate(relay_not_after);
         let registry = Arc::new(Registry::default());
         let ops = Arc::new(Ops {
             config: Live::new(config.clone()),

@@ -295,3 +295,109 @@ fn the_overlay_agrees_with_its_relay_toml() {
         }
     }
 }
+
+/// The operator's kit as an overlay adds it (`overlays/homelab-monitoring`): it renders, the core
+/// resources validate against Kubernetes 1.32 (ServiceMonitor and PrometheusRule are the
+/// Prometheus Operator's types, which have no schema offline: their shape is checked here), and
+/// the pieces agree with each other and with the relay's deployment.
+#[test]
+fn the_monitoring_component_renders_and_its_pieces_agree() {
+    if !tools_or_skip() {
+        return;
+    }
+    let yaml = kustomize(&k8s_dir().join("overlays/homelab-monitoring"));
+    validate(&yaml, "overlay homelab-monitoring");
+    let docs = documents(&yaml);
+    let deployment = find(&docs, "Deployment", "sallyport-relay");
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let admin_port = container["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"].as_str() == Some("admin"))
+        .expect("the relay's admin port");
+    assert_eq!(admin_port["containerPort"].as_u64(), Some(9090));
+
+    // The metrics Service reaches the relay's pods on the admin port.
+    let service = find(&docs, "Service", "sallyport-relay-metrics");
+    assert_eq!(service["metadata"]["namespace"].as_str(), Some("sallyport"));
+    assert_eq!(service["spec"]["type"].as_str(), Some("ClusterIP"), "metrics stay inside the cluster");
+    for (key, value) in service["spec"]["selector"].as_mapping().expect("selector") {
+        assert_eq!(&pod_labels[key.as_str().expect("key")], value, "the selector matches the relay's pods");
+    }
+    let port = &service["spec"]["ports"][0];
+    assert_eq!((port["name"].as_str(), port["targetPort"].as_str()), (Some("admin"), Some("admin")));
+
+    // The ServiceMonitor selects exactly that Service, scrapes /metrics on its port with the
+    // admin token from the relay's Secret.
+    let monitor = find(&docs, "ServiceMonitor", "sallyport-relay");
+    assert_eq!(monitor["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"].as_mapping().expect("matchLabels") {
+        assert_eq!(&service["metadata"]["labels"][key.as_str().expect("key")], value);
+    }
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!((endpoint["port"].as_str(), endpoint["path"].as_str()), (Some("admin"), Some("/metrics")));
+    let credentials = &endpoint["authorization"]["credentials"];
+    assert_eq!(endpoint["authorization"]["type"].as_str(), Some("Bearer"));
+    let secret = credentials["name"].as_str().expect("secret name");
+    let volumes = deployment["spec"]["template"]["spec"]["volumes"].as_sequence().expect("volumes");
+    assert!(
+        volumes.iter().any(|v| v["secret"]["secretName"].as_str() == Some(secret)),
+        "the token comes from the Secret the relay mounts ({secret})"
+    );
+    assert_eq!(credentials["key"].as_str(), Some("admin.token"));
+
+    // Prometheus (namespace monitoring) may reach that port through the relay's NetworkPolicy.
+    let policy = find(&docs, "NetworkPolicy", "sallyport-relay");
+    let admitted = policy["spec"]["ingress"].as_sequence().expect("ingress").iter().any(|rule| {
+        rule["from"].as_sequence().is_some_and(|from| {
+            from.iter().any(|f| {
+                f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].as_str()
+                    == Some("monitoring")
+            })
+        }) && rule["ports"]
+            .as_sequence()
+            .is_some_and(|ports| ports.iter().any(|p| p["port"].as_u64() == Some(9090)))
+    });
+    assert!(admitted, "Prometheus cannot reach the admin port");
+
+    // Every alert has an expression, a duration, a severity and a summary.
+    let rule = find(&docs, "PrometheusRule", "sallyport-relay");
+    let alerts: Vec<&Value> = rule["spec"]["groups"]
+        .as_sequence()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().expect("rules"))
+        .collect();
+    let names: Vec<&str> = alerts.iter().filter_map(|a| a["alert"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "SallyportAgentDown",
+            "SallyportRelayNotReady",
+            "SallyportHandshakeFailuresRising",
+            "SallyportCertificateExpiringSoon"
+        ]
+    );
+    for alert in &alerts {
+        assert!(alert["expr"].as_str().is_some_and(|e| e.contains("sallyport_")), "{alert:?}");
+        assert!(
+            alert["for"].as_str().is_some() && alert["labels"]["severity"].as_str().is_some(),
+            "{alert:?}"
+        );
+        assert!(alert["annotations"]["summary"].as_str().is_some(), "{alert:?}");
+    }
+
+    // The dashboard as the ConfigMap Grafana's sidecar loads.
+    let dashboard = find(&docs, "ConfigMap", "sallyport-grafana-dashboard");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"].as_str(), Some("1"));
+    let json = dashboard["data"]["sallyport-relay.json"].as_str().expect("the dashboard in the ConfigMap");
+    let parsed: serde_json::Value = serde_json::from_str(json).expect("the dashboard is JSON");
+    assert_eq!(parsed["uid"].as_str(), Some("sallyport-relay"));
+    println!(
+        "monitoring component: {} alerts, {} dashboard panels",
+        alerts.len(),
+        parsed["panels"].as_array().map_or(0, Vec::len)
+    );
+}

@@ -68,9 +68,12 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
                     rtt: s.connection.rtt(),
                     connections: s.connections(),
                     containers: lock(&s.containers).clone(),
+                    cert_not_after_unix: s.cert_not_after_unix,
                 });
+                let named = ops.config.get().services.values().map(|s| s.agent.clone()).collect();
                 ops.runtime.metrics.tasks(ops.runtime.tasks.len() + ops.runtime.clients.len());
-                let body = ops.runtime.metrics.render(gauges, ops.runtime.udp.figures());
+                ops.runtime.metrics.set_ready(ops.runtime.is_ready());
+                let body = ops.runtime.metrics.render(gauges, &named, ops.runtime.udp.figures());
                 (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
             }
             (&Method::GET, "/" | "/status") => {

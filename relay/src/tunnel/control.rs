@@ -123,6 +123,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         connected_at: std::time::SystemTime::now(),
         containers: containers.clone(),
         serial: cert.id.serial.clone(),
+        cert_not_after_unix: cert.not_after_unix,
         connection: connection.clone(),
         commands,
         lanes: lanes.clone(),

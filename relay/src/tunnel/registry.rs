@@ -33,6 +33,8 @@ pub struct AgentSession {
     pub containers: Arc<Mutex<Vec<ContainerReport>>>,
     /// Serial number of the certificate it connected with (hex).
     pub serial: String,
+    /// When that certificate stops being valid (Unix time).
+    pub cert_not_after_unix: i64,
     pub(crate) connection: quinn::Connection,
     pub(crate) commands: mpsc::Sender<PendingCommand>,
     /// The agent's other connections, which carry data streams beside this one.
