@@ -4,6 +4,8 @@
 
 include!("src/events.rs");
 
+// A build script that cannot write or compile the resource must stop the build: the expects below
+// are that stop, with the reason.
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/events.rs");

@@ -101,7 +101,7 @@ pub struct Ace {
 #[derive(Debug, thiserror::Error)]
 pub enum AclError {
     #[error("{path}: unreadable security descriptor {sddl:?}: {reason}")]
-    Parse { path: PathBuf, sddl: String, reason: String },
+    Parse { path: PathBuf, sddl: String, reason: SddlError },
     #[error(
         "{path}: can be changed by {who} (only SYSTEM and Administrators may); {fix}",
         who = .writers.join(", ")
@@ -120,14 +120,27 @@ pub enum AclError {
     Io { path: PathBuf, source: std::io::Error },
 }
 
+/// What in SDDL text could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SddlError {
+    #[error("a part without ':'")]
+    NoTag,
+    #[error("unknown part {0:?}")]
+    UnknownPart(String),
+    #[error("entry ({entry}) has {fields} fields, not 6")]
+    Fields { entry: String, fields: usize },
+    #[error("rights {0:?}")]
+    Rights(String),
+}
+
 impl Descriptor {
     /// Parses the owner and DACL parts of SDDL text (group and SACL are skipped).
-    pub fn parse(sddl: &str) -> Result<Descriptor, String> {
+    pub fn parse(sddl: &str) -> Result<Descriptor, SddlError> {
         let mut owner = None;
         let mut dacl = None;
         let mut rest = sddl.trim();
         while !rest.is_empty() {
-            let (tag, body) = rest.split_at(rest.find(':').ok_or("a part without ':'")?);
+            let (tag, body) = rest.split_at(rest.find(':').ok_or(SddlError::NoTag)?);
             let body = &body[1..];
             // A part runs to the next "X:" at the top level (outside parentheses).
             let end = next_part(body);
@@ -136,7 +149,7 @@ impl Descriptor {
                 "O" => owner = Some(part.to_owned()),
                 "D" => dacl = parse_acl(part)?,
                 "G" | "S" => {}
-                other => return Err(format!("unknown part {other:?}")),
+                other => return Err(SddlError::UnknownPart(other.to_owned())),
             }
             rest = next;
         }
@@ -203,7 +216,7 @@ fn next_part(body: &str) -> usize {
     body.len()
 }
 
-fn parse_acl(part: &str) -> Result<Option<Vec<Ace>>, String> {
+fn parse_acl(part: &str) -> Result<Option<Vec<Ace>>, SddlError> {
     let flags_end = part.find('(').unwrap_or(part.len());
     let flags = &part[..flags_end];
     if flags.contains("NO_ACCESS_CONTROL") {
@@ -213,7 +226,7 @@ fn parse_acl(part: &str) -> Result<Option<Vec<Ace>>, String> {
     for entry in part[flags_end..].split(')').map(|s| s.trim_start_matches('(')).filter(|s| !s.is_empty()) {
         let fields: Vec<&str> = entry.split(';').collect();
         let [kind, ace_flags, rights, _, _, sid, ..] = fields[..] else {
-            return Err(format!("entry ({entry}) has {} fields, not 6", fields.len()));
+            return Err(SddlError::Fields { entry: entry.to_owned(), fields: fields.len() });
         };
         let allow = match kind {
             "A" | "OA" | "XA" | "ZA" => true,
@@ -228,9 +241,9 @@ fn parse_acl(part: &str) -> Result<Option<Vec<Ace>>, String> {
 }
 
 /// Access rights as SDDL writes them: a number (`0x1200a9`) or two-letter codes (`FRFW`).
-fn parse_rights(text: &str) -> Result<u32, String> {
+fn parse_rights(text: &str) -> Result<u32, SddlError> {
     if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        return u32::from_str_radix(hex, 16).map_err(|_| format!("rights {text:?}"));
+        return u32::from_str_radix(hex, 16).map_err(|_| SddlError::Rights(text.to_owned()));
     }
     if let Ok(n) = text.parse::<u32>() {
         return Ok(n);
@@ -266,7 +279,7 @@ fn parse_rights(text: &str) -> Result<u32, String> {
             b"KR" => 0x0002_0019,
             b"KW" => 0x0002_0006,
             b"KX" => 0x0002_0019,
-            other => return Err(format!("rights code {:?}", String::from_utf8_lossy(other))),
+            _ => return Err(SddlError::Rights(text.to_owned())),
         };
     }
     Ok(rights)

@@ -138,11 +138,18 @@ pub fn status() -> anyhow::Result<String> {
     ))
 }
 
-/// The start-time check: the folder and the files in it that decide what the service does or
-/// whom it trusts are writable by SYSTEM and Administrators only.
-pub fn check_data_dir(data_dir: &Path) -> Result<(), acl::AclError> {
+/// The start-time check: the folder, the files in it that decide what the service does or whom
+/// it trusts, and the identity files agent.toml names (which may lie elsewhere) are writable by
+/// SYSTEM and Administrators only.
+pub fn check_data_dir(data_dir: &Path, identity: &[&Path]) -> Result<(), acl::AclError> {
     let fix = acl::start_fix(data_dir);
-    for (path, kind) in acl::start_checks(data_dir) {
+    let mut checks = acl::start_checks(data_dir);
+    for path in identity {
+        if !checks.iter().any(|(p, _)| p == path) {
+            checks.push((path.to_path_buf(), acl::Kind::File));
+        }
+    }
+    for (path, kind) in checks {
         if kind == acl::Kind::File && !path.exists() {
             continue;
         }
@@ -205,7 +212,10 @@ fn run_service() -> anyhow::Result<()> {
     let _logging = logging::init(&log_dir(&data_dir));
     // The service does what its folder's files say, as LocalSystem: refuse to start if anyone but
     // SYSTEM and Administrators can change them.
-    if let Err(e) = check_data_dir(&data_dir) {
+    let config = Config::load(&config_path);
+    let identity: Vec<&Path> =
+        config.as_ref().map(|c| vec![c.tls.ca_cert.as_path(), &c.tls.cert, &c.tls.key]).unwrap_or_default();
+    if let Err(e) = check_data_dir(&data_dir, &identity) {
         tracing::error!(
             event_id = crate::events::id::FILES_NOT_PRIVATE,
             error = %e,
@@ -214,30 +224,13 @@ fn run_service() -> anyhow::Result<()> {
         handle.set_service_status(service_status(ServiceState::Stopped, 1, Duration::ZERO))?;
         return Ok(());
     }
-    let outcome = Config::load(&config_path).map_err(anyhow::Error::from).and_then(|config| {
-        // The identity files agent.toml names may lie outside the folder: they are held to the
-        // same rule.
-        let fix = acl::start_fix(&data_dir);
-        for path in [&config.tls.ca_cert, &config.tls.cert, &config.tls.key] {
-            if let Err(e) =
-                acl::read(path).and_then(|sddl| acl::check_private(path, &sddl, acl::Kind::File, &fix))
-            {
-                tracing::error!(
-                    event_id = crate::events::id::FILES_NOT_PRIVATE,
-                    error = %e,
-                    "refusing to start: the service's files are not private"
-                );
-                return Err(e.into());
-            }
-        }
-        Agent::new(config).map_err(anyhow::Error::from)
-    });
+    let outcome = config
+        .map_err(anyhow::Error::from)
+        .and_then(|config| Agent::new(config).map_err(anyhow::Error::from));
     let agent = match outcome {
         Ok(agent) => agent,
         Err(e) => {
-            if e.downcast_ref::<acl::AclError>().is_none() {
-                tracing::error!(event_id = crate::events::id::START_FAILED, error = %e, "cannot start the agent");
-            }
+            tracing::error!(event_id = crate::events::id::START_FAILED, error = %e, "cannot start the agent");
             // A non-zero exit: the recovery actions retry (a config fixed meanwhile is picked up).
             handle.set_service_status(service_status(ServiceState::Stopped, 1, Duration::ZERO))?;
             return Ok(());
