@@ -12,6 +12,9 @@ pub mod close {
     pub const REPLACED: u32 = 3;
     /// The relay refused this agent (no policy for it, or no common protocol version).
     pub const REFUSED: u32 = 4;
+    /// A replica of a replicated relay closed a further connection of an agent that holds a tunnel
+    /// to it already (or a lane whose session it does not hold): dial again, for another replica.
+    pub const HELD: u32 = 5;
 }
 
 /// Stream error codes (RESET_STREAM and STOP_SENDING).

@@ -29,6 +29,11 @@ pub enum AgentMessage {
     /// session `session`, carrying data streams beside it. Answered with
     /// [`RelayMessage::LaneAccepted`] or [`RelayMessage::Refused`].
     Lane { session: u64 },
+    /// First message of a further tunnel to a relay that runs as several replicas behind one
+    /// address (version 4 on), followed by `Hello`: the replicas the agent holds a tunnel to
+    /// already. A replica named here answers [`RelayMessage::Held`] and closes this connection,
+    /// leaving the agent's tunnel to it alone; any other replica reads the `Hello` that follows.
+    Seek { held: Vec<String> },
 }
 
 /// Messages from the relay to the agent.
@@ -52,6 +57,33 @@ pub enum RelayMessage {
     Lanes { session: u64, max: u16 },
     /// The relay took the lane into the session.
     LaneAccepted,
+    /// Sent right after `Welcome` (version 4 on), and by a relay that runs as several replicas
+    /// again whenever the set changes: which replica this connection reached and which replicas
+    /// are serving now. The agent keeps a tunnel to each of them. A relay that runs alone sends
+    /// an empty name and list, once.
+    Replicas(Replicas),
+    /// This connection reached a replica the agent holds a tunnel to already (its `Seek` named
+    /// it), or a lane reached a replica that does not hold its session: the relay closes it, and
+    /// the agent dials again (through the shared address it lands on a replica at random).
+    Held { replica: String },
+}
+
+/// The replicas of a relay, as one of them sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replicas {
+    /// The replica this connection reached.
+    pub this: String,
+    /// Every replica serving now, this one included, sorted by name.
+    pub serving: Vec<Replica>,
+}
+
+/// One relay replica.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Replica {
+    /// Its stable name (in Kubernetes, the StatefulSet pod's name).
+    pub name: String,
+    /// Random per start of the replica: a replica that restarted under the same name differs.
+    pub boot: u64,
 }
 
 /// The agent's introduction. Its identity is not here: it is the name in its client certificate.

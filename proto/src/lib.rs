@@ -19,8 +19,8 @@ pub mod proxy;
 pub mod stream;
 
 pub use control::{
-    AgentMessage, Command, ContainerAction, ContainerReport, Hello, RelayMessage, ServiceOffer,
-    ServiceVerdict, Welcome,
+    AgentMessage, Command, ContainerAction, ContainerReport, Hello, RelayMessage, Replica, Replicas,
+    ServiceOffer, ServiceVerdict, Welcome,
 };
 pub use frame::{DecodeError, EncodeError, InvalidFrame};
 pub use stream::{Answer, StreamHeader};
@@ -29,7 +29,7 @@ pub use stream::{Answer, StreamHeader};
 pub const ALPN_TUNNEL: &[u8] = b"sallyport/1";
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -3,7 +3,8 @@
 use proptest::prelude::*;
 use sallyport_proto::{
     frame, AgentMessage, Command, ContainerAction, ContainerReport, DecodeError, Hello, RelayMessage,
-    ServiceOffer, ServiceVerdict, StreamHeader, Welcome, MAX_CONTROL_FRAME, MAX_STREAM_HEADER,
+    Replica, Replicas, ServiceOffer, ServiceVerdict, StreamHeader, Welcome, MAX_CONTROL_FRAME,
+    MAX_STREAM_HEADER,
 };
 
 fn name() -> impl Strategy<Value = String> {
@@ -23,6 +24,7 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
         any::<u64>().prop_map(|nonce| AgentMessage::Pong { nonce }),
         ".{0,300}".prop_map(|csr_pem| AgentMessage::Renew { csr_pem }),
         any::<u64>().prop_map(|session| AgentMessage::Lane { session }),
+        prop::collection::vec(name(), 0..5).prop_map(|held| AgentMessage::Seek { held }),
         (any::<u64>(), any::<bool>(), ".{0,200}").prop_map(|(id, ok, text)| AgentMessage::CommandResult {
             id,
             result: if ok { Ok(text) } else { Err(text) },
@@ -53,6 +55,13 @@ fn relay_message() -> impl Strategy<Value = RelayMessage> {
         any::<u64>().prop_map(|nonce| RelayMessage::Ping { nonce }),
         (any::<u64>(), any::<u16>()).prop_map(|(session, max)| RelayMessage::Lanes { session, max }),
         Just(RelayMessage::LaneAccepted),
+        name().prop_map(|replica| RelayMessage::Held { replica }),
+        (name(), prop::collection::vec((name(), any::<u64>()), 0..5)).prop_map(|(this, serving)| {
+            RelayMessage::Replicas(Replicas {
+                this,
+                serving: serving.into_iter().map(|(name, boot)| Replica { name, boot }).collect(),
+            })
+        }),
         (any::<bool>(), ".{0,300}").prop_map(|(ok, text)| RelayMessage::Renewed(if ok {
             Ok(text)
         } else {

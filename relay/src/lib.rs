@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! Folders are planes, and dependencies point one way: `relay` → `ops` → `expose` → `tunnel` →
-//! `trust` → `config`; `runtime` and `metrics` sit below them all. Nothing imports this file.
+//! `cluster` → `trust` → `config`; `runtime` and `metrics` sit below them all. Nothing imports
+//! this file.
 //!
 //! - [`relay`]: [`Relay::bind`] binds every socket (failing closed), [`Relay::run`] serves until
 //!   shutdown, then drains.
@@ -13,6 +14,8 @@
 //!   datagrams agents send back.
 //! - `expose/`: how homelab clients reach services: `tcp`, `udp`, `http/` (routing by Host, the
 //!   upstream pool), `https/` (routing by SNI; the ClientHello parser is in `sallyport_proto`), per-address caps.
+//! - `cluster/`: several replicas behind one address: the writer of tokens and revocations, the
+//!   others' reports to it, and the list of replicas serving that agents follow.
 //! - [`trust`]: the PKI, enrollment with join tokens, revocations, state files.
 //! - [`ops`]: the admin API and its auth, container commands, the status page.
 //! - [`cli`]: bodies of the subcommands that do not run the relay.
@@ -22,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+mod cluster;
 pub mod config;
 mod expose;
 mod metrics;

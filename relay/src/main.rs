@@ -36,6 +36,10 @@ enum Command {
     Serve {
         #[arg(long, short)]
         config: PathBuf,
+        /// This replica's name, for a relay.toml with a [cluster] table (in Kubernetes, the pod's
+        /// name: `--replica $(POD_NAME)`).
+        #[arg(long)]
+        replica: Option<String>,
     },
     /// Ask the running relay to read its relay.toml again and apply it without dropping tunnels
     /// or connections of unchanged services (through the admin API, with the token of
@@ -61,6 +65,11 @@ enum Command {
         /// The UDP port agents dial, mapped to relay.listen's port.
         #[arg(long, default_value_t = 443)]
         quic_port: u16,
+        /// externalTrafficPolicy of the LoadBalancer Services: cluster (every replica; client
+        /// addresses replaced by the node's) or local (the announcing node's replicas only;
+        /// client addresses kept).
+        #[arg(long, default_value = "cluster")]
+        external_traffic_policy: sallyport_relay::cli::manifests::TrafficPolicy,
     },
     /// Print the relay's status (agents, services and their traffic, containers) as tables, from
     /// the admin API; the same as the status page on the admin port.
@@ -209,15 +218,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok", config.path.display());
             Ok(())
         }
-        Command::Serve { config } => {
+        Command::Serve { config, replica } => {
             cli::init_tracing()?;
-            let config = Config::load(&config)?;
+            let mut config = Config::load(&config)?;
+            if let Some(replica) = replica {
+                config.set_replica(&replica)?;
+            }
             serve(config)
         }
-        Command::Manifests { config, namespace, load_balancer_ip, quic_port } => {
+        Command::Manifests { config, namespace, load_balancer_ip, quic_port, external_traffic_policy } => {
             let config = Config::load(&config)?;
-            let options =
-                sallyport_relay::cli::manifests::ManifestOptions { namespace, load_balancer_ip, quic_port };
+            let options = sallyport_relay::cli::manifests::ManifestOptions {
+                namespace,
+                load_balancer_ip,
+                quic_port,
+                traffic_policy: external_traffic_policy,
+            };
             print!("{}", sallyport_relay::cli::manifests::render(&config, &options));
             Ok(())
         }

@@ -65,6 +65,8 @@ pub(crate) struct Metrics {
     agent_up: Family<Labels, Gauge>,
     cert_expiry: Family<Labels, Gauge>,
     ready: Gauge,
+    replicas_serving: Gauge,
+    writer_reachable: Gauge,
     /// The relay's own certificate's end of validity (Unix time; 0: not known).
     relay_cert_not_after: std::sync::atomic::AtomicI64,
     container_state: Family<Labels, Gauge>,
@@ -113,6 +115,8 @@ impl Default for Metrics {
             cert_expiry: Family::default(),
             relay_cert_not_after: std::sync::atomic::AtomicI64::new(0),
             ready: Gauge::default(),
+            replicas_serving: Gauge::default(),
+            writer_reachable: Gauge::default(),
             registry,
         };
         m.registry.register(
@@ -205,6 +209,17 @@ impl Default for Metrics {
             m.ready.clone(),
         );
         m.registry.register(
+            "replicas_serving",
+            "Relay replicas serving now, as this replica knows them (1 for a relay without [cluster])",
+            m.replicas_serving.clone(),
+        );
+        m.registry.register(
+            "writer_reachable",
+            "1 while the replica that keeps tokens and revocations answered this replica's last report \
+             (always 1 on the writer itself and on a relay without [cluster])",
+            m.writer_reachable.clone(),
+        );
+        m.registry.register(
             "agent_up",
             "1 while the agent has a live tunnel; 0 for an agent a service names that has none",
             m.agent_up.clone(),
@@ -281,6 +296,12 @@ impl Metrics {
     /// Whether the relay serves now (`/readyz`), for the exposition.
     pub(crate) fn set_ready(&self, ready: bool) {
         self.ready.set(i64::from(ready));
+    }
+
+    /// What this replica knows of its cluster: replicas serving, and whether the writer answers.
+    pub(crate) fn cluster(&self, serving: usize, writer_reachable: bool) {
+        self.replicas_serving.set(i64::try_from(serving).unwrap_or(i64::MAX));
+        self.writer_reachable.set(i64::from(writer_reachable));
     }
 
     /// The relay's own certificate's end of validity (set at start).

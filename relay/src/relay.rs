@@ -49,6 +49,9 @@ pub enum StartError {
     /// Enrollment, token or revocation state that cannot be used.
     #[error(transparent)]
     Trust(#[from] TrustError),
+    /// `[cluster]` without what it needs.
+    #[error(transparent)]
+    Cluster(#[from] sallyport_runtime::config::ConfigError),
 }
 
 impl From<TlsFileError> for StartError {
@@ -77,6 +80,7 @@ impl Relay {
         let tls = config.tls.load()?;
         let relay_not_after = tls.leaf.not_after_unix;
         let admin_token = load_admin_token(&config)?;
+        let cluster = cluster_of(&config, admin_token.as_ref())?;
         let trust = Trust::load(&config, admin_token.is_some())?;
         let crypto = if trust.enrollment.is_some() {
             // Enrolling agents have no certificate yet and pin the CA by hash: send it along.
@@ -137,6 +141,7 @@ impl Relay {
             commands: Default::default(),
             bound,
             reload,
+            cluster,
         });
         Ok(Self { endpoint, sockets, admin, reloads, config, runtime, registry, ops })
     }
@@ -191,8 +196,16 @@ impl Relay {
             flows: flows.clone(),
             renewals: Default::default(),
             gate: tunnel::gate(&config.limits),
+            cluster: ops.cluster.clone(),
         });
         let tasks = &runtime.tasks;
+        // Runs through the drain (a draining replica tells the writer), stopped after it.
+        let after_drain = CancellationToken::new();
+        tokio::spawn(tunnel::revoked::close_refused(
+            registry.clone(),
+            ops.trust.clone(),
+            after_drain.clone(),
+        ));
         tasks.spawn(tunnel::accept_loop(endpoint.clone(), tunnels, shutdown.clone()));
 
         let exposure = Arc::new(Exposure::new(live.clone(), runtime.clone(), registry.clone()));
@@ -218,13 +231,32 @@ impl Relay {
             );
         }
         runtime.set_ready(true);
+        runtime.metrics.cluster(1, true);
+        if let Some(cluster) = &ops.cluster {
+            let registry = registry.clone();
+            let local = move || registry.subscribe().borrow().keys().cloned().collect();
+            let sync = crate::cluster::run(
+                cluster.clone(),
+                ops.trust.clone(),
+                runtime.clone(),
+                local,
+                after_drain.clone(),
+            );
+            tokio::spawn(sync);
+            info!(replica = %cluster.me.name, writer = %cluster.config.writer, "replica of a cluster");
+        }
         if let Ok(quic) = endpoint.local_addr() {
             info!(%quic, admin = %admin_addr, services = config.services.len(), "relay ready");
         }
 
         shutdown.cancelled().await;
         reload_stop.cancel();
+        if let Some(cluster) = &ops.cluster {
+            // Out of the list of replicas serving at once, before the drain.
+            cluster.drain();
+        }
         drain(&endpoint, &runtime, &registry, live.get().limits.drain_grace).await;
+        after_drain.cancel();
         admin_stop.cancel();
         info!("relay stopped");
     }
@@ -249,6 +281,34 @@ async fn drain(endpoint: &quinn::Endpoint, runtime: &Runtime, registry: &Registr
     let _ = tokio::time::timeout(settle, runtime.tasks.wait()).await;
     let _ = tokio::time::timeout(settle, endpoint.wait_idle()).await;
     info!(udp = %runtime.udp.figures(), "QUIC socket");
+}
+
+/// The relay's place in its `[cluster]`, if it has one: it needs a replica name and the admin
+/// token (replicas prove themselves to the writer with it).
+fn cluster_of(
+    config: &Config,
+    admin_token: Option<&crate::ops::auth::AdminToken>,
+) -> Result<Option<Arc<crate::cluster::Cluster>>, StartError> {
+    use sallyport_runtime::config::ConfigError;
+    let Some(cluster) = &config.cluster else { return Ok(None) };
+    if cluster.replica.is_empty() {
+        return Err(ConfigError::invalid(
+            &config.path,
+            "cluster.replica",
+            "a relay of a cluster needs its replica's name: set it, or pass `serve --replica NAME` (in \
+             Kubernetes, the pod's name)",
+        )
+        .into());
+    }
+    let Some(token) = admin_token else {
+        return Err(ConfigError::invalid(
+            &config.path,
+            "relay.admin_token_file",
+            "a relay of a cluster needs the admin token: replicas prove themselves to the writer with it",
+        )
+        .into());
+    };
+    Ok(Some(Arc::new(crate::cluster::Cluster::new(cluster.clone(), token.secret().to_owned()))))
 }
 
 /// Binds and runs a relay until `shutdown` is cancelled.

@@ -183,6 +183,19 @@ pub fn counted_endpoint(
     Ok((endpoint, counters))
 }
 
+/// Moves `endpoint` (made by [`counted_endpoint`] with `counters`) to `socket`: a new local port,
+/// so its next connection is a new flow for every NAT and load balancer on the way, without a new
+/// endpoint (and its receive buffers).
+pub fn rebind_counted(
+    endpoint: &Endpoint,
+    counters: &Arc<UdpCounters>,
+    socket: std::net::UdpSocket,
+) -> io::Result<()> {
+    let runtime = quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
+    let inner = runtime.wrap_udp_socket(socket)?;
+    endpoint.rebind_abstract(Arc::new(Counted { inner, counters: counters.clone() }))
+}
+
 // Not under wine: its Winsock refuses a socket option quinn-udp sets on every QUIC socket
 // (WSAEOPNOTSUPP, 10045), so no QUIC endpoint opens there; these run on Linux.
 #[cfg(all(test, not(windows)))]

@@ -78,6 +78,12 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
         "-v",
         &mount_state,
         IMAGE,
+        // As the StatefulSet runs it: the overlay's relay.toml has a [cluster]; this is its writer.
+        "serve",
+        "--config",
+        "/etc/sallyport/config/relay.toml",
+        "--replica",
+        "sallyport-relay-0",
     ]);
     let ip = docker::inspect(&name, "{{.NetworkSettings.IPAddress}}");
     let admin: SocketAddr = format!("{ip}:9090").parse().expect("admin address");

@@ -120,11 +120,27 @@ fn the_overlay_agrees_with_its_relay_toml() {
         "services.yaml is stale: sallyport-relay manifests --config relay.toml --load-balancer-ip {ip} > services.yaml"
     );
 
-    // The shared LoadBalancer: QUIC over UDP to relay.listen, every service without its own IP.
-    assert_eq!(relay_lb["spec"]["type"].as_str(), Some("LoadBalancer"));
-    assert_eq!(relay_lb["spec"]["externalTrafficPolicy"].as_str(), Some("Local"));
+    // The shared IP: QUIC over UDP to relay.listen in the agents' Service, which sends to every
+    // running replica (a starting one turns ready only once it holds the agents); every service
+    // without its own IP in the clients' Service, which sends to ready replicas only. Both spread
+    // flows over every replica (Cluster) and share the IP.
+    let agents_lb = find(&docs, "Service", "sallyport-relay-agents");
+    assert_eq!(ports(agents_lb), vec![("UDP".into(), 443, u64::from(config.listen.port()))]);
+    assert_eq!(agents_lb["spec"]["publishNotReadyAddresses"].as_bool(), Some(true));
+    assert!(relay_lb["spec"].get("publishNotReadyAddresses").is_none());
+    for lb in [relay_lb, agents_lb] {
+        assert_eq!(lb["spec"]["type"].as_str(), Some("LoadBalancer"));
+        assert_eq!(lb["spec"]["externalTrafficPolicy"].as_str(), Some("Cluster"));
+        assert_eq!(
+            lb["metadata"]["annotations"]["metallb.io/loadBalancerIPs"].as_str(),
+            Some("192.168.4.60")
+        );
+        assert_eq!(
+            lb["metadata"]["annotations"]["metallb.io/allow-shared-ip"].as_str(),
+            Some("sallyport-relay")
+        );
+    }
     let lb_ports = ports(relay_lb);
-    assert!(lb_ports.contains(&("UDP".into(), 443, u64::from(config.listen.port()))), "{lb_ports:?}");
     for (listener, public, addr) in [("http", 80, config.http_listen), ("https", 443, config.https_listen)] {
         let port =
             u64::from(addr.unwrap_or_else(|| panic!("the overlay shows the {listener} listener")).port());
@@ -173,8 +189,30 @@ fn the_overlay_agrees_with_its_relay_toml() {
         "the overlay shows every kind"
     );
 
+    // Replicas: two, one per node, a budget that keeps one, one at a time in a rollout, each
+    // named by its pod; the first is the writer, reached by the others at its stable name.
+    let deployment = find(&docs, "StatefulSet", "sallyport-relay");
+    let spec = &deployment["spec"];
+    assert_eq!(spec["replicas"].as_u64(), Some(2));
+    assert_eq!(spec["updateStrategy"]["type"].as_str(), Some("RollingUpdate"));
+    assert_eq!(spec["updateStrategy"]["rollingUpdate"]["maxUnavailable"].as_u64(), Some(1));
+    let spread = &spec["template"]["spec"]["topologySpreadConstraints"][0];
+    assert_eq!(spread["topologyKey"].as_str(), Some("kubernetes.io/hostname"));
+    assert_eq!(spread["maxSkew"].as_u64(), Some(1));
+    let budget = find(&docs, "PodDisruptionBudget", "sallyport-relay");
+    assert_eq!(budget["spec"]["minAvailable"].as_u64(), Some(1));
+    let cluster = config.cluster.as_ref().expect("the overlay runs replicas ([cluster])");
+    let peers = spec["serviceName"].as_str().expect("serviceName");
+    let peers_service = find(&docs, "Service", peers);
+    assert_eq!(peers_service["spec"]["clusterIP"].as_str(), Some("None"));
+    assert_eq!(peers_service["spec"]["publishNotReadyAddresses"].as_bool(), Some(true));
+    assert_eq!(cluster.writer, "sallyport-relay-0", "the writer is ordinal 0");
+    assert_eq!(
+        cluster.writer_admin,
+        format!("{}.{peers}.sallyport.svc.cluster.local:{}", cluster.writer, config.admin.port())
+    );
+
     // The pod: probes on the admin port, ports as configured, the config mounted, drain fits.
-    let deployment = find(&docs, "Deployment", "sallyport-relay");
     let pod = &deployment["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
     let container_port = |name: &str| {
@@ -217,7 +255,9 @@ fn the_overlay_agrees_with_its_relay_toml() {
 
     let args: Vec<&str> =
         container["args"].as_sequence().expect("args").iter().filter_map(|a| a.as_str()).collect();
-    assert_eq!(args, ["serve", "--config", "/etc/sallyport/config/relay.toml"]);
+    assert_eq!(args, ["serve", "--config", "/etc/sallyport/config/relay.toml", "--replica", "$(POD_NAME)"]);
+    assert_eq!(container["env"][0]["name"].as_str(), Some("POD_NAME"));
+    assert_eq!(container["env"][0]["valueFrom"]["fieldRef"]["fieldPath"].as_str(), Some("metadata.name"));
     // The config folder is mounted whole (a subPath mount never sees a ConfigMap update), and the
     // ConfigMap keeps its name (an update reloads the relay instead of rolling the pods).
     let config_mount = container["volumeMounts"]
@@ -252,19 +292,17 @@ fn the_overlay_agrees_with_its_relay_toml() {
             .find(|m| m["mountPath"].as_str().is_some_and(|p| file.starts_with(p)))
             .unwrap_or_else(|| panic!("{} is on no mounted volume", file.display()));
         assert_ne!(mount["readOnly"].as_bool(), Some(true), "{} is on a read-only mount", file.display());
-        let volume = pod["volumes"]
-            .as_sequence()
-            .expect("volumes")
-            .iter()
-            .find(|v| v["name"] == mount["name"])
-            .expect("the mount's volume");
-        let claim = volume["persistentVolumeClaim"]["claimName"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{} is not on a persistent volume", file.display()));
-        find(&docs, "PersistentVolumeClaim", claim);
+        // One claim per replica, from the StatefulSet's templates.
+        let templates = spec["volumeClaimTemplates"].as_sequence().expect("volume claim templates");
+        assert!(
+            templates.iter().any(|t| t["metadata"]["name"] == mount["name"]),
+            "{} is not on a persistent volume",
+            file.display()
+        );
     }
 
-    // Only the monitoring namespace reaches the admin port; every other port is open.
+    // Only the monitoring namespace and the relay's own pods reach the admin port; every other
+    // port is open.
     let policy = find(&docs, "NetworkPolicy", "sallyport-relay");
     let admin_port = u64::from(config.admin.port());
     for rule in policy["spec"]["ingress"].as_sequence().expect("ingress rules") {
@@ -275,17 +313,24 @@ fn the_overlay_agrees_with_its_relay_toml() {
         });
         if covers_admin {
             let from = rule["from"].as_sequence().expect("the admin port's rule names who may come");
+            let relay_pods = |f: &Value| {
+                f["podSelector"]["matchLabels"]["app.kubernetes.io/name"].as_str() == Some("sallyport-relay")
+            };
             assert!(
-                !from.is_empty() && from.iter().all(|f| f.get("namespaceSelector").is_some()),
-                "the admin port is open to more than a namespace: {rule:?}"
+                !from.is_empty()
+                    && from.iter().all(|f| f.get("namespaceSelector").is_some() || relay_pods(f)),
+                "the admin port is open to more than a namespace and the relay's pods: {rule:?}"
             );
+            assert!(from.iter().any(relay_pods), "the replicas reach the writer's admin port");
         } else {
             assert!(rule.get("from").is_none(), "service ports are open to the homelab: {rule:?}");
         }
     }
 
     // The admin port is for the kubelet's probes and in-cluster scrapes, never a Service's port.
-    for service in docs.iter().filter(|d| d["kind"].as_str() == Some("Service")) {
+    // (The replicas' headless Service only names the pods in DNS: nothing is forwarded through it.)
+    let headless = |d: &Value| d["spec"]["clusterIP"].as_str() == Some("None");
+    for service in docs.iter().filter(|d| d["kind"].as_str() == Some("Service") && !headless(d)) {
         for (_, port, target) in ports(service) {
             assert!(
                 port != u64::from(config.admin.port()) && target != u64::from(config.admin.port()),
@@ -308,7 +353,7 @@ fn the_monitoring_component_renders_and_its_pieces_agree() {
     let yaml = kustomize(&k8s_dir().join("overlays/homelab-monitoring"));
     validate(&yaml, "overlay homelab-monitoring");
     let docs = documents(&yaml);
-    let deployment = find(&docs, "Deployment", "sallyport-relay");
+    let deployment = find(&docs, "StatefulSet", "sallyport-relay");
     let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let admin_port = container["ports"]

@@ -51,12 +51,22 @@ impl LaneStarter {
         let mut endpoint = None;
         let timing = tunnels.config.get().timing.clone();
         let mut backoff = Backoff::new(timing.reconnect_min, timing.reconnect_max);
+        let mut held_tries = 0;
         loop {
             let delay = match self.run(session, &mut endpoint, &tunnels).await {
                 // It was up: dial again at once.
                 Ok(()) => {
                     backoff.reset();
+                    held_tries = 0;
                     Duration::ZERO
+                }
+                // Through a replicated relay's shared address the lane reached another replica:
+                // again, from a new socket (so a new flow, which may land elsewhere).
+                Err(TunnelError::Held(replica)) => {
+                    debug!(%replica, "the lane reached another replica: dialing again");
+                    held_tries += 1;
+                    super::new_port(&mut endpoint);
+                    super::replicas::seek_delay(held_tries)
                 }
                 Err(TunnelError::Refused(reason)) => {
                     info!(%reason, "the relay refused the lane");
@@ -115,6 +125,7 @@ async fn join(
     match read_frame::<RelayMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await? {
         Some(RelayMessage::LaneAccepted) => Ok((send, recv)),
         Some(RelayMessage::Refused { reason }) => Err(TunnelError::Refused(reason)),
+        Some(RelayMessage::Held { replica }) => Err(TunnelError::Held(replica)),
         Some(_) => Err(TunnelError::Protocol("a control message other than LaneAccepted on a lane".into())),
         None => Err(TunnelError::Protocol("lane control stream ended before LaneAccepted".into())),
     }

@@ -4,6 +4,7 @@
 pub(crate) mod commands;
 mod lanes;
 pub(crate) mod renew;
+mod replicas;
 
 use std::{
     collections::BTreeMap,
@@ -15,7 +16,7 @@ use std::{
 
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use sallyport_proto::{
-    codes::close, AgentMessage, Hello, RelayMessage, ServiceOffer, Welcome, MAX_CONTROL_FRAME,
+    codes::close, AgentMessage, Hello, RelayMessage, Replicas, ServiceOffer, Welcome, MAX_CONTROL_FRAME,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use sallyport_runtime::{
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use self::lanes::LaneStarter;
+use self::{lanes::LaneStarter, replicas::Group};
 use crate::{
     backoff::Backoff,
     config::{Live, RelayAddr},
@@ -43,8 +44,15 @@ pub const SOFTWARE: &str = concat!("sallyport-agent ", env!("CARGO_PKG_VERSION")
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TunnelStatus {
     Connecting,
-    Connected { remote: SocketAddr, published: Vec<String> },
-    Retrying { error: String },
+    /// Up; `replica` names the replica it reached, for a relay that runs as several.
+    Connected {
+        remote: SocketAddr,
+        published: Vec<String>,
+        replica: Option<String>,
+    },
+    Retrying {
+        error: String,
+    },
 }
 
 /// What the tunnels to every relay share.
@@ -101,6 +109,12 @@ impl Tunnels {
         });
     }
 
+    fn remove_status(&self, relay: &str) {
+        self.status.send_modify(|all| {
+            all.remove(relay);
+        });
+    }
+
     /// The services this agent offers now.
     pub(crate) fn offers(&self) -> Vec<ServiceOffer> {
         self.config.get().services.keys().map(|name| ServiceOffer { name: name.clone() }).collect()
@@ -139,6 +153,9 @@ pub enum TunnelError {
     Timeout(Duration),
     #[error("no answer from the relay within {0:?}")]
     NoAnswer(Duration),
+    /// The connection reached a replica the agent holds a tunnel to already.
+    #[error("reached replica {0}, which this agent holds a tunnel to already")]
+    Held(String),
 }
 
 /// How a tunnel ended.
@@ -153,20 +170,85 @@ enum Outcome {
     Failed(TunnelError),
 }
 
-/// Keeps a tunnel to `relay` up until `stop` is cancelled.
+/// Keeps a tunnel to `relay` up until `stop` is cancelled; to each of its replicas, when the
+/// relay runs as several behind one address.
 pub(crate) async fn maintain(relay: RelayAddr, tunnels: Arc<Tunnels>, stop: CancellationToken) {
-    let key = relay.to_string();
+    let group = Arc::new(Group::default());
+    let slots = TaskTracker::new();
+    let mut changes = group.changes();
+    loop {
+        for slot in group.to_start() {
+            slots.spawn(keep_slot(relay.clone(), tunnels.clone(), stop.clone(), group.clone(), slot));
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { break },
+            () = stop.cancelled() => break,
+        }
+    }
+    slots.close();
+    slots.wait().await;
+}
+
+/// The status key of a slot: the relay address, with the slot's number after the first.
+fn slot_key(relay: &RelayAddr, slot: usize) -> String {
+    match slot {
+        0 => relay.to_string(),
+        n => format!("{relay} #{}", n + 1),
+    }
+}
+
+/// Keeps one tunnel (slot) of a relay address up until `stop` is cancelled, or until the relay's
+/// replicas need it no more.
+async fn keep_slot(
+    relay: RelayAddr,
+    tunnels: Arc<Tunnels>,
+    stop: CancellationToken,
+    group: Arc<Group>,
+    slot: usize,
+) {
+    let key = slot_key(&relay, slot);
     let span = info_span!("tunnel", relay = %key);
     async {
         let timing = tunnels.config.get().timing.clone();
         let mut backoff = Backoff::new(timing.reconnect_min, timing.reconnect_max);
         let mut endpoint = None;
         let mut redial = Redial::default();
+        let mut held_tries = 0;
+        let mut changes = group.changes();
         loop {
+            if !group.keeps(slot) {
+                debug!("no replica left for this tunnel");
+                tunnels.remove_status(&key);
+                break;
+            }
+            if group.replicated() {
+                // Through the relay's shared address, a new flow lands on a replica at random:
+                // each attempt goes out from a new port.
+                new_port(&mut endpoint);
+            }
             tunnels.set_status(&key, TunnelStatus::Connecting);
             let answer_within = redial.answer_within(Instant::now());
-            let delay = match connect_and_serve(&relay, &mut endpoint, &tunnels, &stop, answer_within).await {
+            let attempt =
+                Attempt { relay: &relay, tunnels: &tunnels, stop: &stop, group: &group, slot, key: &key };
+            let outcome = connect_and_serve(attempt, &mut endpoint, answer_within).await;
+            if !matches!(outcome, Outcome::Failed(TunnelError::Held(_))) {
+                held_tries = 0;
+            }
+            let delay = match outcome {
                 Outcome::Stopped => break,
+                Outcome::Failed(TunnelError::Held(replica)) => {
+                    debug!(%replica, tries = held_tries, "reached a replica held already: dialing again");
+                    held_tries += 1;
+                    changes.mark_unchanged();
+                    let delay = replicas::seek_delay(held_tries);
+                    // A change of the replicas serving (one joined) cuts the wait short.
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        _ = changes.changed() => held_tries = 0,
+                        () = stop.cancelled() => break,
+                    }
+                    continue;
+                }
                 Outcome::GoingAway => {
                     info!("relay going away: reconnecting now");
                     backoff.reset();
@@ -208,8 +290,11 @@ pub(crate) async fn maintain(relay: RelayAddr, tunnels: Arc<Tunnels>, stop: Canc
                     delay
                 }
             };
+            changes.mark_unchanged();
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
+                // A replica joined (or the list changed): dial again now, from the start.
+                _ = changes.changed() => backoff.reset(),
                 () = stop.cancelled() => break,
             }
         }
@@ -220,6 +305,33 @@ pub(crate) async fn maintain(relay: RelayAddr, tunnels: Arc<Tunnels>, stop: Canc
     }
     .instrument(span)
     .await
+}
+
+/// Moves the slot's endpoint to a new local port (or drops it, so the next attempt opens one).
+fn new_port(slot: &mut Option<Quic>) {
+    let Some(quic) = slot else { return };
+    let bind: SocketAddr = match quic.endpoint.local_addr() {
+        Ok(local) if local.is_ipv6() => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        _ => (Ipv4Addr::UNSPECIFIED, 0).into(),
+    };
+    let moved = transport::quic_socket(bind)
+        .and_then(|socket| sallyport_runtime::udp_count::rebind_counted(&quic.endpoint, &quic.udp, socket));
+    if let Err(e) = moved {
+        debug!(error = %e, "cannot move the QUIC endpoint to a new port: opening a new one");
+        *slot = None;
+    }
+}
+
+/// One attempt of one slot: where it goes and what it shares.
+#[derive(Clone, Copy)]
+struct Attempt<'a> {
+    relay: &'a RelayAddr,
+    tunnels: &'a Arc<Tunnels>,
+    stop: &'a CancellationToken,
+    group: &'a Arc<Group>,
+    slot: usize,
+    /// The slot's status key.
+    key: &'a str,
 }
 
 /// How soon to give up on an attempt that hears nothing: after a tunnel was lost, the relay is
@@ -257,20 +369,29 @@ impl Redial {
 }
 
 async fn connect_and_serve(
-    relay: &RelayAddr,
+    attempt: Attempt<'_>,
     endpoint: &mut Option<Quic>,
-    tunnels: &Arc<Tunnels>,
-    stop: &CancellationToken,
     answer_within: Option<Duration>,
 ) -> Outcome {
+    let Attempt { relay, tunnels, stop, group, slot, key } = attempt;
+    let opened = async {
+        // Until this connection knows its replica, no other slot of the group dials.
+        let _dialing = group.dialing.lock().await;
+        let session = connect(relay, endpoint, tunnels, answer_within, &group.held_by_others(slot)).await?;
+        if let Some(replicas) = &session.4 {
+            group.landed(slot, &replicas.this, replicas.serving.clone());
+        }
+        Ok::<_, TunnelError>(session)
+    };
     let attempt = tokio::select! {
-        a = connect(relay, endpoint, tunnels, answer_within) => a,
+        a = opened => a,
         () = stop.cancelled() => return Outcome::Stopped,
     };
-    let (connection, mut send, mut recv, welcome) = match attempt {
+    let (connection, mut send, mut recv, welcome, replicas) = match attempt {
         Ok(session) => session,
         Err(e) => return Outcome::Failed(e),
     };
+    let replica = replicas.map(|r| r.this).filter(|name| !name.is_empty());
     let published: Vec<String> = welcome.published().map(str::to_owned).collect();
     for (service, reason) in welcome.refused() {
         warn!(%service, %reason, "relay does not publish this service");
@@ -280,26 +401,29 @@ async fn connect_and_serve(
         remote = %connection.remote_address(),
         relay_software = %welcome.software,
         ?published,
+        replica = replica.as_deref().unwrap_or("-"),
+        held = ?group.held(),
         "tunnel up"
     );
-    tunnels.set_status(
-        &relay.to_string(),
-        TunnelStatus::Connected { remote: connection.remote_address(), published },
-    );
+    tunnels
+        .set_status(key, TunnelStatus::Connected { remote: connection.remote_address(), published, replica });
 
-    let relay_key = relay.to_string();
     // The lanes of this tunnel end with it.
     let lanes =
         LaneStarter { relay: relay.clone(), addr: connection.remote_address(), stop: stop.child_token() };
     let _lanes_end = lanes.stop.clone().drop_guard();
-    tokio::select! {
-        () = accept_streams(&connection, tunnels) => {}
-        () = crate::targets::udp::serve(&connection, &tunnels.targets) => {}
-        () = control_loop(&mut send, &mut recv, tunnels, (&relay_key, welcome.version), &lanes) => {}
+    let outcome = tokio::select! {
+        () = accept_streams(&connection, tunnels) => None,
+        () = crate::targets::udp::serve(&connection, &tunnels.targets) => None,
+        () = control_loop(&mut send, &mut recv, tunnels, (key, welcome.version), &lanes, group) => None,
         () = stop.cancelled() => {
             connection.close(code(close::NORMAL), b"agent stopping");
-            return Outcome::Stopped;
+            Some(Outcome::Stopped)
         }
+    };
+    group.lost(slot);
+    if let Some(outcome) = outcome {
+        return outcome;
     }
     match connection.close_reason() {
         Some(ConnectionError::ApplicationClosed(c)) if c.error_code == code(close::GOING_AWAY) => {
@@ -313,7 +437,7 @@ async fn connect_and_serve(
     }
 }
 
-type Session = (Connection, SendStream, RecvStream, Welcome);
+type Session = (Connection, SendStream, RecvStream, Welcome, Option<Replicas>);
 
 /// Dials the relay and completes the control handshake within the handshake timeout; with
 /// `answer_within`, the QUIC handshake must be done within that.
@@ -322,6 +446,7 @@ async fn connect(
     endpoint: &mut Option<Quic>,
     tunnels: &Tunnels,
     answer_within: Option<Duration>,
+    held: &[String],
 ) -> Result<Session, TunnelError> {
     let addr = tokio::net::lookup_host((relay.host.as_str(), relay.port))
         .await
@@ -329,12 +454,12 @@ async fn connect(
         .next()
         .ok_or(TunnelError::NoAddress)?;
     let endpoint = endpoint_for(addr, endpoint)?;
-    let (connection, (send, recv, welcome)) =
+    let (connection, (send, recv, welcome, replicas)) =
         dial(&endpoint, addr, &relay.server_name, tunnels, answer_within, |c| async move {
-            hello(&c, tunnels).await
+            hello(&c, tunnels, held).await
         })
         .await?;
-    Ok((connection, send, recv, welcome))
+    Ok((connection, send, recv, welcome, replicas))
 }
 
 /// Dials `addr` with the current client certificate and runs `first` (the control stream's
@@ -370,25 +495,42 @@ where
     tokio::time::timeout(timeout, handshake).await.map_err(|_| TunnelError::Timeout(timeout))?
 }
 
+/// The control stream's opening: `Seek` first when the agent holds tunnels to other replicas of
+/// this relay, then `Hello`; the answer is `Welcome` (followed, from version 4 on, by `Replicas`),
+/// `Held` or `Refused`.
 async fn hello(
     connection: &Connection,
     tunnels: &Tunnels,
-) -> Result<(SendStream, RecvStream, Welcome), TunnelError> {
+    held: &[String],
+) -> Result<(SendStream, RecvStream, Welcome, Option<Replicas>), TunnelError> {
     let (mut send, mut recv) = connection.open_bi().await?;
+    if !held.is_empty() {
+        write_frame(&mut send, &AgentMessage::Seek { held: held.to_vec() }, MAX_CONTROL_FRAME).await?;
+    }
     write_frame(&mut send, &AgentMessage::Hello(tunnels.hello()), MAX_CONTROL_FRAME).await?;
     let mut buf = Vec::new();
-    match read_frame::<RelayMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await? {
-        Some(RelayMessage::Welcome(welcome)) => Ok((send, recv, welcome)),
-        Some(RelayMessage::Refused { reason }) => Err(TunnelError::Refused(reason)),
+    let welcome = match read_frame::<RelayMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await? {
+        Some(RelayMessage::Welcome(welcome)) => welcome,
+        Some(RelayMessage::Refused { reason }) => return Err(TunnelError::Refused(reason)),
+        Some(RelayMessage::Held { replica }) => return Err(TunnelError::Held(replica)),
         Some(
             RelayMessage::Ping { .. }
             | RelayMessage::Command(_)
             | RelayMessage::Renewed(_)
             | RelayMessage::Published(_)
             | RelayMessage::Lanes { .. }
-            | RelayMessage::LaneAccepted,
-        ) => Err(TunnelError::Protocol("a control message before Welcome".into())),
-        None => Err(TunnelError::Protocol("control stream ended before Welcome".into())),
+            | RelayMessage::LaneAccepted
+            | RelayMessage::Replicas(_),
+        ) => return Err(TunnelError::Protocol("a control message before Welcome".into())),
+        None => return Err(TunnelError::Protocol("control stream ended before Welcome".into())),
+    };
+    if welcome.version < 4 {
+        return Ok((send, recv, welcome, None));
+    }
+    match read_frame::<RelayMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await? {
+        Some(RelayMessage::Replicas(replicas)) => Ok((send, recv, welcome, Some(replicas))),
+        Some(_) => Err(TunnelError::Protocol("Replicas must follow Welcome (version 4)".into())),
+        None => Err(TunnelError::Protocol("control stream ended after Welcome".into())),
     }
 }
 
@@ -454,6 +596,7 @@ async fn control_loop(
     tunnels: &Arc<Tunnels>,
     (relay, version): (&str, u16),
     lanes: &LaneStarter,
+    group: &Group,
 ) {
     let mut reloads = tunnels.offers.subscribe();
     reloads.mark_unchanged();
@@ -479,6 +622,7 @@ async fn control_loop(
                 }
                 Ok(Some(RelayMessage::Renewed(result))) => renew::apply(result, tunnels),
                 Ok(Some(RelayMessage::Lanes { session, max })) => lanes.start(session, max, tunnels),
+                Ok(Some(RelayMessage::Replicas(replicas))) => group.observe(replicas.serving),
                 Ok(Some(RelayMessage::Published(verdicts))) => {
                     let published: Vec<String> =
                         verdicts.iter().filter(|v| v.refused.is_none()).map(|v| v.name.clone()).collect();
@@ -489,8 +633,8 @@ async fn control_loop(
                     }
                     info!(?published, "the relay publishes the services after the reload");
                     let now = tunnels.status().borrow().get(relay).cloned();
-                    if let Some(TunnelStatus::Connected { remote, .. }) = now {
-                        tunnels.set_status(relay, TunnelStatus::Connected { remote, published });
+                    if let Some(TunnelStatus::Connected { remote, replica, .. }) = now {
+                        tunnels.set_status(relay, TunnelStatus::Connected { remote, published, replica });
                     }
                 }
                 Ok(Some(RelayMessage::Command(command))) => {

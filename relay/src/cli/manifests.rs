@@ -1,9 +1,12 @@
 //! `sallyport-relay manifests`: the Kubernetes Services that expose the relay's listeners, rendered
 //! from `relay.toml`, so the ports in the cluster and in the relay cannot drift apart.
 //!
-//! One LoadBalancer Service carries the QUIC port (UDP), the HTTP and HTTPS listeners and every
-//! service port (TCP or UDP) on the relay's MetalLB IP; a service with a `load_balancer_ip` of its
-//! own gets its own LoadBalancer Service. Every service with a port of its own also gets a
+//! On the relay's MetalLB IP, two LoadBalancer Services share the address: `sallyport-relay-agents`
+//! carries the QUIC port (UDP) agents dial and publishes every relay pod that runs, ready or not
+//! (a starting replica is reached by the agents before it turns ready: it turns ready once it holds
+//! them); `sallyport-relay` carries the HTTP and HTTPS listeners and every service port (TCP or
+//! UDP) to ready pods only. A service with a `load_balancer_ip` of its own gets its own
+//! LoadBalancer Service. Every service with a port of its own also gets a
 //! ClusterIP Service of its name, for in-cluster clients (`mssql.sallyport.svc.cluster.local:1433`).
 
 use std::{fmt::Write, net::IpAddr};
@@ -18,11 +21,51 @@ pub struct ManifestOptions {
     pub load_balancer_ip: Option<IpAddr>,
     /// The UDP port agents dial (mapped to `relay.listen`'s port).
     pub quic_port: u16,
+    /// How the LoadBalancer Services deliver to the relay replicas.
+    pub traffic_policy: TrafficPolicy,
+}
+
+/// `externalTrafficPolicy` of the LoadBalancer Services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrafficPolicy {
+    /// kube-proxy spreads each new flow over every ready replica, on any node: agents find every
+    /// replica, clients use all of them, a node loss costs the endpoint update. Client addresses
+    /// are replaced by the node's (SNAT).
+    #[default]
+    Cluster,
+    /// Only the replicas on the node MetalLB announces from: client addresses are kept, but the
+    /// other replicas idle, and a node loss costs MetalLB's move of the address.
+    Local,
+}
+
+impl TrafficPolicy {
+    fn word(self) -> &'static str {
+        match self {
+            Self::Cluster => "Cluster",
+            Self::Local => "Local",
+        }
+    }
+}
+
+impl std::str::FromStr for TrafficPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cluster" => Ok(Self::Cluster),
+            "local" => Ok(Self::Local),
+            other => Err(format!("{other:?}: cluster or local")),
+        }
+    }
 }
 
 impl Default for ManifestOptions {
     fn default() -> Self {
-        Self { namespace: "sallyport".into(), load_balancer_ip: None, quic_port: 443 }
+        Self {
+            namespace: "sallyport".into(),
+            load_balancer_ip: None,
+            quic_port: 443,
+            traffic_policy: TrafficPolicy::default(),
+        }
     }
 }
 
@@ -41,12 +84,9 @@ pub fn render(config: &Config, options: &ManifestOptions) -> String {
     let mut out = String::from(
         "# Rendered by `sallyport-relay manifests` from relay.toml; regenerate after changing its ports.\n",
     );
-    let mut shared = vec![Port {
-        name: "quic".into(),
-        protocol: "UDP",
-        port: options.quic_port,
-        target: config.listen.port(),
-    }];
+    let quic =
+        Port { name: "quic".into(), protocol: "UDP", port: options.quic_port, target: config.listen.port() };
+    let mut shared = Vec::new();
     // The web listeners answer on the standard ports of the LoadBalancer IP (the pod, not root,
     // listens on high ports); TCP 443 sits beside QUIC's UDP 443.
     for (name, port, addr) in [("http", 80, config.http_listen), ("https", 443, config.https_listen)] {
@@ -55,7 +95,8 @@ pub fn render(config: &Config, options: &ManifestOptions) -> String {
         }
     }
     let mut own = Vec::new();
-    let mut names: std::collections::BTreeSet<String> = shared.iter().map(|p| p.name.clone()).collect();
+    let mut names: std::collections::BTreeSet<String> =
+        std::iter::once(&quic).chain(&shared).map(|p| p.name.clone()).collect();
     for service in config.services.values() {
         let Some((protocol, addr)) = service.listen.own_port() else { continue };
         let mut name = port_name(&service.name);
@@ -69,9 +110,11 @@ pub fn render(config: &Config, options: &ManifestOptions) -> String {
             None => shared.push(port),
         }
     }
-    load_balancer(&mut out, "sallyport-relay", &options.namespace, options.load_balancer_ip, &shared);
+    let ip = options.load_balancer_ip;
+    load_balancer(&mut out, ("sallyport-relay-agents", options), (ip, Publish::Running), &[quic]);
+    load_balancer(&mut out, ("sallyport-relay", options), (ip, Publish::Ready), &shared);
     for (name, ip, port) in own {
-        load_balancer(&mut out, &format!("{name}-lb"), &options.namespace, Some(ip), &[port]);
+        load_balancer(&mut out, (&format!("{name}-lb"), options), (Some(ip), Publish::Ready), &[port]);
     }
     for service in config.services.values() {
         let Some((protocol, addr)) = service.listen.own_port() else { continue };
@@ -109,16 +152,39 @@ fn ports(out: &mut String, ports: &[Port]) {
     }
 }
 
-fn load_balancer(out: &mut String, name: &str, namespace: &str, ip: Option<IpAddr>, list: &[Port]) {
-    header(out, name, namespace);
+/// Which relay pods a Service sends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Publish {
+    /// Ready pods only (clients).
+    Ready,
+    /// Every pod that runs, ready or not (agents).
+    Running,
+}
+
+fn load_balancer(
+    out: &mut String,
+    (name, options): (&str, &ManifestOptions),
+    (ip, publish): (Option<IpAddr>, Publish),
+    list: &[Port],
+) {
+    header(out, name, &options.namespace);
     if let Some(ip) = ip {
-        let _ = write!(out, "  annotations:\n    metallb.io/loadBalancerIPs: \"{ip}\"\n");
+        // The agents' and the clients' Services share the relay's IP (MetalLB allows it for
+        // Services with the same sharing key, policy and selector).
+        let _ = write!(
+            out,
+            "  annotations:\n    metallb.io/loadBalancerIPs: \"{ip}\"\n    metallb.io/allow-shared-ip: \"sallyport-relay\"\n"
+        );
     }
-    // Local: clients' source addresses reach the relay unchanged, and no second hop.
     let _ = write!(
         out,
-        "spec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector:\n    {SELECTOR}\n"
+        "spec:\n  type: LoadBalancer\n  externalTrafficPolicy: {}\n",
+        options.traffic_policy.word()
     );
+    if publish == Publish::Running {
+        let _ = writeln!(out, "  publishNotReadyAddresses: true");
+    }
+    let _ = write!(out, "  selector:\n    {SELECTOR}\n");
     ports(out, list);
 }
 
@@ -131,6 +197,21 @@ fn cluster_ip(out: &mut String, name: &str, namespace: &str, port: &Port) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_traffic_policy_is_cluster_unless_asked() {
+        assert_eq!("local".parse::<TrafficPolicy>(), Ok(TrafficPolicy::Local));
+        assert_eq!("Cluster".parse::<TrafficPolicy>(), Ok(TrafficPolicy::Cluster));
+        assert!("nodes".parse::<TrafficPolicy>().is_err());
+        let mut out = String::new();
+        let local = ManifestOptions { traffic_policy: TrafficPolicy::Local, ..ManifestOptions::default() };
+        load_balancer(&mut out, ("x", &local), (None, Publish::Ready), &[]);
+        assert!(out.contains("externalTrafficPolicy: Local"), "{out}");
+        out.clear();
+        load_balancer(&mut out, ("x", &ManifestOptions::default()), (None, Publish::Running), &[]);
+        assert!(out.contains("externalTrafficPolicy: Cluster"), "{out}");
+        assert!(out.contains("publishNotReadyAddresses: true"), "{out}");
+    }
 
     #[test]
     fn port_names_fit_kubernetes() {

@@ -114,7 +114,7 @@ impl Budget {
     }
 }
 
-/// The default memory budget: the shipped Deployment's memory limit.
+/// The default memory budget: the shipped StatefulSet's memory limit.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 512 * MIB;
 
 const MILLISECOND: Duration = Duration::from_millis(1);

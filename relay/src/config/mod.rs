@@ -50,8 +50,37 @@ pub struct Config {
     pub https_listen: Option<SocketAddr>,
     pub tls: TlsFiles,
     pub limits: Limits,
+    /// Several replicas behind one address (`[cluster]`); `None`: this relay runs alone.
+    pub cluster: Option<Cluster>,
     /// Services by name.
     pub services: BTreeMap<String, Service>,
+}
+
+/// `[cluster]`: this relay is one of several replicas behind one address. One of them, the
+/// writer, keeps join tokens and revocations; the others forward writes to it and follow its
+/// revocations and its list of replicas serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// This replica's name (`cluster.replica`, or `serve --replica`: in Kubernetes the pod's name).
+    pub replica: String,
+    /// The name of the replica that keeps tokens and revocations.
+    pub writer: String,
+    /// `host:port` of the writer's admin server, looked up at each call.
+    pub writer_admin: String,
+    /// How often a replica reports to the writer and takes its revocations and replica list.
+    pub sync_interval: Duration,
+}
+
+impl Cluster {
+    /// How long after its last report a replica stops counting as serving.
+    pub fn member_timeout(&self) -> Duration {
+        self.sync_interval * 3
+    }
+
+    /// Whether this replica is the writer.
+    pub fn is_writer(&self) -> bool {
+        self.replica == self.writer
+    }
 }
 
 /// One published service.
@@ -131,9 +160,10 @@ impl Config {
 
     /// The keys a reload cannot change (the QUIC endpoint, the admin server, the trust files and
     /// the tunnels' transport), each with its value: a change to one needs a restart.
-    fn fixed(&self) -> [(&'static str, String); 20] {
+    fn fixed(&self) -> [(&'static str, String); 21] {
         let l = &self.limits;
         [
+            ("cluster", format!("{:?}", self.cluster)),
             ("relay.listen", format!("{:?}", self.listen)),
             ("relay.admin", format!("{:?}", self.admin)),
             ("relay.admin_token_file", format!("{:?}", self.admin_token_file)),
@@ -278,8 +308,25 @@ impl Config {
                 key: conf::resolve(path, &r.key),
             },
             limits,
+            cluster: raw.cluster.map(|c| Cluster::from_raw(c, path)).transpose()?,
             services,
         })
+    }
+
+    /// Names this relay as replica `name` of its `[cluster]` (`serve --replica`).
+    pub fn set_replica(&mut self, name: &str) -> Result<(), ConfigError> {
+        let name = conf::name(&self.path, "cluster.replica", name)?;
+        match &mut self.cluster {
+            Some(cluster) => {
+                cluster.replica = name;
+                Ok(())
+            }
+            None => Err(ConfigError::invalid(
+                &self.path,
+                "cluster",
+                "--replica names this relay's replica, but relay.toml has no [cluster] table",
+            )),
+        }
     }
 
     /// Whether any service names `agent`: only such agents are admitted.
@@ -334,8 +381,53 @@ pub type Live = sallyport_runtime::live::Live<Config>;
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     relay: RawRelay,
+    cluster: Option<RawCluster>,
     #[serde(default)]
     services: BTreeMap<String, RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    replica: Option<String>,
+    writer: String,
+    writer_admin: String,
+    sync_interval: Option<HumanDuration>,
+}
+
+impl Cluster {
+    /// Replica names pending `--replica` are empty here; [`Config::set_replica`] fills them and
+    /// the relay refuses to start without one.
+    fn from_raw(raw: RawCluster, path: &Path) -> Result<Self, ConfigError> {
+        let section = conf::Section::new(path, "cluster");
+        let replica = match raw.replica {
+            Some(name) => conf::name(path, "cluster.replica", &name)?,
+            None => String::new(),
+        };
+        let writer = conf::name(path, "cluster.writer", &raw.writer)?;
+        let port_ok = raw
+            .writer_admin
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+        if !port_ok {
+            return Err(ConfigError::invalid(
+                path,
+                "cluster.writer_admin",
+                format!("{:?} is not HOST:PORT (the writer's admin server)", raw.writer_admin),
+            ));
+        }
+        Ok(Self {
+            replica,
+            writer,
+            writer_admin: raw.writer_admin,
+            sync_interval: section.bounded(
+                "sync_interval",
+                raw.sync_interval,
+                SECOND,
+                Duration::from_millis(100)..=SECOND * 60,
+            )?,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]

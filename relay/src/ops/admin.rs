@@ -19,7 +19,7 @@ use sallyport_runtime::{hex, sync::lock};
 
 use crate::{
     metrics::AgentGauges,
-    ops::{commands::CommandError, status, Ops},
+    ops::{commands::CommandError, replicas, status, Ops},
 };
 
 pub(crate) async fn serve(listener: TcpListener, ops: Arc<Ops>, stop: CancellationToken) {
@@ -58,7 +58,12 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
     } else {
         match (req.method(), path.as_str()) {
             (&Method::GET, "/livez") => (StatusCode::OK, text, "ok\n".into()),
-            (&Method::GET, "/readyz") if ops.runtime.is_ready() => (StatusCode::OK, text, "ready\n".into()),
+            (&Method::GET, "/readyz") if ops.is_ready() => (StatusCode::OK, text, "ready\n".into()),
+            (&Method::GET, "/readyz") if ops.runtime.is_ready() => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                text,
+                "warming up: waiting for the cluster's agents\n".into(),
+            ),
             (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, text, "draining\n".into()),
             (&Method::GET, "/agents") => (StatusCode::OK, text, agent_listing(&ops)),
             (&Method::GET, "/metrics") => {
@@ -72,7 +77,7 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
                 });
                 let named = ops.config.get().services.values().map(|s| s.agent.clone()).collect();
                 ops.runtime.metrics.tasks(ops.runtime.tasks.len() + ops.runtime.clients.len());
-                ops.runtime.metrics.set_ready(ops.runtime.is_ready());
+                ops.runtime.metrics.set_ready(ops.is_ready());
                 let body = ops.runtime.metrics.render(gauges, &named, ops.runtime.udp.figures());
                 (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
             }
@@ -80,6 +85,21 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
                 (StatusCode::OK, "text/html; charset=utf-8", status::html(&status::snapshot(&ops)))
             }
             (&Method::GET, "/status.txt") => (StatusCode::OK, text, status::text(&status::snapshot(&ops))),
+            (&Method::POST, "/cluster/v1/sync") => {
+                let (status, body) = replicas::sync(req, &ops).await;
+                (status, text, body)
+            }
+            (&Method::POST, "/cluster/v1/redeem") => {
+                let (status, body) = replicas::redeem(req, &ops).await;
+                (status, text, body)
+            }
+            (method, p)
+                if replicas::is_write(method, p) && ops.cluster.as_ref().is_some_and(|c| !c.is_writer()) =>
+            {
+                let Some(cluster) = &ops.cluster else { return Ok(Response::new(Full::new(Bytes::new()))) };
+                let (status, body) = replicas::forward(&req, &ops, cluster).await;
+                (status, text, body)
+            }
             (_, p) if p == "/tokens" || p.starts_with("/tokens/") => {
                 let (status, body) = tokens(&req, &ops);
                 (status, text, body)
@@ -149,7 +169,7 @@ fn authorize_read(req: &Request<Incoming>, ops: &Ops) -> Result<(), (StatusCode,
 
 /// Operator calls need `Authorization: Bearer <relay.admin_token_file>`; without a configured token
 /// they are off.
-fn authorize(req: &Request<Incoming>, ops: &Ops) -> Result<(), (StatusCode, String)> {
+pub(crate) fn authorize(req: &Request<Incoming>, ops: &Ops) -> Result<(), (StatusCode, String)> {
     let Some(expected) = &ops.admin_token else {
         return Err((
             StatusCode::FORBIDDEN,

@@ -19,6 +19,11 @@ impl AdminToken {
     pub(crate) fn matches(&self, presented: &str) -> bool {
         constant_time_eq(presented.as_bytes(), self.0.as_bytes())
     }
+
+    /// The token itself, for a replica's calls to the writer.
+    pub(crate) fn secret(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Why `relay.admin_token_file` cannot be used.

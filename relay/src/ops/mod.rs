@@ -4,6 +4,7 @@ pub(crate) mod admin;
 pub mod auth;
 pub(crate) mod commands;
 pub(crate) mod reload;
+mod replicas;
 pub(crate) mod status;
 
 use std::{
@@ -30,4 +31,14 @@ pub(crate) struct Ops {
     pub(crate) bound: Arc<RwLock<BTreeMap<String, SocketAddr>>>,
     /// Where `POST /reload` asks for a reload.
     pub(crate) reload: mpsc::Sender<reload::Request>,
+    /// This relay's replicas, when it is one of several (`[cluster]`).
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+impl Ops {
+    /// Whether the relay takes clients (`/readyz`): serving, and in a cluster warm (it holds the
+    /// agents the other replicas hold).
+    pub(crate) fn is_ready(&self) -> bool {
+        self.runtime.is_ready() && self.cluster.as_ref().is_none_or(|c| c.is_warm())
+    }
 }

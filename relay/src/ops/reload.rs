@@ -69,7 +69,13 @@ impl Reloader {
     }
 
     fn try_reload(&mut self, old: &Config) -> Result<Option<String>, ReloadError> {
-        let new = Config::load(&old.path)?;
+        let mut new = Config::load(&old.path)?;
+        // The replica's name given at start (`serve --replica`) stays.
+        if let (Some(cluster), Some(running)) = (&mut new.cluster, &old.cluster) {
+            if cluster.replica.is_empty() {
+                cluster.replica.clone_from(&running.replica);
+            }
+        }
         if new.hash == old.hash {
             return Ok(None);
         }

@@ -88,7 +88,7 @@ pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
             }
         })
         .collect();
-    Snapshot { ready: ops.runtime.is_ready(), agents: agent_rows, services }
+    Snapshot { ready: ops.is_ready(), agents: agent_rows, services }
 }
 
 fn bytes(n: u64) -> String {

@@ -80,7 +80,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Why a join token was not redeemed (the agent is told this text).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub(crate) enum RedeemError {
     /// No such token, or the wrong secret: one answer for both, so a guesser learns nothing.
     #[error("invalid join token")]
@@ -94,6 +94,9 @@ pub(crate) enum RedeemError {
     Revoked,
     #[error("join token expired")]
     Expired,
+    /// A replica that is not the writer could not ask the writer, which alone marks tokens used.
+    #[error("the relay cannot check join tokens right now (the replica that keeps them is unreachable); try again shortly")]
+    WriterUnreachable,
 }
 
 /// Why an enrollment connection ended without an answer.
@@ -190,8 +193,13 @@ impl TokenStore {
     }
 }
 
-/// Serves one enrollment connection: one request, one response, then close.
-pub(crate) async fn serve(connection: Connection, enrollment: &Enrollment) {
+/// Serves one enrollment connection: one request, one response, then close. `redeem` checks the
+/// token and marks it used (here, or at the writer replica of a cluster).
+pub(crate) async fn serve(
+    connection: Connection,
+    enrollment: &Enrollment,
+    redeem: impl AsyncFnOnce(u64, [u8; 32]) -> Result<String, RedeemError>,
+) {
     let remote = connection.remote_address();
     let exchange = async {
         let (mut send, mut recv) = connection.accept_bi().await?;
@@ -199,7 +207,10 @@ pub(crate) async fn serve(connection: Connection, enrollment: &Enrollment) {
         let request = read_frame::<EnrollRequest>(&mut recv, MAX_ENROLL_FRAME, &mut buf)
             .await?
             .ok_or(ExchangeError::NoRequest)?;
-        let response = respond(&request, enrollment);
+        let response = match redeem(request.token_id, request.secret).await {
+            Ok(agent) => issue(&agent, &request, enrollment),
+            Err(refused) => EnrollResponse::Refused { reason: refused.to_string() },
+        };
         match &response {
             EnrollResponse::Issued { agent, .. } => {
                 info!(%remote, %agent, token = request.token_id, "agent enrolled")
@@ -224,11 +235,9 @@ pub(crate) async fn serve(connection: Connection, enrollment: &Enrollment) {
     }
 }
 
-fn respond(request: &EnrollRequest, enrollment: &Enrollment) -> EnrollResponse {
-    let agent = match enrollment.tokens.redeem(request.token_id, &request.secret, now_unix()) {
-        Ok(agent) => agent,
-        Err(refused) => return EnrollResponse::Refused { reason: refused.to_string() },
-    };
+/// Signs the request's key for `agent`, whose token was redeemed.
+fn issue(agent: &str, request: &EnrollRequest, enrollment: &Enrollment) -> EnrollResponse {
+    let agent = agent.to_owned();
     match enrollment.ca.issue_agent_for_csr(&agent, &request.csr_pem, enrollment.validity) {
         Ok(cert_pem) => {
             crate::trust::pki::log_issued(&agent, &cert_pem, "enrollment");

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Mutex};
 
 use sallyport_runtime::{clock, sync::lock};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::trust::state_file::{self, StateError};
 
@@ -26,8 +27,9 @@ pub struct RevokedAgent {
     pub before_unix: u64,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct RevocationFile {
+/// Every revocation, as kept on disk and as the writer replica hands it to the others.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RevocationFile {
     #[serde(default)]
     revoked: Vec<Revoked>,
     #[serde(default)]
@@ -54,16 +56,59 @@ pub(crate) struct CertId {
 pub(crate) struct Revocations {
     path: Option<PathBuf>,
     state: Mutex<State>,
+    /// Bumped by every change, so live tunnels of newly refused certificates can be closed.
+    changes: watch::Sender<u64>,
+}
+
+impl State {
+    fn from_file(file: RevocationFile) -> Self {
+        Self {
+            by_serial: file.revoked.into_iter().map(|r| (r.serial.clone(), r)).collect(),
+            cutoffs: file.agents.into_iter().map(|a| (a.agent, a.before_unix)).collect(),
+        }
+    }
+
+    fn to_file(&self) -> RevocationFile {
+        RevocationFile {
+            revoked: self.by_serial.values().cloned().collect(),
+            agents: self
+                .cutoffs
+                .iter()
+                .map(|(agent, &before_unix)| RevokedAgent { agent: agent.clone(), before_unix })
+                .collect(),
+        }
+    }
 }
 
 impl Revocations {
     pub fn open(path: Option<PathBuf>) -> Result<Self, StateError> {
         let file: RevocationFile = state_file::load(path.as_deref())?;
-        let state = State {
-            by_serial: file.revoked.into_iter().map(|r| (r.serial.clone(), r)).collect(),
-            cutoffs: file.agents.into_iter().map(|a| (a.agent, a.before_unix)).collect(),
-        };
-        Ok(Self { path, state: Mutex::new(state) })
+        Ok(Self { path, state: Mutex::new(State::from_file(file)), changes: watch::Sender::new(0) })
+    }
+
+    /// A receiver that sees every change.
+    pub(crate) fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Every revocation, for the other replicas.
+    pub(crate) fn snapshot(&self) -> RevocationFile {
+        lock(&self.state).to_file()
+    }
+
+    /// Takes the writer replica's revocations as this replica's own, kept in this replica's file
+    /// so they hold across its restarts even while the writer is away; true if anything changed.
+    pub(crate) fn replace(&self, file: RevocationFile) -> Result<bool, StateError> {
+        let mut state = lock(&self.state);
+        if state.to_file() == file {
+            return Ok(false);
+        }
+        *state = State::from_file(file);
+        let saved = self.save(&state);
+        drop(state);
+        // Refused in memory even when the save failed.
+        self.changes.send_modify(|n| *n += 1);
+        saved.map(|()| true)
     }
 
     /// Whether `cert` is refused: its serial is revoked, or its agent was revoked at or after the
@@ -85,21 +130,15 @@ impl Revocations {
             let record = Revoked { serial: serial.clone(), agent: agent.to_owned(), at_unix: now };
             state.by_serial.insert(serial.clone(), record);
         }
-        self.save(&state)?;
-        Ok(now)
+        let saved = self.save(&state);
+        drop(state);
+        self.changes.send_modify(|n| *n += 1);
+        saved.map(|()| now)
     }
 
     fn save(&self, state: &State) -> Result<(), StateError> {
         let Some(path) = &self.path else { return Ok(()) };
-        let file = RevocationFile {
-            revoked: state.by_serial.values().cloned().collect(),
-            agents: state
-                .cutoffs
-                .iter()
-                .map(|(agent, &before_unix)| RevokedAgent { agent: agent.clone(), before_unix })
-                .collect(),
-        };
-        state_file::save(path, &file)
+        state_file::save(path, &state.to_file())
     }
 }
 

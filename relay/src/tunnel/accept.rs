@@ -84,7 +84,13 @@ async fn serve_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) {
     if alpn.as_deref() == Some(sallyport_proto::enroll::ALPN_ENROLL) {
         // An enrolling peer holds its unauthenticated place until it is done.
         match &tunnels.trust.enrollment {
-            Some(enrollment) => enroll::serve(connection, enrollment).await,
+            Some(enrollment) => {
+                let redeem = async |id, secret: [u8; 32]| match &tunnels.cluster {
+                    Some(cluster) if !cluster.is_writer() => cluster.redeem(id, &secret).await,
+                    _ => enrollment.tokens.redeem(id, &secret, sallyport_runtime::clock::unix_now()),
+                };
+                enroll::serve(connection, enrollment, redeem).await;
+            }
             None => connection.close(code(close::REFUSED), b"enrollment is off"),
         }
         drop(pass);

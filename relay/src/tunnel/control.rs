@@ -42,6 +42,8 @@ pub(crate) enum ProtocolError {
     HelloTwice,
     #[error("Lane sent on a tunnel's control stream")]
     LaneOnTunnel,
+    #[error("Seek sent after the Hello")]
+    SeekOnTunnel,
     /// A control frame that is not valid.
     #[error(transparent)]
     Frame(FrameError),
@@ -75,6 +77,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
     let metrics = &tunnels.runtime.metrics;
     let (mut send, mut recv, hello) = match first_message(&connection, &tunnels).await {
         Ok(First::Hello(send, recv, hello)) => (send, recv, hello),
+        Ok(First::Seek(send, held)) => return refuse_held(&connection, send, &held, &tunnels).await,
         Ok(First::Lane(send, recv, session)) => {
             return lanes::serve_lane(connection, &name, session, (send, recv), &tunnels).await
         }
@@ -123,6 +126,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         connected_at: std::time::SystemTime::now(),
         containers: containers.clone(),
         serial: cert.id.serial.clone(),
+        cert_issued_unix: cert.id.issued_unix,
         cert_not_after_unix: cert.not_after_unix,
         connection: connection.clone(),
         commands,
@@ -137,14 +141,32 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
 
     let pending = Mutex::new(HashMap::new());
     let (replies, mut reply_rx) = mpsc::channel(4);
+    // Version 4 on: which replica this is and which serve (a relay alone sends an empty list),
+    // before anything else, and again at every change.
+    let mut serving = tunnels.cluster.as_ref().map(|c| c.serving());
+    if welcome.version >= 4 {
+        let replicas = match (&tunnels.cluster, &mut serving) {
+            (Some(cluster), Some(serving)) => sallyport_proto::Replicas {
+                this: cluster.me.name.clone(),
+                serving: serving.borrow_and_update().clone(),
+            },
+            _ => sallyport_proto::Replicas { this: String::new(), serving: Vec::new() },
+        };
+        let _ = replies.try_send(RelayMessage::Replicas(replicas));
+    }
     let max_lanes = tunnels.config.get().limits.lanes;
     if welcome.version >= 3 && max_lanes > 1 {
         let max = u16::try_from(max_lanes).unwrap_or(u16::MAX);
         let _ = replies.try_send(RelayMessage::Lanes { session: id, max });
     }
+    let push = match (welcome.version >= 4, &tunnels.cluster, serving) {
+        (true, Some(cluster), Some(serving)) => Some((cluster, serving, replies.clone())),
+        _ => None,
+    };
     let reader =
         Reader { cert: &cert, id, tunnels: &tunnels, pending: &pending, containers: &containers, replies };
     let ended = tokio::select! {
+        r = push_replicas(push) => r,
         r = control_reader(&mut recv, reader) => r,
         r = control_writer(&mut send, &mut command_rx, &mut reply_rx, &pending) => r,
         r = datagrams::from_agent(&connection, &name, &tunnels.flows, metrics) => r,
@@ -160,12 +182,48 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
     }
 }
 
+/// What pushes the replicas serving to one agent: the cluster, its list, the tunnel's writer queue.
+type ReplicaPush<'a> = (
+    &'a Arc<crate::cluster::Cluster>,
+    tokio::sync::watch::Receiver<Vec<sallyport_proto::Replica>>,
+    mpsc::Sender<RelayMessage>,
+);
+
+/// Tells the agent which replicas serve at every change (a relay of a cluster, to an agent of
+/// version 4 on); never ends on its own.
+async fn push_replicas(push: Option<ReplicaPush<'_>>) -> Result<Closed, ProtocolError> {
+    let Some((cluster, mut serving, replies)) = push else { return std::future::pending().await };
+    while serving.changed().await.is_ok() {
+        let replicas = sallyport_proto::Replicas {
+            this: cluster.me.name.clone(),
+            serving: serving.borrow_and_update().clone(),
+        };
+        if replies.send(RelayMessage::Replicas(replicas)).await.is_err() {
+            break;
+        }
+    }
+    std::future::pending().await
+}
+
 /// What a connection's first control message makes of it.
 enum First {
     /// A tunnel.
     Hello(SendStream, RecvStream, Hello),
     /// A lane of the tunnel with this session number.
     Lane(SendStream, RecvStream, u64),
+    /// A further tunnel to a replicated relay that reached a replica the agent holds already.
+    Seek(SendStream, Vec<String>),
+}
+
+/// Tells the agent it holds a tunnel to this replica already and closes this connection; its
+/// tunnel here is left alone.
+async fn refuse_held(connection: &Connection, mut send: SendStream, held: &[String], tunnels: &Tunnels) {
+    let replica = tunnels.cluster.as_ref().map(|c| c.me.name.clone()).unwrap_or_default();
+    debug!(%replica, ?held, "the agent holds a tunnel to this replica already");
+    let _ = write_frame(&mut send, &RelayMessage::Held { replica }, MAX_CONTROL_FRAME).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+    connection.close(code(close::HELD), b"the agent holds a tunnel to this replica");
 }
 
 /// Accepts the control stream and reads `Hello` (or `Lane`), both within the handshake timeout.
@@ -174,11 +232,25 @@ async fn first_message(connection: &Connection, tunnels: &Tunnels) -> Result<Fir
     let read = async {
         let (send, mut recv) = connection.accept_bi().await.map_err(|_| FirstMessageError::Gone)?;
         let mut buf = Vec::new();
-        match read_frame::<AgentMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await {
+        let mut first = read_frame::<AgentMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await;
+        if let Ok(Some(AgentMessage::Seek { held })) = &first {
+            // A replica the agent holds says so; any other (or a relay alone) reads the Hello next.
+            if tunnels.cluster.as_ref().is_some_and(|c| c.is_held(held)) {
+                return Ok(First::Seek(send, held.clone()));
+            }
+            first = read_frame::<AgentMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await;
+            if let Ok(Some(other @ (AgentMessage::Seek { .. } | AgentMessage::Lane { .. }))) = &first {
+                return Err(FirstMessageError::Protocol(format!(
+                    "Seek must be followed by Hello, got {}",
+                    message_kind(other)
+                )));
+            }
+        }
+        match first {
             Ok(Some(AgentMessage::Hello(hello))) => Ok(First::Hello(send, recv, hello)),
             Ok(Some(AgentMessage::Lane { session })) => Ok(First::Lane(send, recv, session)),
             Ok(Some(other)) => Err(FirstMessageError::Protocol(format!(
-                "first control message must be Hello or Lane, got {}",
+                "first control message must be Hello, Seek or Lane, got {}",
                 message_kind(&other)
             ))),
             Ok(None) => Err(FirstMessageError::Protocol("control stream ended before Hello".into())),
@@ -201,6 +273,7 @@ fn message_kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::Renew { .. } => "Renew",
         AgentMessage::Offer(_) => "Offer",
         AgentMessage::Lane { .. } => "Lane",
+        AgentMessage::Seek { .. } => "Seek",
     }
 }
 
@@ -237,6 +310,7 @@ async fn control_reader(recv: &mut RecvStream, reader: Reader<'_>) -> Result<Clo
             AgentMessage::Offer(offers) => reader.offer(offers).await?,
             AgentMessage::Hello(_) => return Err(ProtocolError::HelloTwice),
             AgentMessage::Lane { .. } => return Err(ProtocolError::LaneOnTunnel),
+            AgentMessage::Seek { .. } => return Err(ProtocolError::SeekOnTunnel),
         }
     }
 }

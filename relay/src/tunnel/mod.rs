@@ -10,6 +10,7 @@ mod gate;
 mod lanes;
 pub(crate) mod registry;
 mod renewal;
+pub(crate) mod revoked;
 pub(crate) mod streams;
 
 use std::sync::Arc;
@@ -22,7 +23,7 @@ pub(crate) fn gate(limits: &crate::config::Limits) -> Arc<gate::Gate> {
 }
 pub use admission::SOFTWARE;
 
-use crate::{config::Live, runtime::Runtime, trust::Trust};
+use crate::{cluster::Cluster, config::Live, runtime::Runtime, trust::Trust};
 
 /// What the tunnel plane works with.
 #[derive(Debug)]
@@ -36,4 +37,6 @@ pub(crate) struct Tunnels {
     pub(crate) renewals: renewal::Renewals,
     /// What peers that have not proven who they are may hold.
     pub(crate) gate: Arc<gate::Gate>,
+    /// This relay's replicas, when it is one of several (`[cluster]`).
+    pub(crate) cluster: Option<Arc<Cluster>>,
 }

@@ -33,7 +33,8 @@ pub struct AgentSession {
     pub containers: Arc<Mutex<Vec<ContainerReport>>>,
     /// Serial number of the certificate it connected with (hex).
     pub serial: String,
-    /// When that certificate stops being valid (Unix time).
+    /// When that certificate was issued, and when it stops being valid (Unix time).
+    pub cert_issued_unix: i64,
     pub cert_not_after_unix: i64,
     pub(crate) connection: quinn::Connection,
     pub(crate) commands: mpsc::Sender<PendingCommand>,
@@ -166,7 +167,12 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Self { agents: watch::Sender::new(BTreeMap::new()), next_id: AtomicU64::new(1) }
+        // A random start: session numbers of replicas of one relay do not meet, so a lane that
+        // lands on another replica names no session there.
+        Self {
+            agents: watch::Sender::new(BTreeMap::new()),
+            next_id: AtomicU64::new(fastrand::u64(1..1 << 62)),
+        }
     }
 }
 
@@ -197,6 +203,11 @@ impl Registry {
                 false
             }
         });
+    }
+
+    /// The sessions now, for a look over all of them.
+    pub(crate) fn sessions(&self) -> Vec<AgentSession> {
+        self.agents.borrow().values().cloned().collect()
     }
 
     /// Removes every session (on shutdown), so their connections are released.

@@ -72,12 +72,12 @@ pub enum Ground {
     /// The network lab with a double NAT: tunnel servers and clients on the homelab side, tunnel
     /// clients and targets on the WSL2 side behind two masquerading routers, 1,500-byte MTU.
     /// This process runs in the lab's homelab namespace.
-    Nat { lab: Lab, forwarded: RefCell<BTreeSet<u16>> },
+    Nat { lab: Box<Lab>, forwarded: RefCell<BTreeSet<u16>> },
 }
 
 impl Ground {
     pub fn nat(lab: Lab) -> Self {
-        Self::Nat { lab, forwarded: RefCell::new(BTreeSet::new()) }
+        Self::Nat { lab: Box::new(lab), forwarded: RefCell::new(BTreeSet::new()) }
     }
 
     pub fn name(&self) -> &'static str {

@@ -87,6 +87,20 @@ enum Tool {
         #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Opens --rate new connections a second against --to for --duration, each a checked
+    /// transfer of --size bytes each way; one line per connection with when it started.
+    Rate {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = 4096)]
+        size: u64,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[tokio::main]
@@ -151,8 +165,42 @@ async fn main() -> anyhow::Result<()> {
         Tool::Transfers { to, count, max, min, seed, timeout } => {
             transfers(to, count, min, max, seed, timeout).await
         }
+        Tool::Rate { to, rate, duration, size, timeout } => {
+            connection_rate(to, rate, duration, size, timeout).await
+        }
     }
     Ok(())
+}
+
+/// New connections at a steady rate; each line says when it started (ms after the first) and how
+/// it ended, so a test can tell failures before and after an event.
+async fn connection_rate(to: SocketAddr, rate: u32, duration: Duration, size: u64, timeout: Duration) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::new();
+    let mut i = 0u64;
+    eprintln!("rate started");
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let at = started.elapsed();
+        tasks.push(tokio::spawn(async move {
+            let result = match tokio::time::timeout(timeout, transfer::run(to, size, size, i)).await {
+                Ok(result) => result,
+                Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connection timed out")),
+            };
+            (i, at, Outcome::of(&result), started.elapsed() - at)
+        }));
+        i += 1;
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for task in tasks {
+        let Ok((i, at, outcome, took)) = task.await else { continue };
+        println!("conn {i} at_ms={} result={} ms={}", at.as_millis(), outcome.word(), took.as_millis());
+        *counts.entry(outcome.word()).or_insert(0u64) += 1;
+    }
+    let summary: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("rate: opened={i} {} seconds={:.2}", summary.join(" "), started.elapsed().as_secs_f64());
 }
 
 /// Sizes from `min` to `max`: the first two transfers take the extremes, the rest are spread

@@ -31,8 +31,10 @@ use std::{
 
 use crate::process::{binary, Spawned};
 
+mod cluster;
 mod servers;
 mod tunnel;
+pub use cluster::{pod_ip, KubeProxy, LabCluster, Policy, CLIENT_NET_IP, TRANSFER_PORT as CLUSTER_PORT, VIP};
 pub use servers::postgres_data;
 pub use tunnel::{LabTunnel, TransferReport, TunnelSpec, QUIC_PORT};
 
@@ -117,6 +119,10 @@ pub struct Lab {
     pub win: Netns,
     /// The WSL2 side, in a double-NAT lab.
     pub wsl: Option<Netns>,
+    /// Relay pods behind a Service address, in a cluster lab ([`Lab::add_cluster`]).
+    pub pods: Vec<Netns>,
+    /// Where homelab clients of a cluster lab run.
+    pub client: Option<Netns>,
     dir: tempfile::TempDir,
     processes: Vec<Spawned>,
 }
@@ -155,6 +161,8 @@ impl Lab {
             router: ns("r"),
             win: ns("w"),
             wsl: None,
+            pods: Vec::new(),
+            client: None,
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
             processes: Vec::new(),
         };
@@ -280,6 +288,8 @@ impl Lab {
             Role::Router => &self.router,
             Role::Win => &self.win,
             Role::Wsl => self.wsl.as_ref().expect("a double-NAT lab (Lab::double_nat)"),
+            Role::Pod(i) => &self.pods[i],
+            Role::Client => self.client.as_ref().expect("a cluster lab (Lab::add_cluster)"),
         }
     }
 
@@ -359,6 +369,10 @@ pub enum Role {
     Win,
     /// The WSL2 side of a double-NAT lab.
     Wsl,
+    /// Relay pod `i` of a cluster lab.
+    Pod(usize),
+    /// The homelab client network of a cluster lab.
+    Client,
 }
 
 impl Drop for Lab {
@@ -366,13 +380,14 @@ impl Drop for Lab {
         for p in &mut self.processes {
             p.kill();
         }
-        for n in [&self.home, &self.router, &self.win].into_iter().chain(self.wsl.as_ref()) {
+        let extra = self.wsl.iter().chain(&self.pods).chain(self.client.as_ref());
+        for n in [&self.home, &self.router, &self.win].into_iter().chain(extra) {
             let _ = Command::new("ip").args(["netns", "del", &n.name]).status();
         }
     }
 }
 
-fn sh(command: &str) {
+pub(crate) fn sh(command: &str) {
     let out = Command::new("sh").args(["-c", command]).output().expect("sh");
     assert!(out.status.success(), "{command}: {}", String::from_utf8_lossy(&out.stderr));
 }

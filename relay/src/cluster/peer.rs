@@ -1,0 +1,59 @@
+//! Calls from one replica to the writer's admin server: one HTTP/1.1 request (hyper) over a fresh
+//! connection, with the admin token, under a timeout.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Why a call to the writer got no answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PeerError {
+    #[error("cannot reach {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("{addr}: {source}")]
+    Http { addr: String, source: hyper::Error },
+    #[error("{addr}: the request could not be built: {source}")]
+    Request { addr: String, source: hyper::http::Error },
+    #[error("{addr} did not answer within {after:?}")]
+    Timeout { addr: String, after: Duration },
+}
+
+/// Sends `method path` with `body` to the admin server at `addr` (`host:port`, looked up now) with
+/// `token` as the bearer; returns the status code and the body.
+pub(crate) async fn call(
+    addr: &str,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: String,
+    timeout: Duration,
+) -> Result<(u16, String), PeerError> {
+    let http = |source| PeerError::Http { addr: addr.to_owned(), source };
+    let exchange = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| PeerError::Connect { addr: addr.to_owned(), source })?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr)
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|source| PeerError::Request { addr: addr.to_owned(), source })?;
+        let response = sender.send_request(request).await.map_err(http)?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.map_err(http)?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| PeerError::Timeout { addr: addr.to_owned(), after: timeout })?
+}
