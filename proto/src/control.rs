@@ -34,6 +34,9 @@ pub enum AgentMessage {
     /// already. A replica named here answers [`RelayMessage::Held`] and closes this connection,
     /// leaving the agent's tunnel to it alone; any other replica reads the `Hello` that follows.
     Seek { held: Vec<String> },
+    /// For each declared container, how many of its starts failed since the agent started (the
+    /// engine refused, the image is missing, ...); sent (version 4 on) whenever a count changes.
+    StartFailures(Vec<(String, u64)>),
 }
 
 /// Messages from the relay to the agent.

@@ -25,6 +25,7 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
         ".{0,300}".prop_map(|csr_pem| AgentMessage::Renew { csr_pem }),
         any::<u64>().prop_map(|session| AgentMessage::Lane { session }),
         prop::collection::vec(name(), 0..5).prop_map(|held| AgentMessage::Seek { held }),
+        prop::collection::vec((name(), any::<u64>()), 0..5).prop_map(AgentMessage::StartFailures),
         (any::<u64>(), any::<bool>(), ".{0,200}").prop_map(|(id, ok, text)| AgentMessage::CommandResult {
             id,
             result: if ok { Ok(text) } else { Err(text) },

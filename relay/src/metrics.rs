@@ -21,6 +21,8 @@ pub(crate) struct AgentGauges<'a> {
     /// Its tunnel's connection and the lanes beside it.
     pub(crate) connections: usize,
     pub(crate) containers: Vec<ContainerReport>,
+    /// Failed starts of each container since the agent started.
+    pub(crate) start_failures: std::collections::BTreeMap<String, u64>,
     /// When the certificate it connected with stops being valid (Unix time).
     pub(crate) cert_not_after_unix: i64,
 }
@@ -70,6 +72,7 @@ pub(crate) struct Metrics {
     /// The relay's own certificate's end of validity (Unix time; 0: not known).
     relay_cert_not_after: std::sync::atomic::AtomicI64,
     container_state: Family<Labels, Gauge>,
+    start_failures: Family<Labels, Counter>,
     cold_start: Family<Labels, Gauge<f64, AtomicU64>>,
     refusals: Family<Labels, Counter>,
     http_responses: Family<Labels, Counter>,
@@ -99,6 +102,7 @@ impl Default for Metrics {
             rtt: Family::default(),
             agent_connections: Family::default(),
             container_state: Family::default(),
+            start_failures: Family::default(),
             cold_start: Family::default(),
             refusals: Family::default(),
             http_responses: Family::default(),
@@ -154,6 +158,12 @@ impl Default for Metrics {
             "container_state",
             "1 for each agent container's current state",
             m.container_state.clone(),
+        );
+        m.registry.register(
+            "container_start_failures",
+            "Failed starts of each agent container since its agent started (the engine refused, the \
+             image is missing, ...)",
+            m.start_failures.clone(),
         );
         m.registry.register(
             "container_cold_start_seconds",
@@ -332,6 +342,7 @@ impl Metrics {
         self.rtt.clear();
         self.agent_connections.clear();
         self.container_state.clear();
+        self.start_failures.clear();
         self.cold_start.clear();
         self.agent_up.clear();
         self.cert_expiry.clear();
@@ -352,6 +363,10 @@ impl Metrics {
             self.agent_connections
                 .get_or_create(&vec![("agent", name.clone())])
                 .set(agent.connections as i64);
+            for (container, failed) in &agent.start_failures {
+                let labels = vec![("agent", name.clone()), ("container", container.clone())];
+                self.start_failures.get_or_create(&labels).inc_by(*failed);
+            }
             for c in &agent.containers {
                 let state = c.state.split_whitespace().next().unwrap_or("unknown").to_owned();
                 let labels = vec![("agent", name.clone()), ("container", c.name.clone()), ("state", state)];

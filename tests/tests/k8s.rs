@@ -422,7 +422,9 @@ fn the_monitoring_component_renders_and_its_pieces_agree() {
             "SallyportAgentDown",
             "SallyportRelayNotReady",
             "SallyportHandshakeFailuresRising",
-            "SallyportCertificateExpiringSoon"
+            "SallyportCertificateExpiringSoon",
+            "SallyportContainerStartsFailing",
+            "SallyportWriterUnreachable"
         ]
     );
     for alert in &alerts {

@@ -91,6 +91,9 @@ async fn render_in_chromium(url: &str) {
     );
 }
 
+/// The failed starts of the engine-less container of the operator's kit scenario.
+const BOX_FAILURES: &str = "sallyport_container_start_failures_total{agent=\"winbox\",container=\"box\"}";
+
 fn value(samples: &[(String, f64)], series: &str) -> f64 {
     samples.iter().find(|(s, _)| s == series).map_or(0.0, |(_, v)| *v)
 }
@@ -227,7 +230,8 @@ async fn the_operators_kit_queries_only_metrics_the_relay_exports() {
         "[services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n\
          [services.web]\nagent = \"winbox\"\nhosts = [\"web.home.lan\"]\n\
          [services.echo]\nagent = \"winbox\"\nudp = \"127.0.0.1:0\"\n\
-         [services.other]\nagent = \"ghost\"\nlisten = \"127.0.0.1:0\"\n",
+         [services.other]\nagent = \"ghost\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.boxed]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
     ))
     .await;
     let agent = RunningAgent::start(pki.agent_config_toml(
@@ -237,6 +241,7 @@ async fn the_operators_kit_queries_only_metrics_the_relay_exports() {
         &format!(
             "[services.svc]\ntarget = \"tcp://{}\"\n[services.web]\ntarget = \"tcp://{}\"\n\
              [services.echo]\ntarget = \"udp://{echo_addr}\"\n\
+             [services.boxed]\ntarget = \"container://box:80\"\n\
              [docker]\nendpoint = \"unix:///nonexistent/docker.sock\"\n[containers.box]\nimage = \"anything\"\n",
             target.addr, web.addr
         ),
@@ -261,6 +266,13 @@ async fn the_operators_kit_queries_only_metrics_the_relay_exports() {
         }
     }
     assert!(echoed, "no echo through the UDP service");
+    // A client of the container's service makes the agent start it, which fails (no engine).
+    let mut boxed = tokio::net::TcpStream::connect(relay.service("boxed")).await.expect("connect");
+    let mut nothing = Vec::new();
+    assert!(
+        boxed.read_to_end(&mut nothing).await.is_err() || nothing.is_empty(),
+        "a container that does not start serves nothing"
+    );
     // A request for a name no service has is refused; an agent with another CA's certificate
     // fails its handshake.
     let mut unknown =
@@ -277,10 +289,15 @@ async fn the_operators_kit_queries_only_metrics_the_relay_exports() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = get(&relay, "/metrics").await;
-        let ready =
-            ["sallyport_handshake_failures_total", "sallyport_refusals_total", "sallyport_container_state{"]
-                .iter()
-                .all(|n| text.contains(n));
+        let ready = [
+            "sallyport_handshake_failures_total",
+            "sallyport_refusals_total",
+            "sallyport_container_state{",
+        ]
+        .iter()
+        .all(|n| text.contains(n))
+            // The agent reports its count within half a second of the failed start.
+            && value(&parse(&text), BOX_FAILURES) >= 1.0;
         if ready {
             break;
         }
@@ -302,6 +319,7 @@ async fn the_operators_kit_queries_only_metrics_the_relay_exports() {
     assert_eq!(value(&samples, "sallyport_agent_up{agent=\"winbox\"}"), 1.0);
     assert_eq!(value(&samples, "sallyport_agent_up{agent=\"ghost\"}"), 0.0, "{text}");
     assert_eq!(value(&samples, "sallyport_ready"), 1.0);
+    assert!(value(&samples, BOX_FAILURES) >= 1.0, "{text}");
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
     let relay_cert = value(&samples, "sallyport_certificate_expiry_timestamp_seconds{certificate=\"relay\"}");

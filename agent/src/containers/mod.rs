@@ -103,6 +103,8 @@ pub enum ContainerError {
 pub struct ContainerStats {
     /// Starts the agent made.
     pub starts: u64,
+    /// Of those, the ones that failed.
+    pub failed_starts: u64,
     /// Stops for idleness.
     pub idle_stops: u64,
     /// The latest cold start: from the start request to the first accepted connection.
@@ -218,6 +220,11 @@ impl Containers {
                     .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
             })
             .collect()
+    }
+
+    /// Failed starts of every declared container since the agent started.
+    pub fn start_failures(&self) -> Vec<(String, u64)> {
+        self.inner.slots.iter().map(|(name, slot)| (name.clone(), lock(&slot.stats).failed_starts)).collect()
     }
 
     /// Follows the state of `name`.
@@ -398,12 +405,22 @@ impl Containers {
     /// it waited for) started it.
     async fn ensure_running(&self, slot: &Arc<Slot>) -> Result<(IpAddr, bool), ContainerError> {
         let _guard = slot.lifecycle.lock().await;
-        let inspected = self.inner.engine.ensure_created(&slot.spec()).await?;
+        let inspected = self.created(slot).await?;
         if let Inspected { running: true, address: Some(ip), .. } = inspected {
             return Ok((ip, false));
         }
         let ip = self.start_locked(slot).await?;
         Ok((ip, true))
+    }
+
+    /// Creates the container if it is not there (the caller holds its lifecycle lock); a failure
+    /// (no engine, no image, ...) counts as a failed start.
+    async fn created(&self, slot: &Arc<Slot>) -> Result<Inspected, ContainerError> {
+        let created = self.inner.engine.ensure_created(&slot.spec()).await;
+        if created.is_err() {
+            lock(&slot.stats).failed_starts += 1;
+        }
+        created
     }
 
     /// Starts the container (the caller holds its lifecycle lock) and returns its address.
@@ -416,6 +433,7 @@ impl Containers {
                 slot.state.send_replace(ContainerState::Running { health: None });
             }
             Err(e) => {
+                lock(&slot.stats).failed_starts += 1;
                 warn!(
                     event_id = crate::events::id::CONTAINER_START_FAILED,
                     container = %slot.spec().name,
@@ -469,7 +487,7 @@ impl Containers {
     pub async fn restart(&self, name: &str) -> Result<String, ContainerError> {
         let slot = self.slot(name)?.clone();
         let _guard = slot.lifecycle.lock().await;
-        self.inner.engine.ensure_created(&slot.spec()).await?;
+        self.created(&slot).await?;
         self.inner.engine.stop(&slot.spec()).await?;
         let ip = self.start_locked(&slot).await?;
         Ok(format!("{name} restarted, running at {ip}"))

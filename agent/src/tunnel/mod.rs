@@ -661,7 +661,7 @@ async fn control_loop(
         if tunnels.targets.containers.is_empty() {
             return std::future::pending().await;
         }
-        let mut last = None;
+        let (mut last, mut last_failures) = (None, None);
         loop {
             let states = tunnels.targets.containers.reports();
             if last.as_ref() != Some(&states) {
@@ -669,6 +669,13 @@ async fn control_loop(
                     return;
                 }
                 last = Some(states);
+            }
+            let failures = tunnels.targets.containers.start_failures();
+            if version >= 4 && last_failures.as_ref() != Some(&failures) {
+                if tx.send(AgentMessage::StartFailures(failures.clone())).await.is_err() {
+                    return;
+                }
+                last_failures = Some(failures);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

@@ -73,6 +73,7 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
                     rtt: s.connection.rtt(),
                     connections: s.connections(),
                     containers: lock(&s.containers).clone(),
+                    start_failures: lock(&s.start_failures).clone(),
                     cert_not_after_unix: s.cert_not_after_unix,
                 });
                 let named = ops.config.get().services.values().map(|s| s.agent.clone()).collect();

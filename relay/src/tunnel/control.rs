@@ -3,7 +3,7 @@
 //! commands and replies, and the agent's datagrams, until one of them ends.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
 };
 
@@ -115,6 +115,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
     let lanes = Arc::new(Lanes::new(connection.clone()));
     let (commands, mut command_rx) = mpsc::channel(16);
     let containers = Arc::new(Mutex::new(Vec::new()));
+    let start_failures = Arc::new(Mutex::new(BTreeMap::new()));
     let session = AgentSession {
         id,
         name: name.clone(),
@@ -125,6 +126,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         offered: hello.services.iter().map(|s| s.name.clone()).collect(),
         connected_at: std::time::SystemTime::now(),
         containers: containers.clone(),
+        start_failures: start_failures.clone(),
         serial: cert.id.serial.clone(),
         cert_issued_unix: cert.id.issued_unix,
         cert_not_after_unix: cert.not_after_unix,
@@ -163,8 +165,15 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         (true, Some(cluster), Some(serving)) => Some((cluster, serving, replies.clone())),
         _ => None,
     };
-    let reader =
-        Reader { cert: &cert, id, tunnels: &tunnels, pending: &pending, containers: &containers, replies };
+    let reader = Reader {
+        cert: &cert,
+        id,
+        tunnels: &tunnels,
+        pending: &pending,
+        containers: &containers,
+        start_failures: &start_failures,
+        replies,
+    };
     let ended = tokio::select! {
         r = push_replicas(push) => r,
         r = control_reader(&mut recv, reader) => r,
@@ -274,6 +283,7 @@ fn message_kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::Offer(_) => "Offer",
         AgentMessage::Lane { .. } => "Lane",
         AgentMessage::Seek { .. } => "Seek",
+        AgentMessage::StartFailures(_) => "StartFailures",
     }
 }
 
@@ -289,6 +299,7 @@ struct Reader<'a> {
     tunnels: &'a Tunnels,
     pending: &'a Pending,
     containers: &'a Mutex<Vec<ContainerReport>>,
+    start_failures: &'a Mutex<BTreeMap<String, u64>>,
     /// Answers to the agent's requests, sent by the writer.
     replies: mpsc::Sender<RelayMessage>,
 }
@@ -307,6 +318,7 @@ async fn control_reader(recv: &mut RecvStream, reader: Reader<'_>) -> Result<Clo
             AgentMessage::CommandResult { id, result } => reader.command_result(id, result),
             AgentMessage::Renew { csr_pem } => reader.renew(&csr_pem).await?,
             AgentMessage::Containers(reports) => reader.containers(reports),
+            AgentMessage::StartFailures(counts) => reader.start_failures(counts),
             AgentMessage::Offer(offers) => reader.offer(offers).await?,
             AgentMessage::Hello(_) => return Err(ProtocolError::HelloTwice),
             AgentMessage::Lane { .. } => return Err(ProtocolError::LaneOnTunnel),
@@ -363,6 +375,14 @@ impl Reader<'_> {
         self.tunnels.registry.reoffer(name, self.id, offered, published);
         let _ = self.replies.send(RelayMessage::Published(verdicts.services)).await;
         Ok(())
+    }
+
+    /// Keeps the agent's latest count of failed container starts, for the metrics.
+    fn start_failures(&self, counts: Vec<(String, u64)>) {
+        let mut kept = lock(self.start_failures);
+        kept.clear();
+        // As many as the agent declares containers; a report is bounded by the frame cap.
+        kept.extend(counts);
     }
 
     fn containers(&self, reports: Vec<ContainerReport>) {

@@ -31,6 +31,8 @@ pub struct AgentSession {
     pub connected_at: SystemTime,
     /// The agent's containers as it last reported them.
     pub containers: Arc<Mutex<Vec<ContainerReport>>>,
+    /// Failed starts of each of its containers since the agent started, as it last reported them.
+    pub start_failures: Arc<Mutex<BTreeMap<String, u64>>>,
     /// Serial number of the certificate it connected with (hex).
     pub serial: String,
     /// When that certificate was issued, and when it stops being valid (Unix time).
