@@ -94,6 +94,19 @@ fn the_agent_holds_a_tunnel_to_every_replica_and_clients_reach_it_through_any() 
     for pod in 0..2 {
         assert!(cluster.agent_connected_at(&lab, pod), "the agent is connected at relay-{pod}");
     }
+    // Each replica holds the agent's tunnel and its lane (lanes that reached the other replica
+    // were sent back to dial again).
+    for pod in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cluster.admin(&lab, pod, "GET", "/agents").1.contains("connections=2") {
+            assert!(
+                Instant::now() < deadline,
+                "relay-{pod}: {}",
+                cluster.admin(&lab, pod, "GET", "/agents").1
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     std::thread::sleep(Duration::from_secs(2));
     let agent_pid = lab.process(cluster.agent).child.id();
     let two = rss_kib(agent_pid);
@@ -330,4 +343,45 @@ fn local_traffic_policy_follows_the_announcing_node() {
     assert!(found - moved < Duration::from_secs(6), "{:?}", found - moved);
     let batch = spawn_transfers(&mut lab, "4", "100000");
     assert_eq!(lab.finish_transfers(batch, Duration::from_secs(60)).count("ok"), 4);
+}
+
+/// The replicas' own API (reports to the writer, token checks, forwarded writes) attacked from the
+/// homelab while clients' traffic flows through the Service: without the admin token nothing is
+/// reported, redeemed or forwarded; bad bodies are refused; traffic is untouched.
+#[test]
+fn the_replicas_api_refuses_strangers_while_traffic_flows() {
+    let mut lab = lab_or_skip!();
+    lab.add_cluster(2, &Policy::Cluster);
+    let cluster = LabCluster::start(&mut lab, 2, "");
+    let batch = spawn_transfers(&mut lab, "40", "4000000");
+    let (_, before) = cluster.admin(&lab, 0, "GET", "/tokens");
+    let fake = "replica = \"relay-9\"\nboot = 1\nserving = true\nagents = [\"winbox\"]\n";
+    let redeem = "id = 1\nsecret = \"00\"\n";
+    for token in [None, Some("not-the-admin-token-0000")] {
+        let sync = cluster.admin_as(&lab, 0, ("POST", "/cluster/v1/sync"), token, fake);
+        assert_eq!(sync.0, 401, "an unauthenticated report: {sync:?}");
+        let check = cluster.admin_as(&lab, 0, ("POST", "/cluster/v1/redeem"), token, redeem);
+        assert_eq!(check.0, 401, "an unauthenticated token check: {check:?}");
+        // The follower forwards nothing it did not authorize itself.
+        let write = cluster.admin_as(&lab, 1, ("POST", "/tokens?agent=intruder"), token, "");
+        assert_eq!(write.0, 401, "an unauthenticated write through the follower: {write:?}");
+        let revoke = cluster.admin_as(&lab, 1, ("POST", "/agents/winbox/revoke"), token, "");
+        assert_eq!(revoke.0, 401, "an unauthenticated revocation through the follower: {revoke:?}");
+    }
+    // With the token: garbage is refused, and a follower is not the writer.
+    let garbage =
+        cluster.admin_as(&lab, 0, ("POST", "/cluster/v1/sync"), Some(&cluster.token), "replica = [");
+    assert_eq!(garbage.0, 400, "{garbage:?}");
+    let not_writer = cluster.admin_as(&lab, 1, ("POST", "/cluster/v1/sync"), Some(&cluster.token), fake);
+    assert_eq!(not_writer.0, 409, "{not_writer:?}");
+    let bad_secret = cluster.admin_as(&lab, 0, ("POST", "/cluster/v1/redeem"), Some(&cluster.token), redeem);
+    assert!(bad_secret.1.contains("refused"), "{bad_secret:?}");
+    // Nothing changed: no replica relay-9, no token, the agent still up everywhere.
+    let (_, after) = cluster.admin(&lab, 0, "GET", "/tokens");
+    assert_eq!(before, after, "no token was made");
+    let (_, metrics) = cluster.admin(&lab, 0, "GET", "/metrics");
+    assert!(metrics.contains("sallyport_replicas_serving 2"), "no stranger joined the replicas");
+    assert!(cluster.agent_connected_at(&lab, 0) && cluster.agent_connected_at(&lab, 1));
+    let report = lab.finish_transfers(batch, Duration::from_secs(120));
+    assert_eq!(report.count("ok"), 40, "{:#?}", report.lines);
 }

@@ -302,7 +302,8 @@ pub struct LabCluster {
     pub tomls: Vec<String>,
     pub agent_toml: String,
     pub pki: TestPki,
-    token: String,
+    /// The admin token every replica has.
+    pub token: String,
 }
 
 /// The port of the transfer service on the Service address, and its target on the windows side.
@@ -312,7 +313,9 @@ pub const TRANSFER_TARGET: u16 = 7001;
 impl LabCluster {
     /// Starts relays in the first `running` of the lab's pods (relay-0, the writer, first), the
     /// emulated kube-proxy, a transfer server and the agent; waits until the agent holds a tunnel
-    /// to each running relay. `relay_extra` goes into `[relay]`.
+    /// to each running relay. `relay_extra` goes into `[relay]`. The agent opens a lane beside
+    /// each tunnel (`lanes = 2`): through the Service a lane lands on any replica, and one that
+    /// reaches another replica than its tunnel's is sent back to dial again.
     pub fn start(lab: &mut Lab, running: usize, relay_extra: &str) -> Self {
         let pki = TestPki::with_names(&["relay.lab"]);
         let token = "lab-admin-token-0123456789".to_owned();
@@ -341,7 +344,8 @@ impl LabCluster {
         }
         let bundle = pki.agent_bundle("winbox");
         let agent = format!(
-            "[agent]\nrelays = [\"{}\"]\nserver_name = \"relay.lab\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+            "[agent]\nrelays = [\"{}\"]\nserver_name = \"relay.lab\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             lanes = 2\n\n\
              [services.transfer]\ntarget = \"tcp://{}\"\n",
             addr(VIP, QUIC),
             bundle.join("ca.crt").display(),
@@ -392,7 +396,20 @@ impl LabCluster {
 
     /// An admin call to pod `i`'s relay with the admin token (from the node): status and body.
     pub fn admin(&self, lab: &Lab, i: usize, method: &str, path: &str) -> (u16, String) {
+        self.admin_as(lab, i, (method, path), Some(&self.token), "")
+    }
+
+    /// An admin call to pod `i`'s relay with `token` (none: no Authorization header) and `body`.
+    pub fn admin_as(
+        &self,
+        lab: &Lab,
+        i: usize,
+        (method, path): (&str, &str),
+        token: Option<&str>,
+        body: &str,
+    ) -> (u16, String) {
         let url = format!("http://{}{path}", addr(pod_ip(i), ADMIN));
+        let auth = token.map(|t| format!("Authorization: Bearer {t}")).unwrap_or_else(|| "X-None: 1".into());
         let out = lab.home.output(
             "curl",
             &[
@@ -402,7 +419,9 @@ impl LabCluster {
                 "-X",
                 method,
                 "-H",
-                &format!("Authorization: Bearer {}", self.token),
+                &auth,
+                "--data-binary",
+                body,
                 "-w",
                 "\n%{http_code}",
                 &url,
