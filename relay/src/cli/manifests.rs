@@ -47,13 +47,18 @@ impl TrafficPolicy {
     }
 }
 
+/// A traffic policy that is neither `cluster` nor `local`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: cluster or local")]
+pub struct UnknownTrafficPolicy(String);
+
 impl std::str::FromStr for TrafficPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownTrafficPolicy;
+    fn from_str(s: &str) -> Result<Self, UnknownTrafficPolicy> {
         match s.to_ascii_lowercase().as_str() {
             "cluster" => Ok(Self::Cluster),
             "local" => Ok(Self::Local),
-            other => Err(format!("{other:?}: cluster or local")),
+            other => Err(UnknownTrafficPolicy(other.to_owned())),
         }
     }
 }
@@ -202,7 +207,10 @@ mod tests {
     fn the_traffic_policy_is_cluster_unless_asked() {
         assert_eq!("local".parse::<TrafficPolicy>(), Ok(TrafficPolicy::Local));
         assert_eq!("Cluster".parse::<TrafficPolicy>(), Ok(TrafficPolicy::Cluster));
-        assert!("nodes".parse::<TrafficPolicy>().is_err());
+        assert_eq!(
+            "nodes".parse::<TrafficPolicy>().map_err(|e| e.to_string()),
+            Err("\"nodes\": cluster or local".into())
+        );
         let mut out = String::new();
         let local = ManifestOptions { traffic_policy: TrafficPolicy::Local, ..ManifestOptions::default() };
         load_balancer(&mut out, ("x", &local), (None, Publish::Ready), &[]);
