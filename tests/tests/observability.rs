@@ -267,12 +267,15 @@ async fn the_operators_kit_queries_only_metrics_the_relay_exports() {
     }
     assert!(echoed, "no echo through the UDP service");
     // A client of the container's service makes the agent start it, which fails (no engine).
-    let mut boxed = tokio::net::TcpStream::connect(relay.service("boxed")).await.expect("connect");
-    let mut nothing = Vec::new();
-    assert!(
-        boxed.read_to_end(&mut nothing).await.is_err() || nothing.is_empty(),
-        "a container that does not start serves nothing"
-    );
+    // The relay resets the client once the agent says why: that may land before the connect is
+    // seen through, and either way nothing is served.
+    if let Ok(mut boxed) = tokio::net::TcpStream::connect(relay.service("boxed")).await {
+        let mut nothing = Vec::new();
+        assert!(
+            boxed.read_to_end(&mut nothing).await.is_err() || nothing.is_empty(),
+            "a container that does not start serves nothing"
+        );
+    }
     // A request for a name no service has is refused; an agent with another CA's certificate
     // fails its handshake.
     let mut unknown =
