@@ -90,7 +90,7 @@ fn the_agent_holds_a_tunnel_to_every_replica_and_clients_reach_it_through_any() 
     let mut lab = lab_or_skip!();
     lab.add_cluster(3, &Policy::Cluster);
     lab.assert_homelab_cannot_reach_windows();
-    let mut cluster = LabCluster::start(&mut lab, 2, "");
+    let mut cluster = LabCluster::start(&mut lab, 2);
     for pod in 0..2 {
         assert!(cluster.agent_connected_at(&lab, pod), "the agent is connected at relay-{pod}");
     }
@@ -150,7 +150,7 @@ fn the_agent_holds_a_tunnel_to_every_replica_and_clients_reach_it_through_any() 
 fn kill_9_of_a_replica_under_fifty_new_connections_a_second() {
     let mut lab = lab_or_skip!();
     lab.add_cluster(3, &Policy::Cluster);
-    let cluster = LabCluster::start(&mut lab, 3, "");
+    let cluster = LabCluster::start(&mut lab, 3);
     // Long transfers in flight on every replica, and new connections at 50 a second.
     let long = spawn_long_transfers(&mut lab, "12", ("40000000", "60000000"));
     let rate = spawn_rate(&mut lab, "8s");
@@ -197,7 +197,7 @@ fn kill_9_of_a_replica_under_fifty_new_connections_a_second() {
 fn a_rolling_restart_loses_no_connection() {
     let mut lab = lab_or_skip!();
     lab.add_cluster(3, &Policy::Cluster);
-    let mut cluster = LabCluster::start(&mut lab, 3, "drain_grace = \"30s\"");
+    let mut cluster = LabCluster::start(&mut lab, 3);
     let long = spawn_long_transfers(&mut lab, "9", ("30000000", "50000000"));
     let rate = spawn_rate(&mut lab, "40s");
     let started = Instant::now();
@@ -239,7 +239,7 @@ fn a_rolling_restart_loses_no_connection() {
 fn tokens_and_revocations_have_one_writer() {
     let mut lab = lab_or_skip!();
     lab.add_cluster(2, &Policy::Cluster);
-    let mut cluster = LabCluster::start(&mut lab, 2, "");
+    let mut cluster = LabCluster::start(&mut lab, 2);
     // A token made through the follower is kept by the writer.
     let (status, created) = cluster.admin(&lab, 1, "POST", "/tokens?agent=newbox&ttl_secs=600");
     assert_eq!(status, 200, "{created}");
@@ -297,7 +297,7 @@ fn tokens_and_revocations_have_one_writer() {
 fn with_the_writer_down_tunnels_and_traffic_go_on() {
     let mut lab = lab_or_skip!();
     lab.add_cluster(2, &Policy::Cluster);
-    let cluster = LabCluster::start(&mut lab, 2, "");
+    let cluster = LabCluster::start(&mut lab, 2);
     lab.process(cluster.relays[0].expect("writer")).kill();
     cluster.proxy.wait_endpoints(&[1], Duration::from_secs(5));
     let batch = spawn_transfers(&mut lab, "20", "1000000");
@@ -316,7 +316,7 @@ fn local_traffic_policy_follows_the_announcing_node() {
     let mut lab = lab_or_skip!();
     lab.add_cluster(2, &Policy::Local);
     // MetalLB announces from the node of relay-0: only it gets the Service's flows.
-    let mut cluster = LabCluster::start(&mut lab, 1, "");
+    let mut cluster = LabCluster::start(&mut lab, 1);
     cluster.proxy.announce(&[0]);
     cluster.start_relay(&mut lab, 1);
     // relay-1 never sees the agent (its node does not get the address): it takes clients once its
@@ -352,7 +352,7 @@ fn local_traffic_policy_follows_the_announcing_node() {
 fn the_replicas_api_refuses_strangers_while_traffic_flows() {
     let mut lab = lab_or_skip!();
     lab.add_cluster(2, &Policy::Cluster);
-    let cluster = LabCluster::start(&mut lab, 2, "");
+    let cluster = LabCluster::start(&mut lab, 2);
     let batch = spawn_transfers(&mut lab, "40", "4000000");
     let (_, before) = cluster.admin(&lab, 0, "GET", "/tokens");
     let fake = "replica = \"relay-9\"\nboot = 1\nserving = true\nagents = [\"winbox\"]\n";

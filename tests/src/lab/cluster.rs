@@ -313,10 +313,10 @@ pub const TRANSFER_TARGET: u16 = 7001;
 impl LabCluster {
     /// Starts relays in the first `running` of the lab's pods (relay-0, the writer, first), the
     /// emulated kube-proxy, a transfer server and the agent; waits until the agent holds a tunnel
-    /// to each running relay. `relay_extra` goes into `[relay]`. The agent opens a lane beside
+    /// to each running relay. Relays and agent run with the default timers. The agent opens a lane beside
     /// each tunnel (`lanes = 2`): through the Service a lane lands on any replica, and one that
     /// reaches another replica than its tunnel's is sent back to dial again.
-    pub fn start(lab: &mut Lab, running: usize, relay_extra: &str) -> Self {
+    pub fn start(lab: &mut Lab, running: usize) -> Self {
         let pki = TestPki::with_names(&["relay.lab"]);
         let token = "lab-admin-token-0123456789".to_owned();
         let token_file = lab.dir().join("admin.token");
@@ -328,7 +328,7 @@ impl LabCluster {
             let text = format!(
                 "[relay]\nlisten = \"0.0.0.0:{QUIC}\"\nadmin = \"0.0.0.0:{ADMIN}\"\nca_cert = \"{ca}\"\n\
                  cert = \"{crt}\"\nkey = \"{key}\"\nca_key = \"{cakey}\"\nadmin_token_file = \"{tok}\"\n\
-                 revocations_file = \"revoked.toml\"\ntokens_file = \"tokens.toml\"\n{relay_extra}\n\
+                 revocations_file = \"revoked.toml\"\ntokens_file = \"tokens.toml\"\n\n\
                  [cluster]\nwriter = \"relay-0\"\nwriter_admin = \"{writer}\"\n\n\
                  [services.transfer]\nagent = \"winbox\"\nlisten = \"0.0.0.0:{TRANSFER_PORT}\"\n",
                 ca = pki.dir().join("ca.crt").display(),
