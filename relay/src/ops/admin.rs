@@ -289,11 +289,8 @@ fn revoke_agent(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     };
     tracing::warn!(agent, ?serials, issued_up_to_unix = cutoff, "agent certificates revoked");
-    if let Some(session) = session {
-        let refused = sallyport_runtime::code(sallyport_proto::codes::close::REFUSED);
-        session.connection.close(refused, b"certificate revoked");
-        session.lanes.close_all(refused, b"certificate revoked");
-    }
+    // Its tunnel and lanes are closed by the tunnel plane's watch on the revocations
+    // (`tunnel::revoked`), which also closes them when a revocation comes from the writer.
     let listed = if serials.is_empty() { String::new() } else { format!(" and {}", serials.join(", ")) };
     (
         StatusCode::OK,

@@ -77,7 +77,9 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
     let metrics = &tunnels.runtime.metrics;
     let (mut send, mut recv, hello) = match first_message(&connection, &tunnels).await {
         Ok(First::Hello(send, recv, hello)) => (send, recv, hello),
-        Ok(First::Seek(send, held)) => return refuse_held(&connection, send, &held, &tunnels).await,
+        Ok(First::Seek(send)) => {
+            return send_held(&connection, send, &tunnels, "the agent holds a tunnel to this replica").await
+        }
         Ok(First::Lane(send, recv, session)) => {
             return lanes::serve_lane(connection, &name, session, (send, recv), &tunnels).await
         }
@@ -221,18 +223,24 @@ enum First {
     /// A lane of the tunnel with this session number.
     Lane(SendStream, RecvStream, u64),
     /// A further tunnel to a replicated relay that reached a replica the agent holds already.
-    Seek(SendStream, Vec<String>),
+    Seek(SendStream),
 }
 
-/// Tells the agent it holds a tunnel to this replica already and closes this connection; its
-/// tunnel here is left alone.
-async fn refuse_held(connection: &Connection, mut send: SendStream, held: &[String], tunnels: &Tunnels) {
+/// Tells the agent its connection reached a replica it does not want here (one it holds a tunnel
+/// to already, or not the one of a lane's session) and closes the connection; nothing else of
+/// the agent's is touched.
+pub(super) async fn send_held(
+    connection: &Connection,
+    mut send: SendStream,
+    tunnels: &Tunnels,
+    why: &'static str,
+) {
     let replica = tunnels.cluster.as_ref().map(|c| c.me.name.clone()).unwrap_or_default();
-    debug!(%replica, ?held, "the agent holds a tunnel to this replica already");
+    debug!(%replica, why, "sending the agent's connection on to another replica");
     let _ = write_frame(&mut send, &RelayMessage::Held { replica }, MAX_CONTROL_FRAME).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
-    connection.close(code(close::HELD), b"the agent holds a tunnel to this replica");
+    connection.close(code(close::HELD), why.as_bytes());
 }
 
 /// Accepts the control stream and reads `Hello` (or `Lane`), both within the handshake timeout.
@@ -245,7 +253,7 @@ async fn first_message(connection: &Connection, tunnels: &Tunnels) -> Result<Fir
         if let Ok(Some(AgentMessage::Seek { held })) = &first {
             // A replica the agent holds says so; any other (or a relay alone) reads the Hello next.
             if tunnels.cluster.as_ref().is_some_and(|c| c.is_held(held)) {
-                return Ok(First::Seek(send, held.clone()));
+                return Ok(First::Seek(send));
             }
             first = read_frame::<AgentMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await;
             if let Ok(Some(other @ (AgentMessage::Seek { .. } | AgentMessage::Lane { .. }))) = &first {

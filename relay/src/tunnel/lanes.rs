@@ -44,13 +44,8 @@ pub(crate) async fn serve_lane(
         // Through a shared address a lane lands on any replica: one that does not hold its
         // session sends it on to dial again.
         Err(LaneRefusal::NoSession(_)) if tunnels.cluster.is_some() => {
-            let replica = tunnels.cluster.as_ref().map(|c| c.me.name.clone()).unwrap_or_default();
-            tracing::debug!(session, %replica, "a lane of a tunnel to another replica");
-            let _ = write_frame(&mut send, &RelayMessage::Held { replica }, MAX_CONTROL_FRAME).await;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
-            connection.close(code(close::HELD), b"the lane's session is on another replica");
-            return;
+            let why = "the lane's session is on another replica";
+            return crate::tunnel::control::send_held(&connection, send, tunnels, why).await;
         }
         Err(refusal) => {
             let reason = refusal.to_string();
