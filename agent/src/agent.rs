@@ -1,4 +1,5 @@
 //! One agent: its identity loaded, then a tunnel to each relay until shutdown.
+use sallyport_runtime::link::Transport;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use sallyport_proto::ALPN_TUNNEL;
@@ -41,8 +42,9 @@ impl Agent {
     /// Loads the CA and the agent's identity and checks that they belong together. Fails closed:
     /// without a certificate from the relay's CA there is no tunnel.
     pub fn new(config: Config) -> Result<Self, StartError> {
-        let (crypto, identity) = load_identity(&config)?;
-        let mut client_config = quinn::ClientConfig::new(crypto);
+        let (rustls_config, identity) = load_identity(&config)?;
+        let tcp_config = Arc::new(rustls_config.clone());
+        let mut client_config = quinn::ClientConfig::new(tls::quic_client(rustls_config)?);
         let timing = &config.timing;
         client_config.transport_config(transport::agent(
             timing.keep_alive,
@@ -54,7 +56,7 @@ impl Agent {
         let config = Live::new(Arc::new(config));
         let targets = Arc::new(Targets::new(config.clone(), containers));
         let validity = (identity.not_before_unix, identity.not_after_unix);
-        let tunnels = Arc::new(Tunnels::new(config, targets, client_config, validity));
+        let tunnels = Arc::new(Tunnels::new(config, targets, (client_config, tcp_config), validity));
         Ok(Self { tunnels, identity, reloads: Arc::default() })
     }
 
@@ -62,6 +64,20 @@ impl Agent {
     /// parameter-change control does; SIGHUP and a change of the file do it on their own).
     pub fn reload_trigger(&self) -> Arc<tokio::sync::Notify> {
         self.reloads.clone()
+    }
+
+    /// Tries each relay over each transport (a handshake, nothing more): for `check --connect`.
+    pub async fn probe_transports(
+        &self,
+    ) -> Vec<(String, Transport, Result<std::time::Duration, crate::TunnelError>)> {
+        let mut out = Vec::new();
+        for relay in self.tunnels.config.get().relays.clone() {
+            for transport in [Transport::Quic, Transport::Tcp] {
+                let result = crate::tunnel::probe(&relay, transport, &self.tunnels).await;
+                out.push((relay.to_string(), transport, result));
+            }
+        }
+        out
     }
 
     pub fn identity(&self) -> &IdentityInfo {
@@ -102,7 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     Ok(())
 }
 
-type Crypto = Arc<quinn::crypto::rustls::QuicClientConfig>;
+type Crypto = rustls::ClientConfig;
 
 fn load_identity(config: &Config) -> Result<(Crypto, IdentityInfo), StartError> {
     // A renewal a crash interrupted is finished or undone first: key and certificate must match.
@@ -122,7 +138,7 @@ fn load_identity(config: &Config) -> Result<(Crypto, IdentityInfo), StartError> 
         path: config.tls.cert.clone(),
         reason: "certificate names no agent".into(),
     })?;
-    let crypto = tls::client_crypto(tls.roots, tls.identity, &[ALPN_TUNNEL])?;
+    let crypto = tls::client_rustls(tls.roots, tls.identity, &[ALPN_TUNNEL])?;
     Ok((
         crypto,
         IdentityInfo {

@@ -97,7 +97,7 @@ async fn redeem(
         Err(_) => return Err(EnrollError::Unreachable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
         Ok(Err(_)) if pin.ca_mismatched() => return Err(EnrollError::WrongRelay(relay.to_owned())),
         Ok(Err(e)) => return Err(EnrollError::Unreachable(e.to_string())),
-        Ok(Ok(connection)) => connection,
+        Ok(Ok(connection)) => sallyport_runtime::link::Connection::Quic(connection),
     };
     let exchange = async {
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;

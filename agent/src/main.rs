@@ -23,10 +23,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate the configuration and identity without connecting.
+    /// Validate the configuration and identity; with --connect, also tell which transports
+    /// (QUIC, TCP) reach each relay.
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Try a handshake with each relay over QUIC and over TCP (a running agent's tunnels are
+        /// not disturbed).
+        #[arg(long)]
+        connect: bool,
     },
     /// Redeem a join token (from `sallyport-relay token create`): generate this agent's key,
     /// get its certificate from the relay, and write agent.key, agent.crt, ca.crt and (if missing)
@@ -101,9 +106,54 @@ fn main() -> std::process::ExitCode {
     cli::exit_on_error(run(Cli::parse()))
 }
 
+/// `check --connect`: which transports reach each relay, and what `auto` will do.
+fn check_connect(agent: &Agent, config: &Config) -> anyhow::Result<()> {
+    use sallyport_runtime::link::Transport;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let results = runtime.block_on(agent.probe_transports());
+    let mut reachable = 0;
+    for relay in &config.relays {
+        let relay = relay.to_string();
+        let mut works = Vec::new();
+        for (_, transport, result) in results.iter().filter(|r| r.0 == relay) {
+            match result {
+                Ok(took) => {
+                    println!("relay {relay}: {transport} ok (handshake in {} ms)", took.as_millis());
+                    works.push(*transport);
+                }
+                Err(e) => println!("relay {relay}: {transport} fails: {e}"),
+            }
+        }
+        let quic = works.contains(&Transport::Quic);
+        let tcp = works.contains(&Transport::Tcp);
+        let verdict = match (quic, tcp) {
+            (true, _) => "auto uses QUIC".to_owned(),
+            (false, true) => format!(
+                "auto falls back to TCP after {:?} without an answer over UDP (UDP to the relay's port \
+                 is blocked on the way, or the relay's UDP port is not reachable)",
+                sallyport_agent::config::QUIC_WAIT
+            ),
+            (false, false) => "no transport reaches this relay: check the address, the relay, and \
+                               the certificate names above"
+                .to_owned(),
+        };
+        println!("relay {relay}: {verdict}");
+        if quic || tcp {
+            reachable += 1;
+        }
+    }
+    anyhow::ensure!(
+        reachable == config.relays.len(),
+        "{} of {} relays unreachable",
+        config.relays.len() - reachable,
+        config.relays.len()
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Check { config } => {
+        Command::Check { config, connect } => {
             let config = Config::load(&config)?;
             let agent = Agent::new(config.clone())?;
             let id = agent.identity();
@@ -117,6 +167,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("service {} -> {}", service.name, service.target);
             }
             println!("{}: ok", config.path.display());
+            if connect {
+                check_connect(&agent, &config)?;
+            }
             Ok(())
         }
         Command::Service { command } => service(command),

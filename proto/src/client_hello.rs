@@ -24,6 +24,7 @@ const HANDSHAKE: u8 = 22;
 const CLIENT_HELLO: u8 = 1;
 const SERVER_NAME: u16 = 0;
 const HOST_NAME: u8 = 0;
+const ALPN: u16 = 16;
 
 /// Parses the start of a TLS connection.
 pub fn parse(buf: &[u8]) -> Hello {
@@ -38,6 +39,8 @@ pub struct HelloReader {
     consumed: usize,
     /// The handshake records' payloads joined.
     handshake: Vec<u8>,
+    /// The application protocols (ALPN) a whole ClientHello offers.
+    alpn: Vec<Vec<u8>>,
 }
 
 impl HelloReader {
@@ -70,7 +73,9 @@ impl HelloReader {
                     return Hello::NotTls("ClientHello too large");
                 }
                 if self.handshake.len() >= 4 + msg_len {
-                    return match client_hello(&self.handshake[4..4 + msg_len]) {
+                    let body = &self.handshake[4..4 + msg_len];
+                    self.alpn = alpn_offered(body).unwrap_or_default();
+                    return match client_hello(body) {
                         Some(Some(name)) => Hello::Name(name),
                         Some(None) => Hello::NoName,
                         None => Hello::NotTls("malformed ClientHello"),
@@ -79,6 +84,50 @@ impl HelloReader {
             }
         }
     }
+}
+
+impl HelloReader {
+    /// Whether the whole ClientHello read offers the application protocol `protocol` (ALPN, RFC
+    /// 7301): how a tunnel over TCP is told apart from a client of an HTTPS service.
+    pub fn offers(&self, protocol: &[u8]) -> bool {
+        self.alpn.iter().any(|p| p == protocol)
+    }
+}
+
+/// The protocols of the `application_layer_protocol_negotiation` extension of a whole ClientHello
+/// body: `None` if malformed.
+fn alpn_offered(body: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut r = Reader(body);
+    r.take(2 + 32)?;
+    let session = r.u8()?;
+    r.take(session.into())?;
+    let suites = r.u16()?;
+    r.take(suites.into())?;
+    let compression = r.u8()?;
+    r.take(compression.into())?;
+    if r.0.is_empty() {
+        return Some(Vec::new());
+    }
+    let ext_len = r.u16()?;
+    let mut exts = Reader(r.take(ext_len.into())?);
+    while !exts.0.is_empty() {
+        let kind = exts.u16()?;
+        let len = exts.u16()?;
+        let data = exts.take(len.into())?;
+        if kind != ALPN {
+            continue;
+        }
+        let mut list = Reader(data);
+        let list_len = list.u16()?;
+        let mut names = Reader(list.take(list_len.into())?);
+        let mut protocols = Vec::new();
+        while !names.0.is_empty() {
+            let len = names.u8()?;
+            protocols.push(names.take(len.into())?.to_vec());
+        }
+        return Some(protocols);
+    }
+    Some(Vec::new())
 }
 
 /// Handshake bytes cut short, starting with `first`: still incomplete, unless that is already not
@@ -161,6 +210,10 @@ mod tests {
 
     /// A ClientHello as rustls writes it, split into records of `record` bytes.
     fn hello(name: Option<&str>, record: usize) -> Vec<u8> {
+        hello_offering(name, record, &[])
+    }
+
+    fn hello_offering(name: Option<&str>, record: usize, alpn: &[&[u8]]) -> Vec<u8> {
         let mut roots = rustls::RootCertStore::empty();
         roots.roots.clear();
         let config = std::sync::Arc::new(
@@ -172,6 +225,9 @@ mod tests {
             .with_root_certificates(roots)
             .with_no_client_auth(),
         );
+        let mut config = std::sync::Arc::unwrap_or_clone(config);
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let config = std::sync::Arc::new(config);
         let server = match name {
             Some(n) => rustls::pki_types::ServerName::try_from(n.to_owned()).expect("name"),
             None => rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
@@ -200,6 +256,20 @@ mod tests {
                 assert_eq!(parse(&bytes[..cut]), Hello::Incomplete, "cut at {cut} of {}", bytes.len());
             }
         }
+    }
+
+    #[test]
+    fn offered_protocols_are_read() {
+        for record in [16_384, 50] {
+            let bytes = hello_offering(Some("relay.home.lan"), record, &[b"h2", crate::ALPN_TUNNEL]);
+            let mut reader = HelloReader::default();
+            assert_eq!(reader.advance(&bytes), Hello::Name("relay.home.lan".into()));
+            assert!(reader.offers(crate::ALPN_TUNNEL) && reader.offers(b"h2"), "records of {record}");
+            assert!(!reader.offers(b"http/1.1"));
+        }
+        let mut reader = HelloReader::default();
+        reader.advance(&hello(Some("app.home.lan"), 16_384));
+        assert!(!reader.offers(crate::ALPN_TUNNEL), "no ALPN extension: nothing offered");
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub enum AgentMessage {
     /// For each declared container, how many of its starts failed since the agent started (the
     /// engine refused, the image is missing, ...); sent (version 4 on) whenever a count changes.
     StartFailures(Vec<(String, u64)>),
+    /// The transport carrying this tunnel as the agent sees it (`quic` or `tcp`) and why the agent
+    /// chose it (for example "auto: QUIC got no answer within 3s"); sent after `Welcome` (version 5
+    /// on), for the relay's listing and status page.
+    Transport { transport: String, why: String },
 }
 
 /// Messages from the relay to the agent.

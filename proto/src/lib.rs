@@ -15,6 +15,7 @@ pub mod control;
 pub mod datagram;
 pub mod enroll;
 pub mod frame;
+pub mod link;
 pub mod proxy;
 pub mod stream;
 
@@ -29,7 +30,7 @@ pub use stream::{Answer, StreamHeader};
 pub const ALPN_TUNNEL: &[u8] = b"sallyport/1";
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -26,6 +26,7 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
         any::<u64>().prop_map(|session| AgentMessage::Lane { session }),
         prop::collection::vec(name(), 0..5).prop_map(|held| AgentMessage::Seek { held }),
         prop::collection::vec((name(), any::<u64>()), 0..5).prop_map(AgentMessage::StartFailures),
+        (name(), ".{0,40}").prop_map(|(transport, why)| AgentMessage::Transport { transport, why }),
         (any::<u64>(), any::<bool>(), ".{0,200}").prop_map(|(id, ok, text)| AgentMessage::CommandResult {
             id,
             result: if ok { Ok(text) } else { Err(text) },

@@ -17,6 +17,8 @@ type Labels = Vec<(&'static str, String)>;
 #[derive(Debug)]
 pub(crate) struct AgentGauges<'a> {
     pub(crate) name: &'a str,
+    /// The transport its tunnel runs over.
+    pub(crate) transport: sallyport_runtime::link::Transport,
     pub(crate) rtt: std::time::Duration,
     /// Its tunnel's connection and the lanes beside it.
     pub(crate) connections: usize,
@@ -63,6 +65,7 @@ pub(crate) struct Metrics {
     handshake_failures: Family<Labels, Counter>,
     agents: Gauge,
     rtt: Family<Labels, Gauge<f64, AtomicU64>>,
+    agent_transport: Family<Labels, Gauge>,
     agent_connections: Family<Labels, Gauge>,
     agent_up: Family<Labels, Gauge>,
     cert_expiry: Family<Labels, Gauge>,
@@ -100,6 +103,7 @@ impl Default for Metrics {
             handshake_failures: Family::default(),
             agents: Gauge::default(),
             rtt: Family::default(),
+            agent_transport: Family::default(),
             agent_connections: Family::default(),
             container_state: Family::default(),
             start_failures: Family::default(),
@@ -146,8 +150,13 @@ impl Default for Metrics {
         m.registry.register("agents_connected", "Agents with a live tunnel", m.agents.clone());
         m.registry.register(
             "quic_rtt_seconds",
-            "Smoothed round-trip time of each agent's tunnel",
+            "Round-trip time of each agent's tunnel (QUIC's smoothed estimate; over TCP, the last HTTP/2 ping)",
             m.rtt.clone(),
+        );
+        m.registry.register(
+            "agent_transport",
+            "The transport each agent's tunnel runs over (1 for the one in use): quic, or tcp where UDP does not get out",
+            m.agent_transport.clone(),
         );
         m.registry.register(
             "agent_connections",
@@ -340,6 +349,7 @@ impl Metrics {
         }
         self.agents.set(agents.len() as i64);
         self.rtt.clear();
+        self.agent_transport.clear();
         self.agent_connections.clear();
         self.container_state.clear();
         self.start_failures.clear();
@@ -360,6 +370,9 @@ impl Metrics {
                 .get_or_create(&vec![("certificate", "agent".to_owned()), ("agent", name.clone())])
                 .set(agent.cert_not_after_unix);
             self.rtt.get_or_create(&vec![("agent", name.clone())]).set(agent.rtt.as_secs_f64());
+            self.agent_transport
+                .get_or_create(&vec![("agent", name.clone()), ("transport", agent.transport.to_string())])
+                .set(1);
             self.agent_connections
                 .get_or_create(&vec![("agent", name.clone())])
                 .set(agent.connections as i64);

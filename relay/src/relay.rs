@@ -64,6 +64,9 @@ impl From<TlsFileError> for StartError {
 #[derive(Debug)]
 pub struct Relay {
     endpoint: quinn::Endpoint,
+    /// The tunnel's own TCP listener; `None` when the HTTPS listener shares its port.
+    tunnel_tcp: Option<TcpListener>,
+    tcp_tls: Arc<rustls::ServerConfig>,
     sockets: Sockets,
     admin: TcpListener,
     reloads: mpsc::Receiver<reload::Request>,
@@ -82,20 +85,23 @@ impl Relay {
         let admin_token = load_admin_token(&config)?;
         let cluster = cluster_of(&config, admin_token.as_ref())?;
         let trust = Trust::load(&config, admin_token.is_some())?;
-        let crypto = if trust.enrollment.is_some() {
+        let rustls_config = if trust.enrollment.is_some() {
             // Enrolling agents have no certificate yet and pin the CA by hash: send it along.
             let mut identity = tls.identity;
             identity.chain.push(tls.ca.clone());
-            tls::server_crypto_with(
+            tls::server_rustls(
                 tls.roots,
                 identity,
                 &[ALPN_TUNNEL, sallyport_proto::enroll::ALPN_ENROLL],
                 tls::ClientCerts::Optional,
             )
         } else {
-            tls::server_crypto(tls.roots, tls.identity, &[ALPN_TUNNEL])
+            tls::server_rustls(tls.roots, tls.identity, &[ALPN_TUNNEL], tls::ClientCerts::Required)
         }
         .map_err(IdentityError::from)?;
+        // The same identities and trust rules over TCP.
+        let tcp_tls = Arc::new(rustls_config.clone());
+        let crypto = tls::quic_server(rustls_config).map_err(IdentityError::from)?;
         let mut server = quinn::ServerConfig::with_crypto(crypto);
         server
             .transport_config(transport::relay(
@@ -109,8 +115,11 @@ impl Relay {
             let what = what.to_owned();
             move |source| StartError::Bind { what, addr, source }
         };
-        let socket =
-            transport::quic_socket(config.listen).map_err(bind_err("the QUIC endpoint", config.listen))?;
+        let (socket, tunnel_tcp) = bind_tunnel(&config).map_err(|(what, addr, source)| StartError::Bind {
+            what: what.to_owned(),
+            addr,
+            source,
+        })?;
         let (endpoint, udp) = sallyport_runtime::udp_count::counted_endpoint(
             transport::endpoint_with_stable_reset(&tls.key_pem),
             Some(server),
@@ -143,13 +152,21 @@ impl Relay {
             reload,
             cluster,
         });
-        Ok(Self { endpoint, sockets, admin, reloads, config, runtime, registry, ops })
+        Ok(Self { endpoint, tunnel_tcp, tcp_tls, sockets, admin, reloads, config, runtime, registry, ops })
     }
 
     /// The UDP address of the QUIC endpoint.
     pub fn quic_addr(&self) -> SocketAddr {
         // Bound from a std socket: the address is known.
         self.endpoint.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// The TCP address agents reach the tunnel at over TCP.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match &self.tunnel_tcp {
+            Some(listener) => listener.local_addr().ok(),
+            None => self.sockets.https_addr(),
+        }
     }
 
     /// The bound address of each service's own listener (TCP or UDP), by service name.
@@ -181,7 +198,8 @@ impl Relay {
     /// client connections finish within the grace period, and closes every tunnel with
     /// "going away" so agents reconnect at once (to this relay once it is back, or another).
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self { endpoint, sockets, admin, reloads, config, runtime, registry, ops } = self;
+        let Self { endpoint, tunnel_tcp, tcp_tls, sockets, admin, reloads, config, runtime, registry, ops } =
+            self;
         let admin_addr = admin.local_addr().unwrap_or(config.admin);
         let admin_stop = CancellationToken::new();
         tokio::spawn(admin::serve(admin, ops.clone(), admin_stop.clone()));
@@ -197,6 +215,7 @@ impl Relay {
             renewals: Default::default(),
             gate: tunnel::gate(&config.limits),
             cluster: ops.cluster.clone(),
+            tcp_tls: Some(tcp_tls),
         });
         let tasks = &runtime.tasks;
         // Runs through the drain (a draining replica tells the writer), stopped after it.
@@ -206,9 +225,11 @@ impl Relay {
             ops.trust.clone(),
             after_drain.clone(),
         ));
-        tasks.spawn(tunnel::accept_loop(endpoint.clone(), tunnels, shutdown.clone()));
+        tasks.spawn(tunnel::accept_loop(endpoint.clone(), tunnels.clone(), shutdown.clone()));
+        let (handoff, handoffs) = mpsc::channel(64);
+        tasks.spawn(tunnel::tcp_accept_loop(tunnel_tcp, handoffs, tunnels, shutdown.clone()));
 
-        let exposure = Arc::new(Exposure::new(live.clone(), runtime.clone(), registry.clone()));
+        let exposure = Arc::new(Exposure::new(live.clone(), runtime.clone(), registry.clone(), handoff));
         let mut listeners = Listeners::new(exposure, flows, shutdown.clone(), ops.bound.clone());
         listeners.apply(&config, sockets);
         let reloader =
@@ -281,6 +302,48 @@ async fn drain(endpoint: &quinn::Endpoint, runtime: &Runtime, registry: &Registr
     let _ = tokio::time::timeout(settle, runtime.tasks.wait()).await;
     let _ = tokio::time::timeout(settle, endpoint.wait_idle()).await;
     info!(udp = %runtime.udp.figures(), "QUIC socket");
+}
+
+/// Binds the QUIC socket and the tunnel's TCP listener. Unless `relay.tcp_listen` says otherwise,
+/// TCP takes the QUIC socket's address and port (when that port is chosen by the system, one free
+/// for both); no listener of its own when the HTTPS listener is at that address.
+#[allow(clippy::type_complexity)]
+fn bind_tunnel(
+    config: &Config,
+) -> Result<(std::net::UdpSocket, Option<TcpListener>), (&'static str, SocketAddr, std::io::Error)> {
+    const TRIES: usize = 16;
+    let quic = |addr| transport::quic_socket(addr).map_err(|e| ("the QUIC endpoint", addr, e));
+    let tcp = |addr: SocketAddr| {
+        std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(TcpListener::from_std)
+            .map_err(|e| ("the tunnel's TCP listener", addr, e))
+    };
+    let shared = |addr: SocketAddr| config.https_listen == Some(addr);
+    if let Some(addr) = config.tcp_listen {
+        let socket = quic(config.listen)?;
+        return Ok((socket, if shared(addr) { None } else { Some(tcp(addr)?) }));
+    }
+    for _ in 0..TRIES {
+        let socket = quic(config.listen)?;
+        let port = socket.local_addr().map(|a| a.port()).unwrap_or(config.listen.port());
+        let addr = SocketAddr::new(config.listen.ip(), port);
+        if shared(config.listen) {
+            return Ok((socket, None));
+        }
+        match tcp(addr) {
+            Ok(listener) => return Ok((socket, Some(listener))),
+            // A port the system chose for UDP may be taken for TCP: choose again.
+            Err(_) if config.listen.port() == 0 => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let socket = quic(config.listen)?;
+    Err((
+        "the tunnel's TCP listener",
+        socket.local_addr().unwrap_or(config.listen),
+        std::io::ErrorKind::AddrInUse.into(),
+    ))
 }
 
 /// The relay's place in its `[cluster]`, if it has one: it needs a replica name and the admin

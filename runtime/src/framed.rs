@@ -1,6 +1,8 @@
-//! Reading and writing whole frames on QUIC streams.
+//! Reading and writing whole frames on a tunnel's streams (either transport).
 
-use quinn::{ReadExactError, RecvStream, SendStream};
+use quinn::ReadExactError;
+
+use crate::link::{RecvStream, SendStream};
 use serde::{de::DeserializeOwned, Serialize};
 
 use sallyport_proto::frame::{self, EncodeError, InvalidFrame, LENGTH_PREFIX};

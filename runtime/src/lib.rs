@@ -7,6 +7,7 @@
 //! - [`transport`]: quinn's limits for both ends, the packet-size bound for path MTU discovery, the
 //!   QUIC socket with its kernel buffers, the stable stateless-reset key; [`udp_count`]: the
 //!   QUIC socket's system calls and datagrams, counted (segmentation offload made visible).
+//! - [`link`]: a tunnel connection over QUIC or over TLS+TCP (HTTP/2 streams), one API for both.
 //! - [`framed`]: length-prefixed frames (see `sallyport_proto::frame`) on QUIC streams.
 //! - [`splice`]: a TCP connection joined to a QUIC stream, with half-close and reset semantics.
 //! - [`config`]: loading a TOML file into a raw model, human durations, errors naming file and key.
@@ -25,6 +26,7 @@ pub mod durable;
 pub mod flows;
 pub mod framed;
 pub mod hex;
+pub mod link;
 pub mod live;
 pub mod logs;
 pub mod splice;

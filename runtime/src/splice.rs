@@ -1,4 +1,4 @@
-//! Joining a TCP connection to a QUIC bidirectional stream, in both directions, with the failure
+//! Joining a TCP connection to a tunnel's bidirectional stream (QUIC, or HTTP/2 over TCP), in both directions, with the failure
 //! semantics users rely on: each direction ends either with all bytes then EOF, or with a reset.
 //!
 //! - TCP EOF becomes a stream FIN; a stream FIN becomes a TCP write shutdown (half-close both ways).
@@ -11,7 +11,7 @@
 use std::io;
 
 use bytes::BytesMut;
-use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
+use quinn::{ConnectionError, ReadError, VarInt, WriteError};
 use tokio::{
     io::AsyncReadExt,
     net::{
@@ -20,7 +20,11 @@ use tokio::{
     },
 };
 
-use crate::{code, flows::Activity};
+use crate::{
+    code,
+    flows::Activity,
+    link::{RecvStream, SendStream},
+};
 use sallyport_proto::{codes, stream::InvalidAnswer, Answer};
 
 /// Bytes read from TCP in one go: the first read and after small ones, and the most (also what
@@ -208,18 +212,18 @@ async fn stream_to_tcp(
     // Waiting for data holds no buffer; once a chunk is there, the chunks already received join it
     // (each is about one packet's payload) and go out in one vectored write: far fewer syscalls
     // and receiver wakeups in bulk, and nothing waits for more data.
-    while let Some(first) = recv.read_chunk(usize::MAX, true).await? {
+    while let Some(first) = recv.read_chunk().await? {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        batch.push(first.bytes);
+        batch.push(first);
         while batch.len() < MAX_BATCH {
             // `read_chunk` is cancel-safe: a poll that finds nothing takes nothing.
             let more = tokio::select! {
                 biased;
-                more = recv.read_chunk(usize::MAX, true) => more?,
+                more = recv.read_chunk() => more?,
                 () = std::future::ready(()) => break,
             };
             match more {
-                Some(chunk) => batch.push(chunk.bytes),
+                Some(chunk) => batch.push(chunk),
                 None => break,
             }
         }

@@ -103,13 +103,14 @@ pub enum ClientCerts {
     Optional,
 }
 
-/// [`server_crypto`] with the client-certificate policy spelled out.
-pub fn server_crypto_with(
+/// The relay's rustls configuration, with the client-certificate policy spelled out: TLS 1.3
+/// only, no early data, the same for QUIC and for the TCP transport.
+pub fn server_rustls(
     roots: Arc<RootCertStore>,
     identity: Identity,
     alpn: &[&[u8]],
     client_certs: ClientCerts,
-) -> Result<Arc<QuicServerConfig>, TlsError> {
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
     let verifier = match client_certs {
@@ -124,6 +125,22 @@ pub fn server_crypto_with(
         .map_err(TlsError::Identity)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.max_early_data_size = 0;
+    Ok(config)
+}
+
+/// A relay's rustls configuration made QUIC's.
+pub fn quic_server(config: rustls::ServerConfig) -> Result<Arc<QuicServerConfig>, TlsError> {
+    Ok(Arc::new(QuicServerConfig::try_from(config)?))
+}
+
+/// [`server_rustls`] for QUIC.
+pub fn server_crypto_with(
+    roots: Arc<RootCertStore>,
+    identity: Identity,
+    alpn: &[&[u8]],
+    client_certs: ClientCerts,
+) -> Result<Arc<QuicServerConfig>, TlsError> {
+    let config = server_rustls(roots, identity, alpn, client_certs)?;
     Ok(Arc::new(QuicServerConfig::try_from(config)?))
 }
 
@@ -133,6 +150,20 @@ pub fn client_crypto(
     identity: Identity,
     alpn: &[&[u8]],
 ) -> Result<Arc<QuicClientConfig>, TlsError> {
+    Ok(Arc::new(QuicClientConfig::try_from(client_rustls(roots, identity, alpn)?)?))
+}
+
+/// An agent's rustls configuration made QUIC's.
+pub fn quic_client(config: rustls::ClientConfig) -> Result<Arc<QuicClientConfig>, TlsError> {
+    Ok(Arc::new(QuicClientConfig::try_from(config)?))
+}
+
+/// The agent's rustls configuration (TLS 1.3 only, no early data), for QUIC and for TCP.
+pub fn client_rustls(
+    roots: Arc<RootCertStore>,
+    identity: Identity,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Identity)?
@@ -141,7 +172,7 @@ pub fn client_crypto(
         .map_err(TlsError::Identity)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.enable_early_data = false;
-    Ok(Arc::new(QuicClientConfig::try_from(config)?))
+    Ok(config)
 }
 
 /// Client crypto for enrollment: no client certificate, and the relay is trusted only if its chain

@@ -13,7 +13,7 @@ use crate::TestPki;
 pub struct RawAgent {
     pub connection: quinn::Connection,
     pub control: quinn::SendStream,
-    pub control_recv: quinn::RecvStream,
+    pub control_recv: sallyport_runtime::link::RecvStream,
     pub answer: RelayMessage,
 }
 
@@ -86,7 +86,8 @@ impl RawAgent {
             endpoint.connect(relay, "127.0.0.1").expect("connect").await.map_err(|e| e.to_string())?;
         let closed =
             |c: &quinn::Connection| c.close_reason().map_or("stream failed".to_owned(), |r| r.to_string());
-        let (mut control, mut control_recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        let (mut control, control_recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        let mut control_recv = sallyport_runtime::link::RecvStream::Quic(control_recv);
         let bytes = frame::encode_to_vec(first, 1024).expect("encode");
         control.write_all(&bytes).await.map_err(|_| closed(&connection))?;
         let mut buf = Vec::new();

@@ -18,6 +18,8 @@ pub struct RunningRelay {
     /// The HTTP (by Host) and HTTPS (by SNI) listeners, when configured.
     pub http: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
+    /// Where agents reach the tunnel over TCP.
+    pub tcp: Option<SocketAddr>,
     agents: watch::Receiver<BTreeMap<String, AgentSession>>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
@@ -42,10 +44,10 @@ impl RunningRelay {
         };
         let (quic, admin, services, agents) =
             (relay.quic_addr(), relay.admin_addr(), relay.service_addrs(), relay.agents());
-        let (http, https) = (relay.http_addr(), relay.https_addr());
+        let (http, https, tcp) = (relay.http_addr(), relay.https_addr(), relay.tcp_addr());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(relay.run(shutdown.clone()));
-        Self { quic, admin, services, http, https, agents, shutdown, task }
+        Self { quic, admin, services, http, https, tcp, agents, shutdown, task }
     }
 
     /// The listener address of `service`.
@@ -75,8 +77,16 @@ impl RunningRelay {
     }
 
     /// The packet size path MTU discovery has reached on `agent`'s tunnel, if it is connected.
+    /// The transport `agent`'s tunnel runs over, and why the agent said it chose it.
+    pub fn transport(&self, agent: &str) -> Option<(sallyport_runtime::link::Transport, String)> {
+        self.agents
+            .borrow()
+            .get(agent)
+            .map(|s| (s.transport(), s.transport_why.lock().map(|w| w.clone()).unwrap_or_default()))
+    }
+
     pub fn path_mtu(&self, agent: &str) -> Option<u16> {
-        self.agents.borrow().get(agent).map(|s| s.path_mtu())
+        self.agents.borrow().get(agent).and_then(|s| s.path_mtu())
     }
 
     /// How many connections `agent` holds to this relay (its tunnel and its lanes), if connected.
@@ -150,6 +160,14 @@ impl RunningAgent {
         .await
         .unwrap_or_else(|_| panic!("the agent did not connect within {within:?}"))
         .expect("agent running");
+    }
+
+    /// The transport of the first tunnel that is up, and why it was chosen.
+    pub fn transport(&self) -> Option<(sallyport_runtime::link::Transport, String)> {
+        self.status.borrow().values().find_map(|t| match t {
+            TunnelStatus::Connected { transport, why, .. } => Some((*transport, why.clone())),
+            _ => None,
+        })
     }
 
     pub async fn stop(self) {

@@ -42,7 +42,24 @@ pub struct Config {
     /// Connections to each relay that the relay spreads data streams over: the tunnel and
     /// `lanes - 1` lanes beside it, each driven on its own thread (the relay may allow fewer).
     pub lanes: usize,
+    /// Which transport carries the tunnels (`agent.transport`).
+    pub transport: TransportChoice,
+    /// While a tunnel runs over TCP in `auto`, how often QUIC is tried again (`agent.quic_probe`).
+    pub quic_probe: Duration,
 }
+
+/// `agent.transport`: which transport carries the tunnels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// QUIC first; TCP when QUIC's handshake does not complete within [`QUIC_WAIT`] or UDP fails
+    /// outright; back to QUIC once a probe gets through. The default.
+    Auto,
+    /// One transport only.
+    Only(sallyport_runtime::link::Transport),
+}
+
+/// How long a QUIC handshake may take in `auto` before the tunnel falls back to TCP.
+pub const QUIC_WAIT: Duration = Duration::from_secs(3);
 
 /// The agent's UDP flows.
 #[derive(Debug, Clone)]
@@ -270,6 +287,14 @@ impl Config {
         let timing = Timing::from_raw(&a, agent)?;
         let udp = UdpLimits::from_raw(&a, agent)?;
         let lanes = agent.bounded("lanes", a.lanes, default_lanes(), 1..=64)?;
+        let transport = match a.transport.as_deref() {
+            None | Some("auto") => TransportChoice::Auto,
+            Some(other) => TransportChoice::Only(other.parse().map_err(|_| {
+                ConfigError::invalid(path, "agent.transport", format!("{other:?}: must be auto, quic or tcp"))
+            })?),
+        };
+        let quic_probe =
+            agent.bounded("quic_probe", a.quic_probe.map(|d| d.0), Duration::from_secs(15), SECOND..=HOUR)?;
         if timing.keep_alive * 3 > timing.idle_timeout * 2 {
             return Err(ConfigError::invalid(
                 path,
@@ -369,6 +394,8 @@ impl Config {
             containers,
             udp,
             lanes,
+            transport,
+            quic_probe,
         })
     }
 }
@@ -410,6 +437,8 @@ struct RawAgent {
     udp_flow_idle: Option<HumanDuration>,
     udp_max_flows: Option<usize>,
     lanes: Option<usize>,
+    transport: Option<String>,
+    quic_probe: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,8 +2,8 @@
 
 use std::{io, sync::Arc, time::Duration};
 
-use quinn::{RecvStream, SendStream};
 use sallyport_proto::{codes, Answer, StreamHeader, MAX_STREAM_HEADER};
+use sallyport_runtime::link::{RecvStream, SendStream};
 use sallyport_runtime::{code, read_frame, splice, Side};
 use tokio::net::TcpStream;
 use tracing::{debug, info_span, Instrument};

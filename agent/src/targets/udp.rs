@@ -15,11 +15,11 @@ use std::{
 };
 
 use bytes::BytesMut;
-use quinn::Connection;
 use sallyport_proto::{
     codes::close,
     datagram::{data_header, Datagram, DATA_OVERHEAD},
 };
+use sallyport_runtime::link::Connection;
 use sallyport_runtime::{
     code,
     flows::{source_prefix, Activity, FlowTable, Tracked},

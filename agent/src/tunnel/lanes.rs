@@ -5,13 +5,13 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use quinn::Connection;
 use sallyport_proto::{codes::close, AgentMessage, RelayMessage, MAX_CONTROL_FRAME};
+use sallyport_runtime::link::Connection;
 use sallyport_runtime::{code, read_frame, write_frame};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::{accept_streams, dial, endpoint_for, Quic, TunnelError, Tunnels};
+use super::{accept_streams, dial, endpoint_for, Quic, TunnelError, Tunnels, Via};
 use crate::{backoff::Backoff, config::RelayAddr};
 
 /// Where lanes of one tunnel go, and when they stop (the tunnel ended, or the agent stops).
@@ -20,6 +20,8 @@ pub(crate) struct LaneStarter {
     pub(crate) relay: RelayAddr,
     /// The address the tunnel reached: lanes go to the same relay.
     pub(crate) addr: SocketAddr,
+    /// Lanes run over the tunnel's transport.
+    pub(crate) transport: sallyport_runtime::link::Transport,
     pub(crate) stop: CancellationToken,
 }
 
@@ -97,8 +99,15 @@ impl LaneStarter {
         endpoint: &mut Option<Quic>,
         tunnels: &Arc<Tunnels>,
     ) -> Result<(), TunnelError> {
-        let endpoint = endpoint_for(self.addr, endpoint)?;
-        let opened = dial(&endpoint, self.addr, &self.relay.server_name, tunnels, None, |c| async move {
+        let quic;
+        let via = match self.transport {
+            sallyport_runtime::link::Transport::Quic => {
+                quic = endpoint_for(self.addr, endpoint)?;
+                Via::Quic(&quic)
+            }
+            sallyport_runtime::link::Transport::Tcp => Via::Tcp,
+        };
+        let opened = dial(via, self.addr, &self.relay.server_name, tunnels, None, |c| async move {
             join(&c, session).await
         });
         let (connection, _control) = tokio::select! {
@@ -106,8 +115,9 @@ impl LaneStarter {
             () = self.stop.cancelled() => return Ok(()),
         };
         info!(remote = %connection.remote_address(), "lane up");
+        let open = Arc::new(());
         tokio::select! {
-            () = accept_streams(&connection, tunnels) => {}
+            () = accept_streams(&connection, tunnels, &open) => {}
             () = self.stop.cancelled() => connection.close(code(close::NORMAL), b"tunnel ended"),
         }
         Ok(())
@@ -118,7 +128,7 @@ impl LaneStarter {
 async fn join(
     connection: &Connection,
     session: u64,
-) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
+) -> Result<(sallyport_runtime::link::SendStream, sallyport_runtime::link::RecvStream), TunnelError> {
     let (mut send, mut recv) = connection.open_bi().await?;
     write_frame(&mut send, &AgentMessage::Lane { session }, MAX_CONTROL_FRAME).await?;
     let mut buf = Vec::new();

@@ -14,14 +14,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
+use quinn::{ConnectionError, Endpoint, VarInt};
 use sallyport_proto::{
     codes::close, AgentMessage, Hello, RelayMessage, Replicas, ServiceOffer, Welcome, MAX_CONTROL_FRAME,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use sallyport_runtime::{
-    code, read_frame,
-    sync::read,
+    code,
+    link::{tcp, Connection, RecvStream, SendStream, Transport},
+    read_frame,
+    sync::{lock, read},
+    tls,
     transport::{self, StreamCredit},
     udp_count::{counted_endpoint, UdpCounters},
     write_frame, FrameError,
@@ -34,7 +37,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use self::{lanes::LaneStarter, replicas::Group};
 use crate::{
     backoff::Backoff,
-    config::{Live, RelayAddr},
+    config::{Live, RelayAddr, TransportChoice, QUIC_WAIT},
     targets::{dial, Targets},
 };
 /// This build, as the agent describes itself to relays.
@@ -49,6 +52,9 @@ pub enum TunnelStatus {
         remote: SocketAddr,
         published: Vec<String>,
         replica: Option<String>,
+        /// The transport carrying it, and why that one.
+        transport: Transport,
+        why: String,
     },
     Retrying {
         error: String,
@@ -66,6 +72,10 @@ pub(crate) struct Tunnels {
     pub(crate) targets: Arc<Targets>,
     /// Rebuilt when the certificate is renewed; each new connection takes the current one.
     pub(crate) client_config: RwLock<quinn::ClientConfig>,
+    /// The same identity for tunnels over TCP.
+    pub(crate) tcp_config: RwLock<Arc<rustls::ClientConfig>>,
+    /// The transport that last carried a tunnel to each relay (`auto` starts there).
+    remembered: Mutex<BTreeMap<String, Transport>>,
     /// Validity of the current certificate (seconds since the epoch): renewal is due when a third
     /// of it is left.
     pub(crate) cert_validity: Mutex<(i64, i64)>,
@@ -82,7 +92,7 @@ impl Tunnels {
     pub(crate) fn new(
         config: Arc<Live>,
         targets: Arc<Targets>,
-        client_config: quinn::ClientConfig,
+        (client_config, tcp_config): (quinn::ClientConfig, Arc<rustls::ClientConfig>),
         cert_validity: (i64, i64),
     ) -> Self {
         Self {
@@ -90,6 +100,8 @@ impl Tunnels {
             offers: watch::Sender::new(0),
             targets,
             client_config: RwLock::new(client_config),
+            tcp_config: RwLock::new(tcp_config),
+            remembered: Mutex::default(),
             cert_validity: Mutex::new(cert_validity),
             renewal_key: Mutex::new(None),
             streams: TaskTracker::new(),
@@ -141,6 +153,9 @@ pub enum TunnelError {
     Socket(io::Error),
     #[error("cannot start the connection: {0}")]
     Connect(#[from] quinn::ConnectError),
+    /// The TCP transport's connect or TLS handshake failed.
+    #[error("over TCP: {0}")]
+    Tcp(String),
     #[error("{0}")]
     Connection(#[from] ConnectionError),
     #[error("control stream: {0}")]
@@ -162,12 +177,49 @@ pub enum TunnelError {
 enum Outcome {
     /// The agent is shutting down.
     Stopped,
-    /// The relay is draining or restarting: reconnect at once.
-    GoingAway,
-    /// The tunnel was up and is lost, with the path's round-trip time when it was last known.
-    Lost(String, Duration),
+    /// The relay is draining or restarting: reconnect at once (over the transport it ran on).
+    GoingAway(Transport),
+    /// The tunnel was up and is lost, with the path's round-trip time when it was last known and
+    /// the transport it ran on.
+    Lost(String, Duration, Transport),
     /// The attempt failed before the tunnel was up.
     Failed(TunnelError),
+}
+
+impl TunnelError {
+    /// Whether the error says QUIC cannot get through (no answer, UDP refused), so `auto` tries TCP.
+    fn udp_blocked(&self) -> bool {
+        matches!(
+            self,
+            Self::NoAnswer(_)
+                | Self::Timeout(_)
+                | Self::Socket(_)
+                | Self::Connect(_)
+                | Self::Connection(ConnectionError::TimedOut)
+        )
+    }
+}
+
+/// The transport a slot dials next, and why.
+#[derive(Debug, Clone)]
+struct Choice {
+    transport: Transport,
+    why: String,
+    /// Since when QUIC attempts have gone unanswered.
+    silent_since: Option<Instant>,
+}
+
+impl Choice {
+    fn first(choice: TransportChoice, remembered: Option<Transport>) -> Self {
+        let (transport, why) = match (choice, remembered) {
+            (TransportChoice::Only(t), _) => (t, format!("agent.transport = \"{t}\"")),
+            (TransportChoice::Auto, Some(Transport::Tcp)) => {
+                (Transport::Tcp, "auto: TCP carried the last tunnel to this relay".to_owned())
+            }
+            (TransportChoice::Auto, _) => (Transport::Quic, "auto: QUIC first".to_owned()),
+        };
+        Self { transport, why, silent_since: None }
+    }
 }
 
 /// Keeps a tunnel to `relay` up until `stop` is cancelled; to each of its replicas, when the
@@ -215,6 +267,8 @@ async fn keep_slot(
         let mut redial = Redial::default();
         let mut held_tries = 0;
         let mut changes = group.changes();
+        let mode = tunnels.config.get().transport;
+        let mut choice = Choice::first(mode, lock(&tunnels.remembered).get(&key).copied());
         loop {
             if !group.keeps(slot) {
                 debug!("no replica left for this tunnel");
@@ -227,10 +281,52 @@ async fn keep_slot(
                 new_port(&mut endpoint);
             }
             tunnels.set_status(&key, TunnelStatus::Connecting);
-            let answer_within = redial.answer_within(Instant::now());
-            let attempt =
-                Attempt { relay: &relay, tunnels: &tunnels, stop: &stop, group: &group, slot, key: &key };
+            let mut answer_within = redial.answer_within(Instant::now());
+            let auto_quic = mode == TransportChoice::Auto && choice.transport == Transport::Quic;
+            if auto_quic {
+                // In auto, a QUIC handshake waits a few seconds at most before TCP is tried.
+                answer_within = Some(answer_within.unwrap_or(QUIC_WAIT).min(QUIC_WAIT));
+            }
+            let started = Instant::now();
+            let attempt = Attempt {
+                relay: &relay,
+                tunnels: &tunnels,
+                stop: &stop,
+                group: &group,
+                slot,
+                key: &key,
+                choice: &choice,
+                probe: mode == TransportChoice::Auto,
+            };
             let outcome = connect_and_serve(attempt, &mut endpoint, answer_within).await;
+            match &outcome {
+                Outcome::Failed(e) if auto_quic && e.udp_blocked() => {
+                    let since = *choice.silent_since.get_or_insert(started);
+                    if since.elapsed() + Duration::from_millis(50) >= QUIC_WAIT
+                        || !matches!(e, TunnelError::NoAnswer(_))
+                    {
+                        warn!(error = %e, waited = ?since.elapsed(), "QUIC does not get through: trying TCP");
+                        choice = Choice {
+                            transport: Transport::Tcp,
+                            why: format!("auto: QUIC got no answer within {:?} ({e})", since.elapsed()),
+                            silent_since: None,
+                        };
+                        continue;
+                    }
+                }
+                Outcome::Failed(e) if mode == TransportChoice::Auto && choice.transport == Transport::Tcp => {
+                    // TCP failed too (the relay is away?): QUIC first again next time.
+                    debug!(error = %e, "tunnel over TCP failed: QUIC first next time");
+                    choice = Choice::first(mode, None);
+                }
+                Outcome::Failed(_) => {}
+                _ => choice.silent_since = None,
+            }
+            if let Outcome::Lost(_, _, transport) | Outcome::GoingAway(transport) = &outcome {
+                if mode == TransportChoice::Auto && *transport != choice.transport {
+                    choice = Choice::first(mode, Some(*transport));
+                }
+            }
             if !matches!(outcome, Outcome::Failed(TunnelError::Held(_))) {
                 held_tries = 0;
             }
@@ -249,14 +345,14 @@ async fn keep_slot(
                     }
                     continue;
                 }
-                Outcome::GoingAway => {
+                Outcome::GoingAway(_) => {
                     info!("relay going away: reconnecting now");
                     backoff.reset();
                     redial.lost(Instant::now(), None);
                     // A little spread so many agents do not arrive in the same instant.
                     Duration::from_millis(fastrand::u64(0..100))
                 }
-                Outcome::Lost(reason, rtt) => {
+                Outcome::Lost(reason, rtt, _) => {
                     warn!(event_id = crate::events::id::TUNNEL_DOWN, %reason, "tunnel lost");
                     backoff.reset();
                     redial.lost(Instant::now(), Some(rtt));
@@ -332,6 +428,9 @@ struct Attempt<'a> {
     slot: usize,
     /// The slot's status key.
     key: &'a str,
+    choice: &'a Choice,
+    /// While over TCP, try QUIC again now and then (`auto`).
+    probe: bool,
 }
 
 /// How soon to give up on an attempt that hears nothing: after a tunnel was lost, the relay is
@@ -373,24 +472,50 @@ async fn connect_and_serve(
     endpoint: &mut Option<Quic>,
     answer_within: Option<Duration>,
 ) -> Outcome {
-    let Attempt { relay, tunnels, stop, group, slot, key } = attempt;
+    let Attempt { relay, tunnels, stop, group, slot, .. } = attempt;
+    let transport = attempt.choice.transport;
     let opened = async {
         // Until this connection knows its replica, no other slot of the group dials.
         let _dialing = group.dialing.lock().await;
-        let session = connect(relay, endpoint, tunnels, answer_within, &group.held_by_others(slot)).await?;
+        let session =
+            connect(relay, endpoint, transport, tunnels, answer_within, &group.held_by_others(slot)).await?;
         if let Some(replicas) = &session.4 {
             group.landed(slot, &replicas.this, replicas.serving.clone());
         }
         Ok::<_, TunnelError>(session)
     };
-    let attempt = tokio::select! {
+    let attempt_result = tokio::select! {
         a = opened => a,
         () = stop.cancelled() => return Outcome::Stopped,
     };
-    let (connection, mut send, mut recv, welcome, replicas) = match attempt {
+    let mut session = match attempt_result {
         Ok(session) => session,
         Err(e) => return Outcome::Failed(e),
     };
+    let mut why = attempt.choice.why.clone();
+    loop {
+        match serve(attempt, session, &why, endpoint).await {
+            Served::Over(outcome) => return outcome,
+            Served::Moved(next) => {
+                session = *next;
+                why = "auto: a probe found QUIC getting through again".to_owned();
+            }
+        }
+    }
+}
+
+/// How serving a tunnel ended.
+enum Served {
+    Over(Outcome),
+    /// A probe brought a QUIC tunnel up while this one ran over TCP: serve that one now.
+    Moved(Box<Session>),
+}
+
+async fn serve(attempt: Attempt<'_>, session: Session, why: &str, endpoint: &mut Option<Quic>) -> Served {
+    let Attempt { relay, tunnels, stop, group, slot, key, .. } = attempt;
+    let (connection, mut send, mut recv, welcome, replicas) = session;
+    let transport = connection.transport();
+    lock(&tunnels.remembered).insert(key.to_owned(), transport);
     let replica = replicas.map(|r| r.this).filter(|name| !name.is_empty());
     let published: Vec<String> = welcome.published().map(str::to_owned).collect();
     for (service, reason) in welcome.refused() {
@@ -399,23 +524,50 @@ async fn connect_and_serve(
     info!(
         event_id = crate::events::id::TUNNEL_UP,
         remote = %connection.remote_address(),
+        %transport,
+        why,
         relay_software = %welcome.software,
         ?published,
         replica = replica.as_deref().unwrap_or("-"),
         held = ?group.held(),
         "tunnel up"
     );
-    tunnels
-        .set_status(key, TunnelStatus::Connected { remote: connection.remote_address(), published, replica });
+    tunnels.set_status(
+        key,
+        TunnelStatus::Connected {
+            remote: connection.remote_address(),
+            published,
+            replica,
+            transport,
+            why: why.to_owned(),
+        },
+    );
 
     // The lanes of this tunnel end with it.
-    let lanes =
-        LaneStarter { relay: relay.clone(), addr: connection.remote_address(), stop: stop.child_token() };
-    let _lanes_end = lanes.stop.clone().drop_guard();
+    let lanes = LaneStarter {
+        relay: relay.clone(),
+        addr: connection.remote_address(),
+        transport,
+        stop: stop.child_token(),
+    };
+    let lanes_end = lanes.stop.clone().drop_guard();
+    let open = Arc::new(());
+    let probing = attempt.probe && transport == Transport::Tcp;
+    let probe = async {
+        if !probing {
+            return std::future::pending().await;
+        }
+        probe_quic(relay, endpoint, tunnels, group, slot).await
+    };
     let outcome = tokio::select! {
-        () = accept_streams(&connection, tunnels) => None,
+        () = accept_streams(&connection, tunnels, &open) => None,
         () = crate::targets::udp::serve(&connection, &tunnels.targets) => None,
-        () = control_loop(&mut send, &mut recv, tunnels, (key, welcome.version), &lanes, group) => None,
+        () = control_loop(&mut send, &mut recv, tunnels, (key, welcome.version), &lanes, group, (transport, why)) => None,
+        next = probe => {
+            drop(lanes_end);
+            drain_moved(connection.clone(), tunnels.clone(), open);
+            return Served::Moved(Box::new(next));
+        }
         () = stop.cancelled() => {
             connection.close(code(close::NORMAL), b"agent stopping");
             Some(Outcome::Stopped)
@@ -423,18 +575,73 @@ async fn connect_and_serve(
     };
     group.lost(slot);
     if let Some(outcome) = outcome {
-        return outcome;
+        return Served::Over(outcome);
     }
-    match connection.close_reason() {
+    Served::Over(match connection.close_reason() {
         Some(ConnectionError::ApplicationClosed(c)) if c.error_code == code(close::GOING_AWAY) => {
-            Outcome::GoingAway
+            Outcome::GoingAway(transport)
         }
-        Some(reason) => Outcome::Lost(reason.to_string(), connection.rtt()),
+        Some(reason) => Outcome::Lost(reason.to_string(), connection.rtt(), transport),
         None => {
             connection.close(code(close::PROTOCOL_ERROR), b"control stream ended");
-            Outcome::Lost("the relay ended the control stream".into(), connection.rtt())
+            Outcome::Lost("the relay ended the control stream".into(), connection.rtt(), transport)
+        }
+    })
+}
+
+/// While a tunnel runs over TCP: every `agent.quic_probe`, a QUIC tunnel is tried; the first that
+/// comes up is returned (the relay then routes new streams to it).
+async fn probe_quic(
+    relay: &RelayAddr,
+    endpoint: &mut Option<Quic>,
+    tunnels: &Tunnels,
+    group: &Group,
+    slot: usize,
+) -> Session {
+    loop {
+        tokio::time::sleep(tunnels.config.get().quic_probe).await;
+        let tried = async {
+            let _dialing = group.dialing.lock().await;
+            let session = connect(
+                relay,
+                endpoint,
+                Transport::Quic,
+                tunnels,
+                Some(QUIC_WAIT),
+                &group.held_by_others(slot),
+            )
+            .await?;
+            if let Some(replicas) = &session.4 {
+                group.landed(slot, &replicas.this, replicas.serving.clone());
+            }
+            Ok::<_, TunnelError>(session)
+        };
+        match tried.await {
+            Ok(session) => {
+                info!("QUIC gets through again: moving the tunnel back from TCP");
+                return session;
+            }
+            Err(e) => debug!(error = %e, "QUIC probe: still no way through"),
         }
     }
+}
+
+/// The tunnel a probe replaced: the relay sends it no new streams; it serves the streams in
+/// flight, then closes (the relay closes it at the end of its drain grace in any case).
+fn drain_moved(connection: Connection, tunnels: Arc<Tunnels>, open: Arc<()>) {
+    tokio::spawn(async move {
+        let drained = async {
+            while Arc::strong_count(&open) > 1 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            () = accept_streams(&connection, &tunnels, &open) => {}
+            () = drained => {}
+        }
+        info!(transport = %connection.transport(), "previous tunnel drained: closing it");
+        connection.close(code(close::NORMAL), b"tunnel moved to another transport");
+    });
 }
 
 type Session = (Connection, SendStream, RecvStream, Welcome, Option<Replicas>);
@@ -444,6 +651,7 @@ type Session = (Connection, SendStream, RecvStream, Welcome, Option<Replicas>);
 async fn connect(
     relay: &RelayAddr,
     endpoint: &mut Option<Quic>,
+    transport: Transport,
     tunnels: &Tunnels,
     answer_within: Option<Duration>,
     held: &[String],
@@ -453,9 +661,16 @@ async fn connect(
         .map_err(TunnelError::Resolve)?
         .next()
         .ok_or(TunnelError::NoAddress)?;
-    let endpoint = endpoint_for(addr, endpoint)?;
+    let quic;
+    let via = match transport {
+        Transport::Quic => {
+            quic = endpoint_for(addr, endpoint)?;
+            Via::Quic(&quic)
+        }
+        Transport::Tcp => Via::Tcp,
+    };
     let (connection, (send, recv, welcome, replicas)) =
-        dial(&endpoint, addr, &relay.server_name, tunnels, answer_within, |c| async move {
+        dial(via, addr, &relay.server_name, tunnels, answer_within, |c| async move {
             hello(&c, tunnels, held).await
         })
         .await?;
@@ -467,7 +682,7 @@ async fn connect(
 /// `answer_within`, the QUIC handshake must be done within that. A reason the relay closed with
 /// beats "connection lost".
 pub(crate) async fn dial<T, Fut>(
-    endpoint: &Endpoint,
+    via: Via<'_>,
     addr: SocketAddr,
     server_name: &str,
     tunnels: &Tunnels,
@@ -477,14 +692,27 @@ pub(crate) async fn dial<T, Fut>(
 where
     Fut: std::future::Future<Output = Result<T, TunnelError>>,
 {
-    let client_config = read(&tunnels.client_config).clone();
-    let connecting = endpoint.connect_with(client_config, addr, server_name)?;
     let timeout = tunnels.config.get().timing.handshake_timeout;
     let handshake = async {
-        let connection = match answer_within {
-            None => connecting.await?,
-            Some(wait) => {
-                tokio::time::timeout(wait, connecting).await.map_err(|_| TunnelError::NoAnswer(wait))??
+        let connection = match via {
+            Via::Quic(endpoint) => {
+                let client_config = read(&tunnels.client_config).clone();
+                let connecting = endpoint.connect_with(client_config, addr, server_name)?;
+                Connection::Quic(match answer_within {
+                    None => connecting.await?,
+                    Some(wait) => tokio::time::timeout(wait, connecting)
+                        .await
+                        .map_err(|_| TunnelError::NoAnswer(wait))??,
+                })
+            }
+            Via::Tcp => {
+                let connecting = connect_tcp(addr, server_name, tunnels);
+                match answer_within {
+                    None => connecting.await?,
+                    Some(wait) => tokio::time::timeout(wait, connecting)
+                        .await
+                        .map_err(|_| TunnelError::NoAnswer(wait))??,
+                }
             }
         };
         match first(connection.clone()).await {
@@ -493,6 +721,68 @@ where
         }
     };
     tokio::time::timeout(timeout, handshake).await.map_err(|_| TunnelError::Timeout(timeout))?
+}
+
+/// Whether `relay` can be reached over `transport`: the handshake (mutual TLS) only, closed at
+/// once, so a running agent's tunnel is not disturbed. How long it took, or why not.
+pub(crate) async fn probe(
+    relay: &RelayAddr,
+    transport: Transport,
+    tunnels: &Tunnels,
+) -> Result<Duration, TunnelError> {
+    let addr = tokio::net::lookup_host((relay.host.as_str(), relay.port))
+        .await
+        .map_err(TunnelError::Resolve)?
+        .next()
+        .ok_or(TunnelError::NoAddress)?;
+    let mut slot = None;
+    let quic;
+    let via = match transport {
+        Transport::Quic => {
+            quic = endpoint_for(addr, &mut slot)?;
+            Via::Quic(&quic)
+        }
+        Transport::Tcp => Via::Tcp,
+    };
+    let started = Instant::now();
+    let (connection, ()) =
+        dial(via, addr, &relay.server_name, tunnels, Some(QUIC_WAIT), |_| async { Ok(()) }).await?;
+    let took = started.elapsed();
+    connection.close(code(close::NORMAL), b"check");
+    if let Some(Quic { endpoint, .. }) = slot {
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
+    Ok(took)
+}
+
+/// How a connection is dialed: QUIC from the slot's endpoint, or TLS over TCP.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Via<'a> {
+    Quic(&'a Endpoint),
+    Tcp,
+}
+
+/// TCP, then TLS with the agent's certificate, then HTTP/2 (the agent's end serves the relay's
+/// streams).
+async fn connect_tcp(
+    addr: SocketAddr,
+    server_name: &str,
+    tunnels: &Tunnels,
+) -> Result<Connection, TunnelError> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| TunnelError::Tcp(format!("cannot connect to {addr}: {e}")))?;
+    transport::tcp_tunnel_socket(&tcp);
+    let config = read(&tunnels.tcp_config).clone();
+    let name = tls::server_name(server_name).map_err(|e| TunnelError::Tcp(e.to_string()))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| TunnelError::Tcp(format!("TLS handshake: {e}")))?;
+    let peer = tcp::Peer::of(addr, tls.get_ref().1);
+    let timing = tunnels.config.get().timing.clone();
+    let settings = transport::tcp_agent(timing.keep_alive, timing.idle_timeout);
+    Ok(Connection::Tcp(tcp::server(tls, peer, settings).await?))
 }
 
 /// The control stream's opening: `Seek` first when the agent holds tunnels to other replicas of
@@ -569,12 +859,11 @@ fn endpoint_for(addr: SocketAddr, slot: &mut Option<Quic>) -> Result<Endpoint, T
 
 /// Serves the data streams the relay opens until the connection ends, raising the relay's stream
 /// limit as concurrency grows.
-async fn accept_streams(connection: &Connection, tunnels: &Arc<Tunnels>) {
+async fn accept_streams(connection: &Connection, tunnels: &Arc<Tunnels>, open: &Arc<()>) {
     let mut credit = StreamCredit::default();
-    // One clone per stream being served: its strong count, less this one, is the number open.
-    let open = Arc::new(());
+    // One clone per stream being served: its strong count, less the caller's, is the number open.
     while let Ok((send, recv)) = connection.accept_bi().await {
-        if let Some(limit) = credit.raise_for(Arc::strong_count(&open) as u64) {
+        if let Some(limit) = credit.raise_for(Arc::strong_count(open) as u64) {
             debug!(limit, "raising the data stream limit");
             connection.set_max_concurrent_bi_streams(VarInt::from_u32(limit));
         }
@@ -597,10 +886,15 @@ async fn control_loop(
     (relay, version): (&str, u16),
     lanes: &LaneStarter,
     group: &Group,
+    (transport, why): (Transport, &str),
 ) {
     let mut reloads = tunnels.offers.subscribe();
     reloads.mark_unchanged();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<AgentMessage>(64);
+    if version >= 5 {
+        let said = AgentMessage::Transport { transport: transport.to_string(), why: why.to_owned() };
+        let _ = tx.try_send(said);
+    }
     let writer = async {
         while let Some(message) = rx.recv().await {
             match write_frame(send, &message, MAX_CONTROL_FRAME).await {
@@ -633,8 +927,11 @@ async fn control_loop(
                     }
                     info!(?published, "the relay publishes the services after the reload");
                     let now = tunnels.status().borrow().get(relay).cloned();
-                    if let Some(TunnelStatus::Connected { remote, replica, .. }) = now {
-                        tunnels.set_status(relay, TunnelStatus::Connected { remote, published, replica });
+                    if let Some(TunnelStatus::Connected { remote, replica, transport, why, .. }) = now {
+                        tunnels.set_status(
+                            relay,
+                            TunnelStatus::Connected { remote, published, replica, transport, why },
+                        );
                     }
                 }
                 Ok(Some(RelayMessage::Command(command))) => {

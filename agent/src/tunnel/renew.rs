@@ -125,13 +125,16 @@ fn install(cert_pem: &str, key_pem: &str, tunnels: &Tunnels) -> Result<i64, Inst
     let ca_pem = std::fs::read(&files.ca_cert)
         .map_err(|source| InstallError::File { path: files.ca_cert.clone(), source })?;
     let roots = tls::roots_from_pem(&ca_pem)?;
-    let crypto = tls::client_crypto(roots, identity, &[ALPN_TUNNEL])?;
+    let rustls_config = tls::client_rustls(roots, identity, &[ALPN_TUNNEL])?;
+    let tcp_config = std::sync::Arc::new(rustls_config.clone());
+    let crypto = tls::quic_client(rustls_config)?;
     swap_identity(files, key_pem, cert_pem)
         .map_err(|source| InstallError::File { path: files.cert.clone(), source })?;
     let timing = &config.timing;
     let mut client = quinn::ClientConfig::new(crypto);
     client.transport_config(transport::agent(timing.keep_alive, timing.idle_timeout, timing.congestion));
     *write(&tunnels.client_config) = client;
+    *write(&tunnels.tcp_config) = tcp_config;
     *lock(&tunnels.cert_validity) = (info.not_before_unix, info.not_after_unix);
     Ok(info.not_after_unix)
 }

@@ -48,6 +48,10 @@ pub struct Config {
     /// TCP address of the HTTPS listener that routes TLS connections by SNI, without terminating
     /// them (services with `sni`).
     pub https_listen: Option<SocketAddr>,
+    /// TCP address agents reach the tunnel over TCP at, for networks where UDP does not get out;
+    /// unset: the address of `listen`, over TCP. When it is the HTTPS listener's address, that
+    /// listener serves both: a ClientHello offering the tunnel's ALPN goes to the tunnel.
+    pub tcp_listen: Option<SocketAddr>,
     pub tls: TlsFiles,
     pub limits: Limits,
     /// Several replicas behind one address (`[cluster]`); `None`: this relay runs alone.
@@ -160,11 +164,12 @@ impl Config {
 
     /// The keys a reload cannot change (the QUIC endpoint, the admin server, the trust files and
     /// the tunnels' transport), each with its value: a change to one needs a restart.
-    fn fixed(&self) -> [(&'static str, String); 21] {
+    fn fixed(&self) -> [(&'static str, String); 22] {
         let l = &self.limits;
         [
             ("cluster", format!("{:?}", self.cluster)),
             ("relay.listen", format!("{:?}", self.listen)),
+            ("relay.tcp_listen", format!("{:?}", self.tcp_listen)),
             ("relay.admin", format!("{:?}", self.admin)),
             ("relay.admin_token_file", format!("{:?}", self.admin_token_file)),
             ("relay.ca_key", format!("{:?}", self.ca_key)),
@@ -275,7 +280,12 @@ impl Config {
             let load_balancer_ip = s.load_balancer_ip;
             services.insert(name.clone(), Service { name, agent, listen, load_balancer_ip, idle_timeout });
         }
-        for (key, addr) in [("relay.http_listen", r.http_listen), ("relay.https_listen", r.https_listen)] {
+        let tcp_tunnel = r.tcp_listen.filter(|a| Some(*a) != r.https_listen);
+        for (key, addr) in [
+            ("relay.http_listen", r.http_listen),
+            ("relay.https_listen", r.https_listen),
+            ("relay.tcp_listen", tcp_tunnel),
+        ] {
             if let Some(other) = addr.filter(|a| a.port() != 0).and_then(|a| seen_listen.get(&("tcp", a))) {
                 let addr = addr.unwrap_or(Self::DEFAULT_LISTEN);
                 return Err(ConfigError::invalid(
@@ -296,6 +306,7 @@ impl Config {
             revocations_file: r.revocations_file.map(|f| conf::resolve(path, &f)),
             http_listen: r.http_listen,
             https_listen: r.https_listen,
+            tcp_listen: r.tcp_listen,
             agent_cert_validity: relay.bounded(
                 "agent_cert_validity",
                 r.agent_cert_validity,
@@ -456,6 +467,7 @@ pub(super) struct RawRelay {
     congestion: Option<String>,
     http_listen: Option<SocketAddr>,
     https_listen: Option<SocketAddr>,
+    tcp_listen: Option<SocketAddr>,
     header_timeout: Option<HumanDuration>,
     max_header_bytes: Option<usize>,
     max_connections_per_ip: Option<usize>,

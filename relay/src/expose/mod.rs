@@ -14,12 +14,13 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{Config, Listen, Live, Service},
     runtime::Runtime,
-    tunnel::registry::Registry,
+    tunnel::{registry::Registry, Handoff},
 };
 
 /// What every listener shares.
@@ -33,11 +34,26 @@ pub(crate) struct Exposure {
     pub(crate) connections: Arc<limits::Count>,
     /// Connections per client address, across every listener.
     pub(crate) per_ip: Arc<limits::PerIp>,
+    /// Where the HTTPS listener hands agents' TCP tunnels (their ClientHello offers the tunnel's
+    /// ALPN) when it shares the tunnel's port.
+    pub(crate) tunnel_handoff: mpsc::Sender<Handoff>,
 }
 
 impl Exposure {
-    pub(crate) fn new(config: Arc<Live>, runtime: Arc<Runtime>, agents: Arc<Registry>) -> Self {
-        Self { connections: Default::default(), per_ip: Default::default(), config, runtime, agents }
+    pub(crate) fn new(
+        config: Arc<Live>,
+        runtime: Arc<Runtime>,
+        agents: Arc<Registry>,
+        tunnel_handoff: mpsc::Sender<Handoff>,
+    ) -> Self {
+        Self {
+            connections: Default::default(),
+            per_ip: Default::default(),
+            config,
+            runtime,
+            agents,
+            tunnel_handoff,
+        }
     }
 }
 

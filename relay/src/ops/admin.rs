@@ -70,6 +70,7 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
                 let agents = ops.agents.subscribe().borrow().clone();
                 let gauges = agents.values().map(|s| AgentGauges {
                     name: &s.name,
+                    transport: s.transport(),
                     rtt: s.connection.rtt(),
                     connections: s.connections(),
                     containers: lock(&s.containers).clone(),
@@ -135,11 +136,13 @@ fn agent_listing(ops: &Ops) -> String {
     for (name, session) in &agents {
         let services: Vec<&str> = session.services.iter().map(String::as_str).collect();
         out.push_str(&format!(
-            "agent {name} remote={} software={:?} services={} connections={}\n",
+            "agent {name} remote={} software={:?} services={} connections={} transport={} why={:?}\n",
             session.remote,
             status::printable(&session.software),
             services.join(","),
-            session.connections()
+            session.connections(),
+            session.transport(),
+            lock(&session.transport_why),
         ));
         for c in lock(&session.containers).iter() {
             out.push_str(&format!(

@@ -28,6 +28,8 @@ pub(crate) struct AgentRow {
     pub software: String,
     pub connected_for: String,
     pub rtt_ms: f64,
+    /// The transport the tunnel runs over, and why the agent chose it.
+    pub transport: String,
     /// The tunnel's connection and its lanes.
     pub connections: usize,
     pub containers: Vec<(String, String, Option<u64>)>,
@@ -58,6 +60,10 @@ pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
                 .map(|d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string())
                 .unwrap_or_default(),
             rtt_ms: s.connection.rtt().as_secs_f64() * 1000.0,
+            transport: match lock(&s.transport_why).as_str() {
+                "" => s.transport().to_string(),
+                why => format!("{} ({})", s.transport(), printable(why)),
+            },
             connections: s.connections(),
             containers: lock(&s.containers)
                 .iter()
@@ -128,6 +134,7 @@ fn tables(s: &Snapshot) -> [Table; 3] {
                 a.remote.clone(),
                 a.connected_for.clone(),
                 format!("{:.1} ms", a.rtt_ms),
+                a.transport.clone(),
                 a.connections.to_string(),
                 a.software.clone(),
             ]
@@ -159,7 +166,7 @@ fn tables(s: &Snapshot) -> [Table; 3] {
         Table {
             id: "agents",
             title: format!("Agents ({})", s.agents.len()),
-            header: &["agent", "from", "connected for", "RTT", "connections", "software"],
+            header: &["agent", "from", "connected for", "RTT", "transport", "connections", "software"],
             rows: agents,
             empty: Some("No agent connected."),
         },

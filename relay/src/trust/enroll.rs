@@ -8,11 +8,11 @@
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Mutex, time::Duration};
 
-use quinn::Connection;
 use sallyport_proto::{
     codes::close,
     enroll::{EnrollRequest, EnrollResponse, MAX_ENROLL_FRAME},
 };
+use sallyport_runtime::link::Connection;
 use sallyport_runtime::{
     clock::unix_now as now_unix, code, hex, read_frame, sync::lock, write_frame, FrameError,
 };

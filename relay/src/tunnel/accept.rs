@@ -1,11 +1,16 @@
 //! Accepting agent connections: the handshake under its timeout, enrollment by ALPN, the agent's
 //! identity from its certificate, and revoked certificates refused.
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use quinn::{Connection, Endpoint, Incoming};
+use quinn::{Endpoint, Incoming};
 use sallyport_proto::codes::close;
+use sallyport_runtime::link::{tcp, Connection};
 use sallyport_runtime::{code, tls, transport};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
@@ -51,6 +56,52 @@ pub(crate) async fn accept_loop(endpoint: Endpoint, tunnels: Arc<Tunnels>, stop:
     }
 }
 
+/// A TCP connection whose ClientHello offered the tunnel's ALPN, read by the HTTPS listener that
+/// shares the tunnel's port: the bytes read go first into the TLS handshake.
+#[derive(Debug)]
+pub(crate) struct Handoff {
+    pub(crate) stream: TcpStream,
+    pub(crate) peer: SocketAddr,
+    pub(crate) first: Vec<u8>,
+}
+
+/// Accepts agents' tunnels over TCP, on the tunnel's own listener and from the HTTPS listener,
+/// until `stop` is cancelled. Each connection gets its own task.
+pub(crate) async fn tcp_accept_loop(
+    listener: Option<TcpListener>,
+    mut handoffs: mpsc::Receiver<Handoff>,
+    tunnels: Arc<Tunnels>,
+    stop: CancellationToken,
+) {
+    let accept = async |listener: &Option<TcpListener>| match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    };
+    loop {
+        let (stream, peer, first) = tokio::select! {
+            accepted = accept(&listener) => match accepted {
+                Ok((stream, peer)) => (stream, peer, Vec::new()),
+                Err(e) => {
+                    // Out of descriptors, most likely: a pause rather than a spin.
+                    debug!(error = %e, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            handoff = handoffs.recv() => match handoff {
+                Some(Handoff { stream, peer, first }) => (stream, peer, first),
+                None => std::future::pending().await,
+            },
+            () = stop.cancelled() => break,
+        };
+        transport::tcp_tunnel_socket(&stream);
+        let io = tcp::Prefixed::new(first, stream);
+        let work = serve_tcp(io, peer, tunnels.clone())
+            .instrument(info_span!("tunnel", remote = %peer, transport = "tcp"));
+        tunnels.runtime.tasks.spawn(work);
+    }
+}
+
 /// Serves one incoming connection; while its peer is unproven, newer connections may push it out.
 async fn handle_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) {
     let closed = pass.closed.clone();
@@ -77,10 +128,68 @@ async fn serve_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) {
             return;
         }
     };
-    let alpn = connection
-        .handshake_data()
-        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|d| d.protocol);
+    serve_connection(Connection::Quic(connection), pass, tunnels).await;
+}
+
+/// Serves one TCP connection that asked for the tunnel's ALPN (`first` holds the bytes of its
+/// ClientHello read already): TLS, then HTTP/2, then the same as a QUIC connection.
+async fn serve_tcp<IO>(io: IO, remote: SocketAddr, tunnels: Arc<Tunnels>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let metrics = &tunnels.runtime.metrics;
+    let pass = match tunnels.gate.enter(remote.ip()) {
+        Ok((pass, pushed_out)) => {
+            if pushed_out {
+                metrics.handshake_failed("unauthenticated_pushed_out");
+            }
+            pass
+        }
+        Err(refused) => {
+            metrics.handshake_failed(refused.metric());
+            debug!(%remote, reason = %refused, "TCP connection refused before its handshake");
+            return;
+        }
+    };
+    let closed = pass.closed.clone();
+    let work = async {
+        let config = tunnels.config.get();
+        let limits = &config.limits;
+        let Some(tls) = tunnels.tcp_tls.clone() else { return };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let handshake = async {
+            let tls = acceptor.accept(io).await.map_err(|e| e.to_string())?;
+            let peer = tcp::Peer::of(remote, tls.get_ref().1);
+            let settings =
+                transport::tcp_relay(limits.keep_alive, limits.idle_timeout, peer.certificates.is_some());
+            tcp::client(tls, peer, settings).await.map_err(|e| e.to_string())
+        };
+        let connection = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => {
+                sallyport_runtime::limited!(warn, error = %e, "TCP handshake failed");
+                metrics.handshake_failed("tls");
+                return;
+            }
+            Err(_) => {
+                sallyport_runtime::limited!(warn, timeout = ?limits.handshake_timeout, "TCP handshake timed out");
+                metrics.handshake_failed("timeout");
+                return;
+            }
+        };
+        serve_connection(Connection::Tcp(connection), pass, tunnels.clone()).await;
+    };
+    tokio::select! {
+        () = work => {}
+        () = closed.cancelled() => debug!("unauthenticated connection pushed out by newer ones"),
+    }
+}
+
+/// A connection whose handshake is done, on either transport: enrollment by ALPN, or an agent
+/// proven by its certificate.
+async fn serve_connection(connection: Connection, pass: Pass, tunnels: Arc<Tunnels>) {
+    let metrics = &tunnels.runtime.metrics;
+    let alpn = connection.alpn();
     if alpn.as_deref() == Some(sallyport_proto::enroll::ALPN_ENROLL) {
         // An enrolling peer holds its unauthenticated place until it is done.
         match &tunnels.trust.enrollment {
@@ -112,7 +221,9 @@ async fn serve_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) {
         return;
     }
     // A proven agent: the tunnel's limits, and its place behind the gate is free again.
-    transport::admit_agent(&connection);
+    if let Some(quic) = connection.quic() {
+        transport::admit_agent(quic);
+    }
     pass.authenticated();
     let span = info_span!("agent", agent = %cert.id.agent);
     control::serve_agent(connection, cert, tunnels).instrument(span).await;
@@ -143,10 +254,7 @@ pub(crate) struct AgentCert {
 
 /// The agent's certificate: the first DNS name in it names the agent.
 fn agent_identity(connection: &Connection) -> Result<AgentCert, IdentityError> {
-    let certs = connection
-        .peer_identity()
-        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
-        .ok_or(IdentityError::NoCertificate)?;
+    let certs = connection.peer_certificates().ok_or(IdentityError::NoCertificate)?;
     let leaf = certs.first().ok_or(IdentityError::EmptyChain)?;
     let info = tls::inspect(leaf)?;
     let name = info.dns_name.ok_or(IdentityError::NoName)?;

@@ -7,8 +7,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use quinn::{Connection, RecvStream, SendStream};
 use sallyport_proto::{codes::close, AgentMessage, ContainerReport, Hello, RelayMessage, MAX_CONTROL_FRAME};
+use sallyport_runtime::link::{Connection, RecvStream, SendStream};
 use sallyport_runtime::{code, read_frame, sync::lock, write_frame, FrameError};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -118,6 +118,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
     let (commands, mut command_rx) = mpsc::channel(16);
     let containers = Arc::new(Mutex::new(Vec::new()));
     let start_failures = Arc::new(Mutex::new(BTreeMap::new()));
+    let transport_why = Arc::new(Mutex::new(String::new()));
     let session = AgentSession {
         id,
         name: name.clone(),
@@ -129,6 +130,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         connected_at: std::time::SystemTime::now(),
         containers: containers.clone(),
         start_failures: start_failures.clone(),
+        transport_why: transport_why.clone(),
         serial: cert.id.serial.clone(),
         cert_issued_unix: cert.id.issued_unix,
         cert_not_after_unix: cert.not_after_unix,
@@ -137,9 +139,26 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         lanes: lanes.clone(),
     };
     if let Some(old) = registry.insert(session) {
-        info!(old_remote = %old.remote, "replacing the agent's previous connection");
-        old.connection.close(code(close::REPLACED), b"replaced by a newer connection");
-        old.lanes.close_all(code(close::REPLACED), b"replaced by a newer connection");
+        let moved = old.connection.transport() != connection.transport();
+        if moved {
+            // The agent moves its tunnel to the other transport (back to QUIC once UDP gets
+            // through again): new streams take the new tunnel, and the streams in flight finish
+            // on the old one, which the agent closes once they have (or the drain grace ends it).
+            let grace = tunnels.config.get().limits.drain_grace;
+            info!(old_remote = %old.remote, from = %old.connection.transport(), to = %connection.transport(), ?grace, "the agent moved its tunnel: draining the previous one");
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = old.connection.closed() => {}
+                    () = tokio::time::sleep(grace) => {}
+                }
+                old.connection.close(code(close::REPLACED), b"replaced by a newer connection");
+                old.lanes.close_all(code(close::REPLACED), b"replaced by a newer connection");
+            });
+        } else {
+            info!(old_remote = %old.remote, "replacing the agent's previous connection");
+            old.connection.close(code(close::REPLACED), b"replaced by a newer connection");
+            old.lanes.close_all(code(close::REPLACED), b"replaced by a newer connection");
+        }
     }
     info!(remote = %connection.remote_address(), ?services, version = welcome.version, "agent connected");
 
@@ -174,6 +193,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         pending: &pending,
         containers: &containers,
         start_failures: &start_failures,
+        transport_why: &transport_why,
         replies,
     };
     let ended = tokio::select! {
@@ -292,6 +312,7 @@ fn message_kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::Lane { .. } => "Lane",
         AgentMessage::Seek { .. } => "Seek",
         AgentMessage::StartFailures(_) => "StartFailures",
+        AgentMessage::Transport { .. } => "Transport",
     }
 }
 
@@ -308,6 +329,8 @@ struct Reader<'a> {
     pending: &'a Pending,
     containers: &'a Mutex<Vec<ContainerReport>>,
     start_failures: &'a Mutex<BTreeMap<String, u64>>,
+    /// Why the agent chose the tunnel's transport, as it said.
+    transport_why: &'a Mutex<String>,
     /// Answers to the agent's requests, sent by the writer.
     replies: mpsc::Sender<RelayMessage>,
 }
@@ -327,6 +350,12 @@ async fn control_reader(recv: &mut RecvStream, reader: Reader<'_>) -> Result<Clo
             AgentMessage::Renew { csr_pem } => reader.renew(&csr_pem).await?,
             AgentMessage::Containers(reports) => reader.containers(reports),
             AgentMessage::StartFailures(counts) => reader.start_failures(counts),
+            AgentMessage::Transport { why, .. } => {
+                // What the relay shows is the transport it sees; the agent's word is the reason.
+                let why: String = why.chars().filter(|c| !c.is_control()).take(200).collect();
+                info!(%why, "the agent's choice of transport");
+                *lock(reader.transport_why) = why;
+            }
             AgentMessage::Offer(offers) => reader.offer(offers).await?,
             AgentMessage::Hello(_) => return Err(ProtocolError::HelloTwice),
             AgentMessage::Lane { .. } => return Err(ProtocolError::LaneOnTunnel),

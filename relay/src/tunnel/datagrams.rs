@@ -131,7 +131,7 @@ impl FlowRoutes {
 /// (`sallyport_refusals_total{reason="foreign_flow"}`): a flow is usable only by the agent that
 /// carries its service.
 pub(crate) async fn from_agent(
-    connection: &quinn::Connection,
+    connection: &sallyport_runtime::link::Connection,
     agent: &str,
     flows: &FlowRoutes,
     metrics: &Metrics,

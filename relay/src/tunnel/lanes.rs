@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use quinn::{Connection, RecvStream, SendStream};
 use sallyport_proto::{codes::close, AgentMessage, RelayMessage, MAX_CONTROL_FRAME};
+use sallyport_runtime::link::{Connection, RecvStream, SendStream};
 use sallyport_runtime::{code, read_frame, write_frame};
 use tracing::{info, warn};
 

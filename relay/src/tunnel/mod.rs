@@ -15,7 +15,7 @@ pub(crate) mod streams;
 
 use std::sync::Arc;
 
-pub(crate) use accept::accept_loop;
+pub(crate) use accept::{accept_loop, tcp_accept_loop, Handoff};
 
 /// The gate in front of the handshake, for `limits`.
 pub(crate) fn gate(limits: &crate::config::Limits) -> Arc<gate::Gate> {
@@ -39,4 +39,6 @@ pub(crate) struct Tunnels {
     pub(crate) gate: Arc<gate::Gate>,
     /// This relay's replicas, when it is one of several (`[cluster]`).
     pub(crate) cluster: Option<Arc<Cluster>>,
+    /// TLS for tunnels over TCP (the same identities and trust rules as QUIC's).
+    pub(crate) tcp_tls: Option<Arc<rustls::ServerConfig>>,
 }

@@ -33,12 +33,14 @@ pub struct AgentSession {
     pub containers: Arc<Mutex<Vec<ContainerReport>>>,
     /// Failed starts of each of its containers since the agent started, as it last reported them.
     pub start_failures: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Why the agent chose this tunnel's transport, as it said (protocol 5 on; empty before).
+    pub transport_why: Arc<Mutex<String>>,
     /// Serial number of the certificate it connected with (hex).
     pub serial: String,
     /// When that certificate was issued, and when it stops being valid (Unix time).
     pub cert_issued_unix: i64,
     pub cert_not_after_unix: i64,
-    pub(crate) connection: quinn::Connection,
+    pub(crate) connection: sallyport_runtime::link::Connection,
     pub(crate) commands: mpsc::Sender<PendingCommand>,
     /// The agent's other connections, which carry data streams beside this one.
     pub(crate) lanes: Arc<Lanes>,
@@ -47,8 +49,14 @@ pub struct AgentSession {
 impl AgentSession {
     /// The packet size (UDP payload, bytes) path MTU discovery has reached on this tunnel toward the
     /// agent: about 1,452 across Ethernet, more on loopback or with jumbo frames.
-    pub fn path_mtu(&self) -> u16 {
-        self.connection.stats().path.current_mtu
+    /// `None` over TCP, which segments on its own.
+    pub fn path_mtu(&self) -> Option<u16> {
+        self.connection.path_mtu()
+    }
+
+    /// The transport this tunnel runs over.
+    pub fn transport(&self) -> sallyport_runtime::link::Transport {
+        self.connection.transport()
     }
 
     /// The agent's connections to this relay: its tunnel and the lanes beside it.
@@ -68,7 +76,7 @@ impl AgentSession {
 #[derive(Debug)]
 pub(crate) struct Lanes {
     /// The tunnel's own connection.
-    tunnel: quinn::Connection,
+    tunnel: sallyport_runtime::link::Connection,
     open: Mutex<Vec<Lane>>,
     next: AtomicU64,
     /// Data streams routed to the tunnel's own connection.
@@ -78,13 +86,13 @@ pub(crate) struct Lanes {
 #[derive(Debug)]
 struct Lane {
     id: u64,
-    connection: quinn::Connection,
+    connection: sallyport_runtime::link::Connection,
     /// Data streams routed to it.
     streams: u64,
 }
 
 impl Lanes {
-    pub(crate) fn new(tunnel: quinn::Connection) -> Self {
+    pub(crate) fn new(tunnel: sallyport_runtime::link::Connection) -> Self {
         Self { tunnel, open: Mutex::default(), next: AtomicU64::new(0), tunnel_streams: AtomicU64::new(0) }
     }
 
@@ -104,7 +112,7 @@ impl Lanes {
     }
 
     /// Adds lane `id` unless `max` connections (the tunnel's own included) are open already.
-    pub(crate) fn add(&self, id: u64, connection: quinn::Connection, max: usize) -> bool {
+    pub(crate) fn add(&self, id: u64, connection: sallyport_runtime::link::Connection, max: usize) -> bool {
         let mut open = lock(&self.open);
         if open.len() + 1 >= max {
             return false;
@@ -128,7 +136,7 @@ impl Lanes {
     }
 
     /// The connection for the next data stream: the tunnel's own and its lanes in turn.
-    fn pick(&self) -> quinn::Connection {
+    fn pick(&self) -> sallyport_runtime::link::Connection {
         let mut open = lock(&self.open);
         let turn = self.next.fetch_add(1, Ordering::Relaxed) as usize % (open.len() + 1);
         match turn.checked_sub(1) {
@@ -259,7 +267,7 @@ impl Registry {
 
     /// The connection that carries the next data stream of `service` of `agent` (the tunnel or
     /// one of its lanes, in turn), if that agent is connected and offers it.
-    pub(crate) fn route(&self, agent: &str, service: &str) -> Option<quinn::Connection> {
+    pub(crate) fn route(&self, agent: &str, service: &str) -> Option<sallyport_runtime::link::Connection> {
         let agents = self.agents.borrow();
         let session = agents.get(agent)?;
         session.services.contains(service).then(|| session.lanes.pick())
@@ -267,7 +275,11 @@ impl Registry {
 
     /// The tunnel's own connection, which carries `service`'s datagrams (UDP services), if that
     /// agent is connected and offers it.
-    pub(crate) fn route_datagrams(&self, agent: &str, service: &str) -> Option<quinn::Connection> {
+    pub(crate) fn route_datagrams(
+        &self,
+        agent: &str,
+        service: &str,
+    ) -> Option<sallyport_runtime::link::Connection> {
         let agents = self.agents.borrow();
         let session = agents.get(agent)?;
         session.services.contains(service).then(|| session.connection.clone())

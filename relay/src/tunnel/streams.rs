@@ -23,11 +23,11 @@ pub(crate) enum OpenError {
 /// Opens a data stream for a client of `service` and writes its header, followed by `first`, in
 /// one write (no round trip: the agent's answer is read by whoever reads the stream).
 pub(crate) async fn open(
-    connection: &quinn::Connection,
+    connection: &sallyport_runtime::link::Connection,
     service: &Service,
     peer: SocketAddr,
     first: &[u8],
-) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
+) -> Result<(sallyport_runtime::link::SendStream, sallyport_runtime::link::RecvStream), OpenError> {
     let (mut send, recv) = connection.open_bi().await?;
     let header = StreamHeader { service: service.name.clone(), client_addr: peer };
     let mut bytes = frame::encode_to_vec(&header, MAX_STREAM_HEADER)?;

@@ -29,6 +29,9 @@ pub enum Kind {
     /// Sallyport on two threads each side: the relay with `threads = 2`, the agent with a lane
     /// beside its tunnel (`lanes = 2`). On a 2-core machine the defaults are one thread each.
     SallyportTwoThreads,
+    /// Sallyport with `agent.transport = "tcp"`: TLS over TCP, streams multiplexed by HTTP/2 (what
+    /// an agent falls back to where UDP does not get out).
+    SallyportTcp,
     /// rathole over plain TCP: no encryption.
     Rathole,
     /// rathole over its noise transport (Noise_NK_25519_ChaChaPoly_BLAKE2s): encrypted, the fair
@@ -38,10 +41,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Direct,
         Kind::Sallyport,
         Kind::SallyportTwoThreads,
+        Kind::SallyportTcp,
         Kind::Rathole,
         Kind::RatholeNoise,
         Kind::Bore,
@@ -52,6 +56,7 @@ impl Kind {
             Self::Direct => "direct",
             Self::Sallyport => "sallyport",
             Self::SallyportTwoThreads => "sallyport-2-threads",
+            Self::SallyportTcp => "sallyport-tcp",
             Self::Rathole => "rathole",
             Self::RatholeNoise => "rathole-noise",
             Self::Bore => "bore",
@@ -280,10 +285,11 @@ pub fn start(
                 (direct, None, None)
             }
         }
-        Kind::Sallyport | Kind::SallyportTwoThreads => {
-            // The defaults, or one thread each side.
+        Kind::Sallyport | Kind::SallyportTwoThreads | Kind::SallyportTcp => {
+            // The defaults, or one thread each side, or over TCP.
             let (relay_extra, agent_extra, lanes) = match kind {
                 Kind::SallyportTwoThreads => ("threads = 2\n", "lanes = 2\n", 2),
+                Kind::SallyportTcp => ("", "transport = \"tcp\"\n", sallyport_agent::config::default_lanes()),
                 _ => ("", "", sallyport_agent::config::default_lanes()),
             };
             let (quic, entry) = (at(home, free_port_on(home)), at(home, free_port_on(home)));
@@ -297,7 +303,8 @@ pub fn start(
             let mut dial = quic;
             if delay.is_some() {
                 dial = at(ground.proxy_ip(), free_port_on(ground.proxy_ip()));
-                delayed(&mut procs, "impair", dial, quic);
+                let mode = if kind == Kind::SallyportTcp { "tcp-delay" } else { "impair" };
+                delayed(&mut procs, mode, dial, quic);
             }
             let agent = format!(
                 "[agent]\nrelays = [\"{dial}\"]\nserver_name = \"localhost\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/agent.crt\"\nkey = \"{0}/agent.key\"\n{agent_extra}[services.bench]\ntarget = \"tcp://{target}\"\n",

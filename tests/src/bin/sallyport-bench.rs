@@ -398,9 +398,9 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
             n => format!("{figures}; failed in {n} round(s)"),
         }
     };
-    let ratio = |r: &Results, metric: &str, peer: Kind, higher: bool| {
+    let ratio = |r: &Results, metric: &str, ours: Kind, peer: Kind, higher: bool| {
         let Some(by) = r.samples.get(metric) else { return "–".to_owned() };
-        match (by.get(&Kind::Sallyport), by.get(&peer)) {
+        match (by.get(&ours), by.get(&peer)) {
             (Some(s), Some(p)) if median(p) > 0.0 && median(s) > 0.0 => {
                 let x = median(s) / median(p);
                 format!("{x:.2}× {}", if (x >= 1.0) == higher { "✓" } else { "" })
@@ -421,8 +421,10 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
          Ratio = Sallyport ÷ peer; ✓ marks Sallyport ahead.\n\n\
          `sallyport` runs the defaults; `sallyport, 2 threads` runs the relay on two threads and the \
          agent with a lane beside its tunnel (`relay.threads = 2`, `agent.lanes = 2`).\n\n\
-         | metric | direct | sallyport | sallyport, 2 threads | rathole | rathole noise | bore | vs rathole | vs rathole noise | vs bore | command |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         `sallyport over TCP` runs the defaults with `agent.transport = \"tcp\"` (TLS over TCP, HTTP/2 streams: \
+         where UDP does not get out); its ratio is to plain rathole, the other TCP tunnel.\n\n\
+         | metric | direct | sallyport | sallyport, 2 threads | sallyport over TCP | rathole | rathole noise | bore | vs rathole | vs rathole noise | vs bore | TCP vs rathole | command |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         machine(),
         rounds,
         if quick { " (quick mode: short runs, indicative only)" } else { "" }
@@ -432,16 +434,18 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
             continue;
         }
         out.push_str(&format!(
-            "| {metric} | {} | {} | {} | {} | {} | {} | {} | {} | {} | `{command}` |\n",
+            "| {metric} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | `{command}` |\n",
             cell(metric, Kind::Direct),
             cell(metric, Kind::Sallyport),
             cell(metric, Kind::SallyportTwoThreads),
+            cell(metric, Kind::SallyportTcp),
             cell(metric, Kind::Rathole),
             cell(metric, Kind::RatholeNoise),
             cell(metric, Kind::Bore),
-            ratio(r, metric, Kind::Rathole, *higher),
-            ratio(r, metric, Kind::RatholeNoise, *higher),
-            ratio(r, metric, Kind::Bore, *higher),
+            ratio(r, metric, Kind::Sallyport, Kind::Rathole, *higher),
+            ratio(r, metric, Kind::Sallyport, Kind::RatholeNoise, *higher),
+            ratio(r, metric, Kind::Sallyport, Kind::Bore, *higher),
+            ratio(r, metric, Kind::SallyportTcp, Kind::Rathole, *higher),
         ));
     }
     out
@@ -463,14 +467,18 @@ mod tests {
         r.add(name, Kind::Rathole, 9.0);
         r.fail(name, Kind::Rathole, "Connection refused");
         r.fail(name, Kind::Bore, "early eof");
+        r.add(name, Kind::SallyportTcp, 9.5);
         let table = render(&r, "loopback", 3, false);
         let row = table.lines().find(|l| l.starts_with(&format!("| {name} |"))).expect("the metric's row");
         let cells: Vec<&str> = row.split(" | ").collect();
-        // metric, direct, sallyport, sallyport 2 threads, rathole, rathole noise, bore, ratios...
+        // metric, direct, sallyport, sallyport 2 threads, sallyport over TCP, rathole, rathole
+        // noise, bore, ratios (rathole, noise, bore, TCP vs rathole)...
         assert_eq!(cells[2], "11.000 (10.000–12.000)", "{row}");
         assert_eq!(cells[3], "–", "{row}");
-        assert_eq!(cells[4], "8.000 (8.000–9.000); failed in 1 round(s)", "{row}");
-        assert_eq!(cells[6], "failed", "{row}");
-        assert_eq!(cells[7], "1.38× ✓", "{row}");
+        assert_eq!(cells[4], "9.500", "{row}");
+        assert_eq!(cells[5], "8.000 (8.000–9.000); failed in 1 round(s)", "{row}");
+        assert_eq!(cells[7], "failed", "{row}");
+        assert_eq!(cells[8], "1.38× ✓", "{row}");
+        assert_eq!(cells[11], "1.19× ✓", "{row}");
     }
 }

@@ -17,6 +17,9 @@ pub struct TunnelSpec {
     pub services: Vec<(String, u16, u16)>,
     /// Arguments of `sallyport-labtool impair` (delay, loss, ...); `None`: no proxy.
     pub impairment: Option<Vec<String>>,
+    /// A TCP delay proxy (`sallyport-labtool tcp-delay`) on the agent-relay path instead, for
+    /// tunnels over TCP: this one-way delay.
+    pub tcp_delay: Option<Duration>,
     /// Extra lines for `[relay]` and `[agent]`.
     pub relay_extra: String,
     pub agent_extra: String,
@@ -29,6 +32,7 @@ impl TunnelSpec {
         Self {
             services: services.iter().map(|(n, p, t)| ((*n).to_owned(), *p, *t)).collect(),
             impairment: None,
+            tcp_delay: None,
             relay_extra: String::new(),
             agent_extra: String::new(),
             two_relays: false,
@@ -43,6 +47,12 @@ impl TunnelSpec {
     /// Puts the impairment proxy on the agent-relay path with these `labtool impair` flags.
     pub fn impaired(mut self, flags: &[&str]) -> Self {
         self.impairment = Some(flags.iter().map(|f| (*f).to_owned()).collect());
+        self
+    }
+
+    /// Puts the TCP delay proxy on the agent-relay path: `delay` each way.
+    pub fn tcp_delayed(mut self, delay: Duration) -> Self {
+        self.tcp_delay = Some(delay);
         self
     }
 
@@ -76,6 +86,10 @@ impl LabTunnel {
     }
 
     /// The relay.toml of relay `i`.
+    pub fn agent_toml(&self) -> &str {
+        &self.agent_toml
+    }
+
     pub fn relay_toml(&self, i: usize) -> &str {
         &self.relay_tomls[i]
     }
@@ -110,7 +124,8 @@ impl Lab {
             let path = self.dir().join(format!("relay{i}.toml"));
             std::fs::write(&path, relay).expect("write relay.toml");
             relay_tomls.push(path.display().to_string());
-            let dial = if i == 0 && spec.impairment.is_some() { PROXY_IP } else { *ip };
+            let proxied = spec.impairment.is_some() || spec.tcp_delay.is_some();
+            let dial = if i == 0 && proxied { PROXY_IP } else { *ip };
             dials.push(format!("\"{}\"", addr(dial, QUIC_PORT)));
         }
         let mut agent = format!(
@@ -135,6 +150,16 @@ impl Lab {
             let index = self.spawn_binary(Role::Home, "sallyport-labtool", &args);
             self.process(index).wait_line("impair listening", WAIT);
             index
+        });
+        let proxy = proxy.or_else(|| {
+            let delay = spec.tcp_delay?;
+            let listen = addr(PROXY_IP, QUIC_PORT).to_string();
+            let upstream = addr(RELAY_IP, QUIC_PORT).to_string();
+            let delay = format!("{}ms", delay.as_millis());
+            let args = ["tcp-delay", "--listen", &listen, "--upstream", &upstream, "--delay", &delay];
+            let index = self.spawn_binary(Role::Home, "sallyport-labtool", &args);
+            self.process(index).wait_line("tcp-delay listening", WAIT);
+            Some(index)
         });
         let mut tunnel = LabTunnel {
             relays: Vec::new(),

@@ -243,7 +243,7 @@ async fn forward(
 /// A plain request, on a pooled upstream connection of this client's or a new one.
 async fn carry(
     req: Request<Incoming>,
-    connection: &quinn::Connection,
+    connection: &sallyport_runtime::link::Connection,
     service: &Arc<Service>,
     peer: SocketAddr,
     pool: &Pool,
@@ -275,7 +275,7 @@ async fn carry(
 /// An `Upgrade` request: its own stream, and after `101` the two connections are spliced.
 async fn carry_upgrade(
     mut req: Request<Incoming>,
-    connection: &quinn::Connection,
+    connection: &sallyport_runtime::link::Connection,
     service: &Service,
     peer: SocketAddr,
     exposure: &Exposure,

@@ -10,8 +10,8 @@ use std::{
 
 use hyper::{body::Incoming, client::conn::http1 as client};
 use hyper_util::rt::TokioIo;
-use quinn::{RecvStream, SendStream};
 use sallyport_proto::Answer;
+use sallyport_runtime::link::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, info_span, Instrument};
 
@@ -20,7 +20,7 @@ use crate::{config::Service, tunnel::streams};
 
 /// A new HTTP/1.1 connection to the service's target, carried on a new data stream.
 pub(super) async fn connect(
-    connection: &quinn::Connection,
+    connection: &sallyport_runtime::link::Connection,
     service: &Service,
     peer: SocketAddr,
     upgrades: bool,

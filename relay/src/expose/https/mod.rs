@@ -12,7 +12,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
 
-use crate::expose::{tcp, Exposure, LiveRoutes};
+use crate::{
+    expose::{tcp, Exposure, LiveRoutes},
+    tunnel::Handoff,
+};
 use sallyport_proto::client_hello::{self, Hello};
 
 /// Accepts TLS clients until `stop` is cancelled.
@@ -25,15 +28,20 @@ pub(crate) async fn serve(
     tcp::accept_loop(listener, "https", exposure.clone(), stop, |stream, peer, lease| {
         let (exposure, routes) = (exposure.clone(), routes.clone());
         async move {
-            route(stream, peer, &exposure, &routes).await;
-            drop(lease);
+            route(stream, peer, &exposure, &routes, lease).await;
         }
         .instrument(info_span!("https", %peer))
     })
     .await;
 }
 
-async fn route(mut stream: TcpStream, peer: SocketAddr, exposure: &Exposure, routes: &LiveRoutes) {
+async fn route<L>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    exposure: &Exposure,
+    routes: &LiveRoutes,
+    lease: L,
+) {
     let timeout = exposure.config.get().limits.header_timeout;
     let metrics = &exposure.runtime.metrics;
     let mut buf = Vec::with_capacity(2048);
@@ -54,6 +62,16 @@ async fn route(mut stream: TcpStream, peer: SocketAddr, exposure: &Exposure, rou
         }
     })
     .await;
+    let offers = |p: &[u8]| reader.offers(p);
+    if matches!(hello, Ok(Hello::Name(_) | Hello::NoName))
+        && (offers(sallyport_proto::ALPN_TUNNEL) || offers(sallyport_proto::enroll::ALPN_ENROLL))
+    {
+        // An agent's tunnel over TCP, on the port it shares with this listener.
+        let handoff = Handoff { stream, peer, first: buf };
+        drop(lease);
+        let _ = exposure.tunnel_handoff.send(handoff).await;
+        return;
+    }
     let name = match hello {
         Ok(Hello::Name(name)) => name,
         Ok(Hello::NoName) => {

@@ -1,0 +1,329 @@
+//! A tunnel connection over either transport: QUIC (quinn), or TLS over TCP with its streams
+//! multiplexed by HTTP/2 ([`tcp`]). Relay and agent speak the same protocol on both: the same
+//! control stream, stream header and answer, half-close and reset, datagrams and close codes.
+//!
+//! The types mirror quinn's and report quinn's error types, so code above them does not care
+//! which transport carries a tunnel.
+
+pub mod tcp;
+
+use std::{
+    fmt, io,
+    net::SocketAddr,
+    pin::Pin,
+    str::FromStr,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+pub use quinn::{ConnectionError, ReadError, ReadExactError, SendDatagramError, VarInt, WriteError};
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Which transport carries a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    /// QUIC over UDP: the first choice.
+    Quic,
+    /// TLS 1.3 over TCP, streams multiplexed by HTTP/2: for networks where UDP does not get out.
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "quic" => Ok(Self::Quic),
+            "tcp" => Ok(Self::Tcp),
+            other => Err(format!("unknown transport {other:?} (quic or tcp)")),
+        }
+    }
+}
+
+/// A stream half that was already finished or reset.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the stream is closed")]
+pub struct ClosedStream;
+
+/// A tunnel connection.
+#[derive(Debug, Clone)]
+pub enum Connection {
+    Quic(quinn::Connection),
+    Tcp(tcp::Connection),
+}
+
+impl From<quinn::Connection> for Connection {
+    fn from(c: quinn::Connection) -> Self {
+        Self::Quic(c)
+    }
+}
+
+impl Connection {
+    pub fn transport(&self) -> Transport {
+        match self {
+            Self::Quic(_) => Transport::Quic,
+            Self::Tcp(_) => Transport::Tcp,
+        }
+    }
+
+    /// The QUIC connection, for QUIC-only tuning.
+    pub fn quic(&self) -> Option<&quinn::Connection> {
+        match self {
+            Self::Quic(c) => Some(c),
+            Self::Tcp(_) => None,
+        }
+    }
+
+    /// Opens a bidirectional stream.
+    pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        match self {
+            Self::Quic(c) => c.open_bi().await.map(|(s, r)| (SendStream::Quic(s), RecvStream::Quic(r))),
+            Self::Tcp(c) => c.open_bi().await.map(|(s, r)| (SendStream::Tcp(s), RecvStream::Tcp(r))),
+        }
+    }
+
+    /// Accepts the peer's next bidirectional stream.
+    pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        match self {
+            Self::Quic(c) => c.accept_bi().await.map(|(s, r)| (SendStream::Quic(s), RecvStream::Quic(r))),
+            Self::Tcp(c) => c.accept_bi().await.map(|(s, r)| (SendStream::Tcp(s), RecvStream::Tcp(r))),
+        }
+    }
+
+    /// Sends a datagram; like QUIC's, it may be dropped (the link is busy).
+    pub fn send_datagram(&self, data: Bytes) -> Result<(), SendDatagramError> {
+        match self {
+            Self::Quic(c) => c.send_datagram(data),
+            Self::Tcp(c) => c.send_datagram(data),
+        }
+    }
+
+    /// The peer's next datagram.
+    pub async fn read_datagram(&self) -> Result<Bytes, ConnectionError> {
+        match self {
+            Self::Quic(c) => c.read_datagram().await,
+            Self::Tcp(c) => c.read_datagram().await,
+        }
+    }
+
+    /// The largest datagram the connection carries now.
+    pub fn max_datagram_size(&self) -> Option<usize> {
+        match self {
+            Self::Quic(c) => c.max_datagram_size(),
+            Self::Tcp(_) => Some(sallyport_proto::link::MAX_LINK_DATAGRAM),
+        }
+    }
+
+    /// Closes the connection with an application code and reason the peer sees.
+    pub fn close(&self, code: VarInt, reason: &[u8]) {
+        match self {
+            Self::Quic(c) => c.close(code, reason),
+            Self::Tcp(c) => c.close(code, reason),
+        }
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<ConnectionError> {
+        match self {
+            Self::Quic(c) => c.close_reason(),
+            Self::Tcp(c) => c.close_reason(),
+        }
+    }
+
+    /// Waits until the connection ends.
+    pub async fn closed(&self) -> ConnectionError {
+        match self {
+            Self::Quic(c) => c.closed().await,
+            Self::Tcp(c) => c.closed().await,
+        }
+    }
+
+    pub fn remote_address(&self) -> SocketAddr {
+        match self {
+            Self::Quic(c) => c.remote_address(),
+            Self::Tcp(c) => c.remote_address(),
+        }
+    }
+
+    /// The path's round-trip time as last measured.
+    pub fn rtt(&self) -> Duration {
+        match self {
+            Self::Quic(c) => c.rtt(),
+            Self::Tcp(c) => c.rtt(),
+        }
+    }
+
+    /// A number no other live connection of this process has.
+    pub fn stable_id(&self) -> usize {
+        match self {
+            Self::Quic(c) => c.stable_id(),
+            Self::Tcp(c) => c.stable_id(),
+        }
+    }
+
+    /// The packet size path MTU discovery has reached (QUIC only: TCP segments on its own).
+    pub fn path_mtu(&self) -> Option<u16> {
+        self.quic().map(|c| c.stats().path.current_mtu)
+    }
+
+    /// Lets the peer open up to `limit` bidirectional streams at once (QUIC; an HTTP/2 link
+    /// carries the relay's streams up to its fixed limit).
+    pub fn set_max_concurrent_bi_streams(&self, limit: VarInt) {
+        if let Self::Quic(c) = self {
+            c.set_max_concurrent_bi_streams(limit);
+        }
+    }
+
+    /// The certificate chain the peer presented in the handshake.
+    pub fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
+        match self {
+            Self::Quic(c) => c
+                .peer_identity()
+                .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+                .map(|certs| *certs),
+            Self::Tcp(c) => c.peer_certificates(),
+        }
+    }
+
+    /// The application protocol the handshake agreed on.
+    pub fn alpn(&self) -> Option<Vec<u8>> {
+        match self {
+            Self::Quic(c) => c
+                .handshake_data()
+                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|d| d.protocol),
+            Self::Tcp(c) => c.alpn(),
+        }
+    }
+}
+
+/// The sending half of a stream.
+#[derive(Debug)]
+pub enum SendStream {
+    Quic(quinn::SendStream),
+    Tcp(tcp::SendStream),
+}
+
+impl SendStream {
+    pub async fn write_all(&mut self, buf: &[u8]) -> Result<(), WriteError> {
+        match self {
+            Self::Quic(s) => s.write_all(buf).await,
+            Self::Tcp(s) => s.write_chunk(Bytes::copy_from_slice(buf)).await,
+        }
+    }
+
+    /// Writes `chunk` whole, without copying it.
+    pub async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), WriteError> {
+        match self {
+            Self::Quic(s) => s.write_chunk(chunk).await,
+            Self::Tcp(s) => s.write_chunk(chunk).await,
+        }
+    }
+
+    /// Ends the stream after what was written (half-close).
+    pub fn finish(&mut self) -> Result<(), ClosedStream> {
+        match self {
+            Self::Quic(s) => s.finish().map_err(|_| ClosedStream),
+            Self::Tcp(s) => s.finish(),
+        }
+    }
+
+    /// Waits until the peer has read the stream to its end, or stopped or reset it.
+    pub async fn stopped(&mut self) {
+        match self {
+            Self::Quic(s) => {
+                let _ = s.stopped().await;
+            }
+            Self::Tcp(s) => s.stopped().await,
+        }
+    }
+
+    /// Abandons the stream: the peer's reads fail with `code`.
+    pub fn reset(&mut self, code: VarInt) -> Result<(), ClosedStream> {
+        match self {
+            Self::Quic(s) => s.reset(code).map_err(|_| ClosedStream),
+            Self::Tcp(s) => s.reset(code),
+        }
+    }
+}
+
+impl AsyncWrite for SendStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Quic(s) => AsyncWrite::poll_write(Pin::new(s), cx, buf),
+            Self::Tcp(s) => s.poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Quic(s) => AsyncWrite::poll_flush(Pin::new(s), cx),
+            Self::Tcp(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Quic(s) => AsyncWrite::poll_shutdown(Pin::new(s), cx),
+            Self::Tcp(s) => Poll::Ready(s.finish().or(Ok(()))),
+        }
+    }
+}
+
+/// The receiving half of a stream.
+#[derive(Debug)]
+pub enum RecvStream {
+    Quic(quinn::RecvStream),
+    Tcp(tcp::RecvStream),
+}
+
+impl RecvStream {
+    /// The next chunk of the stream in order; `None` at its end.
+    pub async fn read_chunk(&mut self) -> Result<Option<Bytes>, ReadError> {
+        match self {
+            Self::Quic(r) => Ok(r.read_chunk(usize::MAX, true).await?.map(|c| c.bytes)),
+            Self::Tcp(r) => r.read_chunk().await,
+        }
+    }
+
+    /// Fills `buf` whole.
+    pub async fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ReadExactError> {
+        match self {
+            Self::Quic(r) => r.read_exact(buf).await,
+            Self::Tcp(r) => r.read_exact(buf).await,
+        }
+    }
+
+    /// Tells the peer to stop sending: its writes fail with `code`.
+    pub fn stop(&mut self, code: VarInt) -> Result<(), ClosedStream> {
+        match self {
+            Self::Quic(r) => r.stop(code).map_err(|_| ClosedStream),
+            Self::Tcp(r) => r.stop(code),
+        }
+    }
+}
+
+impl AsyncRead for RecvStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Quic(r) => AsyncRead::poll_read(Pin::new(r), cx, buf),
+            Self::Tcp(r) => r.poll_read(cx, buf),
+        }
+    }
+}
