@@ -5,6 +5,7 @@
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -12,7 +13,12 @@ use quinn::Endpoint;
 use sallyport_proto::enroll::{
     EnrollRequest, EnrollResponse, JoinToken, TokenError, ALPN_ENROLL, MAX_ENROLL_FRAME,
 };
-use sallyport_runtime::{read_frame, tls, transport, write_frame};
+use sallyport_runtime::{
+    link::{tcp, Connection},
+    read_frame, tls, transport, write_frame,
+};
+
+use crate::config::QUIC_WAIT;
 
 /// What enrollment wrote.
 #[derive(Debug)]
@@ -44,6 +50,31 @@ pub enum EnrollError {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// TLS on TCP with the pinned configuration, then HTTP/2 (the relay opens the enrollment stream).
+async fn over_tcp(
+    addr: SocketAddr,
+    server_name: &str,
+    config: Arc<rustls::ClientConfig>,
+    pin: &tls::PinCheck,
+) -> Result<Connection, EnrollError> {
+    let unreachable = |e: &dyn std::fmt::Display| EnrollError::Unreachable(e.to_string());
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| EnrollError::Unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| unreachable(&e))?;
+    transport::tcp_tunnel_socket(&tcp);
+    let name = tls::server_name(server_name).map_err(|e| EnrollError::Protocol(e.to_string()))?;
+    let tls = match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
+        Ok(tls) => tls,
+        Err(_) if pin.ca_mismatched() => return Err(EnrollError::WrongRelay(addr.to_string())),
+        Err(e) => return Err(unreachable(&e)),
+    };
+    let peer = tcp::Peer::of(addr, tls.get_ref().1);
+    let settings = transport::tcp_agent(Duration::from_secs(2), Duration::from_secs(10));
+    let connection = tcp::server(tls, peer, settings).await.map_err(|e| unreachable(&e))?;
+    Ok(Connection::Tcp(connection))
+}
+
 /// Redeems `token` and writes `agent.key`, `agent.crt`, `ca.crt` and (if missing) `agent.toml`
 /// into `dir`.
 pub async fn enroll(token: &str, dir: &Path) -> Result<Enrolled, EnrollError> {
@@ -57,16 +88,19 @@ pub async fn enroll(token: &str, dir: &Path) -> Result<Enrolled, EnrollError> {
 
     let mut failures = Vec::new();
     for relay in &token.relays {
-        // A fresh configuration per relay, so its pin check speaks of this relay only.
-        let (crypto, pin) = tls::pinned_client_crypto(token.ca_sha256, &[ALPN_ENROLL])
+        // A fresh configuration per relay, so its pin check speaks of this relay only (the TCP
+        // configuration is a clone: it shares the check).
+        let (rustls_config, pin) = tls::pinned_client_rustls(token.ca_sha256, &[ALPN_ENROLL])
             .map_err(|e| EnrollError::Protocol(e.to_string()))?;
+        let tcp = Arc::new(rustls_config.clone());
+        let crypto = tls::quic_client(rustls_config).map_err(|e| EnrollError::Protocol(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(crypto);
         client.transport_config(transport::agent(
             Duration::from_secs(2),
             Duration::from_secs(10),
             transport::Congestion::default(),
         ));
-        match redeem(relay, &token.server_name, &client, &pin, &request).await {
+        match redeem(relay, &token.server_name, (&client, tcp), &pin, &request).await {
             Ok(response) => return write_identity(response, &key.serialize_pem(), &token, dir),
             Err(e @ (EnrollError::WrongRelay(_) | EnrollError::Refused(_))) => return Err(e),
             Err(e) => failures.push(format!("{relay}: {e}")),
@@ -75,10 +109,12 @@ pub async fn enroll(token: &str, dir: &Path) -> Result<Enrolled, EnrollError> {
     Err(EnrollError::Unreachable(failures.join("; ")))
 }
 
+/// Redeems the token at one relay: over QUIC, or over TLS on TCP when QUIC gets no answer within
+/// a few seconds (a network that lets no UDP out), as the agent's tunnel does.
 async fn redeem(
     relay: &str,
     server_name: &str,
-    client: &quinn::ClientConfig,
+    (client, tcp): (&quinn::ClientConfig, Arc<rustls::ClientConfig>),
     pin: &tls::PinCheck,
     request: &EnrollRequest,
 ) -> Result<EnrollResponse, EnrollError> {
@@ -93,11 +129,26 @@ async fn redeem(
     let connecting = endpoint
         .connect_with(client.clone(), addr, server_name)
         .map_err(|e| EnrollError::Unreachable(e.to_string()))?;
-    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Err(_) => return Err(EnrollError::Unreachable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+    let connection = match tokio::time::timeout(QUIC_WAIT, connecting).await {
         Ok(Err(_)) if pin.ca_mismatched() => return Err(EnrollError::WrongRelay(relay.to_owned())),
-        Ok(Err(e)) => return Err(EnrollError::Unreachable(e.to_string())),
-        Ok(Ok(connection)) => sallyport_runtime::link::Connection::Quic(connection),
+        Ok(Ok(connection)) => Connection::Quic(connection),
+        quic => {
+            let quic = match quic {
+                Err(_) => format!("no answer within {QUIC_WAIT:?}"),
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(_)) => String::new(),
+            };
+            match over_tcp(addr, server_name, tcp, pin).await {
+                Ok(connection) => {
+                    tracing::info!(%relay, quic = %quic, "enrolling over TCP: QUIC got no answer");
+                    connection
+                }
+                Err(EnrollError::Unreachable(e)) => {
+                    return Err(EnrollError::Unreachable(format!("over QUIC: {quic}; over TCP: {e}")))
+                }
+                Err(e) => return Err(e),
+            }
+        }
     };
     let exchange = async {
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
@@ -114,7 +165,7 @@ async fn redeem(
         .map_err(|_| EnrollError::Protocol("no answer from the relay".into()))?
         .map_err(EnrollError::Protocol)?;
     connection.close(0u32.into(), b"done");
-    endpoint.wait_idle().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     match response {
         EnrollResponse::Refused { reason } => Err(EnrollError::Refused(reason)),
         issued => Ok(issued),

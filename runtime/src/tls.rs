@@ -183,6 +183,16 @@ pub fn pinned_client_crypto(
     ca_sha256: [u8; 32],
     alpn: &[&[u8]],
 ) -> Result<(Arc<QuicClientConfig>, PinCheck), TlsError> {
+    let (config, check) = pinned_client_rustls(ca_sha256, alpn)?;
+    Ok((Arc::new(QuicClientConfig::try_from(config)?), check))
+}
+
+/// [`pinned_client_crypto`]'s rustls configuration, for enrollment over TCP as well; a clone shares
+/// the [`PinCheck`].
+pub fn pinned_client_rustls(
+    ca_sha256: [u8; 32],
+    alpn: &[&[u8]],
+) -> Result<(rustls::ClientConfig, PinCheck), TlsError> {
     let provider = provider();
     let check = PinCheck::default();
     let verifier = Arc::new(PinnedCa { ca_sha256, provider: provider.clone(), mismatch: check.clone() });
@@ -194,7 +204,7 @@ pub fn pinned_client_crypto(
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.enable_early_data = false;
-    Ok((Arc::new(QuicClientConfig::try_from(config)?), check))
+    Ok((config, check))
 }
 
 /// Whether a relay was refused because its chain held no CA with the pinned hash.

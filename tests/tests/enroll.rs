@@ -131,6 +131,45 @@ async fn expired_revoked_and_wrong_secret_tokens_are_refused() {
     s.relay.stop().await;
 }
 
+/// A network that lets no UDP out: nothing answers QUIC at the token's address, so enrollment
+/// goes over TLS on TCP to the same address (the relay's `tcp_listen`), and the agent it wrote
+/// then connects (over TCP too, chosen by `auto`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_goes_over_tcp_when_quic_gets_no_answer() {
+    let port = {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        tcp.local_addr().expect("addr").port()
+    };
+    let mut s = relay_with_enrollment_and(&format!("tcp_listen = \"127.0.0.1:{port}\"")).await;
+    let path = "/tokens?agent=fresh&ttl_secs=600";
+    let (status, body) =
+        sallyport_relay::cli::admin_client::request(s.relay.admin, "POST", path, Some(ADMIN_TOKEN))
+            .await
+            .expect("admin");
+    assert_eq!(status, 200, "{body}");
+    let token =
+        sallyport_relay::cli::join_token::join_token(&s.config, &[format!("127.0.0.1:{port}")], &body)
+            .expect("token string");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = std::time::Instant::now();
+    let enrolled = enroll(&token, dir.path()).await.expect("enrolls over TCP");
+    println!("enrolled over TCP in {:?} (QUIC waited 3 s first)", started.elapsed());
+    assert_eq!(enrolled.agent, "fresh");
+    let target = targets::transfer_server().await;
+    let mut text = std::fs::read_to_string(&enrolled.config).expect("agent.toml");
+    text.push_str(&format!("\n[services.svc]\ntarget = \"tcp://{}\"\n", target.addr));
+    std::fs::write(&enrolled.config, text).expect("edit agent.toml");
+    let agent = RunningAgent::start(sallyport_agent::Config::load(&enrolled.config).expect("config"));
+    s.relay.wait_agent("fresh").await;
+    assert_eq!(s.relay.transport("fresh").map(|t| t.0), Some(sallyport_runtime::link::Transport::Tcp));
+    transfer::run(s.relay.service("svc"), 100_000, 100_000, 2).await.expect("through the tunnel");
+    // Single use over TCP too.
+    let again = tempfile::tempdir().expect("tempdir");
+    assert_eq!(refused(enroll(&token, again.path()).await), "join token already used");
+    agent.stop().await;
+    s.relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_whose_ca_does_not_match_the_token_never_gets_the_secret() {
     let s = relay_with_enrollment().await;

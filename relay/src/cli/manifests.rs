@@ -91,6 +91,14 @@ pub fn render(config: &Config, options: &ManifestOptions) -> String {
     );
     let quic =
         Port { name: "quic".into(), protocol: "UDP", port: options.quic_port, target: config.listen.port() };
+    let mut agents = vec![quic];
+    // The tunnel over TCP: on the HTTPS listener's port when it shares it (the clients' Service
+    // carries it), else a port of its own beside QUIC: TCP 443 unless the HTTPS listener has it.
+    let tunnel_tcp = config.tcp_listen.unwrap_or(config.listen);
+    if config.https_listen != Some(tunnel_tcp) {
+        let port = if config.https_listen.is_none() { options.quic_port } else { tunnel_tcp.port() };
+        agents.push(Port { name: "tunnel-tcp".into(), protocol: "TCP", port, target: tunnel_tcp.port() });
+    }
     let mut shared = Vec::new();
     // The web listeners answer on the standard ports of the LoadBalancer IP (the pod, not root,
     // listens on high ports); TCP 443 sits beside QUIC's UDP 443.
@@ -101,7 +109,7 @@ pub fn render(config: &Config, options: &ManifestOptions) -> String {
     }
     let mut own = Vec::new();
     let mut names: std::collections::BTreeSet<String> =
-        std::iter::once(&quic).chain(&shared).map(|p| p.name.clone()).collect();
+        agents.iter().chain(&shared).map(|p| p.name.clone()).collect();
     for service in config.services.values() {
         let Some((protocol, addr)) = service.listen.own_port() else { continue };
         let mut name = port_name(&service.name);
@@ -116,7 +124,7 @@ pub fn render(config: &Config, options: &ManifestOptions) -> String {
         }
     }
     let ip = options.load_balancer_ip;
-    load_balancer(&mut out, ("sallyport-relay-agents", options), (ip, Publish::Running), &[quic]);
+    load_balancer(&mut out, ("sallyport-relay-agents", options), (ip, Publish::Running), &agents);
     load_balancer(&mut out, ("sallyport-relay", options), (ip, Publish::Ready), &shared);
     for (name, ip, port) in own {
         load_balancer(&mut out, (&format!("{name}-lb"), options), (Some(ip), Publish::Ready), &[port]);
@@ -219,6 +227,41 @@ mod tests {
         load_balancer(&mut out, ("x", &ManifestOptions::default()), (None, Publish::Running), &[]);
         assert!(out.contains("externalTrafficPolicy: Cluster"), "{out}");
         assert!(out.contains("publishNotReadyAddresses: true"), "{out}");
+    }
+
+    #[test]
+    fn the_tunnel_over_tcp_shares_the_https_port_or_has_its_own() {
+        let text = |relay: &str| {
+            format!(
+                "[relay]\nlisten = \"0.0.0.0:4433\"\nca_cert = \"c\"\ncert = \"c\"\nkey = \"k\"\n{relay}\n\
+                 [services.web]\nagent = \"winbox\"\nlisten = \"0.0.0.0:1433\"\n"
+            )
+        };
+        let render_of = |relay: &str| {
+            let config = Config::from_toml(&text(relay), std::path::Path::new("relay.toml")).expect("config");
+            render(&config, &ManifestOptions::default())
+        };
+        // Shared with the HTTPS listener: TCP 443 is the HTTPS port, nothing more for agents.
+        let shared = render_of("https_listen = \"0.0.0.0:8443\"\ntcp_listen = \"0.0.0.0:8443\"");
+        assert!(!shared.contains("tunnel-tcp"), "{shared}");
+        assert!(
+            shared.contains("name: https\n      protocol: TCP\n      port: 443\n      targetPort: 8443"),
+            "{shared}"
+        );
+        // No HTTPS listener: the tunnel takes TCP 443 beside QUIC's UDP 443, in the agents' Service.
+        let own = render_of("");
+        assert!(
+            own.contains("name: tunnel-tcp\n      protocol: TCP\n      port: 443\n      targetPort: 4433"),
+            "{own}"
+        );
+        let agents = own.split("---").find(|s| s.contains("name: sallyport-relay-agents")).expect("agents");
+        assert!(agents.contains("tunnel-tcp") && agents.contains("protocol: UDP"), "{agents}");
+        // Both, apart: the HTTPS listener keeps 443; the tunnel is on its own port number.
+        let apart = render_of("https_listen = \"0.0.0.0:8443\"\ntcp_listen = \"0.0.0.0:9443\"");
+        assert!(
+            apart.contains("name: tunnel-tcp\n      protocol: TCP\n      port: 9443\n      targetPort: 9443"),
+            "{apart}"
+        );
     }
 
     #[test]
