@@ -294,6 +294,28 @@ async fn the_windows_agent_carries_tcp_and_udp_comes_back_after_a_relay_restart_
     println!("agent back {:?} after the relay was killed", killed.elapsed());
     transfer::run(tcp, MIB, MIB, 99).await.expect("transfer after the restart");
 
+    // Where UDP does not get out: the same agent over TLS on TCP (`transport = "tcp"`), and what
+    // `check --connect` tells a user about each transport.
+    let (ok, text) = output(agent_exe(&bundle, &["check", "--config", "agent.toml", "--connect"]));
+    println!("check --connect:\n{text}");
+    assert!(
+        ok && text.contains("quic ok") && text.contains("tcp ok") && text.contains("auto uses QUIC"),
+        "{text}"
+    );
+    agent.kill();
+    std::fs::write(
+        bundle.join("agent-tcp.toml"),
+        config.replace("[agent]\n", "[agent]\ntransport = \"tcp\"\n"),
+    )
+    .expect("agent-tcp.toml");
+    let mut agent = Spawned::start(agent_exe(&bundle, &["run", "--config", "agent-tcp.toml"]));
+    let up = agent.wait_line("tunnel up", WAIT);
+    assert!(up.contains("transport=tcp"), "{up}");
+    let (up, down) = bulk(tcp).await;
+    println!("sallyport-agent.exe under wine over TCP: 64 MiB up at {up:.0} Mbit/s, 64 MiB down at {down:.0} Mbit/s");
+    assert_eq!(echo_thousand(udp).await, 1000, "UDP over the TCP tunnel");
+    agent.kill();
+
     // `enroll` with a join token read from a file: an identity that the relay admits.
     let token = join_token(&relay_toml, quic, "fresh");
     let fresh = d.join("fresh");

@@ -224,6 +224,8 @@ impl Registry {
     pub(crate) fn clear(&self) {
         self.agents.send_modify(|agents| {
             for session in agents.values() {
+                // QUIC tunnels were closed with the endpoint; tunnels over TCP are told here.
+                session.connection.close(code(close::GOING_AWAY), b"relay stopping");
                 session.lanes.close_all(code(close::GOING_AWAY), b"relay stopping");
             }
             agents.clear();

@@ -20,7 +20,7 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex, OnceLock, Weak,
     },
     task::{ready, Context, Poll},
     time::{Duration, Instant},
@@ -92,7 +92,8 @@ impl Peer {
     }
 }
 
-/// A tunnel connection over TCP. Dropping the last handle closes it (code 0), as with quinn.
+/// A tunnel connection over TCP. Dropping the last handle and the last stream closes it (code 0),
+/// as with quinn: a stream keeps its connection open.
 #[derive(Debug, Clone)]
 pub struct Connection(Arc<Handle>);
 
@@ -120,6 +121,9 @@ struct Shared {
     reason: OnceLock<ConnectionError>,
     gone: CancellationToken,
     rtt_micros: AtomicU64,
+    /// The handle streams keep, so the connection outlives none of them; weak, so the
+    /// connection's own tasks do not keep it open.
+    handle: OnceLock<Weak<Handle>>,
 }
 
 impl Shared {
@@ -225,7 +229,7 @@ where
     let send = Arc::new(Mutex::new(send));
     let recv = RecvStream { state: RecvState::Waiting(response), sender: send.clone(), link: shared.clone() };
     start(&shared, ping, settings, (send, recv), datagrams);
-    Ok(Connection(Arc::new(Handle(shared))))
+    Ok(Connection::new(shared))
 }
 
 /// The agent's end over a TLS stream it dialed: the HTTP/2 server, whose first stream is the
@@ -281,7 +285,9 @@ where
                         sender: send.clone(),
                         link: driver.clone(),
                     };
-                    let _ = streams.send((SendStream { inner: send, link: driver.clone() }, recv));
+                    let open = driver.handle.get().and_then(Weak::upgrade);
+                    let _ =
+                        streams.send((SendStream { inner: send, link: driver.clone(), _open: open }, recv));
                 }
                 Some(Err(e)) => {
                     driver.end(h2_lost(&e));
@@ -290,13 +296,17 @@ where
                 None => break,
             }
         }
+        // Streams nobody took hold the connection's handle: let them go with it.
+        if let Ok(mut queued) = driver.incoming.try_lock() {
+            while queued.try_recv().is_ok() {}
+        }
         // Let the close frame out, then let go of the socket.
         conn.graceful_shutdown();
         let _ = tokio::time::timeout(CLOSE_GRACE, async { while conn.accept().await.is_some() {} }).await;
         driver.end(ConnectionError::Reset);
     });
     start(&shared, ping, settings, (send, recv), datagrams);
-    Ok(Connection(Arc::new(Handle(shared))))
+    Ok(Connection::new(shared))
 }
 
 fn protocol_violation(reason: &str) -> ConnectionError {
@@ -326,6 +336,7 @@ impl Shared {
             reason: OnceLock::new(),
             gone: CancellationToken::new(),
             rtt_micros: AtomicU64::new(0),
+            handle: OnceLock::new(),
         });
         (shared, (arrived, outgoing))
     }
@@ -339,7 +350,7 @@ fn start(
     (send, recv): (Arc<Mutex<h2::SendStream<Bytes>>>, RecvStream),
     (arrived, outgoing): (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>),
 ) {
-    let send = SendStream { inner: send, link: shared.clone() };
+    let send = SendStream { inner: send, link: shared.clone(), _open: None };
     tokio::spawn(link_writer(shared.clone(), send, outgoing));
     tokio::spawn(link_reader(shared.clone(), recv, arrived));
     if let Some(ping) = ping {
@@ -437,6 +448,12 @@ async fn keep_alive(shared: Arc<Shared>, mut ping: h2::PingPong, settings: Setti
 }
 
 impl Connection {
+    fn new(shared: Arc<Shared>) -> Self {
+        let handle = Arc::new(Handle(shared));
+        let _ = handle.0.handle.set(Arc::downgrade(&handle));
+        Self(handle)
+    }
+
     fn shared(&self) -> &Arc<Shared> {
         &self.0 .0
     }
@@ -461,7 +478,7 @@ impl Connection {
         let send = Arc::new(Mutex::new(send));
         let recv =
             RecvStream { state: RecvState::Waiting(response), sender: send.clone(), link: shared.clone() };
-        Ok((SendStream { inner: send, link: shared.clone() }, recv))
+        Ok((SendStream { inner: send, link: shared.clone(), _open: Some(self.0.clone()) }, recv))
     }
 
     pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
@@ -544,6 +561,8 @@ impl Connection {
 pub struct SendStream {
     inner: Arc<Mutex<h2::SendStream<Bytes>>>,
     link: Arc<Shared>,
+    /// Keeps the connection open while the stream is (none for the link stream itself).
+    _open: Option<Arc<Handle>>,
 }
 
 impl SendStream {
