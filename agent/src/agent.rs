@@ -1,9 +1,9 @@
 //! One agent: its identity loaded, then a tunnel to each relay until shutdown.
-use sallyport_runtime::link::Transport;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use sallyport_proto::ALPN_TUNNEL;
 use sallyport_runtime::{
+    link::Transport,
     tls::{self, IdentityError, TlsFileError},
     transport,
 };
@@ -69,7 +69,7 @@ impl Agent {
     /// Tries each relay over each transport (a handshake, nothing more): for `check --connect`.
     pub async fn probe_transports(
         &self,
-    ) -> Vec<(String, Transport, Result<std::time::Duration, crate::TunnelError>)> {
+    ) -> Vec<(String, Transport, Result<std::time::Duration, tunnel::TunnelError>)> {
         let mut out = Vec::new();
         for relay in self.tunnels.config.get().relays.clone() {
             for transport in [Transport::Quic, Transport::Tcp] {

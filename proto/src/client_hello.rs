@@ -97,52 +97,21 @@ impl HelloReader {
 /// The protocols of the `application_layer_protocol_negotiation` extension of a whole ClientHello
 /// body: `None` if malformed.
 fn alpn_offered(body: &[u8]) -> Option<Vec<Vec<u8>>> {
-    let mut r = Reader(body);
-    r.take(2 + 32)?;
-    let session = r.u8()?;
-    r.take(session.into())?;
-    let suites = r.u16()?;
-    r.take(suites.into())?;
-    let compression = r.u8()?;
-    r.take(compression.into())?;
-    if r.0.is_empty() {
-        return Some(Vec::new());
+    let Some(data) = extension(body, ALPN)? else { return Some(Vec::new()) };
+    let mut list = Reader(data);
+    let list_len = list.u16()?;
+    let mut names = Reader(list.take(list_len.into())?);
+    let mut protocols = Vec::new();
+    while !names.0.is_empty() {
+        let len = names.u8()?;
+        protocols.push(names.take(len.into())?.to_vec());
     }
-    let ext_len = r.u16()?;
-    let mut exts = Reader(r.take(ext_len.into())?);
-    while !exts.0.is_empty() {
-        let kind = exts.u16()?;
-        let len = exts.u16()?;
-        let data = exts.take(len.into())?;
-        if kind != ALPN {
-            continue;
-        }
-        let mut list = Reader(data);
-        let list_len = list.u16()?;
-        let mut names = Reader(list.take(list_len.into())?);
-        let mut protocols = Vec::new();
-        while !names.0.is_empty() {
-            let len = names.u8()?;
-            protocols.push(names.take(len.into())?.to_vec());
-        }
-        return Some(protocols);
-    }
-    Some(Vec::new())
+    Some(protocols)
 }
 
-/// Handshake bytes cut short, starting with `first`: still incomplete, unless that is already not
-/// a ClientHello.
-fn check_partial(first: Option<u8>) -> Hello {
-    match first {
-        Some(kind) if kind != CLIENT_HELLO => {
-            Hello::NotTls("the first handshake message is not a ClientHello")
-        }
-        _ => Hello::Incomplete,
-    }
-}
-
-/// The `server_name` host of a whole ClientHello body: `None` if malformed, `Some(None)` if absent.
-fn client_hello(body: &[u8]) -> Option<Option<String>> {
+/// The data of extension `wanted` in a whole ClientHello body: `None` if malformed, `Some(None)` if
+/// absent.
+fn extension(body: &[u8], wanted: u16) -> Option<Option<&[u8]>> {
     let mut r = Reader(body);
     r.take(2 + 32)?; // legacy_version, random
     let session = r.u8()?;
@@ -160,25 +129,41 @@ fn client_hello(body: &[u8]) -> Option<Option<String>> {
         let kind = exts.u16()?;
         let len = exts.u16()?;
         let data = exts.take(len.into())?;
-        if kind != SERVER_NAME {
-            continue;
+        if kind == wanted {
+            return Some(Some(data));
         }
-        let mut list = Reader(data);
-        let list_len = list.u16()?;
-        let mut names = Reader(list.take(list_len.into())?);
-        while !names.0.is_empty() {
-            let name_type = names.u8()?;
-            let len = names.u16()?;
-            let name = names.take(len.into())?;
-            if name_type == HOST_NAME {
-                let name = std::str::from_utf8(name).ok()?;
-                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
-                    return None;
-                }
-                return Some(Some(name.trim_end_matches('.').to_ascii_lowercase()));
+    }
+    Some(None)
+}
+
+/// Handshake bytes cut short, starting with `first`: still incomplete, unless that is already not
+/// a ClientHello.
+fn check_partial(first: Option<u8>) -> Hello {
+    match first {
+        Some(kind) if kind != CLIENT_HELLO => {
+            Hello::NotTls("the first handshake message is not a ClientHello")
+        }
+        _ => Hello::Incomplete,
+    }
+}
+
+/// The `server_name` host of a whole ClientHello body: `None` if malformed, `Some(None)` if absent.
+fn client_hello(body: &[u8]) -> Option<Option<String>> {
+    let Some(data) = extension(body, SERVER_NAME)? else { return Some(None) };
+    let mut list = Reader(data);
+    let list_len = list.u16()?;
+    let mut names = Reader(list.take(list_len.into())?);
+    while !names.0.is_empty() {
+        let name_type = names.u8()?;
+        let len = names.u16()?;
+        let name = names.take(len.into())?;
+        if name_type == HOST_NAME {
+            let name = std::str::from_utf8(name).ok()?;
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                return None;
             }
+            return Some(Some(name.trim_end_matches('.').to_ascii_lowercase()));
         }
-        return Some(None);
     }
     Some(None)
 }

@@ -45,13 +45,18 @@ impl fmt::Display for Transport {
     }
 }
 
+/// A transport name that is neither `quic` nor `tcp`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown transport {0:?} (quic or tcp)")]
+pub struct UnknownTransport(pub String);
+
 impl FromStr for Transport {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownTransport;
+    fn from_str(s: &str) -> Result<Self, UnknownTransport> {
         match s {
             "quic" => Ok(Self::Quic),
             "tcp" => Ok(Self::Tcp),
-            other => Err(format!("unknown transport {other:?} (quic or tcp)")),
+            other => Err(UnknownTransport(other.to_owned())),
         }
     }
 }
