@@ -35,6 +35,25 @@ impl RawAgent {
         Self::connect_with(&bundle.join("agent.crt"), &bundle.join("agent.key"), trust, relay, services).await
     }
 
+    /// Like [`connect`](Self::connect), speaking the current protocol version: after `Welcome`
+    /// comes `Replicas`, then what the relay sends at any time (commands, lanes, pings).
+    pub async fn connect_current(
+        identity_pki: &TestPki,
+        name: &str,
+        trust: &TestPki,
+        relay: SocketAddr,
+        services: &[&str],
+    ) -> Result<Self, Refused> {
+        let bundle = identity_pki.agent_bundle(name);
+        let hello = AgentMessage::Hello(Hello {
+            min_version: 1,
+            max_version: sallyport_proto::PROTOCOL_VERSION,
+            software: "raw".into(),
+            services: services.iter().map(|s| ServiceOffer { name: (*s).to_owned() }).collect(),
+        });
+        Self::open(&bundle.join("agent.crt"), &bundle.join("agent.key"), trust, relay, &hello).await
+    }
+
     /// Connects with the certificate and key in these files.
     pub async fn connect_with(
         cert: &Path,

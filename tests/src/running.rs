@@ -113,6 +113,11 @@ impl RunningRelay {
         started.elapsed()
     }
 
+    /// The relay's registry of connected agents, to wait on.
+    pub fn agents(&self) -> watch::Receiver<BTreeMap<String, AgentSession>> {
+        self.agents.clone()
+    }
+
     pub fn connected(&self) -> Vec<String> {
         self.agents.borrow().keys().cloned().collect()
     }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use sallyport_proto::{codes, RelayMessage};
-use sallyport_tests::{raw::RawAgent, targets, transfer, RunningAgent, RunningRelay, TestPki};
+use sallyport_tests::{raw::RawAgent, servers, targets, transfer, RunningAgent, RunningRelay, TestPki};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -203,19 +203,25 @@ async fn client_of_an_absent_agent_is_refused_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_reconnects_after_a_relay_restart() {
+    sallyport_tests::init_logging();
     let pki = TestPki::new();
     let target = targets::transfer_server().await;
-    let (relay, agent) = tunnel_to(&pki, target.addr).await;
-    let (quic, svc) = (relay.quic, relay.service("svc"));
+    // Fixed addresses, as a pod restarted behind the same LoadBalancer IP has. They come from
+    // below the ephemeral range: a port of that range may be taken by another test's outgoing
+    // connection while the relay is down.
+    let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut config = pki.relay_config(&[("svc", "winbox")], "");
+    config.listen = at(servers::free_udp_port());
+    if let Some(service) = config.services.get_mut("svc") {
+        service.listen = sallyport_relay::config::Listen::Tcp(at(servers::free_port()));
+    }
+    let mut relay = RunningRelay::start(config.clone()).await;
+    let agent = RunningAgent::start(pki.agent_config("winbox", &[relay.quic], &[("svc", target.addr)], ""));
+    relay.wait_agent("winbox").await;
+    let svc = relay.service("svc");
     transfer::run(svc, 1000, 1000, 1).await.expect("before restart");
     relay.stop().await;
 
-    // Same addresses, as a restarted pod behind the same LoadBalancer IP.
-    let mut config = pki.relay_config(&[("svc", "winbox")], "");
-    config.listen = quic;
-    if let Some(service) = config.services.get_mut("svc") {
-        service.listen = sallyport_relay::config::Listen::Tcp(svc);
-    }
     let mut relay = RunningRelay::start(config).await;
     let back = Instant::now();
     relay.wait_agent("winbox").await;
@@ -224,6 +230,59 @@ async fn agent_reconnects_after_a_relay_restart() {
     println!("relay back -> agent reconnected and a connection worked in {took:?}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
     agent.stop().await;
+    relay.stop().await;
+}
+
+/// An operator's command sent the moment an agent is registered never comes between `Welcome` and
+/// `Replicas`, which the agent reads as its handshake: the relay writes both before the agent's
+/// session (and so its command queue) exists. Each round connects a raw agent and fires a command
+/// as soon as the relay lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_at_registration_never_cuts_into_the_handshake() {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    std::fs::write(pki.dir().join("admin.token"), "order-token-0123456789").expect("token file");
+    let mut relay = RunningRelay::start(pki.relay_config(
+        &[("svc", "raw")],
+        "admin_token_file = \"admin.token\"\nrevocations_file = \"revoked.toml\"",
+    ))
+    .await;
+    let admin = relay.admin;
+    for round in 0..20 {
+        let previous = relay.session_id("raw");
+        let mut agents = relay.agents();
+        // Fires the command from another task the moment a new session of "raw" is listed.
+        let command = tokio::spawn(async move {
+            let _ =
+                agents.wait_for(|a| a.get("raw").map(|s| s.id) != previous && a.contains_key("raw")).await;
+            let _ = sallyport_relay::cli::admin_client::request(
+                admin,
+                "POST",
+                "/agents/raw/containers/web/status",
+                Some("order-token-0123456789"),
+            )
+            .await;
+        });
+        let mut raw =
+            RawAgent::connect_current(&pki, "raw", &pki, relay.quic, &["svc"]).await.expect("connects");
+        assert!(matches!(raw.answer, RelayMessage::Welcome(_)), "round {round}: {:?}", raw.answer);
+        let second = raw.next().await;
+        assert!(
+            matches!(second, Some(RelayMessage::Replicas(_))),
+            "round {round}: after Welcome came {second:?}"
+        );
+        let mut command_seen = false;
+        while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(5), raw.next()).await {
+            if matches!(message, RelayMessage::Command(_)) {
+                command_seen = true;
+                break;
+            }
+        }
+        assert!(command_seen, "round {round}: the command reached the agent after the handshake");
+        command.abort();
+        raw.connection.close(quinn::VarInt::from_u32(0), b"next round");
+        relay.wait_agent_gone("raw").await;
+    }
     relay.stop().await;
 }
 

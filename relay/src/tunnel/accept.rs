@@ -69,36 +69,60 @@ pub(crate) struct Handoff {
 /// until `stop` is cancelled. Each connection gets its own task.
 pub(crate) async fn tcp_accept_loop(
     listener: Option<TcpListener>,
-    mut handoffs: mpsc::Receiver<Handoff>,
+    handoffs: mpsc::Receiver<Handoff>,
     tunnels: Arc<Tunnels>,
     stop: CancellationToken,
 ) {
-    let accept = async |listener: &Option<TcpListener>| match listener {
-        Some(listener) => listener.accept().await,
-        None => std::future::pending().await,
-    };
-    loop {
-        let (stream, peer, first) = tokio::select! {
-            accepted = accept(&listener) => match accepted {
-                Ok((stream, peer)) => (stream, peer, Vec::new()),
-                Err(e) => {
-                    // Out of descriptors, most likely: a pause rather than a spin.
-                    debug!(error = %e, "TCP accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            handoff = handoffs.recv() => match handoff {
-                Some(Handoff { stream, peer, first }) => (stream, peer, first),
-                None => std::future::pending().await,
-            },
-            () = stop.cancelled() => break,
-        };
+    let mut arrivals = TcpArrivals { listener, handoffs: Some(handoffs) };
+    while let Some(Handoff { stream, peer, first }) = arrivals.next(&stop).await {
         transport::tcp_tunnel_socket(&stream);
         let io = tcp::Prefixed::new(first, stream);
         let work = serve_tcp(io, peer, tunnels.clone())
             .instrument(info_span!("tunnel", remote = %peer, transport = "tcp"));
         tunnels.runtime.tasks.spawn(work);
+    }
+}
+
+/// Where tunnels over TCP come from: the tunnel's own listener, if it has one, and the HTTPS
+/// listener's handoffs while that listener runs.
+struct TcpArrivals {
+    listener: Option<TcpListener>,
+    handoffs: Option<mpsc::Receiver<Handoff>>,
+}
+
+impl TcpArrivals {
+    /// The next connection, or `None` once `stop` is cancelled. A closed handoff channel (the
+    /// HTTPS listener gone) is let go: it must not keep this, and so the listener, waiting.
+    async fn next(&mut self, stop: &CancellationToken) -> Option<Handoff> {
+        loop {
+            let accept = async {
+                match &self.listener {
+                    Some(listener) => listener.accept().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let handoff = async {
+                match &mut self.handoffs {
+                    Some(handoffs) => handoffs.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                accepted = accept => match accepted {
+                    Ok((stream, peer)) => return Some(Handoff { stream, peer, first: Vec::new() }),
+                    Err(e) => {
+                        // Out of descriptors, most likely: a pause rather than a spin.
+                        debug!(error = %e, "TCP accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                handoff = handoff => match handoff {
+                    Some(handoff) => return Some(handoff),
+                    None => self.handoffs = None,
+                },
+                () = stop.cancelled() => return None,
+            }
+        }
     }
 }
 
@@ -263,4 +287,59 @@ fn agent_identity(connection: &Connection) -> Result<AgentCert, IdentityError> {
     }
     let id = CertId { agent: name, serial: info.serial, issued_unix: info.not_before_unix };
     Ok(AgentCert { id, not_after_unix: info.not_after_unix })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOON: Duration = Duration::from_secs(2);
+
+    /// The HTTPS listener stops before the tunnel's (its sender is dropped first): connections
+    /// still come in on the tunnel's listener, and `stop` still ends the loop every time, so the
+    /// listener is closed and its port free for a relay started again on the same address.
+    #[tokio::test]
+    async fn a_closed_handoff_channel_neither_blocks_the_listener_nor_the_stop() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (sender, handoffs) = mpsc::channel(1);
+        drop(sender);
+        let mut arrivals = TcpArrivals { listener: Some(listener), handoffs: Some(handoffs) };
+        let stop = CancellationToken::new();
+
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let arrived = tokio::time::timeout(SOON, arrivals.next(&stop)).await.expect("a connection arrives");
+        let arrived = arrived.expect("not stopped");
+        assert_eq!(arrived.peer, client.local_addr().expect("client addr"));
+        assert!(arrived.first.is_empty());
+
+        stop.cancel();
+        // Stopped and closed channel are both ready: whichever is polled first, the answer is
+        // `None` (at once, each time).
+        for _ in 0..32 {
+            let next = tokio::time::timeout(SOON, arrivals.next(&stop)).await.expect("stop is seen");
+            assert!(next.is_none());
+        }
+        drop(arrivals);
+        TcpListener::bind(addr).await.expect("the port is free again");
+    }
+
+    /// A connection handed off by the HTTPS listener comes with the bytes it read.
+    #[tokio::test]
+    async fn a_handed_off_connection_keeps_its_first_bytes() {
+        let (sender, handoffs) = mpsc::channel(1);
+        let mut arrivals = TcpArrivals { listener: None, handoffs: Some(handoffs) };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (stream, peer) = listener.accept().await.expect("accept");
+        sender.send(Handoff { stream, peer, first: b"\x16\x03\x01".to_vec() }).await.expect("send");
+        let arrived = tokio::time::timeout(SOON, arrivals.next(&CancellationToken::new()))
+            .await
+            .expect("handed off")
+            .expect("not stopped");
+        assert_eq!(
+            (arrived.peer, arrived.first),
+            (client.local_addr().expect("addr"), b"\x16\x03\x01".to_vec())
+        );
+    }
 }

@@ -112,6 +112,23 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         info!(error = %e, "agent left during the handshake");
         return;
     }
+    // Version 4 on: which replica this is and which serve (a relay alone sends an empty list),
+    // right after `Welcome`, and again at every change. Written before the session is registered,
+    // so that no command or reply can come first.
+    let mut serving = tunnels.cluster.as_ref().map(|c| c.serving());
+    if welcome.version >= 4 {
+        let replicas = match (&tunnels.cluster, &mut serving) {
+            (Some(cluster), Some(serving)) => sallyport_proto::Replicas {
+                this: cluster.me.name.clone(),
+                serving: serving.borrow_and_update().clone(),
+            },
+            _ => sallyport_proto::Replicas { this: String::new(), serving: Vec::new() },
+        };
+        if let Err(e) = write_frame(&mut send, &RelayMessage::Replicas(replicas), MAX_CONTROL_FRAME).await {
+            info!(error = %e, "agent left during the handshake");
+            return;
+        }
+    }
     let registry = &tunnels.registry;
     let id = registry.next_id();
     let lanes = Arc::new(Lanes::new(connection.clone()));
@@ -164,19 +181,6 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
 
     let pending = Mutex::new(HashMap::new());
     let (replies, mut reply_rx) = mpsc::channel(4);
-    // Version 4 on: which replica this is and which serve (a relay alone sends an empty list),
-    // before anything else, and again at every change.
-    let mut serving = tunnels.cluster.as_ref().map(|c| c.serving());
-    if welcome.version >= 4 {
-        let replicas = match (&tunnels.cluster, &mut serving) {
-            (Some(cluster), Some(serving)) => sallyport_proto::Replicas {
-                this: cluster.me.name.clone(),
-                serving: serving.borrow_and_update().clone(),
-            },
-            _ => sallyport_proto::Replicas { this: String::new(), serving: Vec::new() },
-        };
-        let _ = replies.try_send(RelayMessage::Replicas(replicas));
-    }
     let max_lanes = tunnels.config.get().limits.lanes;
     if welcome.version >= 3 && max_lanes > 1 {
         let max = u16::try_from(max_lanes).unwrap_or(u16::MAX);
