@@ -3,7 +3,7 @@
 //! `scripts/install-deps.sh` installs them all.
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -46,20 +46,44 @@ fn which(tool: &str) -> Option<PathBuf> {
     found
 }
 
-/// A TCP port free on 127.0.0.1 right now.
+/// A port free for TCP and UDP on 127.0.0.1 right now. See [`free_port_on`].
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+    free_port_on(Ipv4Addr::LOCALHOST.into())
 }
 
 /// A UDP port free on 127.0.0.1 right now, and free for TCP too: a relay listening there takes
 /// the same port for its tunnel over TCP.
 pub fn free_udp_port() -> u16 {
-    loop {
-        let port = UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+    free_port()
+}
+
+/// A port free right now for TCP and UDP on `ip` (an address of this namespace) and on loopback,
+/// taken below the system's ephemeral range. The kernel never gives such a port to an outgoing
+/// connection, so it stays free until something binds it: a server started later on it, or a
+/// relay restarted on the same addresses, finds it free however many connections other tests
+/// open meanwhile (a port of the ephemeral range can be taken by any of them, and then held in
+/// TIME_WAIT for a minute).
+pub fn free_port_on(ip: IpAddr) -> u16 {
+    let (low, high) = below_ephemeral_range();
+    for _ in 0..10_000 {
+        let port = fastrand::u16(low..high);
+        let free = |ip: IpAddr| TcpListener::bind((ip, port)).is_ok() && UdpSocket::bind((ip, port)).is_ok();
+        if free(ip) && free(Ipv4Addr::LOCALHOST.into()) {
             return port;
         }
     }
+    panic!("no port in {low}..{high} is free for TCP and UDP on {ip} and loopback");
+}
+
+/// Ports below the ephemeral range (`net.ipv4.ip_local_port_range`, 32768 by default), above the
+/// privileged ones: at most 12,000 of them.
+fn below_ephemeral_range() -> (u16, u16) {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let high = start.max(2048);
+    (high.saturating_sub(12_000).max(1024), high)
 }
 
 /// Waits until something accepts on `addr`.

@@ -378,6 +378,7 @@ async fn the_engine_going_away_and_coming_back_is_survived() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn megabytes_of_container_logs_come_back_cut_and_leave_the_tunnel_up() {
     docker_or_skip!();
+    sallyport_tests::init_logging();
     let image = docker::test_image();
     let _cleanup = Cleanup::new("dock-chatty");
     let pki = TestPki::new();
@@ -399,17 +400,36 @@ async fn megabytes_of_container_logs_come_back_cut_and_leave_the_tunnel_up() {
     let (status, body) = admin(&relay, "POST", &format!("{base}/start"), token).await;
     assert_eq!(status, 200, "{body}");
 
-    // The chatter is written before the server listens: once a transfer works, it is all there.
+    // The chatter is written before the server listens. The engine copies a container's output
+    // into its log behind it, so the last line can reach the log a moment after the server
+    // listens: the test waits, through the engine itself, until the log is whole.
     transfer::run(relay.service("svc"), 1000, 1000, 1).await.expect("the container serves");
+    let last_line = "transfer server listening on 0.0.0.0:9000";
+    let whole = Instant::now();
+    loop {
+        let tail = std::process::Command::new("docker")
+            .args(["logs", "--tail", "1", "sallyport-chatty"])
+            .output()
+            .expect("docker logs runs");
+        if String::from_utf8_lossy(&tail.stderr).trim_end().ends_with(last_line) {
+            break;
+        }
+        assert!(whole.elapsed() < Duration::from_secs(30), "the engine's log lacks its last line after 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waited = whole.elapsed();
     let (status, logs) = admin(&relay, "POST", &format!("{base}/logs?tail=10000"), token).await;
     assert_eq!(status, 200, "{}", &logs[..logs.len().min(300)]);
-    println!("logs of 10,000 lines of 200 bytes: {} bytes back, starting {:?}", logs.len(), &logs[..40]);
+    println!(
+        "logs of 10,000 lines of 200 bytes (whole in the engine's log {:?} after the first transfer): {} \
+         bytes back, starting {:?}",
+        waited,
+        logs.len(),
+        &logs[..40]
+    );
     assert!(logs.starts_with("[... ") && logs.contains(" bytes left out ...]"), "{:?}", &logs[..80]);
     assert!(logs.len() > 50_000 && logs.len() <= sallyport_proto::MAX_CONTROL_FRAME, "{}", logs.len());
-    assert!(
-        logs.trim_end().ends_with("transfer server listening on 0.0.0.0:9000"),
-        "the end of the log is kept"
-    );
+    assert!(logs.trim_end().ends_with(last_line), "the end of the log is kept");
 
     assert_eq!(relay.session_id("dock-chatty"), tunnel, "the tunnel stayed up");
     transfer::run(relay.service("svc"), 100_000, 100_000, 2).await.expect("still serves");

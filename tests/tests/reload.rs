@@ -23,7 +23,7 @@ use tokio::{
 const ADMIN_TOKEN: &str = "reload-test-admin-token";
 
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr")
+    SocketAddr::from(([127, 0, 0, 1], sallyport_tests::servers::free_port()))
 }
 
 /// A relay.toml in the PKI's folder with the HTTP listener and admin server at `ports`, the admin token, `extra` in `[relay]`, then `services`.

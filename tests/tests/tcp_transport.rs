@@ -24,17 +24,6 @@ use tokio::{
 
 const MIB: u64 = 1024 * 1024;
 
-/// A port free for TCP and UDP on loopback now.
-fn free_port() -> u16 {
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = tcp.local_addr().expect("addr").port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 async fn udp_echo() -> SocketAddr {
     let socket = UdpSocket::bind("127.0.0.1:0").await.expect("udp bind");
     let addr = socket.local_addr().expect("addr");
@@ -262,7 +251,7 @@ async fn one_bulk_stream_does_not_starve_the_others() {
 async fn auto_falls_back_to_tcp_when_quic_gets_no_answer() {
     sallyport_tests::init_logging();
     let pki = TestPki::new();
-    let port = free_port();
+    let port = servers::free_port();
     let mut relay = RunningRelay::start(pki.relay_config_toml(
         &format!("tcp_listen = \"127.0.0.1:{port}\""),
         "[services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
@@ -299,7 +288,7 @@ async fn the_https_port_serves_the_tunnel_and_sni_passthrough_side_by_side() {
     let dir = tempfile::tempdir().expect("dir");
     let (nas, nas_crt) = servers::tls_server(dir.path(), "nas.home.lan");
     let pki = TestPki::new();
-    let port = free_port();
+    let port = servers::free_port();
     let mut relay = RunningRelay::start(pki.relay_config_toml(
         &format!("https_listen = \"127.0.0.1:{port}\"\ntcp_listen = \"127.0.0.1:{port}\""),
         "[services.nas]\nagent = \"winbox\"\nsni = [\"nas.home.lan\"]\n\

@@ -6,7 +6,7 @@
 use std::{
     cell::RefCell,
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::Command,
     time::Duration,
@@ -17,6 +17,7 @@ use anyhow::Context;
 use crate::{
     lab::{rss_kib, Lab, PROXY_IP, RELAY_IP, ROUTER_HOME_IP, WSL_IP},
     process::Spawned,
+    servers::free_port_on,
     TestPki,
 };
 
@@ -228,24 +229,6 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
     ticks / 100.0
-}
-
-/// A loopback port free right now.
-pub fn free_port() -> u16 {
-    free_port_on(Ipv4Addr::LOCALHOST.into())
-}
-
-/// A port free right now for TCP and UDP on `ip` (an address of this namespace) and on loopback.
-pub fn free_port_on(ip: IpAddr) -> u16 {
-    loop {
-        let Ok(tcp) = TcpListener::bind((ip, 0)) else { continue };
-        let Ok(port) = tcp.local_addr().map(|a| a.port()) else { continue };
-        let free = |ip: IpAddr| TcpListener::bind((ip, port)).is_ok() && UdpSocket::bind((ip, port)).is_ok();
-        drop(tcp);
-        if free(ip) && free(Ipv4Addr::LOCALHOST.into()) {
-            return port;
-        }
-    }
 }
 
 fn spawn(mut command: Command, args: &[String]) -> Spawned {

@@ -15,8 +15,8 @@ use tokio::{
     sync::Semaphore,
 };
 
-use super::systems::{free_port, Ground, Tunnel};
-use crate::process::Spawned;
+use super::systems::{Ground, Tunnel};
+use crate::{process::Spawned, servers::free_port};
 
 /// A target that greets every connection with one byte and then holds it open until EOF, in its
 /// own process (so its sockets do not count against the load generator's descriptor limit).
