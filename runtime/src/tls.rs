@@ -164,15 +164,27 @@ pub fn client_rustls(
     identity: Identity,
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(TlsError::Identity)?
+    let config = tls13_client(provider())?
         .with_root_certificates(roots)
         .with_client_auth_cert(identity.chain, identity.key)
         .map_err(TlsError::Identity)?;
+    Ok(offering(config, alpn))
+}
+
+/// How every client configuration starts: the provider, TLS 1.3 only.
+fn tls13_client(
+    provider: Arc<CryptoProvider>,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, TlsError> {
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Identity)
+}
+
+/// How every client configuration ends: the ALPN it offers, and no early data (0-RTT), ever.
+fn offering(mut config: rustls::ClientConfig, alpn: &[&[u8]]) -> rustls::ClientConfig {
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.enable_early_data = false;
-    Ok(config)
+    config
 }
 
 /// Client crypto for enrollment: no client certificate, and the relay is trusted only if its chain
@@ -196,15 +208,9 @@ pub fn pinned_client_rustls(
     let provider = provider();
     let check = PinCheck::default();
     let verifier = Arc::new(PinnedCa { ca_sha256, provider: provider.clone(), mismatch: check.clone() });
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(TlsError::Identity)?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config.enable_early_data = false;
-    Ok((config, check))
+    let config =
+        tls13_client(provider)?.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
+    Ok((offering(config, alpn), check))
 }
 
 /// Whether a relay was refused because its chain held no CA with the pinned hash.

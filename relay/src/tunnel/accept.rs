@@ -37,19 +37,9 @@ pub(crate) async fn accept_loop(endpoint: Endpoint, tunnels: Arc<Tunnels>, stop:
             continue;
         }
         let remote = incoming.remote_address();
-        let pass = match tunnels.gate.enter(remote.ip()) {
-            Ok((pass, pushed_out)) => {
-                if pushed_out {
-                    tunnels.runtime.metrics.handshake_failed("unauthenticated_pushed_out");
-                }
-                pass
-            }
-            Err(refused) => {
-                tunnels.runtime.metrics.handshake_failed(refused.metric());
-                debug!(%remote, reason = %refused, "connection refused before its handshake");
-                incoming.refuse();
-                continue;
-            }
+        let Some(pass) = enter_gate(&tunnels, remote) else {
+            incoming.refuse();
+            continue;
         };
         let work = handle_incoming(incoming, pass, tunnels.clone()).instrument(info_span!("tunnel", %remote));
         tunnels.runtime.tasks.spawn(work);
@@ -136,23 +126,50 @@ async fn handle_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) 
 }
 
 async fn serve_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) {
-    let config = tunnels.config.get();
-    let limits = &config.limits;
+    let Some(connection) = within_handshake(&tunnels, incoming).await else { return };
+    serve_connection(Connection::Quic(connection), pass, tunnels).await;
+}
+
+/// A place behind the gate for a connection from `remote` before its handshake (counted when it
+/// pushes out an older unauthenticated one); `None`, counted and logged, when the gate refuses it.
+fn enter_gate(tunnels: &Tunnels, remote: SocketAddr) -> Option<Pass> {
     let metrics = &tunnels.runtime.metrics;
-    let connection = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
-        Ok(Ok(connection)) => connection,
+    match tunnels.gate.enter(remote.ip()) {
+        Ok((pass, pushed_out)) => {
+            if pushed_out {
+                metrics.handshake_failed("unauthenticated_pushed_out");
+            }
+            Some(pass)
+        }
+        Err(refused) => {
+            metrics.handshake_failed(refused.metric());
+            debug!(%remote, reason = %refused, "connection refused before its handshake");
+            None
+        }
+    }
+}
+
+/// The handshake's outcome within `relay.handshake_timeout`; `None`, counted and logged (a few
+/// lines per period), when it fails or times out.
+async fn within_handshake<T, E: std::fmt::Display>(
+    tunnels: &Tunnels,
+    handshake: impl std::future::IntoFuture<Output = Result<T, E>>,
+) -> Option<T> {
+    let timeout = tunnels.config.get().limits.handshake_timeout;
+    let metrics = &tunnels.runtime.metrics;
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(done)) => Some(done),
         Ok(Err(e)) => {
             sallyport_runtime::limited!(warn, error = %e, "handshake failed");
             metrics.handshake_failed("tls");
-            return;
+            None
         }
         Err(_) => {
-            sallyport_runtime::limited!(warn, timeout = ?limits.handshake_timeout, "handshake timed out");
+            sallyport_runtime::limited!(warn, ?timeout, "handshake timed out");
             metrics.handshake_failed("timeout");
-            return;
+            None
         }
-    };
-    serve_connection(Connection::Quic(connection), pass, tunnels).await;
+    }
 }
 
 /// Serves one TCP connection that asked for the tunnel's ALPN (`first` holds the bytes of its
@@ -161,20 +178,7 @@ async fn serve_tcp<IO>(io: IO, remote: SocketAddr, tunnels: Arc<Tunnels>)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let metrics = &tunnels.runtime.metrics;
-    let pass = match tunnels.gate.enter(remote.ip()) {
-        Ok((pass, pushed_out)) => {
-            if pushed_out {
-                metrics.handshake_failed("unauthenticated_pushed_out");
-            }
-            pass
-        }
-        Err(refused) => {
-            metrics.handshake_failed(refused.metric());
-            debug!(%remote, reason = %refused, "TCP connection refused before its handshake");
-            return;
-        }
-    };
+    let Some(pass) = enter_gate(&tunnels, remote) else { return };
     let closed = pass.closed.clone();
     let work = async {
         let config = tunnels.config.get();
@@ -188,19 +192,7 @@ where
                 transport::tcp_relay(limits.keep_alive, limits.idle_timeout, peer.certificates.is_some());
             tcp::client(tls, peer, settings).await.map_err(|e| e.to_string())
         };
-        let connection = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(e)) => {
-                sallyport_runtime::limited!(warn, error = %e, "TCP handshake failed");
-                metrics.handshake_failed("tls");
-                return;
-            }
-            Err(_) => {
-                sallyport_runtime::limited!(warn, timeout = ?limits.handshake_timeout, "TCP handshake timed out");
-                metrics.handshake_failed("timeout");
-                return;
-            }
-        };
+        let Some(connection) = within_handshake(&tunnels, handshake).await else { return };
         serve_connection(Connection::Tcp(connection), pass, tunnels.clone()).await;
     };
     tokio::select! {
