@@ -427,7 +427,12 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         machine(),
         rounds,
-        if quick { " (quick mode: short runs, indicative only)" } else { "" }
+        match (quick, cfg!(debug_assertions)) {
+            (_, true) => " (dev build: Sallyport's own code unoptimized, so its figures say nothing of its speed; \
+                          the run checks that every workload works through every system)",
+            (true, false) => " (quick mode: short runs, indicative only)",
+            (false, false) => "",
+        }
     );
     for (metric, command, higher) in &r.order {
         if !r.samples.contains_key(metric) && !r.failures.keys().any(|(m, _)| m == metric) {
