@@ -45,12 +45,7 @@ impl RawAgent {
         services: &[&str],
     ) -> Result<Self, Refused> {
         let bundle = identity_pki.agent_bundle(name);
-        let hello = AgentMessage::Hello(Hello {
-            min_version: 1,
-            max_version: sallyport_proto::PROTOCOL_VERSION,
-            software: "raw".into(),
-            services: services.iter().map(|s| ServiceOffer { name: (*s).to_owned() }).collect(),
-        });
+        let hello = hello(sallyport_proto::PROTOCOL_VERSION, services);
         Self::open(&bundle.join("agent.crt"), &bundle.join("agent.key"), trust, relay, &hello).await
     }
 
@@ -62,13 +57,7 @@ impl RawAgent {
         relay: SocketAddr,
         services: &[&str],
     ) -> Result<Self, Refused> {
-        let hello = AgentMessage::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
-            software: "raw".into(),
-            services: services.iter().map(|s| ServiceOffer { name: (*s).to_owned() }).collect(),
-        });
-        Self::open(cert, key, trust, relay, &hello).await
+        Self::open(cert, key, trust, relay, &hello(1, services)).await
     }
 
     /// Connects with a fresh bundle of agent `name` and asks to join session `session` as a lane;
@@ -131,4 +120,14 @@ impl RawAgent {
             .ok()
             .flatten()
     }
+}
+
+/// A raw agent's `Hello`: protocol versions 1 to `max_version`, offering `services`.
+fn hello(max_version: u16, services: &[&str]) -> AgentMessage {
+    AgentMessage::Hello(Hello {
+        min_version: 1,
+        max_version,
+        software: "raw".into(),
+        services: services.iter().map(|s| ServiceOffer { name: (*s).to_owned() }).collect(),
+    })
 }
