@@ -46,15 +46,10 @@ fn which(tool: &str) -> Option<PathBuf> {
     found
 }
 
-/// A port free for TCP and UDP on 127.0.0.1 right now. See [`free_port_on`].
+/// A port free for TCP and UDP on 127.0.0.1 right now (a relay listening there takes the same
+/// port for its tunnel over TCP). See [`free_port_on`].
 pub fn free_port() -> u16 {
     free_port_on(Ipv4Addr::LOCALHOST.into())
-}
-
-/// A UDP port free on 127.0.0.1 right now, and free for TCP too: a relay listening there takes
-/// the same port for its tunnel over TCP.
-pub fn free_udp_port() -> u16 {
-    free_port()
 }
 
 /// A port free right now for TCP and UDP on `ip` (an address of this namespace) and on loopback,
@@ -131,7 +126,7 @@ pub fn nginx(servers: &[(u16, &str, &str)]) -> Server {
 
 /// dnsmasq answering `name` with `answer` on UDP `127.0.0.1:port`, and nothing else.
 pub fn dnsmasq(name: &str, answer: &str) -> Server {
-    let port = free_udp_port();
+    let port = free_port();
     let mut command = Command::new(which("dnsmasq").expect("dnsmasq"));
     command.args([
         "--keep-in-foreground",

@@ -639,7 +639,7 @@ async fn two_clients_from_one_address_never_share_an_upstream_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_flow_survives_port_unreachable_until_its_target_listens() {
     sallyport_tests::init_logging();
-    let target = std::net::SocketAddr::from(([127, 0, 0, 1], servers::free_udp_port()));
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], servers::free_port()));
     let pki = TestPki::new();
     let mut relay = RunningRelay::start(
         pki.relay_config_toml("", "[services.echo]\nagent = \"winbox\"\nudp = \"127.0.0.1:0\"\n"),

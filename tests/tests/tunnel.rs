@@ -211,7 +211,7 @@ async fn agent_reconnects_after_a_relay_restart() {
     // connection while the relay is down.
     let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
     let mut config = pki.relay_config(&[("svc", "winbox")], "");
-    config.listen = at(servers::free_udp_port());
+    config.listen = at(servers::free_port());
     if let Some(service) = config.services.get_mut("svc") {
         service.listen = sallyport_relay::config::Listen::Tcp(at(servers::free_port()));
     }
@@ -253,8 +253,7 @@ async fn a_command_at_registration_never_cuts_into_the_handshake() {
         let mut agents = relay.agents();
         // Fires the command from another task the moment a new session of "raw" is listed.
         let command = tokio::spawn(async move {
-            let _ =
-                agents.wait_for(|a| a.get("raw").map(|s| s.id) != previous && a.contains_key("raw")).await;
+            let _ = agents.wait_for(|a| matches!(a.get("raw"), Some(s) if Some(s.id) != previous)).await;
             let _ = sallyport_relay::cli::admin_client::request(
                 admin,
                 "POST",

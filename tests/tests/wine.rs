@@ -13,7 +13,7 @@ use std::{
 
 use sallyport_tests::{
     process::{binary, Spawned},
-    servers::{free_port, free_udp_port},
+    servers::free_port,
     targets, transfer,
 };
 
@@ -153,11 +153,9 @@ async fn the_windows_agent_carries_tcp_and_udp_comes_back_after_a_relay_restart_
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let relay_bin = binary("sallyport-relay");
-    let quic = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
-    let (tcp, udp) = (
-        SocketAddr::from(([127, 0, 0, 1], free_port())),
-        SocketAddr::from(([127, 0, 0, 1], free_udp_port())),
-    );
+    let quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (tcp, udp) =
+        (SocketAddr::from(([127, 0, 0, 1], free_port())), SocketAddr::from(([127, 0, 0, 1], free_port())));
     let relay_toml = relay_config(
         d,
         quic,
@@ -172,7 +170,7 @@ async fn the_windows_agent_carries_tcp_and_udp_comes_back_after_a_relay_restart_
     // The bundle `agent add` writes, pointed at a transfer server and a UDP echo server.
     let target = targets::transfer_server().await;
     // The UDP target is not there yet: the first datagrams get ICMP port-unreachable back.
-    let echo = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let echo = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let bundle = d.join("winbox");
     let (ok, text) = output({
         let mut c = Command::new(&relay_bin);
@@ -379,7 +377,7 @@ fn the_msi_installs_enrolls_and_uninstalls_under_wine_msiexec() {
     let _ = msiexec(&["/x", &windows_path(&msi)], &log);
     let _ = std::fs::remove_dir_all(&data);
 
-    let quic = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let quic = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let relay_toml =
         relay_config(d, quic, "[services.hello]\nagent = \"msibox\"\nlisten = \"127.0.0.1:0\"\n");
     let mut relay_process = relay(&relay_toml);
