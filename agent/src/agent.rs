@@ -5,7 +5,6 @@ use sallyport_proto::ALPN_TUNNEL;
 use sallyport_runtime::{
     link::Transport,
     tls::{self, IdentityError, TlsFileError},
-    transport,
 };
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -46,7 +45,7 @@ impl Agent {
         let tcp_config = Arc::new(rustls_config.clone());
         let mut client_config = quinn::ClientConfig::new(tls::quic_client(rustls_config)?);
         let timing = &config.timing;
-        client_config.transport_config(transport::agent(
+        client_config.transport_config(sallyport_runtime::quic::agent(
             timing.keep_alive,
             timing.idle_timeout,
             timing.congestion,

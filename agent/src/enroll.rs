@@ -13,10 +13,7 @@ use quinn::Endpoint;
 use sallyport_proto::enroll::{
     EnrollRequest, EnrollResponse, JoinToken, TokenError, ALPN_ENROLL, MAX_ENROLL_FRAME,
 };
-use sallyport_runtime::{
-    link::{tcp, Connection},
-    read_frame, tls, transport, write_frame,
-};
+use sallyport_runtime::{link::Connection, read_frame, tcp, tls, write_frame};
 
 use crate::config::QUIC_WAIT;
 
@@ -62,7 +59,7 @@ async fn over_tcp(
         .await
         .map_err(|_| EnrollError::Unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
         .map_err(|e| unreachable(&e))?;
-    transport::tcp_tunnel_socket(&tcp);
+    sallyport_runtime::tcp::tunnel_socket(&tcp);
     let name = tls::server_name(server_name).map_err(|e| EnrollError::Protocol(e.to_string()))?;
     let tls = match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
         Ok(tls) => tls,
@@ -70,7 +67,7 @@ async fn over_tcp(
         Err(e) => return Err(unreachable(&e)),
     };
     let peer = tcp::Peer::of(addr, tls.get_ref().1);
-    let settings = transport::tcp_agent(Duration::from_secs(2), Duration::from_secs(10));
+    let settings = sallyport_runtime::tcp::tcp_agent(Duration::from_secs(2), Duration::from_secs(10));
     let connection = tcp::server(tls, peer, settings).await.map_err(|e| unreachable(&e))?;
     Ok(Connection::Tcp(connection))
 }
@@ -95,10 +92,10 @@ pub async fn enroll(token: &str, dir: &Path) -> Result<Enrolled, EnrollError> {
         let tcp = Arc::new(rustls_config.clone());
         let crypto = tls::quic_client(rustls_config).map_err(|e| EnrollError::Protocol(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(crypto);
-        client.transport_config(transport::agent(
+        client.transport_config(sallyport_runtime::quic::agent(
             Duration::from_secs(2),
             Duration::from_secs(10),
-            transport::Congestion::default(),
+            sallyport_runtime::quic::Congestion::default(),
         ));
         match redeem(relay, &token.server_name, (&client, tcp), &pin, &request).await {
             Ok(response) => return write_identity(response, &key.serialize_pem(), &token, dir),

@@ -9,7 +9,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use sallyport_proto::ContainerReport;
-use sallyport_runtime::udp_count::UdpFigures;
+use sallyport_runtime::quic::counted::UdpFigures;
 
 type Labels = Vec<(&'static str, String)>;
 

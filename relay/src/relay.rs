@@ -14,7 +14,6 @@ use sallyport_proto::{codes::close, ALPN_TUNNEL};
 use sallyport_runtime::{
     code,
     tls::{self, IdentityError, TlsFileError},
-    transport,
 };
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::sync::CancellationToken;
@@ -104,7 +103,7 @@ impl Relay {
         let crypto = tls::quic_server(rustls_config).map_err(IdentityError::from)?;
         let mut server = quinn::ServerConfig::with_crypto(crypto);
         server
-            .transport_config(transport::relay(
+            .transport_config(sallyport_runtime::quic::relay(
                 config.limits.keep_alive,
                 config.limits.idle_timeout,
                 config.limits.congestion,
@@ -120,8 +119,8 @@ impl Relay {
             addr,
             source,
         })?;
-        let (endpoint, udp) = sallyport_runtime::udp_count::counted_endpoint(
-            transport::endpoint_with_stable_reset(&tls.key_pem),
+        let (endpoint, udp) = sallyport_runtime::quic::counted::counted_endpoint(
+            sallyport_runtime::quic::socket::endpoint_with_stable_reset(&tls.key_pem),
             Some(server),
             socket,
         )
@@ -312,7 +311,8 @@ fn bind_tunnel(
     config: &Config,
 ) -> Result<(std::net::UdpSocket, Option<TcpListener>), (&'static str, SocketAddr, std::io::Error)> {
     const TRIES: usize = 16;
-    let quic = |addr| transport::quic_socket(addr).map_err(|e| ("the QUIC endpoint", addr, e));
+    let quic =
+        |addr| sallyport_runtime::quic::socket::quic_socket(addr).map_err(|e| ("the QUIC endpoint", addr, e));
     let tcp = |addr: SocketAddr| {
         std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))

@@ -6,7 +6,7 @@ use std::sync::{
     Arc,
 };
 
-use sallyport_runtime::udp_count::UdpCounters;
+use sallyport_runtime::quic::counted::UdpCounters;
 
 use tokio_util::task::TaskTracker;
 

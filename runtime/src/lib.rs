@@ -4,21 +4,25 @@
 //!
 //! - [`tls`]: rustls configurations (server, client, pinned enrollment client) and certificate
 //!   inspection.
-//! - [`transport`]: quinn's limits for both ends, the packet-size bound for path MTU discovery, the
-//!   QUIC socket with its kernel buffers, the stable stateless-reset key; [`udp_count`]: the
-//!   QUIC socket's system calls and datagrams, counted (segmentation offload made visible).
-//! - [`link`]: a tunnel connection over QUIC or over TLS+TCP (HTTP/2 streams), one API for both.
+//! - [`limits`]: windows, stream counts and timers both transports share.
+//! - [`quic`]: quinn's settings for both ends, the UDP socket with its kernel buffers, the
+//!   stable stateless-reset key, counted system calls, the agent's client endpoint and connect.
+//! - [`tcp`]: the tunnel over TLS on TCP, its streams multiplexed by HTTP/2; the agent's connect.
+//! - [`link`]: a tunnel connection over either transport, one API for both.
 //! - [`framed`]: length-prefixed frames (see `sallyport_proto::frame`) on QUIC streams.
 //! - [`splice`]: a TCP connection joined to a QUIC stream, with half-close and reset semantics.
 //! - [`config`]: loading a TOML file into a raw model, human durations, errors naming file and key.
-//! - [`cli`]: process setup both binaries share: signals, logging, small pages, error rendering.
+//! - [`live`]: the configuration in force and the one reload watcher both binaries run.
+//! - [`cli`]: process setup both binaries share: signals, logging, small pages, error rendering;
+//!   [`logs`]: log budgets.
 //! - [`flows`]: the idle-flow table (UDP flows on both sides) and its activity stamps;
 //!   [`watched`]: an IO object that stamps activity, for idle timeouts of plain copies.
-//! - [`durable`]: flushing a rename's directory.
-//! - [`clock`], [`hex`], [`sync`]: Unix seconds, lowercase hex, and the one way to treat a
-//!   poisoned lock.
+//! - [`durable`]: flushing a rename's directory, writing a private file.
+//! - [`addr`], [`clock`], [`hex`], [`sync`]: the unspecified address of a family, Unix seconds,
+//!   lowercase hex, and the one way to treat a poisoned lock.
 #![forbid(unsafe_code)]
 
+pub mod addr;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -26,14 +30,15 @@ pub mod durable;
 pub mod flows;
 pub mod framed;
 pub mod hex;
+pub mod limits;
 pub mod link;
 pub mod live;
 pub mod logs;
+pub mod quic;
 pub mod splice;
 pub mod sync;
+pub mod tcp;
 pub mod tls;
-pub mod transport;
-pub mod udp_count;
 pub mod watched;
 
 pub use cli::shutdown_signal;

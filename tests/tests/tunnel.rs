@@ -75,7 +75,10 @@ async fn one_and_sixty_four_mib_each_way_arrive_intact() {
 /// sockets get their 4 MiB kernel buffers wherever the system allows that much.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packets_grow_past_ethernet_size_where_the_path_allows() {
-    use sallyport_runtime::transport::{quic_socket, receive_buffer, MAX_UDP_PAYLOAD, UDP_SOCKET_BUFFER};
+    use sallyport_runtime::quic::{
+        socket::{quic_socket, receive_buffer},
+        MAX_UDP_PAYLOAD, UDP_SOCKET_BUFFER,
+    };
     let pki = TestPki::new();
     let target = targets::transfer_server().await;
     let (relay, agent) = tunnel_to(&pki, target.addr).await;

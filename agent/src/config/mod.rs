@@ -12,8 +12,8 @@ use std::{
 
 use sallyport_runtime::{
     config::{self as conf, ConfigError, HumanDuration},
+    quic::Congestion,
     tls::TlsFiles,
-    transport::{self, Congestion},
 };
 use serde::Deserialize;
 
@@ -85,8 +85,8 @@ impl Default for Timing {
     /// The timers of an agent.toml that does not set them.
     fn default() -> Self {
         Self {
-            keep_alive: transport::KEEP_ALIVE,
-            idle_timeout: transport::IDLE_TIMEOUT,
+            keep_alive: sallyport_runtime::limits::KEEP_ALIVE,
+            idle_timeout: sallyport_runtime::limits::IDLE_TIMEOUT,
             handshake_timeout: SECOND * 10,
             connect_timeout: SECOND * 5,
             reconnect_min: MILLISECOND * 250,

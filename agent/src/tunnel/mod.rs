@@ -21,13 +21,12 @@ use sallyport_proto::{
 };
 use sallyport_runtime::{
     code,
-    link::{tcp, Connection, RecvStream, SendStream, Transport},
+    limits::StreamCredit,
+    link::{Connection, RecvStream, SendStream, Transport},
+    quic::counted::{counted_endpoint, UdpCounters},
     read_frame,
     sync::{lock, read},
-    tls,
-    transport::{self, StreamCredit},
-    udp_count::{counted_endpoint, UdpCounters},
-    write_frame, FrameError,
+    tcp, tls, write_frame, FrameError,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -410,8 +409,9 @@ fn new_port(slot: &mut Option<Quic>) {
         Ok(local) if local.is_ipv6() => (Ipv6Addr::UNSPECIFIED, 0).into(),
         _ => (Ipv4Addr::UNSPECIFIED, 0).into(),
     };
-    let moved = transport::quic_socket(bind)
-        .and_then(|socket| sallyport_runtime::udp_count::rebind_counted(&quic.endpoint, &quic.udp, socket));
+    let moved = sallyport_runtime::quic::socket::quic_socket(bind).and_then(|socket| {
+        sallyport_runtime::quic::counted::rebind_counted(&quic.endpoint, &quic.udp, socket)
+    });
     if let Err(e) = moved {
         debug!(error = %e, "cannot move the QUIC endpoint to a new port: opening a new one");
         *slot = None;
@@ -772,7 +772,7 @@ async fn connect_tcp(
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| TunnelError::Tcp(format!("cannot connect to {addr}: {e}")))?;
-    transport::tcp_tunnel_socket(&tcp);
+    sallyport_runtime::tcp::tunnel_socket(&tcp);
     let config = read(&tunnels.tcp_config).clone();
     let name = tls::server_name(server_name).map_err(|e| TunnelError::Tcp(e.to_string()))?;
     let tls = tokio_rustls::TlsConnector::from(config)
@@ -781,7 +781,7 @@ async fn connect_tcp(
         .map_err(|e| TunnelError::Tcp(format!("TLS handshake: {e}")))?;
     let peer = tcp::Peer::of(addr, tls.get_ref().1);
     let timing = tunnels.config.get().timing.clone();
-    let settings = transport::tcp_agent(timing.keep_alive, timing.idle_timeout);
+    let settings = sallyport_runtime::tcp::tcp_agent(timing.keep_alive, timing.idle_timeout);
     Ok(Connection::Tcp(tcp::server(tls, peer, settings).await?))
 }
 
@@ -850,9 +850,9 @@ fn endpoint_for(addr: SocketAddr, slot: &mut Option<Quic>) -> Result<Endpoint, T
     }
     let bind: SocketAddr =
         if addr.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
-    let socket = transport::quic_socket(bind).map_err(TunnelError::Socket)?;
-    let (endpoint, udp) =
-        counted_endpoint(transport::endpoint_config(), None, socket).map_err(TunnelError::Socket)?;
+    let socket = sallyport_runtime::quic::socket::quic_socket(bind).map_err(TunnelError::Socket)?;
+    let (endpoint, udp) = counted_endpoint(sallyport_runtime::quic::socket::endpoint_config(), None, socket)
+        .map_err(TunnelError::Socket)?;
     *slot = Some(Quic { endpoint: endpoint.clone(), udp });
     Ok(endpoint)
 }

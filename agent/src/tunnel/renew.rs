@@ -14,7 +14,6 @@ use sallyport_runtime::{
     durable::sync_parent_dir,
     sync::{lock, write},
     tls::{self, TlsFiles},
-    transport,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -132,7 +131,11 @@ fn install(cert_pem: &str, key_pem: &str, tunnels: &Tunnels) -> Result<i64, Inst
         .map_err(|source| InstallError::File { path: files.cert.clone(), source })?;
     let timing = &config.timing;
     let mut client = quinn::ClientConfig::new(crypto);
-    client.transport_config(transport::agent(timing.keep_alive, timing.idle_timeout, timing.congestion));
+    client.transport_config(sallyport_runtime::quic::agent(
+        timing.keep_alive,
+        timing.idle_timeout,
+        timing.congestion,
+    ));
     *write(&tunnels.client_config) = client;
     *write(&tunnels.tcp_config) = tcp_config;
     *lock(&tunnels.cert_validity) = (info.not_before_unix, info.not_after_unix);

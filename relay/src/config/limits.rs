@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use sallyport_runtime::{
     config::{self as conf, ConfigError},
-    splice, transport,
-    transport::Congestion,
+    quic::Congestion,
+    splice,
 };
 
 use super::RawRelay;
@@ -97,14 +97,15 @@ impl Budget {
     /// A client connection's own state besides its buffers.
     pub const CONNECTION_STATE: u64 = 16 * KIB;
     /// A connection still proving who it is: its small windows and handshake state.
-    const UNAUTHENTICATED: u64 = transport::UNAUTHENTICATED_RECEIVE_WINDOW as u64
-        + transport::DATAGRAM_RECEIVE_BUFFER as u64
+    const UNAUTHENTICATED: u64 = sallyport_runtime::limits::UNAUTHENTICATED_RECEIVE_WINDOW as u64
+        + sallyport_runtime::limits::DATAGRAM_RECEIVE_BUFFER as u64
         + 32 * KIB;
 
     /// The budget `memory_budget` makes with these limits; `connections` is 0 when nothing is
     /// left for them.
     pub fn new(memory_budget: u64, max_header_bytes: usize, max_unauthenticated: usize) -> Self {
-        let tunnel = u64::from(transport::CONNECTION_RECEIVE_WINDOW) + transport::SEND_WINDOW;
+        let tunnel = u64::from(sallyport_runtime::limits::CONNECTION_RECEIVE_WINDOW)
+            + sallyport_runtime::limits::SEND_WINDOW;
         let reserved =
             Self::RUNTIME + Self::TUNNELS * tunnel + max_unauthenticated as u64 * Self::UNAUTHENTICATED;
         let per_connection = max_header_bytes as u64 + splice::MAX_READ as u64 + Self::CONNECTION_STATE;
@@ -128,8 +129,8 @@ impl Default for Limits {
         const MAX_HEADER_BYTES: usize = 64 * 1024;
         const MAX_UNAUTHENTICATED: usize = 64;
         Self {
-            idle_timeout: transport::IDLE_TIMEOUT,
-            keep_alive: transport::RELAY_KEEP_ALIVE,
+            idle_timeout: sallyport_runtime::limits::IDLE_TIMEOUT,
+            keep_alive: sallyport_runtime::limits::RELAY_KEEP_ALIVE,
             handshake_timeout: SECOND * 10,
             drain_grace: SECOND * 20,
             max_incoming: 256,

@@ -15,10 +15,7 @@ use std::{
     time::Duration,
 };
 
-use sallyport_runtime::{
-    sync::{read, write},
-    transport,
-};
+use sallyport_runtime::sync::{read, write};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -95,7 +92,7 @@ impl Sockets {
             let socket = match key {
                 (Proto::Tcp, addr, _) => Own::Tcp(tcp::bind(addr).map_err(bind_err(what, addr))?),
                 (Proto::Udp, addr, _) => Own::Udp(
-                    transport::service_udp_socket(addr)
+                    sallyport_runtime::quic::socket::service_udp_socket(addr)
                         .and_then(UdpSocket::from_std)
                         .map_err(bind_err(what, addr))?,
                 ),

@@ -5,8 +5,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use quinn::{Endpoint, Incoming};
 use sallyport_proto::codes::close;
-use sallyport_runtime::link::{tcp, Connection};
-use sallyport_runtime::{code, tls, transport};
+use sallyport_runtime::{code, tls};
+use sallyport_runtime::{link::Connection, tcp};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::mpsc,
@@ -65,7 +65,7 @@ pub(crate) async fn tcp_accept_loop(
 ) {
     let mut arrivals = TcpArrivals { listener, handoffs: Some(handoffs) };
     while let Some(Handoff { stream, peer, first }) = arrivals.next(&stop).await {
-        transport::tcp_tunnel_socket(&stream);
+        sallyport_runtime::tcp::tunnel_socket(&stream);
         let io = tcp::Prefixed::new(first, stream);
         let work = serve_tcp(io, peer, tunnels.clone())
             .instrument(info_span!("tunnel", remote = %peer, transport = "tcp"));
@@ -188,8 +188,11 @@ where
         let handshake = async {
             let tls = acceptor.accept(io).await.map_err(|e| e.to_string())?;
             let peer = tcp::Peer::of(remote, tls.get_ref().1);
-            let settings =
-                transport::tcp_relay(limits.keep_alive, limits.idle_timeout, peer.certificates.is_some());
+            let settings = sallyport_runtime::tcp::tcp_relay(
+                limits.keep_alive,
+                limits.idle_timeout,
+                peer.certificates.is_some(),
+            );
             tcp::client(tls, peer, settings).await.map_err(|e| e.to_string())
         };
         let Some(connection) = within_handshake(&tunnels, handshake).await else { return };
@@ -238,7 +241,7 @@ async fn serve_connection(connection: Connection, pass: Pass, tunnels: Arc<Tunne
     }
     // A proven agent: the tunnel's limits, and its place behind the gate is free again.
     if let Some(quic) = connection.quic() {
-        transport::admit_agent(quic);
+        sallyport_runtime::quic::admit_agent(quic);
     }
     pass.authenticated();
     let span = info_span!("agent", agent = %cert.id.agent);

@@ -12,7 +12,7 @@ use std::{
 };
 
 use sallyport_proto::{codes::close, Command, ContainerReport};
-use sallyport_runtime::{code, sync::lock, transport};
+use sallyport_runtime::{code, sync::lock};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// One live tunnel connection of an agent.
@@ -100,9 +100,9 @@ impl Lanes {
     /// flight at the relay with lanes than without.
     fn share_windows(&self, open: &[Lane]) {
         let n = open.len() + 1;
-        transport::share_agent_windows(&self.tunnel, n);
+        sallyport_runtime::link::share_agent_windows(&self.tunnel, n);
         for lane in open {
-            transport::share_agent_windows(&lane.connection, n);
+            sallyport_runtime::link::share_agent_windows(&lane.connection, n);
         }
     }
 

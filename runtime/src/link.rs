@@ -1,11 +1,9 @@
 //! A tunnel connection over either transport: QUIC (quinn), or TLS over TCP with its streams
-//! multiplexed by HTTP/2 ([`tcp`]). Relay and agent speak the same protocol on both: the same
+//! multiplexed by HTTP/2 ([`crate::tcp`]). Relay and agent speak the same protocol on both: the same
 //! control stream, stream header and answer, half-close and reset, datagrams and close codes.
 //!
 //! The types mirror quinn's and report quinn's error types, so code above them does not care
 //! which transport carries a tunnel.
-
-pub mod tcp;
 
 use std::{
     fmt, io,
@@ -20,6 +18,8 @@ use bytes::Bytes;
 pub use quinn::{ConnectionError, ReadError, ReadExactError, SendDatagramError, VarInt, WriteError};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::tcp;
 
 /// Which transport carries a tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -330,5 +330,13 @@ impl AsyncRead for RecvStream {
             Self::Quic(r) => AsyncRead::poll_read(Pin::new(r), cx, buf),
             Self::Tcp(r) => r.poll_read(cx, buf),
         }
+    }
+}
+
+/// Gives each of an agent's `connections` (its tunnel and lanes) an equal share of one tunnel's
+/// windows (QUIC; an HTTP/2 connection keeps the windows it was set up with).
+pub fn share_agent_windows(connection: &Connection, connections: usize) {
+    if let Some(connection) = connection.quic() {
+        crate::quic::share_windows(connection, connections);
     }
 }
