@@ -11,7 +11,11 @@ use sallyport_runtime::{code, read_frame, write_frame};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::{accept_streams, dial, endpoint_for, Quic, TunnelError, Tunnels, Via};
+use super::{
+    connect::{dial, endpoint_for, new_port, Quic, Via},
+    streams::accept_streams,
+    TunnelError, Tunnels,
+};
 use crate::{backoff::Backoff, config::RelayAddr};
 
 /// Where lanes of one tunnel go, and when they stop (the tunnel ended, or the agent stops).
@@ -67,7 +71,7 @@ impl LaneStarter {
                 Err(TunnelError::Held(replica)) => {
                     debug!(%replica, "the lane reached another replica: dialing again");
                     held_tries += 1;
-                    super::new_port(&mut endpoint);
+                    new_port(&mut endpoint);
                     super::replicas::seek_delay(held_tries)
                 }
                 Err(TunnelError::Refused(reason)) => {
