@@ -13,7 +13,11 @@ use crate::{
     config::{Config, Live},
     containers::Containers,
     targets::Targets,
-    tunnel::{self, renew, TunnelStatus, Tunnels},
+    tunnel::{
+        self,
+        renew::{self, Renewal},
+        Credentials, Dialer, Timers, TunnelStatus, Tunnels,
+    },
 };
 
 /// Why the agent could not start: its TLS identity is not usable.
@@ -42,20 +46,13 @@ impl Agent {
     /// without a certificate from the relay's CA there is no tunnel.
     pub fn new(config: Config) -> Result<Self, StartError> {
         let (rustls_config, identity) = load_identity(&config)?;
-        let tcp_config = Arc::new(rustls_config.clone());
-        let mut client_config = quinn::ClientConfig::new(tls::quic_client(rustls_config)?);
-        let timing = &config.timing;
-        client_config.transport_config(sallyport_runtime::quic::agent(
-            timing.keep_alive,
-            timing.idle_timeout,
-            timing.congestion,
-        ));
+        let credentials = Credentials::new(Dialer::new(rustls_config, Timers::from(&config.timing))?);
         let containers =
             Containers::new(&identity.name, config.docker.clone(), config.containers.values().cloned());
         let config = Live::new(Arc::new(config));
         let targets = Arc::new(Targets::new(config.clone(), containers));
-        let validity = (identity.not_before_unix, identity.not_after_unix);
-        let tunnels = Arc::new(Tunnels::new(config, targets, (client_config, tcp_config), validity));
+        let renewal = Renewal::new((identity.not_before_unix, identity.not_after_unix));
+        let tunnels = Arc::new(Tunnels::new(config, targets, credentials, renewal));
         Ok(Self { tunnels, identity, reloads: Arc::default() })
     }
 
@@ -106,7 +103,9 @@ impl Agent {
         tunnels.close();
         tunnels.wait().await;
         self.tunnels.streams.close();
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.tunnels.streams.wait()).await;
+        self.tunnels.tasks.close();
+        let finished = async { tokio::join!(self.tunnels.streams.wait(), self.tunnels.tasks.wait()) };
+        let _ = tokio::time::timeout(Duration::from_secs(1), finished).await;
         tracing::info!("agent stopped");
     }
 }

@@ -3,19 +3,24 @@
 //! checked in the TLS handshake before the token's secret is sent.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 
-use quinn::Endpoint;
 use sallyport_proto::enroll::{
     EnrollRequest, EnrollResponse, JoinToken, TokenError, ALPN_ENROLL, MAX_ENROLL_FRAME,
 };
-use sallyport_runtime::{link::Connection, read_frame, tcp, tls, write_frame};
+use sallyport_runtime::{
+    link::{Connection, Transport},
+    quic::Congestion,
+    read_frame, tls, write_frame,
+};
 
-use crate::config::QUIC_WAIT;
+use crate::{
+    config::QUIC_WAIT,
+    tunnel::{dial, Dialer, Failure, Timers, TunnelError, Via},
+};
 
 /// What enrollment wrote.
 #[derive(Debug)]
@@ -35,69 +40,52 @@ pub enum EnrollError {
     Token(#[from] TokenError),
     #[error("the relay at {0} does not present the CA the join token names: the token was not sent")]
     WrongRelay(String),
+    /// No relay of the token could be reached: each one's reason.
     #[error("cannot reach a relay of the token ({0})")]
     Unreachable(String),
     #[error("the relay refused the join token: {0}")]
     Refused(String),
+    /// The exchange with a relay that answered failed.
     #[error("enrollment failed: {0}")]
-    Protocol(String),
+    Tunnel(#[from] TunnelError),
+    #[error("cannot make the key or its certificate request: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The relay's answer does not fit the token.
+    #[error("enrollment failed: {0}")]
+    Answer(&'static str),
     #[error("{}: {source}", path.display())]
     Write { path: PathBuf, source: std::io::Error },
 }
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// TLS on TCP with the pinned configuration, then HTTP/2 (the relay opens the enrollment stream).
-async fn over_tcp(
-    addr: SocketAddr,
-    server_name: &str,
-    config: Arc<rustls::ClientConfig>,
-    pin: &tls::PinCheck,
-) -> Result<Connection, EnrollError> {
-    let unreachable = |e: &dyn std::fmt::Display| EnrollError::Unreachable(e.to_string());
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| EnrollError::Unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| unreachable(&e))?;
-    sallyport_runtime::tcp::tunnel_socket(&tcp);
-    let name = tls::server_name(server_name).map_err(|e| EnrollError::Protocol(e.to_string()))?;
-    let tls = match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
-        Ok(tls) => tls,
-        Err(_) if pin.ca_mismatched() => return Err(EnrollError::WrongRelay(addr.to_string())),
-        Err(e) => return Err(unreachable(&e)),
-    };
-    let peer = tcp::Peer::of(addr, tls.get_ref().1);
-    let settings = sallyport_runtime::tcp::tcp_agent(Duration::from_secs(2), Duration::from_secs(10));
-    let connection = tcp::server(tls, peer, settings).await.map_err(|e| unreachable(&e))?;
-    Ok(Connection::Tcp(connection))
-}
+/// How long one relay may take to answer an enrollment, connection included.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Redeems `token` and writes `agent.key`, `agent.crt`, `ca.crt` and (if missing) `agent.toml`
 /// into `dir`.
 pub async fn enroll(token: &str, dir: &Path) -> Result<Enrolled, EnrollError> {
     let token = JoinToken::decode(token)?;
-    let key = rcgen::KeyPair::generate().map_err(|e| EnrollError::Protocol(e.to_string()))?;
+    let key = rcgen::KeyPair::generate().map_err(EnrollError::Key)?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .and_then(|params| params.serialize_request(&key))
         .and_then(|csr| csr.pem())
-        .map_err(|e| EnrollError::Protocol(format!("cannot make a certificate request: {e}")))?;
+        .map_err(EnrollError::Key)?;
     let request = EnrollRequest { token_id: token.id, secret: token.secret, csr_pem: csr };
 
     let mut failures = Vec::new();
     for relay in &token.relays {
         // A fresh configuration per relay, so its pin check speaks of this relay only (the TCP
         // configuration is a clone: it shares the check).
-        let (rustls_config, pin) = tls::pinned_client_rustls(token.ca_sha256, &[ALPN_ENROLL])
-            .map_err(|e| EnrollError::Protocol(e.to_string()))?;
-        let tcp = Arc::new(rustls_config.clone());
-        let crypto = tls::quic_client(rustls_config).map_err(|e| EnrollError::Protocol(e.to_string()))?;
-        let mut client = quinn::ClientConfig::new(crypto);
-        client.transport_config(sallyport_runtime::quic::agent(
-            Duration::from_secs(2),
-            Duration::from_secs(10),
-            sallyport_runtime::quic::Congestion::default(),
-        ));
-        match redeem(relay, &token.server_name, (&client, tcp), &pin, &request).await {
+        let (rustls_config, pin) = tls::pinned_client_rustls(token.ca_sha256, &[ALPN_ENROLL])?;
+        let timers = Timers {
+            keep_alive: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(10),
+            congestion: Congestion::default(),
+            handshake_timeout: EXCHANGE_TIMEOUT,
+        };
+        let dialer = Dialer::new(rustls_config, timers)?;
+        match redeem(relay, &token.server_name, &dialer, &pin, &request).await {
             Ok(response) => return write_identity(response, &key.serialize_pem(), &token, dir),
             Err(e @ (EnrollError::WrongRelay(_) | EnrollError::Refused(_))) => return Err(e),
             Err(e) => failures.push(format!("{relay}: {e}")),
@@ -107,11 +95,12 @@ pub async fn enroll(token: &str, dir: &Path) -> Result<Enrolled, EnrollError> {
 }
 
 /// Redeems the token at one relay: over QUIC, or over TLS on TCP when QUIC gets no answer within
-/// a few seconds (a network that lets no UDP out), as the agent's tunnel does.
+/// a few seconds or UDP fails outright (a network that lets no UDP out), as the agent's tunnel
+/// does; the same dial as the tunnel's.
 async fn redeem(
     relay: &str,
     server_name: &str,
-    (client, tcp): (&quinn::ClientConfig, Arc<rustls::ClientConfig>),
+    dialer: &Dialer,
     pin: &tls::PinCheck,
     request: &EnrollRequest,
 ) -> Result<EnrollResponse, EnrollError> {
@@ -120,49 +109,44 @@ async fn redeem(
         .map_err(|e| EnrollError::Unreachable(e.to_string()))?
         .next()
         .ok_or_else(|| EnrollError::Unreachable("no address".into()))?;
-    let bind: SocketAddr =
-        if addr.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
-    let endpoint = Endpoint::client(bind).map_err(|e| EnrollError::Unreachable(e.to_string()))?;
-    let connecting = endpoint
-        .connect_with(client.clone(), addr, server_name)
-        .map_err(|e| EnrollError::Unreachable(e.to_string()))?;
-    let connection = match tokio::time::timeout(QUIC_WAIT, connecting).await {
-        Ok(Err(_)) if pin.ca_mismatched() => return Err(EnrollError::WrongRelay(relay.to_owned())),
-        Ok(Ok(connection)) => Connection::Quic(connection),
-        quic => {
-            let quic = match quic {
-                Err(_) => format!("no answer within {QUIC_WAIT:?}"),
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(_)) => String::new(),
-            };
-            match over_tcp(addr, server_name, tcp, pin).await {
-                Ok(connection) => {
-                    tracing::info!(%relay, quic = %quic, "enrolling over TCP: QUIC got no answer");
-                    connection
-                }
-                Err(EnrollError::Unreachable(e)) => {
-                    return Err(EnrollError::Unreachable(format!("over QUIC: {quic}; over TCP: {e}")))
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    };
-    let exchange = async {
-        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-        write_frame(&mut send, request, MAX_ENROLL_FRAME).await.map_err(|e| e.to_string())?;
+    let mut endpoint = None;
+    let exchange = |connection: Connection| async move {
+        let (mut send, mut recv) = connection.open_bi().await?;
+        write_frame(&mut send, request, MAX_ENROLL_FRAME).await?;
         let _ = send.finish();
         let mut buf = Vec::new();
         read_frame::<EnrollResponse>(&mut recv, MAX_ENROLL_FRAME, &mut buf)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| "the relay closed without answering".to_owned())
+            .await?
+            .ok_or(TunnelError::Protocol("the relay closed without answering"))
     };
-    let response = tokio::time::timeout(Duration::from_secs(15), exchange)
-        .await
-        .map_err(|_| EnrollError::Protocol("no answer from the relay".into()))?
-        .map_err(EnrollError::Protocol)?;
+    let wrong_relay = |e: TunnelError| {
+        if pin.ca_mismatched() {
+            EnrollError::WrongRelay(relay.to_owned())
+        } else {
+            e.into()
+        }
+    };
+    let quic = Via::to(Transport::Quic, addr, &mut endpoint);
+    let quic = match quic {
+        Ok(via) => dial(dialer, via, (addr, server_name), Some(QUIC_WAIT), exchange).await,
+        Err(e) => Err(e),
+    };
+    let (connection, response) = match quic {
+        Ok(done) => done,
+        Err(e) if pin.ca_mismatched() || e.failure() == Failure::Other => return Err(wrong_relay(e)),
+        Err(quic) => match dial(dialer, Via::Tcp, (addr, server_name), None, exchange).await {
+            Ok(done) => {
+                tracing::info!(%relay, quic = %quic, "enrolling over TCP: QUIC got no answer");
+                done
+            }
+            Err(_) if pin.ca_mismatched() => return Err(EnrollError::WrongRelay(relay.to_owned())),
+            Err(tcp) => return Err(EnrollError::Unreachable(format!("over QUIC: {quic}; over TCP: {tcp}"))),
+        },
+    };
     connection.close(0u32.into(), b"done");
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    if let Some(endpoint) = endpoint {
+        endpoint.close().await;
+    }
     match response {
         EnrollResponse::Refused { reason } => Err(EnrollError::Refused(reason)),
         issued => Ok(issued),
@@ -176,7 +160,7 @@ fn write_identity(
     dir: &Path,
 ) -> Result<Enrolled, EnrollError> {
     let EnrollResponse::Issued { agent, cert_pem, ca_pem, not_after_unix } = response else {
-        return Err(EnrollError::Protocol("unexpected answer".into()));
+        return Err(EnrollError::Answer("unexpected answer"));
     };
     // The CA the agent will trust from now on must be the one the token pins, whatever the relay
     // sent.
@@ -184,7 +168,7 @@ fn write_identity(
         .ok()
         .is_some_and(|certs| certs.len() == 1 && tls::cert_sha256(&certs[0]) == token.ca_sha256);
     if !pinned {
-        return Err(EnrollError::Protocol("the relay sent a CA certificate other than the token's".into()));
+        return Err(EnrollError::Answer("the relay sent a CA certificate other than the token's"));
     }
     let write = |name: &str, contents: &str, private: bool| {
         let path = dir.join(name);
@@ -215,31 +199,14 @@ fn starter_config(agent: &str, token: &JoinToken) -> String {
 }
 
 pub(crate) fn write_file(path: &Path, contents: &str, private: bool) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
+    use sallyport_runtime::durable::{self, Access};
+    let access = if private { Access::Private } else { Access::Public };
     // On Windows a key gets its own descriptor (SYSTEM, Administrators, its owner) while the file
     // is still empty, whatever the folder would pass on to it.
     #[cfg(windows)]
-    let mut file = if private {
-        crate::acl::create_private_file(path).map_err(std::io::Error::other)?
-    } else {
-        options.open(path)?
-    };
+    let create: Option<&dyn Fn(&Path) -> std::io::Result<std::fs::File>> =
+        Some(&|path| crate::acl::create_private_file(path).map_err(std::io::Error::other));
     #[cfg(not(windows))]
-    let mut file = options.open(path)?;
-    // A file that existed keeps its old mode through `open`: a key is made private either way.
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    }
-    file.write_all(contents.as_bytes())?;
-    // Flushed to disk before anything renames it into place.
-    file.sync_all()
+    let create = None;
+    durable::write_file(path, contents.as_bytes(), access, create)
 }

@@ -7,7 +7,8 @@ use sallyport_proto::{Command, ContainerAction};
 use sallyport_runtime::{clock, sync::lock};
 use tracing::{info, warn};
 
-use crate::{containers::ContainerError, tunnel::Tunnels};
+use super::tunnels::Tunnels;
+use crate::containers::ContainerError;
 
 /// How far in the future an expiry may lie: bounds how long an id must be remembered.
 const MAX_LIFETIME_SECS: u64 = 600;

@@ -6,15 +6,21 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use sallyport_proto::{codes::close, AgentMessage, RelayMessage, MAX_CONTROL_FRAME};
-use sallyport_runtime::link::Connection;
-use sallyport_runtime::{code, read_frame, write_frame};
-use tokio_util::sync::CancellationToken;
+use sallyport_runtime::{
+    code,
+    link::{Connection, RecvStream, SendStream, Transport},
+    quic::connect::ClientEndpoint,
+    read_frame, write_frame,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::{
-    connect::{dial, endpoint_for, new_port, Quic, Via},
+    connect::{dial, Via},
+    error::TunnelError,
+    replicas,
     streams::accept_streams,
-    TunnelError, Tunnels,
+    tunnels::Tunnels,
 };
 use crate::{backoff::Backoff, config::RelayAddr};
 
@@ -25,7 +31,7 @@ pub(crate) struct LaneStarter {
     /// The address the tunnel reached: lanes go to the same relay.
     pub(crate) addr: SocketAddr,
     /// Lanes run over the tunnel's transport.
-    pub(crate) transport: sallyport_runtime::link::Transport,
+    pub(crate) transport: Transport,
     pub(crate) stop: CancellationToken,
 }
 
@@ -71,8 +77,8 @@ impl LaneStarter {
                 Err(TunnelError::Held(replica)) => {
                     debug!(%replica, "the lane reached another replica: dialing again");
                     held_tries += 1;
-                    new_port(&mut endpoint);
-                    super::replicas::seek_delay(held_tries)
+                    ClientEndpoint::new_port(&mut endpoint);
+                    replicas::seek_delay(held_tries)
                 }
                 Err(TunnelError::Refused(reason)) => {
                     info!(%reason, "the relay refused the lane");
@@ -89,9 +95,9 @@ impl LaneStarter {
                 () = self.stop.cancelled() => break,
             }
         }
-        if let Some(Quic { endpoint, udp }) = endpoint {
-            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-            debug!(udp = %udp.figures(), "lane's QUIC socket");
+        if let Some(endpoint) = endpoint {
+            let udp = endpoint.close().await;
+            debug!(%udp, "lane's QUIC socket");
         }
     }
 
@@ -100,18 +106,12 @@ impl LaneStarter {
     async fn run(
         &self,
         session: u64,
-        endpoint: &mut Option<Quic>,
+        endpoint: &mut Option<ClientEndpoint>,
         tunnels: &Arc<Tunnels>,
     ) -> Result<(), TunnelError> {
-        let quic;
-        let via = match self.transport {
-            sallyport_runtime::link::Transport::Quic => {
-                quic = endpoint_for(self.addr, endpoint)?;
-                Via::Quic(&quic)
-            }
-            sallyport_runtime::link::Transport::Tcp => Via::Tcp,
-        };
-        let opened = dial(via, self.addr, &self.relay.server_name, tunnels, None, |c| async move {
+        let via = Via::to(self.transport, self.addr, endpoint)?;
+        let dialer = tunnels.credentials.current();
+        let opened = dial(&dialer, via, (self.addr, &self.relay.server_name), None, |c| async move {
             join(&c, session).await
         });
         let (connection, _control) = tokio::select! {
@@ -119,7 +119,7 @@ impl LaneStarter {
             () = self.stop.cancelled() => return Ok(()),
         };
         info!(remote = %connection.remote_address(), "lane up");
-        let open = Arc::new(());
+        let open = TaskTracker::new();
         tokio::select! {
             () = accept_streams(&connection, tunnels, &open) => {}
             () = self.stop.cancelled() => connection.close(code(close::NORMAL), b"tunnel ended"),
@@ -129,10 +129,7 @@ impl LaneStarter {
 }
 
 /// Opens the lane's control stream and joins session `session`.
-async fn join(
-    connection: &Connection,
-    session: u64,
-) -> Result<(sallyport_runtime::link::SendStream, sallyport_runtime::link::RecvStream), TunnelError> {
+async fn join(connection: &Connection, session: u64) -> Result<(SendStream, RecvStream), TunnelError> {
     let (mut send, mut recv) = connection.open_bi().await?;
     write_frame(&mut send, &AgentMessage::Lane { session }, MAX_CONTROL_FRAME).await?;
     let mut buf = Vec::new();
@@ -140,7 +137,7 @@ async fn join(
         Some(RelayMessage::LaneAccepted) => Ok((send, recv)),
         Some(RelayMessage::Refused { reason }) => Err(TunnelError::Refused(reason)),
         Some(RelayMessage::Held { replica }) => Err(TunnelError::Held(replica)),
-        Some(_) => Err(TunnelError::Protocol("a control message other than LaneAccepted on a lane".into())),
-        None => Err(TunnelError::Protocol("lane control stream ended before LaneAccepted".into())),
+        Some(_) => Err(TunnelError::Protocol("a control message other than LaneAccepted on a lane")),
+        None => Err(TunnelError::Protocol("lane control stream ended before LaneAccepted")),
     }
 }

@@ -5,23 +5,42 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::Duration,
+    sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use sallyport_proto::{AgentMessage, ALPN_TUNNEL};
 use sallyport_runtime::{
     clock,
     durable::sync_parent_dir,
-    sync::{lock, write},
+    sync::lock,
     tls::{self, TlsFiles},
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::connect::{Credentials, Dialer, Timers};
 use crate::{
+    config::Config,
     events::id::{CERTIFICATE_RENEWED, RENEWAL_FAILED},
-    tunnel::Tunnels,
 };
+
+/// The certificate's validity, and the renewal request in flight.
+#[derive(Debug)]
+pub(crate) struct Renewal {
+    /// Validity of the current certificate (seconds since the epoch): renewal is due when a third
+    /// of it is left.
+    validity: Mutex<(i64, i64)>,
+    /// The key of a renewal request in flight and when it was sent, until its certificate arrives.
+    key: Mutex<Option<(String, Instant)>>,
+}
+
+impl Renewal {
+    /// For a certificate valid from `not_before` to `not_after`.
+    pub(crate) fn new((not_before, not_after): (i64, i64)) -> Self {
+        Self { validity: Mutex::new((not_before, not_after)), key: Mutex::new(None) }
+    }
+}
 
 /// Whether a certificate valid from `not_before` to `not_after` should be renewed at `now`.
 pub(crate) fn due(not_before: i64, not_after: i64, now: i64) -> bool {
@@ -55,18 +74,18 @@ enum InstallError {
 
 /// Sends a renewal request on `tx` whenever the certificate is due and none is in flight; runs
 /// as long as the control stream.
-pub(crate) async fn when_due(tx: &mpsc::Sender<AgentMessage>, tunnels: &Tunnels) {
+pub(crate) async fn when_due(tx: &mpsc::Sender<AgentMessage>, renewal: &Renewal) {
     loop {
-        let (not_before, not_after) = *lock(&tunnels.cert_validity);
+        let (not_before, not_after) = *lock(&renewal.validity);
         tokio::time::sleep(check_interval(not_before, not_after)).await;
-        let (not_before, not_after) = *lock(&tunnels.cert_validity);
+        let (not_before, not_after) = *lock(&renewal.validity);
         if !due(not_before, not_after, now_unix()) {
             continue;
         }
-        let Some(csr_pem) = start_request(tunnels) else { continue };
+        let Some(csr_pem) = start_request(renewal) else { continue };
         info!(expires_in_s = not_after - now_unix(), "renewing the agent certificate");
         if tx.send(AgentMessage::Renew { csr_pem }).await.is_err() {
-            *lock(&tunnels.renewal_key) = None;
+            *lock(&renewal.key) = None;
             return;
         }
     }
@@ -74,8 +93,8 @@ pub(crate) async fn when_due(tx: &mpsc::Sender<AgentMessage>, tunnels: &Tunnels)
 
 /// Makes a key and its CSR and records the key as in flight; `None` if a request is already in
 /// flight (one at a time across all tunnels) or the request cannot be made.
-fn start_request(tunnels: &Tunnels) -> Option<String> {
-    let mut pending = lock(&tunnels.renewal_key);
+fn start_request(renewal: &Renewal) -> Option<String> {
+    let mut pending = lock(&renewal.key);
     // An answer lost with its tunnel is given up on after a minute.
     if pending.as_ref().is_some_and(|(_, sent)| sent.elapsed() < Duration::from_secs(60)) {
         return None;
@@ -86,7 +105,7 @@ fn start_request(tunnels: &Tunnels) -> Option<String> {
     });
     match request {
         Ok((key_pem, csr_pem)) => {
-            *pending = Some((key_pem, std::time::Instant::now()));
+            *pending = Some((key_pem, Instant::now()));
             Some(csr_pem)
         }
         Err(e) => {
@@ -98,8 +117,13 @@ fn start_request(tunnels: &Tunnels) -> Option<String> {
 
 /// Takes the relay's answer: on success the new key and certificate replace the old files and
 /// the client configuration of new connections.
-pub(crate) fn apply(result: Result<String, String>, tunnels: &Tunnels) {
-    let key_pem = lock(&tunnels.renewal_key).take().map(|(key, _)| key);
+pub(crate) fn apply(
+    result: Result<String, String>,
+    renewal: &Renewal,
+    credentials: &Credentials,
+    config: &Config,
+) {
+    let key_pem = lock(&renewal.key).take().map(|(key, _)| key);
     let (cert_pem, key_pem) = match (result, key_pem) {
         (Ok(cert), Some(key)) => (cert, key),
         (Ok(_), None) => return warn!("a renewed certificate arrived with no request in flight"),
@@ -107,16 +131,17 @@ pub(crate) fn apply(result: Result<String, String>, tunnels: &Tunnels) {
             return warn!(event_id = RENEWAL_FAILED, %reason, "the relay did not renew the agent certificate")
         }
     };
-    match install(&cert_pem, &key_pem, tunnels) {
-        Ok(not_after) => {
-            info!(event_id = CERTIFICATE_RENEWED, not_after_unix = not_after, "agent certificate renewed")
+    match install(&cert_pem, &key_pem, config) {
+        Ok((dialer, validity)) => {
+            credentials.replace(dialer);
+            *lock(&renewal.validity) = validity;
+            info!(event_id = CERTIFICATE_RENEWED, not_after_unix = validity.1, "agent certificate renewed")
         }
         Err(e) => warn!(event_id = RENEWAL_FAILED, error = %e, "cannot install the renewed certificate"),
     }
 }
 
-fn install(cert_pem: &str, key_pem: &str, tunnels: &Tunnels) -> Result<i64, InstallError> {
-    let config = tunnels.config.get();
+fn install(cert_pem: &str, key_pem: &str, config: &Config) -> Result<(Dialer, (i64, i64)), InstallError> {
     let files = &config.tls;
     let identity = tls::Identity::from_pem(cert_pem.as_bytes(), key_pem.as_bytes())?;
     let leaf = identity.chain.first().ok_or(InstallError::Empty)?;
@@ -124,22 +149,11 @@ fn install(cert_pem: &str, key_pem: &str, tunnels: &Tunnels) -> Result<i64, Inst
     let ca_pem = std::fs::read(&files.ca_cert)
         .map_err(|source| InstallError::File { path: files.ca_cert.clone(), source })?;
     let roots = tls::roots_from_pem(&ca_pem)?;
-    let rustls_config = tls::client_rustls(roots, identity, &[ALPN_TUNNEL])?;
-    let tcp_config = std::sync::Arc::new(rustls_config.clone());
-    let crypto = tls::quic_client(rustls_config)?;
+    let dialer =
+        Dialer::new(tls::client_rustls(roots, identity, &[ALPN_TUNNEL])?, Timers::from(&config.timing))?;
     swap_identity(files, key_pem, cert_pem)
         .map_err(|source| InstallError::File { path: files.cert.clone(), source })?;
-    let timing = &config.timing;
-    let mut client = quinn::ClientConfig::new(crypto);
-    client.transport_config(sallyport_runtime::quic::agent(
-        timing.keep_alive,
-        timing.idle_timeout,
-        timing.congestion,
-    ));
-    *write(&tunnels.client_config) = client;
-    *write(&tunnels.tcp_config) = tcp_config;
-    *lock(&tunnels.cert_validity) = (info.not_before_unix, info.not_after_unix);
-    Ok(info.not_after_unix)
+    Ok((dialer, (info.not_before_unix, info.not_after_unix)))
 }
 
 /// `agent.key.renewing`, `agent.crt.partial`, `agent.crt.renewing` beside the identity files.

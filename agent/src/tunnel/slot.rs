@@ -1,46 +1,42 @@
-//! One tunnel of a relay address (a slot), kept up: dial, serve, reconnect with backoff, seek
-//! past replicas held, fall back to TCP and probe QUIC again.
+//! The tunnels to one relay address, each a slot kept up: dial, serve, reconnect with backoff,
+//! seek past replicas held, fall back to TCP and probe QUIC again. What to dial is the transport
+//! choice's ([`Choice`]); how long to wait is the redial window's and the backoff's.
 
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use quinn::ConnectionError;
-use sallyport_proto::codes::close;
-use sallyport_runtime::{
-    code,
-    link::{Connection, Transport},
-    sync::lock,
-};
-use tokio_util::sync::CancellationToken;
+use sallyport_runtime::quic::connect::ClientEndpoint;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use super::*;
 use super::{
-    choice::{Choice, Redial},
-    connect::{connect, new_port, Quic},
-    control::control_loop,
-    handshake::Session,
-    streams::accept_streams,
+    choice::{Choice, Next, Redial},
+    error::TunnelError,
+    replicas::{self, Group},
+    serve::{connect_and_serve, Attempt, Outcome},
+    tunnels::{TunnelStatus, Tunnels},
 };
-use super::{lanes::LaneStarter, replicas::Group};
-use crate::{
-    backoff::Backoff,
-    config::{RelayAddr, TransportChoice, QUIC_WAIT},
-};
+use crate::{backoff::Backoff, config::RelayAddr};
 
-/// How a tunnel ended.
-enum Outcome {
-    /// The agent is shutting down.
-    Stopped,
-    /// The relay is draining or restarting: reconnect at once (over the transport it ran on).
-    GoingAway(Transport),
-    /// The tunnel was up and is lost, with the path's round-trip time when it was last known and
-    /// the transport it ran on.
-    Lost(String, Duration, Transport),
-    /// The attempt failed before the tunnel was up.
-    Failed(TunnelError),
+/// Keeps a tunnel to `relay` up until `stop` is cancelled; to each of its replicas, when the
+/// relay runs as several behind one address.
+pub(crate) async fn maintain(relay: RelayAddr, tunnels: Arc<Tunnels>, stop: CancellationToken) {
+    let group = Arc::new(Group::default());
+    let slots = TaskTracker::new();
+    let mut changes = group.changes();
+    loop {
+        for slot in group.to_start() {
+            slots.spawn(keep_slot(relay.clone(), tunnels.clone(), stop.clone(), group.clone(), slot));
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { break },
+            () = stop.cancelled() => break,
+        }
+    }
+    slots.close();
+    slots.wait().await;
 }
 
 /// The status key of a slot: the relay address, with the slot's number after the first.
@@ -51,9 +47,79 @@ fn slot_key(relay: &RelayAddr, slot: usize) -> String {
     }
 }
 
+/// What a slot waits for before its next attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Wait {
+    /// The agent stops.
+    Stop,
+    /// The attempt landed on a replica held already: dial again soon from a new port; a change
+    /// of the replicas serving starts the seeking over.
+    Seek(Duration),
+    /// Dial again after this; a change of the replicas serving cuts it short.
+    Redial(Duration),
+}
+
+/// The reconnect policy of one slot: backoff between failed attempts, the redial window after a
+/// loss, the count of landings on replicas held.
+#[derive(Debug)]
+struct Retry {
+    backoff: Backoff,
+    redial: Redial,
+    held_tries: u32,
+}
+
+impl Retry {
+    /// What to wait for after `outcome` (and what the slot's status says meanwhile).
+    fn after(&mut self, outcome: Outcome, now: Instant) -> (Wait, Option<TunnelStatus>) {
+        if !matches!(outcome, Outcome::Failed(TunnelError::Held(_))) {
+            self.held_tries = 0;
+        }
+        let retrying = |e: &TunnelError| Some(TunnelStatus::Retrying { error: e.to_string() });
+        match outcome {
+            Outcome::Stopped => (Wait::Stop, None),
+            Outcome::Failed(TunnelError::Held(replica)) => {
+                debug!(%replica, tries = self.held_tries, "reached a replica held already: dialing again");
+                self.held_tries += 1;
+                (Wait::Seek(replicas::seek_delay(self.held_tries)), None)
+            }
+            Outcome::GoingAway(_) => {
+                info!("relay going away: reconnecting now");
+                self.backoff.reset();
+                self.redial.lost(now, None);
+                // A little spread so many agents do not arrive in the same instant.
+                (Wait::Redial(Duration::from_millis(fastrand::u64(0..100))), None)
+            }
+            Outcome::Lost(reason, rtt, _) => {
+                warn!(event_id = crate::events::id::TUNNEL_DOWN, %reason, "tunnel lost");
+                self.backoff.reset();
+                self.redial.lost(now, Some(rtt));
+                (Wait::Redial(Duration::from_millis(fastrand::u64(0..50))), None)
+            }
+            // The relay is not answering yet (restarting, or the path is still dark): the next
+            // attempt goes out at once, while the tunnel was lost only a short while ago.
+            Outcome::Failed(e @ TunnelError::NoAnswer(_)) => {
+                if self.redial.unanswered() {
+                    warn!(error = %e, "cannot connect: dialing again at once");
+                } else {
+                    debug!(error = %e, "no answer from the relay: dialing again");
+                }
+                (Wait::Redial(Duration::ZERO), retrying(&e))
+            }
+            Outcome::Failed(e) => {
+                let delay = self.backoff.next_delay();
+                match e {
+                    TunnelError::Refused(_) => error!(error = %e, retry_in = ?delay, "cannot connect"),
+                    _ => warn!(error = %e, retry_in = ?delay, "cannot connect"),
+                }
+                (Wait::Redial(delay), retrying(&e))
+            }
+        }
+    }
+}
+
 /// Keeps one tunnel (slot) of a relay address up until `stop` is cancelled, or until the relay's
 /// replicas need it no more.
-pub(super) async fn keep_slot(
+async fn keep_slot(
     relay: RelayAddr,
     tunnels: Arc<Tunnels>,
     stop: CancellationToken,
@@ -64,13 +130,14 @@ pub(super) async fn keep_slot(
     let span = info_span!("tunnel", relay = %key);
     async {
         let timing = tunnels.config.get().timing.clone();
-        let mut backoff = Backoff::new(timing.reconnect_min, timing.reconnect_max);
+        let mut retry = Retry {
+            backoff: Backoff::new(timing.reconnect_min, timing.reconnect_max),
+            redial: Redial::default(),
+            held_tries: 0,
+        };
         let mut endpoint = None;
-        let mut redial = Redial::default();
-        let mut held_tries = 0;
         let mut changes = group.changes();
-        let mode = tunnels.config.get().transport;
-        let mut choice = Choice::first(mode, lock(&tunnels.remembered).get(&key).copied());
+        let mut choice = Choice::first(tunnels.config.get().transport, tunnels.remembered(&key));
         loop {
             if !group.keeps(slot) {
                 debug!("no replica left for this tunnel");
@@ -80,15 +147,10 @@ pub(super) async fn keep_slot(
             if group.replicated() {
                 // Through the relay's shared address, a new flow lands on a replica at random:
                 // each attempt goes out from a new port.
-                new_port(&mut endpoint);
+                ClientEndpoint::new_port(&mut endpoint);
             }
             tunnels.set_status(&key, TunnelStatus::Connecting);
-            let mut answer_within = redial.answer_within(Instant::now());
-            let auto_quic = mode == TransportChoice::Auto && choice.transport == Transport::Quic;
-            if auto_quic {
-                // In auto, a QUIC handshake waits a few seconds at most before TCP is tried.
-                answer_within = Some(answer_within.unwrap_or(QUIC_WAIT).min(QUIC_WAIT));
-            }
+            let answer_within = choice.answer_within(retry.redial.answer_within(Instant::now()));
             let started = Instant::now();
             let attempt = Attempt {
                 relay: &relay,
@@ -98,301 +160,92 @@ pub(super) async fn keep_slot(
                 slot,
                 key: &key,
                 choice: &choice,
-                probe: mode == TransportChoice::Auto,
             };
             let outcome = connect_and_serve(attempt, &mut endpoint, answer_within).await;
             match &outcome {
-                Outcome::Failed(e) if auto_quic && e.udp_blocked() => {
-                    let since = *choice.silent_since.get_or_insert(started);
-                    if since.elapsed() + Duration::from_millis(50) >= QUIC_WAIT
-                        || !matches!(e, TunnelError::NoAnswer(_))
-                    {
-                        warn!(error = %e, waited = ?since.elapsed(), "QUIC does not get through: trying TCP");
-                        choice = Choice {
-                            transport: Transport::Tcp,
-                            why: format!("auto: QUIC got no answer within {:?} ({e})", since.elapsed()),
-                            silent_since: None,
-                        };
+                Outcome::Failed(e) => {
+                    if choice.failed(e.failure(), started, Instant::now(), e) == Next::Now {
+                        warn!(error = %e, why = choice.why(), "QUIC does not get through: trying TCP");
                         continue;
                     }
                 }
-                Outcome::Failed(e) if mode == TransportChoice::Auto && choice.transport == Transport::Tcp => {
-                    // TCP failed too (the relay is away?): QUIC first again next time.
-                    debug!(error = %e, "tunnel over TCP failed: QUIC first next time");
-                    choice = Choice::first(mode, None);
-                }
-                Outcome::Failed(_) => {}
-                _ => choice.silent_since = None,
+                Outcome::Lost(_, _, ran_on) | Outcome::GoingAway(ran_on) => choice.was_up(*ran_on),
+                Outcome::Stopped => {}
             }
-            if let Outcome::Lost(_, _, transport) | Outcome::GoingAway(transport) = &outcome {
-                if mode == TransportChoice::Auto && *transport != choice.transport {
-                    choice = Choice::first(mode, Some(*transport));
-                }
+            let (wait, status) = retry.after(outcome, Instant::now());
+            if let Some(status) = status {
+                tunnels.set_status(&key, status);
             }
-            if !matches!(outcome, Outcome::Failed(TunnelError::Held(_))) {
-                held_tries = 0;
-            }
-            let delay = match outcome {
-                Outcome::Stopped => break,
-                Outcome::Failed(TunnelError::Held(replica)) => {
-                    debug!(%replica, tries = held_tries, "reached a replica held already: dialing again");
-                    held_tries += 1;
-                    changes.mark_unchanged();
-                    let delay = replicas::seek_delay(held_tries);
-                    // A change of the replicas serving (one joined) cuts the wait short.
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        _ = changes.changed() => held_tries = 0,
-                        () = stop.cancelled() => break,
-                    }
-                    continue;
-                }
-                Outcome::GoingAway(_) => {
-                    info!("relay going away: reconnecting now");
-                    backoff.reset();
-                    redial.lost(Instant::now(), None);
-                    // A little spread so many agents do not arrive in the same instant.
-                    Duration::from_millis(fastrand::u64(0..100))
-                }
-                Outcome::Lost(reason, rtt, _) => {
-                    warn!(event_id = crate::events::id::TUNNEL_DOWN, %reason, "tunnel lost");
-                    backoff.reset();
-                    redial.lost(Instant::now(), Some(rtt));
-                    Duration::from_millis(fastrand::u64(0..50))
-                }
-                // The relay is not answering yet (restarting, or the path is still dark): the next
-                // attempt goes out at once, while the tunnel was lost only a short while ago.
-                Outcome::Failed(TunnelError::NoAnswer(wait)) => {
-                    // Said once, then every 40 attempts (about every 10 s): the rest is debug.
-                    if redial.unanswered % 40 == 0 {
-                        warn!(error = %TunnelError::NoAnswer(wait), "cannot connect: dialing again at once");
-                    } else {
-                        debug!(?wait, "no answer from the relay: dialing again");
-                    }
-                    redial.unanswered += 1;
-                    tunnels.set_status(
-                        &key,
-                        TunnelStatus::Retrying { error: TunnelError::NoAnswer(wait).to_string() },
-                    );
-                    Duration::ZERO
-                }
-                Outcome::Failed(e) => {
-                    let delay = backoff.next_delay();
-                    match e {
-                        TunnelError::Refused(_) => {
-                            error!(error = %e, retry_in = ?delay, "cannot connect")
-                        }
-                        _ => warn!(error = %e, retry_in = ?delay, "cannot connect"),
-                    }
-                    tunnels.set_status(&key, TunnelStatus::Retrying { error: e.to_string() });
-                    delay
-                }
+            let (delay, seeking) = match wait {
+                Wait::Stop => break,
+                Wait::Seek(delay) => (delay, true),
+                Wait::Redial(delay) => (delay, false),
             };
             changes.mark_unchanged();
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 // A replica joined (or the list changed): dial again now, from the start.
-                _ = changes.changed() => backoff.reset(),
+                _ = changes.changed() => if seeking { retry.held_tries = 0 } else { retry.backoff.reset() },
                 () = stop.cancelled() => break,
             }
         }
-        if let Some(Quic { endpoint, udp }) = endpoint {
-            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-            info!(udp = %udp.figures(), "QUIC socket");
+        if let Some(endpoint) = endpoint {
+            let udp = endpoint.close().await;
+            info!(%udp, "QUIC socket");
         }
     }
     .instrument(span)
     .await
 }
 
-/// One attempt of one slot: where it goes and what it shares.
-#[derive(Clone, Copy)]
-struct Attempt<'a> {
-    relay: &'a RelayAddr,
-    tunnels: &'a Arc<Tunnels>,
-    stop: &'a CancellationToken,
-    group: &'a Arc<Group>,
-    slot: usize,
-    /// The slot's status key.
-    key: &'a str,
-    choice: &'a Choice,
-    /// While over TCP, try QUIC again now and then (`auto`).
-    probe: bool,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sallyport_runtime::link::Transport;
 
-async fn connect_and_serve(
-    attempt: Attempt<'_>,
-    endpoint: &mut Option<Quic>,
-    answer_within: Option<Duration>,
-) -> Outcome {
-    let Attempt { relay, tunnels, stop, group, slot, .. } = attempt;
-    let transport = attempt.choice.transport;
-    let opened = async {
-        // Until this connection knows its replica, no other slot of the group dials.
-        let _dialing = group.dialing.lock().await;
-        let session =
-            connect(relay, endpoint, transport, tunnels, answer_within, &group.held_by_others(slot)).await?;
-        if let Some(replicas) = &session.4 {
-            group.landed(slot, &replicas.this, replicas.serving.clone());
-        }
-        Ok::<_, TunnelError>(session)
-    };
-    let attempt_result = tokio::select! {
-        a = opened => a,
-        () = stop.cancelled() => return Outcome::Stopped,
-    };
-    let mut session = match attempt_result {
-        Ok(session) => session,
-        Err(e) => return Outcome::Failed(e),
-    };
-    let mut why = attempt.choice.why.clone();
-    loop {
-        match serve(attempt, session, &why, endpoint).await {
-            Served::Over(outcome) => return outcome,
-            Served::Moved(next) => {
-                session = *next;
-                why = "auto: a probe found QUIC getting through again".to_owned();
-            }
+    fn retry() -> Retry {
+        Retry {
+            backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(10)),
+            redial: Redial::default(),
+            held_tries: 0,
         }
     }
-}
 
-/// How serving a tunnel ended.
-enum Served {
-    Over(Outcome),
-    /// A probe brought a QUIC tunnel up while this one ran over TCP: serve that one now.
-    Moved(Box<Session>),
-}
-
-async fn serve(attempt: Attempt<'_>, session: Session, why: &str, endpoint: &mut Option<Quic>) -> Served {
-    let Attempt { relay, tunnels, stop, group, slot, key, .. } = attempt;
-    let (connection, mut send, mut recv, welcome, replicas) = session;
-    let transport = connection.transport();
-    lock(&tunnels.remembered).insert(key.to_owned(), transport);
-    let replica = replicas.map(|r| r.this).filter(|name| !name.is_empty());
-    let published: Vec<String> = welcome.published().map(str::to_owned).collect();
-    for (service, reason) in welcome.refused() {
-        warn!(%service, %reason, "relay does not publish this service");
+    #[test]
+    fn a_lost_tunnel_is_dialed_again_at_once_and_unanswered_attempts_follow_without_delay() {
+        let mut retry = retry();
+        let now = Instant::now();
+        let (wait, status) =
+            retry.after(Outcome::Lost("gone".into(), Duration::from_millis(5), Transport::Quic), now);
+        assert!(matches!(wait, Wait::Redial(d) if d < Duration::from_millis(50)) && status.is_none());
+        assert!(retry.redial.answer_within(now).is_some(), "the redial window is open");
+        let (wait, status) =
+            retry.after(Outcome::Failed(TunnelError::NoAnswer(Duration::from_millis(250))), now);
+        assert_eq!(wait, Wait::Redial(Duration::ZERO));
+        assert!(matches!(status, Some(TunnelStatus::Retrying { .. })));
     }
-    info!(
-        event_id = crate::events::id::TUNNEL_UP,
-        remote = %connection.remote_address(),
-        %transport,
-        why,
-        relay_software = %welcome.software,
-        ?published,
-        replica = replica.as_deref().unwrap_or("-"),
-        held = ?group.held(),
-        "tunnel up"
-    );
-    tunnels.set_status(
-        key,
-        TunnelStatus::Connected {
-            remote: connection.remote_address(),
-            published,
-            replica,
-            transport,
-            why: why.to_owned(),
-        },
-    );
 
-    // The lanes of this tunnel end with it.
-    let lanes = LaneStarter {
-        relay: relay.clone(),
-        addr: connection.remote_address(),
-        transport,
-        stop: stop.child_token(),
-    };
-    let lanes_end = lanes.stop.clone().drop_guard();
-    let open = Arc::new(());
-    let probing = attempt.probe && transport == Transport::Tcp;
-    let probe = async {
-        if !probing {
-            return std::future::pending().await;
-        }
-        probe_quic(relay, endpoint, tunnels, group, slot).await
-    };
-    let outcome = tokio::select! {
-        () = accept_streams(&connection, tunnels, &open) => None,
-        () = crate::targets::udp::serve(&connection, &tunnels.targets) => None,
-        () = control_loop(&mut send, &mut recv, tunnels, (key, welcome.version), &lanes, group, (transport, why)) => None,
-        next = probe => {
-            drop(lanes_end);
-            drain_moved(connection.clone(), tunnels.clone(), open);
-            return Served::Moved(Box::new(next));
-        }
-        () = stop.cancelled() => {
-            connection.close(code(close::NORMAL), b"agent stopping");
-            Some(Outcome::Stopped)
-        }
-    };
-    group.lost(slot);
-    if let Some(outcome) = outcome {
-        return Served::Over(outcome);
-    }
-    Served::Over(match connection.close_reason() {
-        Some(ConnectionError::ApplicationClosed(c)) if c.error_code == code(close::GOING_AWAY) => {
-            Outcome::GoingAway(transport)
-        }
-        Some(reason) => Outcome::Lost(reason.to_string(), connection.rtt(), transport),
-        None => {
-            connection.close(code(close::PROTOCOL_ERROR), b"control stream ended");
-            Outcome::Lost("the relay ended the control stream".into(), connection.rtt(), transport)
-        }
-    })
-}
-
-/// While a tunnel runs over TCP: every `agent.quic_probe`, a QUIC tunnel is tried; the first that
-/// comes up is returned (the relay then routes new streams to it).
-async fn probe_quic(
-    relay: &RelayAddr,
-    endpoint: &mut Option<Quic>,
-    tunnels: &Tunnels,
-    group: &Group,
-    slot: usize,
-) -> Session {
-    loop {
-        tokio::time::sleep(tunnels.config.get().quic_probe).await;
-        let tried = async {
-            let _dialing = group.dialing.lock().await;
-            let session = connect(
-                relay,
-                endpoint,
-                Transport::Quic,
-                tunnels,
-                Some(QUIC_WAIT),
-                &group.held_by_others(slot),
-            )
-            .await?;
-            if let Some(replicas) = &session.4 {
-                group.landed(slot, &replicas.this, replicas.serving.clone());
-            }
-            Ok::<_, TunnelError>(session)
+    #[test]
+    fn failures_back_off_landings_on_held_replicas_seek_and_stopping_stops() {
+        let mut retry = retry();
+        let now = Instant::now();
+        let Wait::Redial(first) = retry.after(Outcome::Failed(TunnelError::Refused("no".into())), now).0
+        else {
+            panic!("a refusal waits")
         };
-        match tried.await {
-            Ok(session) => {
-                info!("QUIC gets through again: moving the tunnel back from TCP");
-                return session;
-            }
-            Err(e) => debug!(error = %e, "QUIC probe: still no way through"),
-        }
+        assert!(first <= Duration::from_millis(250), "{first:?}");
+        let (wait, _) = retry.after(Outcome::Failed(TunnelError::Held("relay-0".into())), now);
+        assert!(matches!(wait, Wait::Seek(d) if d < Duration::from_millis(50)));
+        assert_eq!(retry.held_tries, 1);
+        retry.after(Outcome::Failed(TunnelError::NoAddress), now);
+        assert_eq!(retry.held_tries, 0, "a landing elsewhere starts the seeking over");
+        assert_eq!(retry.after(Outcome::Stopped, now).0, Wait::Stop);
     }
-}
 
-/// The tunnel a probe replaced: the relay sends it no new streams; it serves the streams in
-/// flight, then closes (the relay closes it at the end of its drain grace in any case).
-fn drain_moved(connection: Connection, tunnels: Arc<Tunnels>, open: Arc<()>) {
-    tokio::spawn(async move {
-        let drained = async {
-            while Arc::strong_count(&open) > 1 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        };
-        tokio::select! {
-            () = accept_streams(&connection, &tunnels, &open) => {}
-            () = drained => {}
-        }
-        info!(transport = %connection.transport(), "previous tunnel drained: closing it");
-        connection.close(code(close::NORMAL), b"tunnel moved to another transport");
-    });
+    #[test]
+    fn the_first_slot_keeps_the_relay_address_as_its_key() {
+        let relay = RelayAddr { host: "relay.lan".into(), port: 443, server_name: "relay.lan".into() };
+        assert_eq!(slot_key(&relay, 0), "relay.lan:443");
+        assert_eq!(slot_key(&relay, 2), "relay.lan:443 #3");
+    }
 }

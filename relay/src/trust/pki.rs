@@ -3,7 +3,6 @@
 
 use std::{
     fs,
-    io::Write,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -12,6 +11,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SerialNumber,
 };
+use sallyport_runtime::durable;
 use time::OffsetDateTime;
 
 /// File names inside a relay's state directory.
@@ -305,20 +305,7 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
 
 /// [`write_private`] for callers that name the file in their own error.
 pub(crate) fn write_private_io(path: &Path, contents: &str) -> std::io::Result<()> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(fs::Permissions::from_mode(0o600))?;
-    }
-    file.write_all(contents.as_bytes())
+    durable::write_file(path, contents.as_bytes(), durable::Access::Private, None)
 }
 
 fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
