@@ -172,7 +172,8 @@ fn write_identity(
     }
     let write = |name: &str, contents: &str, private: bool| {
         let path = dir.join(name);
-        write_file(&path, contents, private).map_err(|source| EnrollError::Write { path, source })
+        crate::files::write_file(&path, contents, private)
+            .map_err(|source| EnrollError::Write { path, source })
     };
     std::fs::create_dir_all(dir).map_err(|source| EnrollError::Write { path: dir.to_owned(), source })?;
     write("agent.key", key_pem, true)?;
@@ -196,17 +197,4 @@ fn starter_config(agent: &str, token: &JoinToken) -> String {
         relays.join(", "),
         token.server_name
     )
-}
-
-pub(crate) fn write_file(path: &Path, contents: &str, private: bool) -> std::io::Result<()> {
-    use sallyport_runtime::durable::{self, Access};
-    let access = if private { Access::Private } else { Access::Public };
-    // On Windows a key gets its own descriptor (SYSTEM, Administrators, its owner) while the file
-    // is still empty, whatever the folder would pass on to it.
-    #[cfg(windows)]
-    let create: Option<&dyn Fn(&Path) -> std::io::Result<std::fs::File>> =
-        Some(&|path| crate::acl::create_private_file(path).map_err(std::io::Error::other));
-    #[cfg(not(windows))]
-    let create = None;
-    durable::write_file(path, contents.as_bytes(), access, create)
 }

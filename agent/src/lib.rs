@@ -19,6 +19,7 @@
 //! - [`backoff`]: full-jitter exponential backoff.
 //! - [`acl`]: who may change the service's files, decided from Windows' access descriptors.
 //! - [`events`]: the Event Log's stable event IDs (log events carry them as `event_id`).
+//! - `files`: the agent's own files, written whole, a key private.
 // Denied everywhere but in the Windows Event Log writer (service/eventlog.rs), which says why.
 #![deny(unsafe_code)]
 
@@ -29,6 +30,7 @@ pub mod config;
 pub mod containers;
 pub mod enroll;
 pub mod events;
+mod files;
 mod reload;
 pub mod service;
 mod targets;

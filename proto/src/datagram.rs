@@ -138,7 +138,7 @@ impl<'a> Datagram<'a> {
                 let (name, payload) = rest.split_at_checked(usize::from(len)).ok_or_else(short)?;
                 let service = std::str::from_utf8(name)
                     .ok()
-                    .filter(|n| crate::is_valid_name(n))
+                    .filter(|n| crate::name::is_valid_name(n))
                     .ok_or(InvalidDatagram::Service)?;
                 Ok(Self::Open {
                     flow,

@@ -255,7 +255,7 @@ impl Relay {
         if let Some(cluster) = &ops.cluster {
             let registry = registry.clone();
             let local = move || registry.subscribe().borrow().keys().cloned().collect();
-            let sync = crate::cluster::run(
+            let sync = crate::cluster::sync::run(
                 cluster.clone(),
                 ops.trust.clone(),
                 runtime.clone(),

@@ -24,6 +24,9 @@ pub enum Access {
     Private,
 }
 
+/// Creates a private file in a platform's own way (see [`write_file`]).
+pub type CreatePrivate<'a> = &'a dyn Fn(&Path) -> std::io::Result<std::fs::File>;
+
 /// Writes `contents` to `path` (created or truncated) and flushes it to disk, so a rename that
 /// puts it in place afterwards never exposes a partial file. A private file is created private
 /// (mode 0600 on Unix); `create_private`, if given, creates it instead (the Windows agent gives a
@@ -32,7 +35,7 @@ pub fn write_file(
     path: &Path,
     contents: &[u8],
     access: Access,
-    create_private: Option<&dyn Fn(&Path) -> std::io::Result<std::fs::File>>,
+    create_private: Option<CreatePrivate<'_>>,
 ) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();

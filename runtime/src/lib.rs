@@ -43,13 +43,9 @@ pub mod watched;
 
 pub use cli::shutdown_signal;
 pub use framed::{read_frame, write_frame, FrameError};
+pub use link::code;
 pub use splice::{reset_on_close, splice, splice_watched, Side, SpliceError, Spliced};
 pub use tls::{Identity, TlsError};
-
-/// Turns one of the protocol's `u32` codes into a QUIC variable-length integer.
-pub fn code(value: u32) -> quinn::VarInt {
-    quinn::VarInt::from_u32(value)
-}
 
 #[doc(hidden)]
 pub use tracing;

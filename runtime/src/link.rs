@@ -61,10 +61,12 @@ impl FromStr for Transport {
     }
 }
 
-/// A stream half that was already finished or reset.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the stream is closed")]
-pub struct ClosedStream;
+pub use crate::tcp::ClosedStream;
+
+/// Turns one of the protocol's `u32` codes into a QUIC variable-length integer.
+pub fn code(value: u32) -> quinn::VarInt {
+    quinn::VarInt::from_u32(value)
+}
 
 /// A tunnel connection.
 #[derive(Debug, Clone)]

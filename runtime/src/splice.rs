@@ -21,9 +21,8 @@ use tokio::{
 };
 
 use crate::{
-    code,
     flows::Activity,
-    link::{RecvStream, SendStream},
+    link::{code, RecvStream, SendStream},
 };
 use sallyport_proto::{codes, stream::InvalidAnswer, Answer};
 

@@ -27,8 +27,8 @@ use futures_util::{Stream, StreamExt};
 use tracing::{info, warn};
 
 use super::{
+    model::{ContainerError, ContainerState, LABEL_AGENT, LABEL_CONTAINER, LABEL_SPEC},
     spec::{ContainerSpec, Isolation, Restart},
-    ContainerError, ContainerState, LABEL_AGENT, LABEL_CONTAINER, LABEL_SPEC,
 };
 
 /// The engine's address when `agent.toml` names none.

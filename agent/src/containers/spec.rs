@@ -140,10 +140,10 @@ impl ContainerSpec {
             }
         }
         for label in raw.labels.keys() {
-            if label.starts_with(super::LABEL_PREFIX) {
+            if label.starts_with(super::model::LABEL_PREFIX) {
                 return Err(invalid(
                     "labels",
-                    format!("{label:?}: labels under {} are the agent's own", super::LABEL_PREFIX),
+                    format!("{label:?}: labels under {} are the agent's own", super::model::LABEL_PREFIX),
                 ));
             }
         }

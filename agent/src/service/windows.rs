@@ -267,8 +267,9 @@ mod logging {
     use tracing::{field::Visit, Level};
     use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
 
-    use super::{super::eventlog, EVENT_SOURCE};
+    use super::EVENT_SOURCE;
     use crate::events::{id, severity_of, Severity};
+    use crate::service::eventlog;
 
     pub(super) fn init(dir: &Path) -> Option<()> {
         let appender = tracing_appender::rolling::Builder::new()

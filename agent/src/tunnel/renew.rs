@@ -172,8 +172,8 @@ fn staged(path: &Path, stage: &str) -> PathBuf {
 pub(crate) fn swap_identity(files: &TlsFiles, key_pem: &str, cert_pem: &str) -> std::io::Result<()> {
     let (key_staged, cert_partial, cert_staged) =
         (staged(&files.key, "renewing"), staged(&files.cert, "partial"), staged(&files.cert, "renewing"));
-    crate::enroll::write_file(&key_staged, key_pem, true)?;
-    crate::enroll::write_file(&cert_partial, cert_pem, false)?;
+    crate::files::write_file(&key_staged, key_pem, true)?;
+    crate::files::write_file(&cert_partial, cert_pem, false)?;
     std::fs::rename(&cert_partial, &cert_staged)?;
     sync_parent_dir(&files.cert)?;
     roll_forward(files)
@@ -238,8 +238,8 @@ mod tests {
             // The swap, step by step, stopping where the crash hits.
             let run = |n: usize| -> std::io::Result<()> {
                 let ops: [&dyn Fn() -> std::io::Result<()>; 5] = [
-                    &|| crate::enroll::write_file(&staged(&files.key, "renewing"), "new key", true),
-                    &|| crate::enroll::write_file(&staged(&files.cert, "partial"), "new cert", false),
+                    &|| crate::files::write_file(&staged(&files.key, "renewing"), "new key", true),
+                    &|| crate::files::write_file(&staged(&files.cert, "partial"), "new cert", false),
                     &|| std::fs::rename(staged(&files.cert, "partial"), staged(&files.cert, "renewing")),
                     &|| std::fs::rename(staged(&files.key, "renewing"), &files.key),
                     &|| std::fs::rename(staged(&files.cert, "renewing"), &files.cert),

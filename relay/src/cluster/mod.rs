@@ -16,7 +16,7 @@
 //! holds every agent the other replicas hold, or after [`WARM_UP_MAX`].
 
 pub(crate) mod peer;
-mod sync;
+pub(crate) mod sync;
 
 use std::{
     collections::BTreeMap,
@@ -32,8 +32,6 @@ use sallyport_proto::Replica;
 use sallyport_runtime::sync::lock;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
-
-pub(crate) use sync::run;
 
 use crate::{
     config,

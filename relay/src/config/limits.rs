@@ -8,7 +8,7 @@ use sallyport_runtime::{
     splice,
 };
 
-use super::RawRelay;
+use super::raw::RawRelay;
 
 /// Timeouts and caps.
 #[derive(Debug, Clone)]

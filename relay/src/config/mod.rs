@@ -11,15 +11,16 @@ use std::{
 };
 
 use sallyport_runtime::{
-    config::{self as conf, ConfigError, HumanDuration},
+    config::{self as conf, ConfigError},
     tls::TlsFiles,
 };
-use serde::Deserialize;
 
 mod limits;
+mod raw;
 
 pub use limits::{Budget, Limits};
 use limits::{DAY, SECOND};
+use raw::{RawCluster, RawConfig};
 
 /// The validated relay configuration.
 #[derive(Debug, Clone)]
@@ -388,24 +389,6 @@ fn host_names(
 /// The relay's configuration in force: read for each new connection, replaced whole by a reload.
 pub type Live = sallyport_runtime::live::Live<Config>;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    relay: RawRelay,
-    cluster: Option<RawCluster>,
-    #[serde(default)]
-    services: BTreeMap<String, RawService>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCluster {
-    replica: Option<String>,
-    writer: String,
-    writer_admin: String,
-    sync_interval: Option<HumanDuration>,
-}
-
 impl Cluster {
     /// Replica names pending `--replica` are empty here; [`Config::set_replica`] fills them and
     /// the relay refuses to start without one.
@@ -439,54 +422,6 @@ impl Cluster {
             )?,
         })
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawRelay {
-    listen: Option<SocketAddr>,
-    admin: Option<SocketAddr>,
-    admin_token_file: Option<PathBuf>,
-    ca_key: Option<PathBuf>,
-    tokens_file: Option<PathBuf>,
-    revocations_file: Option<PathBuf>,
-    agent_cert_validity: Option<HumanDuration>,
-    ca_cert: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    idle_timeout: Option<HumanDuration>,
-    keep_alive: Option<HumanDuration>,
-    handshake_timeout: Option<HumanDuration>,
-    drain_grace: Option<HumanDuration>,
-    max_incoming: Option<usize>,
-    max_unauthenticated: Option<usize>,
-    max_unauthenticated_per_ip: Option<usize>,
-    handshakes_per_ip_per_second: Option<usize>,
-    memory_budget: Option<String>,
-    max_connections: Option<usize>,
-    congestion: Option<String>,
-    http_listen: Option<SocketAddr>,
-    https_listen: Option<SocketAddr>,
-    tcp_listen: Option<SocketAddr>,
-    header_timeout: Option<HumanDuration>,
-    max_header_bytes: Option<usize>,
-    max_connections_per_ip: Option<usize>,
-    udp_flow_idle: Option<HumanDuration>,
-    udp_max_flows: Option<usize>,
-    threads: Option<usize>,
-    lanes: Option<usize>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    agent: String,
-    listen: Option<SocketAddr>,
-    udp: Option<SocketAddr>,
-    hosts: Option<Vec<String>>,
-    sni: Option<Vec<String>>,
-    load_balancer_ip: Option<std::net::IpAddr>,
-    idle_timeout: Option<HumanDuration>,
 }
 
 #[cfg(test)]

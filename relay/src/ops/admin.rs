@@ -19,7 +19,7 @@ use sallyport_runtime::{hex, sync::lock};
 
 use crate::{
     metrics::AgentGauges,
-    ops::{commands::CommandError, replicas, status, Ops},
+    ops::{auth::authorize, commands::CommandError, replicas, status, Ops},
 };
 
 pub(crate) async fn serve(listener: TcpListener, ops: Arc<Ops>, stop: CancellationToken) {
@@ -168,28 +168,7 @@ fn authorize_read(req: &Request<Incoming>, ops: &Ops) -> Result<(), (StatusCode,
                 .into(),
         ));
     }
-    authorize(req, ops)
-}
-
-/// Operator calls need `Authorization: Bearer <relay.admin_token_file>`; without a configured token
-/// they are off.
-pub(crate) fn authorize(req: &Request<Incoming>, ops: &Ops) -> Result<(), (StatusCode, String)> {
-    let Some(expected) = &ops.admin_token else {
-        return Err((
-            StatusCode::FORBIDDEN,
-            "operator commands are off: set relay.admin_token_file\n".into(),
-        ));
-    };
-    let presented = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !expected.matches(presented) {
-        return Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token\n".into()));
-    }
-    Ok(())
+    authorize(req, ops.admin_token.as_ref())
 }
 
 fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
@@ -199,7 +178,7 @@ fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
 /// `GET /tokens`, `POST /tokens?agent=NAME&ttl_secs=N` (answers `ID SECRET_HEX`),
 /// `POST /tokens/ID/revoke`; all with the admin bearer token.
 fn tokens(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
-    if let Err(refusal) = authorize(req, ops) {
+    if let Err(refusal) = authorize(req, ops.admin_token.as_ref()) {
         return refusal;
     }
     let Some(enrollment) = &ops.trust.enrollment else {
@@ -254,7 +233,7 @@ fn tokens(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
 /// relay and after restarts; closes its tunnel.
 /// `POST /reload`: reads relay.toml again and applies it (operator token), or says why not.
 async fn reload(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
-    if let Err(refusal) = authorize(req, ops) {
+    if let Err(refusal) = authorize(req, ops.admin_token.as_ref()) {
         return refusal;
     }
     let (reply, answer) = tokio::sync::oneshot::channel();
@@ -269,7 +248,7 @@ async fn reload(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
 }
 
 fn revoke_agent(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
-    if let Err(refusal) = authorize(req, ops) {
+    if let Err(refusal) = authorize(req, ops.admin_token.as_ref()) {
         return refusal;
     }
     let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
@@ -303,7 +282,7 @@ fn revoke_agent(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
 
 /// `POST /agents/AGENT/containers/NAME/ACTION[?tail=N]`, with the admin bearer token.
 async fn container_command(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
-    if let Err(refusal) = authorize(req, ops) {
+    if let Err(refusal) = authorize(req, ops.admin_token.as_ref()) {
         return refusal;
     }
     let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use hyper::{Request, StatusCode};
+
 use crate::{config::Config, trust::constant_time_eq};
 
 /// The bearer token operator calls need. Its `Debug` does not show it.
@@ -45,4 +47,25 @@ pub fn load_admin_token(config: &Config) -> Result<Option<AdminToken>, AdminToke
         return Err(AdminTokenError::Malformed { path: path.clone() });
     }
     Ok(Some(AdminToken(token.to_owned())))
+}
+
+/// Operator calls need `Authorization: Bearer <relay.admin_token_file>`; without a configured token
+/// they are off.
+pub(crate) fn authorize<B>(req: &Request<B>, token: Option<&AdminToken>) -> Result<(), (StatusCode, String)> {
+    let Some(expected) = token else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "operator commands are off: set relay.admin_token_file\n".into(),
+        ));
+    };
+    let presented = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !expected.matches(presented) {
+        return Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token\n".into()));
+    }
+    Ok(())
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::trust::{
-    constant_time_eq,
+    compare::constant_time_eq,
     pki::Ca,
     state_file::{self, StateError},
 };

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use quinn::{Endpoint, Incoming};
 use sallyport_proto::codes::close;
-use sallyport_runtime::{code, tls};
+use sallyport_runtime::code;
 use sallyport_runtime::{link::Connection, tcp};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
 use crate::{
-    trust::{enroll, revocations::CertId},
-    tunnel::{control, gate::Pass, Tunnels},
+    trust::enroll,
+    tunnel::{control, gate::Pass, identity::agent_identity, state::Tunnels},
 };
 
 /// Accepts agent connections until `stop` is cancelled. Each connection gets its own task.
@@ -246,42 +246,6 @@ async fn serve_connection(connection: Connection, pass: Pass, tunnels: Arc<Tunne
     pass.authenticated();
     let span = info_span!("agent", agent = %cert.id.agent);
     control::serve_agent(connection, cert, tunnels).instrument(span).await;
-}
-
-/// Why a connection's client certificate does not name an agent.
-#[derive(Debug, thiserror::Error)]
-enum IdentityError {
-    #[error("no client certificate")]
-    NoCertificate,
-    #[error("empty client certificate chain")]
-    EmptyChain,
-    #[error(transparent)]
-    Unreadable(#[from] tls::CertError),
-    #[error("client certificate has no DNS name")]
-    NoName,
-    #[error("client certificate name {0:?} is not a valid agent name")]
-    InvalidName(String),
-}
-
-/// The certificate an agent connected with, which the handshake verified.
-#[derive(Debug, Clone)]
-pub(crate) struct AgentCert {
-    /// Its agent (the first DNS name), serial and time of issue.
-    pub(crate) id: CertId,
-    pub(crate) not_after_unix: i64,
-}
-
-/// The agent's certificate: the first DNS name in it names the agent.
-fn agent_identity(connection: &Connection) -> Result<AgentCert, IdentityError> {
-    let certs = connection.peer_certificates().ok_or(IdentityError::NoCertificate)?;
-    let leaf = certs.first().ok_or(IdentityError::EmptyChain)?;
-    let info = tls::inspect(leaf)?;
-    let name = info.dns_name.ok_or(IdentityError::NoName)?;
-    if !sallyport_proto::is_valid_name(&name) {
-        return Err(IdentityError::InvalidName(name));
-    }
-    let id = CertId { agent: name, serial: info.serial, issued_unix: info.not_before_unix };
-    Ok(AgentCert { id, not_after_unix: info.not_after_unix })
 }
 
 #[cfg(test)]

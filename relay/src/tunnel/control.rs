@@ -14,56 +14,14 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::tunnel::{
-    accept::AgentCert,
     admission::admit,
-    datagrams, lanes,
+    closed::{frame_error, Closed, ProtocolError},
+    datagrams,
+    identity::AgentCert,
+    lanes,
     registry::{AgentSession, Lanes, PendingCommand},
-    Tunnels,
+    state::Tunnels,
 };
-
-/// Why a tunnel ended without the agent doing anything wrong (said in the log).
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum Closed {
-    /// The agent finished its control stream.
-    #[error("control stream finished")]
-    Finished,
-    /// The control stream or the connection went away.
-    #[error(transparent)]
-    Stream(FrameError),
-    /// The connection closed while datagrams were read.
-    #[error(transparent)]
-    Connection(quinn::ConnectionError),
-}
-
-/// How an agent broke the protocol (said in the log and in the close frame).
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ProtocolError {
-    #[error("Hello sent twice")]
-    HelloTwice,
-    #[error("Lane sent on a tunnel's control stream")]
-    LaneOnTunnel,
-    #[error("Seek sent after the Hello")]
-    SeekOnTunnel,
-    /// A control frame that is not valid.
-    #[error(transparent)]
-    Frame(FrameError),
-    /// A datagram that is not valid.
-    #[error("invalid datagram: {0}")]
-    Datagram(#[from] sallyport_proto::datagram::InvalidDatagram),
-    /// Only the relay opens flows.
-    #[error("the agent sent a flow-opening datagram")]
-    OpenDatagram,
-}
-
-/// Sorts a frame error into the agent's fault or the stream's end (an encoding failure of the
-/// relay's own message is handled where it is written).
-fn frame_error(e: FrameError) -> Result<Closed, ProtocolError> {
-    if e.is_protocol_violation() {
-        Err(ProtocolError::Frame(e))
-    } else {
-        Ok(Closed::Stream(e))
-    }
-}
 
 pub(crate) enum FirstMessageError {
     /// The connection went away; nothing to tell anyone.
@@ -78,7 +36,8 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
     let (mut send, mut recv, hello) = match first_message(&connection, &tunnels).await {
         Ok(First::Hello(send, recv, hello)) => (send, recv, hello),
         Ok(First::Seek(send)) => {
-            return send_held(&connection, send, &tunnels, "the agent holds a tunnel to this replica").await
+            return lanes::send_held(&connection, send, &tunnels, "the agent holds a tunnel to this replica")
+                .await
         }
         Ok(First::Lane(send, recv, session)) => {
             return lanes::serve_lane(connection, &name, session, (send, recv), &tunnels).await
@@ -248,23 +207,6 @@ enum First {
     Lane(SendStream, RecvStream, u64),
     /// A further tunnel to a replicated relay that reached a replica the agent holds already.
     Seek(SendStream),
-}
-
-/// Tells the agent its connection reached a replica it does not want here (one it holds a tunnel
-/// to already, or not the one of a lane's session) and closes the connection; nothing else of
-/// the agent's is touched.
-pub(super) async fn send_held(
-    connection: &Connection,
-    mut send: SendStream,
-    tunnels: &Tunnels,
-    why: &'static str,
-) {
-    let replica = tunnels.cluster.as_ref().map(|c| c.me.name.clone()).unwrap_or_default();
-    debug!(%replica, why, "sending the agent's connection on to another replica");
-    let _ = write_frame(&mut send, &RelayMessage::Held { replica }, MAX_CONTROL_FRAME).await;
-    let _ = send.finish();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
-    connection.close(code(close::HELD), why.as_bytes());
 }
 
 /// Accepts the control stream and reads `Hello` (or `Lane`), both within the handshake timeout.

@@ -25,7 +25,7 @@ use tracing::debug;
 use crate::{
     config::Service,
     metrics::Metrics,
-    tunnel::control::{Closed, ProtocolError},
+    tunnel::closed::{Closed, ProtocolError},
 };
 
 /// One flow as both directions see it.

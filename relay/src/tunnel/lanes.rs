@@ -9,9 +9,9 @@ use std::sync::Arc;
 use sallyport_proto::{codes::close, AgentMessage, RelayMessage, MAX_CONTROL_FRAME};
 use sallyport_runtime::link::{Connection, RecvStream, SendStream};
 use sallyport_runtime::{code, read_frame, write_frame};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::tunnel::Tunnels;
+use crate::tunnel::state::Tunnels;
 
 /// Why a lane was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,7 @@ pub(crate) async fn serve_lane(
         // session sends it on to dial again.
         Err(LaneRefusal::NoSession(_)) if tunnels.cluster.is_some() => {
             let why = "the lane's session is on another replica";
-            return crate::tunnel::control::send_held(&connection, send, tunnels, why).await;
+            return send_held(&connection, send, tunnels, why).await;
         }
         Err(refusal) => {
             let reason = refusal.to_string();
@@ -82,4 +82,21 @@ pub(crate) async fn serve_lane(
         }
     }
     lanes.remove(id);
+}
+
+/// Tells the agent its connection reached a replica it does not want here (one it holds a tunnel
+/// to already, or not the one of a lane's session) and closes the connection; nothing else of
+/// the agent's is touched.
+pub(crate) async fn send_held(
+    connection: &Connection,
+    mut send: SendStream,
+    tunnels: &Tunnels,
+    why: &'static str,
+) {
+    let replica = tunnels.cluster.as_ref().map(|c| c.me.name.clone()).unwrap_or_default();
+    debug!(%replica, why, "sending the agent's connection on to another replica");
+    let _ = write_frame(&mut send, &RelayMessage::Held { replica }, MAX_CONTROL_FRAME).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+    connection.close(code(close::HELD), why.as_bytes());
 }

@@ -17,7 +17,7 @@ use crate::{
         pki::{self, PkiError},
         Trust,
     },
-    tunnel::accept::AgentCert,
+    tunnel::identity::AgentCert,
 };
 
 /// How long after one renewal of a certificate another is refused (the agent asks again after a

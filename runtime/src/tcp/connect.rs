@@ -3,7 +3,11 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use super::{server, tunnel_socket, Connection, Peer, Settings};
+use super::{
+    connection::{Connection, Peer},
+    setup::server,
+    socket::{tunnel_socket, Settings},
+};
 use crate::tls;
 
 /// Why a tunnel over TCP could not be set up, step by step.

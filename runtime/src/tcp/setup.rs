@@ -17,8 +17,11 @@ use tokio::{
 use tracing::debug;
 
 use super::{
-    h2_lost, protocol_violation, request, Connection, Peer, RecvState, RecvStream, SendStream, Settings,
-    Shared, CLOSE_GRACE, LINK_PATH, MAX_FRAME, MAX_STREAMS, SEND_BUFFER, STREAM_PATH,
+    connection::{
+        h2_lost, protocol_violation, request, Connection, Peer, RecvState, RecvStream, SendStream, Shared,
+        CLOSE_GRACE, LINK_PATH, MAX_FRAME, MAX_STREAMS, SEND_BUFFER, STREAM_PATH,
+    },
+    socket::Settings,
 };
 use crate::sync::lock;
 /// once.

@@ -2,8 +2,20 @@
 
 use std::time::Duration;
 
-use super::Settings;
 use crate::limits::{CONNECTION_RECEIVE_WINDOW, UNAUTHENTICATED_RECEIVE_WINDOW};
+
+/// Timers and windows of one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// How often each end pings the other.
+    pub keep_alive: Duration,
+    /// A ping unanswered this long ends the connection.
+    pub idle_timeout: Duration,
+    /// Receive window of one stream.
+    pub stream_window: u32,
+    /// Receive window of the whole connection.
+    pub connection_window: u32,
+}
 
 /// The TCP transport never ends a connection for silence sooner than this: TCP retransmits lost
 /// segments with exponential backoff (200 ms, 400 ms, 800 ms, ...), so under loss a ping's answer

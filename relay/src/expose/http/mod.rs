@@ -55,6 +55,8 @@ mod headers;
 mod pool;
 mod upstream;
 
+use upstream::Failure;
+
 /// The HTTP listener's own state: its host names (replaced by a reload).
 #[derive(Debug)]
 struct Http {
@@ -140,20 +142,6 @@ async fn connection(
             metrics.refused("http", "malformed");
         }
         Err(e) => debug!(error = %e, "HTTP connection ended"),
-    }
-}
-
-/// Why a request got no response from its target.
-#[derive(Debug)]
-struct Failure {
-    status: StatusCode,
-    reason: String,
-    outcome: Outcome,
-}
-
-impl Failure {
-    fn bad_gateway(reason: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_GATEWAY, reason: reason.into(), outcome: Outcome::StreamFailed }
     }
 }
 

@@ -15,7 +15,9 @@ use sallyport_runtime::link::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, info_span, Instrument};
 
-use super::Failure;
+use hyper::StatusCode;
+
+use crate::metrics::Outcome;
 use crate::{config::Service, tunnel::streams};
 
 /// A new HTTP/1.1 connection to the service's target, carried on a new data stream.
@@ -160,5 +162,19 @@ impl AsyncWrite for AgentStream {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_io(cx, AsyncWrite::poll_shutdown)
+    }
+}
+
+/// Why a request got no response from its target.
+#[derive(Debug)]
+pub(super) struct Failure {
+    pub(super) status: StatusCode,
+    pub(super) reason: String,
+    pub(super) outcome: Outcome,
+}
+
+impl Failure {
+    pub(super) fn bad_gateway(reason: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_GATEWAY, reason: reason.into(), outcome: Outcome::StreamFailed }
     }
 }
