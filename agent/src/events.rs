@@ -1,4 +1,4 @@
-// The agent's Event Log events: stable IDs, documented in the README. A log event that carries an
+// The agent's Event Log events: stable IDs, documented in docs/windows.md. A log event that carries an
 // `event_id` field is written to the Windows Event Log under that ID (the service's log layer);
 // other warnings and errors go there under the general IDs. This file is also included by the
 // agent's build script, which builds the message table the Event Viewer shows them with: plain
@@ -37,7 +37,7 @@ pub enum Severity {
     Error,
 }
 
-/// Every event: ID, severity, and what it means (the README's table says the same).
+/// Every event: ID, severity, and what it means (docs/windows.md's table says the same).
 pub const EVENTS: [(u16, Severity, &str); 11] = [
     (id::TUNNEL_UP, Severity::Information, "tunnel up"),
     (id::TUNNEL_DOWN, Severity::Warning, "tunnel lost"),

@@ -73,7 +73,7 @@ if ($LASTEXITCODE -ne 0) { throw "Cannot prepare $data\wsl (see above)." }
 & $installed service start
 if ($LASTEXITCODE -ne 0) { throw "The service did not start (see above)." }
 
-# The WSL helper script, for wsl:// targets (see the README).
+# The WSL helper script, for wsl:// targets (see docs/web-apps-and-udp.md).
 Copy-Item -Force (Join-Path $PSScriptRoot "sallyport-wsl-helper.sh") $data -ErrorAction SilentlyContinue
 
 Write-Host ""

@@ -59,7 +59,7 @@ pub struct Limits {
 /// The default number of runtime threads: half the cores this process may use (its CPU quota
 /// where a cgroup sets one), at least one. Each thread that moves tunnel traffic brings about as
 /// much kernel work with it (TCP, UDP, and in a pod the node's forwarding), which runs on the other
-/// half; on 2 cores a second thread only adds hand-offs (README, Benchmarks).
+/// half; on 2 cores a second thread only adds hand-offs (docs/benchmarks.md).
 pub fn default_threads() -> usize {
     (std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) / 2).max(1)
 }
