@@ -46,7 +46,7 @@ impl Agent {
     /// without a certificate from the relay's CA there is no tunnel.
     pub fn new(config: Config) -> Result<Self, StartError> {
         let (rustls_config, identity) = load_identity(&config)?;
-        let credentials = Credentials::new(Dialer::new(rustls_config, Timers::from(&config.timing))?);
+        let credentials = Credentials::new(Dialer::new(rustls_config, Timers::from(&config.agent))?);
         let containers =
             Containers::new(&identity.name, config.docker.clone(), config.containers.values().cloned());
         let config = Live::new(Arc::new(config));
@@ -120,20 +120,20 @@ type Crypto = rustls::ClientConfig;
 
 fn load_identity(config: &Config) -> Result<(Crypto, IdentityInfo), StartError> {
     // A renewal a crash interrupted is finished or undone first: key and certificate must match.
-    match renew::recover_identity(&config.tls) {
+    match renew::recover_identity(&config.agent.tls()) {
         Ok(renew::Recovered::Nothing) => {}
         Ok(recovered) => tracing::warn!(?recovered, "an interrupted certificate renewal was recovered"),
         Err(e) => {
             return Err(TlsFileError {
-                path: config.tls.cert.clone(),
+                path: config.agent.tls().cert.clone(),
                 reason: format!("cannot recover an interrupted renewal: {e}"),
             }
             .into())
         }
     }
-    let tls = config.tls.load()?;
+    let tls = config.agent.tls().load()?;
     let name = tls.leaf.dns_name.clone().ok_or_else(|| TlsFileError {
-        path: config.tls.cert.clone(),
+        path: config.agent.tls().cert.clone(),
         reason: "certificate names no agent".into(),
     })?;
     let crypto = tls::client_rustls(tls.roots, tls.identity, &[ALPN_TUNNEL])?;

@@ -158,7 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let agent = Agent::new(config.clone())?;
             let id = agent.identity();
             let days = id.days_left;
-            anyhow::ensure!(days >= 0, "{}: certificate has expired", config.tls.cert.display());
+            anyhow::ensure!(days >= 0, "{}: certificate has expired", config.agent.cert.display());
             println!("agent {}: certificate valid for {days} more days", id.name);
             for relay in &config.relays {
                 println!("relay {relay} (certificate name {})", relay.server_name);

@@ -280,7 +280,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// One admin API call; a non-200 answer is an error carrying the server's reason.
 #[tokio::main(flavor = "current_thread")]
 async fn admin_call(config: &Config, method: &str, path: String, with_token: bool) -> anyhow::Result<String> {
-    let token = match (&config.admin_token_file, with_token) {
+    let token = match (&config.relay.admin_token_file, with_token) {
         (Some(file), true) => Some(
             std::fs::read_to_string(file)
                 .with_context(|| format!("{}: cannot read the admin token", file.display()))?
@@ -294,7 +294,8 @@ async fn admin_call(config: &Config, method: &str, path: String, with_token: boo
         _ => None,
     };
     let (status, body) =
-        sallyport_relay::cli::admin_client::request(config.admin, method, &path, token.as_deref()).await?;
+        sallyport_relay::cli::admin_client::request(config.relay.admin, method, &path, token.as_deref())
+            .await?;
     if status != 200 {
         anyhow::bail!("{} (HTTP {status})", body.trim_end());
     }
@@ -303,7 +304,7 @@ async fn admin_call(config: &Config, method: &str, path: String, with_token: boo
 
 /// Runs the relay on `relay.threads` threads (one: everything on this thread).
 fn serve(config: Config) -> anyhow::Result<()> {
-    let threads = config.limits.threads;
+    let threads = config.relay.threads;
     let runtime = if threads == 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {

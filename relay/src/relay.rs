@@ -79,7 +79,7 @@ impl Relay {
     /// Loads the CA and the relay's identity and binds the QUIC endpoint, the service listeners and
     /// the admin listener. Nothing is accepted until [`run`](Relay::run).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let tls = config.tls.load()?;
+        let tls = config.relay.tls().load()?;
         let relay_not_after = tls.leaf.not_after_unix;
         let admin_token = load_admin_token(&config)?;
         let cluster = cluster_of(&config, admin_token.as_ref())?;
@@ -104,11 +104,11 @@ impl Relay {
         let mut server = quinn::ServerConfig::with_crypto(crypto);
         server
             .transport_config(sallyport_runtime::quic::relay(
-                config.limits.keep_alive,
-                config.limits.idle_timeout,
-                config.limits.congestion,
+                config.relay.keep_alive,
+                config.relay.idle_timeout,
+                config.relay.congestion,
             ))
-            .max_incoming(config.limits.max_incoming);
+            .max_incoming(config.relay.max_incoming);
 
         let bind_err = |what: &str, addr| {
             let what = what.to_owned();
@@ -124,15 +124,16 @@ impl Relay {
             Some(server),
             socket,
         )
-        .map_err(bind_err("the QUIC endpoint", config.listen))?;
+        .map_err(bind_err("the QUIC endpoint", config.relay.listen))?;
 
         let sockets = Sockets::bind(&config, None).map_err(|e| StartError::Bind {
             what: e.what,
             addr: e.addr,
             source: e.source,
         })?;
-        let admin =
-            TcpListener::bind(config.admin).await.map_err(bind_err("the admin server", config.admin))?;
+        let admin = TcpListener::bind(config.relay.admin)
+            .await
+            .map_err(bind_err("the admin server", config.relay.admin))?;
 
         let bound = Arc::new(RwLock::new(sockets.service_addrs(&config)));
         let config = Arc::new(config);
@@ -157,7 +158,7 @@ impl Relay {
     /// The UDP address of the QUIC endpoint.
     pub fn quic_addr(&self) -> SocketAddr {
         // Bound from a std socket: the address is known.
-        self.endpoint.local_addr().unwrap_or(self.config.listen)
+        self.endpoint.local_addr().unwrap_or(self.config.relay.listen)
     }
 
     /// The TCP address agents reach the tunnel at over TCP.
@@ -185,7 +186,7 @@ impl Relay {
 
     /// The bound address of the admin server.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().unwrap_or(self.config.admin)
+        self.admin.local_addr().unwrap_or(self.config.relay.admin)
     }
 
     /// Connected agents, updated as they come and go.
@@ -199,7 +200,7 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let Self { endpoint, tunnel_tcp, tcp_tls, sockets, admin, reloads, config, runtime, registry, ops } =
             self;
-        let admin_addr = admin.local_addr().unwrap_or(config.admin);
+        let admin_addr = admin.local_addr().unwrap_or(config.relay.admin);
         let admin_stop = CancellationToken::new();
         tokio::spawn(admin::serve(admin, ops.clone(), admin_stop.clone()));
 
@@ -212,7 +213,7 @@ impl Relay {
             trust: ops.trust.clone(),
             flows: flows.clone(),
             renewals: Default::default(),
-            gate: tunnel::gate(&config.limits),
+            gate: tunnel::gate(&config.relay),
             cluster: ops.cluster.clone(),
             tcp_tls: Some(tcp_tls),
         });
@@ -235,7 +236,7 @@ impl Relay {
             Reloader { live: live.clone(), listeners, registry: registry.clone(), runtime: runtime.clone() };
         let reload_stop = CancellationToken::new();
         tokio::spawn(reload::watch(reloader, reloads, reload_stop.clone()));
-        let (limits, budget) = (&config.limits, config.limits.budget());
+        let (limits, budget) = (&config.relay, config.relay.budget());
         info!(
             memory_budget_mib = limits.memory_budget >> 20,
             max_connections = limits.max_connections,
@@ -275,7 +276,7 @@ impl Relay {
             // Out of the list of replicas serving at once, before the drain.
             cluster.drain();
         }
-        drain(&endpoint, &runtime, &registry, live.get().limits.drain_grace).await;
+        drain(&endpoint, &runtime, &registry, live.get().relay.drain_grace).await;
         after_drain.cancel();
         admin_stop.cancel();
         info!("relay stopped");
@@ -319,29 +320,29 @@ fn bind_tunnel(
             .and_then(TcpListener::from_std)
             .map_err(|e| ("the tunnel's TCP listener", addr, e))
     };
-    let shared = |addr: SocketAddr| config.https_listen == Some(addr);
-    if let Some(addr) = config.tcp_listen {
-        let socket = quic(config.listen)?;
+    let shared = |addr: SocketAddr| config.relay.https_listen == Some(addr);
+    if let Some(addr) = config.relay.tcp_listen {
+        let socket = quic(config.relay.listen)?;
         return Ok((socket, if shared(addr) { None } else { Some(tcp(addr)?) }));
     }
     for _ in 0..TRIES {
-        let socket = quic(config.listen)?;
-        let port = socket.local_addr().map(|a| a.port()).unwrap_or(config.listen.port());
-        let addr = SocketAddr::new(config.listen.ip(), port);
-        if shared(config.listen) {
+        let socket = quic(config.relay.listen)?;
+        let port = socket.local_addr().map(|a| a.port()).unwrap_or(config.relay.listen.port());
+        let addr = SocketAddr::new(config.relay.listen.ip(), port);
+        if shared(config.relay.listen) {
             return Ok((socket, None));
         }
         match tcp(addr) {
             Ok(listener) => return Ok((socket, Some(listener))),
             // A port the system chose for UDP may be taken for TCP: choose again.
-            Err(_) if config.listen.port() == 0 => continue,
+            Err(_) if config.relay.listen.port() == 0 => continue,
             Err(e) => return Err(e),
         }
     }
-    let socket = quic(config.listen)?;
+    let socket = quic(config.relay.listen)?;
     Err((
         "the tunnel's TCP listener",
-        socket.local_addr().unwrap_or(config.listen),
+        socket.local_addr().unwrap_or(config.relay.listen),
         std::io::ErrorKind::AddrInUse.into(),
     ))
 }

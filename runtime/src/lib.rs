@@ -11,7 +11,8 @@
 //! - [`link`]: a tunnel connection over either transport, one API for both.
 //! - [`framed`]: length-prefixed frames (see `sallyport_proto::frame`) on QUIC streams.
 //! - [`splice`]: a TCP connection joined to a QUIC stream, with half-close and reset semantics.
-//! - [`config`]: loading a TOML file into a raw model, human durations, errors naming file and key.
+//! - [`config`]: loading a TOML file into a raw model, human durations, errors naming file and key;
+//!   [`keys`]: each key declared once (`config_section!`): default, bounds, reload, documentation.
 //! - [`live`]: the configuration in force and the one reload watcher both binaries run.
 //! - [`cli`]: process setup both binaries share: signals, logging, small pages, error rendering;
 //!   [`logs`]: log budgets.
@@ -30,6 +31,7 @@ pub mod durable;
 pub mod flows;
 pub mod framed;
 pub mod hex;
+pub mod keys;
 pub mod limits;
 pub mod link;
 pub mod live;

@@ -578,7 +578,7 @@ async fn an_admin_server_beyond_loopback_needs_the_token_for_reads() {
         &[("svc", "winbox")],
         "admin_token_file = \"admin.token\"\nrevocations_file = \"revoked.toml\"",
     );
-    config.admin = "0.0.0.0:0".parse().expect("addr");
+    config.relay.admin = "0.0.0.0:0".parse().expect("addr");
     let relay = RunningRelay::start(config).await;
     // Reached over loopback here; what counts is the address the server is bound to.
     let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], relay.admin.port()));
@@ -623,7 +623,7 @@ async fn a_full_relay_stays_within_its_memory_budget() {
         ),
     )
     .expect("relay.toml");
-    let limits = sallyport_relay::Config::load(&relay_toml).expect("relay config").limits;
+    let limits = sallyport_relay::Config::load(&relay_toml).expect("relay config").relay;
     let mut relay = Spawned::start({
         let mut c = std::process::Command::new(binary("sallyport-relay"));
         c.arg("serve").arg("--config").arg(&relay_toml);

@@ -125,7 +125,7 @@ fn the_overlay_agrees_with_its_relay_toml() {
     // without its own IP in the clients' Service, which sends to ready replicas only. Both spread
     // flows over every replica (Cluster) and share the IP.
     let agents_lb = find(&docs, "Service", "sallyport-relay-agents");
-    assert_eq!(ports(agents_lb), vec![("UDP".into(), 443, u64::from(config.listen.port()))]);
+    assert_eq!(ports(agents_lb), vec![("UDP".into(), 443, u64::from(config.relay.listen.port()))]);
     assert_eq!(agents_lb["spec"]["publishNotReadyAddresses"].as_bool(), Some(true));
     assert!(relay_lb["spec"].get("publishNotReadyAddresses").is_none());
     for lb in [relay_lb, agents_lb] {
@@ -141,7 +141,9 @@ fn the_overlay_agrees_with_its_relay_toml() {
         );
     }
     let lb_ports = ports(relay_lb);
-    for (listener, public, addr) in [("http", 80, config.http_listen), ("https", 443, config.https_listen)] {
+    for (listener, public, addr) in
+        [("http", 80, config.relay.http_listen), ("https", 443, config.relay.https_listen)]
+    {
         let port =
             u64::from(addr.unwrap_or_else(|| panic!("the overlay shows the {listener} listener")).port());
         assert!(
@@ -209,7 +211,7 @@ fn the_overlay_agrees_with_its_relay_toml() {
     assert_eq!(cluster.writer, "sallyport-relay-0", "the writer is ordinal 0");
     assert_eq!(
         cluster.writer_admin,
-        format!("{}.{peers}.sallyport.svc.cluster.local:{}", cluster.writer, config.admin.port())
+        format!("{}.{peers}.sallyport.svc.cluster.local:{}", cluster.writer, config.relay.admin.port())
     );
 
     // The pod: probes on the admin port, ports as configured, the config mounted, drain fits.
@@ -224,17 +226,17 @@ fn the_overlay_agrees_with_its_relay_toml() {
             .and_then(|p| p["containerPort"].as_u64())
             .unwrap_or_else(|| panic!("container port {name}"))
     };
-    assert_eq!(container_port("admin"), u64::from(config.admin.port()));
-    assert_eq!(container_port("quic"), u64::from(config.listen.port()));
+    assert_eq!(container_port("admin"), u64::from(config.relay.admin.port()));
+    assert_eq!(container_port("quic"), u64::from(config.relay.listen.port()));
     assert_eq!(container["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
     assert_eq!(container["livenessProbe"]["httpGet"]["path"].as_str(), Some("/livez"));
     assert_eq!(container["readinessProbe"]["httpGet"]["port"].as_str(), Some("admin"));
     let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64().expect("preStop sleep");
     let grace = pod["terminationGracePeriodSeconds"].as_u64().expect("grace period");
     assert!(
-        grace > pre_stop + config.limits.drain_grace.as_secs(),
+        grace > pre_stop + config.relay.drain_grace.as_secs(),
         "terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop} + drain_grace {:?}",
-        config.limits.drain_grace
+        config.relay.drain_grace
     );
     // The relay's caps are derived from its memory budget: the budget is the pod's limit, and the
     // caps it holds at worst fit in it.
@@ -242,12 +244,12 @@ fn the_overlay_agrees_with_its_relay_toml() {
     // Kubernetes writes 512Mi for 512 MiB.
     let limit =
         sallyport_runtime::config::parse_size(&format!("{limit}B")).expect("memory limit in Mi or Gi");
-    assert_eq!(config.limits.memory_budget, limit, "relay.memory_budget is the pod's memory limit");
-    let budget = config.limits.budget();
+    assert_eq!(config.relay.memory_budget, limit, "relay.memory_budget is the pod's memory limit");
+    let budget = config.relay.budget();
     assert!(
-        config.limits.max_connections <= budget.connections,
+        config.relay.max_connections <= budget.connections,
         "max_connections {} is more than the budget holds ({budget:?})",
-        config.limits.max_connections
+        config.relay.max_connections
     );
     assert_eq!(container["securityContext"]["readOnlyRootFilesystem"].as_bool(), Some(true));
     assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
@@ -277,16 +279,18 @@ fn the_overlay_agrees_with_its_relay_toml() {
     let map = find(&docs, "ConfigMap", map_name);
     let shipped = std::fs::read_to_string(overlay.join("relay.toml")).expect("relay.toml");
     assert_eq!(map["data"]["relay.toml"].as_str(), Some(shipped.as_str()));
-    for file in [&config.tls.ca_cert, &config.tls.cert, &config.tls.key] {
+    for file in [&config.relay.tls().ca_cert, &config.relay.tls().cert, &config.relay.tls().key] {
         assert!(file.starts_with("/etc/sallyport/tls"), "{} is not in the Secret's mount", file.display());
     }
 
     // State that must survive a restart sits on a writable volume backed by a claim that the
     // manifests create; the relay itself refuses to start otherwise.
-    sallyport_relay::trust::check_durable(&config, config.admin_token_file.is_some())
+    sallyport_relay::trust::check_durable(&config, config.relay.admin_token_file.is_some())
         .expect("the overlay keeps its revocations");
     let mounts = container["volumeMounts"].as_sequence().expect("volume mounts");
-    for file in [config.revocations_file.as_ref(), config.tokens_file.as_ref()].into_iter().flatten() {
+    for file in
+        [config.relay.revocations_file.as_ref(), config.relay.tokens_file.as_ref()].into_iter().flatten()
+    {
         let mount = mounts
             .iter()
             .find(|m| m["mountPath"].as_str().is_some_and(|p| file.starts_with(p)))
@@ -304,7 +308,7 @@ fn the_overlay_agrees_with_its_relay_toml() {
     // Only the monitoring namespace and the relay's own pods reach the admin port; every other
     // port is open.
     let policy = find(&docs, "NetworkPolicy", "sallyport-relay");
-    let admin_port = u64::from(config.admin.port());
+    let admin_port = u64::from(config.relay.admin.port());
     for rule in policy["spec"]["ingress"].as_sequence().expect("ingress rules") {
         let covers_admin = rule["ports"].as_sequence().expect("ports").iter().any(|p| {
             let start = p["port"].as_u64().unwrap_or(0);
@@ -333,7 +337,8 @@ fn the_overlay_agrees_with_its_relay_toml() {
     for service in docs.iter().filter(|d| d["kind"].as_str() == Some("Service") && !headless(d)) {
         for (_, port, target) in ports(service) {
             assert!(
-                port != u64::from(config.admin.port()) && target != u64::from(config.admin.port()),
+                port != u64::from(config.relay.admin.port())
+                    && target != u64::from(config.relay.admin.port()),
                 "Service {} exposes the admin port",
                 service["metadata"]["name"].as_str().unwrap_or_default()
             );

@@ -214,7 +214,7 @@ async fn agent_reconnects_after_a_relay_restart() {
     // connection while the relay is down.
     let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
     let mut config = pki.relay_config(&[("svc", "winbox")], "");
-    config.listen = at(servers::free_port());
+    config.relay.listen = at(servers::free_port());
     if let Some(service) = config.services.get_mut("svc") {
         service.listen = sallyport_relay::config::Listen::Tcp(at(servers::free_port()));
     }

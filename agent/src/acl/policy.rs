@@ -510,6 +510,8 @@ mod tests {
     #[test]
     fn descriptors_set_on_windows_read_back() {
         use std::io::Write;
+
+        use crate::acl::{create_private_file, prepare, read};
         let wine = std::env::var_os("WINEPREFIX").is_some();
         let dir = tempfile::tempdir().expect("tempdir");
         let key = dir.path().join("agent.key");

@@ -10,16 +10,16 @@ use std::{
     time::Duration,
 };
 
-use sallyport_runtime::{
-    config::{self as conf, ConfigError, HumanDuration},
-    quic::Congestion,
-    tls::TlsFiles,
-};
+use sallyport_runtime::config::{self as conf, ConfigError, HumanDuration};
 use serde::Deserialize;
 
 use crate::containers::{spec::RawContainer, ContainerSpec, DockerSettings};
 
+mod agent_keys;
 mod target;
+
+use agent_keys::RawAgent;
+pub use agent_keys::{default_lanes, AgentKeys, TransportChoice, QUIC_WAIT};
 
 use target::host_port;
 pub use target::{AddressError, Target, TargetError};
@@ -30,143 +30,18 @@ pub struct Config {
     pub path: PathBuf,
     /// The first 12 hex digits of the SHA-256 of the file's text: which configuration is live.
     pub hash: String,
-    /// Every relay the agent keeps a tunnel to.
+    /// Every relay the agent keeps a tunnel to (from `agent.relays` and `agent.server_name`).
     pub relays: Vec<RelayAddr>,
-    pub tls: TlsFiles,
-    pub timing: Timing,
+    /// The `[agent]` table: the identity, the timers, the transport, the lanes, UDP flows.
+    pub agent: AgentKeys,
     pub services: BTreeMap<String, Service>,
     pub docker: DockerSettings,
     /// Containers the agent owns, by name.
     pub containers: BTreeMap<String, ContainerSpec>,
-    pub udp: UdpLimits,
-    /// Connections to each relay that the relay spreads data streams over: the tunnel and
-    /// `lanes - 1` lanes beside it, each driven on its own thread (the relay may allow fewer).
-    pub lanes: usize,
-    /// Which transport carries the tunnels (`agent.transport`).
-    pub transport: TransportChoice,
-    /// While a tunnel runs over TCP in `auto`, how often QUIC is tried again (`agent.quic_probe`).
-    pub quic_probe: Duration,
 }
 
-/// `agent.transport`: which transport carries the tunnels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransportChoice {
-    /// QUIC first; TCP when QUIC's handshake does not complete within [`QUIC_WAIT`] or UDP fails
-    /// outright; back to QUIC once a probe gets through. The default.
-    Auto,
-    /// One transport only.
-    Only(sallyport_runtime::link::Transport),
-}
-
-/// How long a QUIC handshake may take in `auto` before the tunnel falls back to TCP.
-pub const QUIC_WAIT: Duration = Duration::from_secs(3);
-
-/// The agent's UDP flows.
-#[derive(Debug, Clone)]
-pub struct UdpLimits {
-    /// A UDP flow with no datagram either way for this long is closed.
-    pub flow_idle: Duration,
-    /// UDP flows open at once, at most; a new one beyond it closes a flow of the fullest client
-    /// prefix (not-yet-answered and quiet ones first).
-    pub max_flows: usize,
-}
-
-const MILLISECOND: Duration = Duration::from_millis(1);
 const SECOND: Duration = Duration::from_secs(1);
 const HOUR: Duration = Duration::from_secs(3600);
-
-/// The default number of connections to each relay: one per two cores the agent may use (the
-/// kernel's share of moving the traffic runs on the other), between 1 and 4.
-pub fn default_lanes() -> usize {
-    (std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) / 2).clamp(1, 4)
-}
-
-impl Default for Timing {
-    /// The timers of an agent.toml that does not set them.
-    fn default() -> Self {
-        Self {
-            keep_alive: sallyport_runtime::limits::KEEP_ALIVE,
-            idle_timeout: sallyport_runtime::limits::IDLE_TIMEOUT,
-            handshake_timeout: SECOND * 10,
-            connect_timeout: SECOND * 5,
-            reconnect_min: MILLISECOND * 250,
-            reconnect_max: SECOND * 10,
-            congestion: Congestion::default(),
-        }
-    }
-}
-
-impl Timing {
-    /// The `[agent]` timers as written, each absent one from [`Timing::default`], each checked
-    /// against its bounds (listed here and nowhere else).
-    fn from_raw(a: &RawAgent, agent: conf::Section<'_>) -> Result<Self, ConfigError> {
-        let d = Self::default();
-        let ms = MILLISECOND;
-        Ok(Self {
-            keep_alive: agent.bounded("keep_alive", a.keep_alive, d.keep_alive, ms * 100..=SECOND * 600)?,
-            idle_timeout: agent.bounded("idle_timeout", a.idle_timeout, d.idle_timeout, ms * 500..=HOUR)?,
-            handshake_timeout: agent.bounded(
-                "handshake_timeout",
-                a.handshake_timeout,
-                d.handshake_timeout,
-                ms * 100..=SECOND * 300,
-            )?,
-            connect_timeout: agent.bounded(
-                "connect_timeout",
-                a.connect_timeout,
-                d.connect_timeout,
-                ms * 10..=SECOND * 300,
-            )?,
-            reconnect_min: agent.bounded(
-                "reconnect_min",
-                a.reconnect_min,
-                d.reconnect_min,
-                ms * 10..=SECOND * 600,
-            )?,
-            reconnect_max: agent.bounded(
-                "reconnect_max",
-                a.reconnect_max,
-                d.reconnect_max,
-                ms * 10..=HOUR,
-            )?,
-            congestion: agent.parsed("congestion", a.congestion.as_deref(), d.congestion)?,
-        })
-    }
-}
-
-impl Default for UdpLimits {
-    fn default() -> Self {
-        Self { flow_idle: SECOND * 60, max_flows: 4096 }
-    }
-}
-
-impl UdpLimits {
-    fn from_raw(a: &RawAgent, agent: conf::Section<'_>) -> Result<Self, ConfigError> {
-        let d = Self::default();
-        Ok(Self {
-            flow_idle: agent.bounded("udp_flow_idle", a.udp_flow_idle, d.flow_idle, SECOND..=HOUR)?,
-            max_flows: agent.bounded("udp_max_flows", a.udp_max_flows, d.max_flows, 1..=1_000_000)?,
-        })
-    }
-}
-
-/// Timers of the tunnel and of target dials.
-#[derive(Debug, Clone)]
-pub struct Timing {
-    /// QUIC keep-alive interval: well under NAT and conntrack UDP timeouts (30 s on Linux).
-    pub keep_alive: Duration,
-    /// A tunnel silent for this long is dead (QUIC takes the smaller of this and the relay's).
-    pub idle_timeout: Duration,
-    /// Time for the QUIC handshake plus the relay's `Welcome`.
-    pub handshake_timeout: Duration,
-    /// Time for a target to accept a TCP connection.
-    pub connect_timeout: Duration,
-    /// First reconnect delay bound; doubles per failed attempt up to `reconnect_max`.
-    pub reconnect_min: Duration,
-    pub reconnect_max: Duration,
-    /// Congestion controller of the agent-to-relay direction.
-    pub congestion: Congestion,
-}
 
 /// A relay address as written (`HOST:PORT`), with the name its certificate must carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,42 +109,31 @@ impl Config {
     }
 
     /// Why `new` cannot replace this configuration while the agent runs: the first key it changes
-    /// that only a restart applies (the relays, the identity, the timers, the Docker engine, the
-    /// set of containers), as an error naming the file and the key.
+    /// that only a restart applies (the `[agent]` keys declared `restart`: the relays, the
+    /// identity, the timers, the transport; `[docker]`; which containers are declared), as an
+    /// error naming the file and the key.
     pub fn reload_refusal(&self, new: &Config) -> Option<ConfigError> {
-        let fixed = |c: &Config| {
-            [
-                ("agent.relays", format!("{:?}", c.relays)),
-                ("agent.ca_cert", format!("{:?}", c.tls.ca_cert)),
-                ("agent.cert", format!("{:?}", c.tls.cert)),
-                ("agent.key", format!("{:?}", c.tls.key)),
-                ("agent (timers)", format!("{:?}", c.timing)),
-                ("agent (udp_flow_idle, udp_max_flows)", format!("{:?}", c.udp)),
-                ("agent.lanes", format!("{:?}", c.lanes)),
-                ("docker", format!("{:?}", c.docker)),
-                ("containers (which are declared)", format!("{:?}", c.containers.keys().collect::<Vec<_>>())),
-            ]
-        };
-        let (old, changed) = (fixed(self), fixed(new));
-        old.iter().zip(changed.iter()).find(|(a, b)| a.1 != b.1).map(|((key, _), _)| {
+        let key = self.agent.restart_needed(&new.agent).or_else(|| {
+            if self.docker != new.docker {
+                Some("docker")
+            } else if !self.containers.keys().eq(new.containers.keys()) {
+                Some("containers (which are declared)")
+            } else {
+                None
+            }
+        });
+        key.map(|key| {
             ConfigError::invalid(
                 &new.path,
-                *key,
+                key,
                 "cannot change while the agent runs: restart it to apply this (the running configuration stays)",
             )
         })
     }
 
     fn from_raw(raw: RawConfig, path: &Path, hash: String) -> Result<Self, ConfigError> {
-        let a = raw.agent;
-        if a.relays.is_empty() {
-            return Err(ConfigError::invalid(
-                path,
-                "agent.relays",
-                "list at least one relay as \"HOST:PORT\"",
-            ));
-        }
-        let relays = a
+        let agent = AgentKeys::from_raw(&raw.agent, conf::Section::new(path, "agent"))?;
+        let relays = agent
             .relays
             .iter()
             .enumerate()
@@ -277,38 +141,12 @@ impl Config {
                 let (host, port) = host_port(text).map_err(|e| {
                     ConfigError::invalid(path, format!("agent.relays[{i}]"), format!("{text:?}: {e}"))
                 })?;
-                let server_name = a.server_name.clone().unwrap_or_else(|| host.clone());
+                let server_name = agent.server_name.clone().unwrap_or_else(|| host.clone());
                 sallyport_runtime::tls::server_name(&server_name)
                     .map_err(|e| ConfigError::invalid(path, "agent.server_name", e.to_string()))?;
                 Ok(RelayAddr { host, port, server_name })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
-        let agent = conf::Section::new(path, "agent");
-        let timing = Timing::from_raw(&a, agent)?;
-        let udp = UdpLimits::from_raw(&a, agent)?;
-        let lanes = agent.bounded("lanes", a.lanes, default_lanes(), 1..=64)?;
-        let transport = match a.transport.as_deref() {
-            None | Some("auto") => TransportChoice::Auto,
-            Some(other) => TransportChoice::Only(other.parse().map_err(|_| {
-                ConfigError::invalid(path, "agent.transport", format!("{other:?}: must be auto, quic or tcp"))
-            })?),
-        };
-        let quic_probe =
-            agent.bounded("quic_probe", a.quic_probe.map(|d| d.0), Duration::from_secs(15), SECOND..=HOUR)?;
-        if timing.keep_alive * 3 > timing.idle_timeout * 2 {
-            return Err(ConfigError::invalid(
-                path,
-                "agent.keep_alive",
-                "must be at most two thirds of agent.idle_timeout, or a quiet tunnel is declared dead",
-            ));
-        }
-        if timing.reconnect_min > timing.reconnect_max {
-            return Err(ConfigError::invalid(
-                path,
-                "agent.reconnect_min",
-                "must not exceed agent.reconnect_max",
-            ));
-        }
         let mut containers = BTreeMap::new();
         for (name, raw) in raw.containers {
             let spec = ContainerSpec::from_raw(path, &name, raw)?;
@@ -379,24 +217,7 @@ impl Config {
                 ),
             ));
         }
-        Ok(Self {
-            path: path.to_owned(),
-            hash,
-            relays,
-            tls: TlsFiles {
-                ca_cert: conf::resolve(path, &a.ca_cert),
-                cert: conf::resolve(path, &a.cert),
-                key: conf::resolve(path, &a.key),
-            },
-            timing,
-            services,
-            docker,
-            containers,
-            udp,
-            lanes,
-            transport,
-            quic_probe,
-        })
+        Ok(Self { path: path.to_owned(), hash, relays, agent, services, docker, containers })
     }
 }
 
@@ -417,28 +238,6 @@ struct RawDocker {
     endpoint: Option<String>,
     start_timeout: Option<HumanDuration>,
     stop_grace: Option<HumanDuration>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAgent {
-    relays: Vec<String>,
-    server_name: Option<String>,
-    ca_cert: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    keep_alive: Option<HumanDuration>,
-    idle_timeout: Option<HumanDuration>,
-    handshake_timeout: Option<HumanDuration>,
-    connect_timeout: Option<HumanDuration>,
-    reconnect_min: Option<HumanDuration>,
-    reconnect_max: Option<HumanDuration>,
-    congestion: Option<String>,
-    udp_flow_idle: Option<HumanDuration>,
-    udp_max_flows: Option<usize>,
-    lanes: Option<usize>,
-    transport: Option<String>,
-    quic_probe: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -481,9 +280,9 @@ target = "tcp://127.0.0.1:1433"
         assert_eq!(c.relays[1].host, "fd00::1");
         assert_eq!(c.relays[1].to_string(), "[fd00::1]:4433");
         assert_eq!(c.services["mssql"].target, Target::Tcp { host: "127.0.0.1".into(), port: 1433 });
-        assert_eq!(c.tls.key, Path::new("/etc/sallyport/agent.key"));
-        assert_eq!(c.timing.keep_alive, Duration::from_secs(1));
-        assert_eq!(c.timing.idle_timeout, Duration::from_millis(1500));
+        assert_eq!(c.agent.tls().key, Path::new("/etc/sallyport/agent.key"));
+        assert_eq!(c.agent.keep_alive, Duration::from_secs(1));
+        assert_eq!(c.agent.idle_timeout, Duration::from_millis(1500));
     }
 
     #[test]

@@ -213,8 +213,10 @@ fn run_service() -> anyhow::Result<()> {
     // The service does what its folder's files say, as LocalSystem: refuse to start if anyone but
     // SYSTEM and Administrators can change them.
     let config = Config::load(&config_path);
-    let identity: Vec<&Path> =
-        config.as_ref().map(|c| vec![c.tls.ca_cert.as_path(), &c.tls.cert, &c.tls.key]).unwrap_or_default();
+    let identity: Vec<&Path> = config
+        .as_ref()
+        .map(|c| vec![c.agent.ca_cert.as_path(), &c.agent.cert, &c.agent.key])
+        .unwrap_or_default();
     if let Err(e) = check_data_dir(&data_dir, &identity) {
         tracing::error!(
             event_id = crate::events::id::FILES_NOT_PRIVATE,

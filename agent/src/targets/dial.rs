@@ -51,7 +51,7 @@ async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream,
     };
     // A container connection holds its lease until the splice ends.
     let (mut tcp, _lease) = match &service.target {
-        Target::Tcp { host, port } => match dial(host, *port, config.timing.connect_timeout).await {
+        Target::Tcp { host, port } => match dial(host, *port, config.agent.connect_timeout).await {
             Ok(tcp) => (tcp, None),
             Err(answer) => {
                 debug!(target = %service.target, reason = answer.describe(), "dial failed");
@@ -80,7 +80,7 @@ async fn serve(header: StreamHeader, mut send: SendStream, mut recv: RecvStream,
                 refuse(&mut send, &mut recv, Answer::UnknownService).await;
                 return;
             };
-            let timeout = config.timing.connect_timeout;
+            let timeout = config.agent.connect_timeout;
             match resolver.connect_tcp(*port, Some(crate::targets::wsl::LOCALHOST), timeout).await {
                 Ok(tcp) => {
                     prepare(&tcp);

@@ -90,7 +90,7 @@ impl Drop for Flow {
 /// Serves the relay's datagrams on `connection` until it closes.
 pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
     let config = targets.config.get();
-    let (idle, max) = (config.udp.flow_idle, config.udp.max_flows);
+    let (idle, max) = (config.agent.udp_flow_idle, config.agent.udp_max_flows);
     drop(config);
     // Grouped by the client's prefix (from the relay's `Open`), like the relay's own table.
     let mut flows: FlowTable<u32, Flow> = FlowTable::with_groups(max, max / PREFIX_SHARE, |_| 0);

@@ -149,8 +149,8 @@ fn refusal(connection: &Connection) -> Option<TunnelError> {
     }
 }
 
-impl From<&crate::config::Timing> for Timers {
-    fn from(timing: &crate::config::Timing) -> Self {
+impl From<&crate::config::AgentKeys> for Timers {
+    fn from(timing: &crate::config::AgentKeys) -> Self {
         Self {
             keep_alive: timing.keep_alive,
             idle_timeout: timing.idle_timeout,

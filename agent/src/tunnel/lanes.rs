@@ -39,7 +39,7 @@ impl LaneStarter {
     /// Opens the lanes the relay allows for session `session`: up to `max` connections in all,
     /// the tunnel's included.
     pub(crate) fn start(&self, session: u64, max: u16, tunnels: &Arc<Tunnels>) {
-        let wanted = tunnels.config.get().lanes.min(usize::from(max));
+        let wanted = tunnels.config.get().agent.lanes.min(usize::from(max));
         for index in 1..wanted {
             let (lane, tunnels) = (self.clone(), tunnels.clone());
             let span = info_span!("lane", index);
@@ -61,7 +61,7 @@ impl LaneStarter {
     /// tunnel's reconnect backoff between failed attempts.
     async fn keep(self, session: u64, tunnels: Arc<Tunnels>) {
         let mut endpoint = None;
-        let timing = tunnels.config.get().timing.clone();
+        let timing = tunnels.config.get().agent.clone();
         let mut backoff = Backoff::new(timing.reconnect_min, timing.reconnect_max);
         let mut held_tries = 0;
         loop {

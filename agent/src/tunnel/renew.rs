@@ -142,7 +142,7 @@ pub(crate) fn apply(
 }
 
 fn install(cert_pem: &str, key_pem: &str, config: &Config) -> Result<(Dialer, (i64, i64)), InstallError> {
-    let files = &config.tls;
+    let files = &config.agent.tls();
     let identity = tls::Identity::from_pem(cert_pem.as_bytes(), key_pem.as_bytes())?;
     let leaf = identity.chain.first().ok_or(InstallError::Empty)?;
     let info = tls::inspect(leaf)?;
@@ -150,7 +150,7 @@ fn install(cert_pem: &str, key_pem: &str, config: &Config) -> Result<(Dialer, (i
         .map_err(|source| InstallError::File { path: files.ca_cert.clone(), source })?;
     let roots = tls::roots_from_pem(&ca_pem)?;
     let dialer =
-        Dialer::new(tls::client_rustls(roots, identity, &[ALPN_TUNNEL])?, Timers::from(&config.timing))?;
+        Dialer::new(tls::client_rustls(roots, identity, &[ALPN_TUNNEL])?, Timers::from(&config.agent))?;
     swap_identity(files, key_pem, cert_pem)
         .map_err(|source| InstallError::File { path: files.cert.clone(), source })?;
     Ok((dialer, (info.not_before_unix, info.not_after_unix)))

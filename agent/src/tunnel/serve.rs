@@ -180,7 +180,7 @@ fn ended(connection: &Connection, transport: Transport) -> Outcome {
 /// comes up is returned (the relay then routes new streams to it).
 async fn probe_quic(attempt: Attempt<'_>, endpoint: &mut Option<ClientEndpoint>) -> Session {
     loop {
-        tokio::time::sleep(attempt.tunnels.config.get().quic_probe).await;
+        tokio::time::sleep(attempt.tunnels.config.get().agent.quic_probe).await;
         match open(attempt, endpoint, Transport::Quic, Some(QUIC_WAIT)).await {
             Ok(session) => {
                 info!("QUIC gets through again: moving the tunnel back from TCP");

@@ -129,7 +129,7 @@ async fn keep_slot(
     let key = slot_key(&relay, slot);
     let span = info_span!("tunnel", relay = %key);
     async {
-        let timing = tunnels.config.get().timing.clone();
+        let timing = tunnels.config.get().agent.clone();
         let mut retry = Retry {
             backoff: Backoff::new(timing.reconnect_min, timing.reconnect_max),
             redial: Redial::default(),
@@ -137,7 +137,7 @@ async fn keep_slot(
         };
         let mut endpoint = None;
         let mut changes = group.changes();
-        let mut choice = Choice::first(tunnels.config.get().transport, tunnels.remembered(&key));
+        let mut choice = Choice::first(tunnels.config.get().agent.transport, tunnels.remembered(&key));
         loop {
             if !group.keeps(slot) {
                 debug!("no replica left for this tunnel");

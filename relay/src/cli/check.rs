@@ -53,12 +53,14 @@ impl fmt::Display for CheckReport {
 
 /// Reads the CA and the relay's certificate and key, and checks that they belong together.
 pub fn check(config: &Config) -> Result<CheckReport, StartError> {
-    let tls = config.tls.load()?;
+    let tls = config.relay.tls().load()?;
     let days_left = tls.leaf.days_left();
     if days_left < 0 {
-        return Err(
-            TlsFileError { path: config.tls.cert.clone(), reason: "certificate has expired".into() }.into()
-        );
+        return Err(TlsFileError {
+            path: config.relay.tls().cert.clone(),
+            reason: "certificate has expired".into(),
+        }
+        .into());
     }
     let names = tls.leaf.sans.clone();
     // Building the server configuration checks that the key matches the certificate.
@@ -68,9 +70,9 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
     crate::trust::check_durable(config, commands_enabled)?;
     Ok(CheckReport {
         commands_enabled,
-        max_connections: config.limits.max_connections,
-        budget: config.limits.budget(),
-        memory_budget: config.limits.memory_budget,
+        max_connections: config.relay.max_connections,
+        budget: config.relay.budget(),
+        memory_budget: config.relay.memory_budget,
         relay_names: names,
         relay_cert_days_left: days_left,
         services: config

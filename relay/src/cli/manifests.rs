@@ -89,20 +89,26 @@ pub fn render(config: &Config, options: &ManifestOptions) -> String {
     let mut out = String::from(
         "# Rendered by `sallyport-relay manifests` from relay.toml; regenerate after changing its ports.\n",
     );
-    let quic =
-        Port { name: "quic".into(), protocol: "UDP", port: options.quic_port, target: config.listen.port() };
+    let quic = Port {
+        name: "quic".into(),
+        protocol: "UDP",
+        port: options.quic_port,
+        target: config.relay.listen.port(),
+    };
     let mut agents = vec![quic];
     // The tunnel over TCP: on the HTTPS listener's port when it shares it (the clients' Service
     // carries it), else a port of its own beside QUIC: TCP 443 unless the HTTPS listener has it.
-    let tunnel_tcp = config.tcp_listen.unwrap_or(config.listen);
-    if config.https_listen != Some(tunnel_tcp) {
-        let port = if config.https_listen.is_none() { options.quic_port } else { tunnel_tcp.port() };
+    let tunnel_tcp = config.relay.tcp_listen.unwrap_or(config.relay.listen);
+    if config.relay.https_listen != Some(tunnel_tcp) {
+        let port = if config.relay.https_listen.is_none() { options.quic_port } else { tunnel_tcp.port() };
         agents.push(Port { name: "tunnel-tcp".into(), protocol: "TCP", port, target: tunnel_tcp.port() });
     }
     let mut shared = Vec::new();
     // The web listeners answer on the standard ports of the LoadBalancer IP (the pod, not root,
     // listens on high ports); TCP 443 sits beside QUIC's UDP 443.
-    for (name, port, addr) in [("http", 80, config.http_listen), ("https", 443, config.https_listen)] {
+    for (name, port, addr) in
+        [("http", 80, config.relay.http_listen), ("https", 443, config.relay.https_listen)]
+    {
         if let Some(addr) = addr {
             shared.push(Port { name: name.into(), protocol: "TCP", port, target: addr.port() });
         }

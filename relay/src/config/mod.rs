@@ -10,17 +10,16 @@ use std::{
     time::Duration,
 };
 
-use sallyport_runtime::{
-    config::{self as conf, ConfigError},
-    tls::TlsFiles,
-};
+use sallyport_runtime::config::{self as conf, ConfigError};
 
-mod limits;
+mod budget;
 mod raw;
+mod relay_keys;
 
-pub use limits::{Budget, Limits};
-use limits::{DAY, SECOND};
+pub use budget::{default_threads, Budget, DEFAULT_MEMORY_BUDGET};
 use raw::{RawCluster, RawConfig};
+pub use relay_keys::RelayKeys;
+use relay_keys::SECOND;
 
 /// The validated relay configuration.
 #[derive(Debug, Clone)]
@@ -29,32 +28,8 @@ pub struct Config {
     pub path: PathBuf,
     /// The first 12 hex digits of the SHA-256 of the file's text: which configuration is live.
     pub hash: String,
-    /// UDP address of the QUIC endpoint agents connect to.
-    pub listen: SocketAddr,
-    /// TCP address of the admin HTTP server (`/livez`, `/readyz`).
-    pub admin: SocketAddr,
-    /// File holding the bearer token the admin API wants for container commands; without one,
-    /// commands are refused (reads stay open).
-    pub admin_token_file: Option<PathBuf>,
-    /// The CA's private key: with it (and an admin token) the relay enrolls agents with join tokens.
-    pub ca_key: Option<PathBuf>,
-    /// Where join tokens are kept across restarts; in memory only when unset.
-    pub tokens_file: Option<PathBuf>,
-    /// Where revoked agent certificates are kept across restarts; in memory only when unset.
-    pub revocations_file: Option<PathBuf>,
-    /// Validity of the certificates the relay issues to enrolling agents.
-    pub agent_cert_validity: Duration,
-    /// TCP address of the HTTP listener that routes requests by `Host` (services with `hosts`).
-    pub http_listen: Option<SocketAddr>,
-    /// TCP address of the HTTPS listener that routes TLS connections by SNI, without terminating
-    /// them (services with `sni`).
-    pub https_listen: Option<SocketAddr>,
-    /// TCP address agents reach the tunnel over TCP at, for networks where UDP does not get out;
-    /// unset: the address of `listen`, over TCP. When it is the HTTPS listener's address, that
-    /// listener serves both: a ClientHello offering the tunnel's ALPN goes to the tunnel.
-    pub tcp_listen: Option<SocketAddr>,
-    pub tls: TlsFiles,
-    pub limits: Limits,
+    /// The `[relay]` table: addresses, trust files, timeouts and caps.
+    pub relay: RelayKeys,
     /// Several replicas behind one address (`[cluster]`); `None`: this relay runs alone.
     pub cluster: Option<Cluster>,
     /// Services by name.
@@ -141,11 +116,9 @@ impl std::fmt::Display for Listen {
 
 impl Config {
     /// Where agents reach the relay when `relay.listen` is not set.
-    pub const DEFAULT_LISTEN: SocketAddr =
-        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 4433);
+    pub const DEFAULT_LISTEN: SocketAddr = relay_keys::DEFAULT_LISTEN;
     /// The admin server's address when `relay.admin` is not set: loopback only.
-    pub const DEFAULT_ADMIN: SocketAddr =
-        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
+    pub const DEFAULT_ADMIN: SocketAddr = relay_keys::DEFAULT_ADMIN;
     /// Enrolled agents renew over the tunnel, so their certificates can be short-lived.
     pub const DEFAULT_AGENT_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
     /// How long a service's client connection may sit quiet unless the service says otherwise.
@@ -163,53 +136,24 @@ impl Config {
         Self::from_raw(conf::parse_toml(text, path)?, path, sallyport_runtime::live::hash(text.as_bytes()))
     }
 
-    /// The keys a reload cannot change (the QUIC endpoint, the admin server, the trust files and
-    /// the tunnels' transport), each with its value: a change to one needs a restart.
-    fn fixed(&self) -> [(&'static str, String); 22] {
-        let l = &self.limits;
-        [
-            ("cluster", format!("{:?}", self.cluster)),
-            ("relay.listen", format!("{:?}", self.listen)),
-            ("relay.tcp_listen", format!("{:?}", self.tcp_listen)),
-            ("relay.admin", format!("{:?}", self.admin)),
-            ("relay.admin_token_file", format!("{:?}", self.admin_token_file)),
-            ("relay.ca_key", format!("{:?}", self.ca_key)),
-            ("relay.tokens_file", format!("{:?}", self.tokens_file)),
-            ("relay.revocations_file", format!("{:?}", self.revocations_file)),
-            ("relay.agent_cert_validity", format!("{:?}", self.agent_cert_validity)),
-            ("relay.ca_cert", format!("{:?}", self.tls.ca_cert)),
-            ("relay.cert", format!("{:?}", self.tls.cert)),
-            ("relay.key", format!("{:?}", self.tls.key)),
-            ("relay.idle_timeout", format!("{:?}", l.idle_timeout)),
-            ("relay.keep_alive", format!("{:?}", l.keep_alive)),
-            ("relay.handshake_timeout", format!("{:?}", l.handshake_timeout)),
-            ("relay.max_incoming", format!("{:?}", l.max_incoming)),
-            ("relay.max_unauthenticated", format!("{:?}", l.max_unauthenticated)),
-            ("relay.max_unauthenticated_per_ip", format!("{:?}", l.max_unauthenticated_per_ip)),
-            ("relay.handshakes_per_ip_per_second", format!("{:?}", l.handshakes_per_ip_per_second)),
-            ("relay.congestion", format!("{:?}", l.congestion)),
-            ("relay.threads", format!("{:?}", l.threads)),
-            ("relay.udp_max_flows", format!("{:?}", l.udp_max_flows)),
-        ]
-    }
-
     /// Why `new` cannot replace this configuration without a restart: the first key it changes
-    /// that a reload cannot, as an error naming the file and the key.
+    /// that a reload cannot (the QUIC endpoint, the admin server, the trust files, the tunnels'
+    /// transport: the `[relay]` keys declared `restart`, and `[cluster]`), as an error naming the
+    /// file and the key.
     pub fn reload_refusal(&self, new: &Config) -> Option<ConfigError> {
-        let (old, changed) = (self.fixed(), new.fixed());
-        old.iter().zip(changed.iter()).find(|(a, b)| a.1 != b.1).map(|((key, _), _)| {
+        let key =
+            if self.cluster != new.cluster { Some("cluster") } else { self.relay.restart_needed(&new.relay) };
+        key.map(|key| {
             ConfigError::invalid(
                 &new.path,
-                *key,
+                key,
                 "cannot change while the relay runs: restart it to apply this (the running configuration stays)",
             )
         })
     }
 
     fn from_raw(raw: RawConfig, path: &Path, hash: String) -> Result<Self, ConfigError> {
-        let r = raw.relay;
-        let relay = conf::Section::new(path, "relay");
-        let limits = Limits::from_raw(&r, relay)?;
+        let r = RelayKeys::from_raw(&raw.relay, conf::Section::new(path, "relay"))?;
         if raw.services.is_empty() {
             return Err(ConfigError::invalid(
                 path,
@@ -299,27 +243,7 @@ impl Config {
         Ok(Self {
             path: path.to_owned(),
             hash,
-            listen: r.listen.unwrap_or(Self::DEFAULT_LISTEN),
-            admin: r.admin.unwrap_or(Self::DEFAULT_ADMIN),
-            admin_token_file: r.admin_token_file.map(|f| conf::resolve(path, &f)),
-            ca_key: r.ca_key.map(|f| conf::resolve(path, &f)),
-            tokens_file: r.tokens_file.map(|f| conf::resolve(path, &f)),
-            revocations_file: r.revocations_file.map(|f| conf::resolve(path, &f)),
-            http_listen: r.http_listen,
-            https_listen: r.https_listen,
-            tcp_listen: r.tcp_listen,
-            agent_cert_validity: relay.bounded(
-                "agent_cert_validity",
-                r.agent_cert_validity,
-                Self::DEFAULT_AGENT_CERT_VALIDITY,
-                SECOND * 10..=DAY * 3650,
-            )?,
-            tls: TlsFiles {
-                ca_cert: conf::resolve(path, &r.ca_cert),
-                cert: conf::resolve(path, &r.cert),
-                key: conf::resolve(path, &r.key),
-            },
-            limits,
+            relay: r,
             cluster: raw.cluster.map(|c| Cluster::from_raw(c, path)).transpose()?,
             services,
         })
@@ -451,9 +375,9 @@ listen = "0.0.0.0:1433"
     #[test]
     fn good_config_resolves_paths_and_defaults() {
         let c = Config::from_toml(GOOD, Path::new("/etc/sallyport/relay.toml")).expect("valid");
-        assert_eq!(c.tls.ca_cert, Path::new("/etc/sallyport/ca.crt"));
-        assert_eq!(c.limits.idle_timeout, Duration::from_secs(30));
-        assert_eq!(c.admin, SocketAddr::from(([127, 0, 0, 1], 9090)));
+        assert_eq!(c.relay.tls().ca_cert, Path::new("/etc/sallyport/ca.crt"));
+        assert_eq!(c.relay.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.relay.admin, SocketAddr::from(([127, 0, 0, 1], 9090)));
         assert_eq!(c.services["mssql"].agent, "winbox");
         assert!(c.knows_agent("winbox") && !c.knows_agent("other"));
     }
@@ -491,9 +415,9 @@ listen = "0.0.0.0:1433"
     #[test]
     fn the_connection_cap_follows_the_memory_budget() {
         let c = Config::from_toml(GOOD, Path::new("r.toml")).expect("valid");
-        let budget = c.limits.budget();
-        assert_eq!(c.limits.memory_budget, 512 << 20);
-        assert_eq!(c.limits.max_connections, budget.connections);
+        let budget = c.relay.budget();
+        assert_eq!(c.relay.memory_budget, 512 << 20);
+        assert_eq!(c.relay.max_connections, budget.connections);
         assert!(
             budget.reserved + budget.per_connection * budget.connections as u64 <= 512 << 20,
             "{budget:?}"
@@ -503,7 +427,7 @@ listen = "0.0.0.0:1433"
         let with = |line: &str| {
             Config::from_toml(&GOOD.replace("[relay]", &format!("[relay]\n{line}")), Path::new("r.toml"))
                 .expect("valid")
-                .limits
+                .relay
         };
         assert!(with("memory_budget = \"2GiB\"").max_connections > 4 * budget.connections);
         assert!(with("max_header_bytes = 16384").max_connections > budget.connections);

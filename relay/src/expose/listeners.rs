@@ -104,12 +104,12 @@ impl Sockets {
             _ => Ok(None),
         };
         sockets.http = shared(
-            config.http_listen,
+            config.relay.http_listen,
             running.and_then(|r| r.http.as_ref().map(|l| l.configured)),
             "the HTTP listener",
         )?;
         sockets.https = shared(
-            config.https_listen,
+            config.relay.https_listen,
             running.and_then(|r| r.https.as_ref().map(|l| l.configured)),
             "the HTTPS listener",
         )?;
@@ -192,7 +192,7 @@ impl Listeners {
 
     /// Serves `config` with `sockets` (bound for it by [`Sockets::bind`] against these listeners).
     pub(crate) fn apply(&mut self, config: &Config, mut sockets: Sockets) -> Changes {
-        let grace = config.limits.drain_grace;
+        let grace = config.relay.drain_grace;
         let tasks = self.exposure.runtime.tasks.clone();
         let retire = |served: Arc<Served>| retire(&tasks, served, grace);
         let mut changes = Changes::default();
@@ -293,7 +293,7 @@ impl Listeners {
 
         let (exposure, http_routes) = (self.exposure.clone(), self.http_routes.clone());
         let running = self.http.take();
-        self.http = self.shared(running, config.http_listen, sockets.http.take(), |listener, stop| {
+        self.http = self.shared(running, config.relay.http_listen, sockets.http.take(), |listener, stop| {
             if let Ok(addr) = listener.local_addr() {
                 info!(%addr, hosts, "HTTP listener routing by Host");
             }
@@ -301,12 +301,13 @@ impl Listeners {
         });
         let (exposure, https_routes) = (self.exposure.clone(), self.https_routes.clone());
         let running = self.https.take();
-        self.https = self.shared(running, config.https_listen, sockets.https.take(), |listener, stop| {
-            if let Ok(addr) = listener.local_addr() {
-                info!(%addr, names, "HTTPS listener routing by SNI");
-            }
-            exposure.runtime.tasks.spawn(https::serve(listener, exposure.clone(), https_routes, stop));
-        });
+        self.https =
+            self.shared(running, config.relay.https_listen, sockets.https.take(), |listener, stop| {
+                if let Ok(addr) = listener.local_addr() {
+                    info!(%addr, names, "HTTPS listener routing by SNI");
+                }
+                exposure.runtime.tasks.spawn(https::serve(listener, exposure.clone(), https_routes, stop));
+            });
         changes
     }
 

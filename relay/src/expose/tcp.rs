@@ -96,7 +96,7 @@ pub(crate) async fn accept_loop<F, Fut>(
 /// force now).
 fn lease(exposure: &Exposure, share: &Arc<Count>, peer: SocketAddr) -> Result<Lease, &'static str> {
     let config = exposure.config.get();
-    let limits = &config.limits;
+    let limits = &config.relay;
     let address = exposure.per_ip.enter(peer.ip(), limits.max_connections_per_ip).ok_or("per_ip_cap")?;
     let global = exposure.connections.enter(limits.max_connections).ok_or("global_cap")?;
     let listener = share.enter((limits.max_connections / LISTENER_SHARE).max(1)).ok_or("listener_share")?;

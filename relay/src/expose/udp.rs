@@ -45,14 +45,14 @@ pub(crate) async fn serve(
     let socket = Arc::new(socket);
     let metrics = &exposure.runtime.metrics;
     let started = exposure.config.get();
-    let max = started.limits.udp_max_flows;
+    let max = started.relay.udp_max_flows;
     let mut table: FlowTable<SocketAddr, Arc<FlowState>> =
         FlowTable::with_groups(max, max / PREFIX_SHARE, source_prefix);
     // The payload is read after room for the largest header, which is then written in front of it.
     let mut buf = vec![0u8; MAX_OPEN_OVERHEAD + MAX_PAYLOAD];
     // Each second at most: quiet flows are forgotten, and every flow once the agent is gone.
     let mut sweep = tokio::time::interval(
-        (started.limits.udp_flow_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(1)),
+        (started.relay.udp_flow_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(1)),
     );
     drop(started);
     loop {
@@ -69,7 +69,7 @@ pub(crate) async fn serve(
             },
             _ = sweep.tick() => {
                 let quiet = if exposure.agents.route_datagrams(&service.agent, &service.name).is_some() {
-                    table.sweep(exposure.config.get().limits.udp_flow_idle)
+                    table.sweep(exposure.config.get().relay.udp_flow_idle)
                 } else {
                     table.drain().collect()
                 };

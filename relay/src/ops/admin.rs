@@ -51,7 +51,7 @@ const GUARDED_READS: [&str; 5] = ["/agents", "/metrics", "/", "/status", "/statu
 async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let text = "text/plain; charset=utf-8";
-    let guarded = GUARDED_READS.contains(&path.as_str()) && !ops.config.get().admin.ip().is_loopback();
+    let guarded = GUARDED_READS.contains(&path.as_str()) && !ops.config.get().relay.admin.ip().is_loopback();
     let refused = if guarded { authorize_read(&req, &ops).err() } else { None };
     let (status, content_type, body): (StatusCode, &str, String) = if let Some((status, body)) = refused {
         (status, text, body)

@@ -39,7 +39,7 @@ pub enum AdminTokenError {
 
 /// Reads `relay.admin_token_file`: a token of at least 16 characters, or an error naming the file.
 pub fn load_admin_token(config: &Config) -> Result<Option<AdminToken>, AdminTokenError> {
-    let Some(path) = &config.admin_token_file else { return Ok(None) };
+    let Some(path) = &config.relay.admin_token_file else { return Ok(None) };
     let token = std::fs::read_to_string(path)
         .map_err(|source| AdminTokenError::Read { path: path.clone(), source })?;
     let token = token.trim();

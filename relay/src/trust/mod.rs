@@ -61,11 +61,11 @@ impl Trust {
     /// token, since tokens are made through the admin API).
     pub(crate) fn load(config: &Config, has_admin_token: bool) -> Result<Self, TrustError> {
         check_durable(config, has_admin_token)?;
-        let enrollment = match &config.ca_key {
+        let enrollment = match &config.relay.ca_key {
             None => None,
             Some(key_path) => Some(Self::enrollment(config, key_path, has_admin_token)?),
         };
-        let revocations = revocations::Revocations::open(config.revocations_file.clone())?;
+        let revocations = revocations::Revocations::open(config.relay.revocations_file.clone())?;
         Ok(Self { enrollment, revocations })
     }
 
@@ -80,10 +80,10 @@ impl Trust {
         let read = |path: &Path| {
             std::fs::read_to_string(path).map_err(|source| TrustError::Read { path: path.to_owned(), source })
         };
-        let ca = pki::Ca::from_pem(&read(&config.tls.ca_cert)?, &read(key_path)?)
+        let ca = pki::Ca::from_pem(&read(&config.relay.tls().ca_cert)?, &read(key_path)?)
             .map_err(|source| TrustError::CaKey { path: key_path.to_owned(), source })?;
-        let tokens = enroll::TokenStore::open(config.tokens_file.clone())?;
-        Ok(enroll::Enrollment { ca, tokens, validity: config.agent_cert_validity })
+        let tokens = enroll::TokenStore::open(config.relay.tokens_file.clone())?;
+        Ok(enroll::Enrollment { ca, tokens, validity: config.relay.agent_cert_validity })
     }
 }
 
@@ -91,8 +91,8 @@ impl Trust {
 /// restart must not let a revoked agent back in or a used token be redeemed again.
 pub fn check_durable(config: &Config, has_admin_token: bool) -> Result<(), TrustError> {
     let path = || config.path.clone();
-    if config.revocations_file.is_none() {
-        let reason = if config.ca_key.is_some() {
+    if config.relay.revocations_file.is_none() {
+        let reason = if config.relay.ca_key.is_some() {
             Some("relay.ca_key turns enrollment and revocation on")
         } else if has_admin_token {
             Some("relay.admin_token_file lets operators revoke agents")
@@ -103,7 +103,7 @@ pub fn check_durable(config: &Config, has_admin_token: bool) -> Result<(), Trust
             return Err(TrustError::RevocationsNotKept { path: path(), reason });
         }
     }
-    if config.ca_key.is_some() && config.tokens_file.is_none() {
+    if config.relay.ca_key.is_some() && config.relay.tokens_file.is_none() {
         return Err(TrustError::TokensNotKept { path: path() });
     }
     Ok(())

@@ -29,7 +29,7 @@ pub(crate) async fn accept_loop(endpoint: Endpoint, tunnels: Arc<Tunnels>, stop:
         let Some(incoming) = incoming else { break };
         // Under a handshake flood, make unvalidated peers prove their address first.
         if !incoming.remote_address_validated()
-            && endpoint.open_connections() > tunnels.config.get().limits.max_incoming
+            && endpoint.open_connections() > tunnels.config.get().relay.max_incoming
         {
             if let Err(e) = incoming.retry() {
                 debug!(error = %e, "retry refused");
@@ -155,7 +155,7 @@ async fn within_handshake<T, E: std::fmt::Display>(
     tunnels: &Tunnels,
     handshake: impl std::future::IntoFuture<Output = Result<T, E>>,
 ) -> Option<T> {
-    let timeout = tunnels.config.get().limits.handshake_timeout;
+    let timeout = tunnels.config.get().relay.handshake_timeout;
     let metrics = &tunnels.runtime.metrics;
     match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(done)) => Some(done),
@@ -182,7 +182,7 @@ where
     let closed = pass.closed.clone();
     let work = async {
         let config = tunnels.config.get();
-        let limits = &config.limits;
+        let limits = &config.relay;
         let Some(tls) = tunnels.tcp_tls.clone() else { return };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let handshake = async {

@@ -120,7 +120,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
             // The agent moves its tunnel to the other transport (back to QUIC once UDP gets
             // through again): new streams take the new tunnel, and the streams in flight finish
             // on the old one, which the agent closes once they have (or the drain grace ends it).
-            let grace = tunnels.config.get().limits.drain_grace;
+            let grace = tunnels.config.get().relay.drain_grace;
             info!(old_remote = %old.remote, from = %old.connection.transport(), to = %connection.transport(), ?grace, "the agent moved its tunnel: draining the previous one");
             tokio::spawn(async move {
                 tokio::select! {
@@ -140,7 +140,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
 
     let pending = Mutex::new(HashMap::new());
     let (replies, mut reply_rx) = mpsc::channel(4);
-    let max_lanes = tunnels.config.get().limits.lanes;
+    let max_lanes = tunnels.config.get().relay.lanes;
     if welcome.version >= 3 && max_lanes > 1 {
         let max = u16::try_from(max_lanes).unwrap_or(u16::MAX);
         let _ = replies.try_send(RelayMessage::Lanes { session: id, max });
@@ -211,7 +211,7 @@ enum First {
 
 /// Accepts the control stream and reads `Hello` (or `Lane`), both within the handshake timeout.
 async fn first_message(connection: &Connection, tunnels: &Tunnels) -> Result<First, FirstMessageError> {
-    let timeout = tunnels.config.get().limits.handshake_timeout;
+    let timeout = tunnels.config.get().relay.handshake_timeout;
     let read = async {
         let (send, mut recv) = connection.accept_bi().await.map_err(|_| FirstMessageError::Gone)?;
         let mut buf = Vec::new();

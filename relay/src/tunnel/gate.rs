@@ -16,7 +16,7 @@ use std::{
 use sallyport_runtime::sync::lock;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Limits;
+use crate::config::RelayKeys;
 
 /// Addresses remembered at most (idle ones are forgotten first).
 const MAX_TRACKED: usize = 16 * 1024;
@@ -65,7 +65,7 @@ pub(crate) struct Gate {
 }
 
 impl Gate {
-    pub(crate) fn new(limits: &Limits) -> Arc<Self> {
+    pub(crate) fn new(limits: &RelayKeys) -> Arc<Self> {
         Arc::new(Self {
             max: limits.max_unauthenticated,
             per_ip: limits.max_unauthenticated_per_ip,
@@ -166,11 +166,11 @@ mod tests {
     use super::*;
 
     fn gate(global: usize, per_ip: usize, rate: usize) -> Arc<Gate> {
-        let limits = Limits {
+        let limits = RelayKeys {
             max_unauthenticated: global,
             max_unauthenticated_per_ip: per_ip,
             handshakes_per_ip_per_second: rate,
-            ..Limits::default()
+            ..RelayKeys::default()
         };
         Gate::new(&limits)
     }

@@ -31,7 +31,7 @@ pub(crate) async fn serve_lane(
     (mut send, mut recv): (SendStream, RecvStream),
     tunnels: &Arc<Tunnels>,
 ) {
-    let max = tunnels.config.get().limits.lanes;
+    let max = tunnels.config.get().relay.lanes;
     let registry = &tunnels.registry;
     let id = registry.next_id();
     let taken = match registry.lanes_of(agent, session) {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 pub(crate) use accept::{accept_loop, tcp_accept_loop, Handoff};
 
 /// The gate in front of the handshake, for `limits`.
-pub(crate) fn gate(limits: &crate::config::Limits) -> Arc<gate::Gate> {
+pub(crate) fn gate(limits: &crate::config::RelayKeys) -> Arc<gate::Gate> {
     gate::Gate::new(limits)
 }
 pub use admission::SOFTWARE;

@@ -131,3 +131,14 @@ pub fn agent(keep_alive: Duration, idle_timeout: Duration, congestion: Congestio
         .stream_receive_window(VarInt::from_u32(AGENT_STREAM_RECEIVE_WINDOW));
     Arc::new(config)
 }
+
+impl crate::keys::Shown for Congestion {
+    fn shown(&self) -> String {
+        match self {
+            Self::Bbr => "bbr",
+            Self::Cubic => "cubic",
+            Self::NewReno => "newreno",
+        }
+        .to_owned()
+    }
+}

@@ -98,7 +98,7 @@ async fn connection(
 ) {
     let _ = stream.set_nodelay(true);
     let config = http.exposure.config.get();
-    let limits = &config.limits;
+    let limits = &config.relay;
     let metrics = &http.exposure.runtime.metrics;
     // This client connection's own upstream connections; they close with it.
     let client = Arc::new(ClientConnection { pool: Pool::default(), lease });

@@ -42,7 +42,7 @@ async fn route<L>(
     routes: &LiveRoutes,
     lease: L,
 ) {
-    let timeout = exposure.config.get().limits.header_timeout;
+    let timeout = exposure.config.get().relay.header_timeout;
     let metrics = &exposure.runtime.metrics;
     let mut buf = Vec::with_capacity(2048);
     let mut reader = client_hello::HelloReader::default();
