@@ -17,6 +17,8 @@ It fails, printing one line per breach with the file, the line and the rule, whe
 - two or more files import each other in a circle (inside a folder or across folders);
 - top-level modules import each other in a cycle;
 - a module imports lib.rs (the crate's map: nothing imports it back);
+- library code (not main.rs, not tests) spawns a task with a bare `tokio::spawn`: every task has
+  an owner, a `TaskTracker` that a stop or a drain closes and waits for;
 - with --rules, an import between top-level modules is not in the "may use" table that
   ARCHITECTURE.md gives for that crate (the table under the heading that names the crate), or a
   top-level module is missing from that table.
@@ -237,11 +239,15 @@ def check(src, rules=None, out=print):
     """Prints the crate's edges and breaches; returns the number of breaches."""
     crate = Crate(src)
     name = crate_name(src)
-    file_edges, mod_edges, where = {}, {}, {}
+    file_edges, mod_edges, where, spawns = {}, {}, {}, []
     for mod, path in sorted(crate.files.items()):
         with open(path, encoding="utf-8") as f:
             text = strip(f.read())
         top = mod[0] if mod else "lib"
+        if os.path.basename(path) != "main.rs":
+            for m in re.finditer(r"\btokio::spawn\(", text):
+                line = text.count("\n", 0, m.start()) + 1
+                spawns.append(f"{path}:{line}: a bare tokio::spawn: spawn into the TaskTracker that owns the task")
         for line, target, shown in crate.refs(mod, text):
             # lib.rs only declares and re-exports: its edges are the map, not imports.
             if target == mod or not mod:
@@ -254,7 +260,7 @@ def check(src, rules=None, out=print):
             if ttop != top:
                 mod_edges.setdefault(top, set()).add(ttop)
                 where.setdefault((top, ttop), (path, line, shown))
-    breaches = []
+    breaches = list(spawns)
     tops = {m[0] if m else "lib" for m in crate.modules}
     for comp in sccs(crate.modules, file_edges):
         names = [crate.files[m] for m in comp]
@@ -305,7 +311,7 @@ def self_test():
         os.makedirs(os.path.join(src, "tunnel"))
         files = {
             "lib.rs": "mod config;\nmod tunnel;\n",
-            "config.rs": "pub struct Config;\n",
+            "config.rs": "pub struct Config;\nfn f() { tokio::spawn(async {}); }\n",
             "tunnel/mod.rs": "mod a;\nmod b;\npub use a::A;\n",
             "tunnel/a.rs": "use super::b::B;\npub struct A;\n",
             "tunnel/b.rs": "use crate::{config::Config, tunnel::{a::A}};\npub struct B;\n"
@@ -323,15 +329,18 @@ def self_test():
         assert "FILE CIRCLE" in text and "tunnel/a.rs" in text and "tunnel/b.rs" in text, text
         assert "tunnel uses config (crate::config::Config)" in text, text
         assert "imports lib.rs" not in text, text
-        assert failures == 2, text
+        assert "config.rs:2: a bare tokio::spawn" in text, text
+        assert failures == 3, text
         # Fixed: the circle opened and the rule written, nothing is left.
         with open(os.path.join(src, "tunnel/b.rs"), "w") as f:
             f.write("use crate::config::Config;\npub struct B;\n")
+        with open(os.path.join(src, "config.rs"), "w") as f:
+            f.write("pub struct Config;\n")
         with open(rules_path, "w") as f:
             f.write("## The relay\n\n| module | may use |\n|---|---|\n| `config` | nothing |\n| `tunnel` | `config` |\n")
         lines = []
         assert check(src, read_rules(rules_path), out=lines.append) == 0, "\n".join(lines)
-    print("self-test passed: a file circle, a module outside its rule and a clean tree are told apart")
+    print("self-test passed: a file circle, a module outside its rule, a bare spawn and a clean tree are told apart")
 
 
 def main():

@@ -226,7 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn serve(agent: Agent) {
-    agent.run(cli::cancel_on_signal()).await;
+    cli::until_signal(|stop| agent.run(stop)).await;
 }
 
 #[cfg(windows)]

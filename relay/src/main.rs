@@ -312,7 +312,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     };
     runtime.block_on(async {
         let relay = sallyport_relay::Relay::bind(config).await?;
-        relay.run(cli::cancel_on_signal()).await;
+        cli::until_signal(|stop| relay.run(stop)).await;
         Ok(())
     })
 }

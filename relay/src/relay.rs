@@ -201,8 +201,11 @@ impl Relay {
         let Self { endpoint, tunnel_tcp, tcp_tls, sockets, admin, reloads, config, runtime, registry, ops } =
             self;
         let admin_addr = admin.local_addr().unwrap_or(config.relay.admin);
-        let admin_stop = CancellationToken::new();
-        tokio::spawn(admin::serve(admin, ops.clone(), admin_stop.clone()));
+        // What runs through the drain (the admin server, a draining replica telling the writer)
+        // stops after it.
+        let after_drain = CancellationToken::new();
+        let background = &runtime.background;
+        background.spawn(admin::serve(admin, ops.clone(), after_drain.clone()));
 
         let live = ops.config.clone();
         let flows = Arc::new(FlowRoutes::default());
@@ -217,10 +220,8 @@ impl Relay {
             cluster: ops.cluster.clone(),
             tcp_tls: Some(tcp_tls),
         });
-        let tasks = &runtime.tasks;
-        // Runs through the drain (a draining replica tells the writer), stopped after it.
-        let after_drain = CancellationToken::new();
-        tokio::spawn(tunnel::revoked::close_refused(
+        let tasks = &runtime.accepting;
+        background.spawn(tunnel::revoked::close_refused(
             registry.clone(),
             ops.trust.clone(),
             after_drain.clone(),
@@ -234,8 +235,7 @@ impl Relay {
         listeners.apply(&config, sockets);
         let reloader =
             Reloader { live: live.clone(), listeners, registry: registry.clone(), runtime: runtime.clone() };
-        let reload_stop = CancellationToken::new();
-        tokio::spawn(reload::watch(reloader, reloads, reload_stop.clone()));
+        background.spawn(reload::watch(reloader, reloads, shutdown.clone()));
         let (limits, budget) = (&config.relay, config.relay.budget());
         info!(
             memory_budget_mib = limits.memory_budget >> 20,
@@ -263,7 +263,7 @@ impl Relay {
                 local,
                 after_drain.clone(),
             );
-            tokio::spawn(sync);
+            background.spawn(sync);
             info!(replica = %cluster.me.name, writer = %cluster.config.writer, "replica of a cluster");
         }
         if let Ok(quic) = endpoint.local_addr() {
@@ -271,14 +271,16 @@ impl Relay {
         }
 
         shutdown.cancelled().await;
-        reload_stop.cancel();
         if let Some(cluster) = &ops.cluster {
             // Out of the list of replicas serving at once, before the drain.
             cluster.drain();
         }
         drain(&endpoint, &runtime, &registry, live.get().relay.drain_grace).await;
         after_drain.cancel();
-        admin_stop.cancel();
+        background.close();
+        if tokio::time::timeout(Duration::from_secs(2), background.wait()).await.is_err() {
+            warn!(remaining = background.len(), "background tasks still running at the stop");
+        }
         info!("relay stopped");
     }
 }
@@ -298,8 +300,8 @@ async fn drain(endpoint: &quinn::Endpoint, runtime: &Runtime, registry: &Registr
     registry.clear();
     let settle = Duration::from_secs(2);
     let _ = tokio::time::timeout(settle, clients.wait()).await;
-    runtime.tasks.close();
-    let _ = tokio::time::timeout(settle, runtime.tasks.wait()).await;
+    runtime.accepting.close();
+    let _ = tokio::time::timeout(settle, runtime.accepting.wait()).await;
     let _ = tokio::time::timeout(settle, endpoint.wait_idle()).await;
     info!(udp = %runtime.udp.figures(), "QUIC socket");
 }

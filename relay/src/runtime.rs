@@ -19,10 +19,15 @@ pub(crate) struct Runtime {
     pub(crate) udp: Arc<UdpCounters>,
     /// Serving (true) or not yet, or draining (false): what `/readyz` says.
     ready: AtomicBool,
-    /// Client connections in flight (drained on shutdown).
+    /// What accepts new work: the accept loops and the listeners. They stop when the shutdown
+    /// starts.
+    pub(crate) accepting: TaskTracker,
+    /// Client connections in flight and what serves them (upstream connections): drained on
+    /// shutdown within the grace period.
     pub(crate) clients: TaskTracker,
-    /// Everything else the relay spawned.
-    pub(crate) tasks: TaskTracker,
+    /// What runs through the drain: the admin server and its connections, the revocation watch,
+    /// the cluster's sync, the reload watcher, the drains of replaced tunnels. Stopped after it.
+    pub(crate) background: TaskTracker,
 }
 
 impl Runtime {

@@ -23,16 +23,19 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// A shutdown token that the first shutdown signal cancels (see [`shutdown_signal`]). Call it
-/// inside the runtime: it spawns the task that waits for the signal.
-pub fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+/// Runs `work` with a shutdown token that the first shutdown signal cancels (see
+/// [`shutdown_signal`]), until `work` is done: the signal is awaited beside it, in this task.
+pub async fn until_signal<F: std::future::Future>(
+    work: impl FnOnce(tokio_util::sync::CancellationToken) -> F,
+) -> F::Output {
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let cancel = shutdown.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        cancel.cancel();
-    });
-    shutdown
+    let work = work(shutdown.clone());
+    tokio::pin!(work);
+    tokio::select! {
+        done = &mut work => return done,
+        () = shutdown_signal() => shutdown.cancel(),
+    }
+    work.await
 }
 
 /// Keeps the process on 4 KiB pages (Linux): no transparent huge pages, whatever the system's

@@ -93,6 +93,8 @@ pub struct Containers {
 struct Inner {
     engine: Engine,
     slots: BTreeMap<String, Arc<Slot>>,
+    /// The idle timers and the starts the reconcile loop begins: they end with `run`.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// Holds a container up while a connection uses it; dropping it may arm the idle stop.
@@ -132,7 +134,9 @@ impl Containers {
                 (name, Arc::new(slot))
             })
             .collect();
-        Self { inner: Arc::new(Inner { engine: Engine::new(agent, settings), slots }) }
+        Self {
+            inner: Arc::new(Inner { engine: Engine::new(agent, settings), slots, tasks: Default::default() }),
+        }
     }
 
     /// Takes the specs of a reloaded configuration: each declared container's spec is replaced
@@ -201,7 +205,7 @@ impl Containers {
             .slots
             .values()
             .filter(|slot| slot.spec().start == StartPolicy::OnDemand && slot.spec().idle_stop.is_some())
-            .map(|slot| tokio::spawn(self.clone().idle_stop(slot.clone())))
+            .map(|slot| self.inner.tasks.spawn(self.clone().idle_stop(slot.clone())))
             .collect();
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
         let mut engine_down_logged = false;
@@ -229,6 +233,9 @@ impl Containers {
         for timer in idle_timers {
             timer.abort();
         }
+        // A start under way finishes (a container half created is worse than one started).
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
     }
 
     /// One life of the engine connection: list, reconcile, then apply events until the stream
@@ -282,7 +289,7 @@ impl Containers {
         match slot.spec().start {
             StartPolicy::Always if !running => {
                 let (this, slot) = (self.clone(), slot.clone());
-                tokio::spawn(async move {
+                self.inner.tasks.spawn(async move {
                     if let Err(e) = this.ensure_running(&slot).await {
                         warn!(container = %slot.spec().name, error = %e, "cannot start container");
                     }

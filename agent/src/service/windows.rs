@@ -243,18 +243,22 @@ fn run_service() -> anyhow::Result<()> {
     let drained = stop.clone();
     runtime.block_on(async move {
         let stopping = drained.clone();
-        tokio::spawn(async move {
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(async move {
             stopping.cancelled().await;
             tracing::info!("service stop requested: shutting down");
         });
         let trigger = agent.reload_trigger();
-        tokio::spawn(async move {
+        let relay_reloads = tasks.spawn(async move {
             loop {
                 reload.notified().await;
                 trigger.notify_one();
             }
         });
         agent.run(drained).await;
+        relay_reloads.abort();
+        tasks.close();
+        tasks.wait().await;
     });
     handle.set_service_status(service_status(ServiceState::Stopped, 0, Duration::ZERO))?;
     Ok(())

@@ -6,7 +6,7 @@
 //! ones first, so a flood of new clients does not close the flows of others.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
         Arc,
@@ -25,6 +25,7 @@ use sallyport_runtime::{
     flows::{source_prefix, Activity, FlowTable, Tracked},
 };
 use tokio::net::UdpSocket;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::{config::Target, targets::Targets};
@@ -95,6 +96,8 @@ pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
     // Grouped by the client's prefix (from the relay's `Open`), like the relay's own table.
     let mut flows: FlowTable<u32, Flow> = FlowTable::with_groups(max, max / PREFIX_SHARE, |_| 0);
     let mut sweep = tokio::time::interval((idle / 4).max(Duration::from_millis(250)));
+    // Each flow's reader: aborted when its flow goes, and all of them with the connection.
+    let readers = TaskTracker::new();
     loop {
         let bytes = tokio::select! {
             d = connection.read_datagram() => match d {
@@ -110,7 +113,7 @@ pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
             Ok(Datagram::Data { flow, payload }) => (flow, payload),
             Ok(Datagram::Open { flow, service, client, payload }) => {
                 if !flows.contains(&flow) {
-                    let Some(new) = open(connection, targets, flow, service, client).await else {
+                    let Some(new) = open(connection, targets, flow, service, client, &readers).await else {
                         continue;
                     };
                     if let Some((oldest, _)) = flows.insert_in(source_prefix(&client), flow, new) {
@@ -136,7 +139,9 @@ pub(crate) async fn serve(connection: &Connection, targets: &Arc<Targets>) {
         if flow.live.unreachable.load(Ordering::Relaxed) {
             let (service, client) = (flow.service.clone(), flow.client);
             debug!(flow = id, "the target was unreachable: the flow goes on from a fresh socket");
-            let Some(fresh) = open(connection, targets, id, &service, client).await else { continue };
+            let Some(fresh) = open(connection, targets, id, &service, client, &readers).await else {
+                continue;
+            };
             flows.insert_in(source_prefix(&client), id, fresh);
             let Some(reopened) = flows.get(&id) else { continue };
             flow = reopened;
@@ -160,6 +165,7 @@ async fn open(
     id: u32,
     service: &str,
     client: SocketAddr,
+    readers: &TaskTracker,
 ) -> Option<Flow> {
     let config = targets.config.get();
     let Some(declared) = config.services.get(service) else {
@@ -189,9 +195,7 @@ async fn open(
             None
         }
     }?;
-    let bind: SocketAddr =
-        if target.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
-    let socket = match UdpSocket::bind(bind).await {
+    let socket = match UdpSocket::bind(sallyport_runtime::addr::unspecified_like(target)).await {
         Ok(socket) => socket,
         Err(e) => {
             sallyport_runtime::limited!(warn, service, error = %e, "cannot open a UDP socket for a flow");
@@ -205,7 +209,7 @@ async fn open(
     sallyport_runtime::limited!(info, service, %client, flow = id, %target, "UDP flow opened");
     let socket = Arc::new(socket);
     let live = Arc::new(Liveness::default());
-    let reader = tokio::spawn(answers(connection.clone(), socket.clone(), id, live.clone()));
+    let reader = readers.spawn(answers(connection.clone(), socket.clone(), id, live.clone()));
     Some(Flow { socket, live, reader, service: service.to_owned(), client })
 }
 

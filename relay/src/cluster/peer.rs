@@ -18,6 +18,9 @@ pub(crate) enum PeerError {
     Http { addr: String, source: hyper::Error },
     #[error("{addr}: the request could not be built: {source}")]
     Request { addr: String, source: hyper::http::Error },
+    /// The writer closed the connection before it answered.
+    #[error("{addr} closed the connection without answering")]
+    Closed { addr: String },
     #[error("{addr} did not answer within {after:?}")]
     Timeout { addr: String, after: Duration },
 }
@@ -40,7 +43,6 @@ pub(crate) async fn call(
         let _ = stream.set_nodelay(true);
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
-        tokio::spawn(connection);
         let request = Request::builder()
             .method(method)
             .uri(path)
@@ -48,10 +50,21 @@ pub(crate) async fn call(
             .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
             .body(Full::new(Bytes::from(body)))
             .map_err(|source| PeerError::Request { addr: addr.to_owned(), source })?;
-        let response = sender.send_request(request).await.map_err(http)?;
-        let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await.map_err(http)?.to_bytes();
-        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+        let answer = async {
+            let response = sender.send_request(request).await.map_err(http)?;
+            let status = response.status().as_u16();
+            let bytes = response.into_body().collect().await.map_err(http)?.to_bytes();
+            Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        // The connection is driven beside the exchange, in this task: it ends with the call.
+        tokio::pin!(connection);
+        tokio::select! {
+            answer = answer => answer,
+            ended = &mut connection => Err(match ended {
+                Err(e) => http(e),
+                Ok(()) => PeerError::Closed { addr: addr.to_owned() },
+            }),
+        }
     };
     tokio::time::timeout(timeout, exchange)
         .await

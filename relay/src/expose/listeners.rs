@@ -193,7 +193,7 @@ impl Listeners {
     /// Serves `config` with `sockets` (bound for it by [`Sockets::bind`] against these listeners).
     pub(crate) fn apply(&mut self, config: &Config, mut sockets: Sockets) -> Changes {
         let grace = config.relay.drain_grace;
-        let tasks = self.exposure.runtime.tasks.clone();
+        let tasks = self.exposure.runtime.accepting.clone();
         let retire = |served: Arc<Served>| retire(&tasks, served, grace);
         let mut changes = Changes::default();
         let wanted: HashMap<Key, &Service> =
@@ -229,7 +229,7 @@ impl Listeners {
             let bound = socket.local_addr();
             let slot: Slot = Arc::new(RwLock::new(Served::new(service)));
             let stop = self.shutdown.child_token();
-            let tasks = &self.exposure.runtime.tasks;
+            let tasks = &self.exposure.runtime.accepting;
             match socket {
                 Own::Tcp(listener) => {
                     if let Some(addr) = bound {
@@ -297,7 +297,7 @@ impl Listeners {
             if let Ok(addr) = listener.local_addr() {
                 info!(%addr, hosts, "HTTP listener routing by Host");
             }
-            exposure.runtime.tasks.spawn(http::serve(listener, exposure.clone(), http_routes, stop));
+            exposure.runtime.accepting.spawn(http::serve(listener, exposure.clone(), http_routes, stop));
         });
         let (exposure, https_routes) = (self.exposure.clone(), self.https_routes.clone());
         let running = self.https.take();
@@ -306,7 +306,12 @@ impl Listeners {
                 if let Ok(addr) = listener.local_addr() {
                     info!(%addr, names, "HTTPS listener routing by SNI");
                 }
-                exposure.runtime.tasks.spawn(https::serve(listener, exposure.clone(), https_routes, stop));
+                exposure.runtime.accepting.spawn(https::serve(
+                    listener,
+                    exposure.clone(),
+                    https_routes,
+                    stop,
+                ));
             });
         changes
     }

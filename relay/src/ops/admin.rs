@@ -29,8 +29,8 @@ pub(crate) async fn serve(listener: TcpListener, ops: Arc<Ops>, stop: Cancellati
             () = stop.cancelled() => break,
         };
         let Ok((stream, _)) = accepted else { continue };
-        let ops = ops.clone();
-        tokio::spawn(async move {
+        let (ops, tasks) = (ops.clone(), ops.runtime.background.clone());
+        tasks.spawn(async move {
             let service = service_fn(move |req| respond(req, ops.clone()));
             let served = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -78,7 +78,9 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
                     cert_not_after_unix: s.cert_not_after_unix,
                 });
                 let named = ops.config.get().services.values().map(|s| s.agent.clone()).collect();
-                ops.runtime.metrics.tasks(ops.runtime.tasks.len() + ops.runtime.clients.len());
+                ops.runtime.metrics.tasks(
+                    ops.runtime.accepting.len() + ops.runtime.clients.len() + ops.runtime.background.len(),
+                );
                 ops.runtime.metrics.set_ready(ops.is_ready());
                 let body = ops.runtime.metrics.render(gauges, &named, ops.runtime.udp.figures());
                 (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)

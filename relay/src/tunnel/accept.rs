@@ -42,7 +42,7 @@ pub(crate) async fn accept_loop(endpoint: Endpoint, tunnels: Arc<Tunnels>, stop:
             continue;
         };
         let work = handle_incoming(incoming, pass, tunnels.clone()).instrument(info_span!("tunnel", %remote));
-        tunnels.runtime.tasks.spawn(work);
+        tunnels.runtime.accepting.spawn(work);
     }
 }
 
@@ -69,7 +69,7 @@ pub(crate) async fn tcp_accept_loop(
         let io = tcp::Prefixed::new(first, stream);
         let work = serve_tcp(io, peer, tunnels.clone())
             .instrument(info_span!("tunnel", remote = %peer, transport = "tcp"));
-        tunnels.runtime.tasks.spawn(work);
+        tunnels.runtime.accepting.spawn(work);
     }
 }
 

@@ -122,7 +122,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
             // on the old one, which the agent closes once they have (or the drain grace ends it).
             let grace = tunnels.config.get().relay.drain_grace;
             info!(old_remote = %old.remote, from = %old.connection.transport(), to = %connection.transport(), ?grace, "the agent moved its tunnel: draining the previous one");
-            tokio::spawn(async move {
+            tunnels.runtime.background.spawn(async move {
                 tokio::select! {
                     _ = old.connection.closed() => {}
                     () = tokio::time::sleep(grace) => {}

@@ -24,7 +24,7 @@ use tokio::{
     io::ReadBuf,
     sync::{mpsc, Mutex as AsyncMutex},
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::sync::lock;
 
@@ -101,6 +101,9 @@ pub(super) struct Shared {
     /// The handle streams keep, so the connection outlives none of them; weak, so the
     /// connection's own tasks do not keep it open.
     pub(super) handle: OnceLock<Weak<Handle>>,
+    /// The connection's own tasks: the HTTP/2 driver, the link stream's reader and writer, the
+    /// pinger. Each ends when the connection is gone.
+    pub(super) tasks: TaskTracker,
 }
 
 impl Shared {
@@ -193,6 +196,7 @@ impl Shared {
             gone: CancellationToken::new(),
             rtt_micros: AtomicU64::new(0),
             handle: OnceLock::new(),
+            tasks: TaskTracker::new(),
         });
         (shared, (arrived, outgoing))
     }

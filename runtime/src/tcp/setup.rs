@@ -42,7 +42,7 @@ where
     let ping = conn.ping_pong();
     let (shared, datagrams) = Shared::new(peer, Some(opener.clone()), mpsc::unbounded_channel().1);
     let driver = shared.clone();
-    tokio::spawn(async move {
+    shared.tasks.spawn(async move {
         tokio::select! {
             result = &mut conn => if let Err(e) = result { driver.end(h2_lost(&e)) },
             () = driver.gone.cancelled() => {
@@ -102,7 +102,7 @@ where
         link: shared.clone(),
     };
     let driver = shared.clone();
-    tokio::spawn(async move {
+    shared.tasks.spawn(async move {
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
@@ -154,10 +154,10 @@ fn start(
     (arrived, outgoing): (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>),
 ) {
     let send = SendStream { inner: send, link: shared.clone(), _open: None };
-    tokio::spawn(link_writer(shared.clone(), send, outgoing));
-    tokio::spawn(link_reader(shared.clone(), recv, arrived));
+    shared.tasks.spawn(link_writer(shared.clone(), send, outgoing));
+    shared.tasks.spawn(link_reader(shared.clone(), recv, arrived));
     if let Some(ping) = ping {
-        tokio::spawn(keep_alive(shared.clone(), ping, settings));
+        shared.tasks.spawn(keep_alive(shared.clone(), ping, settings));
     }
 }
 

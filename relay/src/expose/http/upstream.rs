@@ -26,6 +26,7 @@ pub(super) async fn connect(
     service: &Service,
     peer: SocketAddr,
     upgrades: bool,
+    tasks: &tokio_util::task::TaskTracker,
 ) -> Result<client::SendRequest<Incoming>, Failure> {
     let (send, recv) = streams::open(connection, service, peer, &[])
         .await
@@ -36,8 +37,9 @@ pub(super) async fn connect(
         .await
         .map_err(|e| Failure::bad_gateway(format!("HTTP handshake: {e}")))?;
     let span = info_span!("upstream", service = %service.name);
+    // The connection's driver is served with the client connections (drained with them).
     if upgrades {
-        tokio::spawn(
+        tasks.spawn(
             async move {
                 if let Err(e) = conn.with_upgrades().await {
                     debug!(error = %e, "target connection ended");
@@ -46,7 +48,7 @@ pub(super) async fn connect(
             .instrument(span),
         );
     } else {
-        tokio::spawn(
+        tasks.spawn(
             async move {
                 if let Err(e) = conn.await {
                     debug!(error = %e, "target connection ended");
