@@ -7,5 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-600}"
 cargo build --workspace --bins --quiet
-FALSE_ALARM_SECONDS="$seconds" SOAK_SECONDS="$seconds" exec cargo nextest run --profile soak -p sallyport-tests --test lab \
+FALSE_ALARM_SECONDS="$seconds" SOAK_SECONDS="$seconds" exec cargo nextest run --profile soak -p sallyport-tests --test lab --test lab_timers \
     --no-capture -E 'test(no_false_alarm_through_twenty_ms_and_two_percent_loss) | test(soak_mixed_traffic_through_impairment)'

@@ -9,53 +9,31 @@
 //! removed service refuses new streams while open ones finish), offered again on every live
 //! tunnel without reconnecting; a changed container spec applies at that container's next start.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
-use sallyport_runtime::{
-    config::ConfigError,
-    live::{self, Hangups},
-};
+use sallyport_runtime::{config::ConfigError, live};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::{config::Config, tunnel::Tunnels};
 
-const POLL: Duration = Duration::from_secs(1);
-
-/// Reloads on SIGHUP, on a change of the file and on `trigger`, until `stop` is cancelled.
+/// Reloads on SIGHUP, on a change of the file and on `trigger`, until `stop` is cancelled (the
+/// runtime's one watcher).
 pub(crate) async fn watch(tunnels: Arc<Tunnels>, trigger: Arc<Notify>, stop: CancellationToken) {
-    let mut hangups = Hangups::new();
-    let mut poll = tokio::time::interval(POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut refused: Option<String> = None;
-    loop {
-        let why = tokio::select! {
-            () = hangups.next() => "SIGHUP",
-            () = trigger.notified() => "the service's parameter-change control",
-            _ = poll.tick() => {
-                let live = tunnels.config.get();
-                let Ok(bytes) = std::fs::read(&live.path) else { continue };
-                let hash = live::hash(&bytes);
-                if hash == live.hash || refused.as_deref() == Some(hash.as_str()) {
-                    continue;
-                }
-                refused = Some(hash);
-                "the file changed"
-            }
-            () = stop.cancelled() => return,
-        };
-        match reload(&tunnels) {
-            Ok(message) => {
-                refused = None;
-                info!(why, "{message}");
-            }
-            Err(e) => {
-                let e = live::one_line(&e.to_string());
-                error!(why, "configuration not reloaded, the running one stays: {e}");
-            }
+    let asked = (trigger, "the service's parameter-change control");
+    live::watch(&tunnels.config, asked, stop, |why, _| match reload(&tunnels) {
+        Ok(message) => {
+            info!(why, "{message}");
+            true
         }
-    }
+        Err(e) => {
+            let e = live::one_line(&e.to_string());
+            error!(why, "configuration not reloaded, the running one stays: {e}");
+            false
+        }
+    })
+    .await;
 }
 
 /// Reads the file again and applies it, or says why not.

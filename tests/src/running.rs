@@ -50,6 +50,29 @@ impl RunningRelay {
         Self { quic, admin, services, http, https, tcp, agents, shutdown, task }
     }
 
+    /// A relay with `extra` in its `[relay]` table and `services`, and agent `winbox` with
+    /// `targets`, connected.
+    pub async fn with_winbox(
+        pki: &crate::TestPki,
+        extra: &str,
+        services: &str,
+        targets: &str,
+    ) -> (Self, RunningAgent) {
+        let mut relay = Self::start(pki.relay_config_toml(extra, services)).await;
+        let agent = RunningAgent::start(pki.agent_config_toml("winbox", &[relay.quic], "", targets));
+        relay.wait_agent("winbox").await;
+        (relay, agent)
+    }
+
+    /// `GET /metrics` on the relay's admin server (asserted to answer 200).
+    pub async fn metrics(&self) -> String {
+        let (status, body) = sallyport_relay::cli::admin_client::request(self.admin, "GET", "/metrics", None)
+            .await
+            .expect("metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
     /// The listener address of `service`.
     pub fn service(&self, service: &str) -> SocketAddr {
         self.services[service]

@@ -247,6 +247,16 @@ struct RawService {
     proxy_protocol: Option<String>,
 }
 
+impl sallyport_runtime::live::Sourced for Config {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn hash(&self) -> &str {
+        &self.hash
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -348,6 +348,16 @@ impl Cluster {
     }
 }
 
+impl sallyport_runtime::live::Sourced for Config {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn hash(&self) -> &str {
+        &self.hash
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

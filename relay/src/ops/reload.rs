@@ -8,9 +8,9 @@
 //! key that only a restart may change) leaves the running configuration as it was, with the
 //! error naming the file, the key and the reason.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
-use sallyport_runtime::live::{self, Hangups};
+use sallyport_runtime::live;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -21,9 +21,6 @@ use crate::{
     runtime::Runtime,
     tunnel::registry::Registry,
 };
-
-/// How often the file is read for changes.
-const POLL: Duration = Duration::from_secs(1);
 
 /// A reload asked for through the admin API; the answer says what happened.
 pub(crate) type Request = oneshot::Sender<Result<String, ReloadError>>;
@@ -96,43 +93,25 @@ impl Reloader {
     }
 }
 
-/// Reloads on SIGHUP, on a change of the file and on `requests`, until `stop` is cancelled.
+/// Reloads on SIGHUP, on a change of the file and on `requests`, until `stop` is cancelled (the
+/// runtime's one watcher).
 pub(crate) async fn watch(
     mut reloader: Reloader,
-    mut requests: mpsc::Receiver<Request>,
+    requests: mpsc::Receiver<Request>,
     stop: CancellationToken,
 ) {
-    let live = reloader.live.get();
-    reloader.runtime.metrics.config_live(&live.hash);
-    info!(hash = %live.hash, path = %live.path.display(), "configuration live");
-    drop(live);
-    let mut hangups = Hangups::new();
-    let mut poll = tokio::time::interval(POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A file that failed to load is tried again only once it changes again.
-    let mut refused: Option<String> = None;
-    loop {
-        let (why, reply) = tokio::select! {
-            () = hangups.next() => ("SIGHUP", None),
-            _ = poll.tick() => {
-                let path = reloader.live.get().path.clone();
-                let Ok(bytes) = std::fs::read(&path) else { continue };
-                let hash = live::hash(&bytes);
-                if hash == reloader.live.get().hash || refused.as_deref() == Some(hash.as_str()) {
-                    continue;
-                }
-                refused = Some(hash);
-                ("the file changed", None)
-            }
-            Some(reply) = requests.recv() => ("asked through the admin API", Some(reply)),
-            () = stop.cancelled() => break,
-        };
+    let live = reloader.live.clone();
+    let current = live.get();
+    reloader.runtime.metrics.config_live(&current.hash);
+    info!(hash = %current.hash, path = %current.path.display(), "configuration live");
+    drop(current);
+    live::watch(&live, (requests, "asked through the admin API"), stop, |why, reply| {
         let result = reloader.reload(why);
-        if result.is_ok() {
-            refused = None;
-        }
+        let taken = result.is_ok();
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }
-    }
+        taken
+    })
+    .await;
 }
