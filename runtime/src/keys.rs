@@ -154,6 +154,22 @@ pub fn markdown(keys: &[KeyDoc]) -> String {
     out
 }
 
+/// Whether `guide` holds, between `<!-- [SECTION] keys: made from SOURCE -->` and
+/// `<!-- end of [SECTION] keys -->`, the table `keys` make; if not, what it should hold.
+pub fn guide_lists(guide: &str, section: &str, source: &str, keys: &[KeyDoc]) -> Result<(), String> {
+    let (begin, end) = (
+        format!("<!-- [{section}] keys: made from {source} -->"),
+        format!("<!-- end of [{section}] keys -->"),
+    );
+    let written =
+        guide.split_once(&begin).and_then(|(_, rest)| rest.split_once(&end)).map(|(table, _)| table.trim());
+    let made = markdown(keys);
+    if written == Some(made.trim()) {
+        return Ok(());
+    }
+    Err(format!("the table between {begin} and {end} must read:\n{made}"))
+}
+
 /// Declares the keys of one TOML table of a configuration file. Each row:
 ///
 /// ```text

@@ -152,31 +152,44 @@ impl AgentKeys {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     /// The configuration guide's `[agent]` table is the one the declarations make.
     #[test]
     fn the_guide_lists_every_agent_key_as_declared() {
         let guide = include_str!("../../../docs/configuration.md");
-        let (begin, end) = (
-            "<!-- [agent] keys: made from agent/src/config/agent_keys.rs -->",
-            "<!-- end of [agent] keys -->",
+        let listed = sallyport_runtime::keys::guide_lists(
+            guide,
+            "agent",
+            "agent/src/config/agent_keys.rs",
+            &AgentKeys::keys(),
         );
-        let written =
-            guide.split_once(begin).and_then(|(_, rest)| rest.split_once(end)).map(|(table, _)| table.trim());
-        let made = sallyport_runtime::keys::markdown(&AgentKeys::keys());
-        assert_eq!(
-            written,
-            Some(made.trim()),
-            "docs/configuration.md: the table between {begin} and {end} must read:\n{made}"
-        );
+        assert_eq!(listed, Ok(()), "docs/configuration.md");
     }
 
+    /// A table that writes only the required keys gets every declared default, each within its
+    /// own rule (a default out of its bounds would be refused here), and every key is documented.
     #[test]
-    fn every_agent_key_has_a_line_of_documentation_and_the_defaults_pass_their_own_rules() {
+    fn an_all_default_agent_table_reads_as_the_declared_defaults() {
+        let path = Path::new("/etc/sallyport/agent.toml");
+        let raw: RawAgent = sallyport_runtime::config::parse_toml(
+            "relays = [\"relay.lan:443\"]\nca_cert = \"ca.crt\"\ncert = \"agent.crt\"\nkey = \"agent.key\"",
+            path,
+        )
+        .expect("raw");
+        let keys = AgentKeys::read(&raw, path).expect("the defaults pass their rules");
+        let expected = AgentKeys {
+            relays: vec!["relay.lan:443".into()],
+            ca_cert: "/etc/sallyport/ca.crt".into(),
+            cert: "/etc/sallyport/agent.crt".into(),
+            key: "/etc/sallyport/agent.key".into(),
+            ..AgentKeys::default()
+        };
+        assert_eq!(keys, expected);
         for key in AgentKeys::keys() {
             assert!(!key.doc.is_empty(), "{} has no documentation", key.key);
         }
-        assert_eq!(AgentKeys::default().restart_needed(&AgentKeys::default()), None);
     }
 }

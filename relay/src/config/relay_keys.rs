@@ -148,31 +148,43 @@ impl RelayKeys {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     /// The configuration guide's `[relay]` table is the one the declarations make.
     #[test]
     fn the_guide_lists_every_relay_key_as_declared() {
         let guide = include_str!("../../../docs/configuration.md");
-        let (begin, end) = (
-            "<!-- [relay] keys: made from relay/src/config/relay_keys.rs -->",
-            "<!-- end of [relay] keys -->",
+        let listed = sallyport_runtime::keys::guide_lists(
+            guide,
+            "relay",
+            "relay/src/config/relay_keys.rs",
+            &RelayKeys::keys(),
         );
-        let written =
-            guide.split_once(begin).and_then(|(_, rest)| rest.split_once(end)).map(|(table, _)| table.trim());
-        let made = sallyport_runtime::keys::markdown(&RelayKeys::keys());
-        assert_eq!(
-            written,
-            Some(made.trim()),
-            "docs/configuration.md: the table between {begin} and {end} must read:\n{made}"
-        );
+        assert_eq!(listed, Ok(()), "docs/configuration.md");
     }
 
+    /// A table that writes only the required keys gets every declared default, each within its
+    /// own rule (a default out of its bounds would be refused here), and every key is documented.
     #[test]
-    fn every_relay_key_has_a_line_of_documentation_and_the_defaults_pass_their_own_rules() {
+    fn an_all_default_relay_table_reads_as_the_declared_defaults() {
+        let path = Path::new("/etc/sallyport/relay.toml");
+        let raw: RawRelay = sallyport_runtime::config::parse_toml(
+            "ca_cert = \"ca.crt\"\ncert = \"relay.crt\"\nkey = \"relay.key\"",
+            path,
+        )
+        .expect("raw");
+        let keys = RelayKeys::read(&raw, path).expect("the defaults pass their rules");
+        let expected = RelayKeys {
+            ca_cert: "/etc/sallyport/ca.crt".into(),
+            cert: "/etc/sallyport/relay.crt".into(),
+            key: "/etc/sallyport/relay.key".into(),
+            ..RelayKeys::default()
+        };
+        assert_eq!(keys, expected);
         for key in RelayKeys::keys() {
             assert!(!key.doc.is_empty(), "{} has no documentation", key.key);
         }
-        assert_eq!(RelayKeys::default().restart_needed(&RelayKeys::default()), None);
     }
 }
