@@ -280,18 +280,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// One admin API call; a non-200 answer is an error carrying the server's reason.
 #[tokio::main(flavor = "current_thread")]
 async fn admin_call(config: &Config, method: &str, path: String, with_token: bool) -> anyhow::Result<String> {
-    let token = match (&config.relay.admin_token_file, with_token) {
-        (Some(file), true) => Some(
-            std::fs::read_to_string(file)
-                .with_context(|| format!("{}: cannot read the admin token", file.display()))?
-                .trim()
-                .to_owned(),
-        ),
-        (None, true) => anyhow::bail!(
-            "{}: operator commands need relay.admin_token_file (the same file the relay reads)",
-            config.path.display()
-        ),
-        _ => None,
+    // The token is read and checked as the relay reads it (one reader: ops::auth).
+    let token = if with_token {
+        match sallyport_relay::ops::auth::load_admin_token(config)? {
+            Some(token) => Some(token.secret().to_owned()),
+            None => anyhow::bail!(
+                "{}: operator commands need relay.admin_token_file (the same file the relay reads)",
+                config.path.display()
+            ),
+        }
+    } else {
+        None
     };
     let (status, body) =
         sallyport_relay::cli::admin_client::request(config.relay.admin, method, &path, token.as_deref())

@@ -64,3 +64,29 @@ impl TunnelError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_says_whether_udp_gets_through() {
+        let second = Duration::from_secs(1);
+        assert_eq!(TunnelError::NoAnswer(second).failure(), Failure::NoAnswer);
+        for blocked in [
+            TunnelError::Timeout(second),
+            TunnelError::Socket(io::Error::other("no socket")),
+            TunnelError::Connection(ConnectionError::TimedOut),
+        ] {
+            assert_eq!(blocked.failure(), Failure::UdpBlocked, "{blocked}");
+        }
+        for answered in [
+            TunnelError::Refused("not admitted".into()),
+            TunnelError::Held("relay-0".into()),
+            TunnelError::Protocol("a control message before Welcome"),
+            TunnelError::Connection(ConnectionError::Reset),
+        ] {
+            assert_eq!(answered.failure(), Failure::Other, "{answered}");
+        }
+    }
+}

@@ -22,8 +22,8 @@ impl AdminToken {
         constant_time_eq(presented.as_bytes(), self.0.as_bytes())
     }
 
-    /// The token itself, for a replica's calls to the writer.
-    pub(crate) fn secret(&self) -> &str {
+    /// The token itself, for a replica's calls to the writer and the CLI's calls to the relay.
+    pub fn secret(&self) -> &str {
         &self.0
     }
 }
