@@ -10,8 +10,12 @@ if ! [ -d "$db_source/crates" ]; then
     echo "deny.sh: no advisory database at $db_source (set ADVISORY_DB)" >&2
     exit 1
 fi
+# The version is pinned, so a finding never comes from a new release of the tool itself.
+deny_version=0.20.2
 deny=target/tools/bin/cargo-deny
-[ -x "$deny" ] || cargo install --locked --quiet --root target/tools cargo-deny
+if ! "$deny" --version 2>/dev/null | grep -qx "cargo-deny $deny_version"; then
+    cargo install --locked --quiet --force --root target/tools cargo-deny --version "$deny_version"
+fi
 
 # cargo-deny opens the default database at a path derived from its URL, as a git repository whose
 # HEAD commit says how old it is: a copy of the snapshot, committed at the snapshot's date.
@@ -27,4 +31,6 @@ GIT_AUTHOR_DATE="${snapshot_date}T00:00:00Z" GIT_COMMITTER_DATE="${snapshot_date
 
 # The crate graph for every target (Windows included), resolved from the lock file.
 cargo metadata --format-version 1 --locked >target/cargo-metadata.json
+# How old the advisories are: a reader of the result should know what it could not know.
+echo "advisories: RustSec snapshot of $snapshot_date ($db_source/SNAPSHOT.txt), checked offline"
 "$deny" --offline --metadata-path target/cargo-metadata.json check --show-stats

@@ -12,7 +12,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-20}
 rustup toolchain list | grep -q '^nightly' || { echo "fuzz.sh: needs the nightly toolchain" >&2; exit 1; }
-[ -x target/tools/bin/cargo-fuzz ] || cargo install --locked --quiet --root target/tools cargo-fuzz
+# Pinned: the same fuzzer build on every machine.
+fuzz_version=0.13.2
+if ! target/tools/bin/cargo-fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $fuzz_version"; then
+    cargo install --locked --quiet --force --root target/tools cargo-fuzz --version "$fuzz_version"
+fi
 export PATH=$PWD/target/tools/bin:$PATH
 cd fuzz
 # No sanitizer: the code is safe Rust; what is looked for is panics and broken invariants.
