@@ -366,3 +366,43 @@ async fn a_flood_of_bad_clients_is_counted_in_full_but_logged_in_few_lines() {
         assert!((1..=10 * periods).contains(&lines), "{lines} lines with {needle:?}");
     }
 }
+
+/// `GET path` on `addr` naming the server as `host`; the status code.
+async fn status_with_host(addr: SocketAddr, path: &str, host: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0)
+}
+
+/// DNS rebinding: a web page the relay's host opens points a name of its own at 127.0.0.1 and
+/// reads the loopback admin server through it. Reads about agents answer only requests that name
+/// the server as localhost or by its address; probes and local tools are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loopback_admin_server_does_not_answer_a_rebound_name() {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    let (relay, _agent) = RunningRelay::with_winbox(
+        &pki,
+        "",
+        "[services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
+        "[services.svc]\ntarget = \"tcp://127.0.0.1:9\"\n",
+    )
+    .await;
+    let admin = relay.admin;
+    for path in ["/agents", "/metrics", "/status.txt", "/"] {
+        assert_eq!(status_with_host(admin, path, "rebound.evil.example").await, 403, "{path}");
+        assert_eq!(status_with_host(admin, path, "rebound.evil.example:9090").await, 403, "{path}");
+        assert_eq!(status_with_host(admin, path, &admin.to_string()).await, 200, "{path}");
+        assert_eq!(
+            status_with_host(admin, path, &format!("localhost:{}", admin.port())).await,
+            200,
+            "{path}"
+        );
+    }
+    assert_eq!(status_with_host(admin, "/livez", "rebound.evil.example").await, 200, "probes stay open");
+    assert!(relay.metrics().await.contains("sallyport_"), "local tools still read");
+}

@@ -25,14 +25,23 @@ use crate::{
     events::id::{CERTIFICATE_RENEWED, RENEWAL_FAILED},
 };
 
-/// The certificate's validity, and the renewal request in flight.
-#[derive(Debug)]
+/// The certificate's validity, and the renewal request in flight. Its `Debug` leaves the key out.
 pub(crate) struct Renewal {
     /// Validity of the current certificate (seconds since the epoch): renewal is due when a third
     /// of it is left.
     validity: Mutex<(i64, i64)>,
     /// The key of a renewal request in flight and when it was sent, until its certificate arrives.
     key: Mutex<Option<(String, Instant)>>,
+}
+
+impl std::fmt::Debug for Renewal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let in_flight = lock(&self.key).as_ref().map(|(_, sent)| sent.elapsed());
+        f.debug_struct("Renewal")
+            .field("validity", &*lock(&self.validity))
+            .field("request_in_flight_for", &in_flight)
+            .finish()
+    }
 }
 
 impl Renewal {
@@ -267,6 +276,19 @@ mod tests {
         swap_identity(&files, "K", "C").expect("swap");
         assert_eq!(recover_identity(&files).expect("recover"), Recovered::Nothing);
         assert_eq!(std::fs::read_to_string(&files.key).expect("key"), "K");
+    }
+
+    /// A renewal in flight holds a private key: a debug print of the state never shows it.
+    #[test]
+    fn the_key_in_flight_stays_out_of_debug_prints() {
+        let renewal = Renewal::new((0, 90 * 86_400));
+        let csr = start_request(&renewal).expect("a request");
+        assert!(csr.contains("CERTIFICATE REQUEST"));
+        let printed = format!("{renewal:?}");
+        assert!(
+            !printed.contains("PRIVATE KEY") && printed.contains("request_in_flight_for: Some"),
+            "{printed}"
+        );
     }
 
     #[test]

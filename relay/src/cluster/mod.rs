@@ -44,8 +44,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a starting replica waits for the agents the cluster holds before it takes clients.
 pub(crate) const WARM_UP_MAX: Duration = Duration::from_secs(10);
 
-/// This replica's place in its cluster.
-#[derive(Debug)]
+/// This replica's place in its cluster. Its `Debug` leaves the admin token out.
 pub(crate) struct Cluster {
     pub(crate) config: config::Cluster,
     /// This replica, with the random number of this start.
@@ -66,6 +65,18 @@ pub(crate) struct Cluster {
     draining: AtomicBool,
     /// Set once this replica holds the agents the cluster holds (or the warm-up is over).
     warm: AtomicBool,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("config", &self.config)
+            .field("me", &self.me)
+            .field("token", &"***")
+            .field("serving", &*self.serving.borrow())
+            .field("writer_reachable", &self.writer_reachable)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -303,6 +314,22 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The admin token never shows in a debug print of the cluster (nor so of the relay).
+    #[test]
+    fn the_token_stays_out_of_debug_prints() {
+        let cluster = Cluster::new(
+            config::Cluster {
+                replica: "relay-1".into(),
+                writer: "relay-0".into(),
+                writer_admin: "relay-0:9090".into(),
+                sync_interval: Duration::from_secs(1),
+            },
+            "a-very-secret-admin-token".into(),
+        );
+        let printed = format!("{cluster:?}");
+        assert!(!printed.contains("a-very-secret-admin-token") && printed.contains("relay-1"), "{printed}");
+    }
 
     fn cluster(replica: &str) -> Cluster {
         let config = config::Cluster {

@@ -51,8 +51,12 @@ const GUARDED_READS: [&str; 5] = ["/agents", "/metrics", "/", "/status", "/statu
 async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let text = "text/plain; charset=utf-8";
-    let guarded = GUARDED_READS.contains(&path.as_str()) && !ops.config.get().relay.admin.ip().is_loopback();
-    let refused = if guarded { authorize_read(&req, &ops).err() } else { None };
+    let loopback = ops.config.get().relay.admin.ip().is_loopback();
+    let refused = match (GUARDED_READS.contains(&path.as_str()), loopback) {
+        (false, _) => None,
+        (true, false) => authorize_read(&req, &ops).err(),
+        (true, true) => rebinding_refusal(&req, &ops),
+    };
     let (status, content_type, body): (StatusCode, &str, String) = if let Some((status, body)) = refused {
         (status, text, body)
     } else {
@@ -128,6 +132,8 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
     if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
         response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
     }
+    let nosniff = hyper::header::HeaderValue::from_static("nosniff");
+    response.headers_mut().insert(hyper::header::X_CONTENT_TYPE_OPTIONS, nosniff);
     Ok(response)
 }
 
@@ -158,6 +164,32 @@ fn agent_listing(ops: &Ops) -> String {
         out.push_str("no agents connected\n");
     }
     out
+}
+
+/// Reads on the loopback admin server need no token, so a web page the relay's host opens could
+/// read them through a name it points at 127.0.0.1 (DNS rebinding): such a read must name the
+/// server as `localhost` or by an IP address (what local tools send), or bring the admin token.
+fn rebinding_refusal(req: &Request<Incoming>, ops: &Ops) -> Option<(StatusCode, String)> {
+    let host = req.headers().get(hyper::header::HOST)?;
+    if host.to_str().is_ok_and(names_this_machine) || authorize(req, ops.admin_token.as_ref()).is_ok() {
+        return None;
+    }
+    Some((
+        StatusCode::FORBIDDEN,
+        "a read on the loopback admin server names it as localhost or by its address (or brings the admin token)\n"
+            .into(),
+    ))
+}
+
+/// Whether a `Host` value is `localhost` or an IP address, with or without a port.
+fn names_this_machine(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6.split_once(']').is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 /// Reads about agents on an admin server that is reachable from the network need the admin token
@@ -308,5 +340,20 @@ async fn container_command(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, S
         Ok(output) => (StatusCode::OK, format!("{output}\n")),
         Err(CommandError::NoAgent) => (StatusCode::NOT_FOUND, format!("agent {agent:?} is not connected\n")),
         Err(e) => (StatusCode::BAD_GATEWAY, format!("{e}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_localhost_and_addresses_name_the_loopback_admin_server() {
+        for local in ["127.0.0.1:9090", "127.0.0.1", "localhost:9090", "LOCALHOST", "[::1]:9090", "[::1]"] {
+            assert!(names_this_machine(local), "{local}");
+        }
+        for foreign in ["evil.example", "evil.example:9090", "127.0.0.1.nip.io:9090", "[evil]:80", ""] {
+            assert!(!names_this_machine(foreign), "{foreign}");
+        }
     }
 }

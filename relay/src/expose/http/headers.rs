@@ -66,8 +66,16 @@ pub(super) fn host_only(text: &str) -> Option<String> {
     Some(name.to_ascii_lowercase())
 }
 
+/// Whether the request asks to switch to WebSocket, the one protocol the relay carries as an
+/// upgrade (any other `Upgrade`, h2c included, is dropped and the request goes as a plain one).
 pub(super) fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    let websocket = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("websocket"));
+    websocket
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -113,6 +121,10 @@ pub(super) fn prepare<B>(req: &mut Request<B>, peer: SocketAddr, host: &str, upg
     let original_host = req.headers().get(header::HOST).cloned();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
+    // Some targets take these for the client's address: only the relay says who the client is.
+    for name in ["x-real-ip", "true-client-ip", "x-client-ip", "x-forwarded-port"] {
+        headers.remove(name);
+    }
     let ip = peer.ip().to_canonical();
     append(headers, HeaderName::from_static("x-forwarded-for"), &ip.to_string());
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
@@ -227,5 +239,45 @@ mod tests {
         assert_eq!(req.headers()[header::UPGRADE], "websocket");
         assert_eq!(req.headers()[header::CONNECTION], "upgrade");
         assert_eq!(req.headers()[header::FORWARDED], "for=10.0.0.2;host=\"app.lan\";proto=http");
+    }
+
+    /// Only a WebSocket upgrade is carried as one: `Upgrade: h2c` (or any other protocol) is a
+    /// plain request whose `Upgrade` header is dropped, so the target never switches protocols
+    /// behind the relay's back.
+    #[test]
+    fn only_websocket_upgrades_are_upgrades() {
+        let upgrade = |protocol: &str| {
+            Request::builder()
+                .header(header::CONNECTION, "Upgrade")
+                .header(header::UPGRADE, protocol)
+                .body(())
+                .expect("request")
+        };
+        assert!(is_upgrade(upgrade("websocket").headers()));
+        assert!(is_upgrade(upgrade("WebSocket").headers()));
+        for other in ["h2c", "TLS/1.2", "foo, websocket-ish"] {
+            let mut req = upgrade(other);
+            assert!(!is_upgrade(req.headers()), "{other}");
+            let upgraded = is_upgrade(req.headers());
+            prepare(&mut req, "10.0.0.9:4000".parse().unwrap(), "app.lan", upgraded);
+            assert!(req.headers().get(header::UPGRADE).is_none(), "{other}");
+        }
+    }
+
+    /// Headers some targets read as the client's address never come from the client.
+    #[test]
+    fn client_address_headers_a_client_writes_do_not_reach_the_target() {
+        let mut req = Request::builder()
+            .header(header::HOST, "app.lan")
+            .header("x-real-ip", "127.0.0.1")
+            .header("true-client-ip", "127.0.0.1")
+            .header("x-forwarded-port", "443")
+            .header("x-client-ip", "127.0.0.1")
+            .body(())
+            .expect("request");
+        prepare(&mut req, "10.0.0.9:4000".parse().unwrap(), "app.lan", false);
+        for name in ["x-real-ip", "true-client-ip", "x-forwarded-port", "x-client-ip"] {
+            assert!(req.headers().get(name).is_none(), "{name}");
+        }
     }
 }
