@@ -456,3 +456,33 @@ async fn an_agent_reload_offers_its_services_on_the_live_tunnel() {
     assert_eq!(agent_log.matches("tunnel up").count(), 1, "one tunnel all along:\n{agent_log}");
     assert!(!relay.drain().iter().any(|l| l.contains("agent disconnected")));
 }
+
+/// A reload after which no service names an agent closes that agent's tunnel at once: it is no
+/// longer admitted, so it must not stay connected (and renewing its certificate) until it happens
+/// to reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_no_service_names_any_more_is_disconnected_by_the_reload() {
+    let pki = TestPki::new();
+    let (keep, ports) = (free_port(), (free_port(), free_port()));
+    let path: PathBuf = pki.dir().join("relay.toml");
+    let services = |agent: &str| format!("[services.keep]\nagent = \"{agent}\"\nlisten = \"{keep}\"\n");
+    std::fs::write(&path, relay_toml(&pki, ports, "", &services("winbox"))).expect("relay.toml");
+    let (mut relay, quic, admin) = start_relay(&path);
+    let (agent, _targets) = winbox(&pki, quic).await;
+    assert_eq!(metric(&metrics(admin).await, "sallyport_agents_connected"), 1.0);
+
+    replace(&path, &relay_toml(&pki, ports, "", &services("otherbox")));
+    let replaced = Instant::now();
+    let closed = relay.wait_line("no service names this agent any more", Duration::from_secs(5));
+    assert!(closed.contains("winbox"), "{closed}");
+    relay.wait_line("is live (was", Duration::from_secs(5));
+    while metric(&metrics(admin).await, "sallyport_agents_connected") != 0.0 {
+        assert!(
+            replaced.elapsed() < Duration::from_secs(3),
+            "the agent's tunnel is still up after the reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("the agent's tunnel closed {:?} after the file changed", replaced.elapsed());
+    agent.stop().await;
+}

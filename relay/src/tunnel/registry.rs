@@ -236,6 +236,14 @@ impl Registry {
     /// reload (a service removed from the agent is no longer routed to it; one added is, if the
     /// agent offered it).
     pub(crate) fn republish(&self, config: &crate::config::Config) {
+        // An agent no service names any more is no longer admitted: its tunnel and lanes close
+        // now (it cannot connect again), rather than living on and renewing its certificate.
+        const UNKNOWN: &[u8] = b"no service names this agent any more";
+        for session in self.agents.borrow().values().filter(|s| !config.knows_agent(&s.name)) {
+            tracing::info!(agent = %session.name, "no service names this agent any more: closing its tunnel");
+            session.lanes.close_all(code(close::REFUSED), UNKNOWN);
+            session.connection.close(code(close::REFUSED), UNKNOWN);
+        }
         self.agents.send_if_modified(|agents| {
             let mut modified = false;
             for session in agents.values_mut() {
