@@ -272,10 +272,14 @@ impl Metrics {
             .inc();
     }
 
+    /// A response of `service`'s target. A code HTTP does not define is counted as `other`: the
+    /// target chooses it, and each code would be a new series.
     pub(crate) fn http_response(&self, service: &str, status: u16) {
-        self.http_responses
-            .get_or_create(&vec![("service", service.to_owned()), ("code", status.to_string())])
-            .inc();
+        let code = hyper::StatusCode::from_u16(status)
+            .ok()
+            .filter(|code| code.canonical_reason().is_some())
+            .map_or_else(|| "other".to_owned(), |code| code.as_str().to_owned());
+        self.http_responses.get_or_create(&vec![("service", service.to_owned()), ("code", code)]).inc();
     }
 
     pub(crate) fn udp_datagram(&self, service: &str, up: bool) {
@@ -376,12 +380,17 @@ impl Metrics {
             self.agent_connections
                 .get_or_create(&vec![("agent", name.clone())])
                 .set(agent.connections as i64);
-            for (container, failed) in &agent.start_failures {
+            // What an agent reports is the agent's word: names that are not names, states no agent
+            // has, and containers beyond the cap make no series.
+            let named = |name: &String| sallyport_proto::is_valid_name(name);
+            for (container, failed) in
+                agent.start_failures.iter().filter(|(c, _)| named(c)).take(MAX_CONTAINER_SERIES)
+            {
                 let labels = vec![("agent", name.clone()), ("container", container.clone())];
                 self.start_failures.get_or_create(&labels).inc_by(*failed);
             }
-            for c in &agent.containers {
-                let state = c.state.split_whitespace().next().unwrap_or("unknown").to_owned();
+            for c in agent.containers.iter().filter(|c| named(&c.name)).take(MAX_CONTAINER_SERIES) {
+                let state = container_state(&c.state).to_owned();
                 let labels = vec![("agent", name.clone()), ("container", c.name.clone()), ("state", state)];
                 self.container_state.get_or_create(&labels).set(1);
                 if let Some(ms) = c.cold_start_ms {
@@ -447,5 +456,39 @@ impl Drop for Active<'_> {
     fn drop(&mut self) {
         // A connection task cancelled at shutdown counts as reset.
         self.record(Outcome::Reset, 0, 0);
+    }
+}
+
+/// Containers of one agent that `/metrics` shows at most.
+const MAX_CONTAINER_SERIES: usize = 64;
+
+/// A reported container state as a label: its first word when it is one the agent has, else
+/// `other`.
+fn container_state(reported: &str) -> &'static str {
+    const STATES: [&str; 6] = ["unknown", "engine-down", "absent", "stopped", "starting", "running"];
+    let word = reported.split_whitespace().next().unwrap_or("unknown");
+    STATES.into_iter().find(|state| *state == word).unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target chooses its status codes: one HTTP does not define is counted as `other`, so a
+    /// target cannot make a series per code.
+    #[test]
+    fn codes_a_target_makes_up_are_counted_as_other() {
+        let metrics = Metrics::default();
+        for code in [404, 599, 777, 999] {
+            metrics.http_response("web", code);
+        }
+        let mut out = String::new();
+        encode(&mut out, &metrics.registry).expect("encode");
+        let series: Vec<&str> = out.lines().filter(|l| l.contains("service=\"web\"")).collect();
+        assert!(series.iter().any(|l| l.contains("code=\"404\"")), "{series:?}");
+        assert!(series.iter().any(|l| l.contains("code=\"other\"") && l.ends_with(" 3")), "{series:?}");
+        assert!(!out.contains("code=\"599\"") && !out.contains("code=\"777\""), "{out}");
+        assert_eq!(container_state("stopped (exit 1)"), "stopped");
+        assert_eq!(container_state("pwned"), "other");
     }
 }

@@ -473,3 +473,45 @@ async fn a_lane_joins_only_its_own_agents_tunnel() {
     agent.stop().await;
     relay.stop().await;
 }
+
+/// A compromised agent reports 5,000 containers, with names that are not names and states no
+/// agent has: `/metrics` shows at most the cap of valid names, states only from the known set, and
+/// a real agent's series beside them are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_flood_the_metrics_with_series() {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    let mut relay = RunningRelay::start(
+        pki.relay_config_toml("", "[services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n"),
+    )
+    .await;
+    let mut raw =
+        RawAgent::connect_current(&pki, "winbox", &pki, relay.quic, &["svc"]).await.expect("admitted");
+    relay.wait_agent("winbox").await;
+    let reports: Vec<sallyport_proto::ContainerReport> = (0..5_000)
+        .map(|i| sallyport_proto::ContainerReport {
+            // Every third name is not a name (upper case); every state is made up.
+            name: if i % 3 == 0 { format!("C{i}") } else { format!("c{i}") },
+            state: format!("x{i}"),
+            cold_start_ms: None,
+        })
+        .collect();
+    raw.send(&sallyport_proto::AgentMessage::Containers(reports)).await;
+    let started = std::time::Instant::now();
+    let text = loop {
+        let text = relay.metrics().await;
+        if text.contains("sallyport_container_state{") || started.elapsed() > Duration::from_secs(5) {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let series: Vec<&str> = text.lines().filter(|l| l.starts_with("sallyport_container_state{")).collect();
+    println!("{} container series from a report of 5,000", series.len());
+    assert!(!series.is_empty(), "the report arrived: {text}");
+    assert!(series.len() <= 64, "{} series", series.len());
+    assert!(
+        series.iter().all(|l| l.contains("state=\"other\"") && !l.contains("container=\"C")),
+        "{series:?}"
+    );
+    assert_eq!(metric(&text, "sallyport_agents_connected"), 1.0, "the agent's tunnel is untouched");
+}
