@@ -120,20 +120,21 @@ type Crypto = rustls::ClientConfig;
 
 fn load_identity(config: &Config) -> Result<(Crypto, IdentityInfo), StartError> {
     // A renewal a crash interrupted is finished or undone first: key and certificate must match.
-    match renew::recover_identity(&config.agent.tls()) {
+    let files = config.agent.tls();
+    match renew::recover_identity(&files) {
         Ok(renew::Recovered::Nothing) => {}
         Ok(recovered) => tracing::warn!(?recovered, "an interrupted certificate renewal was recovered"),
         Err(e) => {
             return Err(TlsFileError {
-                path: config.agent.tls().cert.clone(),
+                path: config.agent.cert.clone(),
                 reason: format!("cannot recover an interrupted renewal: {e}"),
             }
             .into())
         }
     }
-    let tls = config.agent.tls().load()?;
+    let tls = files.load()?;
     let name = tls.leaf.dns_name.clone().ok_or_else(|| TlsFileError {
-        path: config.agent.tls().cert.clone(),
+        path: config.agent.cert.clone(),
         reason: "certificate names no agent".into(),
     })?;
     let crypto = tls::client_rustls(tls.roots, tls.identity, &[ALPN_TUNNEL])?;

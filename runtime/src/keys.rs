@@ -154,20 +154,30 @@ pub fn markdown(keys: &[KeyDoc]) -> String {
     out
 }
 
+/// A guide's key table that is not the one the declarations make.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the table between {begin} and {end} must read:\n{table}")]
+pub struct GuideDiffers {
+    pub begin: String,
+    pub end: String,
+    /// The table the declarations make.
+    pub table: String,
+}
+
 /// Whether `guide` holds, between `<!-- [SECTION] keys: made from SOURCE -->` and
 /// `<!-- end of [SECTION] keys -->`, the table `keys` make; if not, what it should hold.
-pub fn guide_lists(guide: &str, section: &str, source: &str, keys: &[KeyDoc]) -> Result<(), String> {
+pub fn guide_lists(guide: &str, section: &str, source: &str, keys: &[KeyDoc]) -> Result<(), GuideDiffers> {
     let (begin, end) = (
         format!("<!-- [{section}] keys: made from {source} -->"),
         format!("<!-- end of [{section}] keys -->"),
     );
     let written =
         guide.split_once(&begin).and_then(|(_, rest)| rest.split_once(&end)).map(|(table, _)| table.trim());
-    let made = markdown(keys);
-    if written == Some(made.trim()) {
+    let table = markdown(keys);
+    if written == Some(table.trim()) {
         return Ok(());
     }
-    Err(format!("the table between {begin} and {end} must read:\n{made}"))
+    Err(GuideDiffers { begin, end, table })
 }
 
 /// Declares the keys of one TOML table of a configuration file. Each row:

@@ -279,7 +279,7 @@ fn the_overlay_agrees_with_its_relay_toml() {
     let map = find(&docs, "ConfigMap", map_name);
     let shipped = std::fs::read_to_string(overlay.join("relay.toml")).expect("relay.toml");
     assert_eq!(map["data"]["relay.toml"].as_str(), Some(shipped.as_str()));
-    for file in [&config.relay.tls().ca_cert, &config.relay.tls().cert, &config.relay.tls().key] {
+    for file in [&config.relay.ca_cert, &config.relay.cert, &config.relay.key] {
         assert!(file.starts_with("/etc/sallyport/tls"), "{} is not in the Secret's mount", file.display());
     }
 

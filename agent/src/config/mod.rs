@@ -290,7 +290,7 @@ target = "tcp://127.0.0.1:1433"
         assert_eq!(c.relays[1].host, "fd00::1");
         assert_eq!(c.relays[1].to_string(), "[fd00::1]:4433");
         assert_eq!(c.services["mssql"].target, Target::Tcp { host: "127.0.0.1".into(), port: 1433 });
-        assert_eq!(c.agent.tls().key, Path::new("/etc/sallyport/agent.key"));
+        assert_eq!(c.agent.key, Path::new("/etc/sallyport/agent.key"));
         assert_eq!(c.agent.keep_alive, Duration::from_secs(1));
         assert_eq!(c.agent.idle_timeout, Duration::from_millis(1500));
     }

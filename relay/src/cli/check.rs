@@ -57,7 +57,7 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
     let days_left = tls.leaf.days_left();
     if days_left < 0 {
         return Err(TlsFileError {
-            path: config.relay.tls().cert.clone(),
+            path: config.relay.cert.clone(),
             reason: "certificate has expired".into(),
         }
         .into());

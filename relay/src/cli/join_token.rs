@@ -38,8 +38,8 @@ pub fn join_token(config: &Config, relays: &[String], created: &str) -> Result<S
     let read = |path: &Path| {
         std::fs::read(path).map_err(|source| JoinTokenError::Read { path: path.to_owned(), source })
     };
-    let ca = tls::certs_from_pem(&read(&config.relay.tls().ca_cert)?, "CA file")?;
-    let relay_cert = tls::certs_from_pem(&read(&config.relay.tls().cert)?, "relay certificate")?;
+    let ca = tls::certs_from_pem(&read(&config.relay.ca_cert)?, "CA file")?;
+    let relay_cert = tls::certs_from_pem(&read(&config.relay.cert)?, "relay certificate")?;
     let info = tls::inspect(&relay_cert[0])?;
     let server_name = info.sans.first().cloned().ok_or(JoinTokenError::NoName)?;
     let relays = if relays.is_empty() { vec![default_relay_addr(&server_name)] } else { relays.to_vec() };

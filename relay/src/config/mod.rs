@@ -119,8 +119,6 @@ impl Config {
     pub const DEFAULT_LISTEN: SocketAddr = relay_keys::DEFAULT_LISTEN;
     /// The admin server's address when `relay.admin` is not set: loopback only.
     pub const DEFAULT_ADMIN: SocketAddr = relay_keys::DEFAULT_ADMIN;
-    /// Enrolled agents renew over the tunnel, so their certificates can be short-lived.
-    pub const DEFAULT_AGENT_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
     /// How long a service's client connection may sit quiet unless the service says otherwise.
     pub const DEFAULT_SERVICE_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -385,7 +383,7 @@ listen = "0.0.0.0:1433"
     #[test]
     fn good_config_resolves_paths_and_defaults() {
         let c = Config::from_toml(GOOD, Path::new("/etc/sallyport/relay.toml")).expect("valid");
-        assert_eq!(c.relay.tls().ca_cert, Path::new("/etc/sallyport/ca.crt"));
+        assert_eq!(c.relay.ca_cert, Path::new("/etc/sallyport/ca.crt"));
         assert_eq!(c.relay.idle_timeout, Duration::from_secs(30));
         assert_eq!(c.relay.admin, SocketAddr::from(([127, 0, 0, 1], 9090)));
         assert_eq!(c.services["mssql"].agent, "winbox");

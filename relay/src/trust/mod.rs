@@ -80,7 +80,7 @@ impl Trust {
         let read = |path: &Path| {
             std::fs::read_to_string(path).map_err(|source| TrustError::Read { path: path.to_owned(), source })
         };
-        let ca = pki::Ca::from_pem(&read(&config.relay.tls().ca_cert)?, &read(key_path)?)
+        let ca = pki::Ca::from_pem(&read(&config.relay.ca_cert)?, &read(key_path)?)
             .map_err(|source| TrustError::CaKey { path: key_path.to_owned(), source })?;
         let tokens = enroll::TokenStore::open(config.relay.tokens_file.clone())?;
         Ok(enroll::Enrollment { ca, tokens, validity: config.relay.agent_cert_validity })
