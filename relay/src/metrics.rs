@@ -42,6 +42,8 @@ pub(crate) enum Outcome {
     StreamFailed,
     /// Nothing moved either way for the service's idle timeout.
     Idle,
+    /// The client stopped reading while the tunnel's share of stalled streams was taken.
+    Stalled,
 }
 
 impl Outcome {
@@ -52,6 +54,7 @@ impl Outcome {
             Self::NoAgent => "no_agent",
             Self::StreamFailed => "stream_failed",
             Self::Idle => "idle",
+            Self::Stalled => "stalled",
         }
     }
 }

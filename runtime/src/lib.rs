@@ -10,7 +10,9 @@
 //! - [`tcp`]: the tunnel over TLS on TCP, its streams multiplexed by HTTP/2; the agent's connect.
 //! - [`link`]: a tunnel connection over either transport, one API for both.
 //! - [`framed`]: length-prefixed frames (see `sallyport_proto::frame`) on QUIC streams.
-//! - [`splice`]: a TCP connection joined to a QUIC stream, with half-close and reset semantics.
+//! - [`splice`]: a TCP connection joined to a QUIC stream, with half-close and reset semantics;
+//!   [`stall`]: how many streams of a connection may sit on a full window while their readers
+//!   have stopped.
 //! - [`config`]: loading a TOML file into a raw model, human durations, errors naming file and key;
 //!   [`keys`]: each key declared once (`config_section!`): default, bounds, reload, documentation.
 //! - [`live`]: the configuration in force and the one reload watcher both binaries run.
@@ -38,6 +40,7 @@ pub mod live;
 pub mod logs;
 pub mod quic;
 pub mod splice;
+pub mod stall;
 pub mod sync;
 pub mod tcp;
 pub mod tls;

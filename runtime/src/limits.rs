@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-/// Receive window of one stream: enough for a gigabit over a few milliseconds of RTT, bounded so a
-/// slow reader cannot make the peer hold unbounded data.
-pub const STREAM_RECEIVE_WINDOW: u32 = 4 * 1024 * 1024;
+/// Receive window of one stream, both ends and both transports: 1 MiB keeps a gigabit per stream
+/// at up to 8 ms RTT, and a sixteenth of the connection's window, so the streams whose readers
+/// stopped may hold at most half of it ([`crate::stall`]). It also bounds what quinn keeps per
+/// stream slot (its recycled reassembly buffer grows with the window).
+pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
 
-/// Receive window of one stream on the agent, for data from clients toward targets: 1 MiB keeps a
-/// gigabit per stream at up to 8 ms RTT and bounds what quinn keeps per stream slot (its recycled
-/// reassembly buffer grows with the window: ~100 KiB at 4 MiB).
-pub const AGENT_STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
+/// Receive window of one stream on the agent, for data from clients toward targets.
+pub const AGENT_STREAM_RECEIVE_WINDOW: u32 = STREAM_RECEIVE_WINDOW;
 
 /// Receive window of a whole connection (quinn's default is unlimited).
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;

@@ -10,6 +10,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     str::FromStr,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -18,8 +19,12 @@ use bytes::Bytes;
 pub use quinn::{ConnectionError, ReadError, ReadExactError, SendDatagramError, VarInt, WriteError};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
-use crate::tcp;
+use crate::{
+    stall::{Reader, Stalls},
+    tcp,
+};
 
 /// Which transport carries a tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,119 +73,148 @@ pub fn code(value: u32) -> quinn::VarInt {
     quinn::VarInt::from_u32(value)
 }
 
-/// A tunnel connection.
+/// A tunnel connection, and the watch on its streams' readers ([`crate::stall`]).
 #[derive(Debug, Clone)]
-pub enum Connection {
+pub struct Connection {
+    inner: Inner,
+    stalls: Arc<Stalls>,
+}
+
+#[derive(Debug, Clone)]
+enum Inner {
     Quic(quinn::Connection),
     Tcp(tcp::Connection),
 }
 
 impl From<quinn::Connection> for Connection {
     fn from(c: quinn::Connection) -> Self {
-        Self::Quic(c)
+        Self { inner: Inner::Quic(c), stalls: Arc::default() }
+    }
+}
+
+impl From<tcp::Connection> for Connection {
+    fn from(c: tcp::Connection) -> Self {
+        Self { inner: Inner::Tcp(c), stalls: Arc::default() }
     }
 }
 
 impl Connection {
+    /// Watches the reader of a data stream of this connection: if it stalls beyond the
+    /// connection's share, the stream's [`RecvStream::stall_cut`] fires.
+    pub fn watch(&self, recv: &mut RecvStream) {
+        recv.reader = Some(self.stalls.watch());
+    }
+
+    /// Cuts the data streams that stall beyond the connection's share, until dropped: run it
+    /// beside whatever serves the connection.
+    pub async fn sweep_stalls(&self) -> std::convert::Infallible {
+        self.stalls.sweep_forever().await
+    }
+
+    /// Data streams cut for stalling so far.
+    pub fn stalls_cut(&self) -> u64 {
+        self.stalls.cut_total()
+    }
+
     pub fn transport(&self) -> Transport {
-        match self {
-            Self::Quic(_) => Transport::Quic,
-            Self::Tcp(_) => Transport::Tcp,
+        match &self.inner {
+            Inner::Quic(_) => Transport::Quic,
+            Inner::Tcp(_) => Transport::Tcp,
         }
     }
 
     /// The QUIC connection, for QUIC-only tuning.
     pub fn quic(&self) -> Option<&quinn::Connection> {
-        match self {
-            Self::Quic(c) => Some(c),
-            Self::Tcp(_) => None,
+        match &self.inner {
+            Inner::Quic(c) => Some(c),
+            Inner::Tcp(_) => None,
         }
     }
 
     /// Opens a bidirectional stream.
     pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
-        match self {
-            Self::Quic(c) => c.open_bi().await.map(|(s, r)| (SendStream::Quic(s), RecvStream::Quic(r))),
-            Self::Tcp(c) => c.open_bi().await.map(|(s, r)| (SendStream::Tcp(s), RecvStream::Tcp(r))),
+        match &self.inner {
+            Inner::Quic(c) => c.open_bi().await.map(|(s, r)| (SendStream::Quic(s), RecvStream::from(r))),
+            Inner::Tcp(c) => c.open_bi().await.map(|(s, r)| (SendStream::Tcp(s), RecvStream::from(r))),
         }
     }
 
     /// Accepts the peer's next bidirectional stream.
     pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
-        match self {
-            Self::Quic(c) => c.accept_bi().await.map(|(s, r)| (SendStream::Quic(s), RecvStream::Quic(r))),
-            Self::Tcp(c) => c.accept_bi().await.map(|(s, r)| (SendStream::Tcp(s), RecvStream::Tcp(r))),
+        match &self.inner {
+            Inner::Quic(c) => c.accept_bi().await.map(|(s, r)| (SendStream::Quic(s), RecvStream::from(r))),
+            Inner::Tcp(c) => c.accept_bi().await.map(|(s, r)| (SendStream::Tcp(s), RecvStream::from(r))),
         }
     }
 
     /// Sends a datagram; like QUIC's, it may be dropped (the link is busy).
     pub fn send_datagram(&self, data: Bytes) -> Result<(), SendDatagramError> {
-        match self {
-            Self::Quic(c) => c.send_datagram(data),
-            Self::Tcp(c) => c.send_datagram(data),
+        match &self.inner {
+            Inner::Quic(c) => c.send_datagram(data),
+            Inner::Tcp(c) => c.send_datagram(data),
         }
     }
 
     /// The peer's next datagram.
     pub async fn read_datagram(&self) -> Result<Bytes, ConnectionError> {
-        match self {
-            Self::Quic(c) => c.read_datagram().await,
-            Self::Tcp(c) => c.read_datagram().await,
+        match &self.inner {
+            Inner::Quic(c) => c.read_datagram().await,
+            Inner::Tcp(c) => c.read_datagram().await,
         }
     }
 
     /// The largest datagram the connection carries now.
     pub fn max_datagram_size(&self) -> Option<usize> {
-        match self {
-            Self::Quic(c) => c.max_datagram_size(),
-            Self::Tcp(_) => Some(sallyport_proto::link::MAX_LINK_DATAGRAM),
+        match &self.inner {
+            Inner::Quic(c) => c.max_datagram_size(),
+            Inner::Tcp(_) => Some(sallyport_proto::link::MAX_LINK_DATAGRAM),
         }
     }
 
     /// Closes the connection with an application code and reason the peer sees.
     pub fn close(&self, code: VarInt, reason: &[u8]) {
-        match self {
-            Self::Quic(c) => c.close(code, reason),
-            Self::Tcp(c) => c.close(code, reason),
+        match &self.inner {
+            Inner::Quic(c) => c.close(code, reason),
+            Inner::Tcp(c) => c.close(code, reason),
         }
     }
 
     /// Why the connection ended, once it has.
     pub fn close_reason(&self) -> Option<ConnectionError> {
-        match self {
-            Self::Quic(c) => c.close_reason(),
-            Self::Tcp(c) => c.close_reason(),
+        match &self.inner {
+            Inner::Quic(c) => c.close_reason(),
+            Inner::Tcp(c) => c.close_reason(),
         }
     }
 
     /// Waits until the connection ends.
     pub async fn closed(&self) -> ConnectionError {
-        match self {
-            Self::Quic(c) => c.closed().await,
-            Self::Tcp(c) => c.closed().await,
+        match &self.inner {
+            Inner::Quic(c) => c.closed().await,
+            Inner::Tcp(c) => c.closed().await,
         }
     }
 
     pub fn remote_address(&self) -> SocketAddr {
-        match self {
-            Self::Quic(c) => c.remote_address(),
-            Self::Tcp(c) => c.remote_address(),
+        match &self.inner {
+            Inner::Quic(c) => c.remote_address(),
+            Inner::Tcp(c) => c.remote_address(),
         }
     }
 
     /// The path's round-trip time as last measured.
     pub fn rtt(&self) -> Duration {
-        match self {
-            Self::Quic(c) => c.rtt(),
-            Self::Tcp(c) => c.rtt(),
+        match &self.inner {
+            Inner::Quic(c) => c.rtt(),
+            Inner::Tcp(c) => c.rtt(),
         }
     }
 
     /// A number no other live connection of this process has.
     pub fn stable_id(&self) -> usize {
-        match self {
-            Self::Quic(c) => c.stable_id(),
-            Self::Tcp(c) => c.stable_id(),
+        match &self.inner {
+            Inner::Quic(c) => c.stable_id(),
+            Inner::Tcp(c) => c.stable_id(),
         }
     }
 
@@ -192,30 +226,30 @@ impl Connection {
     /// Lets the peer open up to `limit` bidirectional streams at once (QUIC; an HTTP/2 link
     /// carries the relay's streams up to its fixed limit).
     pub fn set_max_concurrent_bi_streams(&self, limit: VarInt) {
-        if let Self::Quic(c) = self {
+        if let Inner::Quic(c) = &self.inner {
             c.set_max_concurrent_bi_streams(limit);
         }
     }
 
     /// The certificate chain the peer presented in the handshake.
     pub fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
-        match self {
-            Self::Quic(c) => c
+        match &self.inner {
+            Inner::Quic(c) => c
                 .peer_identity()
                 .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
                 .map(|certs| *certs),
-            Self::Tcp(c) => c.peer_certificates(),
+            Inner::Tcp(c) => c.peer_certificates(),
         }
     }
 
     /// The application protocol the handshake agreed on.
     pub fn alpn(&self) -> Option<Vec<u8>> {
-        match self {
-            Self::Quic(c) => c
+        match &self.inner {
+            Inner::Quic(c) => c
                 .handshake_data()
                 .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
                 .and_then(|d| d.protocol),
-            Self::Tcp(c) => c.alpn(),
+            Inner::Tcp(c) => c.alpn(),
         }
     }
 }
@@ -293,51 +327,95 @@ impl AsyncWrite for SendStream {
     }
 }
 
-/// The receiving half of a stream.
+/// The receiving half of a stream; a data stream's reader is watched for stalls.
 #[derive(Debug)]
-pub enum RecvStream {
+pub struct RecvStream {
+    inner: RecvInner,
+    reader: Option<Arc<Reader>>,
+}
+
+#[derive(Debug)]
+enum RecvInner {
     Quic(quinn::RecvStream),
     Tcp(tcp::RecvStream),
+}
+
+impl From<quinn::RecvStream> for RecvStream {
+    fn from(r: quinn::RecvStream) -> Self {
+        Self { inner: RecvInner::Quic(r), reader: None }
+    }
+}
+
+impl From<tcp::RecvStream> for RecvStream {
+    fn from(r: tcp::RecvStream) -> Self {
+        Self { inner: RecvInner::Tcp(r), reader: None }
+    }
 }
 
 impl RecvStream {
     /// The next chunk of the stream in order; `None` at its end.
     pub async fn read_chunk(&mut self) -> Result<Option<Bytes>, ReadError> {
-        match self {
-            Self::Quic(r) => Ok(r.read_chunk(usize::MAX, true).await?.map(|c| c.bytes)),
-            Self::Tcp(r) => r.read_chunk().await,
+        let asking = self.reader.as_deref().map(Reader::ask);
+        let result = match &mut self.inner {
+            RecvInner::Quic(r) => r.read_chunk(usize::MAX, true).await.map(|c| c.map(|c| c.bytes)),
+            RecvInner::Tcp(r) => r.read_chunk().await,
+        };
+        if let Some(asking) = asking {
+            asking.answered(matches!(result, Ok(Some(_))));
         }
+        result
     }
 
     /// Fills `buf` whole.
     pub async fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ReadExactError> {
-        match self {
-            Self::Quic(r) => r.read_exact(buf).await,
-            Self::Tcp(r) => r.read_exact(buf).await,
+        let asking = self.reader.as_deref().map(Reader::ask);
+        let result = match &mut self.inner {
+            RecvInner::Quic(r) => r.read_exact(buf).await,
+            RecvInner::Tcp(r) => r.read_exact(buf).await,
+        };
+        // A header or an answer byte: what the reader does next (dial a target, wait for its
+        // answer) is not a stall.
+        if let Some(asking) = asking {
+            asking.answered(false);
         }
+        result
     }
 
     /// Tells the peer to stop sending: its writes fail with `code`.
     pub fn stop(&mut self, code: VarInt) -> Result<(), ClosedStream> {
-        match self {
-            Self::Quic(r) => r.stop(code).map_err(|_| ClosedStream),
-            Self::Tcp(r) => r.stop(code),
+        match &mut self.inner {
+            RecvInner::Quic(r) => r.stop(code).map_err(|_| ClosedStream),
+            RecvInner::Tcp(r) => r.stop(code),
         }
+    }
+
+    /// Fires when this data stream is cut for stalling ([`crate::stall`]); `None` for a stream
+    /// nobody watches.
+    pub fn stall_cut(&self) -> Option<CancellationToken> {
+        self.reader.as_ref().map(|r| r.cut())
     }
 }
 
 impl AsyncRead for RecvStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Quic(r) => AsyncRead::poll_read(Pin::new(r), cx, buf),
-            Self::Tcp(r) => r.poll_read(cx, buf),
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = match &mut this.inner {
+            RecvInner::Quic(r) => AsyncRead::poll_read(Pin::new(r), cx, buf),
+            RecvInner::Tcp(r) => r.poll_read(cx, buf),
+        };
+        if let Some(reader) = &this.reader {
+            reader.polled(matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before);
         }
+        polled
     }
 }
 
 /// Gives each of an agent's `connections` (its tunnel and lanes) an equal share of one tunnel's
-/// windows (QUIC; an HTTP/2 connection keeps the windows it was set up with).
+/// windows, and of the stalled streams they may hold (QUIC; an HTTP/2 connection keeps the
+/// windows it was set up with).
 pub fn share_agent_windows(connection: &Connection, connections: usize) {
+    connection.stalls.share(connections);
     if let Some(connection) = connection.quic() {
         crate::quic::share_windows(connection, connections);
     }

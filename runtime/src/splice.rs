@@ -20,6 +20,8 @@ use tokio::{
     },
 };
 
+use tokio_util::sync::CancellationToken;
+
 use crate::{
     flows::Activity,
     link::{code, RecvStream, SendStream},
@@ -76,6 +78,10 @@ pub enum SpliceError {
     /// The stream was already closed locally (a bug on our side).
     #[error("stream closed locally")]
     Closed,
+    /// The TCP peer stopped reading while the connection's share of stalled streams was taken
+    /// ([`crate::stall`]).
+    #[error("the TCP peer stopped reading while other streams of the tunnel had stalled too: cut")]
+    Stalled,
 }
 
 impl From<WriteError> for SpliceError {
@@ -127,9 +133,10 @@ pub async fn splice_watched(
     activity: Option<&Activity>,
 ) -> Result<Spliced, SpliceError> {
     let (mut reader, writer) = tcp.split();
+    let cut = recv.stall_cut();
     let result = tokio::try_join!(
         tcp_to_stream(&mut reader, send, activity),
-        stream_to_tcp(&writer, recv, side, activity)
+        stream_to_tcp(&writer, recv, side, activity, cut.as_ref())
     );
     match result {
         Ok((up, down)) => Ok(Spliced { up, down }),
@@ -203,6 +210,7 @@ async fn stream_to_tcp(
     recv: &mut RecvStream,
     side: Side,
     activity: Option<&Activity>,
+    cut: Option<&CancellationToken>,
 ) -> Result<u64, SpliceError> {
     if side == Side::Relay {
         read_answer(recv).await?;
@@ -230,7 +238,13 @@ async fn stream_to_tcp(
         if let Some(activity) = activity {
             activity.touch();
         }
-        write_all_vectored(tcp, &batch).await?;
+        match cut {
+            None => write_all_vectored(tcp, &batch).await?,
+            Some(cut) => tokio::select! {
+                written = write_all_vectored(tcp, &batch) => written?,
+                () = cut.cancelled() => return Err(SpliceError::Stalled),
+            },
+        }
     }
     let socket = socket2::SockRef::from(tcp.as_ref());
     // A FIN is due now: let the kernel deliver what is queued instead of discarding it on close.

@@ -10,6 +10,7 @@ pub mod process;
 pub mod raw;
 pub mod running;
 pub mod servers;
+pub mod stalled;
 pub mod targets;
 pub mod transfer;
 

@@ -95,7 +95,7 @@ impl RawAgent {
         let closed =
             |c: &quinn::Connection| c.close_reason().map_or("stream failed".to_owned(), |r| r.to_string());
         let (mut control, control_recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-        let mut control_recv = sallyport_runtime::link::RecvStream::Quic(control_recv);
+        let mut control_recv = sallyport_runtime::link::RecvStream::from(control_recv);
         let bytes = frame::encode_to_vec(first, 1024).expect("encode");
         control.write_all(&bytes).await.map_err(|_| closed(&connection))?;
         let mut buf = Vec::new();

@@ -116,14 +116,14 @@ where
     let timeout = dialer.timers.handshake_timeout;
     let handshake = async {
         let connection = match via {
-            Via::Quic(endpoint) => Connection::Quic(
+            Via::Quic(endpoint) => Connection::from(
                 quic::connect::connect(&endpoint, dialer.quic.clone(), addr, server_name, answer_within)
                     .await?,
             ),
             Via::Tcp => {
                 let settings = tcp::tcp_agent(dialer.timers.keep_alive, dialer.timers.idle_timeout);
                 let connecting = tcp::connect::connect(addr, server_name, dialer.tcp.clone(), settings);
-                Connection::Tcp(match answer_within {
+                Connection::from(match answer_within {
                     None => connecting.await?,
                     Some(wait) => tokio::time::timeout(wait, connecting)
                         .await

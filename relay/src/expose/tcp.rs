@@ -7,7 +7,7 @@ use sallyport_proto::codes;
 use sallyport_runtime::{
     code,
     flows::{self, Activity},
-    reset_on_close, splice, splice_watched, Side,
+    reset_on_close, splice, splice_watched, Side, SpliceError,
 };
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -173,6 +173,10 @@ pub(crate) async fn carry(
             let up = done.up + first.len() as u64;
             debug!(up, down = done.down, "client connection closed");
             active.end(Outcome::Completed, up, done.down);
+        }
+        Err(SpliceError::Stalled) => {
+            debug!("client stopped reading while the tunnel's stalled streams were at their share: reset");
+            active.end(Outcome::Stalled, 0, 0);
         }
         Err(e) => {
             debug!(error = %e, "client connection reset");

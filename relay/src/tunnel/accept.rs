@@ -127,7 +127,7 @@ async fn handle_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) 
 
 async fn serve_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) {
     let Some(connection) = within_handshake(&tunnels, incoming).await else { return };
-    serve_connection(Connection::Quic(connection), pass, tunnels).await;
+    serve_connection(Connection::from(connection), pass, tunnels).await;
 }
 
 /// A place behind the gate for a connection from `remote` before its handshake (counted when it
@@ -196,7 +196,7 @@ where
             tcp::client(tls, peer, settings).await.map_err(|e| e.to_string())
         };
         let Some(connection) = within_handshake(&tunnels, handshake).await else { return };
-        serve_connection(Connection::Tcp(connection), pass, tunnels.clone()).await;
+        serve_connection(Connection::from(connection), pass, tunnels.clone()).await;
     };
     tokio::select! {
         () = work => {}

@@ -164,6 +164,7 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         r = control_reader(&mut recv, reader) => r,
         r = control_writer(&mut send, &mut command_rx, &mut reply_rx, &pending) => r,
         r = datagrams::from_agent(&connection, &name, &tunnels.flows, metrics) => r,
+        never = connection.sweep_stalls() => match never {},
     };
     registry.remove(&name, id);
     lanes.close_all(code(close::GOING_AWAY), b"the agent's tunnel ended");

@@ -68,7 +68,11 @@ pub(crate) async fn serve_lane(
         info!(session, lane = id, remote = %connection.remote_address(), lanes = lanes.count(), "lane up");
         // A lane's control stream carries nothing after LaneAccepted: anything is a violation.
         let mut buf = Vec::new();
-        match read_frame::<AgentMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf).await {
+        let read = tokio::select! {
+            read = read_frame::<AgentMessage>(&mut recv, MAX_CONTROL_FRAME, &mut buf) => read,
+            never = connection.sweep_stalls() => match never {},
+        };
+        match read {
             Ok(None) => info!(session, lane = id, "lane ended by the agent"),
             Ok(Some(_)) => {
                 warn!(session, lane = id, "closing lane: a control message on a lane");

@@ -28,7 +28,9 @@ pub(crate) async fn open(
     peer: SocketAddr,
     first: &[u8],
 ) -> Result<(sallyport_runtime::link::SendStream, sallyport_runtime::link::RecvStream), OpenError> {
-    let (mut send, recv) = connection.open_bi().await?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    // A client that stops reading holds its stream's window: at most the connection's share.
+    connection.watch(&mut recv);
     let header = StreamHeader { service: service.name.clone(), client_addr: peer };
     let mut bytes = frame::encode_to_vec(&header, MAX_STREAM_HEADER)?;
     bytes.extend_from_slice(first);

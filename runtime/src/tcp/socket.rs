@@ -22,10 +22,8 @@ pub struct Settings {
 /// can take seconds where QUIC's probes would have been answered.
 pub const TCP_MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Receive window of one stream over TCP, both ends: a sixteenth of the connection's, so it takes
-/// sixteen clients that stop reading (each stream then holds its whole window) before the others
-/// wait for room; a megabyte still carries a gigabit at up to 8 ms of round trip.
-pub const TCP_STREAM_RECEIVE_WINDOW: u32 = CONNECTION_RECEIVE_WINDOW / 16;
+/// Receive window of one stream over TCP, both ends: QUIC's.
+pub const TCP_STREAM_RECEIVE_WINDOW: u32 = crate::limits::STREAM_RECEIVE_WINDOW;
 
 /// The relay's end of a TCP tunnel: QUIC's connection window, and an unproven peer's small ones.
 pub fn tcp_relay(keep_alive: Duration, idle_timeout: Duration, authenticated: bool) -> Settings {

@@ -10,6 +10,7 @@ use std::{
 use clap::{Parser, Subcommand};
 use sallyport_tests::{
     impair::{self, Impairment},
+    stalled,
     transfer::{self, Outcome},
 };
 
@@ -85,6 +86,32 @@ enum Tool {
         seed: u64,
         /// A transfer still running after this is a hang.
         #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Holds every connection on --listen open without ever reading it.
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Opens --count connections to --to whose data is stuck (--direction down: a download never
+    /// read; up: an upload to a target that never reads), and holds them.
+    Stall {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, value_enum)]
+        direction: stalled::Direction,
+    },
+    /// --count transfers of --size bytes each way against --to, one after another, each timed.
+    Exchanges {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 30)]
+        count: u64,
+        #[arg(long, default_value_t = 20_000)]
+        size: u64,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
     /// Opens --rate new connections a second against --to for --duration, each a checked
@@ -165,6 +192,13 @@ async fn main() -> anyhow::Result<()> {
         Tool::Transfers { to, count, max, min, seed, timeout } => {
             transfers(to, count, min, max, seed, timeout).await
         }
+        Tool::Sink { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            eprintln!("sink listening on {listen}");
+            stalled::serve_sink(listener).await?;
+        }
+        Tool::Stall { to, count, direction } => stalled::stall(to, count, direction).await?,
+        Tool::Exchanges { to, count, size, timeout } => stalled::exchanges(to, count, size, timeout).await,
         Tool::Rate { to, rate, duration, size, timeout } => {
             connection_rate(to, rate, duration, size, timeout).await
         }

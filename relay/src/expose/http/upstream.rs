@@ -31,6 +31,9 @@ pub(super) async fn connect(
     let (send, recv) = streams::open(connection, service, peer, &[])
         .await
         .map_err(|e| Failure::bad_gateway(format!("cannot open a stream to the agent: {e}")))?;
+    // A client that stops reading a response holds the stream's window; cut beyond the tunnel's
+    // share of stalled streams, the connection goes and its client's response fails.
+    let cut = recv.stall_cut().unwrap_or_default();
     let io = TokioIo::new(AgentStream { send, recv, answered: false, failed: None });
     let (sender, conn) = client::Builder::new()
         .handshake(io)
@@ -41,8 +44,11 @@ pub(super) async fn connect(
     if upgrades {
         tasks.spawn(
             async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    debug!(error = %e, "target connection ended");
+                tokio::select! {
+                    ended = conn.with_upgrades() => if let Err(e) = ended {
+                        debug!(error = %e, "target connection ended");
+                    },
+                    () = cut.cancelled() => debug!("client stopped reading: target connection cut"),
                 }
             }
             .instrument(span),
@@ -50,8 +56,11 @@ pub(super) async fn connect(
     } else {
         tasks.spawn(
             async move {
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "target connection ended");
+                tokio::select! {
+                    ended = conn => if let Err(e) = ended {
+                        debug!(error = %e, "target connection ended");
+                    },
+                    () = cut.cancelled() => debug!("client stopped reading: target connection cut"),
                 }
             }
             .instrument(span),
