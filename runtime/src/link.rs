@@ -111,6 +111,14 @@ impl Connection {
         self.stalls.sweep_forever().await
     }
 
+    /// Keeps the peer's datagrams for reading: an agent's tunnel, once admitted. A QUIC connection
+    /// keeps them in its bounded receive buffer anyway; over TCP they are dropped until then.
+    pub fn accept_datagrams(&self) {
+        if let Inner::Tcp(c) = &self.inner {
+            c.accept_datagrams();
+        }
+    }
+
     /// Data streams cut for stalling so far.
     pub fn stalls_cut(&self) -> u64 {
         self.stalls.cut_total()
@@ -412,11 +420,14 @@ impl AsyncRead for RecvStream {
 }
 
 /// Gives each of an agent's `connections` (its tunnel and lanes) an equal share of one tunnel's
-/// windows, and of the stalled streams they may hold (QUIC; an HTTP/2 connection keeps the
-/// windows it was set up with).
+/// windows, and of the stalled streams they may hold, on either transport.
 pub fn share_agent_windows(connection: &Connection, connections: usize) {
     connection.stalls.share(connections);
-    if let Some(connection) = connection.quic() {
-        crate::quic::share_windows(connection, connections);
+    match &connection.inner {
+        Inner::Quic(c) => crate::quic::share_windows(c, connections),
+        Inner::Tcp(c) => {
+            let n = u32::try_from(connections.max(1)).unwrap_or(u32::MAX);
+            c.set_receive_window(crate::limits::CONNECTION_RECEIVE_WINDOW / n);
+        }
     }
 }

@@ -19,9 +19,10 @@ const MIB: u64 = 1 << 20;
 /// is still sending it), one read on its way into the tunnel (64 KiB, while the tunnel's flow
 /// control holds it back) and its own state (task, socket, HTTP or TLS state:
 /// [`Budget::CONNECTION_STATE`]). Data in flight inside the tunnels is bounded per tunnel, not per
-/// connection, by the QUIC windows (an agent's lanes share its tunnel's); the budget sets that
-/// aside for [`Budget::TUNNELS`] tunnels, along with the runtime and the connections still proving
-/// who they are.
+/// connection, by the windows (an agent's lanes share its tunnel's, over QUIC and TCP alike); the
+/// budget sets that aside for [`Budget::TUNNELS`] tunnels, along with the runtime and the
+/// connections still proving who they are, over either transport. Over TCP a stream's send buffer
+/// is one read, the one already counted per client connection.
 ///
 /// Kernel socket buffers are not in it: they are the kernel's (charged to the pod's memory cgroup
 /// on cgroup v2 only under the kernel's own TCP memory limits).
@@ -42,10 +43,18 @@ impl Budget {
     pub const TUNNELS: u64 = 4;
     /// A client connection's own state besides its buffers.
     pub const CONNECTION_STATE: u64 = 16 * KIB;
-    /// A connection still proving who it is: its small windows and handshake state.
-    const UNAUTHENTICATED: u64 = sallyport_runtime::limits::UNAUTHENTICATED_RECEIVE_WINDOW as u64
+    /// A connection still proving who it is, over QUIC: its small windows, its datagram buffer and
+    /// handshake state.
+    const UNAUTHENTICATED_QUIC: u64 = sallyport_runtime::limits::UNAUTHENTICATED_RECEIVE_WINDOW as u64
         + sallyport_runtime::limits::DATAGRAM_RECEIVE_BUFFER as u64
         + 32 * KIB;
+    /// A connection still proving who it is, on either transport (the gate counts both alike).
+    const UNAUTHENTICATED: u64 = if Self::UNAUTHENTICATED_QUIC > sallyport_runtime::tcp::UNAUTHENTICATED_HOLD
+    {
+        Self::UNAUTHENTICATED_QUIC
+    } else {
+        sallyport_runtime::tcp::UNAUTHENTICATED_HOLD
+    };
 
     /// The budget `memory_budget` makes with these limits; `connections` is 0 when nothing is
     /// left for them.

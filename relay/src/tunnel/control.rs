@@ -159,6 +159,8 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         transport_why: &transport_why,
         replies,
     };
+    // The agent's UDP flows come as datagrams on its tunnel (over TCP, kept only from now on).
+    connection.accept_datagrams();
     let ended = tokio::select! {
         r = push_replicas(push) => r,
         r = control_reader(&mut recv, reader) => r,

@@ -22,7 +22,7 @@ use rustls::pki_types::CertificateDer;
 use sallyport_proto::link::{LinkFrame, MAX_LINK_DATAGRAM};
 use tokio::{
     io::ReadBuf,
-    sync::{mpsc, Mutex as AsyncMutex},
+    sync::{mpsc, watch, Mutex as AsyncMutex},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -33,10 +33,27 @@ use crate::sync::lock;
 pub(super) const MAX_FRAME: u32 = 64 * 1024;
 /// Streams the relay may have open on one connection (QUIC's cap on data streams).
 pub(super) const MAX_STREAMS: u32 = crate::limits::MAX_DATA_STREAMS;
-/// Bytes of one stream buffered for sending, at most (beyond that, writes wait).
-pub(super) const SEND_BUFFER: usize = 512 * 1024;
-/// Datagrams waiting to be sent or read, at most: beyond that they are dropped, as QUIC drops them.
+/// Bytes of one stream buffered for sending, at most (beyond that, writes wait): one read of a
+/// splice, what the relay's memory budget counts per client connection, however wide the windows
+/// the peer grants.
+pub(super) const SEND_BUFFER: usize = crate::splice::MAX_READ;
+/// Datagrams waiting to be sent, at most: beyond that they are dropped, as QUIC drops them.
 pub(super) const DATAGRAM_QUEUE: usize = 512;
+/// Bytes of datagrams waiting to be read, at most (QUIC's receive buffer): beyond that, and on a
+/// connection that is not a tunnel, they are dropped.
+pub(super) const DATAGRAM_RECEIVE_BUFFER: usize = crate::limits::DATAGRAM_RECEIVE_BUFFER;
+/// The largest header list either end accepts: the link's headers are a path and a status, so a
+/// peer sending more is either broken or trying to make this end buffer it.
+pub(super) const MAX_HEADER_LIST: u32 = 8 * 1024;
+
+/// What a TCP peer that has not proven who it is can make the relay hold at most: its small
+/// windows' worth of stream data, a header block cut at [`MAX_HEADER_LIST`] plus the frame that
+/// crossed it, one frame being read, and the TLS session's record buffers. Its datagrams are
+/// dropped, and the relay sends it nothing but two requests.
+pub const UNAUTHENTICATED_HOLD: u64 = crate::limits::UNAUTHENTICATED_RECEIVE_WINDOW as u64
+    + MAX_HEADER_LIST as u64
+    + 2 * MAX_FRAME as u64
+    + 48 * 1024;
 /// How long a closing connection has to get its close frame out.
 pub(super) const CLOSE_GRACE: Duration = Duration::from_millis(250);
 
@@ -104,6 +121,14 @@ pub(super) struct Shared {
     /// The connection's own tasks: the HTTP/2 driver, the link stream's reader and writer, the
     /// pinger. Each ends when the connection is gone.
     pub(super) tasks: TaskTracker,
+    /// Whether the link stream is read: on the agent's end always; on the relay's only once the
+    /// connection is an agent's tunnel ([`Connection::accept_datagrams`]). Until then a peer's
+    /// datagrams stay in the link stream's small window and cost the relay nothing to decrypt.
+    pub(super) wants_datagrams: watch::Sender<bool>,
+    /// Bytes of datagrams queued for reading.
+    pub(super) datagram_bytes: AtomicUsize,
+    /// The connection window the HTTP/2 driver keeps (an agent's lanes share one tunnel's).
+    pub(super) window: watch::Sender<u32>,
 }
 
 impl Shared {
@@ -181,9 +206,13 @@ impl Shared {
         peer: Peer,
         opener: Option<h2::client::SendRequest<Bytes>>,
         incoming: mpsc::UnboundedReceiver<(SendStream, RecvStream)>,
+        window: u32,
     ) -> (Arc<Self>, (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>)) {
+        // The agent's end reads the relay's datagrams from the start.
+        let wants_datagrams = opener.is_none();
         let (datagrams_out, outgoing) = mpsc::channel(DATAGRAM_QUEUE);
-        let (arrived, datagrams_in) = mpsc::channel(DATAGRAM_QUEUE);
+        // Bounded in bytes by `datagram_bytes`; in number, by the smallest datagram's share.
+        let (arrived, datagrams_in) = mpsc::channel(DATAGRAM_RECEIVE_BUFFER / 64);
         let shared = Arc::new(Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             peer,
@@ -197,6 +226,9 @@ impl Shared {
             rtt_micros: AtomicU64::new(0),
             handle: OnceLock::new(),
             tasks: TaskTracker::new(),
+            wants_datagrams: watch::channel(wants_datagrams).0,
+            datagram_bytes: AtomicUsize::new(0),
+            window: watch::channel(window).0,
         });
         (shared, (arrived, outgoing))
     }
@@ -269,11 +301,26 @@ impl Connection {
     pub async fn read_datagram(&self) -> Result<Bytes, ConnectionError> {
         let shared = self.shared();
         let mut arrived = shared.datagrams_in.lock().await;
-        tokio::select! {
+        let next = tokio::select! {
             biased;
             next = arrived.recv() => next.ok_or_else(|| shared.lost()),
             () = shared.gone.cancelled() => Err(shared.lost()),
-        }
+        }?;
+        shared.datagram_bytes.fetch_sub(next.len(), Ordering::Relaxed);
+        Ok(next)
+    }
+
+    /// Reads the peer's link stream, and keeps its datagrams, from now on: the relay calls it on
+    /// an agent's tunnel; any other connection's link stream (enrollment, a lane, a peer not yet
+    /// admitted) is left unread, its window soon full.
+    pub fn accept_datagrams(&self) {
+        self.shared().wants_datagrams.send_replace(true);
+    }
+
+    /// Sets the connection-level receive window this end grants (an agent's lanes share one
+    /// tunnel's window).
+    pub fn set_receive_window(&self, window: u32) {
+        self.shared().window.send_replace(window);
     }
 
     pub fn close(&self, code: VarInt, reason: &[u8]) {

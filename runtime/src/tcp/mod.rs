@@ -29,7 +29,7 @@ pub mod prefixed;
 pub mod setup;
 pub mod socket;
 
-pub use connection::{ClosedStream, Connection, Peer, RecvStream, SendStream};
+pub use connection::{ClosedStream, Connection, Peer, RecvStream, SendStream, UNAUTHENTICATED_HOLD};
 pub use prefixed::Prefixed;
 pub use setup::{client, server};
 pub use socket::{

@@ -19,7 +19,8 @@ use tracing::debug;
 use super::{
     connection::{
         h2_lost, protocol_violation, request, Connection, Peer, RecvState, RecvStream, SendStream, Shared,
-        CLOSE_GRACE, LINK_PATH, MAX_FRAME, MAX_STREAMS, SEND_BUFFER, STREAM_PATH,
+        CLOSE_GRACE, DATAGRAM_RECEIVE_BUFFER, LINK_PATH, MAX_FRAME, MAX_HEADER_LIST, MAX_STREAMS,
+        SEND_BUFFER, STREAM_PATH,
     },
     socket::Settings,
 };
@@ -32,6 +33,7 @@ where
     let (opener, mut conn) = h2::client::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
+        .max_header_list_size(MAX_HEADER_LIST)
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(SEND_BUFFER)
         .initial_max_send_streams(MAX_STREAMS as usize)
@@ -40,13 +42,24 @@ where
         .await
         .map_err(|e| h2_lost(&e))?;
     let ping = conn.ping_pong();
-    let (shared, datagrams) = Shared::new(peer, Some(opener.clone()), mpsc::unbounded_channel().1);
+    let (shared, datagrams) =
+        Shared::new(peer, Some(opener.clone()), mpsc::unbounded_channel().1, settings.connection_window);
     let driver = shared.clone();
+    let mut window = shared.window.subscribe();
     shared.tasks.spawn(async move {
-        tokio::select! {
-            result = &mut conn => if let Err(e) = result { driver.end(h2_lost(&e)) },
-            () = driver.gone.cancelled() => {
-                let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+        loop {
+            tokio::select! {
+                result = &mut conn => {
+                    if let Err(e) = result {
+                        driver.end(h2_lost(&e));
+                    }
+                    break;
+                }
+                Ok(()) = window.changed() => conn.set_target_window_size(*window.borrow_and_update()),
+                () = driver.gone.cancelled() => {
+                    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+                    break;
+                }
             }
         }
         driver.end(ConnectionError::Reset);
@@ -77,6 +90,7 @@ where
     let mut conn = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
+        .max_header_list_size(MAX_HEADER_LIST)
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(SEND_BUFFER)
         .max_concurrent_streams(MAX_STREAMS)
@@ -94,7 +108,7 @@ where
     }
     let send = respond.send_response(http::Response::new(()), false).map_err(|e| h2_lost(&e))?;
     let (streams, incoming) = mpsc::unbounded_channel();
-    let (shared, datagrams) = Shared::new(peer, None, incoming);
+    let (shared, datagrams) = Shared::new(peer, None, incoming, settings.connection_window);
     let send = Arc::new(Mutex::new(send));
     let recv = RecvStream {
         state: RecvState::Body(request.into_body(), Bytes::new()),
@@ -194,6 +208,11 @@ async fn link_writer(shared: Arc<Shared>, mut send: SendStream, mut outgoing: mp
 }
 
 async fn link_reader(shared: Arc<Shared>, mut recv: RecvStream, arrived: mpsc::Sender<Bytes>) {
+    let mut wanted = shared.wants_datagrams.subscribe();
+    tokio::select! {
+        wanted = wanted.wait_for(|wanted| *wanted) => if wanted.is_err() { return },
+        () = shared.gone.cancelled() => return,
+    }
     let mut buf = BytesMut::new();
     loop {
         let chunk = tokio::select! {
@@ -210,7 +229,12 @@ async fn link_reader(shared: Arc<Shared>, mut recv: RecvStream, arrived: mpsc::S
             match LinkFrame::decode(&mut buf) {
                 Ok(Some(LinkFrame::Datagram(datagram))) => {
                     // A full queue drops the datagram, as QUIC's receive buffer does.
-                    let _ = arrived.try_send(datagram);
+                    // Counted before it is queued, so a reader never subtracts what is not yet added.
+                    let len = datagram.len();
+                    let queued = shared.datagram_bytes.fetch_add(len, Ordering::Relaxed) + len;
+                    if queued > DATAGRAM_RECEIVE_BUFFER || arrived.try_send(datagram).is_err() {
+                        shared.datagram_bytes.fetch_sub(len, Ordering::Relaxed);
+                    }
                 }
                 Ok(Some(LinkFrame::Close { code, reason })) => {
                     let close = ApplicationClose { error_code: VarInt::from_u32(code), reason };
