@@ -75,6 +75,7 @@ pub(crate) struct Metrics {
     ready: Gauge,
     replicas_serving: Gauge,
     writer_reachable: Gauge,
+    revocations_missing: Gauge,
     /// The relay's own certificate's end of validity (Unix time; 0: not known).
     relay_cert_not_after: std::sync::atomic::AtomicI64,
     container_state: Family<Labels, Gauge>,
@@ -128,6 +129,7 @@ impl Default for Metrics {
             ready: Gauge::default(),
             replicas_serving: Gauge::default(),
             writer_reachable: Gauge::default(),
+            revocations_missing: Gauge::default(),
             registry,
         };
         m.registry.register(
@@ -242,6 +244,12 @@ impl Default for Metrics {
             m.writer_reachable.clone(),
         );
         m.registry.register(
+            "revocations_missing_at_writer",
+            "Revocations this replica holds that the writer's last answer lacked (a writer that lost its \
+             volume: they go back to it with each report)",
+            m.revocations_missing.clone(),
+        );
+        m.registry.register(
             "agent_up",
             "1 while the agent has a live tunnel; 0 for an agent a service names that has none",
             m.agent_up.clone(),
@@ -328,6 +336,11 @@ impl Metrics {
     pub(crate) fn cluster(&self, serving: usize, writer_reachable: bool) {
         self.replicas_serving.set(i64::try_from(serving).unwrap_or(i64::MAX));
         self.writer_reachable.set(i64::from(writer_reachable));
+    }
+
+    /// Revocations of this replica the writer's last answer lacked.
+    pub(crate) fn revocations_missing_at_writer(&self, missing: usize) {
+        self.revocations_missing.set(i64::try_from(missing).unwrap_or(i64::MAX));
     }
 
     /// The relay's own certificate's end of validity (set at start).

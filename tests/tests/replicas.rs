@@ -10,6 +10,9 @@ use sallyport_tests::{
     lab_or_skip,
 };
 
+/// How long a replica has to show what a test waits for.
+const WAIT: Duration = Duration::from_secs(10);
+
 /// The transfer service on the Service address, as clients dial it.
 fn service() -> String {
     addr(VIP, CLUSTER_PORT).to_string()
@@ -291,6 +294,20 @@ fn tokens_and_revocations_have_one_writer() {
     lab.process(cluster.relays[1].expect("relay-1")).kill();
     let restarted = cluster.start_relay(&mut lab, 1);
     lab.process(restarted).wait_line("revoked certificate refused", Duration::from_secs(10));
+
+    // The writer comes back with an empty revocations file (its volume lost): it un-revokes
+    // nobody. The follower keeps the revocation and reports it back; the writer, which holds
+    // agents back until it has heard every replica, holds it again within a report, on disk too.
+    let file = config.relay.revocations_file.clone().expect("the writer's revocations file");
+    std::fs::write(&file, "").expect("empty the writer's revocations");
+    let lost = Instant::now();
+    let writer = cluster.start_relay(&mut lab, 0);
+    lab.process(writer).wait_line("revocations restored from another replica's report", WAIT);
+    lab.process(writer).wait_line("revoked certificate refused", WAIT);
+    println!("the writer, restarted without its revocations, had them back {:?} later", lost.elapsed());
+    let kept = std::fs::read_to_string(&file).expect("the writer's revocations");
+    assert!(kept.contains("agent = \"winbox\""), "{kept}");
+    assert!(!cluster.agent_connected_at(&lab, 0) && !cluster.agent_connected_at(&lab, 1));
 }
 
 #[test]

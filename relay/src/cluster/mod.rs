@@ -96,6 +96,9 @@ pub(crate) struct SyncRequest {
     pub(crate) serving: bool,
     /// The agents with a tunnel to it.
     pub(crate) agents: Vec<String>,
+    /// Its revocations: a writer that lost its own gets them back (revocations only grow).
+    #[serde(default)]
+    pub(crate) revocations: RevocationFile,
 }
 
 /// The writer's answer to a report.
@@ -261,9 +264,28 @@ impl Cluster {
     }
 
     /// Another replica: reports to the writer (with `agents`, those it holds) and takes its answer.
-    async fn sync_once(&self, agents: Vec<String>) -> Result<SyncAnswer, SyncError> {
-        let request =
-            SyncRequest { replica: self.me.name.clone(), boot: self.me.boot, serving: self.serves(), agents };
+    /// Returns once this replica's revocations include every other replica's: at once on a
+    /// replica that is not the writer (it keeps its own file and takes the writer's); on the
+    /// writer, once every replica has reported (they report every `sync_interval`), since a writer
+    /// that lost its file gets the revocations back from those reports.
+    pub(crate) async fn revocations_heard(&self) {
+        if self.is_writer() {
+            tokio::time::sleep_until((self.started + self.config.sync_interval * 2).into()).await;
+        }
+    }
+
+    async fn sync_once(
+        &self,
+        agents: Vec<String>,
+        revocations: RevocationFile,
+    ) -> Result<SyncAnswer, SyncError> {
+        let request = SyncRequest {
+            replica: self.me.name.clone(),
+            boot: self.me.boot,
+            serving: self.serves(),
+            agents,
+            revocations,
+        };
         let body = toml::to_string(&request).unwrap_or_default();
         let (status, body) = self.call(Method::POST, "/cluster/v1/sync", body).await?;
         if status != 200 {
@@ -354,6 +376,7 @@ mod tests {
             boot: 7,
             serving,
             agents: agents.iter().map(|a| (*a).to_owned()).collect(),
+            revocations: RevocationFile::default(),
         };
         let (serving, agents) = writer.report(report("relay-1", true, &["nas"]), &["winbox".into()]);
         assert_eq!(serving.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["relay-0", "relay-1"]);

@@ -5,7 +5,7 @@
 use std::sync::{atomic::Ordering, Arc};
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{cluster::Cluster, runtime::Runtime, trust::Trust};
 
@@ -19,6 +19,8 @@ pub(crate) async fn run(
     stop: CancellationToken,
 ) {
     let mut failing = false;
+    // Revocations of this replica the writer's last answer lacked.
+    let mut writer_lacks = 0;
     loop {
         let here = local();
         if cluster.is_writer() {
@@ -27,7 +29,7 @@ pub(crate) async fn run(
             let known = cluster.started.elapsed() >= cluster.config.sync_interval * 2;
             cluster.warm_up(known, &agents, &here);
         } else {
-            match cluster.sync_once(here.clone()).await {
+            match cluster.sync_once(here.clone(), trust.revocations.snapshot()).await {
                 Ok(answer) => {
                     if failing {
                         info!(writer = %cluster.config.writer, "the writer answers again");
@@ -36,9 +38,24 @@ pub(crate) async fn run(
                     cluster.writer_reachable.store(true, Ordering::Relaxed);
                     cluster.publish(answer.serving, cluster.serves());
                     cluster.warm_up(true, &answer.agents, &here);
-                    match trust.revocations.replace(answer.revocations) {
-                        Ok(true) => info!("revocations taken from the writer"),
-                        Ok(false) => {}
+                    match trust.revocations.absorb(answer.revocations) {
+                        Ok(absorbed) => {
+                            if absorbed.added > 0 {
+                                info!(added = absorbed.added, "revocations taken from the writer");
+                            }
+                            if absorbed.missing != writer_lacks {
+                                if absorbed.missing > 0 {
+                                    error!(
+                                        missing = absorbed.missing,
+                                        writer = %cluster.config.writer,
+                                        "the writer's revocations lack some this replica holds (did it lose its \
+                                         volume?): they hold here, and go back to the writer with each report"
+                                    );
+                                }
+                                writer_lacks = absorbed.missing;
+                            }
+                            runtime.metrics.revocations_missing_at_writer(absorbed.missing);
+                        }
                         Err(e) => warn!(error = %e, "revocations taken from the writer but not saved here"),
                     }
                 }

@@ -77,11 +77,23 @@ fn answer<T: serde::Serialize>(answer: &T) -> (StatusCode, String) {
 /// `POST /cluster/v1/sync`: a replica's report; the answer holds the revocations and the
 /// replicas serving.
 pub(crate) async fn sync(req: Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
-    let (cluster, request): (_, SyncRequest) = match writer_call(req, ops).await {
+    let (cluster, mut request): (_, SyncRequest) = match writer_call(req, ops).await {
         Ok(call) => call,
         Err(refusal) => return refusal,
     };
     let local: Vec<String> = ops.agents.subscribe().borrow().keys().cloned().collect();
+    let replica = request.replica.clone();
+    match ops.trust.revocations.absorb(std::mem::take(&mut request.revocations)) {
+        Ok(absorbed) if absorbed.added > 0 => tracing::warn!(
+            %replica,
+            added = absorbed.added,
+            "revocations restored from another replica's report (this writer had lost them)"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(%replica, error = %e, "revocations restored from another replica but not saved")
+        }
+    }
     let (serving, agents) = cluster.report(request, &local);
     answer(&SyncAnswer { serving, revocations: ops.trust.revocations.snapshot(), agents })
 }

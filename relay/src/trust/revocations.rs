@@ -60,7 +60,41 @@ pub(crate) struct Revocations {
     changes: watch::Sender<u64>,
 }
 
+/// What [`Revocations::absorb`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Absorbed {
+    /// Revocations (serials, or an agent's later cutoff) this replica did not hold.
+    pub(crate) added: usize,
+    /// Revocations this replica holds that the other list lacks (or holds with an earlier cutoff).
+    pub(crate) missing: usize,
+}
+
 impl State {
+    /// The union of both: every serial, and the later cutoff of each agent.
+    fn absorb(&mut self, other: State) -> Absorbed {
+        let mut absorbed = Absorbed::default();
+        absorbed.missing += self.by_serial.keys().filter(|s| !other.by_serial.contains_key(*s)).count();
+        absorbed.missing += self
+            .cutoffs
+            .iter()
+            .filter(|(agent, cutoff)| other.cutoffs.get(*agent).is_none_or(|theirs| theirs < *cutoff))
+            .count();
+        for (serial, record) in other.by_serial {
+            if !self.by_serial.contains_key(&serial) {
+                self.by_serial.insert(serial, record);
+                absorbed.added += 1;
+            }
+        }
+        for (agent, theirs) in other.cutoffs {
+            let cutoff = self.cutoffs.entry(agent).or_insert(0);
+            if theirs > *cutoff {
+                *cutoff = theirs;
+                absorbed.added += 1;
+            }
+        }
+        absorbed
+    }
+
     fn from_file(file: RevocationFile) -> Self {
         Self {
             by_serial: file.revoked.into_iter().map(|r| (r.serial.clone(), r)).collect(),
@@ -96,19 +130,21 @@ impl Revocations {
         lock(&self.state).to_file()
     }
 
-    /// Takes the writer replica's revocations as this replica's own, kept in this replica's file
-    /// so they hold across its restarts even while the writer is away; true if anything changed.
-    pub(crate) fn replace(&self, file: RevocationFile) -> Result<bool, StateError> {
+    /// Adds another replica's revocations to this one's, kept in this replica's file so they hold
+    /// across its restarts even while the writer is away. Revocations only grow: every serial of
+    /// either list is kept and each agent's later cutoff wins, so a writer that lost its file (or
+    /// a forged answer) un-revokes nothing. Says what changed here and what `file` lacked.
+    pub(crate) fn absorb(&self, file: RevocationFile) -> Result<Absorbed, StateError> {
         let mut state = lock(&self.state);
-        if state.to_file() == file {
-            return Ok(false);
+        let absorbed = state.absorb(State::from_file(file));
+        if absorbed.added == 0 {
+            return Ok(absorbed);
         }
-        *state = State::from_file(file);
         let saved = self.save(&state);
         drop(state);
         // Refused in memory even when the save failed.
         self.changes.send_modify(|n| *n += 1);
-        saved.map(|()| true)
+        saved.map(|()| absorbed)
     }
 
     /// Whether `cert` is refused: its serial is revoked, or its agent was revoked at or after the
@@ -145,6 +181,33 @@ impl Revocations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn revocations_only_grow_whatever_another_replica_says() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("revoked.toml");
+        let here = Revocations::open(Some(path.clone())).expect("open");
+        here.revoke_agent("winbox", &["0a".into()]).expect("revoke");
+        let cutoff = here.snapshot().agents[0].before_unix;
+        // An empty list (a writer that lost its file, or a forged answer) takes nothing away.
+        let absorbed = here.absorb(RevocationFile::default()).expect("absorb");
+        assert_eq!(absorbed, Absorbed { added: 0, missing: 2 });
+        let issued = cert("winbox", "0b", cutoff as i64);
+        assert!(here.refuses(&issued) && here.refuses(&cert("winbox", "0a", cutoff as i64 + 10)));
+        // An earlier cutoff does not move it back; a later one and a new serial are taken.
+        let other = RevocationFile {
+            revoked: vec![Revoked { serial: "0c".into(), agent: "nas".into(), at_unix: 1 }],
+            agents: vec![
+                RevokedAgent { agent: "winbox".into(), before_unix: cutoff - 50 },
+                RevokedAgent { agent: "nas".into(), before_unix: 7 },
+            ],
+        };
+        assert_eq!(here.absorb(other).expect("absorb"), Absorbed { added: 2, missing: 2 });
+        assert!(here.refuses(&issued) && here.refuses(&cert("nas", "0c", 100)));
+        // Kept on disk.
+        let reopened = Revocations::open(Some(path)).expect("reopen");
+        assert_eq!(reopened.snapshot(), here.snapshot());
+    }
 
     fn cert(agent: &str, serial: &str, issued_unix: i64) -> CertId {
         CertId { agent: agent.into(), serial: serial.into(), issued_unix }

@@ -233,6 +233,11 @@ async fn serve_connection(connection: Connection, pass: Pass, tunnels: Arc<Tunne
             return;
         }
     };
+    // A writer that lost its revocations gets them back from the others' first reports: until it
+    // has heard them, it holds agents back rather than admit one revoked elsewhere.
+    if let Some(cluster) = &tunnels.cluster {
+        cluster.revocations_heard().await;
+    }
     if tunnels.trust.revocations.refuses(&cert.id) {
         sallyport_runtime::limited!(warn, agent = %cert.id.agent, serial = %cert.id.serial, "revoked certificate refused");
         metrics.handshake_failed("revoked");
