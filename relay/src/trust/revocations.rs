@@ -80,8 +80,8 @@ impl State {
             .filter(|(agent, cutoff)| other.cutoffs.get(*agent).is_none_or(|theirs| theirs < *cutoff))
             .count();
         for (serial, record) in other.by_serial {
-            if !self.by_serial.contains_key(&serial) {
-                self.by_serial.insert(serial, record);
+            if let std::collections::btree_map::Entry::Vacant(entry) = self.by_serial.entry(serial) {
+                entry.insert(record);
                 absorbed.added += 1;
             }
         }
