@@ -27,7 +27,7 @@ use crate::{
     },
     ops::{
         admin,
-        auth::{load_admin_token, AdminTokenError},
+        auth::{load_admin_token, load_read_token, AdminTokenError},
         reload::{self, Reloader},
         Ops,
     },
@@ -82,6 +82,14 @@ impl Relay {
         let tls = config.relay.tls().load()?;
         let relay_not_after = tls.leaf.not_after_unix;
         let admin_token = load_admin_token(&config)?;
+        let read_token = load_read_token(&config)?;
+        if let (Some(admin), Some(read), Some(path)) =
+            (&admin_token, &read_token, &config.relay.read_token_file)
+        {
+            if admin.matches(read.secret()) {
+                return Err(AdminTokenError::SameAsAdmin { path: path.clone() }.into());
+            }
+        }
         let cluster = cluster_of(&config, admin_token.as_ref())?;
         let trust = Trust::load(&config, admin_token.is_some())?;
         let rustls_config = if trust.enrollment.is_some() {
@@ -147,6 +155,7 @@ impl Relay {
             agents: registry.clone(),
             trust: Arc::new(trust),
             admin_token,
+            read_token,
             commands: Default::default(),
             bound,
             reload,

@@ -142,16 +142,22 @@ async fn idle_connections_are_reset_unless_their_service_says_otherwise() {
     relay.stop().await;
 }
 
-/// An admin server bound beyond loopback tells nothing about agents without the admin token; the
-/// kubelet's probes stay open.
+/// The read-only token: Prometheus's, which must not be able to mint join tokens or run containers.
+const READ_TOKEN: &str = "client-attacks-read-only-token";
+
+/// An admin server bound beyond loopback tells nothing about agents without the admin token or the
+/// read-only one; the kubelet's probes stay open. The read-only token reads and does nothing else,
+/// and container commands can be switched off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_server_beyond_loopback_needs_the_token_for_reads() {
     sallyport_tests::init_logging();
     let pki = TestPki::new();
     std::fs::write(pki.dir().join("admin.token"), ADMIN_TOKEN).expect("token file");
+    std::fs::write(pki.dir().join("read.token"), READ_TOKEN).expect("token file");
     let mut config = pki.relay_config(
         &[("svc", "winbox")],
-        "admin_token_file = \"admin.token\"\nrevocations_file = \"revoked.toml\"",
+        "admin_token_file = \"admin.token\"\nread_token_file = \"read.token\"\nrevocations_file = \"revoked.toml\"\n\
+         container_commands = false",
     );
     config.relay.admin = "0.0.0.0:0".parse().expect("addr");
     let relay = RunningRelay::start(config).await;
@@ -171,6 +177,27 @@ async fn an_admin_server_beyond_loopback_needs_the_token_for_reads() {
     for path in ["/livez", "/readyz"] {
         assert_eq!(get(path, None).await.0, 200, "{path} stays open for the kubelet");
     }
+    // The read-only token (Prometheus's) reads, and nothing more.
+    for path in ["/agents", "/metrics", "/", "/status.txt"] {
+        assert_eq!(get(path, Some(READ_TOKEN)).await.0, 200, "{path} with the read-only token");
+    }
+    let post = |path: &'static str, token: &'static str| async move {
+        sallyport_relay::cli::admin_client::request(admin, "POST", path, Some(token))
+            .await
+            .expect("admin answers")
+    };
+    for path in
+        ["/tokens?agent=newbox", "/agents/winbox/revoke", "/agents/winbox/containers/web/start", "/reload"]
+    {
+        let (status, body) = post(path, READ_TOKEN).await;
+        assert_eq!(status, 403, "POST {path} with the read-only token: {body}");
+        assert!(body.contains("only reads"), "{body}");
+    }
+    assert_eq!(get("/tokens", Some(READ_TOKEN)).await.0, 403, "the token list is not a read about agents");
+    // Container commands switched off: refused even with the admin token.
+    let (status, body) = post("/agents/winbox/containers/web/start", ADMIN_TOKEN).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("relay.container_commands = false"), "{body}");
     relay.stop().await;
 }
 

@@ -48,6 +48,7 @@ async fn the_relay_image_serves_with_the_overlay_config_and_drains_on_sigterm() 
         std::fs::copy(pki.dir().join(file), tls.path().join(file)).expect("copy TLS file");
     }
     std::fs::write(tls.path().join("admin.token"), "image-test-admin-token\n").expect("token");
+    std::fs::write(tls.path().join("read.token"), "image-test-read-only-token\n").expect("token");
     // The state volume the PersistentVolumeClaim would provide, writable by the image's user.
     let state = tempfile::tempdir().expect("tempdir");
     for dir in [tls.path(), state.path()] {

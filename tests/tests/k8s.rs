@@ -380,7 +380,7 @@ fn the_monitoring_component_renders_and_its_pieces_agree() {
     assert_eq!((port["name"].as_str(), port["targetPort"].as_str()), (Some("admin"), Some("admin")));
 
     // The ServiceMonitor selects exactly that Service, scrapes /metrics on its port with the
-    // admin token from the relay's Secret.
+    // read-only token from the relay's Secret.
     let monitor = find(&docs, "ServiceMonitor", "sallyport-relay");
     assert_eq!(monitor["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
     for (key, value) in monitor["spec"]["selector"]["matchLabels"].as_mapping().expect("matchLabels") {
@@ -396,7 +396,7 @@ fn the_monitoring_component_renders_and_its_pieces_agree() {
         volumes.iter().any(|v| v["secret"]["secretName"].as_str() == Some(secret)),
         "the token comes from the Secret the relay mounts ({secret})"
     );
-    assert_eq!(credentials["key"].as_str(), Some("admin.token"));
+    assert_eq!(credentials["key"].as_str(), Some("read.token"), "Prometheus holds the read-only token");
 
     // Prometheus (namespace monitoring) may reach that port through the relay's NetworkPolicy.
     let policy = find(&docs, "NetworkPolicy", "sallyport-relay");

@@ -14,6 +14,8 @@ pub struct CheckReport {
     pub services: Vec<(String, String, String)>,
     /// Whether container commands are on (an admin token is configured and readable).
     pub commands_enabled: bool,
+    /// `relay.container_commands`.
+    pub container_commands: bool,
     /// `max_connections`, and how many the memory budget holds at worst.
     pub max_connections: usize,
     pub budget: crate::config::Budget,
@@ -42,10 +44,10 @@ impl fmt::Display for CheckReport {
             self.max_connections,
             if self.max_connections > self.budget.connections { " (more than the budget holds)" } else { "" }
         )?;
-        if self.commands_enabled {
-            writeln!(f, "container commands: on (admin token loaded)")?;
-        } else {
-            writeln!(f, "container commands: off (no relay.admin_token_file)")?;
+        match (self.commands_enabled, self.container_commands) {
+            (true, true) => writeln!(f, "container commands: on (admin token loaded)")?,
+            (true, false) => writeln!(f, "container commands: off (relay.container_commands = false)")?,
+            (false, _) => writeln!(f, "container commands: off (no relay.admin_token_file)")?,
         }
         Ok(())
     }
@@ -70,6 +72,7 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
     crate::trust::check_durable(config, commands_enabled)?;
     Ok(CheckReport {
         commands_enabled,
+        container_commands: config.relay.container_commands,
         max_connections: config.relay.max_connections,
         budget: config.relay.budget(),
         memory_budget: config.relay.memory_budget,

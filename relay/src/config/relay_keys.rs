@@ -41,6 +41,12 @@ sallyport_runtime::config_section! {
         /// File holding the bearer token the admin API wants for operator calls; without one they
         /// are refused (reads stay open on loopback).
         admin_token_file: Option<PathBuf> = None, from PathBuf, path, restart;
+        /// File holding a second bearer token that only reads: `/agents`, `/metrics` and the status
+        /// pages (for Prometheus). It cannot make join tokens, revoke, reload or run container commands.
+        read_token_file: Option<PathBuf> = None, from PathBuf, path, restart;
+        /// Whether the admin token may start, stop and restart agents' containers and read their
+        /// logs (`false`: refused, whoever asks).
+        container_commands: bool = true, from bool, value("true or false"), live;
         /// The CA certificate agents' certificates are checked against.
         ca_cert: PathBuf = PathBuf::new(), from PathBuf, required_path, restart;
         /// The relay's certificate.

@@ -19,7 +19,11 @@ use sallyport_runtime::{hex, sync::lock};
 
 use crate::{
     metrics::AgentGauges,
-    ops::{auth::authorize, commands::CommandError, replicas, status, Ops},
+    ops::{
+        auth::{self, authorize_with},
+        commands::CommandError,
+        replicas, status, Ops,
+    },
 };
 
 pub(crate) async fn serve(listener: TcpListener, ops: Arc<Ops>, stop: CancellationToken) {
@@ -171,7 +175,8 @@ fn agent_listing(ops: &Ops) -> String {
 /// server as `localhost` or by an IP address (what local tools send), or bring the admin token.
 fn rebinding_refusal(req: &Request<Incoming>, ops: &Ops) -> Option<(StatusCode, String)> {
     let host = req.headers().get(hyper::header::HOST)?;
-    if host.to_str().is_ok_and(names_this_machine) || authorize(req, ops.admin_token.as_ref()).is_ok() {
+    let tokens = (ops.admin_token.as_ref(), ops.read_token.as_ref());
+    if host.to_str().is_ok_and(names_this_machine) || auth::authorize_read(req, tokens.0, tokens.1).is_ok() {
         return None;
     }
     Some((
@@ -193,16 +198,17 @@ fn names_this_machine(host: &str) -> bool {
 }
 
 /// Reads about agents on an admin server that is reachable from the network need the admin token
-/// too; without one configured they are off there.
+/// or the read-only one; without either configured they are off there.
 fn authorize_read(req: &Request<Incoming>, ops: &Ops) -> Result<(), (StatusCode, String)> {
-    if ops.admin_token.is_none() {
+    if ops.admin_token.is_none() && ops.read_token.is_none() {
         return Err((
             StatusCode::FORBIDDEN,
-            "the admin server listens beyond loopback: reads about agents need relay.admin_token_file\n"
+            "the admin server listens beyond loopback: reads about agents need relay.admin_token_file or \
+             relay.read_token_file\n"
                 .into(),
         ));
     }
-    authorize(req, ops.admin_token.as_ref())
+    auth::authorize_read(req, ops.admin_token.as_ref(), ops.read_token.as_ref())
 }
 
 fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
@@ -212,7 +218,7 @@ fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
 /// `GET /tokens`, `POST /tokens?agent=NAME&ttl_secs=N` (answers `ID SECRET_HEX`),
 /// `POST /tokens/ID/revoke`; all with the admin bearer token.
 fn tokens(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
-    if let Err(refusal) = authorize(req, ops.admin_token.as_ref()) {
+    if let Err(refusal) = authorize_with(req, ops.admin_token.as_ref(), ops.read_token.as_ref()) {
         return refusal;
     }
     let Some(enrollment) = &ops.trust.enrollment else {
@@ -267,7 +273,7 @@ fn tokens(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
 /// relay and after restarts; closes its tunnel.
 /// `POST /reload`: reads relay.toml again and applies it (operator token), or says why not.
 async fn reload(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
-    if let Err(refusal) = authorize(req, ops.admin_token.as_ref()) {
+    if let Err(refusal) = authorize_with(req, ops.admin_token.as_ref(), ops.read_token.as_ref()) {
         return refusal;
     }
     let (reply, answer) = tokio::sync::oneshot::channel();
@@ -282,7 +288,7 @@ async fn reload(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
 }
 
 fn revoke_agent(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
-    if let Err(refusal) = authorize(req, ops.admin_token.as_ref()) {
+    if let Err(refusal) = authorize_with(req, ops.admin_token.as_ref(), ops.read_token.as_ref()) {
         return refusal;
     }
     let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
@@ -316,8 +322,14 @@ fn revoke_agent(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
 
 /// `POST /agents/AGENT/containers/NAME/ACTION[?tail=N]`, with the admin bearer token.
 async fn container_command(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
-    if let Err(refusal) = authorize(req, ops.admin_token.as_ref()) {
+    if let Err(refusal) = authorize_with(req, ops.admin_token.as_ref(), ops.read_token.as_ref()) {
         return refusal;
+    }
+    if !ops.config.get().relay.container_commands {
+        return (
+            StatusCode::FORBIDDEN,
+            "container commands are off (relay.container_commands = false)\n".into(),
+        );
     }
     let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
     let ["agents", agent, "containers", container, action] = parts.as_slice() else {

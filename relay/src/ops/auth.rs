@@ -31,15 +31,26 @@ impl AdminToken {
 /// Why `relay.admin_token_file` cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminTokenError {
-    #[error("{}: admin token: cannot read: {source}", path.display())]
+    #[error("{}: token: cannot read: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{}: admin token: must hold one token of at least 16 characters, no spaces", path.display())]
+    #[error("{}: token: must hold one token of at least 16 characters, no spaces", path.display())]
     Malformed { path: PathBuf },
+    #[error("{}: the read-only token is the admin token: give it its own", path.display())]
+    SameAsAdmin { path: PathBuf },
 }
 
 /// Reads `relay.admin_token_file`: a token of at least 16 characters, or an error naming the file.
 pub fn load_admin_token(config: &Config) -> Result<Option<AdminToken>, AdminTokenError> {
-    let Some(path) = &config.relay.admin_token_file else { return Ok(None) };
+    load_token(config.relay.admin_token_file.as_ref())
+}
+
+/// Reads `relay.read_token_file`, as [`load_admin_token`] reads the admin token.
+pub fn load_read_token(config: &Config) -> Result<Option<AdminToken>, AdminTokenError> {
+    load_token(config.relay.read_token_file.as_ref())
+}
+
+fn load_token(path: Option<&PathBuf>) -> Result<Option<AdminToken>, AdminTokenError> {
+    let Some(path) = path else { return Ok(None) };
     let token = std::fs::read_to_string(path)
         .map_err(|source| AdminTokenError::Read { path: path.clone(), source })?;
     let token = token.trim();
@@ -50,22 +61,52 @@ pub fn load_admin_token(config: &Config) -> Result<Option<AdminToken>, AdminToke
 }
 
 /// Operator calls need `Authorization: Bearer <relay.admin_token_file>`; without a configured token
-/// they are off.
+/// they are off. The read-only token is refused here with its own answer.
 pub(crate) fn authorize<B>(req: &Request<B>, token: Option<&AdminToken>) -> Result<(), (StatusCode, String)> {
+    authorize_with(req, token, None)
+}
+
+/// [`authorize`], telling the read-only token (`read`) apart: it gets a 403 that says so.
+pub(crate) fn authorize_with<B>(
+    req: &Request<B>,
+    token: Option<&AdminToken>,
+    read: Option<&AdminToken>,
+) -> Result<(), (StatusCode, String)> {
     let Some(expected) = token else {
         return Err((
             StatusCode::FORBIDDEN,
             "operator commands are off: set relay.admin_token_file\n".into(),
         ));
     };
-    let presented = req
-        .headers()
+    let presented = presented(req);
+    if expected.matches(presented) {
+        return Ok(());
+    }
+    if read.is_some_and(|read| read.matches(presented)) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "the read-only token only reads: this call needs the admin token\n".into(),
+        ));
+    }
+    Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token\n".into()))
+}
+
+/// Reads about agents: the admin token or the read-only one.
+pub(crate) fn authorize_read<B>(
+    req: &Request<B>,
+    token: Option<&AdminToken>,
+    read: Option<&AdminToken>,
+) -> Result<(), (StatusCode, String)> {
+    if read.is_some_and(|read| read.matches(presented(req))) {
+        return Ok(());
+    }
+    authorize(req, token)
+}
+
+fn presented<B>(req: &Request<B>) -> &str {
+    req.headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !expected.matches(presented) {
-        return Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token\n".into()));
-    }
-    Ok(())
+        .unwrap_or("")
 }

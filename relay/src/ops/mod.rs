@@ -26,6 +26,8 @@ pub(crate) struct Ops {
     pub(crate) trust: Arc<Trust>,
     /// The bearer token operator calls need; none configured: they are refused.
     pub(crate) admin_token: Option<auth::AdminToken>,
+    /// The bearer token that only reads (`/agents`, `/metrics`, the status pages).
+    pub(crate) read_token: Option<auth::AdminToken>,
     pub(crate) commands: commands::Commands,
     /// Each service listener's bound address (the configured port may be 0).
     pub(crate) bound: Arc<RwLock<BTreeMap<String, SocketAddr>>>,

@@ -9,7 +9,7 @@ use hyper::{body::Incoming, Request, StatusCode};
 
 use crate::{
     cluster::{Cluster, RedeemAnswer, RedeemRequest, SyncAnswer, SyncRequest},
-    ops::{auth::authorize, Ops},
+    ops::{auth::authorize_with, Ops},
 };
 
 /// The largest body a replica sends another.
@@ -25,7 +25,7 @@ pub(crate) fn is_write(method: &hyper::Method, path: &str) -> bool {
 /// Another replica: passes an authorized write to the writer; a revocation then holds here at
 /// once (the next sync is not waited for).
 pub(crate) async fn forward(req: &Request<Incoming>, ops: &Ops, cluster: &Cluster) -> (StatusCode, String) {
-    if let Err(refusal) = authorize(req, ops.admin_token.as_ref()) {
+    if let Err(refusal) = authorize_with(req, ops.admin_token.as_ref(), ops.read_token.as_ref()) {
         return refusal;
     }
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -52,7 +52,7 @@ async fn writer_call<T: serde::de::DeserializeOwned>(
     req: Request<Incoming>,
     ops: &Ops,
 ) -> Result<(&Cluster, T), (StatusCode, String)> {
-    authorize(&req, ops.admin_token.as_ref())?;
+    authorize_with(&req, ops.admin_token.as_ref(), ops.read_token.as_ref())?;
     let cluster = match &ops.cluster {
         Some(cluster) if cluster.is_writer() => cluster,
         Some(cluster) => {
