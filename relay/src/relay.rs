@@ -68,6 +68,8 @@ pub struct Relay {
     tcp_tls: Arc<rustls::ServerConfig>,
     sockets: Sockets,
     admin: TcpListener,
+    /// The replica port of a relay with `[cluster]`.
+    replica_port: Option<ReplicaPort>,
     reloads: mpsc::Receiver<reload::Request>,
     config: Arc<Config>,
     runtime: Arc<Runtime>,
@@ -90,7 +92,10 @@ impl Relay {
                 return Err(AdminTokenError::SameAsAdmin { path: path.clone() }.into());
             }
         }
-        let cluster = cluster_of(&config, admin_token.as_ref())?;
+        // The replicas' mutual TLS: every replica holds this certificate and key.
+        let replica_identity =
+            tls::Identity { chain: tls.identity.chain.clone(), key: tls.identity.key.clone_key() };
+        let (cluster, replica_port) = cluster_of(&config, replica_identity).await?;
         let trust = Trust::load(&config, admin_token.is_some())?;
         let rustls_config = if trust.enrollment.is_some() {
             // Enrolling agents have no certificate yet and pin the CA by hash: send it along.
@@ -161,7 +166,19 @@ impl Relay {
             reload,
             cluster,
         });
-        Ok(Self { endpoint, tunnel_tcp, tcp_tls, sockets, admin, reloads, config, runtime, registry, ops })
+        Ok(Self {
+            endpoint,
+            tunnel_tcp,
+            tcp_tls,
+            sockets,
+            admin,
+            replica_port,
+            reloads,
+            config,
+            runtime,
+            registry,
+            ops,
+        })
     }
 
     /// The UDP address of the QUIC endpoint.
@@ -207,14 +224,33 @@ impl Relay {
     /// client connections finish within the grace period, and closes every tunnel with
     /// "going away" so agents reconnect at once (to this relay once it is back, or another).
     pub async fn run(self, shutdown: CancellationToken) {
-        let Self { endpoint, tunnel_tcp, tcp_tls, sockets, admin, reloads, config, runtime, registry, ops } =
-            self;
+        let Self {
+            endpoint,
+            tunnel_tcp,
+            tcp_tls,
+            sockets,
+            admin,
+            replica_port,
+            reloads,
+            config,
+            runtime,
+            registry,
+            ops,
+        } = self;
         let admin_addr = admin.local_addr().unwrap_or(config.relay.admin);
         // What runs through the drain (the admin server, a draining replica telling the writer)
         // stops after it.
         let after_drain = CancellationToken::new();
         let background = &runtime.background;
         background.spawn(admin::serve(admin, ops.clone(), after_drain.clone()));
+        if let Some((listener, tls)) = replica_port {
+            background.spawn(crate::ops::replica_port::serve(
+                listener,
+                tls,
+                ops.clone(),
+                after_drain.clone(),
+            ));
+        }
 
         let live = ops.config.clone();
         let flows = Arc::new(FlowRoutes::default());
@@ -358,14 +394,17 @@ fn bind_tunnel(
     ))
 }
 
-/// The relay's place in its `[cluster]`, if it has one: it needs a replica name and the admin
-/// token (replicas prove themselves to the writer with it).
-fn cluster_of(
+/// The replica port: its listener and TLS.
+type ReplicaPort = (tokio::net::TcpListener, Arc<rustls::ServerConfig>);
+
+/// The relay's place in its `[cluster]`, if it has one, and its replica port (bound): it needs a
+/// replica name; replicas prove themselves to each other with the relay's own certificate.
+async fn cluster_of(
     config: &Config,
-    admin_token: Option<&crate::ops::auth::AdminToken>,
-) -> Result<Option<Arc<crate::cluster::Cluster>>, StartError> {
-    use sallyport_runtime::config::ConfigError;
-    let Some(cluster) = &config.cluster else { return Ok(None) };
+    identity: tls::Identity,
+) -> Result<(Option<Arc<crate::cluster::Cluster>>, Option<ReplicaPort>), StartError> {
+    use sallyport_runtime::{config::ConfigError, replica_tls};
+    let Some(cluster) = &config.cluster else { return Ok((None, None)) };
     if cluster.replica.is_empty() {
         return Err(ConfigError::invalid(
             &config.path,
@@ -375,15 +414,16 @@ fn cluster_of(
         )
         .into());
     }
-    let Some(token) = admin_token else {
-        return Err(ConfigError::invalid(
-            &config.path,
-            "relay.admin_token_file",
-            "a relay of a cluster needs the admin token: replicas prove themselves to the writer with it",
-        )
-        .into());
-    };
-    Ok(Some(Arc::new(crate::cluster::Cluster::new(cluster.clone(), token.secret().to_owned()))))
+    let copy = tls::Identity { chain: identity.chain.clone(), key: identity.key.clone_key() };
+    let client = Arc::new(replica_tls::client(copy).map_err(IdentityError::from)?);
+    let server = Arc::new(replica_tls::server(identity).map_err(IdentityError::from)?);
+    let listener =
+        tokio::net::TcpListener::bind(cluster.peer_listen).await.map_err(|source| StartError::Bind {
+            what: "the replica port (cluster.peer_listen)".into(),
+            addr: cluster.peer_listen,
+            source,
+        })?;
+    Ok((Some(Arc::new(crate::cluster::Cluster::new(cluster.clone(), client))), Some((listener, server))))
 }
 
 /// Binds and runs a relay until `shutdown` is cancelled.

@@ -3,7 +3,7 @@
 //! # Layout
 //!
 //! - [`tls`]: rustls configurations (server, client, pinned enrollment client) and certificate
-//!   inspection.
+//!   inspection; [`replica_tls`]: mutual TLS between a relay's replicas (one certificate).
 //! - [`limits`]: windows, stream counts and timers both transports share.
 //! - [`quic`]: quinn's settings for both ends, the UDP socket with its kernel buffers, the
 //!   stable stateless-reset key, counted system calls, the agent's client endpoint and connect.
@@ -39,6 +39,7 @@ pub mod link;
 pub mod live;
 pub mod logs;
 pub mod quic;
+pub mod replica_tls;
 pub mod splice;
 pub mod stall;
 pub mod sync;

@@ -12,6 +12,11 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
 /// Receive window of one stream on the agent, for data from clients toward targets.
 pub const AGENT_STREAM_RECEIVE_WINDOW: u32 = STREAM_RECEIVE_WINDOW;
 
+/// Bytes a splice reads from TCP in one go, at most: also what one direction of a splice holds
+/// while the other end's flow control holds it back, and what an HTTP/2 stream may buffer for
+/// sending.
+pub const MAX_READ: usize = 64 * 1024;
+
 /// Receive window of a whole connection (quinn's default is unlimited).
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
 

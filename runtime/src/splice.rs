@@ -31,7 +31,7 @@ use sallyport_proto::{codes, stream::InvalidAnswer, Answer};
 /// Bytes read from TCP in one go: the first read and after small ones, and the most (also what
 /// one direction of a splice holds while the other end's flow control holds it back).
 const MIN_READ: usize = 4 * 1024;
-pub const MAX_READ: usize = 64 * 1024;
+pub use crate::limits::MAX_READ;
 
 /// Which end of the tunnel is splicing: the relay's stream starts with the agent's answer byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

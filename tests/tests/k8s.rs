@@ -210,9 +210,16 @@ fn the_overlay_agrees_with_its_relay_toml() {
     assert_eq!(peers_service["spec"]["publishNotReadyAddresses"].as_bool(), Some(true));
     assert_eq!(cluster.writer, "sallyport-relay-0", "the writer is ordinal 0");
     assert_eq!(
-        cluster.writer_admin,
-        format!("{}.{peers}.sallyport.svc.cluster.local:{}", cluster.writer, config.relay.admin.port())
+        cluster.writer_peer,
+        format!("{}.{peers}.sallyport.svc.cluster.local:{}", cluster.writer, cluster.peer_listen.port())
     );
+    let peer_port = peers_service["spec"]["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"].as_str() == Some("peer"))
+        .expect("the peers Service publishes the replica port");
+    assert_eq!(peer_port["port"].as_u64(), Some(u64::from(cluster.peer_listen.port())));
 
     // The pod: probes on the admin port, ports as configured, the config mounted, drain fits.
     let pod = &deployment["spec"]["template"]["spec"];

@@ -22,7 +22,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -44,13 +44,14 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a starting replica waits for the agents the cluster holds before it takes clients.
 pub(crate) const WARM_UP_MAX: Duration = Duration::from_secs(10);
 
-/// This replica's place in its cluster. Its `Debug` leaves the admin token out.
+/// This replica's place in its cluster.
 pub(crate) struct Cluster {
     pub(crate) config: config::Cluster,
     /// This replica, with the random number of this start.
     pub(crate) me: Replica,
-    /// The admin token: replicas prove themselves to the writer with it.
-    token: String,
+    /// The replica port's TLS (the relay's own certificate, both ways): replicas prove themselves
+    /// to the writer, and the writer to them, with it.
+    tls: Arc<rustls::ClientConfig>,
     /// Replicas serving now, sorted (the writer: from their reports; the others: from the writer).
     serving: watch::Sender<Vec<Replica>>,
     /// The writer only: each other replica's latest report.
@@ -72,7 +73,6 @@ impl std::fmt::Debug for Cluster {
         f.debug_struct("Cluster")
             .field("config", &self.config)
             .field("me", &self.me)
-            .field("token", &"***")
             .field("serving", &*self.serving.borrow())
             .field("writer_reachable", &self.writer_reachable)
             .finish_non_exhaustive()
@@ -138,13 +138,13 @@ pub(crate) enum SyncError {
 
 impl Cluster {
     /// This replica's cluster: it serves alone until it hears otherwise.
-    pub(crate) fn new(config: config::Cluster, token: String) -> Self {
+    pub(crate) fn new(config: config::Cluster, tls: Arc<rustls::ClientConfig>) -> Self {
         // Under 2^53, so it stays an integer in TOML (and in JSON, for anyone who reads it).
         let me = Replica { name: config.replica.clone(), boot: fastrand::u64(1..1 << 53) };
         Self {
             serving: watch::Sender::new(vec![me.clone()]),
             me,
-            token,
+            tls,
             config,
             reports: Mutex::default(),
             writer_reachable: AtomicBool::new(true),
@@ -260,10 +260,9 @@ impl Cluster {
     }
 
     async fn call(&self, method: Method, path: &str, body: String) -> Result<(u16, String), peer::PeerError> {
-        peer::call(&self.config.writer_admin, method, path, &self.token, body, CALL_TIMEOUT).await
+        peer::call(&self.config.writer_peer, &self.tls, method, path, body, CALL_TIMEOUT).await
     }
 
-    /// Another replica: reports to the writer (with `agents`, those it holds) and takes its answer.
     /// Returns once this replica's revocations include every other replica's: at once on a
     /// replica that is not the writer (it keeps its own file and takes the writer's); on the
     /// writer, once every replica has reported (they report every `sync_interval`), since a writer
@@ -274,6 +273,8 @@ impl Cluster {
         }
     }
 
+    /// Another replica: reports to the writer (with `agents`, those it holds, and its revocations)
+    /// and takes its answer.
     async fn sync_once(
         &self,
         agents: Vec<String>,
@@ -337,30 +338,43 @@ impl Cluster {
 mod tests {
     use super::*;
 
-    /// The admin token never shows in a debug print of the cluster (nor so of the relay).
+    /// The replica port's client TLS, with a throwaway certificate.
+    fn tls() -> Arc<rustls::ClientConfig> {
+        let made = rcgen::generate_simple_self_signed(vec!["relay".into()]).expect("certificate");
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(made.signing_key.serialize_der().into());
+        let identity = sallyport_runtime::tls::Identity { chain: vec![made.cert.der().clone()], key };
+        Arc::new(sallyport_runtime::replica_tls::client(identity).expect("tls"))
+    }
+
+    /// The replica's key never shows in a debug print of the cluster (nor so of the relay).
     #[test]
-    fn the_token_stays_out_of_debug_prints() {
+    fn the_key_stays_out_of_debug_prints() {
         let cluster = Cluster::new(
             config::Cluster {
                 replica: "relay-1".into(),
                 writer: "relay-0".into(),
-                writer_admin: "relay-0:9090".into(),
+                writer_peer: "relay-0:9443".into(),
+                peer_listen: config::DEFAULT_PEER_LISTEN,
                 sync_interval: Duration::from_secs(1),
             },
-            "a-very-secret-admin-token".into(),
+            tls(),
         );
         let printed = format!("{cluster:?}");
-        assert!(!printed.contains("a-very-secret-admin-token") && printed.contains("relay-1"), "{printed}");
+        assert!(
+            !printed.contains("PRIVATE") && !printed.contains("key") && printed.contains("relay-1"),
+            "{printed}"
+        );
     }
 
     fn cluster(replica: &str) -> Cluster {
         let config = config::Cluster {
             replica: replica.into(),
             writer: "relay-0".into(),
-            writer_admin: "127.0.0.1:1".into(),
+            writer_peer: "127.0.0.1:1".into(),
+            peer_listen: config::DEFAULT_PEER_LISTEN,
             sync_interval: Duration::from_millis(100),
         };
-        Cluster::new(config, "token".into())
+        Cluster::new(config, tls())
     }
 
     fn names(c: &Cluster) -> Vec<String> {

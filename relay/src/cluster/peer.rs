@@ -1,7 +1,7 @@
-//! Calls from one replica to the writer's admin server: one HTTP/1.1 request (hyper) over a fresh
-//! connection, with the admin token, under a timeout.
+//! Calls from one replica to the writer's replica port: one HTTP/1.1 request (hyper) over a fresh
+//! mutual-TLS connection (both ends the relay's own certificate), under a timeout.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -14,6 +14,9 @@ use tokio::net::TcpStream;
 pub(crate) enum PeerError {
     #[error("cannot reach {addr}: {source}")]
     Connect { addr: String, source: std::io::Error },
+    /// The TLS handshake failed: the other end does not hold the relay's certificate and key.
+    #[error("{addr}: TLS handshake: {source} (is it a replica of this relay, with the same certificate?)")]
+    Tls { addr: String, source: std::io::Error },
     #[error("{addr}: {source}")]
     Http { addr: String, source: hyper::Error },
     #[error("{addr}: the request could not be built: {source}")]
@@ -25,13 +28,13 @@ pub(crate) enum PeerError {
     Timeout { addr: String, after: Duration },
 }
 
-/// Sends `method path` with `body` to the admin server at `addr` (`host:port`, looked up now) with
-/// `token` as the bearer; returns the status code and the body.
+/// Sends `method path` with `body` to the replica port at `addr` (`host:port`, looked up now) over
+/// TLS with `tls`; returns the status code and the body.
 pub(crate) async fn call(
     addr: &str,
+    tls: &Arc<rustls::ClientConfig>,
     method: Method,
     path: &str,
-    token: &str,
     body: String,
     timeout: Duration,
 ) -> Result<(u16, String), PeerError> {
@@ -41,13 +44,18 @@ pub(crate) async fn call(
             .await
             .map_err(|source| PeerError::Connect { addr: addr.to_owned(), source })?;
         let _ = stream.set_nodelay(true);
+        // The certificate, not the name, says who answers: every replica holds the same one.
+        let name = rustls::pki_types::ServerName::try_from("sallyport-replica").expect("a DNS name");
+        let stream = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, stream)
+            .await
+            .map_err(|source| PeerError::Tls { addr: addr.to_owned(), source })?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
         let request = Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, addr)
-            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
             .body(Full::new(Bytes::from(body)))
             .map_err(|source| PeerError::Request { addr: addr.to_owned(), source })?;
         let answer = async {

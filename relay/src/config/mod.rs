@@ -36,6 +36,10 @@ pub struct Config {
     pub services: BTreeMap<String, Service>,
 }
 
+/// Where a replica takes the others' calls, by default.
+pub const DEFAULT_PEER_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9443);
+
 /// `[cluster]`: this relay is one of several replicas behind one address. One of them, the
 /// writer, keeps join tokens and revocations; the others forward writes to it and follow its
 /// revocations and its list of replicas serving.
@@ -45,8 +49,11 @@ pub struct Cluster {
     pub replica: String,
     /// The name of the replica that keeps tokens and revocations.
     pub writer: String,
-    /// `host:port` of the writer's admin server, looked up at each call.
-    pub writer_admin: String,
+    /// `host:port` of the writer's replica port (mutual TLS), looked up at each call.
+    pub writer_peer: String,
+    /// Where this replica takes the other replicas' calls (mutual TLS with the relay's own
+    /// certificate); only the writer gets any.
+    pub peer_listen: SocketAddr,
     /// How often a replica reports to the writer and takes its revocations and replica list.
     pub sync_interval: Duration,
 }
@@ -321,21 +328,36 @@ impl Cluster {
             None => String::new(),
         };
         let writer = conf::name(path, "cluster.writer", &raw.writer)?;
-        let port_ok = raw
-            .writer_admin
+        if raw.writer_admin.is_some() {
+            return Err(ConfigError::invalid(
+                path,
+                "cluster.writer_admin",
+                "replaced by cluster.writer_peer: the writer's replica port (9443 by default), where replicas \
+                 talk over mutual TLS instead of sending the admin token to its admin server",
+            ));
+        }
+        let Some(writer_peer) = raw.writer_peer else {
+            return Err(ConfigError::invalid(
+                path,
+                "cluster.writer_peer",
+                "required: HOST:PORT of the writer's replica port (cluster.peer_listen)",
+            ));
+        };
+        let port_ok = writer_peer
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
         if !port_ok {
             return Err(ConfigError::invalid(
                 path,
-                "cluster.writer_admin",
-                format!("{:?} is not HOST:PORT (the writer's admin server)", raw.writer_admin),
+                "cluster.writer_peer",
+                format!("{writer_peer:?} is not HOST:PORT (the writer's replica port)"),
             ));
         }
         Ok(Self {
             replica,
             writer,
-            writer_admin: raw.writer_admin,
+            writer_peer,
+            peer_listen: raw.peer_listen.unwrap_or(DEFAULT_PEER_LISTEN),
             sync_interval: section.bounded(
                 "sync_interval",
                 raw.sync_interval,

@@ -23,7 +23,10 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawCluster {
     pub(crate) replica: Option<String>,
     pub(crate) writer: String,
-    pub(crate) writer_admin: String,
+    pub(crate) writer_peer: Option<String>,
+    pub(crate) peer_listen: Option<SocketAddr>,
+    /// Replaced by `writer_peer`: refused with a message saying so.
+    pub(crate) writer_admin: Option<String>,
     pub(crate) sync_interval: Option<HumanDuration>,
 }
 

@@ -97,14 +97,6 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
                 (StatusCode::OK, "text/html; charset=utf-8", status::html(&status::snapshot(&ops)))
             }
             (&Method::GET, "/status.txt") => (StatusCode::OK, text, status::text(&status::snapshot(&ops))),
-            (&Method::POST, "/cluster/v1/sync") => {
-                let (status, body) = replicas::sync(req, &ops).await;
-                (status, text, body)
-            }
-            (&Method::POST, "/cluster/v1/redeem") => {
-                let (status, body) = replicas::redeem(req, &ops).await;
-                (status, text, body)
-            }
             (method, p)
                 if replicas::is_write(method, p) && ops.cluster.as_ref().is_some_and(|c| !c.is_writer()) =>
             {
@@ -221,6 +213,12 @@ fn tokens(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
     if let Err(refusal) = authorize_with(req, ops.admin_token.as_ref(), ops.read_token.as_ref()) {
         return refusal;
     }
+    tokens_for(req, ops)
+}
+
+/// [`tokens`] for a caller already authorized (the operator here, or another replica forwarding
+/// its operator's call over the replica port).
+pub(crate) fn tokens_for(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
     let Some(enrollment) = &ops.trust.enrollment else {
         return (StatusCode::FORBIDDEN, "enrollment is off: set relay.ca_key\n".into());
     };
@@ -291,6 +289,11 @@ fn revoke_agent(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
     if let Err(refusal) = authorize_with(req, ops.admin_token.as_ref(), ops.read_token.as_ref()) {
         return refusal;
     }
+    revoke_agent_for(req, ops)
+}
+
+/// [`revoke_agent`] for a caller already authorized.
+pub(crate) fn revoke_agent_for(req: &Request<Incoming>, ops: &Ops) -> (StatusCode, String) {
     let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
     let ["agents", agent, "revoke"] = parts.as_slice() else {
         return (StatusCode::NOT_FOUND, "expected /agents/AGENT/revoke\n".into());

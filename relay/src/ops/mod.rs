@@ -4,6 +4,7 @@ pub(crate) mod admin;
 pub mod auth;
 pub(crate) mod commands;
 pub(crate) mod reload;
+pub(crate) mod replica_port;
 mod replicas;
 pub(crate) mod status;
 

@@ -1,7 +1,8 @@
-//! The admin API between replicas of a cluster: the writer's `/cluster/v1/sync` (a replica's
-//! report, answered with the revocations and the replicas serving) and `/cluster/v1/redeem` (a
-//! join token presented at another replica), and the other replicas' forwarding of operators'
-//! writes (tokens, revocations) to the writer. All of it behind the admin token.
+//! The API between replicas of a cluster, served on the writer's replica port (mutual TLS with
+//! the relay's own certificate: [`super::replica_port`]): `/cluster/v1/sync` (a replica's report,
+//! answered with the revocations and the replicas serving), `/cluster/v1/redeem` (a join token
+//! presented at another replica), and the operators' writes (tokens, revocations) the other
+//! replicas forward after checking the operator's admin token themselves.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -22,8 +23,8 @@ pub(crate) fn is_write(method: &hyper::Method, path: &str) -> bool {
         || (method == hyper::Method::POST && path.starts_with("/agents/") && path.ends_with("/revoke"))
 }
 
-/// Another replica: passes an authorized write to the writer; a revocation then holds here at
-/// once (the next sync is not waited for).
+/// Another replica: passes an authorized write to the writer (over the replica port); a
+/// revocation then holds here at once (the next sync is not waited for).
 pub(crate) async fn forward(req: &Request<Incoming>, ops: &Ops, cluster: &Cluster) -> (StatusCode, String) {
     if let Err(refusal) = authorize_with(req, ops.admin_token.as_ref(), ops.read_token.as_ref()) {
         return refusal;
@@ -47,12 +48,12 @@ async fn body_of<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Resu
     toml::from_str(text).map_err(|e| (StatusCode::BAD_REQUEST, format!("the body is not valid: {e}\n")))
 }
 
-/// The writer's side of a call from another replica: the cluster and the call's body, or why not.
+/// The writer's side of a call from another replica (proven by the replica port's TLS): the
+/// cluster and the call's body, or why not.
 async fn writer_call<T: serde::de::DeserializeOwned>(
     req: Request<Incoming>,
     ops: &Ops,
 ) -> Result<(&Cluster, T), (StatusCode, String)> {
-    authorize_with(&req, ops.admin_token.as_ref(), ops.read_token.as_ref())?;
     let cluster = match &ops.cluster {
         Some(cluster) if cluster.is_writer() => cluster,
         Some(cluster) => {

@@ -36,7 +36,7 @@ pub(super) const MAX_STREAMS: u32 = crate::limits::MAX_DATA_STREAMS;
 /// Bytes of one stream buffered for sending, at most (beyond that, writes wait): one read of a
 /// splice, what the relay's memory budget counts per client connection, however wide the windows
 /// the peer grants.
-pub(super) const SEND_BUFFER: usize = crate::splice::MAX_READ;
+pub(super) const SEND_BUFFER: usize = crate::limits::MAX_READ;
 /// Datagrams waiting to be sent, at most: beyond that they are dropped, as QUIC drops them.
 pub(super) const DATAGRAM_QUEUE: usize = 512;
 /// Bytes of datagrams waiting to be read, at most (QUIC's receive buffer): beyond that, and on a

@@ -41,6 +41,8 @@ const WAIT: Duration = Duration::from_secs(30);
 /// QUIC port of every relay pod (and of the Service).
 pub const QUIC: u16 = 4433;
 const ADMIN: u16 = 9090;
+/// The replica port of every relay pod.
+pub const PEER: u16 = 9443;
 
 /// Pod `i`'s address.
 pub fn pod_ip(i: usize) -> Ipv4Addr {
@@ -329,14 +331,14 @@ impl LabCluster {
                 "[relay]\nlisten = \"0.0.0.0:{QUIC}\"\nadmin = \"0.0.0.0:{ADMIN}\"\nca_cert = \"{ca}\"\n\
                  cert = \"{crt}\"\nkey = \"{key}\"\nca_key = \"{cakey}\"\nadmin_token_file = \"{tok}\"\n\
                  revocations_file = \"revoked.toml\"\ntokens_file = \"tokens.toml\"\n\n\
-                 [cluster]\nwriter = \"relay-0\"\nwriter_admin = \"{writer}\"\n\n\
+                 [cluster]\nwriter = \"relay-0\"\nwriter_peer = \"{writer}\"\n\n\
                  [services.transfer]\nagent = \"winbox\"\nlisten = \"0.0.0.0:{TRANSFER_PORT}\"\n",
                 ca = pki.dir().join("ca.crt").display(),
                 crt = pki.dir().join("relay.crt").display(),
                 key = pki.dir().join("relay.key").display(),
                 cakey = pki.dir().join("ca.key").display(),
                 tok = token_file.display(),
-                writer = addr(pod_ip(0), ADMIN),
+                writer = addr(pod_ip(0), PEER),
             );
             let path = dir.join("relay.toml");
             std::fs::write(&path, text).expect("relay.toml");

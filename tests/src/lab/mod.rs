@@ -36,7 +36,9 @@ mod cluster;
 mod servers;
 mod tunnel;
 pub use batch::{output_text, transfer_spec, TRANSFER_PORT};
-pub use cluster::{pod_ip, KubeProxy, LabCluster, Policy, CLIENT_NET_IP, TRANSFER_PORT as CLUSTER_PORT, VIP};
+pub use cluster::{
+    pod_ip, KubeProxy, LabCluster, Policy, CLIENT_NET_IP, PEER, TRANSFER_PORT as CLUSTER_PORT, VIP,
+};
 pub use servers::postgres_data;
 pub use tunnel::{LabTunnel, TransferReport, TunnelSpec, QUIC_PORT};
 
