@@ -23,15 +23,21 @@ const ADMIN_TOKEN: &str = "replica-trust-admin-token";
 
 /// Writes `relay-N.toml` for a replica of `pki`'s relay reaching the writer at `writer_peer`.
 fn replica_toml(pki: &TestPki, n: usize, writer_peer: &str) -> PathBuf {
+    replica_toml_syncing(pki, n, writer_peer, "200ms")
+}
+
+/// [`replica_toml`] with `sync_interval` as given.
+fn replica_toml_syncing(pki: &TestPki, n: usize, writer_peer: &str, sync_interval: &str) -> PathBuf {
     let path = pki.dir().join(format!("relay-{n}.toml"));
     std::fs::write(
         &path,
         format!(
             "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\n\
              key = \"relay.key\"\nca_key = \"ca.key\"\nadmin_token_file = \"admin.token\"\n\
-             tokens_file = \"tokens-{n}.toml\"\nrevocations_file = \"revoked-{n}.toml\"\n\n\
+             tokens_file = \"tokens-{n}.toml\"\nrevocations_file = \"revoked-{n}.toml\"\n\
+             agent_cert_validity = \"15s\"\n\n\
              [cluster]\nwriter = \"relay-0\"\nwriter_peer = \"{writer_peer}\"\npeer_listen = \"127.0.0.1:0\"\n\
-             sync_interval = \"200ms\"\n\n[services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n"
+             sync_interval = \"{sync_interval}\"\n\n[services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n"
         ),
     )
     .expect("relay.toml");
@@ -40,6 +46,12 @@ fn replica_toml(pki: &TestPki, n: usize, writer_peer: &str) -> PathBuf {
 
 /// Starts replica `n` from `toml`; returns it with its admin and replica-port addresses.
 fn start(toml: &Path, n: usize) -> (Spawned, SocketAddr, SocketAddr) {
+    let (relay, admin, peer, _) = start_with_quic(toml, n);
+    (relay, admin, peer)
+}
+
+/// [`start`], with the QUIC address too.
+fn start_with_quic(toml: &Path, n: usize) -> (Spawned, SocketAddr, SocketAddr, SocketAddr) {
     let mut relay = Spawned::start({
         let mut c = std::process::Command::new(binary("sallyport-relay"));
         c.arg("serve").arg("--config").arg(toml).arg("--replica").arg(format!("relay-{n}"));
@@ -51,7 +63,7 @@ fn start(toml: &Path, n: usize) -> (Spawned, SocketAddr, SocketAddr) {
     };
     let ready = line("relay ready");
     let peer = addr_field(&line("replica port listening"), "addr");
-    (relay, addr_field(&ready, "admin"), peer)
+    (relay, addr_field(&ready, "admin"), peer, addr_field(&ready, "quic"))
 }
 
 /// A TCP proxy to `upstream` that keeps every byte it carries, both ways.
@@ -172,4 +184,75 @@ async fn replicas_talk_in_tls_and_believe_only_a_writer_with_the_relays_key() {
     assert_eq!(answered.load(std::sync::atomic::Ordering::Relaxed), 0, "no handshake with the fake writer");
     let kept = std::fs::read_to_string(pki.dir().join("revoked-2.toml")).expect("revocations");
     assert!(kept.contains("winbox"), "the revocation holds: {kept}");
+}
+
+/// A thief holding a copy of a due identity keeps a tunnel to the follower and asks it for a
+/// renewal right after the operator revoked the agent at the writer, long before the follower's
+/// next report (every 5 s here): the follower takes the writer's revocations before it signs, so
+/// nothing is issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_at_a_follower_does_not_escape_a_revocation_made_at_the_writer() {
+    let pki = TestPki::new();
+    std::fs::write(pki.dir().join("admin.token"), ADMIN_TOKEN).expect("token file");
+    let (_writer, writer_admin, writer_peer) = start(&replica_toml(&pki, 0, "127.0.0.1:1"), 0);
+    let follower_toml = replica_toml_syncing(&pki, 1, &writer_peer.to_string(), "5s");
+    let (_follower, follower_admin, _, follower_quic) = start_with_quic(&follower_toml, 1);
+    writer_reachable(follower_admin, 1.0).await;
+
+    let (status, created) = admin(writer_admin, "POST", "/tokens?agent=winbox&ttl_secs=600").await;
+    assert_eq!(status, 200, "{created}");
+    let config = sallyport_relay::Config::load(&follower_toml).expect("config");
+    let token = sallyport_relay::cli::join_token::join_token(&config, &[follower_quic.to_string()], &created)
+        .expect("join token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    sallyport_agent::enroll::enroll(&token, dir.path()).await.expect("enrolls through the follower");
+    let (cert, key) = (dir.path().join("agent.crt"), dir.path().join("agent.key"));
+    let mut thief = sallyport_tests::raw::RawAgent::connect_with(&cert, &key, &pki, follower_quic, &["svc"])
+        .await
+        .expect("admitted");
+    // Due with a third (5 s) of its 15 s left.
+    let info = sallyport_runtime::tls::inspect(
+        &sallyport_runtime::tls::certs_from_pem(&std::fs::read(&cert).expect("cert"), "cert").expect("pem")
+            [0],
+    )
+    .expect("inspect");
+    let due = info.not_after_unix - (info.not_after_unix - info.not_before_unix) / 3;
+    let wait = (due - sallyport_runtime::clock::unix_now() as i64 + 1).max(0) as u64;
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+
+    let (status, body) = admin(writer_admin, "POST", "/agents/winbox/revoke").await;
+    assert_eq!(status, 200, "{body}");
+    let cutoff: u64 = body.split_whitespace().find_map(|w| w.parse().ok()).expect("the cutoff in the answer");
+    assert!(
+        cutoff >= sallyport_runtime::clock::unix_now() + 30,
+        "the cutoff is set ahead for the replicas: {body}"
+    );
+    let csr = {
+        let key = rcgen::KeyPair::generate().expect("key");
+        rcgen::CertificateParams::new(Vec::<String>::new())
+            .and_then(|p| p.serialize_request(&key))
+            .and_then(|c| c.pem())
+            .expect("csr")
+    };
+    thief.send(&sallyport_proto::AgentMessage::Renew { csr_pem: csr }).await;
+    // The answer is a refusal, or the tunnel closes first (taking the writer's revocations also
+    // closes the revoked agent's tunnel); either way the follower counts what it did.
+    let answer = loop {
+        match tokio::time::timeout(Duration::from_secs(10), thief.next()).await.expect("an answer in time") {
+            Some(sallyport_proto::RelayMessage::Renewed(result)) => break Some(result),
+            Some(_) => continue,
+            None => break None,
+        }
+    };
+    println!("renewal at the follower right after the revocation at the writer: {answer:?}");
+    if let Some(answer) = answer {
+        let refused = answer.expect_err("nothing is issued for a revoked agent");
+        assert!(refused.contains("revoked"), "{refused}");
+    }
+    let (_, metrics) = admin(follower_admin, "GET", "/metrics").await;
+    let renewals = |result: &str| {
+        metric(&metrics, &format!("sallyport_certificate_renewals_total{{result=\"{result}\"}}"))
+    };
+    assert_eq!(renewals("issued"), 0.0, "{metrics}");
+    assert_eq!(renewals("revoked"), 1.0, "the follower judged the renewal with the writer's revocation");
 }

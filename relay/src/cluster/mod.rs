@@ -38,6 +38,9 @@ use crate::{
     trust::{enroll::RedeemError, revocations::RevocationFile},
 };
 
+/// How far the replicas' clocks may disagree, at most, for revocations to hold across them.
+pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(30);
+
 /// How long a call to the writer may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -134,6 +137,8 @@ pub(crate) enum SyncError {
     Status { status: u16, body: String },
     #[error("the writer's answer is not valid: {0}")]
     Answer(#[from] toml::de::Error),
+    #[error("the writer's revocations could not be kept here: {0}")]
+    Save(crate::trust::state_file::StateError),
 }
 
 impl Cluster {
@@ -271,6 +276,26 @@ impl Cluster {
         if self.is_writer() {
             tokio::time::sleep_until((self.started + self.config.sync_interval * 2).into()).await;
         }
+    }
+
+    /// How far ahead of its own clock a revocation's cutoff is set in a cluster: a certificate a
+    /// replica signs in the moments before it learns of the revocation (at most two reports
+    /// later), or with a clock running ahead of the writer's by up to [`CLOCK_SKEW`], is still
+    /// issued before the cutoff.
+    pub(crate) fn revocation_ahead_secs(&self) -> u64 {
+        (self.config.sync_interval * 2 + CLOCK_SKEW).as_secs_f64().ceil() as u64
+    }
+
+    /// Another replica, before it signs a renewal: reports to the writer now and takes its
+    /// revocations, so it signs nothing the writer revoked a moment ago.
+    pub(crate) async fn refresh_revocations(
+        &self,
+        agents: Vec<String>,
+        revocations: &crate::trust::revocations::Revocations,
+    ) -> Result<(), SyncError> {
+        let answer = self.sync_once(agents, revocations.snapshot()).await?;
+        revocations.absorb(answer.revocations).map_err(SyncError::Save)?;
+        Ok(())
     }
 
     /// Another replica: reports to the writer (with `agents`, those it holds, and its revocations)

@@ -309,7 +309,8 @@ pub(crate) fn revoke_agent_for(req: &Request<Incoming>, ops: &Ops) -> (StatusCod
         }
         serials.push(serial.to_ascii_lowercase());
     }
-    let cutoff = match ops.trust.revocations.revoke_agent(agent, &serials) {
+    let ahead = ops.cluster.as_ref().map_or(0, |c| c.revocation_ahead_secs());
+    let cutoff = match ops.trust.revocations.revoke_agent(agent, &serials, ahead) {
         Ok(cutoff) => cutoff,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     };

@@ -155,13 +155,15 @@ impl Revocations {
             || state.cutoffs.get(&cert.agent).is_some_and(|&cutoff| cert.issued_unix <= cutoff as i64)
     }
 
-    /// Refuses every certificate of `agent` issued up to now, and each of `serials` (certificates
-    /// of it issued elsewhere); returns the cutoff.
-    pub fn revoke_agent(&self, agent: &str, serials: &[String]) -> Result<u64, StateError> {
+    /// Refuses every certificate of `agent` issued up to now (`ahead` seconds later still, for a
+    /// cluster whose replicas learn of it a moment later or run clocks a little ahead), and each of
+    /// `serials` (certificates of it issued elsewhere); returns the cutoff.
+    pub fn revoke_agent(&self, agent: &str, serials: &[String], ahead: u64) -> Result<u64, StateError> {
         let now = clock::unix_now();
+        let until = now + ahead;
         let mut state = lock(&self.state);
         let cutoff = state.cutoffs.entry(agent.to_owned()).or_insert(0);
-        *cutoff = (*cutoff).max(now);
+        *cutoff = (*cutoff).max(until);
         for serial in serials {
             let record = Revoked { serial: serial.clone(), agent: agent.to_owned(), at_unix: now };
             state.by_serial.insert(serial.clone(), record);
@@ -169,7 +171,7 @@ impl Revocations {
         let saved = self.save(&state);
         drop(state);
         self.changes.send_modify(|n| *n += 1);
-        saved.map(|()| now)
+        saved.map(|()| until)
     }
 
     fn save(&self, state: &State) -> Result<(), StateError> {
@@ -187,7 +189,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("revoked.toml");
         let here = Revocations::open(Some(path.clone())).expect("open");
-        here.revoke_agent("winbox", &["0a".into()]).expect("revoke");
+        here.revoke_agent("winbox", &["0a".into()], 0).expect("revoke");
         let cutoff = here.snapshot().agents[0].before_unix;
         // An empty list (a writer that lost its file, or a forged answer) takes nothing away.
         let absorbed = here.absorb(RevocationFile::default()).expect("absorb");
@@ -224,7 +226,7 @@ mod tests {
         let later = cert("winbox", "0c", now + 5);
         let other = cert("nas", "0d", now - 100);
         assert!(!r.refuses(&earlier) && !r.refuses(&renewed));
-        let cutoff = r.revoke_agent("winbox", &["0e".to_owned()]).expect("revoke");
+        let cutoff = r.revoke_agent("winbox", &["0e".to_owned()], 0).expect("revoke");
         assert!(cutoff as i64 >= now);
         for refused in [&earlier, &renewed, &cert("winbox", "0e", now + 50)] {
             assert!(r.refuses(refused), "{refused:?}");

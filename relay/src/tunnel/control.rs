@@ -327,9 +327,16 @@ impl Reader<'_> {
     /// Signs the agent's renewal request if it may have one and queues the answer.
     async fn renew(&self, csr_pem: &str) -> Result<(), ProtocolError> {
         let tunnels = self.tunnels;
+        let local: Vec<String> = tunnels.registry.subscribe().borrow().keys().cloned().collect();
         let renewed = tunnels
             .renewals
-            .renew(&tunnels.trust, self.cert, csr_pem, &tunnels.runtime.metrics)
+            .renew(
+                (&tunnels.trust, tunnels.cluster.as_deref()),
+                self.cert,
+                csr_pem,
+                (&tunnels.runtime.metrics, local),
+            )
+            .await
             .map_err(|refused| {
                 warn!(reason = %refused, serial = %self.cert.id.serial, "agent certificate not renewed");
                 refused.to_string()

@@ -12,6 +12,7 @@ use std::{
 use sallyport_runtime::{clock, sync::lock};
 
 use crate::{
+    cluster::Cluster,
     metrics::Metrics,
     trust::{
         pki::{self, PkiError},
@@ -38,6 +39,11 @@ pub(crate) enum RenewRefused {
     TooSoon,
     #[error("bad certificate request: {0}")]
     Request(#[from] PkiError),
+    /// A replica that is not the writer renews only with the writer's revocations of this moment.
+    #[error(
+        "the writer replica cannot be reached for its latest revocations; the agent asks again later: {0}"
+    )]
+    WriterUnreachable(String),
 }
 
 impl RenewRefused {
@@ -48,6 +54,7 @@ impl RenewRefused {
             Self::NotDue { .. } => "not_due",
             Self::TooSoon => "too_soon",
             Self::Request(_) => "bad_request",
+            Self::WriterUnreachable(_) => "writer_unreachable",
         }
     }
 }
@@ -65,15 +72,24 @@ pub(crate) fn due_at(not_before: i64, not_after: i64) -> i64 {
 }
 
 impl Renewals {
-    /// Signs a certificate for the key of `csr_pem` for the agent of `cert`, or says why not.
-    pub(crate) fn renew(
+    /// Signs a certificate for the key of `csr_pem` for the agent of `cert`, or says why not. A
+    /// replica that is not the writer first takes the writer's revocations of this moment, so a
+    /// revocation made there a moment ago holds here too (`local`: the agents it holds).
+    pub(crate) async fn renew(
         &self,
-        trust: &Trust,
+        (trust, cluster): (&Trust, Option<&Cluster>),
         cert: &AgentCert,
         csr_pem: &str,
-        metrics: &Metrics,
+        (metrics, local): (&Metrics, Vec<String>),
     ) -> Result<String, RenewRefused> {
-        let result = self.check_and_issue(trust, cert, csr_pem);
+        let fresh = match cluster {
+            Some(cluster) if !cluster.is_writer() => cluster
+                .refresh_revocations(local, &trust.revocations)
+                .await
+                .map_err(|e| RenewRefused::WriterUnreachable(e.to_string())),
+            _ => Ok(()),
+        };
+        let result = fresh.and_then(|()| self.check_and_issue(trust, cert, csr_pem));
         metrics.renewal(result.as_ref().map_or_else(RenewRefused::metric, |_| "issued"));
         result
     }
