@@ -78,9 +78,9 @@ sallyport_runtime::config_section! {
         max_incoming: usize = 256, from usize, within(1..=usize::MAX), restart;
         /// Connections whose peer has not proven who it is (handshake, Hello, enrollment), at most.
         max_unauthenticated: usize = MAX_UNAUTHENTICATED, from usize, within(1..=65_536), restart;
-        /// Such connections from one address, at most.
+        /// Such connections from one host (an IPv4 address, an IPv6 /64), at most.
         max_unauthenticated_per_ip: usize = 8, from usize, within(1..=65_536), restart;
-        /// New handshakes one address may start per second (in bursts of twice that).
+        /// New handshakes one host (an IPv4 address, an IPv6 /64) may start per second (in bursts of twice that).
         handshakes_per_ip_per_second: usize = 10, from usize, within(1..=100_000), restart;
         /// What the relay may hold in memory (the pod's memory limit): the default of
         /// `max_connections` is derived from it.
@@ -95,7 +95,7 @@ sallyport_runtime::config_section! {
         header_timeout: Duration = SECOND * 10, from HumanDuration, within(MILLISECOND * 100..=SECOND * 300), live;
         /// The largest HTTP request head accepted (bigger: 431 and closed).
         max_header_bytes: usize = MAX_HEADER_BYTES, from usize, within(8192..=1 << 20), live;
-        /// Connections open at once from one client address, across every listener, at most.
+        /// Connections open at once from one client host (an IPv4 address, an IPv6 /64), across every listener, at most.
         max_connections_per_ip: usize = 256, from usize, within(1..=usize::MAX), live;
         /// A UDP flow with no datagram either way for this long is forgotten.
         udp_flow_idle: Duration = SECOND * 60, from HumanDuration, within(SECOND..=HOUR), live;

@@ -46,15 +46,17 @@ impl Drop for CountSlot {
 
 use sallyport_runtime::sync::lock;
 
-/// Open connections per client address.
+/// Open connections per client host (an IPv4 address, an IPv6 /64).
 #[derive(Debug, Default)]
 pub(crate) struct PerIp {
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl PerIp {
-    /// Counts one more connection from `ip`, or `None` if that address has `max` open already.
+    /// Counts one more connection from `ip`, or `None` if that host (an IPv4 address, an IPv6
+    /// /64) has `max` open already.
     pub(crate) fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
+        let ip = sallyport_runtime::addr::host_key(ip);
         let mut open = lock(&self.open);
         let count = open.entry(ip).or_insert(0);
         if *count >= max {
@@ -87,6 +89,17 @@ impl Drop for IpSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_ipv6_host_is_its_slash_64() {
+        let limits = Arc::new(PerIp::default());
+        let held: Vec<_> =
+            (1..=10).filter_map(|i| limits.enter(format!("2001:db8:5:5::{i}").parse().unwrap(), 4)).collect();
+        assert_eq!(held.len(), 4, "addresses of one /64 share one host's cap");
+        assert!(limits.enter("2001:db8:5:6::1".parse().unwrap(), 4).is_some());
+        drop(held);
+        assert!(limits.enter("2001:db8:5:5::99".parse().unwrap(), 4).is_some(), "slots come back");
+    }
 
     #[test]
     fn cap_is_per_address_and_slots_come_back() {

@@ -248,7 +248,7 @@ async fn serve_connection(connection: Connection, pass: Pass, tunnels: Arc<Tunne
     if let Some(quic) = connection.quic() {
         sallyport_runtime::quic::admit_agent(quic);
     }
-    pass.authenticated();
+    pass.admitted_agent();
     let span = info_span!("agent", agent = %cert.id.agent);
     control::serve_agent(connection, cert, tunnels).instrument(span).await;
 }

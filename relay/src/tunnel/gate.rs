@@ -1,10 +1,12 @@
 //! The gate in front of the handshake: what peers that have not proven who they are may hold.
 //! A connection counts as unauthenticated from its first packet until its certificate names an
 //! admitted agent (or its enrollment ends). At most `relay.max_unauthenticated_per_ip` of them come
-//! from one address, and one address may start at most `relay.handshakes_per_ip_per_second`
-//! handshakes (bursts of twice that). At most `relay.max_unauthenticated` are held at once: a new
-//! one beyond that closes the oldest, so a flood from many addresses cannot keep an agent out (its
-//! handshake takes a round trip; a flood's connections wait to be pushed out).
+//! from one host, and one host may start at most `relay.handshakes_per_ip_per_second` handshakes
+//! (bursts of twice that); a host is an IPv4 address or an IPv6 /64 (`runtime::addr::host_key`).
+//! At most `relay.max_unauthenticated` are held at once: a new one beyond that closes the oldest
+//! connection of the fullest group (/24 or /64), never one from an address an agent was admitted
+//! from lately while others are held. So a flood from many addresses pushes out its own
+//! connections, and an agent reconnecting (its handshake takes a round trip) keeps its place.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -20,6 +22,9 @@ use crate::config::RelayKeys;
 
 /// Addresses remembered at most (idle ones are forgotten first).
 const MAX_TRACKED: usize = 16 * 1024;
+
+/// Addresses agents were admitted from, remembered at most (the oldest forgotten first).
+const MAX_KNOWN: usize = 4096;
 
 /// Why a new connection was turned away before its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -48,12 +53,42 @@ struct Source {
     refilled: Instant,
 }
 
+/// One unauthenticated connection held.
+#[derive(Debug)]
+struct Held {
+    closed: CancellationToken,
+    /// Its /24 or /64.
+    group: u128,
+    /// Whether an agent was admitted from its address lately.
+    known: bool,
+}
+
 #[derive(Debug, Default)]
 struct State {
     sources: HashMap<IpAddr, Source>,
-    /// Unauthenticated connections held now, oldest first, with what closes each.
-    held: BTreeMap<u64, CancellationToken>,
+    /// Unauthenticated connections held now, oldest first.
+    held: BTreeMap<u64, Held>,
+    /// Addresses agents were admitted from, with when (the latest of each).
+    known: HashMap<IpAddr, u64>,
     next: u64,
+}
+
+impl State {
+    /// The connection to push out for a newcomer: the oldest of the fullest group among those not
+    /// from a known agent's address; the oldest of all when every one is.
+    fn victim(&self) -> Option<u64> {
+        let mut sizes: HashMap<u128, usize> = HashMap::new();
+        for held in self.held.values().filter(|h| !h.known) {
+            *sizes.entry(held.group).or_default() += 1;
+        }
+        let fullest = sizes.into_iter().max_by_key(|&(group, size)| (size, std::cmp::Reverse(group)));
+        match fullest {
+            Some((group, _)) => {
+                self.held.iter().find(|(_, h)| !h.known && h.group == group).map(|(&seq, _)| seq)
+            }
+            None => self.held.keys().next().copied(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -78,14 +113,16 @@ impl Gate {
     /// authenticated ([`Pass::authenticated`]) or the connection ends; its `closed` token is
     /// cancelled if newer connections push it out. Returns whether an older one was pushed out.
     pub(crate) fn enter(self: &Arc<Self>, ip: IpAddr) -> Result<(Pass, bool), Refused> {
+        let host = sallyport_runtime::addr::host_key(ip);
         let mut state = lock(&self.state);
         let state = &mut *state;
-        if state.sources.len() >= MAX_TRACKED && !state.sources.contains_key(&ip) {
+        let known = state.known.contains_key(&ip);
+        if state.sources.len() >= MAX_TRACKED && !state.sources.contains_key(&host) {
             let rate = self.rate;
             state.sources.retain(|_, s| s.open > 0 || refill(s, rate) < 2.0 * rate);
         }
         let burst = 2.0 * self.rate;
-        let source = state.sources.entry(ip).or_insert_with(|| Source {
+        let source = state.sources.entry(host).or_insert_with(|| Source {
             open: 0,
             tokens: burst,
             refilled: Instant::now(),
@@ -101,23 +138,37 @@ impl Gate {
         source.open += 1;
         let mut pushed_out = false;
         while state.held.len() >= self.max {
-            if let Some((_, oldest)) = state.held.pop_first() {
-                oldest.cancel();
+            let Some(victim) = state.victim() else { break };
+            if let Some(held) = state.held.remove(&victim) {
+                held.closed.cancel();
                 pushed_out = true;
             }
         }
         let seq = state.next;
         state.next += 1;
         let closed = CancellationToken::new();
-        state.held.insert(seq, closed.clone());
-        Ok((Pass { gate: self.clone(), ip, seq, closed, held: true }, pushed_out))
+        let group = sallyport_runtime::flows::source_prefix(&std::net::SocketAddr::new(ip, 0));
+        state.held.insert(seq, Held { closed: closed.clone(), group, known });
+        Ok((Pass { gate: self.clone(), ip, host, seq, closed, held: true }, pushed_out))
     }
 
-    fn leave(&self, ip: IpAddr, seq: u64) {
+    fn leave(&self, host: IpAddr, seq: u64) {
         let mut state = lock(&self.state);
         state.held.remove(&seq);
-        if let Some(source) = state.sources.get_mut(&ip) {
+        if let Some(source) = state.sources.get_mut(&host) {
             source.open = source.open.saturating_sub(1);
+        }
+    }
+
+    /// An agent was admitted from `ip`: its next handshakes from there keep their place.
+    fn admitted(&self, ip: IpAddr) {
+        let mut state = lock(&self.state);
+        let seq = state.next;
+        state.known.insert(ip, seq);
+        if state.known.len() > MAX_KNOWN {
+            if let Some(oldest) = state.known.iter().min_by_key(|(_, &at)| at).map(|(&ip, _)| ip) {
+                state.known.remove(&oldest);
+            }
         }
     }
 }
@@ -136,6 +187,8 @@ fn refill(source: &mut Source, rate: f64) -> f64 {
 pub(crate) struct Pass {
     gate: Arc<Gate>,
     ip: IpAddr,
+    /// What the per-host cap and rate count `ip` as.
+    host: IpAddr,
     seq: u64,
     /// Cancelled when newer connections push this one out.
     pub(crate) closed: CancellationToken,
@@ -143,14 +196,16 @@ pub(crate) struct Pass {
 }
 
 impl Pass {
-    /// The peer proved who it is: its place is free for the next unknown peer.
-    pub(crate) fn authenticated(mut self) {
+    /// The peer is an admitted agent: its place is free, and its address is remembered as an
+    /// agent's (its reconnects are not pushed out while strangers' handshakes are held).
+    pub(crate) fn admitted_agent(mut self) {
+        self.gate.admitted(self.ip);
         self.release();
     }
 
     fn release(&mut self) {
         if std::mem::take(&mut self.held) {
-            self.gate.leave(self.ip, self.seq);
+            self.gate.leave(self.host, self.seq);
         }
     }
 }
@@ -189,10 +244,40 @@ mod tests {
         assert!(pushed && a1.closed.is_cancelled(), "the oldest was pushed out");
         assert!(!a2.closed.is_cancelled() && !b1.closed.is_cancelled());
         drop(a1);
-        b1.authenticated();
+        b1.admitted_agent();
         let (_c2, pushed) = g.enter(c).expect("room again");
         assert!(!pushed && !c1.closed.is_cancelled());
         assert_eq!(lock(&g.state).held.len(), 3);
+    }
+
+    #[test]
+    fn a_slash_64_counts_as_one_host() {
+        let g = gate(1000, 8, 100);
+        let admitted = (1..=200)
+            .filter_map(|i| g.enter(format!("2001:db8:0:7::{i:x}").parse().unwrap()).ok().map(|(p, _)| p))
+            .collect::<Vec<_>>();
+        assert_eq!(admitted.len(), 8, "a /64 holds one host's share");
+        assert!(g.enter("2001:db8:0:8::1".parse().unwrap()).is_ok(), "the next /64 is another host");
+    }
+
+    #[test]
+    fn a_full_gate_pushes_out_the_fullest_group_and_spares_agents_addresses() {
+        let g = gate(10, 8, 1000);
+        let agent: IpAddr = "10.0.9.5".parse().unwrap();
+        // The agent was admitted from its address before.
+        g.enter(agent).expect("agent").0.admitted_agent();
+        let (returning, _) = g.enter(agent).expect("the agent reconnects");
+        let (neighbour, _) = g.enter("10.0.7.5".parse().unwrap()).expect("a client of another /24");
+        // A flood from 30 addresses of one /24, each under its own cap.
+        let flood: Vec<_> = (1..=30)
+            .filter_map(|i| g.enter(format!("10.0.1.{i}").parse().unwrap()).ok().map(|(p, _)| p))
+            .collect();
+        assert_eq!(flood.len(), 30, "each address is under its cap");
+        assert!(!returning.closed.is_cancelled(), "the agent's reconnect keeps its place");
+        assert!(!neighbour.closed.is_cancelled(), "the flood pushed out its own /24 first");
+        assert_eq!(flood.iter().filter(|p| !p.closed.is_cancelled()).count(), 8);
+        // The pushed out were the flood's oldest.
+        assert!(flood[..22].iter().all(|p| p.closed.is_cancelled()));
     }
 
     #[test]
