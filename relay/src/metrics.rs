@@ -86,6 +86,7 @@ pub(crate) struct Metrics {
     udp_datagrams: Family<Labels, Counter>,
     udp_flows: Family<Labels, Gauge>,
     renewals: Family<Labels, Counter>,
+    identity_conflicts: Family<Labels, Counter>,
     config: Family<Labels, Gauge>,
     reloads: Family<Labels, Counter>,
     tasks: Gauge,
@@ -117,6 +118,7 @@ impl Default for Metrics {
             udp_datagrams: Family::default(),
             udp_flows: Family::default(),
             renewals: Family::default(),
+            identity_conflicts: Family::default(),
             config: Family::default(),
             reloads: Family::default(),
             tasks: Gauge::default(),
@@ -200,6 +202,12 @@ impl Default for Metrics {
             m.udp_datagrams.clone(),
         );
         m.registry.register("udp_flows", "UDP flows open now, by service", m.udp_flows.clone());
+        m.registry.register(
+            "identity_conflicts",
+            "Sessions refused because the agent already had a live session from another address (a copy of \
+             its identity?)",
+            m.identity_conflicts.clone(),
+        );
         m.registry.register(
             "certificate_renewals",
             "Certificate renewals agents asked for over their tunnels, by result",
@@ -316,6 +324,11 @@ impl Metrics {
 
     pub(crate) fn reload(&self, result: &'static str) {
         self.reloads.get_or_create(&vec![("result", result.to_owned())]).inc();
+    }
+
+    /// A session of `agent` refused: its identity is live from another address.
+    pub(crate) fn identity_conflict(&self, agent: &str) {
+        self.identity_conflicts.get_or_create(&vec![("agent", agent.to_owned())]).inc();
     }
 
     pub(crate) fn renewal(&self, result: &'static str) {

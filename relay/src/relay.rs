@@ -261,6 +261,7 @@ impl Relay {
             trust: ops.trust.clone(),
             flows: flows.clone(),
             renewals: Default::default(),
+            conflicts: Default::default(),
             gate: tunnel::gate(&config.relay),
             cluster: ops.cluster.clone(),
             tcp_tls: Some(tcp_tls),

@@ -60,6 +60,18 @@ impl RawAgent {
         Self::open(cert, key, trust, relay, &hello(1, services)).await
     }
 
+    /// [`connect_with`](Self::connect_with) from the address `source` (another loopback address:
+    /// another host, as the relay sees it).
+    pub async fn connect_from(
+        (cert, key): (&Path, &Path),
+        trust: &TestPki,
+        relay: SocketAddr,
+        services: &[&str],
+        source: std::net::IpAddr,
+    ) -> Result<Self, Refused> {
+        Self::open_from(cert, key, trust, relay, &hello(1, services), SocketAddr::new(source, 0)).await
+    }
+
     /// Connects with a fresh bundle of agent `name` and asks to join session `session` as a lane;
     /// returns the relay's answer.
     pub async fn lane(
@@ -83,12 +95,23 @@ impl RawAgent {
         relay: SocketAddr,
         first: &AgentMessage,
     ) -> Result<Self, Refused> {
+        Self::open_from(cert, key, trust, relay, first, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    async fn open_from(
+        cert: &Path,
+        key: &Path,
+        trust: &TestPki,
+        relay: SocketAddr,
+        first: &AgentMessage,
+        source: SocketAddr,
+    ) -> Result<Self, Refused> {
         let read = |f: &Path| std::fs::read(f).expect("identity file");
         let identity = tls::Identity::from_pem(&read(cert), &read(key)).expect("identity");
         let roots =
             tls::roots_from_pem(&std::fs::read(trust.dir().join("ca.crt")).expect("ca")).expect("roots");
         let crypto = tls::client_crypto(roots, identity, &[ALPN_TUNNEL]).expect("crypto");
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        let mut endpoint = quinn::Endpoint::client(source).expect("endpoint");
         endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
         let connection =
             endpoint.connect(relay, "127.0.0.1").expect("connect").await.map_err(|e| e.to_string())?;

@@ -436,6 +436,7 @@ fn the_monitoring_component_renders_and_its_pieces_agree() {
             "SallyportHandshakeFailuresRising",
             "SallyportCertificateExpiringSoon",
             "SallyportContainerStartsFailing",
+            "SallyportIdentityConflict",
             "SallyportWriterUnreachable"
         ]
     );

@@ -276,6 +276,17 @@ async fn the_operators_kit_queries_only_metrics_the_relay_exports() {
             "a container that does not start serves nothing"
         );
     }
+    // A copy of the agent's identity connecting from another address is refused.
+    let bundle = pki.agent_bundle("winbox");
+    let copy = sallyport_tests::raw::RawAgent::connect_from(
+        (&bundle.join("agent.crt"), &bundle.join("agent.key")),
+        &pki,
+        relay.quic,
+        &["svc"],
+        "127.0.0.2".parse().expect("address"),
+    )
+    .await;
+    assert!(copy.map(|c| matches!(c.answer, sallyport_proto::RelayMessage::Refused { .. })).unwrap_or(true));
     // A request for a name no service has is refused; an agent with another CA's certificate
     // fails its handshake.
     let mut unknown =
@@ -296,6 +307,7 @@ async fn the_operators_kit_queries_only_metrics_the_relay_exports() {
             "sallyport_handshake_failures_total",
             "sallyport_refusals_total",
             "sallyport_container_state{",
+            "sallyport_identity_conflicts_total",
         ]
         .iter()
         .all(|n| text.contains(n))

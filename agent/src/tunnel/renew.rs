@@ -108,7 +108,13 @@ fn start_request(renewal: &Renewal) -> Option<String> {
     if pending.as_ref().is_some_and(|(_, sent)| sent.elapsed() < Duration::from_secs(60)) {
         return None;
     }
-    let request = rcgen::KeyPair::generate().and_then(|key| {
+    // A request whose answer was lost asks again for the same key: the relay renews a
+    // certificate once, for one key (a copy of the old key cannot renew it again).
+    let key = match pending.as_ref() {
+        Some((key_pem, _)) => rcgen::KeyPair::from_pem(key_pem),
+        None => rcgen::KeyPair::generate(),
+    };
+    let request = key.and_then(|key| {
         let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?.pem()?;
         Ok((key.serialize_pem(), csr))
     });

@@ -312,6 +312,12 @@ fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
     fs::write(path, contents).map_err(|source| PkiError::Io { path: path.to_owned(), source })
 }
 
+/// The SHA-256 of the public key a certificate request asks for.
+pub fn csr_key_sha256(csr_pem: &str) -> Result<[u8; 32], PkiError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+    Ok(sallyport_runtime::tls::cert_sha256(rcgen::PublicKeyData::der_bytes(&csr.public_key)))
+}
+
 /// Logs a certificate the relay issued, with its serial and end of validity.
 pub(crate) fn log_issued(agent: &str, cert_pem: &str, why: &'static str) {
     let info = sallyport_runtime::tls::certs_from_pem(cert_pem.as_bytes(), "issued certificate")

@@ -34,10 +34,16 @@ pub(crate) struct RevocationFile {
     revoked: Vec<Revoked>,
     #[serde(default)]
     agents: Vec<RevokedAgent>,
+    /// Per agent: certificates issued before its newest one that connected (a renewal's) are
+    /// refused at the handshake; live sessions on them go on.
+    #[serde(default)]
+    retired: Vec<RevokedAgent>,
 }
 
 #[derive(Debug, Default)]
 struct State {
+    /// Per agent: certificates issued at or before this second are retired.
+    retired: BTreeMap<String, u64>,
     by_serial: BTreeMap<String, Revoked>,
     /// Per agent: certificates issued at or before this second are refused.
     cutoffs: BTreeMap<String, u64>,
@@ -92,6 +98,13 @@ impl State {
                 absorbed.added += 1;
             }
         }
+        for (agent, theirs) in other.retired {
+            let retired = self.retired.entry(agent).or_insert(0);
+            if theirs > *retired {
+                *retired = theirs;
+                absorbed.added += 1;
+            }
+        }
         absorbed
     }
 
@@ -99,6 +112,7 @@ impl State {
         Self {
             by_serial: file.revoked.into_iter().map(|r| (r.serial.clone(), r)).collect(),
             cutoffs: file.agents.into_iter().map(|a| (a.agent, a.before_unix)).collect(),
+            retired: file.retired.into_iter().map(|a| (a.agent, a.before_unix)).collect(),
         }
     }
 
@@ -107,6 +121,11 @@ impl State {
             revoked: self.by_serial.values().cloned().collect(),
             agents: self
                 .cutoffs
+                .iter()
+                .map(|(agent, &before_unix)| RevokedAgent { agent: agent.clone(), before_unix })
+                .collect(),
+            retired: self
+                .retired
                 .iter()
                 .map(|(agent, &before_unix)| RevokedAgent { agent: agent.clone(), before_unix })
                 .collect(),
@@ -174,6 +193,26 @@ impl Revocations {
         saved.map(|()| until)
     }
 
+    /// Whether `cert` was retired: its agent has since connected with a newer certificate.
+    pub(crate) fn retired(&self, cert: &CertId) -> bool {
+        let state = lock(&self.state);
+        state.retired.get(&cert.agent).is_some_and(|&before| cert.issued_unix <= before as i64)
+    }
+
+    /// `cert` connected: every certificate of its agent issued before it is retired (a renewal
+    /// replaces the certificate it renews, and a copy of the old one gets in no more). True when
+    /// that retired something new.
+    pub(crate) fn retire_before(&self, cert: &CertId) -> Result<bool, StateError> {
+        let Ok(before) = u64::try_from(cert.issued_unix - 1) else { return Ok(false) };
+        let mut state = lock(&self.state);
+        let retired = state.retired.entry(cert.agent.clone()).or_insert(0);
+        if *retired >= before {
+            return Ok(false);
+        }
+        *retired = before;
+        self.save(&state).map(|()| true)
+    }
+
     fn save(&self, state: &State) -> Result<(), StateError> {
         let Some(path) = &self.path else { return Ok(()) };
         state_file::save(path, &state.to_file())
@@ -183,6 +222,24 @@ impl Revocations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_newer_certificate_retires_the_older_ones() {
+        let r = Revocations::open(None).expect("open");
+        let (old, renewed) = (cert("winbox", "0a", 1_000), cert("winbox", "0b", 2_000));
+        assert!(!r.retired(&old));
+        assert!(r.retire_before(&old).expect("retire"), "the first certificate seen retires nothing older");
+        assert!(!r.retired(&old));
+        assert!(r.retire_before(&renewed).expect("retire"));
+        assert!(r.retired(&old) && !r.retired(&renewed));
+        assert!(!r.retire_before(&old).expect("retire"), "an older one moves nothing back");
+        assert!(!r.retired(&cert("nas", "0c", 1_000)), "per agent");
+        assert!(!r.refuses(&old), "retired is not revoked: live sessions go on");
+        // Taken by the other replicas like the rest.
+        let other = Revocations::open(None).expect("open");
+        other.absorb(r.snapshot()).expect("absorb");
+        assert!(other.retired(&old));
+    }
 
     #[test]
     fn revocations_only_grow_whatever_another_replica_says() {
@@ -203,6 +260,7 @@ mod tests {
                 RevokedAgent { agent: "winbox".into(), before_unix: cutoff - 50 },
                 RevokedAgent { agent: "nas".into(), before_unix: 7 },
             ],
+            retired: Vec::new(),
         };
         assert_eq!(here.absorb(other).expect("absorb"), Absorbed { added: 2, missing: 2 });
         assert!(here.refuses(&issued) && here.refuses(&cert("nas", "0c", 100)));

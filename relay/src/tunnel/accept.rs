@@ -244,6 +244,21 @@ async fn serve_connection(connection: Connection, pass: Pass, tunnels: Arc<Tunne
         connection.close(code(close::REFUSED), b"certificate revoked");
         return;
     }
+    if tunnels.trust.revocations.retired(&cert.id) {
+        sallyport_runtime::limited!(warn, agent = %cert.id.agent, serial = %cert.id.serial, "retired certificate refused: the agent connected with a newer one");
+        metrics.handshake_failed("retired");
+        connection.close(code(close::REFUSED), b"certificate replaced by a newer one of this agent");
+        return;
+    }
+    // The newest certificate of the agent that connected: older ones (a renewal's predecessor,
+    // or a copy of it) are refused from now on.
+    match tunnels.trust.revocations.retire_before(&cert.id) {
+        Ok(true) => {
+            debug!(serial = %cert.id.serial, "certificates of the agent older than this one are retired")
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "older certificates retired but not saved"),
+    }
     // A proven agent: the tunnel's limits, and its place behind the gate is free again.
     if let Some(quic) = connection.quic() {
         sallyport_runtime::quic::admit_agent(quic);

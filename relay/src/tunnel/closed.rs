@@ -14,6 +14,9 @@ pub(crate) enum Closed {
     /// The connection closed while datagrams were read.
     #[error(transparent)]
     Connection(quinn::ConnectionError),
+    /// The certificate the session runs on ended (the agent renews well before; a copy does not).
+    #[error("its certificate expired")]
+    Expired,
 }
 
 /// How an agent broke the protocol (said in the log and in the close frame).

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 use crate::tunnel::{
     admission::admit,
     closed::{frame_error, Closed, ProtocolError},
+    conflicts::Conflicts,
     datagrams,
     identity::AgentCert,
     lanes,
@@ -63,6 +64,22 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
             return;
         }
     };
+    // A copy of the agent's identity beside the real agent: the live session stays.
+    if let Some(live) = Conflicts::check(&tunnels.registry, &name, connection.remote_address()) {
+        let remote = connection.remote_address();
+        metrics.identity_conflict(&name);
+        if tunnels.conflicts.should_log(&name) {
+            warn!(%remote, live = %live, "a second session of this agent refused: its identity is in use from another address (a copy of its key?)");
+        }
+        let reason = format!(
+            "agent {name:?} already has a live session from another address ({}): is its identity copied?",
+            live.ip()
+        );
+        let _ = write_frame(&mut send, &RelayMessage::Refused { reason: reason.clone() }, MAX_CONTROL_FRAME)
+            .await;
+        connection.close(code(close::REFUSED), reason.as_bytes());
+        return;
+    }
     let services: BTreeSet<String> = welcome.published().map(str::to_owned).collect();
     for (service, reason) in welcome.refused() {
         warn!(%service, %reason, "service not published");
@@ -167,16 +184,27 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         r = control_writer(&mut send, &mut command_rx, &mut reply_rx, &pending) => r,
         r = datagrams::from_agent(&connection, &name, &tunnels.flows, metrics) => r,
         never = connection.sweep_stalls() => match never {},
+        () = until_unix(cert.not_after_unix) => Ok(Closed::Expired),
     };
     registry.remove(&name, id);
     lanes.close_all(code(close::GOING_AWAY), b"the agent's tunnel ended");
     match ended {
+        Ok(Closed::Expired) => {
+            info!("the agent's certificate ended: closing its tunnel");
+            connection.close(code(close::REFUSED), b"its certificate expired");
+        }
         Ok(reason) => info!(%reason, "agent disconnected"),
         Err(violation) => {
             warn!(reason = %violation, "closing agent: protocol error");
             connection.close(code(close::PROTOCOL_ERROR), violation.to_string().as_bytes());
         }
     }
+}
+
+/// Returns at `unix` (seconds), wall-clock time: when a certificate ends.
+async fn until_unix(unix: i64) {
+    let left = unix.saturating_sub(sallyport_runtime::clock::unix_now() as i64).max(0) as u64;
+    tokio::time::sleep(std::time::Duration::from_secs(left)).await;
 }
 
 /// What pushes the replicas serving to one agent: the cluster, its list, the tunnel's writer queue.

@@ -5,6 +5,7 @@
 mod accept;
 mod admission;
 mod closed;
+mod conflicts;
 mod control;
 pub(crate) mod datagrams;
 mod gate;

@@ -37,6 +37,9 @@ pub(crate) enum RenewRefused {
     NotDue { due_unix: i64 },
     #[error("this certificate was renewed less than {}s ago", RENEWAL_INTERVAL.as_secs())]
     TooSoon,
+    /// The certificate was renewed already, for another key.
+    #[error("this certificate was renewed already, for another key")]
+    RenewedForAnotherKey,
     #[error("bad certificate request: {0}")]
     Request(#[from] PkiError),
     /// A replica that is not the writer renews only with the writer's revocations of this moment.
@@ -53,16 +56,20 @@ impl RenewRefused {
             Self::Revoked => "revoked",
             Self::NotDue { .. } => "not_due",
             Self::TooSoon => "too_soon",
+            Self::RenewedForAnotherKey => "renewed_already",
             Self::Request(_) => "bad_request",
             Self::WriterUnreachable(_) => "writer_unreachable",
         }
     }
 }
 
-/// When each certificate was last renewed, by serial.
+/// When each certificate was last renewed, by serial, and for which key.
 #[derive(Debug, Default)]
 pub(crate) struct Renewals {
     last: Mutex<HashMap<String, Instant>>,
+    /// Each certificate renewed so far (by serial, until it ends), with the SHA-256 of the public
+    /// key it was renewed for: it renews again only for that key (an answer lost with its tunnel).
+    keys: Mutex<HashMap<String, ([u8; 32], i64)>>,
 }
 
 /// When a certificate valid from `not_before` to `not_after` becomes due: a third of its lifetime
@@ -108,13 +115,21 @@ impl Renewals {
         if (clock::unix_now() as i64) < due_unix {
             return Err(RenewRefused::NotDue { due_unix });
         }
+        let key = pki::csr_key_sha256(csr_pem)?;
         {
+            let mut keys = lock(&self.keys);
+            let now = clock::unix_now() as i64;
+            keys.retain(|_, (_, not_after)| *not_after > now);
+            if keys.get(&cert.id.serial).is_some_and(|(renewed_for, _)| *renewed_for != key) {
+                return Err(RenewRefused::RenewedForAnotherKey);
+            }
             let mut last = lock(&self.last);
             last.retain(|_, at| at.elapsed() < RENEWAL_INTERVAL);
             if last.contains_key(&cert.id.serial) {
                 return Err(RenewRefused::TooSoon);
             }
             last.insert(cert.id.serial.clone(), Instant::now());
+            keys.insert(cert.id.serial.clone(), (key, cert.not_after_unix));
         }
         let pem = enrollment.ca.issue_agent_for_csr(&cert.id.agent, csr_pem, enrollment.validity)?;
         pki::log_issued(&cert.id.agent, &pem, "renewal");

@@ -16,6 +16,8 @@ pub(crate) struct Tunnels {
     /// UDP flows by id, for the datagrams agents send back.
     pub(crate) flows: Arc<FlowRoutes>,
     pub(crate) renewals: Renewals,
+    /// Agents whose copied identities were logged lately.
+    pub(crate) conflicts: super::conflicts::Conflicts,
     /// What peers that have not proven who they are may hold.
     pub(crate) gate: Arc<Gate>,
     /// This relay's replicas, when it is one of several (`[cluster]`).
