@@ -268,13 +268,19 @@ impl Cluster {
         peer::call(&self.config.writer_peer, &self.tls, method, path, body, CALL_TIMEOUT).await
     }
 
-    /// Returns once this replica's revocations include every other replica's: at once on a
-    /// replica that is not the writer (it keeps its own file and takes the writer's); on the
-    /// writer, once every replica has reported (they report every `sync_interval`), since a writer
-    /// that lost its file gets the revocations back from those reports.
+    /// Returns once this replica's revocations include the others': at once on a replica that is
+    /// not the writer (it keeps its own file and takes the writer's); on the writer, once another
+    /// replica has reported since it started (each report carries that replica's revocations,
+    /// which hold everything the writer had handed out), or after two `sync_interval`s (the others
+    /// report every interval: none reported, none is up), since a writer that lost its file gets
+    /// the revocations back from those reports.
     pub(crate) async fn revocations_heard(&self) {
-        if self.is_writer() {
-            tokio::time::sleep_until((self.started + self.config.sync_interval * 2).into()).await;
+        if !self.is_writer() {
+            return;
+        }
+        let deadline = self.started + self.config.sync_interval * 2;
+        while lock(&self.reports).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
