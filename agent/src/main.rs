@@ -279,6 +279,15 @@ fn service(command: ServiceCommand) -> anyhow::Result<()> {
                 "{} does not look like the agent's folder (named Sallyport, or holding agent.toml): not removed",
                 dir.display()
             );
+            // A link is removed as itself: what it points at is never walked (std's removal does
+            // not follow links inside the tree either).
+            use sallyport_agent::acl::walk::Tree as _;
+            if sallyport_agent::acl::walk::StdTree.kind(&dir)? == sallyport_agent::acl::walk::EntryKind::Link
+            {
+                sallyport_agent::acl::walk::remove_link(&dir)?;
+                println!("{} was a link to elsewhere: the link removed, nothing behind it", dir.display());
+                return Ok(());
+            }
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => println!("removed {}", dir.display()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

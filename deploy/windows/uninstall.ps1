@@ -7,6 +7,15 @@ param(
 )
 $ErrorActionPreference = "Stop"
 $installed = Join-Path $InstallDir "sallyport-agent.exe"
+if ($RemoveData -and -not (Test-Path $installed)) {
+    # Its data is removed by the program itself, which never follows a junction or symbolic link
+    # inside the folder (Remove-Item -Recurse in Windows PowerShell 5.1 may).
+    throw "$installed is missing: cannot remove the data safely; delete $env:ProgramData\Sallyport by hand (rmdir /s)"
+}
+if ($RemoveData) {
+    & $installed service remove-data --dir (Join-Path $env:ProgramData "Sallyport")
+    if ($LASTEXITCODE -ne 0) { throw "removing the data failed" }
+}
 if (Test-Path $installed) {
     & $installed service uninstall
 } else {
@@ -14,7 +23,6 @@ if (Test-Path $installed) {
 }
 Remove-Item -Force -Recurse -ErrorAction SilentlyContinue $InstallDir
 if ($RemoveData) {
-    Remove-Item -Force -Recurse (Join-Path $env:ProgramData "Sallyport")
     Write-Host "Removed the service, the program and its data."
 } else {
     Write-Host "Removed the service and the program; $env:ProgramData\Sallyport (config, identity, logs) stays."

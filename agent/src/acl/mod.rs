@@ -11,6 +11,7 @@
 #[cfg(windows)]
 mod os;
 mod policy;
+pub mod walk;
 
 #[cfg(windows)]
 pub use os::{apply, create_private_file, prepare, prepare_wsl, read};

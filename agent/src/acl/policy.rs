@@ -25,7 +25,10 @@ pub fn wsl_dir_sddl(writer: &str) -> Result<String, AclError> {
         && parts[0] == "S"
         && parts[1] == "1"
         && parts[2..].iter().all(|p| !p.is_empty() && p.len() <= 10 && p.bytes().all(|b| b.is_ascii_digit()));
-    if !well_formed {
+    // A user's SID: a local or domain account (S-1-5-21-...) or an Entra ID one (S-1-12-1-...),
+    // never a group or a well-known SID.
+    let a_user = writer.starts_with("S-1-5-21-") && parts.len() >= 8 || writer.starts_with("S-1-12-1-");
+    if !well_formed || !a_user {
         return Err(AclError::NotASid { text: writer.to_owned() });
     }
     // 0x1301bf: modify (read, write, execute, delete), not change access or owner.
@@ -107,7 +110,9 @@ pub enum AclError {
     ForeignOwner { path: PathBuf, owner: String },
     #[error("{path}: something was created in it while it was being set up ({entry}); check the folder and run again")]
     NotEmpty { path: PathBuf, entry: String },
-    #[error("--wsl-writer {text:?} is not a SID (S-1-5-21-...)")]
+    #[error("{}: a link (junction or symbolic link) to somewhere else: remove it (rmdir) and run again; the service's folders are never followed through links", path.display())]
+    Link { path: PathBuf },
+    #[error("--wsl-writer {text:?} is not a user's SID (S-1-5-21-... or S-1-12-1-...): a group (Everyone, Users, ...) would let every member write there")]
     NotASid { text: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
@@ -488,7 +493,15 @@ mod tests {
         assert_eq!(d.writers(Kind::Folder), ["S-1-5-21-1004336348-1177238915-682003330-1001"]);
         let ace = d.dacl.as_ref().and_then(|a| a.last()).expect("the user's entry");
         assert_eq!(ace.rights & (WRITE_DAC | WRITE_OWNER), 0, "the user may not change who may write");
-        for bad in ["", "BU", "WD", "S-1-5-21-1)(A;OICI;FA;;;WD", "S-1", "S-1-5-x", "Users"] {
+        assert!(
+            wsl_dir_sddl("S-1-12-1-3735928559-1234567890-987654321-1122334455").is_ok(),
+            "an Entra ID user"
+        );
+        let groups = ["S-1-1-0", "S-1-5-32-545", "S-1-5-11", "S-1-5-4", "S-1-5-18", "S-1-5-21-1-2-3"];
+        for bad in ["", "BU", "WD", "S-1-5-21-1)(A;OICI;FA;;;WD", "S-1", "S-1-5-x", "Users"]
+            .into_iter()
+            .chain(groups)
+        {
             assert!(matches!(wsl_dir_sddl(bad), Err(AclError::NotASid { .. })), "{bad:?} accepted");
         }
     }

@@ -217,7 +217,12 @@ fn run_service() -> anyhow::Result<()> {
         .as_ref()
         .map(|c| vec![c.agent.ca_cert.as_path(), &c.agent.cert, &c.agent.key])
         .unwrap_or_default();
-    if let Err(e) = check_data_dir(&data_dir, &identity) {
+    // ... and the program itself, which could have been made replaceable since it was installed.
+    let checked = check_data_dir(&data_dir, &identity).and_then(|()| match std::env::current_exe() {
+        Ok(exe) => check_binary(&exe),
+        Err(_) => Ok(()),
+    });
+    if let Err(e) = checked {
         tracing::error!(
             event_id = crate::events::id::FILES_NOT_PRIVATE,
             error = %e,
