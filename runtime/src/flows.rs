@@ -7,9 +7,12 @@
 //!
 //! Flows belong to groups (on the relay: the client's /24 or /64, since spoofing a source costs
 //! nothing on UDP). A group holds at most its share of the table, and a new flow in a full table
-//! evicts from the largest group. Within a group, flows that are not [established](Tracked) go
-//! first, oldest first; only then the oldest established one. So a flood of new sources evicts
-//! its own flows, and answered, active flows of other senders survive it.
+//! evicts from the largest group; groups of one size are taken in an order drawn at random for
+//! each table, so a spoofer cannot choose prefixes that put another sender's group first. Within a
+//! group, a flow that is [done](Tracked::done) goes first (answered and quiet: a DNS query from a
+//! random port, say; evicting it loses nothing), then those not [established](Tracked), oldest
+//! first, and only then the oldest established one. So a flood of new sources evicts its own
+//! flows, and other senders lose neither their conversations nor a pending answer.
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
@@ -69,6 +72,12 @@ pub trait Tracked {
     fn established(&self) -> bool {
         false
     }
+
+    /// Whether the flow's exchange is over (answered, then quiet): evicting it loses nothing, so
+    /// it goes first.
+    fn done(&self) -> bool {
+        false
+    }
 }
 
 impl<T: Tracked + ?Sized> Tracked for std::sync::Arc<T> {
@@ -78,6 +87,10 @@ impl<T: Tracked + ?Sized> Tracked for std::sync::Arc<T> {
 
     fn established(&self) -> bool {
         (**self).established()
+    }
+
+    fn done(&self) -> bool {
+        (**self).done()
     }
 }
 
@@ -90,8 +103,11 @@ pub struct FlowTable<K, V> {
     entries: HashMap<K, (V, u128)>,
     /// Each group's keys, oldest first.
     groups: HashMap<u128, VecDeque<K>>,
-    /// Groups by how many flows they hold, to find the largest.
-    by_size: BTreeSet<(usize, u128)>,
+    /// Groups by how many flows they hold (then in this table's random order), to find the
+    /// largest.
+    by_size: BTreeSet<(usize, u64, u128)>,
+    /// Draws the order of groups of one size (randomly keyed for each table).
+    order: std::collections::hash_map::RandomState,
     max: usize,
     share: usize,
     group_of: fn(&K) -> u128,
@@ -110,6 +126,7 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
             entries: HashMap::new(),
             groups: HashMap::new(),
             by_size: BTreeSet::new(),
+            order: std::collections::hash_map::RandomState::new(),
             max,
             share: share.clamp(1, max),
             group_of,
@@ -166,7 +183,7 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
     /// The group a full table evicts from: the largest one that holds a flow not established
     /// (among the largest few), else the largest.
     fn fullest_group(&self) -> Option<u128> {
-        let largest: Vec<u128> = self.by_size.iter().rev().take(EVICTION_SCAN).map(|&(_, g)| g).collect();
+        let largest: Vec<u128> = self.by_size.iter().rev().take(EVICTION_SCAN).map(|&(_, _, g)| g).collect();
         let entries = &self.entries;
         let unestablished = |g: &u128| {
             self.groups.get(g).is_some_and(|keys| {
@@ -176,15 +193,15 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
         largest.iter().copied().find(unestablished).or_else(|| largest.first().copied())
     }
 
-    /// Removes one flow of `group`: the oldest that is not established, else the oldest.
+    /// Removes one flow of `group`: the oldest that is done, else the oldest that is not
+    /// established, else the oldest.
     fn evict_from(&mut self, group: u128) -> Option<(K, V)> {
         let keys = self.groups.get(&group)?;
         let entries = &self.entries;
-        let victim = keys
-            .iter()
-            .take(EVICTION_SCAN)
-            .position(|k| entries.get(k).is_some_and(|(v, _)| !v.established()))
-            .unwrap_or(0);
+        let first = |pick: &dyn Fn(&V) -> bool| {
+            keys.iter().take(EVICTION_SCAN).position(|k| entries.get(k).is_some_and(|(v, _)| pick(v)))
+        };
+        let victim = first(&|v| v.done()).or_else(|| first(&|v| !v.established())).unwrap_or(0);
         let mut key = None;
         self.resize(group, |keys| key = keys.remove(victim));
         let key = key?;
@@ -194,12 +211,13 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
     /// Changes the keys of `group` and keeps the size index and the group map in step.
     fn resize(&mut self, group: u128, change: impl FnOnce(&mut VecDeque<K>)) {
         let keys = self.groups.entry(group).or_default();
-        self.by_size.remove(&(keys.len(), group));
+        let order = std::hash::BuildHasher::hash_one(&self.order, group);
+        self.by_size.remove(&(keys.len(), order, group));
         change(keys);
         if keys.is_empty() {
             self.groups.remove(&group);
         } else {
-            self.by_size.insert((keys.len(), group));
+            self.by_size.insert((keys.len(), order, group));
         }
     }
 
@@ -219,11 +237,12 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
         let touched: BTreeSet<u128> = removed.iter().map(|(_, _, g)| *g).collect();
         for group in touched {
             let entries = &self.entries;
+            let order = std::hash::BuildHasher::hash_one(&self.order, group);
             let mut keys = self.groups.remove(&group).unwrap_or_default();
-            self.by_size.remove(&(keys.len(), group));
+            self.by_size.remove(&(keys.len(), order, group));
             keys.retain(|k| entries.contains_key(k));
             if !keys.is_empty() {
-                self.by_size.insert((keys.len(), group));
+                self.by_size.insert((keys.len(), order, group));
                 self.groups.insert(group, keys);
             }
         }
@@ -255,7 +274,7 @@ mod tests {
     use std::net::SocketAddr;
 
     #[derive(Debug, Default)]
-    struct Flow(Activity, bool);
+    struct Flow(Activity, bool, bool);
     impl Tracked for Flow {
         fn activity(&self) -> &Activity {
             &self.0
@@ -263,10 +282,44 @@ mod tests {
         fn established(&self) -> bool {
             self.1
         }
+        fn done(&self) -> bool {
+            self.2
+        }
+    }
+
+    #[test]
+    fn answered_and_quiet_flows_go_first() {
+        let mut t = FlowTable::new(3);
+        t.insert(1, Flow::default());
+        t.insert(2, Flow(Activity::default(), false, true));
+        t.insert(3, established());
+        assert_eq!(
+            t.insert(4, Flow::default()).map(|(k, _)| k),
+            Some(2),
+            "the done flow, not the pending one"
+        );
+        assert_eq!(t.insert(5, Flow::default()).map(|(k, _)| k), Some(1), "then the oldest pending");
+    }
+
+    #[test]
+    fn groups_of_one_size_are_taken_in_an_order_a_sender_cannot_choose() {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let mut evicted_low = 0;
+        for _ in 0..32 {
+            let mut t: FlowTable<SocketAddr, Flow> = FlowTable::with_groups(2, 1, source_prefix);
+            t.insert(addr("10.0.1.5:53"), Flow::default());
+            t.insert(addr("10.0.9.5:53"), Flow::default());
+            match t.insert(addr("10.0.5.5:53"), Flow::default()).map(|(k, _)| k) {
+                Some(k) if k == addr("10.0.1.5:53") => evicted_low += 1,
+                Some(_) => {}
+                None => panic!("a full table makes room"),
+            }
+        }
+        assert!((1..32).contains(&evicted_low), "ties went the same way 32 times: {evicted_low}");
     }
 
     fn established() -> Flow {
-        Flow(Activity::default(), true)
+        Flow(Activity::default(), true, false)
     }
 
     #[test]
@@ -322,7 +375,7 @@ mod tests {
     #[test]
     fn sweep_removes_only_quiet_flows() {
         let mut t = FlowTable::new(10);
-        t.insert("old", Flow(Activity(AtomicU64::new(0)), false));
+        t.insert("old", Flow(Activity(AtomicU64::new(0)), false, false));
         t.insert("new", Flow::default());
         std::thread::sleep(Duration::from_millis(5));
         if let Some(f) = t.get(&"new") {

@@ -101,7 +101,7 @@ pub(crate) async fn serve(
                 flow
             }
         };
-        flow.client_spoke();
+        flow.client_spoke(len);
         if flow.tunnel.swap(tunnel, Ordering::Relaxed) != tunnel {
             flow.confirmed.store(false, Ordering::Relaxed);
         }

@@ -41,14 +41,45 @@ pub(crate) struct FlowState {
     pub(crate) activity: Activity,
     /// Datagrams from the client (counting stops at 2).
     pub(crate) from_client: AtomicU32,
+    /// Bytes from the client, and to it, while it has sent one datagram only.
+    pub(crate) received: AtomicU64,
+    pub(crate) sent: AtomicU64,
 }
 
+/// What a flow whose client has spoken once may be sent, at most, for each byte it sent (as QUIC
+/// limits a server before the client's address is validated), on top of
+/// [`UNCONFIRMED_ALLOWANCE`]. A service that streams to whoever sent it one datagram (a game
+/// server, a media feed) then sends a spoofed victim no more than that until the victim speaks.
+pub(crate) const UNCONFIRMED_AMPLIFICATION: u64 = 3;
+
+/// What any flow may be sent before its client speaks again: one answer, a DNS one with EDNS
+/// included.
+pub(crate) const UNCONFIRMED_ALLOWANCE: u64 = 4096;
+
 impl FlowState {
-    /// Counts a datagram from the client and marks the flow active.
-    pub(crate) fn client_spoke(&self) {
+    /// Counts a datagram of `len` bytes from the client and marks the flow active.
+    pub(crate) fn client_spoke(&self, len: usize) {
         self.activity.touch();
+        self.received.fetch_add(len as u64, Ordering::Relaxed);
         let _ =
             self.from_client.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < 2).then_some(n + 1));
+    }
+
+    /// Whether `len` more bytes may go to the client: always once it has spoken twice (a source
+    /// that answers is no spoofed victim), else within [`UNCONFIRMED_AMPLIFICATION`] times what it
+    /// sent. Counts them when they may.
+    pub(crate) fn may_send(&self, len: usize) -> bool {
+        if self.from_client.load(Ordering::Relaxed) >= 2 {
+            return true;
+        }
+        let received = self.received.load(Ordering::Relaxed);
+        let budget = received.saturating_mul(UNCONFIRMED_AMPLIFICATION) + UNCONFIRMED_ALLOWANCE;
+        self.sent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |sent| {
+                let next = sent + len as u64;
+                (next <= budget).then_some(next)
+            })
+            .is_ok()
     }
 }
 
@@ -67,7 +98,18 @@ impl Tracked for FlowState {
             && self.confirmed.load(Ordering::Relaxed)
             && self.activity.idle_for() < ESTABLISHED_WITHIN
     }
+
+    /// A one-datagram exchange that got its answer and went quiet (a DNS query from a random
+    /// port): evicting it loses nothing.
+    fn done(&self) -> bool {
+        self.from_client.load(Ordering::Relaxed) < 2
+            && self.confirmed.load(Ordering::Relaxed)
+            && self.activity.idle_for() >= DONE_AFTER
+    }
 }
+
+/// How long an answered one-datagram flow stays quiet before it counts as done.
+const DONE_AFTER: Duration = Duration::from_secs(1);
 
 /// Where a flow's datagrams from the agent go.
 #[derive(Debug, Clone)]
@@ -108,6 +150,8 @@ impl FlowRoutes {
             tunnel: AtomicU64::new(tunnel),
             activity: Activity::default(),
             from_client: AtomicU32::new(0),
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
         });
         by_id.insert(id, Route { flow: flow.clone(), socket: socket.clone(), service: service.clone() });
         flow
@@ -160,6 +204,10 @@ pub(crate) async fn from_agent(
         };
         flow.confirmed.store(true, Ordering::Relaxed);
         flow.activity.touch();
+        if !flow.may_send(payload.len()) {
+            metrics.refused(&service.name, "amplification_limit");
+            continue;
+        }
         match socket.send_to(payload, flow.client).await {
             Ok(_) => metrics.udp_datagram(&service.name, false),
             Err(e) => {
@@ -167,5 +215,34 @@ pub(crate) async fn from_agent(
                 debug!(service = %service.name, client = %flow.client, error = %e, "datagram to client not sent");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow() -> FlowState {
+        FlowState {
+            id: 1,
+            client: "192.0.2.1:5353".parse().expect("addr"),
+            confirmed: AtomicBool::new(false),
+            tunnel: AtomicU64::new(0),
+            activity: Activity::default(),
+            from_client: AtomicU32::new(0),
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn a_source_that_spoke_once_gets_one_answer_and_three_times_what_it_sent() {
+        let f = flow();
+        f.client_spoke(100);
+        assert!(f.may_send(4096));
+        assert!(f.may_send(300), "4 KiB and 300 bytes for 100");
+        assert!(!f.may_send(1), "no more: a spoofed source cannot make the relay stream to its victim");
+        f.client_spoke(10);
+        assert!(f.may_send(60_000), "a source that speaks again is no spoofed victim");
     }
 }
