@@ -369,6 +369,9 @@ fn bind_tunnel(
             .map_err(|e| ("the tunnel's TCP listener", addr, e))
     };
     let shared = |addr: SocketAddr| config.relay.https_listen == Some(addr);
+    if !config.relay.tcp_tunnel {
+        return Ok((quic(config.relay.listen)?, None));
+    }
     if let Some(addr) = config.relay.tcp_listen {
         let socket = quic(config.relay.listen)?;
         return Ok((socket, if shared(addr) { None } else { Some(tcp(addr)?) }));

@@ -430,3 +430,68 @@ async fn admin_metrics(relay: &RunningRelay) -> String {
         .expect("curl runs");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The tunnel over TCP is where the operator put it, and nowhere else: with the HTTPS listener on
+/// a port of its own, a ClientHello offering the tunnel's ALPN there goes to SNI routing (and is
+/// refused) instead of to the tunnel; with `tcp_tunnel = false` there is no TCP way in at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_over_tcp_is_only_where_it_is_configured() {
+    sallyport_tests::init_logging();
+    let pki = TestPki::new();
+    let (https_port, tcp_port) = (servers::free_port(), servers::free_port());
+    let relay = RunningRelay::start(pki.relay_config_toml(
+        &format!("https_listen = \"127.0.0.1:{https_port}\"\ntcp_listen = \"127.0.0.1:{tcp_port}\""),
+        "[services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
+    ))
+    .await;
+    let https = relay.https.expect("https");
+    let connected = |agent: &RunningAgent| {
+        let mut status = agent.status.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                status.wait_for(|s| {
+                    s.values().any(|t| matches!(t, sallyport_agent::TunnelStatus::Connected { .. }))
+                }),
+            )
+            .await
+            .is_ok()
+        }
+    };
+    let at_https = RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[https],
+        "transport = \"tcp\"",
+        &services_toml(&[]),
+    ));
+    assert!(
+        !connected(&at_https).await,
+        "the HTTPS port handed a tunnel on although the tunnel has its own port"
+    );
+    at_https.stop().await;
+    let at_tcp = RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[relay.tcp.expect("tcp")],
+        "transport = \"tcp\"",
+        &services_toml(&[]),
+    ));
+    assert!(connected(&at_tcp).await, "the tunnel's own TCP port takes the agent");
+    at_tcp.stop().await;
+    relay.stop().await;
+
+    let off = RunningRelay::start(pki.relay_config_toml(
+        "tcp_tunnel = false",
+        "[services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
+    ))
+    .await;
+    assert_eq!(off.tcp, None, "no TCP listener for the tunnel");
+    let over_tcp = RunningAgent::start(pki.agent_config_toml(
+        "winbox",
+        &[off.quic],
+        "transport = \"tcp\"",
+        &services_toml(&[]),
+    ));
+    assert!(!connected(&over_tcp).await, "an agent got in over TCP with the TCP tunnel off");
+    over_tcp.stop().await;
+    off.stop().await;
+}

@@ -98,8 +98,7 @@ pub fn render(config: &Config, options: &ManifestOptions) -> String {
     let mut agents = vec![quic];
     // The tunnel over TCP: on the HTTPS listener's port when it shares it (the clients' Service
     // carries it), else a port of its own beside QUIC: TCP 443 unless the HTTPS listener has it.
-    let tunnel_tcp = config.relay.tcp_listen.unwrap_or(config.relay.listen);
-    if config.relay.https_listen != Some(tunnel_tcp) {
+    if let Some(tunnel_tcp) = config.relay.tunnel_tcp().filter(|_| !config.relay.tunnel_shares_https()) {
         let port = if config.relay.https_listen.is_none() { options.quic_port } else { tunnel_tcp.port() };
         agents.push(Port { name: "tunnel-tcp".into(), protocol: "TCP", port, target: tunnel_tcp.port() });
     }

@@ -230,7 +230,7 @@ impl Config {
             let load_balancer_ip = s.load_balancer_ip;
             services.insert(name.clone(), Service { name, agent, listen, load_balancer_ip, idle_timeout });
         }
-        let tcp_tunnel = r.tcp_listen.filter(|a| Some(*a) != r.https_listen);
+        let tcp_tunnel = r.tcp_listen.filter(|a| r.tcp_tunnel && Some(*a) != r.https_listen);
         for (key, addr) in [
             ("relay.http_listen", r.http_listen),
             ("relay.https_listen", r.https_listen),

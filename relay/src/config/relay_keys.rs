@@ -36,6 +36,9 @@ sallyport_runtime::config_section! {
         /// TCP address agents reach the tunnel over TCP at, for networks where UDP does not get out
         /// (`none`: the address of `listen`, over TCP). The HTTPS listener's address shares its port.
         tcp_listen: Option<SocketAddr> = None, from SocketAddr, value("an address host:port"), restart;
+        /// Whether agents may reach the tunnel over TCP at all (`false`: QUIC only; no TCP listener
+        /// for it, and the HTTPS listener hands no connection to it).
+        tcp_tunnel: bool = true, from bool, value("true or false"), restart;
         /// TCP address of the admin HTTP server (`/livez`, `/readyz`, `/metrics`, the API).
         admin: SocketAddr = DEFAULT_ADMIN, from SocketAddr, value("an address host:port"), restart;
         /// File holding the bearer token the admin API wants for operator calls; without one they
@@ -147,6 +150,18 @@ impl RelayKeys {
     }
 
     /// The relay's certificate, key and CA.
+    /// Where the tunnel takes agents over TCP: `tcp_listen`, else `listen`'s address over TCP;
+    /// `None` with `tcp_tunnel = false`.
+    pub fn tunnel_tcp(&self) -> Option<SocketAddr> {
+        self.tcp_tunnel.then(|| self.tcp_listen.unwrap_or(self.listen))
+    }
+
+    /// Whether the tunnel over TCP shares the HTTPS listener's address: only then does that
+    /// listener hand ClientHellos offering the tunnel's ALPN to the tunnel.
+    pub fn tunnel_shares_https(&self) -> bool {
+        self.https_listen.is_some() && self.tunnel_tcp() == self.https_listen
+    }
+
     pub fn tls(&self) -> TlsFiles {
         TlsFiles { ca_cert: self.ca_cert.clone(), cert: self.cert.clone(), key: self.key.clone() }
     }

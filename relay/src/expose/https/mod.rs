@@ -65,6 +65,7 @@ async fn route<L>(
     let offers = |p: &[u8]| reader.offers(p);
     if matches!(hello, Ok(Hello::Name(_) | Hello::NoName))
         && (offers(sallyport_proto::ALPN_TUNNEL) || offers(sallyport_proto::enroll::ALPN_ENROLL))
+        && exposure.config.get().relay.tunnel_shares_https()
     {
         // An agent's tunnel over TCP, on the port it shares with this listener.
         let handoff = Handoff { stream, peer, first: buf };
