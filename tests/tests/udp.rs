@@ -199,3 +199,74 @@ async fn a_udp_flow_survives_port_unreachable_until_its_target_listens() {
     agent.stop().await;
     relay.stop().await;
 }
+
+/// A UDP echo that puts `name` in front of what it sends back.
+async fn named_echo(name: &'static str) -> std::net::SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let answer = [name.as_bytes(), &buf[..n]].concat();
+            let _ = socket.send_to(&answer, from).await;
+        }
+    });
+    addr
+}
+
+/// A reload gives a UDP service to another agent: a client that keeps its flow (its source port)
+/// is answered by the new agent, and the old one's answers for that flow are no longer taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_service_moved_to_another_agent_takes_its_clients_along() {
+    let pki = TestPki::new();
+    let port = servers::free_port();
+    let text = |agent: &str| {
+        format!(
+            "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\n\
+             key = \"relay.key\"\n[services.echo]\nagent = \"{agent}\"\nudp = \"127.0.0.1:{port}\"\n\
+             [services.spare]\nagent = \"second\"\nlisten = \"127.0.0.1:0\"\n"
+        )
+    };
+    let path = pki.dir().join("relay.toml");
+    std::fs::write(&path, text("first")).expect("relay.toml");
+    let config = sallyport_relay::Config::load(&path).expect("config");
+    let mut relay = RunningRelay::start(config).await;
+    let (echo_a, echo_b) = (named_echo("A:").await, named_echo("B:").await);
+    let service = |target| format!("[services.echo]\ntarget = \"udp://{target}\"\n");
+    let first = RunningAgent::start(pki.agent_config_toml("first", &[relay.quic], "", &service(echo_a)));
+    let second = RunningAgent::start(pki.agent_config_toml("second", &[relay.quic], "", &service(echo_b)));
+    relay.wait_agent("first").await;
+    relay.wait_agent("second").await;
+
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(ask(&client, port).await.as_deref(), Some("A:ping"));
+    let tmp = path.with_extension("next");
+    std::fs::write(&tmp, text("second")).expect("write");
+    std::fs::rename(&tmp, &path).expect("replace");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if ask(&client, port).await.as_deref() == Some("B:ping") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the same client never reached the service's new agent");
+    }
+    println!("the client's flow moved to the service's new agent");
+    first.stop().await;
+    second.stop().await;
+    relay.stop().await;
+}
+
+/// Sends `ping` from `client` to the relay's UDP port until an answer comes (or 20 tries).
+async fn ask(client: &tokio::net::UdpSocket, port: u16) -> Option<String> {
+    let relay = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut buf = [0u8; 64];
+    for _ in 0..20 {
+        client.send_to(b"ping", relay).await.expect("send");
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(250), client.recv_from(&mut buf)).await
+        {
+            return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    None
+}

@@ -55,9 +55,23 @@ pub(crate) async fn serve(
         (started.relay.udp_flow_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(1)),
     );
     drop(started);
+    let mut agent = current(&slot).service.agent.clone();
     loop {
         let served = current(&slot);
         let service = &served.service;
+        // A reload gave the service to another agent: its flows are retired (the old agent's
+        // answers for them are refused from now on), and clients open new ones with the new agent.
+        if service.agent != agent {
+            let retired: Vec<_> = table.drain().collect();
+            let mut by_id = flows.lock();
+            for (_, flow) in &retired {
+                by_id.remove(&flow.id);
+            }
+            drop(by_id);
+            debug!(service = %service.name, from = %agent, to = %service.agent, flows = retired.len(), "the service moved to another agent: its flows retired");
+            agent = service.agent.clone();
+            metrics.udp_flows(&service.name, 0);
+        }
         let (len, client) = tokio::select! {
             r = socket.recv_from(&mut buf[MAX_OPEN_OVERHEAD..]) => match r {
                 Ok(got) => got,

@@ -356,10 +356,12 @@ impl Reader<'_> {
     async fn renew(&self, csr_pem: &str) -> Result<(), ProtocolError> {
         let tunnels = self.tunnels;
         let local: Vec<String> = tunnels.registry.subscribe().borrow().keys().cloned().collect();
+        let agent = &self.cert.id.agent;
+        let named = tunnels.config.get().services.values().any(|s| &s.agent == agent);
         let renewed = tunnels
             .renewals
             .renew(
-                (&tunnels.trust, tunnels.cluster.as_deref()),
+                (&tunnels.trust, tunnels.cluster.as_deref(), named),
                 self.cert,
                 csr_pem,
                 (&tunnels.runtime.metrics, local),

@@ -32,6 +32,9 @@ pub(crate) enum RenewRefused {
     Off,
     #[error("certificate revoked")]
     Revoked,
+    /// No service names the agent any more (a reload removed it): it is not admitted.
+    #[error("no service of this relay names this agent")]
+    UnknownAgent,
     /// The certificate has more than a third of its lifetime left.
     #[error("certificate not due for renewal before {due_unix} (unix time)")]
     NotDue { due_unix: i64 },
@@ -54,6 +57,7 @@ impl RenewRefused {
         match self {
             Self::Off => "off",
             Self::Revoked => "revoked",
+            Self::UnknownAgent => "unknown_agent",
             Self::NotDue { .. } => "not_due",
             Self::TooSoon => "too_soon",
             Self::RenewedForAnotherKey => "renewed_already",
@@ -84,11 +88,15 @@ impl Renewals {
     /// revocation made there a moment ago holds here too (`local`: the agents it holds).
     pub(crate) async fn renew(
         &self,
-        (trust, cluster): (&Trust, Option<&Cluster>),
+        (trust, cluster, named): (&Trust, Option<&Cluster>, bool),
         cert: &AgentCert,
         csr_pem: &str,
         (metrics, local): (&Metrics, Vec<String>),
     ) -> Result<String, RenewRefused> {
+        if !named {
+            metrics.renewal(RenewRefused::UnknownAgent.metric());
+            return Err(RenewRefused::UnknownAgent);
+        }
         let fresh = match cluster {
             Some(cluster) if !cluster.is_writer() => cluster
                 .refresh_revocations(local, &trust.revocations)
