@@ -365,20 +365,53 @@ impl Engine {
         }
     }
 
-    /// The last `tail` lines the container wrote to stdout and stderr.
-    pub async fn logs(&self, spec: &ContainerSpec, tail: u32) -> Result<String, ContainerError> {
+    /// The last `tail` lines the container wrote to stdout and stderr, of which at most the last
+    /// `max` bytes are kept while they stream in (10,000 lines of 16 KiB would be 160 MiB).
+    pub async fn logs(&self, spec: &ContainerSpec, tail: u32, max: usize) -> Result<String, ContainerError> {
         if self.inspect_owned(spec).await?.is_none() {
             return Ok(String::new());
         }
         let client = self.client().await?;
         let options = LogsOptionsBuilder::default().stdout(true).stderr(true).tail(&tail.to_string()).build();
         let mut stream = client.logs(&spec.docker_name(), Some(options));
-        let mut text = String::new();
+        let mut kept = Tail::new(max);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| self.failed(e))?;
-            text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+            kept.push(&chunk.into_bytes());
         }
-        Ok(text)
+        Ok(kept.text())
+    }
+}
+
+/// The end of a stream of bytes: at most `max` of the last ones, and how many came before them.
+#[derive(Debug)]
+pub(crate) struct Tail {
+    max: usize,
+    kept: std::collections::VecDeque<u8>,
+    dropped: usize,
+}
+
+impl Tail {
+    pub(crate) fn new(max: usize) -> Self {
+        Self { max, kept: std::collections::VecDeque::new(), dropped: 0 }
+    }
+
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.kept.extend(bytes);
+        let over = self.kept.len().saturating_sub(self.max);
+        self.kept.drain(..over);
+        self.dropped += over;
+    }
+
+    /// The kept bytes as text, after a marker saying how much was left out (if anything was).
+    pub(crate) fn text(self) -> String {
+        let bytes: Vec<u8> = self.kept.into();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        if self.dropped == 0 {
+            text
+        } else {
+            format!("[... {} bytes left out ...]\n{text}", self.dropped)
+        }
     }
 }
 
@@ -444,4 +477,28 @@ fn to_event(message: EventMessage) -> Option<Event> {
     let action = message.action?;
     let exit_code = attributes.get("exitCode").and_then(|c| c.parse().ok());
     Some(Event { container, oom_seen: action == "oom", action, exit_code })
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use super::Tail;
+
+    #[test]
+    fn only_the_end_is_kept_while_it_streams() {
+        let mut tail = Tail::new(10);
+        for _ in 0..10_000 {
+            tail.push(&[b'x'; 16 * 1024]);
+            assert!(tail.kept.len() <= 10, "never more than the limit held");
+        }
+        tail.push(b"the end\n");
+        let text = tail.text();
+        assert!(text.ends_with("xxthe end\n"), "{text}");
+        assert!(
+            text.starts_with(&format!("[... {} bytes left out ...]", 10_000 * 16 * 1024 + 8 - 10)),
+            "{text}"
+        );
+        let mut short = Tail::new(100);
+        short.push(b"all of it\n");
+        assert_eq!(short.text(), "all of it\n");
+    }
 }

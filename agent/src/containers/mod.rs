@@ -457,9 +457,9 @@ impl Containers {
         Ok(format!("{name}: {}", state.word()))
     }
 
-    /// The last `tail` lines of the container's output.
-    pub async fn logs(&self, name: &str, tail: u32) -> Result<String, ContainerError> {
+    /// The last `tail` lines of the container's output, at most its last `max` bytes.
+    pub async fn logs(&self, name: &str, tail: u32, max: usize) -> Result<String, ContainerError> {
         let slot = self.slot(name)?.clone();
-        self.inner.engine.logs(&slot.spec(), tail).await
+        self.inner.engine.logs(&slot.spec(), tail, max).await
     }
 }

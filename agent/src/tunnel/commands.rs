@@ -73,7 +73,8 @@ async fn run(command: Command, tunnels: &Tunnels) -> Result<String, CommandFaile
         ContainerAction::Stop => c.stop(name).await,
         ContainerAction::Restart => c.restart(name).await,
         ContainerAction::Status => c.status(name).await,
-        ContainerAction::Logs { tail } => c.logs(name, tail.min(10_000)).await,
+        // Cut while it streams in, with room for the marker `bounded` would add.
+        ContainerAction::Logs { tail } => c.logs(name, tail.min(10_000), MAX_RESULT - 64).await,
     };
     match &result {
         Ok(_) => info!(id = command.id, container = name, action = ?command.action, "command done"),
