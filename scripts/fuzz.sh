@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of every decoder that sees bytes from the network
 # or a user: control, stream-header and enrollment frames, tunnel datagrams, the TLS ClientHello
-# parser, join tokens, relay.toml and agent.toml (fuzz/fuzz_targets/).
+# parser, join tokens, relay.toml and agent.toml, the tunnel over TCP as the relay sees it (link),
+# the replicas' bodies (cluster), the state files, certificate requests, Host values (against the
+# http crate) and the WSL helper file (fuzz/fuzz_targets/).
 #
 #   ./scripts/fuzz.sh            20 s per target (what CI runs)
 #   ./scripts/fuzz.sh 600        10 minutes per target
@@ -21,7 +23,7 @@ export PATH=$PWD/target/tools/bin:$PATH
 cd fuzz
 # No sanitizer: the code is safe Rust; what is looked for is panics and broken invariants.
 cargo +nightly fuzz build --sanitizer none --release
-for target in frames datagrams client_hello join_token config; do
+for target in frames datagrams client_hello join_token config link cluster state_files csr host wsl; do
     work=$(mktemp -d)
     cp -R "corpus/$target/." "$work/"
     log=$(mktemp)

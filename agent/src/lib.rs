@@ -31,6 +31,8 @@ pub mod containers;
 pub mod enroll;
 pub mod events;
 mod files;
+#[doc(hidden)]
+pub mod fuzzing;
 mod reload;
 pub mod service;
 mod targets;

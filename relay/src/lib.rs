@@ -28,6 +28,8 @@ pub mod cli;
 mod cluster;
 pub mod config;
 mod expose;
+#[doc(hidden)]
+pub mod fuzzing;
 mod metrics;
 pub mod ops;
 pub mod relay;

@@ -68,6 +68,11 @@ struct TokenFile {
     tokens: Vec<TokenRecord>,
 }
 
+/// Whether `text` reads as a tokens file (for the fuzz targets).
+pub(crate) fn parses_as_token_file(text: &str) -> bool {
+    toml::from_str::<TokenFile>(text).is_ok()
+}
+
 /// The relay's tokens.
 #[derive(Debug)]
 pub(crate) struct TokenStore {

@@ -43,7 +43,7 @@ pub(super) enum HostError {
 }
 
 /// `name`, `name:port`, `[v6]` or `[v6]:port` to the lower-case name (brackets dropped).
-pub(super) fn host_only(text: &str) -> Option<String> {
+pub(crate) fn host_only(text: &str) -> Option<String> {
     let name = if let Some(rest) = text.strip_prefix('[') {
         let (v6, after) = rest.split_once(']')?;
         if !(after.is_empty()
@@ -53,11 +53,16 @@ pub(super) fn host_only(text: &str) -> Option<String> {
         }
         v6
     } else {
-        match text.rsplit_once(':') {
+        let name = match text.rsplit_once(':') {
             Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
             Some(_) => return None,
             None => text,
+        };
+        // Outside brackets a name holds no colon and no bracket (`:f0[0:1]:443` is no host).
+        if name.bytes().any(|b| matches!(b, b':' | b'[' | b']')) {
+            return None;
         }
+        name
     };
     let name = name.trim_end_matches('.');
     if name.is_empty() || name.contains('@') || !name.bytes().all(|b| b.is_ascii_graphic()) {

@@ -52,6 +52,7 @@ use crate::{
 };
 
 mod headers;
+pub(crate) use headers::host_only;
 mod pool;
 mod upstream;
 
