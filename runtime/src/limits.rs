@@ -5,7 +5,7 @@ use std::time::Duration;
 
 /// Receive window of one stream, both ends and both transports: 1 MiB keeps a gigabit per stream
 /// at up to 8 ms RTT, and a sixteenth of the connection's window, so the streams whose readers
-/// stopped may hold at most half of it ([`crate::stall`]). It also bounds what quinn keeps per
+/// stopped may hold at most half of it (see the `stall` module). It also bounds what quinn keeps per
 /// stream slot (its recycled reassembly buffer grows with the window).
 pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
 
