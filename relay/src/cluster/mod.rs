@@ -63,6 +63,8 @@ pub(crate) struct Cluster {
     writer_reachable: AtomicBool,
     /// Wakes the sync loop before its interval is over (a revocation was forwarded, or draining).
     pub(crate) sync_now: Notify,
+    /// The writer only: woken by each report of another replica.
+    reported: Notify,
     /// When this replica started.
     started: Instant,
     /// Set when the drain begins: out of the replicas serving.
@@ -154,6 +156,7 @@ impl Cluster {
             reports: Mutex::default(),
             writer_reachable: AtomicBool::new(true),
             sync_now: Notify::new(),
+            reported: Notify::new(),
             started: Instant::now(),
             draining: AtomicBool::new(false),
             warm: AtomicBool::new(false),
@@ -238,6 +241,7 @@ impl Cluster {
                 agents: request.agents,
             };
             lock(&self.reports).insert(request.replica, report);
+            self.reported.notify_waiters();
         }
         let agents = self.refresh(local);
         (self.serving.borrow().clone(), agents)
@@ -278,9 +282,17 @@ impl Cluster {
         if !self.is_writer() {
             return;
         }
-        let deadline = self.started + self.config.sync_interval * 2;
-        while lock(&self.reports).is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let deadline = tokio::time::Instant::from_std(self.started + self.config.sync_interval * 2);
+        loop {
+            // Registered before the look, so a report arriving in between still wakes it.
+            let reported = self.reported.notified();
+            if !lock(&self.reports).is_empty() {
+                return;
+            }
+            tokio::select! {
+                () = reported => {}
+                () = tokio::time::sleep_until(deadline) => return,
+            }
         }
     }
 
