@@ -3,6 +3,7 @@
 
 mod compare;
 pub(crate) mod enroll;
+mod ca;
 pub mod pki;
 pub(crate) mod revocations;
 pub(crate) mod state_file;
