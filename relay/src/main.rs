@@ -27,6 +27,11 @@ enum Command {
         #[arg(long = "san", required = true)]
         sans: Vec<String>,
     },
+    /// The private CA: rotate the intermediate the relays sign with.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Manage agents.
     Agent {
         #[command(subcommand)]
@@ -138,6 +143,21 @@ enum AgentCommand {
 }
 
 #[derive(Subcommand)]
+enum CaCommand {
+    /// Make a new intermediate with the root's key and a new relay certificate signed by it, in
+    /// DIR (the old files are kept in DIR/retired-<time>/). Agents keep their certificates and
+    /// renew into the new intermediate; relays take it when restarted with the new files.
+    Rotate {
+        /// The relay's state directory (ca.crt, ca.key, relay.crt, relay.key).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The root's key (default: DIR/root.key), e.g. from the removable disk it is kept on.
+        #[arg(long)]
+        root_key: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum TokenCommand {
     /// Create a token for agent NAME and print it.
     Create {
@@ -175,8 +195,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init { dir, sans } => {
             let report = pki::init(&dir, &sans)?;
-            println!("CA certificate:    {}", report.ca_cert.display());
+            println!("CA certificate:    {} (the root agents and relays trust)", report.ca_cert.display());
             println!("relay certificate: {} (names: {})", report.relay_cert.display(), sans.join(", "));
+            println!(
+                "root key:          {} (move it off this machine: only `ca rotate` needs it; the relay signs with ca.key, an intermediate)",
+                report.root_key.display()
+            );
             match report.config {
                 Some(path) => println!(
                     "starter config:    {} (edit its services, then: sallyport-relay serve --config {})",
@@ -185,6 +209,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 None => println!("existing relay.toml left as it was"),
             }
+            Ok(())
+        }
+        Command::Ca { command: CaCommand::Rotate { dir, root_key } } => {
+            let report = sallyport_relay::trust::rotate::rotate(&dir, root_key.as_deref())?;
+            if let Some(moved) = &report.root_key_moved {
+                println!(
+                    "ca.key was the root's key: it is now {} (move it off this machine)",
+                    moved.display()
+                );
+            }
+            println!(
+                "new intermediate in {} and relay certificate in {} (names: {}); the old files are in {}",
+                dir.join(pki::CA_KEY).display(),
+                dir.join(pki::RELAY_CERT).display(),
+                report.sans.join(", "),
+                report.retired.display()
+            );
+            println!("give the relays the new ca.key, relay.crt and relay.key and restart them; agents keep working");
             Ok(())
         }
         Command::Reload { config } => {

@@ -83,6 +83,9 @@ impl Relay {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let tls = config.relay.tls().load()?;
         let relay_not_after = tls.leaf.not_after_unix;
+        // The intermediate the relay's certificate carries, when it has one (`init` makes one).
+        let issuer_not_after =
+            tls.identity.chain.get(1).and_then(|c| tls::inspect(c).ok()).map(|info| info.not_after_unix);
         let admin_token = load_admin_token(&config)?;
         let read_token = load_read_token(&config)?;
         if let (Some(admin), Some(read), Some(path)) =
@@ -152,7 +155,7 @@ impl Relay {
         let config = Arc::new(config);
         let (reload, reloads) = mpsc::channel(4);
         let runtime = Arc::new(Runtime::with_udp(udp));
-        runtime.metrics.relay_certificate(relay_not_after);
+        runtime.metrics.relay_certificate(relay_not_after, issuer_not_after);
         let registry = Arc::new(Registry::default());
         let ops = Arc::new(Ops {
             config: Live::new(config.clone()),

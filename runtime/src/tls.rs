@@ -267,7 +267,7 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
         )
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(
@@ -369,6 +369,29 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
     })
 }
 
+/// The raw public key (the subject public key's bits) of a DER certificate.
+pub fn public_key(der: &[u8]) -> Result<Vec<u8>, CertError> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| CertError::Parse(e.to_string()))?;
+    Ok(cert.public_key().subject_public_key.data.to_vec())
+}
+
+/// Checks that `chain` (a leaf, then the certificates its holder sends along) leads to the CA
+/// certificate `ca_der`: the leaf signed by the CA, or by the next certificate, and so on.
+pub fn verify_chain(chain: &[CertificateDer<'_>], ca_der: &[u8]) -> Result<(), CertError> {
+    for (i, cert) in chain.iter().enumerate().take(4) {
+        if verify_issued_by(cert, ca_der).is_ok() {
+            return Ok(());
+        }
+        match chain.get(i + 1) {
+            Some(next) => verify_issued_by(cert, next)?,
+            None => break,
+        }
+    }
+    Err(CertError::NotIssuedBy)
+}
+
 /// Checks that `cert_der` carries a valid signature of the CA certificate `ca_der`.
 pub fn verify_issued_by(cert_der: &[u8], ca_der: &[u8]) -> Result<(), CertError> {
     use x509_parser::prelude::FromDer;
@@ -445,7 +468,7 @@ impl TlsFiles {
             Identity::from_pem(&read(&self.cert)?, &key_pem).map_err(|e| fail(&self.cert, e.to_string()))?;
         // `Identity::from_pem` refuses an empty chain, so the leaf is there.
         let leaf = identity.chain.first().ok_or_else(|| fail(&self.cert, "no certificate".into()))?;
-        verify_issued_by(leaf, &ca[0])
+        verify_chain(&identity.chain, &ca[0])
             .map_err(|e| fail(&self.cert, format!("{e} (CA {})", self.ca_cert.display())))?;
         let leaf = inspect(leaf).map_err(|e| fail(&self.cert, e.to_string()))?;
         let ca = ca.into_iter().next().ok_or_else(|| fail(&self.ca_cert, "no certificate".into()))?;

@@ -56,7 +56,7 @@ sallyport_runtime::config_section! {
         cert: PathBuf = PathBuf::new(), from PathBuf, required_path, restart;
         /// The relay's private key.
         key: PathBuf = PathBuf::new(), from PathBuf, required_path, restart;
-        /// The CA's private key: with it (and an admin token) the relay enrolls agents with join tokens.
+        /// The intermediate CA's private key (`ca.key` from `init`, never the root's): with it (and an admin token) the relay enrolls agents with join tokens.
         ca_key: Option<PathBuf> = None, from PathBuf, path, restart;
         /// Where join tokens are kept across restarts (`none`: in memory only).
         tokens_file: Option<PathBuf> = None, from PathBuf, path, restart;

@@ -40,6 +40,7 @@ impl Default for Metrics {
             agent_up: Family::default(),
             cert_expiry: Family::default(),
             relay_cert_not_after: std::sync::atomic::AtomicI64::new(0),
+            issuer_cert_not_after: std::sync::atomic::AtomicI64::new(0),
             ready: Gauge::default(),
             replicas_serving: Gauge::default(),
             writer_reachable: Gauge::default(),
@@ -176,7 +177,8 @@ impl Default for Metrics {
         );
         m.registry.register(
             "certificate_expiry_timestamp_seconds",
-            "When a certificate stops being valid, as Unix time: the relay's own, and each connected agent's",
+            "When a certificate stops being valid, as Unix time: the relay's own, the intermediate CA it \
+             carries (`issuer`), and each connected agent's",
             m.cert_expiry.clone(),
         );
         m.registry.register(

@@ -79,6 +79,7 @@ pub(crate) struct Metrics {
     revocations_missing: Gauge,
     /// The relay's own certificate's end of validity (Unix time; 0: not known).
     relay_cert_not_after: std::sync::atomic::AtomicI64,
+    issuer_cert_not_after: std::sync::atomic::AtomicI64,
     container_state: Family<Labels, Gauge>,
     start_failures: Family<Labels, Counter>,
     cold_start: Family<Labels, Gauge<f64, AtomicU64>>,
@@ -177,8 +178,9 @@ impl Metrics {
     }
 
     /// The relay's own certificate's end of validity (set at start).
-    pub(crate) fn relay_certificate(&self, not_after_unix: i64) {
+    pub(crate) fn relay_certificate(&self, not_after_unix: i64, issuer_not_after_unix: Option<i64>) {
         self.relay_cert_not_after.store(not_after_unix, Ordering::Relaxed);
+        self.issuer_cert_not_after.store(issuer_not_after_unix.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Per-service figures for the status page: (active, total, bytes up, bytes down).

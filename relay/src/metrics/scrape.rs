@@ -40,6 +40,10 @@ impl Metrics {
         if relay_cert != 0 {
             self.cert_expiry.get_or_create(&vec![("certificate", "relay".to_owned())]).set(relay_cert);
         }
+        let issuer_cert = self.issuer_cert_not_after.load(Ordering::Relaxed);
+        if issuer_cert != 0 {
+            self.cert_expiry.get_or_create(&vec![("certificate", "issuer".to_owned())]).set(issuer_cert);
+        }
         for name in named {
             self.agent_up.get_or_create(&vec![("agent", name.clone())]).set(0);
         }

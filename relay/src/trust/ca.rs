@@ -8,50 +8,168 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-use super::pki::{read, Issued, PkiError, CA_CERT, CA_KEY, CA_VALIDITY, RELAY_VALIDITY};
+use rustls::pki_types::CertificateDer;
+use sallyport_runtime::tls;
 
-/// A certificate authority that can sign.
+use super::pki::{read, Issued, PkiError, CA_CERT, CA_KEY, CA_VALIDITY, RELAY_CERT, RELAY_VALIDITY};
+
+/// Lifetime of the intermediate the relays sign with (it is rotated before then, with the root's key).
+pub const INTERMEDIATE_VALIDITY: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
+
+/// When the root certificate `root_pem` ends.
+fn root_not_after(root_pem: &str) -> Result<OffsetDateTime, PkiError> {
+    let certs = tls::certs_from_pem(root_pem.as_bytes(), "CA certificate")
+        .map_err(|e| PkiError::Cert(e.to_string()))?;
+    let cert = certs.first().ok_or_else(|| PkiError::Cert("no certificate".into()))?;
+    let info = tls::inspect(cert).map_err(|e| PkiError::Cert(e.to_string()))?;
+    OffsetDateTime::from_unix_timestamp(info.not_after_unix).map_err(|e| PkiError::Cert(e.to_string()))
+}
+
+/// The certificates of a PEM text, each as its own PEM block with its DER.
+fn pem_blocks(pem: &str) -> Result<Vec<(String, CertificateDer<'static>)>, PkiError> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut blocks = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let Some(len) = rest[start..].find(END) else { break };
+        let block = format!("{}\n", &rest[start..start + len + END.len()]);
+        let der = tls::certs_from_pem(block.as_bytes(), "certificate")
+            .map_err(|e| PkiError::Cert(e.to_string()))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| PkiError::Cert("an empty certificate block".into()))?;
+        blocks.push((block, der));
+        rest = &rest[start + len + END.len()..];
+    }
+    Ok(blocks)
+}
+
+/// A certificate authority that can sign: the root itself, or (as `init` makes it) an
+/// intermediate below the root, so the root's key can stay offline.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
+    /// The issuing certificate (PEM).
     cert_pem: String,
+    /// The root everyone checks certificates against (PEM): `cert_pem` for a root.
+    root_pem: String,
+    /// The issuing certificate is an intermediate: every certificate issued carries it along.
+    intermediate: bool,
 }
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").finish_non_exhaustive()
+        f.debug_struct("Ca").field("intermediate", &self.intermediate).finish_non_exhaustive()
     }
 }
 
 impl Ca {
-    /// Creates a new CA with a fresh ECDSA P-256 key.
+    /// Creates a new root CA with a fresh ECDSA P-256 key; it may sign one level of intermediates.
     pub fn generate(common_name: &str) -> Result<(Self, String), PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, common_name);
         params.distinguished_name.push(DnType::OrganizationName, "Sallyport");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         set_validity(&mut params, CA_VALIDITY, clock_slack(CA_VALIDITY))?;
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
         let cert_pem = cert.pem();
-        Ok((Self { issuer: Issuer::new(params, key), cert_pem }, key_pem))
+        let ca = Self {
+            issuer: Issuer::new(params, key),
+            root_pem: cert_pem.clone(),
+            cert_pem,
+            intermediate: false,
+        };
+        Ok((ca, key_pem))
     }
 
-    /// Loads a CA from its PEM certificate and key.
-    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+    /// Issues an intermediate CA below this root (valid for [`INTERMEDIATE_VALIDITY`], never past
+    /// the root), with a fresh key.
+    pub fn issue_intermediate(&self) -> Result<(Self, String), PkiError> {
+        if self.intermediate {
+            return Err(PkiError::NotRoot);
+        }
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "Sallyport relay CA");
+        params.distinguished_name.push(DnType::OrganizationName, "Sallyport");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, INTERMEDIATE_VALIDITY, clock_slack(INTERMEDIATE_VALIDITY))?;
+        let root_end = root_not_after(&self.root_pem)?;
+        if params.not_after > root_end {
+            params.not_after = root_end;
+        }
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let key_pem = key.serialize_pem();
+        let ca = Self {
+            issuer: Issuer::new(params, key),
+            cert_pem: cert.pem(),
+            root_pem: self.root_pem.clone(),
+            intermediate: true,
+        };
+        Ok((ca, key_pem))
+    }
+
+    /// Loads the CA whose key is `key_pem`: the root `root_pem` itself, or the intermediate among
+    /// the certificates of `chain_pem` (a relay's certificate file) that the key belongs to. An
+    /// intermediate must be signed by the root.
+    pub fn from_parts(key_pem: &str, root_pem: &str, chain_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem)?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(Self { issuer, cert_pem: cert_pem.to_owned() })
+        let roots = tls::certs_from_pem(root_pem.as_bytes(), "CA certificate")
+            .map_err(|e| PkiError::Cert(e.to_string()))?;
+        let [root] = roots.as_slice() else {
+            return Err(PkiError::Cert("the CA file must hold exactly one certificate".into()));
+        };
+        let owns = |cert: &CertificateDer<'_>| tls::public_key(cert).is_ok_and(|k| k == key.public_key_raw());
+        if owns(root) {
+            let issuer = Issuer::from_ca_cert_der(root, key)?;
+            return Ok(Self {
+                issuer,
+                cert_pem: root_pem.to_owned(),
+                root_pem: root_pem.to_owned(),
+                intermediate: false,
+            });
+        }
+        let Some((cert_pem, cert)) = pem_blocks(chain_pem)?.into_iter().find(|(_, c)| owns(c)) else {
+            return Err(PkiError::KeyNotInChain);
+        };
+        tls::verify_issued_by(&cert, root)
+            .map_err(|_| PkiError::Cert("the intermediate is not signed by the CA".into()))?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key)?;
+        Ok(Self { issuer, cert_pem, root_pem: root_pem.to_owned(), intermediate: true })
     }
 
-    /// Loads the CA of a relay state directory.
+    /// Loads the CA of a relay state directory: `ca.key` with `ca.crt` (the root) and the
+    /// intermediate that `relay.crt` carries after the relay's own certificate.
     pub fn load(dir: &Path) -> Result<Self, PkiError> {
-        Self::from_pem(&read(&dir.join(CA_CERT))?, &read(&dir.join(CA_KEY))?)
+        Self::from_parts(&read(&dir.join(CA_KEY))?, &read(&dir.join(CA_CERT))?, &read(&dir.join(RELAY_CERT))?)
     }
 
+    /// The root certificate (PEM) agents and relays check against.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// Whether this CA is the root itself (its key signs `ca.crt`), not an intermediate.
+    pub fn is_root(&self) -> bool {
+        !self.intermediate
+    }
+
+    /// The issuing certificate (PEM).
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// A certificate this CA signed, as the PEM its holder presents: with the intermediate after it.
+    fn chained(&self, leaf_pem: String) -> String {
+        if self.intermediate {
+            leaf_pem + &self.cert_pem
+        } else {
+            leaf_pem
+        }
     }
 
     /// Issues the relay's server certificate for the given IP addresses and DNS names.
@@ -104,7 +222,7 @@ impl Ca {
         // Checked on the relay's own clock: valid from the second of issue, which `agent revoke`
         // compares against.
         set_validity(&mut params, validity, Duration::ZERO)?;
-        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+        Ok(self.chained(params.signed_by(&csr.public_key, &self.issuer)?.pem()))
     }
 
     fn sign(
@@ -118,7 +236,7 @@ impl Ca {
         set_validity(&mut params, validity, slack)?;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(Issued { cert_pem: self.chained(cert.pem()), key_pem: key.serialize_pem() })
     }
 }
 

@@ -249,7 +249,7 @@ fn issue(agent: &str, request: &EnrollRequest, enrollment: &Enrollment) -> Enrol
             EnrollResponse::Issued {
                 agent,
                 cert_pem,
-                ca_pem: enrollment.ca.cert_pem().to_owned(),
+                ca_pem: enrollment.ca.root_pem().to_owned(),
                 not_after_unix: (now_unix() + enrollment.validity.as_secs()) as i64,
             }
         }

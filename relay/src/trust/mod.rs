@@ -1,11 +1,12 @@
 //! Who the relay trusts: its private CA and certificates, enrollment with join tokens, revoked
 //! certificates, and the state files that keep tokens and revocations across restarts.
 
+mod ca;
 mod compare;
 pub(crate) mod enroll;
-mod ca;
 pub mod pki;
 pub(crate) mod revocations;
+pub mod rotate;
 pub(crate) mod state_file;
 
 pub(crate) use compare::constant_time_eq;
@@ -38,6 +39,16 @@ pub enum TrustError {
     /// The CA key does not load, or does not belong to the CA certificate.
     #[error("{}: {source}", path.display())]
     CaKey { path: PathBuf, source: pki::PkiError },
+    /// `relay.ca_key` is the root's own key: the relay signs only with an intermediate.
+    #[error(
+        "{}: key `relay.ca_key`: {} is the root CA's key (the key of relay.ca_cert); the relay signs with \
+         an intermediate so the root's key stays offline: run `sallyport-relay ca rotate --dir <the \
+         state directory>` once, which moves the root's key to root.key and gives the relay an \
+         intermediate (docs/trust.md)",
+        config.display(),
+        path.display()
+    )]
+    RootKeyOnline { path: PathBuf, config: PathBuf },
     /// The tokens or revocations file cannot be used.
     #[error(transparent)]
     State(#[from] StateError),
@@ -81,8 +92,12 @@ impl Trust {
         let read = |path: &Path| {
             std::fs::read_to_string(path).map_err(|source| TrustError::Read { path: path.to_owned(), source })
         };
-        let ca = pki::Ca::from_pem(&read(&config.relay.ca_cert)?, &read(key_path)?)
-            .map_err(|source| TrustError::CaKey { path: key_path.to_owned(), source })?;
+        let ca =
+            pki::Ca::from_parts(&read(key_path)?, &read(&config.relay.ca_cert)?, &read(&config.relay.cert)?)
+                .map_err(|source| TrustError::CaKey { path: key_path.to_owned(), source })?;
+        if ca.is_root() {
+            return Err(TrustError::RootKeyOnline { path: key_path.to_owned(), config: config.path.clone() });
+        }
         let tokens = enroll::TokenStore::open(config.relay.tokens_file.clone())?;
         Ok(enroll::Enrollment { ca, tokens, validity: config.relay.agent_cert_validity })
     }

@@ -13,7 +13,10 @@ pub use super::ca::Ca;
 
 /// File names inside a relay's state directory.
 pub const CA_CERT: &str = "ca.crt";
+/// The key the relays sign with: the intermediate's, whose certificate `relay.crt` carries.
 pub const CA_KEY: &str = "ca.key";
+/// The root's key: `init` writes it for the operator to move offline; only `ca rotate` uses it.
+pub const ROOT_KEY: &str = "root.key";
 pub const RELAY_CERT: &str = "relay.crt";
 pub const RELAY_KEY: &str = "relay.key";
 
@@ -43,6 +46,16 @@ pub enum PkiError {
     San(String),
     #[error("at least one --san (the address or DNS name agents use to reach the relay) is required")]
     NoSan,
+    #[error("{0}")]
+    Cert(String),
+    #[error("the CA key belongs neither to the CA certificate nor to an intermediate in the relay's certificate file")]
+    KeyNotInChain,
+    #[error("only the root CA issues intermediates")]
+    NotRoot,
+    #[error("{}: the root CA's key is needed (give it with --root-key)", .0.display())]
+    NoRootKey(PathBuf),
+    #[error("{}: this key is not the root CA's (the key of ca.crt)", .0.display())]
+    NotRootKey(PathBuf),
 }
 
 /// A PEM certificate with its PEM private key.
@@ -62,23 +75,28 @@ impl std::fmt::Debug for Issued {
 #[derive(Debug)]
 pub struct InitReport {
     pub ca_cert: PathBuf,
+    /// The root's key, for the operator to move offline.
+    pub root_key: PathBuf,
     pub relay_cert: PathBuf,
     pub config: Option<PathBuf>,
 }
 
-/// Creates the CA and the relay's certificate in `dir`, and a starter `relay.toml` unless one exists.
+/// Creates the root CA, the intermediate the relays sign with and the relay's certificate in
+/// `dir`, and a starter `relay.toml` unless one exists.
 pub fn init(dir: &Path, sans: &[String]) -> Result<InitReport, PkiError> {
     fs::create_dir_all(dir).map_err(|source| PkiError::Io { path: dir.to_owned(), source })?;
-    for name in [CA_CERT, CA_KEY, RELAY_CERT, RELAY_KEY] {
+    for name in [CA_CERT, ROOT_KEY, CA_KEY, RELAY_CERT, RELAY_KEY] {
         let path = dir.join(name);
         if path.exists() {
             return Err(PkiError::Exists(path));
         }
     }
-    let (ca, ca_key) = Ca::generate("Sallyport CA")?;
+    let (root, root_key) = Ca::generate("Sallyport CA")?;
+    let (ca, ca_key) = root.issue_intermediate()?;
     let relay = ca.issue_relay(sans)?;
+    write_private(&dir.join(ROOT_KEY), &root_key)?;
     write_private(&dir.join(CA_KEY), &ca_key)?;
-    write_public(&dir.join(CA_CERT), ca.cert_pem())?;
+    write_public(&dir.join(CA_CERT), ca.root_pem())?;
     write_private(&dir.join(RELAY_KEY), &relay.key_pem)?;
     write_public(&dir.join(RELAY_CERT), &relay.cert_pem)?;
     let config_path = dir.join("relay.toml");
@@ -88,7 +106,12 @@ pub fn init(dir: &Path, sans: &[String]) -> Result<InitReport, PkiError> {
         write_public(&config_path, STARTER_CONFIG)?;
         Some(config_path)
     };
-    Ok(InitReport { ca_cert: dir.join(CA_CERT), relay_cert: dir.join(RELAY_CERT), config })
+    Ok(InitReport {
+        ca_cert: dir.join(CA_CERT),
+        root_key: dir.join(ROOT_KEY),
+        relay_cert: dir.join(RELAY_CERT),
+        config,
+    })
 }
 
 /// A starter `relay.toml`; its service is an example to edit.
@@ -129,7 +152,7 @@ pub fn add_agent(
     let ca = Ca::load(state_dir)?;
     let issued = ca.issue_agent(name, validity)?;
     fs::create_dir_all(out).map_err(|source| PkiError::Io { path: out.to_owned(), source })?;
-    write_public(&out.join(CA_CERT), ca.cert_pem())?;
+    write_public(&out.join(CA_CERT), ca.root_pem())?;
     write_public(&out.join(AGENT_CERT), &issued.cert_pem)?;
     write_private(&out.join(AGENT_KEY), &issued.key_pem)?;
     let config = out.join("agent.toml");
@@ -169,7 +192,7 @@ pub(crate) fn write_private_io(path: &Path, contents: &str) -> std::io::Result<(
     durable::write_file(path, contents.as_bytes(), durable::Access::Private, None)
 }
 
-fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
+pub(super) fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
     fs::write(path, contents).map_err(|source| PkiError::Io { path: path.to_owned(), source })
 }
 
