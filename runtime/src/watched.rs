@@ -3,6 +3,7 @@
 
 use std::{
     io,
+    ops::Deref,
     pin::Pin,
     task::{Context, Poll},
 };
@@ -11,20 +12,21 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::flows::Activity;
 
-/// `inner`, with every read or write that moves bytes stamping `activity`.
+/// `inner`, with every read or write that moves bytes stamping `activity` (a reference, or an
+/// `Arc` for an object that must own everything, as an upgradable HTTP connection must).
 #[derive(Debug)]
-pub struct Watched<'a, S> {
+pub struct Watched<A, S> {
     inner: S,
-    activity: &'a Activity,
+    activity: A,
 }
 
-impl<'a, S> Watched<'a, S> {
-    pub fn new(inner: S, activity: &'a Activity) -> Self {
+impl<A: Deref<Target = Activity>, S> Watched<A, S> {
+    pub fn new(inner: S, activity: A) -> Self {
         Self { inner, activity }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
+impl<A: Deref<Target = Activity> + Unpin, S: AsyncRead + Unpin> AsyncRead for Watched<A, S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -39,7 +41,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
+impl<A: Deref<Target = Activity> + Unpin, S: AsyncWrite + Unpin> AsyncWrite for Watched<A, S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, data);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {

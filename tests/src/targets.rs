@@ -65,6 +65,42 @@ pub async fn http_ok(body: &'static str) -> Target {
     .await
 }
 
+/// Reads a request head and its whole `Content-Length` body, then answers `200 OK` with the
+/// number of body bytes it got (an upload endpoint that answers only once it has everything).
+pub async fn http_upload() -> Target {
+    use tokio::io::AsyncReadExt;
+    serve(|mut stream| async move {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let (head_end, length) = loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>()))
+                    .and_then(Result::ok)
+                    .unwrap_or(0);
+                break (end + 4, length);
+            }
+        };
+        while got.len() - head_end < length {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let body = format!("{length}\n");
+        let response =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        let _ = stream.write_all(response.as_bytes()).await;
+    })
+    .await
+}
+
 /// Accepts connections and never reads from them (a stalled upstream).
 pub async fn sink() -> Target {
     serve(|stream| async move {

@@ -81,8 +81,8 @@ pub struct Service {
     /// In Kubernetes: a MetalLB IP of the service's own instead of the relay's shared one (used by
     /// `sallyport-relay manifests` only).
     pub load_balancer_ip: Option<std::net::IpAddr>,
-    /// A client connection (TCP, or HTTP after an upgrade) that moves no byte either way for this
-    /// long is reset; `None` for long-lived protocols that sit quiet (`idle_timeout = "0s"`).
+    /// A client connection (TCP, HTTP once a request named the service, HTTP after an upgrade)
+    /// that moves no byte either way for this long is closed; `None` for long-lived protocols that sit quiet (`idle_timeout = "0s"`).
     pub idle_timeout: Option<Duration>,
 }
 

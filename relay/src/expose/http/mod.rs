@@ -39,6 +39,7 @@ use tracing::{debug, info_span, Instrument};
 
 use self::{
     headers::{is_upgrade, prepare, request_host, strip_hop_by_hop},
+    idle::IdleWatch,
     pool::Pool,
     upstream::{connect, reason_of},
 };
@@ -53,6 +54,7 @@ use crate::{
 
 mod headers;
 pub(crate) use headers::host_only;
+mod idle;
 mod pool;
 mod upstream;
 
@@ -88,6 +90,8 @@ pub(crate) async fn serve(
 struct ClientConnection {
     pool: Pool,
     lease: Arc<Lease>,
+    /// Closes the connection once nothing moved on it for its service's idle timeout.
+    idle: IdleWatch,
 }
 
 async fn connection(
@@ -102,9 +106,10 @@ async fn connection(
     let limits = &config.relay;
     let metrics = &http.exposure.runtime.metrics;
     // This client connection's own upstream connections; they close with it.
-    let client = Arc::new(ClientConnection { pool: Pool::default(), lease });
+    let client = Arc::new(ClientConnection { pool: Pool::default(), lease, idle: IdleWatch::default() });
+    let stream = Watched::new(stream, client.idle.activity.clone());
     let handler = {
-        let http = http.clone();
+        let (http, client) = (http.clone(), client.clone());
         service_fn(move |req| {
             let (http, client) = (http.clone(), client.clone());
             async move { Ok::<_, Infallible>(handle(req, peer, &http, &client).await) }
@@ -122,6 +127,10 @@ async fn connection(
         () = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
+        }
+        () = client.idle.expired() => {
+            debug!(%peer, "client connection idle for its service's idle_timeout: closed");
+            return;
         }
     };
     match result {
@@ -165,7 +174,8 @@ async fn handle(
         return page(StatusCode::NOT_FOUND, &format!("no service is published under the host name {host:?}"));
     };
     let service = &served.service;
-    let active = metrics.connection(&service.name);
+    client.idle.serve(service.idle_timeout);
+    let active = IdleAware { active: Some(metrics.connection(&service.name)), idle: &client.idle };
     let forwarded = tokio::select! {
         r = forward(req, peer, &host, service, &served.retired, http, client) => r,
         () = served.retired.cancelled() => Err(Failure {
@@ -176,12 +186,12 @@ async fn handle(
     };
     let response = match forwarded {
         Ok(response) => {
-            active.end(Outcome::Completed, 0, 0);
+            active.end(Outcome::Completed);
             response
         }
         Err(failure) => {
             debug!(service = %service.name, reason = %failure.reason, status = %failure.status, "request not carried");
-            active.end(failure.outcome, 0, 0);
+            active.end(failure.outcome);
             page(failure.status, &failure.reason)
         }
     };
@@ -325,6 +335,31 @@ async fn splice_upgraded(
             Err(e) => debug!(error = %e, "upgraded connection reset"),
         },
         () = quiet => debug!(?idle, "upgraded connection idle: closed"),
+    }
+}
+
+/// A request's place in the figures: a request cut because its client's connection went idle
+/// (a body trickled too slowly, no response in time) is counted `idle`, not `reset`.
+struct IdleAware<'a> {
+    active: Option<crate::metrics::Active<'a>>,
+    idle: &'a IdleWatch,
+}
+
+impl IdleAware<'_> {
+    fn end(mut self, outcome: Outcome) {
+        if let Some(active) = self.active.take() {
+            active.end(outcome, 0, 0);
+        }
+    }
+}
+
+impl Drop for IdleAware<'_> {
+    fn drop(&mut self) {
+        if let Some(active) = self.active.take() {
+            if self.idle.fired() {
+                active.end(Outcome::Idle, 0, 0);
+            }
+        }
     }
 }
 
