@@ -246,6 +246,14 @@ impl Relay {
         let after_drain = CancellationToken::new();
         let background = &runtime.background;
         background.spawn(admin::serve(admin, ops.clone(), after_drain.clone()));
+        // Lines held back by the per-peer log budgets are counted in one line per site and period.
+        let flush_until = after_drain.clone();
+        background.spawn(async move {
+            tokio::select! {
+                () = sallyport_runtime::peer_logs::flush_every_period() => {}
+                () = flush_until.cancelled() => {}
+            }
+        });
         if let Some((listener, tls)) = replica_port {
             background.spawn(crate::ops::replica_port::serve(
                 listener,

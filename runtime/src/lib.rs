@@ -38,6 +38,7 @@ pub mod limits;
 pub mod link;
 pub mod live;
 pub mod logs;
+pub mod peer_logs;
 pub mod quic;
 pub mod replica_tls;
 pub mod splice;

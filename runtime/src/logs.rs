@@ -49,6 +49,17 @@ impl LogBudget {
     }
 }
 
+/// `text` as a log field another party chose: control characters (line breaks, escapes) left out,
+/// at most `max` characters, with `…` where it was cut.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut shown: String = text.trim().chars().filter(|c| !c.is_control()).take(max + 1).collect();
+    if shown.chars().count() > max {
+        shown = shown.chars().take(max).collect();
+        shown.push('…');
+    }
+    shown
+}
+
 /// Writes a log line at `$level` (`info`, `warn`, ...) within a budget of its own call site (10
 /// lines every 10 s), with `left_out` counting the lines held back since the last one written:
 /// `limited!(info, reason, "not a TLS ClientHello: closing")`.
@@ -66,6 +77,13 @@ macro_rules! limited {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_from_another_party_is_shown_on_one_line_and_bounded() {
+        assert_eq!(printable("  refused\n\u{1b}[31mfake line\r\n", 100), "refused[31mfake line");
+        assert_eq!(printable(&"x".repeat(300), 5), "xxxxx…");
+        assert_eq!(printable("short", 5), "short");
+    }
 
     #[test]
     fn a_few_lines_per_period_then_a_count_of_the_rest() {

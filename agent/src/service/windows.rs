@@ -337,10 +337,13 @@ mod logging {
         }
 
         fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            // A message or value may carry what another party sent (a relay's refusal): one line
+            // in the Event Log per event, never a forged second one, and bounded.
+            let shown = sallyport_runtime::logs::printable(&format!("{value:?}"), 2000);
             if field.name() == "message" {
-                self.text.insert_str(0, &format!("{value:?}"));
+                self.text.insert_str(0, &shown);
             } else {
-                self.text.push_str(&format!(" {}={value:?}", field.name()));
+                self.text.push_str(&format!(" {}={shown}", field.name()));
             }
         }
     }

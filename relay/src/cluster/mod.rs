@@ -333,7 +333,7 @@ impl Cluster {
         let body = toml::to_string(&request).unwrap_or_default();
         let (status, body) = self.call(Method::POST, "/cluster/v1/sync", body).await?;
         if status != 200 {
-            return Err(SyncError::Status { status, body: body.trim().to_owned() });
+            return Err(SyncError::Status { status, body: sallyport_runtime::logs::printable(&body, 200) });
         }
         Ok(toml::from_str(&body)?)
     }
@@ -345,7 +345,7 @@ impl Cluster {
         let answer = match self.call(Method::POST, "/cluster/v1/redeem", body).await {
             Ok((200, body)) => toml::from_str::<RedeemAnswer>(&body).ok(),
             Ok((status, body)) => {
-                tracing::warn!(status, body = body.trim(), "the writer refused a token check");
+                tracing::warn!(status, body = %sallyport_runtime::logs::printable(&body, 200), "the writer refused a token check");
                 None
             }
             Err(e) => {

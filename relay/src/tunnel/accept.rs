@@ -126,7 +126,8 @@ async fn handle_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) 
 }
 
 async fn serve_incoming(incoming: Incoming, pass: Pass, tunnels: Arc<Tunnels>) {
-    let Some(connection) = within_handshake(&tunnels, incoming).await else { return };
+    let remote = incoming.remote_address();
+    let Some(connection) = within_handshake(&tunnels, remote, incoming).await else { return };
     serve_connection(Connection::from(connection), pass, tunnels).await;
 }
 
@@ -153,6 +154,7 @@ fn enter_gate(tunnels: &Tunnels, remote: SocketAddr) -> Option<Pass> {
 /// lines per period), when it fails or times out.
 async fn within_handshake<T, E: std::fmt::Display>(
     tunnels: &Tunnels,
+    remote: SocketAddr,
     handshake: impl std::future::IntoFuture<Output = Result<T, E>>,
 ) -> Option<T> {
     let timeout = tunnels.config.get().relay.handshake_timeout;
@@ -160,12 +162,12 @@ async fn within_handshake<T, E: std::fmt::Display>(
     match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(done)) => Some(done),
         Ok(Err(e)) => {
-            sallyport_runtime::limited!(warn, error = %e, "handshake failed");
+            sallyport_runtime::limited_per!(remote.ip(), warn, %remote, error = %e, "handshake failed");
             metrics.handshake_failed("tls");
             None
         }
         Err(_) => {
-            sallyport_runtime::limited!(warn, ?timeout, "handshake timed out");
+            sallyport_runtime::limited_per!(remote.ip(), warn, %remote, ?timeout, "handshake timed out");
             metrics.handshake_failed("timeout");
             None
         }
@@ -195,7 +197,7 @@ where
             );
             tcp::client(tls, peer, settings).await.map_err(|e| e.to_string())
         };
-        let Some(connection) = within_handshake(&tunnels, handshake).await else { return };
+        let Some(connection) = within_handshake(&tunnels, remote, handshake).await else { return };
         serve_connection(Connection::from(connection), pass, tunnels.clone()).await;
     };
     tokio::select! {
@@ -227,7 +229,8 @@ async fn serve_connection(connection: Connection, pass: Pass, tunnels: Arc<Tunne
     let cert = match agent_identity(&connection) {
         Ok(identity) => identity,
         Err(refused) => {
-            sallyport_runtime::limited!(warn, reason = %refused, "agent certificate refused");
+            let remote = connection.remote_address();
+            sallyport_runtime::limited_per!(remote.ip(), warn, %remote, reason = %refused, "agent certificate refused");
             metrics.handshake_failed("certificate");
             connection.close(code(close::REFUSED), refused.to_string().as_bytes());
             return;
@@ -239,13 +242,13 @@ async fn serve_connection(connection: Connection, pass: Pass, tunnels: Arc<Tunne
         cluster.revocations_heard().await;
     }
     if tunnels.trust.revocations.refuses(&cert.id) {
-        sallyport_runtime::limited!(warn, agent = %cert.id.agent, serial = %cert.id.serial, "revoked certificate refused");
+        sallyport_runtime::limited_per!(cert.id.agent, warn, agent = %cert.id.agent, serial = %cert.id.serial, "revoked certificate refused");
         metrics.handshake_failed("revoked");
         connection.close(code(close::REFUSED), b"certificate revoked");
         return;
     }
     if tunnels.trust.revocations.retired(&cert.id) {
-        sallyport_runtime::limited!(warn, agent = %cert.id.agent, serial = %cert.id.serial, "retired certificate refused: the agent connected with a newer one");
+        sallyport_runtime::limited_per!(cert.id.agent, warn, agent = %cert.id.agent, serial = %cert.id.serial, "retired certificate refused: the agent connected with a newer one");
         metrics.handshake_failed("retired");
         connection.close(code(close::REFUSED), b"certificate replaced by a newer one of this agent");
         return;

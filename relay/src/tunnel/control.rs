@@ -329,8 +329,8 @@ async fn control_reader(recv: &mut RecvStream, reader: Reader<'_>) -> Result<Clo
             AgentMessage::StartFailures(counts) => reader.start_failures(counts),
             AgentMessage::Transport { why, .. } => {
                 // What the relay shows is the transport it sees; the agent's word is the reason.
-                let why: String = why.chars().filter(|c| !c.is_control()).take(200).collect();
-                info!(%why, "the agent's choice of transport");
+                let why = sallyport_runtime::logs::printable(&why, 200);
+                sallyport_runtime::limited_per!(reader.cert.id.agent, info, %why, "the agent's choice of transport");
                 *lock(reader.transport_why) = why;
             }
             AgentMessage::Offer(offers) => reader.offer(offers).await?,
@@ -368,7 +368,7 @@ impl Reader<'_> {
             )
             .await
             .map_err(|refused| {
-                warn!(reason = %refused, serial = %self.cert.id.serial, "agent certificate not renewed");
+                sallyport_runtime::limited_per!(agent, warn, reason = %refused, serial = %self.cert.id.serial, "agent certificate not renewed");
                 refused.to_string()
             });
         // The writer has stopped: the select in serve_agent ends the tunnel with its reason.
@@ -394,7 +394,7 @@ impl Reader<'_> {
         };
         let offered = hello.services.iter().map(|s| s.name.clone()).collect();
         let published: BTreeSet<String> = verdicts.published().map(str::to_owned).collect();
-        info!(?published, "the agent offers new services");
+        sallyport_runtime::limited_per!(name, info, ?published, "the agent offers new services");
         self.tunnels.registry.reoffer(name, self.id, offered, published);
         let _ = self.replies.send(RelayMessage::Published(verdicts.services)).await;
         Ok(())
