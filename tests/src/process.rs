@@ -74,6 +74,13 @@ impl Spawned {
         Self { child, lines, log: Vec::new() }
     }
 
+    /// Starts `sallyport-relay serve --config config` (the built binary).
+    pub fn relay(config: &std::path::Path) -> Self {
+        let mut command = Command::new(binary("sallyport-relay"));
+        command.arg("serve").arg("--config").arg(config);
+        Self::start(command)
+    }
+
     /// Waits for a log line containing `needle` and returns it.
     pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
         let deadline = std::time::Instant::now() + timeout;

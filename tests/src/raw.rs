@@ -135,6 +135,20 @@ impl RawAgent {
         self.control.write_all(&bytes).await.expect("control write");
     }
 
+    /// Sends `Renew` with `csr_pem` and waits up to 5 s for the relay's answer (skipping
+    /// other messages).
+    pub async fn renew(&mut self, csr_pem: &str) -> Result<String, String> {
+        self.send(&AgentMessage::Renew { csr_pem: csr_pem.to_owned() }).await;
+        loop {
+            let next = tokio::time::timeout(std::time::Duration::from_secs(5), self.next()).await;
+            match next.expect("an answer in time") {
+                Some(RelayMessage::Renewed(result)) => return result,
+                Some(_) => continue,
+                None => panic!("control stream ended"),
+            }
+        }
+    }
+
     /// Reads the next control message (`None` when the stream ends or fails).
     pub async fn next(&mut self) -> Option<RelayMessage> {
         let mut buf = Vec::new();
@@ -143,6 +157,16 @@ impl RawAgent {
             .ok()
             .flatten()
     }
+}
+
+/// A fresh key (PEM) and a certificate request for it (PEM), as an agent renewing makes them.
+pub fn key_and_csr() -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .and_then(|c| c.pem())
+        .expect("csr");
+    (key.serialize_pem(), csr)
 }
 
 /// A raw agent's `Hello`: protocol versions 1 to `max_version`, offering `services`.

@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use sallyport_proto::{datagram::Datagram, RelayMessage};
-use sallyport_tests::{raw::RawAgent, RunningRelay, TestPki};
+use sallyport_tests::{
+    raw::{key_and_csr, RawAgent},
+    RunningRelay, TestPki,
+};
 
 /// token, a revocations file, `extra` in `[relay]` and service `svc` of agent `winbox`.
 fn relay_toml_with_admin_token(pki: &TestPki, file: &str, extra: &str) -> std::path::PathBuf {
@@ -110,28 +113,6 @@ async fn admin_post(relay: &RunningRelay, path: &str) -> (u16, String) {
         .expect("admin API")
 }
 
-/// A fresh key and a CSR for it.
-fn key_and_csr() -> (String, String) {
-    let key = rcgen::KeyPair::generate().expect("key");
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .and_then(|p| p.serialize_request(&key))
-        .and_then(|c| c.pem())
-        .expect("csr");
-    (key.serialize_pem(), csr)
-}
-
-/// Sends `Renew` and waits for the relay's answer (skipping pings).
-async fn renew(raw: &mut RawAgent, csr_pem: &str) -> Result<String, String> {
-    raw.send(&sallyport_proto::AgentMessage::Renew { csr_pem: csr_pem.to_owned() }).await;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), raw.next()).await.expect("answer in time") {
-            Some(RelayMessage::Renewed(result)) => return result,
-            Some(_) => continue,
-            None => panic!("control stream ended"),
-        }
-    }
-}
-
 /// Someone holding a copy of an agent's key asks for renewals in a burst, then the operator revokes
 /// the agent: the relay renewed only when due and only once, and after `agent revoke` neither the
 /// copied certificate nor the renewed one gets in, also after the relay restarts. Another agent's
@@ -169,7 +150,7 @@ async fn renewals_are_rationed_and_revoking_an_agent_refuses_all_its_certificate
     let mut copy = RawAgent::connect_with(&cert, &key, &pki, relay.quic, &["svc"]).await.expect("admitted");
     assert!(matches!(copy.answer, RelayMessage::Welcome(_)), "{:?}", copy.answer);
     let (_, csr) = key_and_csr();
-    let early = renew(&mut copy, &csr).await.expect_err("not due yet");
+    let early = copy.renew(&csr).await.expect_err("not due yet");
     println!("renewal before it is due: {early}");
     assert!(early.contains("not due"), "{early}");
 
@@ -190,7 +171,7 @@ async fn renewals_are_rationed_and_revoking_an_agent_refuses_all_its_certificate
     let mut issued = Vec::new();
     let mut refused = Vec::new();
     for _ in 0..5 {
-        match renew(&mut copy, &csr).await {
+        match copy.renew(&csr).await {
             Ok(pem) => issued.push(pem),
             Err(reason) => refused.push(reason),
         }
@@ -242,18 +223,14 @@ async fn renewals_are_rationed_and_revoking_an_agent_refuses_all_its_certificate
 /// revocations file always loads, and it holds every revocation the relay confirmed before it died.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_relay_mid_save_never_leaves_a_broken_state_file() {
-    use sallyport_tests::process::{addr_field, binary, Spawned};
+    use sallyport_tests::process::{addr_field, Spawned};
     let pki = TestPki::new();
     std::fs::write(pki.dir().join("admin.token"), ADMIN_TOKEN).expect("token file");
     let relay_toml = relay_toml_with_admin_token(&pki, "crash-relay.toml", "");
     let state = pki.dir().join("revoked.toml");
     let mut confirmed: Vec<String> = Vec::new();
     for round in 0..10u32 {
-        let mut relay = Spawned::start({
-            let mut c = std::process::Command::new(binary("sallyport-relay"));
-            c.arg("serve").arg("--config").arg(&relay_toml);
-            c
-        });
+        let mut relay = Spawned::relay(&relay_toml);
         let admin = addr_field(&relay.wait_line("relay ready", Duration::from_secs(10)), "admin");
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
         let writer = tokio::spawn(async move {
@@ -308,7 +285,7 @@ async fn a_flood_of_certificateless_connections_holds_little_and_keeps_no_agent_
     use sallyport_runtime::tls;
     use sallyport_tests::{
         lab::rss_kib,
-        process::{addr_field, binary, Spawned},
+        process::{addr_field, Spawned},
     };
     const ATTACKERS: u32 = 200;
     let pki = TestPki::new();
@@ -318,11 +295,7 @@ async fn a_flood_of_certificateless_connections_holds_little_and_keeps_no_agent_
         "flood-relay.toml",
         "ca_key = \"ca.key\"\ntokens_file = \"tokens.toml\"\n",
     );
-    let mut relay = Spawned::start({
-        let mut c = std::process::Command::new(binary("sallyport-relay"));
-        c.arg("serve").arg("--config").arg(&relay_toml);
-        c
-    });
+    let mut relay = Spawned::relay(&relay_toml);
     let service = addr_field(&relay.wait_line("service listening", Duration::from_secs(10)), "addr");
     let ready = relay.wait_line("relay ready", Duration::from_secs(10));
     let (quic, admin) = (addr_field(&ready, "quic"), addr_field(&ready, "admin"));

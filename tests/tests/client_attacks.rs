@@ -209,7 +209,7 @@ async fn an_admin_server_beyond_loopback_needs_the_token_for_reads() {
 async fn a_full_relay_stays_within_its_memory_budget() {
     use sallyport_tests::{
         lab::rss_kib,
-        process::{addr_field, binary, Spawned},
+        process::{addr_field, Spawned},
     };
     use tokio::io::AsyncWriteExt;
     let pki = TestPki::new();
@@ -226,11 +226,7 @@ async fn a_full_relay_stays_within_its_memory_budget() {
     )
     .expect("relay.toml");
     let limits = sallyport_relay::Config::load(&relay_toml).expect("relay config").relay;
-    let mut relay = Spawned::start({
-        let mut c = std::process::Command::new(binary("sallyport-relay"));
-        c.arg("serve").arg("--config").arg(&relay_toml);
-        c
-    });
+    let mut relay = Spawned::relay(&relay_toml);
     let sink_addr = addr_field(&relay.wait_line("service listening", Duration::from_secs(10)), "addr");
     let ready = relay.wait_line("relay ready", Duration::from_secs(10));
     let quic = addr_field(&ready, "quic");
@@ -332,7 +328,7 @@ async fn a_full_relay_stays_within_its_memory_budget() {
 /// kind with a count of the rest, not a line each (spoofed or many sources must not fill a disk).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_bad_clients_is_counted_in_full_but_logged_in_few_lines() {
-    use sallyport_tests::process::{addr_field, binary, Spawned};
+    use sallyport_tests::process::{addr_field, Spawned};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const EACH: usize = 300;
     let pki = TestPki::new();
@@ -349,11 +345,7 @@ async fn a_flood_of_bad_clients_is_counted_in_full_but_logged_in_few_lines() {
         ),
     )
     .expect("relay.toml");
-    let mut relay = Spawned::start({
-        let mut c = std::process::Command::new(binary("sallyport-relay"));
-        c.arg("serve").arg("--config").arg(&relay_toml);
-        c
-    });
+    let mut relay = Spawned::relay(&relay_toml);
     let admin = addr_field(&relay.wait_line("relay ready", Duration::from_secs(10)), "admin");
     let started = std::time::Instant::now();
     let mut clients = tokio::task::JoinSet::new();

@@ -5,7 +5,11 @@
 use std::time::Duration;
 
 use sallyport_proto::RelayMessage;
-use sallyport_tests::{metric, raw::RawAgent, RunningAgent, RunningRelay, TestPki};
+use sallyport_tests::{
+    metric,
+    raw::{key_and_csr, RawAgent},
+    RunningAgent, RunningRelay, TestPki,
+};
 
 const ADMIN_TOKEN: &str = "identity-test-admin-token";
 
@@ -83,28 +87,6 @@ fn lifetime(cert: &std::path::Path) -> (i64, i64) {
     (info.not_after_unix, info.not_after_unix - (info.not_after_unix - info.not_before_unix) / 3)
 }
 
-/// A key and a certificate request for it.
-fn key_and_csr() -> (String, String) {
-    let key = rcgen::KeyPair::generate().expect("key");
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .and_then(|p| p.serialize_request(&key))
-        .and_then(|c| c.pem())
-        .expect("csr");
-    (key.serialize_pem(), csr)
-}
-
-/// Sends `Renew` and waits for the answer.
-async fn renew(raw: &mut RawAgent, csr_pem: &str) -> Result<String, String> {
-    raw.send(&sallyport_proto::AgentMessage::Renew { csr_pem: csr_pem.to_owned() }).await;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), raw.next()).await.expect("answer in time") {
-            Some(RelayMessage::Renewed(result)) => return result,
-            Some(_) => continue,
-            None => panic!("control stream ended"),
-        }
-    }
-}
-
 /// A session ends when its certificate does: an agent renews long before, a copy that cannot
 /// renew is cut off at its certificate's end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,9 +121,9 @@ async fn a_renewal_retires_the_old_certificate_and_renews_for_one_key() {
     tokio::time::sleep(Duration::from_secs(wait)).await;
 
     let (new_key, csr) = key_and_csr();
-    let renewed = renew(&mut raw, &csr).await.expect("renewed when due");
+    let renewed = raw.renew(&csr).await.expect("renewed when due");
     let (_, other_csr) = key_and_csr();
-    let again = renew(&mut raw, &other_csr).await.expect_err("a second key for the same certificate");
+    let again = raw.renew(&other_csr).await.expect_err("a second key for the same certificate");
     println!("the same certificate renewed again for another key: {again}");
     assert!(again.contains("renewed already, for another key"), "{again}");
 

@@ -6,21 +6,13 @@ use std::time::Duration;
 
 use sallyport_proto::{AgentMessage, RelayMessage};
 use sallyport_tests::{
-    process::{addr_field, binary, Spawned},
+    process::{addr_field, Spawned},
     raw::RawAgent,
     TestPki,
 };
 
 const ADMIN_TOKEN: &str = "log-budgets-test-admin-token";
 const RENEWALS: usize = 10_000;
-
-fn csr() -> String {
-    let key = rcgen::KeyPair::generate().expect("key");
-    rcgen::CertificateParams::new(Vec::<String>::new())
-        .and_then(|p| p.serialize_request(&key))
-        .and_then(|c| c.pem())
-        .expect("csr")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_agent_writes_a_few_lines_and_hides_no_other_agents_events() {
@@ -35,18 +27,14 @@ async fn a_flooding_agent_writes_a_few_lines_and_hides_no_other_agents_events() 
         text.push_str(&format!("[services.{agent}]\nagent = \"{agent}\"\nlisten = \"127.0.0.1:0\"\n"));
     }
     std::fs::write(&relay_toml, text).expect("relay.toml");
-    let mut relay = Spawned::start({
-        let mut c = std::process::Command::new(binary("sallyport-relay"));
-        c.arg("serve").arg("--config").arg(&relay_toml);
-        c
-    });
+    let mut relay = Spawned::relay(&relay_toml);
     let ready = relay.wait_line("relay ready", Duration::from_secs(10));
     let (admin, quic) = (addr_field(&ready, "admin"), addr_field(&ready, "quic"));
     let started = std::time::Instant::now();
 
     // An agent asks for ten thousand renewals it is not due (each refused).
     let mut noisy = RawAgent::connect_current(&pki, "noisy", &pki, quic, &["noisy"]).await.expect("noisy");
-    let csr = csr();
+    let (_, csr) = sallyport_tests::raw::key_and_csr();
     let mut refused = 0;
     for _ in 0..RENEWALS / 100 {
         for _ in 0..100 {

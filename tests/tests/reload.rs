@@ -45,11 +45,7 @@ fn replace(path: &Path, text: &str) {
 }
 
 fn start_relay(path: &Path) -> (Spawned, SocketAddr, SocketAddr) {
-    let mut relay = Spawned::start({
-        let mut c = std::process::Command::new(binary("sallyport-relay"));
-        c.arg("serve").arg("--config").arg(path);
-        c
-    });
+    let mut relay = Spawned::relay(path);
     let ready = relay.wait_line("relay ready", Duration::from_secs(15));
     (relay, addr_field(&ready, "quic"), addr_field(&ready, "admin"))
 }

@@ -227,13 +227,7 @@ async fn a_renewal_at_a_follower_does_not_escape_a_revocation_made_at_the_writer
         cutoff >= sallyport_runtime::clock::unix_now() + 30,
         "the cutoff is set ahead for the replicas: {body}"
     );
-    let csr = {
-        let key = rcgen::KeyPair::generate().expect("key");
-        rcgen::CertificateParams::new(Vec::<String>::new())
-            .and_then(|p| p.serialize_request(&key))
-            .and_then(|c| c.pem())
-            .expect("csr")
-    };
+    let (_, csr) = sallyport_tests::raw::key_and_csr();
     thief.send(&sallyport_proto::AgentMessage::Renew { csr_pem: csr }).await;
     // The answer is a refusal, or the tunnel closes first (taking the writer's revocations also
     // closes the revoked agent's tunnel); either way the follower counts what it did.

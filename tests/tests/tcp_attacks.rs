@@ -8,7 +8,7 @@ use sallyport_proto::{enroll::ALPN_ENROLL, link::LinkFrame};
 use sallyport_runtime::tls;
 use sallyport_tests::{
     lab::rss_kib,
-    process::{addr_field, binary, Spawned},
+    process::{addr_field, Spawned},
     TestPki,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -120,11 +120,7 @@ async fn certificateless_tcp_peers_flooding_datagrams_and_headers_hold_little() 
          [services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
     )
     .expect("relay.toml");
-    let mut relay = Spawned::start({
-        let mut c = std::process::Command::new(binary("sallyport-relay"));
-        c.arg("serve").arg("--config").arg(&relay_toml);
-        c
-    });
+    let mut relay = Spawned::relay(&relay_toml);
     let service = addr_field(&relay.wait_line("service listening", Duration::from_secs(10)), "addr");
     let ready = relay.wait_line("relay ready", Duration::from_secs(10));
     let tcp = addr_field(&ready, "quic");
