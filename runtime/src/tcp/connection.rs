@@ -16,7 +16,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::Reason;
 use quinn::{ConnectionError, ReadError, ReadExactError, SendDatagramError, VarInt, WriteError};
 use rustls::pki_types::CertificateDer;
 use sallyport_proto::link::{LinkFrame, MAX_LINK_DATAGRAM};
@@ -26,39 +25,10 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use super::wire::{
+    code_of, h2_lost, reason_of, request, DATAGRAM_QUEUE, DATAGRAM_RECEIVE_BUFFER, STREAM_PATH,
+};
 use crate::sync::lock;
-
-/// The largest HTTP/2 frame either end accepts: fewer frames in bulk, and another stream waits at
-/// most one such frame for its turn.
-pub(super) const MAX_FRAME: u32 = 64 * 1024;
-/// Streams the relay may have open on one connection (QUIC's cap on data streams).
-pub(super) const MAX_STREAMS: u32 = crate::limits::MAX_DATA_STREAMS;
-/// Bytes of one stream buffered for sending, at most (beyond that, writes wait): one read of a
-/// splice, what the relay's memory budget counts per client connection, however wide the windows
-/// the peer grants.
-pub(super) const SEND_BUFFER: usize = crate::limits::MAX_READ;
-/// Datagrams waiting to be sent, at most: beyond that they are dropped, as QUIC drops them.
-pub(super) const DATAGRAM_QUEUE: usize = 512;
-/// Bytes of datagrams waiting to be read, at most (QUIC's receive buffer): beyond that, and on a
-/// connection that is not a tunnel, they are dropped.
-pub(super) const DATAGRAM_RECEIVE_BUFFER: usize = crate::limits::DATAGRAM_RECEIVE_BUFFER;
-/// The largest header list either end accepts: the link's headers are a path and a status, so a
-/// peer sending more is either broken or trying to make this end buffer it.
-pub(super) const MAX_HEADER_LIST: u32 = 8 * 1024;
-
-/// What a TCP peer that has not proven who it is can make the relay hold at most: its small
-/// windows' worth of stream data, a header block cut at [`MAX_HEADER_LIST`] plus the frame that
-/// crossed it, one frame being read, and the TLS session's record buffers. Its datagrams are
-/// dropped, and the relay sends it nothing but two requests.
-pub const UNAUTHENTICATED_HOLD: u64 = crate::limits::UNAUTHENTICATED_RECEIVE_WINDOW as u64
-    + MAX_HEADER_LIST as u64
-    + 2 * MAX_FRAME as u64
-    + 48 * 1024;
-/// How long a closing connection has to get its close frame out.
-pub(super) const CLOSE_GRACE: Duration = Duration::from_millis(250);
-
-pub(super) const LINK_PATH: &str = "/link";
-pub(super) const STREAM_PATH: &str = "/stream";
 
 pub(super) static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
@@ -167,38 +137,6 @@ impl Shared {
             _ => ReadError::ConnectionLost(self.lost()),
         }
     }
-}
-
-pub(super) fn code_of(reason: Reason) -> VarInt {
-    VarInt::from_u32(u32::from(reason))
-}
-
-pub(super) fn request(path: &str) -> http::Request<()> {
-    let mut request = http::Request::new(());
-    *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = http::Uri::from_static(if path == LINK_PATH { LINK_PATH } else { STREAM_PATH });
-    request
-}
-
-pub(super) fn h2_lost(e: &h2::Error) -> ConnectionError {
-    if e.is_io() {
-        ConnectionError::Reset
-    } else {
-        ConnectionError::TransportError(quinn_proto::TransportError {
-            code: quinn_proto::TransportErrorCode::PROTOCOL_VIOLATION,
-            frame: None,
-            reason: format!("HTTP/2: {e}"),
-        })
-    }
-}
-
-/// The relay's end over an accepted TLS stream: the HTTP/2 client, which opens the link stream at
-pub(super) fn protocol_violation(reason: &str) -> ConnectionError {
-    ConnectionError::TransportError(quinn_proto::TransportError {
-        code: quinn_proto::TransportErrorCode::PROTOCOL_VIOLATION,
-        frame: None,
-        reason: reason.to_owned(),
-    })
 }
 
 impl Shared {
@@ -427,10 +365,6 @@ impl SendStream {
         self.send(Bytes::copy_from_slice(&buf[..room])).map_err(io::Error::from)?;
         Poll::Ready(Ok(room))
     }
-}
-
-pub(super) fn reason_of(code: VarInt) -> Reason {
-    Reason::from(u32::try_from(code.into_inner()).unwrap_or(u32::MAX))
 }
 
 /// The receiving half of a stream.

@@ -22,16 +22,19 @@
 //! - [`socket`]: the TCP socket's options and each end's windows and timers ([`Settings`]).
 //! - [`connect`]: the agent's one way to dial: TCP, TLS, HTTP/2.
 //! - [`prefixed`]: a TCP stream whose first bytes were read already.
+//! - `wire`: the limits each end sets, the request paths, QUIC's codes as HTTP/2 reasons.
 
 pub mod connect;
 pub mod connection;
 pub mod prefixed;
 pub mod setup;
 pub mod socket;
+mod wire;
 
-pub use connection::{ClosedStream, Connection, Peer, RecvStream, SendStream, UNAUTHENTICATED_HOLD};
+pub use connection::{ClosedStream, Connection, Peer, RecvStream, SendStream};
 pub use prefixed::Prefixed;
 pub use setup::{client, server};
 pub use socket::{
     tcp_agent, tcp_relay, tunnel_socket, Settings, TCP_MIN_IDLE_TIMEOUT, TCP_STREAM_RECEIVE_WINDOW,
 };
+pub use wire::UNAUTHENTICATED_HOLD;

@@ -17,12 +17,12 @@ use tokio::{
 use tracing::debug;
 
 use super::{
-    connection::{
-        h2_lost, protocol_violation, request, Connection, Peer, RecvState, RecvStream, SendStream, Shared,
-        CLOSE_GRACE, DATAGRAM_RECEIVE_BUFFER, LINK_PATH, MAX_FRAME, MAX_HEADER_LIST, MAX_STREAMS,
-        SEND_BUFFER, STREAM_PATH,
-    },
+    connection::{Connection, Peer, RecvState, RecvStream, SendStream, Shared},
     socket::Settings,
+    wire::{
+        h2_lost, protocol_violation, request, CLOSE_GRACE, DATAGRAM_RECEIVE_BUFFER, LINK_PATH, MAX_FRAME,
+        MAX_HEADER_LIST, MAX_STREAMS, SEND_BUFFER, STREAM_PATH,
+    },
 };
 use crate::sync::lock;
 /// once.
