@@ -1,6 +1,10 @@
-//! The CA that signs: loading it, and issuing relay and agent certificates with it.
+//! The CA that signs: the state directory's files, loading the CA, and issuing relay and agent
+//! certificates with it.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -11,7 +15,70 @@ use time::OffsetDateTime;
 use rustls::pki_types::CertificateDer;
 use sallyport_runtime::tls;
 
-use super::pki::{read, Issued, PkiError, CA_CERT, CA_KEY, CA_VALIDITY, RELAY_CERT, RELAY_VALIDITY};
+/// File names inside a relay's state directory.
+pub const CA_CERT: &str = "ca.crt";
+/// The key the relays sign with: the intermediate's, whose certificate `relay.crt` carries.
+pub const CA_KEY: &str = "ca.key";
+/// The root's key: `init` writes it for the operator to move offline; only `ca rotate` uses it.
+pub const ROOT_KEY: &str = "root.key";
+pub const RELAY_CERT: &str = "relay.crt";
+pub const RELAY_KEY: &str = "relay.key";
+
+/// File names inside an agent bundle.
+pub const AGENT_CERT: &str = "agent.crt";
+pub const AGENT_KEY: &str = "agent.key";
+
+/// Lifetime of the CA certificate.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Lifetime of the relay's server certificate.
+pub const RELAY_VALIDITY: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
+/// Default lifetime of an agent certificate.
+pub const AGENT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Why a PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{} already exists: refusing to overwrite a CA (remove the directory's files to start over)", .0.display())]
+    Exists(PathBuf),
+    #[error("invalid name {0:?}: use 1-63 of a-z, 0-9 and '-', not at either end")]
+    Name(String),
+    #[error("invalid subject alternative name {0:?}: give an IP address or a DNS name")]
+    San(String),
+    #[error("at least one --san (the address or DNS name agents use to reach the relay) is required")]
+    NoSan,
+    #[error("{0}")]
+    Cert(String),
+    #[error("the CA key belongs neither to the CA certificate nor to an intermediate in the relay's certificate file")]
+    KeyNotInChain,
+    #[error("only the root CA issues intermediates")]
+    NotRoot,
+    #[error("{}: the root CA's key is needed (give it with --root-key)", .0.display())]
+    NoRootKey(PathBuf),
+    #[error("{}: this key is not the root CA's (the key of ca.crt)", .0.display())]
+    NotRootKey(PathBuf),
+}
+
+/// A PEM certificate with its PEM private key.
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued").field("key_pem", &"<redacted>").finish_non_exhaustive()
+    }
+}
+
+/// Reads a PEM file, naming it in the error.
+pub(super) fn read(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
+}
 
 /// Lifetime of the intermediate the relays sign with (it is rotated before then, with the root's key).
 pub const INTERMEDIATE_VALIDITY: Duration = Duration::from_secs(5 * 365 * 24 * 3600);

@@ -9,67 +9,11 @@ use std::{
 
 use sallyport_runtime::durable;
 
-pub use super::ca::Ca;
-
-/// File names inside a relay's state directory.
-pub const CA_CERT: &str = "ca.crt";
-/// The key the relays sign with: the intermediate's, whose certificate `relay.crt` carries.
-pub const CA_KEY: &str = "ca.key";
-/// The root's key: `init` writes it for the operator to move offline; only `ca rotate` uses it.
-pub const ROOT_KEY: &str = "root.key";
-pub const RELAY_CERT: &str = "relay.crt";
-pub const RELAY_KEY: &str = "relay.key";
-
-/// File names inside an agent bundle.
-pub const AGENT_CERT: &str = "agent.crt";
-pub const AGENT_KEY: &str = "agent.key";
-
-/// Lifetime of the CA certificate.
-pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Lifetime of the relay's server certificate.
-pub const RELAY_VALIDITY: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
-/// Default lifetime of an agent certificate.
-pub const AGENT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// Why a PKI operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum PkiError {
-    #[error("certificate generation failed: {0}")]
-    Generate(#[from] rcgen::Error),
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{} already exists: refusing to overwrite a CA (remove the directory's files to start over)", .0.display())]
-    Exists(PathBuf),
-    #[error("invalid name {0:?}: use 1-63 of a-z, 0-9 and '-', not at either end")]
-    Name(String),
-    #[error("invalid subject alternative name {0:?}: give an IP address or a DNS name")]
-    San(String),
-    #[error("at least one --san (the address or DNS name agents use to reach the relay) is required")]
-    NoSan,
-    #[error("{0}")]
-    Cert(String),
-    #[error("the CA key belongs neither to the CA certificate nor to an intermediate in the relay's certificate file")]
-    KeyNotInChain,
-    #[error("only the root CA issues intermediates")]
-    NotRoot,
-    #[error("{}: the root CA's key is needed (give it with --root-key)", .0.display())]
-    NoRootKey(PathBuf),
-    #[error("{}: this key is not the root CA's (the key of ca.crt)", .0.display())]
-    NotRootKey(PathBuf),
-}
-
-/// A PEM certificate with its PEM private key.
-#[derive(Clone)]
-pub struct Issued {
-    pub cert_pem: String,
-    pub key_pem: String,
-}
-
-impl std::fmt::Debug for Issued {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issued").field("key_pem", &"<redacted>").finish_non_exhaustive()
-    }
-}
+pub(super) use super::ca::read;
+pub use super::ca::{
+    Ca, Issued, PkiError, AGENT_CERT, AGENT_KEY, AGENT_VALIDITY, CA_CERT, CA_KEY, CA_VALIDITY, RELAY_CERT,
+    RELAY_KEY, RELAY_VALIDITY, ROOT_KEY,
+};
 
 /// What `init` wrote.
 #[derive(Debug)]
@@ -176,10 +120,6 @@ key = "agent.key"
 target = "tcp://127.0.0.1:8080"
 "#
     )
-}
-
-pub(super) fn read(path: &Path) -> Result<String, PkiError> {
-    fs::read_to_string(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
 }
 
 /// Writes a file readable by its owner only (mode 0600 on Unix).
