@@ -10,6 +10,7 @@ packages=(
     chromium                              # renders the relay's status page in a test
     nginx-light dnsmasq-base bind9-dnsutils openssl   # HTTP/PROXY v2 target, UDP DNS server and dig, TLS targets
     wixl msitools                         # builds the Windows agent's MSI and reads its tables back
+    faketime                              # a replica whose wall clock runs ahead (libfaketime)
 )
 
 missing=()

@@ -131,8 +131,13 @@ impl RawAgent {
 
     /// Sends one control message.
     pub async fn send(&mut self, message: &AgentMessage) {
+        self.try_send(message).await.expect("control write");
+    }
+
+    /// Sends one control message; the error when the connection is gone (a relay may close it).
+    pub async fn try_send(&mut self, message: &AgentMessage) -> Result<(), quinn::WriteError> {
         let bytes = frame::encode_to_vec(message, 64 * 1024).expect("encode");
-        self.control.write_all(&bytes).await.expect("control write");
+        self.control.write_all(&bytes).await
     }
 
     /// Sends `Renew` with `csr_pem` and waits up to 5 s for the relay's answer (skipping

@@ -207,6 +207,17 @@ async fn an_admin_server_beyond_loopback_needs_the_token_for_reads() {
 /// control holds their data back). The relay keeps them all and stays within its budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_relay_stays_within_its_memory_budget() {
+    full_relay_within_budget("quic").await;
+}
+
+/// The same over the TCP transport: its lanes share the agent's windows and are counted in the
+/// budget as QUIC's are. Both run the agent with 8 connections (its tunnel and 7 lanes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_relay_stays_within_its_memory_budget_with_its_agent_over_tcp() {
+    full_relay_within_budget("tcp").await;
+}
+
+async fn full_relay_within_budget(transport: &str) {
     use sallyport_tests::{
         lab::rss_kib,
         process::{addr_field, Spawned},
@@ -229,7 +240,7 @@ async fn a_full_relay_stays_within_its_memory_budget() {
     let mut relay = Spawned::relay(&relay_toml);
     let sink_addr = addr_field(&relay.wait_line("service listening", Duration::from_secs(10)), "addr");
     let ready = relay.wait_line("relay ready", Duration::from_secs(10));
-    let quic = addr_field(&ready, "quic");
+    let (quic, admin) = (addr_field(&ready, "quic"), addr_field(&ready, "admin"));
     let pid = relay.child.id();
 
     let (sink, web) = (sallyport_tests::targets::sink().await, sallyport_tests::targets::sink().await);
@@ -237,7 +248,8 @@ async fn a_full_relay_stays_within_its_memory_budget() {
         "winbox",
         &[quic],
         &[("web", web.addr), ("sink", sink.addr)],
-        "",
+        // 8 connections: the tunnel and 7 lanes (the relay's default cap), all held by the budget.
+        &format!("transport = \"{transport}\"\nlanes = 8"),
     ));
     agent.wait_connected(Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -301,10 +313,17 @@ async fn a_full_relay_stays_within_its_memory_budget() {
         pushing += usize::from(alive.unwrap_or(false));
     }
     let budget = limits.budget();
+    let (_, m) =
+        sallyport_relay::cli::admin_client::request(admin, "GET", "/metrics", None).await.expect("metrics");
+    let transports =
+        metric(&m, &format!("sallyport_agent_transport{{agent=\"winbox\",transport=\"{transport}\"}}"));
+    assert_eq!(transports, 1.0, "the agent is over {transport}: {m}");
+    assert_eq!(metric(&m, "sallyport_agent_connections{agent=\"winbox\"}"), 8.0, "tunnel and 7 lanes: {m}");
     println!(
-        "memory budget {} MiB: max_connections {} ({} KiB each at worst, {} MiB reserved); {} HTTP heads of {} \
+        "agent over {transport} with {} connections (tunnel and lanes); memory budget {} MiB: max_connections {} ({} KiB each at worst, {} MiB reserved); {} HTTP heads of {} \
          KiB and {} stalled TCP pushes open: relay RSS {} KiB idle, {} KiB at most (+{} KiB, {:.1} KiB per \
          connection)",
+        metric(&m, "sallyport_agent_connections{agent=\"winbox\"}"),
         limits.memory_budget >> 20,
         limits.max_connections,
         budget.per_connection >> 10,

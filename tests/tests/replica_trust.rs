@@ -28,16 +28,34 @@ fn replica_toml(pki: &TestPki, n: usize, writer_peer: &str) -> PathBuf {
 
 /// [`replica_toml`] with `sync_interval` as given.
 fn replica_toml_syncing(pki: &TestPki, n: usize, writer_peer: &str, sync_interval: &str) -> PathBuf {
+    replica_toml_for(pki, n, writer_peer, sync_interval, "15s", &["winbox"])
+}
+
+/// [`replica_toml_syncing`] with agent certificates valid for `validity` and a service for each
+/// of `agents` (`svc` for the first).
+fn replica_toml_for(
+    pki: &TestPki,
+    n: usize,
+    writer_peer: &str,
+    sync_interval: &str,
+    validity: &str,
+    agents: &[&str],
+) -> PathBuf {
     let path = pki.dir().join(format!("relay-{n}.toml"));
+    let mut services = String::new();
+    for (i, agent) in agents.iter().enumerate() {
+        let name = if i == 0 { "svc".to_owned() } else { format!("svc-{agent}") };
+        services.push_str(&format!("\n[services.{name}]\nagent = \"{agent}\"\nlisten = \"127.0.0.1:0\"\n"));
+    }
     std::fs::write(
         &path,
         format!(
             "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\n\
              key = \"relay.key\"\nca_key = \"ca.key\"\nadmin_token_file = \"admin.token\"\n\
              tokens_file = \"tokens-{n}.toml\"\nrevocations_file = \"revoked-{n}.toml\"\n\
-             agent_cert_validity = \"15s\"\n\n\
+             agent_cert_validity = \"{validity}\"\n\n\
              [cluster]\nwriter = \"relay-0\"\nwriter_peer = \"{writer_peer}\"\npeer_listen = \"127.0.0.1:0\"\n\
-             sync_interval = \"{sync_interval}\"\n\n[services.svc]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n"
+             sync_interval = \"{sync_interval}\"\n{services}"
         ),
     )
     .expect("relay.toml");
@@ -52,9 +70,21 @@ fn start(toml: &Path, n: usize) -> (Spawned, SocketAddr, SocketAddr) {
 
 /// [`start`], with the QUIC address too.
 fn start_with_quic(toml: &Path, n: usize) -> (Spawned, SocketAddr, SocketAddr, SocketAddr) {
+    start_skewed(toml, n, None)
+}
+
+/// libfaketime, which moves a process's wall clock (Debian's `faketime`).
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// [`start_with_quic`] with the replica's wall clock moved by `skew` (as `"+30s"`), through
+/// libfaketime; its monotonic clock is left as it is.
+fn start_skewed(toml: &Path, n: usize, skew: Option<&str>) -> (Spawned, SocketAddr, SocketAddr, SocketAddr) {
     let mut relay = Spawned::start({
         let mut c = std::process::Command::new(binary("sallyport-relay"));
         c.arg("serve").arg("--config").arg(toml).arg("--replica").arg(format!("relay-{n}"));
+        if let Some(skew) = skew {
+            c.env("LD_PRELOAD", FAKETIME).env("FAKETIME", skew).env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         c
     });
     let mut line = |needle: &str| match relay.log.iter().find(|l| l.contains(needle)) {
@@ -249,4 +279,120 @@ async fn a_renewal_at_a_follower_does_not_escape_a_revocation_made_at_the_writer
     };
     assert_eq!(renewals("issued"), 0.0, "{metrics}");
     assert_eq!(renewals("revoked"), 1.0, "the follower judged the renewal with the writer's revocation");
+}
+
+/// NM2, swept: for each phase, the operator revokes one agent at the writer and its thief (whose
+/// certificate is due) renews at a follower that much later, from 0 to 2 s. None is signed, and
+/// after a restart of the follower none of the stolen certificates gets in.
+async fn renewals_after_a_revocation_sweep(skew: Option<&str>) {
+    const PHASES_MS: [u64; 7] = [0, 250, 500, 750, 1000, 1500, 2000];
+    const PHASES: usize = PHASES_MS.len();
+    let pki = TestPki::new();
+    std::fs::write(pki.dir().join("admin.token"), ADMIN_TOKEN).expect("token file");
+    let agents: Vec<String> = (0..PHASES).map(|i| format!("thief{i}")).collect();
+    let names: Vec<&str> = agents.iter().map(String::as_str).collect();
+    let (_writer, writer_admin, writer_peer) =
+        start(&replica_toml_for(&pki, 0, "127.0.0.1:1", "200ms", "36s", &names), 0);
+    let follower_toml = replica_toml_for(&pki, 1, &writer_peer.to_string(), "5s", "36s", &names);
+    let (follower, follower_admin, _, follower_quic) = start_skewed(&follower_toml, 1, skew);
+    if skew.is_some() {
+        // The follower's log stamps its own (moved) time: the skew is real.
+        let line = follower.log.iter().find(|l| l.contains("relay ready")).expect("ready line");
+        // `2026-12-04T21:35:11.085766Z ...`: the time of day, against this process's.
+        let clock = line.split_once('T').and_then(|(_, t)| t.get(..8)).expect("a timestamp");
+        let secs: Vec<i64> = clock.split(':').map(|p| p.parse().expect("a number")).collect();
+        let stamped = secs[0] * 3600 + secs[1] * 60 + secs[2];
+        let now = (sallyport_runtime::clock::unix_now() % 86_400) as i64;
+        let ahead = (stamped - now).rem_euclid(86_400);
+        assert!((25..=40).contains(&ahead), "the follower's clock is {ahead} s ahead: {line}");
+    }
+    writer_reachable(follower_admin, 1.0).await;
+    let config = sallyport_relay::Config::load(&follower_toml).expect("config");
+
+    let mut thieves = Vec::new();
+    let mut bundles = Vec::new();
+    for agent in &agents {
+        let (status, created) =
+            admin(writer_admin, "POST", &format!("/tokens?agent={agent}&ttl_secs=600")).await;
+        assert_eq!(status, 200, "{created}");
+        let token =
+            sallyport_relay::cli::join_token::join_token(&config, &[follower_quic.to_string()], &created)
+                .expect("join token");
+        let dir = tempfile::tempdir().expect("tempdir");
+        sallyport_agent::enroll::enroll(&token, dir.path()).await.expect("enrolls through the follower");
+        let (cert, key) = (dir.path().join("agent.crt"), dir.path().join("agent.key"));
+        let service = if thieves.is_empty() { "svc".to_owned() } else { format!("svc-{agent}") };
+        let thief =
+            sallyport_tests::raw::RawAgent::connect_with(&cert, &key, &pki, follower_quic, &[&service])
+                .await
+                .expect("admitted");
+        thieves.push(thief);
+        bundles.push(dir);
+    }
+    // Every certificate is due (a third of its 36 s left) on the follower's clock, skewed or not:
+    // wait 24 s from the last one's issue, as the follower counts it; the sweep then takes 6 s.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+
+    let mut answers = Vec::new();
+    for ((agent, thief), phase) in agents.iter().zip(thieves.iter_mut()).zip(PHASES_MS) {
+        let (status, body) = admin(writer_admin, "POST", &format!("/agents/{agent}/revoke")).await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(phase)).await;
+        let (_, csr) = sallyport_tests::raw::key_and_csr();
+        // The follower may have closed the revoked tunnel already (it took the writer's
+        // revocations): then nothing can be asked, which is as good as refused.
+        let answer = match thief.try_send(&sallyport_proto::AgentMessage::Renew { csr_pem: csr }).await {
+            Err(_) => None,
+            Ok(()) => loop {
+                match tokio::time::timeout(Duration::from_secs(10), thief.next())
+                    .await
+                    .expect("an answer in time")
+                {
+                    Some(sallyport_proto::RelayMessage::Renewed(result)) => break Some(result),
+                    Some(_) => continue,
+                    None => break None,
+                }
+            },
+        };
+        if let Some(Ok(_)) = &answer {
+            panic!("a renewal {phase} ms after the revocation was signed (follower clock {skew:?})");
+        }
+        let closed = thief.connection.close_reason().map(|r| r.to_string());
+        let refused = answer.map(|a| a.expect_err("refused"));
+        // Refused for the revocation, or the tunnel closed for it (the follower took the writer's
+        // revocations before it would sign, which also closes the revoked agent's tunnel).
+        let why = refused.clone().or(closed.clone()).unwrap_or_default();
+        assert!(why.contains("revoked"), "{phase} ms: refused {refused:?}, closed {closed:?}");
+        answers.push((phase, refused, closed));
+    }
+    println!("follower clock {skew:?}: {answers:?}");
+    let (_, metrics) = admin(follower_admin, "GET", "/metrics").await;
+    let issued = metric(&metrics, "sallyport_certificate_renewals_total{result=\"issued\"}");
+    assert_eq!(issued, 0.0, "{metrics}");
+
+    // After a restart of the follower, no stolen certificate gets in.
+    drop(thieves);
+    drop(follower);
+    let (_follower, _, _, follower_quic) = start_skewed(&follower_toml, 1, skew);
+    for (agent, dir) in agents.iter().zip(&bundles) {
+        let (cert, key) = (dir.path().join("agent.crt"), dir.path().join("agent.key"));
+        let again =
+            sallyport_tests::raw::RawAgent::connect_with(&cert, &key, &pki, follower_quic, &["svc"]).await;
+        assert!(again.is_err(), "{agent}'s stolen certificate got back in after a restart");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_in_the_two_seconds_after_a_revocation_are_refused_at_a_follower() {
+    renewals_after_a_revocation_sweep(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_after_a_revocation_are_refused_at_a_follower_whose_clock_is_30_s_ahead() {
+    if !Path::new(FAKETIME).exists() {
+        assert!(std::env::var("CI").is_err(), "faketime missing in CI");
+        eprintln!("SKIPPED: faketime (libfaketime) is not installed");
+        return;
+    }
+    renewals_after_a_revocation_sweep(Some("+30s")).await;
 }
