@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use sallyport_tests::{
-    lab::{output_text, transfer_spec, TunnelSpec, RELAY_IP, TRANSFER_PORT},
+    lab::{output_text, transfer_spec, Role, TunnelSpec, RELAY_IP, TRANSFER_PORT},
     lab_or_skip,
 };
 
@@ -299,4 +299,41 @@ fn soak_mixed_traffic_through_impairment() {
     for (name, a, b) in [("relay", first.0, last.0), ("agent", first.1, last.1)] {
         assert!(b <= a + a / 4 + 8 * 1024, "{name} memory grew from {a} KiB to {b} KiB");
     }
+}
+
+/// A copy of the agent's bundle started on a second host (the homelab side of the NAT) while the
+/// agent is live: the relay keeps the agent's session, refuses the copy's with a reason, counts the
+/// conflict (the kit's `SallyportIdentityConflict` fires on any increase), and transfers through
+/// the real agent go on.
+#[test]
+fn a_copied_bundle_on_a_second_host_is_refused_beside_the_live_agent() {
+    let mut lab = lab_or_skip!();
+    let token = "lab-admin-token-copied-bundle-0123";
+    let token_file = lab.dir().join("admin.token");
+    std::fs::write(&token_file, token).expect("token");
+    lab.start_transfer_server(TRANSFER_PORT);
+    let spec = transfer_spec().relay_extra(&format!(
+        "admin_token_file = \"{}\"\nrevocations_file = \"{}\"",
+        token_file.display(),
+        lab.dir().join("revoked.toml").display()
+    ));
+    let tunnel = lab.start_tunnel(&spec);
+    let transfers =
+        lab.spawn_transfers(RELAY_IP, TRANSFER_PORT, &["--count", "20", "--max", "4000000", "--seed", "3"]);
+    let agent_toml = tunnel.agent_toml().to_owned();
+    let copy = lab.spawn_binary(Role::Home, "sallyport-agent", &["run", "--config", &agent_toml]);
+    let refused = lab.process(copy).wait_line("another address", Duration::from_secs(15));
+    println!("the copy on the homelab host: {refused}");
+    let report = lab.finish_transfers(transfers, Duration::from_secs(120));
+    println!("{}", report.summary);
+    assert_eq!(report.count("ok"), 20, "{:#?}", report.lines);
+    let auth = format!("Authorization: Bearer {token}");
+    let metrics = lab.home.run("curl", &["-s", "-H", &auth, &format!("http://{RELAY_IP}:9090/metrics")]);
+    let conflicts = sallyport_tests::metric(&metrics, "sallyport_identity_conflicts_total{agent=\"winbox\"}");
+    println!("sallyport_identity_conflicts_total{{agent=\"winbox\"}} = {conflicts}");
+    assert!(conflicts >= 1.0, "{metrics}");
+    let log = lab.process(tunnel.relay()).drain().join("\n");
+    assert!(!log.contains("agent disconnected"), "the live agent's session was kept:\n{log}");
+    let connected = log.lines().filter(|l| l.contains("agent connected")).count();
+    assert_eq!(connected, 1, "one session, the live agent's:\n{log}");
 }
