@@ -7,8 +7,9 @@
 //!
 //! Flows belong to groups (on the relay: the client's /24 or /64, since spoofing a source costs
 //! nothing on UDP). A group holds at most its share of the table, and a new flow in a full table
-//! evicts from the largest group; groups of one size are taken in an order drawn at random for
-//! each table, so a spoofer cannot choose prefixes that put another sender's group first. Within a
+//! evicts from the largest group; of groups of one size, the one whose oldest flow is oldest goes
+//! first, so a flood spread over many prefixes (one flow each) pushes out its own older flows
+//! before a client's newer query, and no choice of prefixes puts another sender's group first. Within a
 //! group, a flow that is [done](Tracked::done) goes first (answered and quiet: a DNS query from a
 //! random port, say; evicting it loses nothing), then those not [established](Tracked), oldest
 //! first, and only then the oldest established one. So a flood of new sources evicts its own
@@ -100,14 +101,15 @@ const EVICTION_SCAN: usize = 64;
 /// Flows by key, at most `max` of them and at most `share` per group.
 #[derive(Debug)]
 pub struct FlowTable<K, V> {
-    entries: HashMap<K, (V, u128)>,
+    /// Each flow, its group and when it came (a sequence number).
+    entries: HashMap<K, (V, u128, u64)>,
     /// Each group's keys, oldest first.
     groups: HashMap<u128, VecDeque<K>>,
-    /// Groups by how many flows they hold (then in this table's random order), to find the
-    /// largest.
+    /// Groups by how many flows they hold, then by how old their oldest flow is (as
+    /// `u64::MAX - sequence`, so the last is the largest group with the oldest flow).
     by_size: BTreeSet<(usize, u64, u128)>,
-    /// Draws the order of groups of one size (randomly keyed for each table).
-    order: std::collections::hash_map::RandomState,
+    /// The sequence number of the next flow.
+    next: u64,
     max: usize,
     share: usize,
     group_of: fn(&K) -> u128,
@@ -126,7 +128,7 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
             entries: HashMap::new(),
             groups: HashMap::new(),
             by_size: BTreeSet::new(),
-            order: std::collections::hash_map::RandomState::new(),
+            next: 0,
             max,
             share: share.clamp(1, max),
             group_of,
@@ -134,7 +136,7 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
     }
 
     pub fn get(&self, key: &K) -> Option<&V> {
-        self.entries.get(key).map(|(v, _)| v)
+        self.entries.get(key).map(|(v, _, _)| v)
     }
 
     pub fn contains(&self, key: &K) -> bool {
@@ -175,8 +177,10 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
         } else {
             None
         };
-        self.resize(group, |keys| keys.push_back(key.clone()));
-        self.entries.insert(key, (value, group));
+        let seq = self.next;
+        self.next += 1;
+        self.entries.insert(key.clone(), (value, group, seq));
+        self.resize(group, |keys| keys.push_back(key));
         evicted
     }
 
@@ -187,7 +191,9 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
         let entries = &self.entries;
         let unestablished = |g: &u128| {
             self.groups.get(g).is_some_and(|keys| {
-                keys.iter().take(EVICTION_SCAN).any(|k| entries.get(k).is_some_and(|(v, _)| !v.established()))
+                keys.iter()
+                    .take(EVICTION_SCAN)
+                    .any(|k| entries.get(k).is_some_and(|(v, _, _)| !v.established()))
             })
         };
         largest.iter().copied().find(unestablished).or_else(|| largest.first().copied())
@@ -199,25 +205,34 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
         let keys = self.groups.get(&group)?;
         let entries = &self.entries;
         let first = |pick: &dyn Fn(&V) -> bool| {
-            keys.iter().take(EVICTION_SCAN).position(|k| entries.get(k).is_some_and(|(v, _)| pick(v)))
+            keys.iter().take(EVICTION_SCAN).position(|k| entries.get(k).is_some_and(|(v, _, _)| pick(v)))
         };
         let victim = first(&|v| v.done()).or_else(|| first(&|v| !v.established())).unwrap_or(0);
         let mut key = None;
         self.resize(group, |keys| key = keys.remove(victim));
         let key = key?;
-        self.entries.remove(&key).map(|(v, _)| (key, v))
+        // The key leaves the group first, so the size index read the entry's age while it was there.
+        self.entries.remove(&key).map(|(v, _, _)| (key, v))
     }
 
-    /// Changes the keys of `group` and keeps the size index and the group map in step.
+    /// Where `keys` (one group's, oldest first) stands in the size index.
+    fn rank(entries: &HashMap<K, (V, u128, u64)>, keys: &VecDeque<K>, group: u128) -> (usize, u64, u128) {
+        let oldest = keys.front().and_then(|k| entries.get(k)).map_or(0, |(_, _, seq)| *seq);
+        (keys.len(), u64::MAX - oldest, group)
+    }
+
+    /// Changes the keys of `group` and keeps the size index and the group map in step (the
+    /// entries of the keys before and after the change must be in the table).
     fn resize(&mut self, group: u128, change: impl FnOnce(&mut VecDeque<K>)) {
         let keys = self.groups.entry(group).or_default();
-        let order = std::hash::BuildHasher::hash_one(&self.order, group);
-        self.by_size.remove(&(keys.len(), order, group));
+        if !keys.is_empty() {
+            self.by_size.remove(&Self::rank(&self.entries, keys, group));
+        }
         change(keys);
         if keys.is_empty() {
             self.groups.remove(&group);
         } else {
-            self.by_size.insert((keys.len(), order, group));
+            self.by_size.insert(Self::rank(&self.entries, keys, group));
         }
     }
 
@@ -226,34 +241,40 @@ impl<K: Hash + Eq + Clone, V: Tracked> FlowTable<K, V> {
         let quiet: Vec<K> = self
             .entries
             .iter()
-            .filter(|(_, (v, _))| v.activity().idle_for() >= idle)
+            .filter(|(_, (v, _, _))| v.activity().idle_for() >= idle)
             .map(|(k, _)| k.clone())
             .collect();
         if quiet.is_empty() {
             return Vec::new();
         }
-        let removed: Vec<(K, V, u128)> =
-            quiet.into_iter().filter_map(|k| self.entries.remove(&k).map(|(v, g)| (k, v, g))).collect();
-        let touched: BTreeSet<u128> = removed.iter().map(|(_, _, g)| *g).collect();
+        // The size index is keyed by each touched group's oldest flow: take them out while their
+        // entries are still here.
+        let touched: BTreeSet<u128> =
+            quiet.iter().filter_map(|k| self.entries.get(k)).map(|(_, g, _)| *g).collect();
+        for group in &touched {
+            if let Some(keys) = self.groups.get(group) {
+                self.by_size.remove(&Self::rank(&self.entries, keys, *group));
+            }
+        }
+        let removed: Vec<(K, V)> =
+            quiet.into_iter().filter_map(|k| self.entries.remove(&k).map(|(v, _, _)| (k, v))).collect();
         for group in touched {
             let entries = &self.entries;
-            let order = std::hash::BuildHasher::hash_one(&self.order, group);
             let mut keys = self.groups.remove(&group).unwrap_or_default();
-            self.by_size.remove(&(keys.len(), order, group));
             keys.retain(|k| entries.contains_key(k));
             if !keys.is_empty() {
-                self.by_size.insert((keys.len(), order, group));
+                self.by_size.insert(Self::rank(&self.entries, &keys, group));
                 self.groups.insert(group, keys);
             }
         }
-        removed.into_iter().map(|(k, v, _)| (k, v)).collect()
+        removed
     }
 
     /// Empties the table, returning every flow.
     pub fn drain(&mut self) -> impl Iterator<Item = (K, V)> + '_ {
         self.groups.clear();
         self.by_size.clear();
-        self.entries.drain().map(|(k, (v, _))| (k, v))
+        self.entries.drain().map(|(k, (v, _, _))| (k, v))
     }
 }
 
@@ -272,6 +293,16 @@ pub fn source_prefix(addr: &std::net::SocketAddr) -> u128 {
 mod tests {
     use super::*;
     use std::net::SocketAddr;
+
+    impl<K: Hash + Eq + Clone + std::fmt::Debug, V: Tracked> FlowTable<K, V> {
+        /// The size index holds exactly each group's size and oldest flow.
+        fn check(&self) {
+            let expected: BTreeSet<_> =
+                self.groups.iter().map(|(g, keys)| Self::rank(&self.entries, keys, *g)).collect();
+            assert_eq!(self.by_size, expected);
+            assert_eq!(self.groups.values().map(VecDeque::len).sum::<usize>(), self.entries.len());
+        }
+    }
 
     #[derive(Debug, Default)]
     struct Flow(Activity, bool, bool);
@@ -302,20 +333,55 @@ mod tests {
     }
 
     #[test]
-    fn groups_of_one_size_are_taken_in_an_order_a_sender_cannot_choose() {
+    fn of_groups_of_one_size_the_one_with_the_oldest_flow_gives_first() {
         let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
-        let mut evicted_low = 0;
-        for _ in 0..32 {
+        // Prefixes above and below: the numbers do not matter, the age does.
+        for (older, newer) in [("10.0.9.5:53", "10.0.1.5:53"), ("10.0.1.5:53", "10.0.9.5:53")] {
             let mut t: FlowTable<SocketAddr, Flow> = FlowTable::with_groups(2, 1, source_prefix);
-            t.insert(addr("10.0.1.5:53"), Flow::default());
-            t.insert(addr("10.0.9.5:53"), Flow::default());
-            match t.insert(addr("10.0.5.5:53"), Flow::default()).map(|(k, _)| k) {
-                Some(k) if k == addr("10.0.1.5:53") => evicted_low += 1,
-                Some(_) => {}
-                None => panic!("a full table makes room"),
-            }
+            t.insert(addr(older), Flow::default());
+            t.insert(addr(newer), Flow::default());
+            let evicted = t.insert(addr("10.0.5.5:53"), Flow::default()).map(|(k, _)| k);
+            assert_eq!(evicted, Some(addr(older)));
+            t.check();
         }
-        assert!((1..32).contains(&evicted_low), "ties went the same way 32 times: {evicted_low}");
+        // A spread flood, one flow per prefix, evicts its own older flows, not a newer query.
+        let mut t: FlowTable<SocketAddr, Flow> = FlowTable::with_groups(64, 16, source_prefix);
+        for i in 0..64u32 {
+            t.insert(
+                SocketAddr::new(std::net::Ipv4Addr::from(0x0a00_0001 + (i << 8)).into(), 53),
+                Flow::default(),
+            );
+        }
+        let query = addr("192.0.2.7:5353");
+        t.insert(query, Flow::default());
+        for i in 64..120u32 {
+            t.insert(
+                SocketAddr::new(std::net::Ipv4Addr::from(0x0a00_0001 + (i << 8)).into(), 53),
+                Flow::default(),
+            );
+            t.check();
+        }
+        assert!(t.contains(&query), "56 newer flood flows evicted older ones");
+    }
+
+    #[test]
+    fn the_size_index_stays_in_step_through_inserts_evictions_and_sweeps() {
+        let mut t: FlowTable<u32, Flow> = FlowTable::with_groups(50, 10, |k| u128::from(k % 7));
+        let mut x = 12_345u32;
+        for round in 0..2_000u32 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let flow = match x % 5 {
+                0 => established(),
+                1 => Flow(Activity(AtomicU64::new(0)), false, true),
+                _ => Flow::default(),
+            };
+            t.insert((x >> 8) % 300, flow);
+            if round % 97 == 0 {
+                t.sweep(Duration::from_secs(3600));
+            }
+            t.check();
+            assert!(t.len() <= 50);
+        }
     }
 
     fn established() -> Flow {

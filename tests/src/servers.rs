@@ -178,6 +178,35 @@ pub fn dig(server: SocketAddr, name: &str) -> Option<String> {
     answer
 }
 
+/// A DNS query for `name` (type A, id 0x1234), as dig would send it.
+pub fn dns_query(name: &str) -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// One query for `name` to `server` from a new socket on `from`, tried once: the address in the
+/// answer, or `None` after `wait` (a stub resolver's query from a random port).
+pub fn dns_once(
+    from: std::net::IpAddr,
+    server: SocketAddr,
+    name: &str,
+    wait: std::time::Duration,
+) -> Option<std::net::Ipv4Addr> {
+    let socket = std::net::UdpSocket::bind((from, 0)).expect("bind a DNS client");
+    socket.set_read_timeout(Some(wait)).expect("timeout");
+    let query = dns_query(name);
+    socket.send_to(&query, server).expect("send a DNS query");
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).ok()?;
+    (n >= 16 && buf[..2] == query[..2] && buf[3] & 0x0f == 0)
+        .then(|| std::net::Ipv4Addr::new(buf[n - 4], buf[n - 3], buf[n - 2], buf[n - 1]))
+}
+
 /// A self-signed certificate for `name` (`NAME.crt`, `NAME.key` in `dir`), made by openssl.
 pub fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let (crt, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use sallyport_tests::{
     metric,
-    servers::{self, dig},
+    servers::{self, dig, dns_query},
     tools_or_skip, RunningAgent, RunningRelay, TestPki,
 };
 
@@ -134,17 +134,6 @@ fn udp_receive_buffer_errors() -> u64 {
     let (names, values) = (udp.next().expect("Udp header"), udp.next().expect("Udp values"));
     let column = names.split_whitespace().position(|n| n == "RcvbufErrors").expect("RcvbufErrors column");
     values.split_whitespace().nth(column).and_then(|v| v.parse().ok()).expect("RcvbufErrors value")
-}
-
-/// A DNS query for `name` (type A), as dig would send it.
-fn dns_query(name: &str) -> Vec<u8> {
-    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
 }
 
 /// A UDP flow whose target is not listening yet gets port-unreachable back (ECONNREFUSED on the
