@@ -15,6 +15,8 @@
 //!   keep-alive connection waits as long for its next request) and fit `relay.max_header_bytes`
 //!   (else 431 and close); malformed requests get 400. The per-address and global caps bound how
 //!   many connections anyone holds.
+//! - A connection that answered is closed with a lingering close (see [`linger`]), so a client
+//!   still uploading a body reads the refusal instead of a reset.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -55,6 +57,7 @@ use crate::{
 mod headers;
 pub(crate) use headers::host_only;
 mod idle;
+mod linger;
 mod pool;
 mod upstream;
 
@@ -107,7 +110,8 @@ async fn connection(
     let metrics = &http.exposure.runtime.metrics;
     // This client connection's own upstream connections; they close with it.
     let client = Arc::new(ClientConnection { pool: Pool::default(), lease, idle: IdleWatch::default() });
-    let stream = Watched::new(stream, client.idle.activity.clone());
+    // Closed with a lingering close, so a client still sending a body reads the answer.
+    let stream = Watched::new(linger::Lingering::new(stream), client.idle.activity.clone());
     let handler = {
         let (http, client) = (http.clone(), client.clone());
         service_fn(move |req| {
