@@ -11,6 +11,7 @@ packages=(
     nginx-light dnsmasq-base bind9-dnsutils openssl   # HTTP/PROXY v2 target, UDP DNS server and dig, TLS targets
     wixl msitools                         # builds the Windows agent's MSI and reads its tables back
     faketime                              # a replica whose wall clock runs ahead (libfaketime)
+    fail2ban                              # reads the relay's access log with the shipped filter
 )
 
 missing=()

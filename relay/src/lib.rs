@@ -20,10 +20,13 @@
 //! - [`ops`]: the admin API and its auth, container commands, the status page.
 //! - [`cli`]: bodies of the subcommands that do not run the relay.
 //! - [`config`]: relay.toml into a valid [`Config`].
+//! - [`access`]: allow and deny lists by client address, the client behind a trusted proxy, the
+//!   access log (a leaf: the configuration parses rules with it, the listeners ask it).
 //! - `runtime`: what every plane shares while the relay runs (metrics, task trackers,
 //!   readiness); `metrics`: the Prometheus registry.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod cli;
 mod cluster;
 pub mod config;

@@ -19,6 +19,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::access::log::{AccessLog, Destination};
 use crate::{
     config::{Config, Live},
     expose::{
@@ -51,6 +52,9 @@ pub enum StartError {
     /// `[cluster]` without what it needs.
     #[error(transparent)]
     Cluster(#[from] sallyport_runtime::config::ConfigError),
+    /// The access log's file cannot be opened.
+    #[error("cannot open the access log {path} (key `access.log`): {source}")]
+    AccessLog { path: String, source: std::io::Error },
 }
 
 impl From<TlsFileError> for StartError {
@@ -75,6 +79,7 @@ pub struct Relay {
     runtime: Arc<Runtime>,
     registry: Arc<Registry>,
     ops: Arc<Ops>,
+    access_log: AccessLog,
 }
 
 impl Relay {
@@ -151,6 +156,16 @@ impl Relay {
             .await
             .map_err(bind_err("the admin server", config.relay.admin))?;
 
+        let access_log = match &config.access.log {
+            None => AccessLog::none(),
+            Some(destination) => AccessLog::open(destination).map_err(|source| StartError::AccessLog {
+                path: match destination {
+                    Destination::Stdout => "stdout".to_owned(),
+                    Destination::File { path, .. } => path.display().to_string(),
+                },
+                source,
+            })?,
+        };
         let bound = Arc::new(RwLock::new(sockets.service_addrs(&config)));
         let config = Arc::new(config);
         let (reload, reloads) = mpsc::channel(4);
@@ -181,6 +196,7 @@ impl Relay {
             runtime,
             registry,
             ops,
+            access_log,
         })
     }
 
@@ -239,6 +255,7 @@ impl Relay {
             runtime,
             registry,
             ops,
+            access_log,
         } = self;
         let admin_addr = admin.local_addr().unwrap_or(config.relay.admin);
         // What runs through the drain (the admin server, a draining replica telling the writer)
@@ -287,7 +304,8 @@ impl Relay {
         let (handoff, handoffs) = mpsc::channel(64);
         tasks.spawn(tunnel::tcp_accept_loop(tunnel_tcp, handoffs, tunnels, shutdown.clone()));
 
-        let exposure = Arc::new(Exposure::new(live.clone(), runtime.clone(), registry.clone(), handoff));
+        let exposure =
+            Arc::new(Exposure::new(live.clone(), runtime.clone(), registry.clone(), handoff, access_log));
         let mut listeners = Listeners::new(exposure, flows, shutdown.clone(), ops.bound.clone());
         listeners.apply(&config, sockets);
         let reloader =

@@ -66,10 +66,24 @@ impl TestPki {
     /// A relay configuration like [`relay_config`](Self::relay_config), with the `[services]`
     /// tables given as TOML.
     pub fn relay_config_toml(&self, extra: &str, services: &str) -> sallyport_relay::Config {
-        let text = format!(
-            "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\nkey = \"relay.key\"\n{extra}\n{services}"
-        );
+        let text = Self::relay_text(extra, services);
         sallyport_relay::Config::from_toml(&text, &self.dir.path().join("relay.toml")).expect("relay config")
+    }
+
+    /// [`relay_config_toml`](Self::relay_config_toml), also written to `relay.toml` in the PKI's
+    /// folder (where a reload reads it).
+    pub fn relay_config_file(&self, extra: &str, services: &str) -> sallyport_relay::Config {
+        let text = Self::relay_text(extra, services);
+        let path = self.dir.path().join("relay.toml");
+        std::fs::write(&path, &text).expect("write relay.toml");
+        sallyport_relay::Config::from_toml(&text, &path).expect("relay config")
+    }
+
+    /// The text of a relay.toml with the PKI's files, `extra` in `[relay]`, then `services`.
+    pub fn relay_text(extra: &str, services: &str) -> String {
+        format!(
+            "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\nkey = \"relay.key\"\n{extra}\n{services}"
+        )
     }
 
     /// An agent configuration like [`agent_config`](Self::agent_config), with the `[services]`

@@ -12,10 +12,12 @@ use std::{
 
 use sallyport_runtime::config::{self as conf, ConfigError};
 
+pub mod access;
 mod budget;
 mod raw;
 mod relay_keys;
 
+pub use access::{Access, ServiceAccess};
 pub use budget::{default_threads, Budget, DEFAULT_MEMORY_BUDGET};
 use raw::{RawCluster, RawConfig};
 pub use relay_keys::RelayKeys;
@@ -34,6 +36,8 @@ pub struct Config {
     pub cluster: Option<Cluster>,
     /// Services by name.
     pub services: BTreeMap<String, Service>,
+    /// Who may reach which service (`[access]` and each service's `access`), and the access log.
+    pub access: Access,
 }
 
 /// Where a replica takes the others' calls, by default.
@@ -146,8 +150,13 @@ impl Config {
     /// transport: the `[relay]` keys declared `restart`, and `[cluster]`), as an error naming the
     /// file and the key.
     pub fn reload_refusal(&self, new: &Config) -> Option<ConfigError> {
-        let key =
-            if self.cluster != new.cluster { Some("cluster") } else { self.relay.restart_needed(&new.relay) };
+        let key = if self.cluster != new.cluster {
+            Some("cluster")
+        } else if self.access.log != new.access.log {
+            Some("access.log")
+        } else {
+            self.relay.restart_needed(&new.relay)
+        };
         key.map(|key| {
             ConfigError::invalid(
                 &new.path,
@@ -170,6 +179,7 @@ impl Config {
         let mut services = BTreeMap::new();
         let mut seen_listen = BTreeMap::new();
         let mut seen_names = BTreeMap::new();
+        let mut access = BTreeMap::new();
         for (name, s) in raw.services {
             let key = format!("services.{name}");
             let name = conf::name(path, &key, &name)?;
@@ -228,6 +238,9 @@ impl Config {
             )?;
             let idle_timeout = (!idle_timeout.is_zero()).then_some(idle_timeout);
             let load_balancer_ip = s.load_balancer_ip;
+            let raw_access =
+                access::RawServiceAccess { access: s.access, trusted_proxies: s.trusted_proxies };
+            access.insert(name.clone(), (raw_access, matches!(listen, Listen::Http(_))));
             services.insert(name.clone(), Service { name, agent, listen, load_balancer_ip, idle_timeout });
         }
         let tcp_tunnel = r.tcp_listen.filter(|a| r.tcp_tunnel && Some(*a) != r.https_listen);
@@ -251,6 +264,7 @@ impl Config {
             relay: r,
             cluster: raw.cluster.map(|c| Cluster::from_raw(c, path)).transpose()?,
             services,
+            access: Access::from_raw(path, raw.access, access)?,
         })
     }
 
@@ -469,6 +483,67 @@ listen = "0.0.0.0:1433"
         );
         let e = err(&GOOD.replace("[relay]", "[relay]\nmemory_budget = \"lots\""));
         assert!(e.contains("key `relay.memory_budget`: \"lots\": unknown unit"), "{e}");
+    }
+
+    #[test]
+    fn access_rules_and_log_are_checked_and_kept_apart_from_services() {
+        let with = |access: &str, service: &str| {
+            let text = format!("{GOOD}{service}\n{access}\n")
+                .replace("[relay]", "[relay]\nhttp_listen = \"0.0.0.0:80\"");
+            Config::from_toml(&text, Path::new("/etc/sallyport/relay.toml"))
+        };
+        let c = with(
+            "[access]\ndefault = [\"allow 192.168.4.0/24\", \"deny all\"]\nlog = \"access.log\"",
+            "access = [\"allow 192.168.4.10\"]\n[services.web]\nagent = \"winbox\"\nhosts = [\"app\"]\ntrusted_proxies = [\"10.42.0.0/16\"]",
+        )
+        .expect("valid");
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        assert!(
+            c.access.admits("mssql", ip("192.168.4.10")) && !c.access.admits("mssql", ip("192.168.4.11"))
+        );
+        assert!(c.access.admits("web", ip("192.168.4.11")) && !c.access.admits("web", ip("10.0.0.1")));
+        assert_eq!(
+            (c.access.describe("mssql"), c.access.describe("web")),
+            ("own:1".into(), "default:2".into())
+        );
+        assert!(c.access.trusted_proxies("web").is_some_and(|p| p.admits(ip("10.42.0.9"))));
+        assert_eq!(
+            c.access.log,
+            Some(crate::access::log::Destination::File {
+                path: "/etc/sallyport/access.log".into(),
+                max_bytes: access::DEFAULT_LOG_MAX_BYTES,
+                keep: access::DEFAULT_LOG_KEEP
+            })
+        );
+        let open = with("", "").expect("valid");
+        assert!(open.access.admits("mssql", ip("203.0.113.1")) && open.access.describe("mssql") == "open");
+        // Rules are not part of the service: changing them retires no connection.
+        assert_eq!(c.services["mssql"], open.services["mssql"]);
+        let e = |access: &str, service: &str| with(access, service).expect_err("invalid").to_string();
+        let bad = e("[access]\ndefault = [\"allow 192.168.4.0/33\"]", "");
+        assert!(
+            bad.contains("key `access.default`: \"allow 192.168.4.0/33\": \"192.168.4.0/33\" is neither"),
+            "{bad}"
+        );
+        let bad = e("", "access = [\"let 10.0.0.1\"]");
+        assert!(bad.contains("key `services.mssql.access`: \"let 10.0.0.1\" is not a rule"), "{bad}");
+        let bad = e("", "access = []");
+        assert!(bad.contains("key `services.mssql.access`: an empty list"), "{bad}");
+        let bad = e("", "trusted_proxies = [\"10.42.0.0/16\"]");
+        assert!(bad.contains("key `services.mssql.trusted_proxies`: only HTTP services"), "{bad}");
+        let bad = e("[access]\nlog_keep = 3", "");
+        assert!(bad.contains("key `access.log_keep`: there is no access log"), "{bad}");
+        let bad = e("[access]\nlog = \"a.log\"\nlog_max_bytes = \"1KiB\"", "");
+        assert!(bad.contains("key `access.log_max_bytes`: at least 4KiB"), "{bad}");
+        let bad = e("[access]\nlogs = \"stdout\"", "");
+        assert!(bad.contains("logs"), "{bad}");
+        // The log's destination needs a restart; the rules do not.
+        let stdout = with("[access]\nlog = \"stdout\"", "").expect("valid");
+        let refusal = c.reload_refusal(&stdout).expect("refused").to_string();
+        assert!(refusal.contains("key `access.log`: cannot change while the relay runs"), "{refusal}");
+        let other_rules =
+            with("[access]\ndefault = [\"deny all\"]\nlog = \"access.log\"", "").expect("valid");
+        assert!(c.reload_refusal(&other_rules).is_none());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use super::relay_keys::RawRelay;
 pub(crate) struct RawConfig {
     pub(crate) relay: RawRelay,
     pub(crate) cluster: Option<RawCluster>,
+    pub(crate) access: Option<super::access::RawAccess>,
     #[serde(default)]
     pub(crate) services: BTreeMap<String, RawService>,
 }
@@ -40,4 +41,6 @@ pub(crate) struct RawService {
     pub(crate) sni: Option<Vec<String>>,
     pub(crate) load_balancer_ip: Option<std::net::IpAddr>,
     pub(crate) idle_timeout: Option<HumanDuration>,
+    pub(crate) access: Option<Vec<String>>,
+    pub(crate) trusted_proxies: Option<Vec<String>>,
 }

@@ -1,7 +1,8 @@
 //! How homelab clients reach agents' services: one file or folder per kind of exposure, and what
 //! every listener shares ([`Exposure`]: the connected agents, the global connection cap, the
-//! per-address cap).
+//! per-address cap, the access log); `gate` says who may reach which service.
 
+pub(crate) mod gate;
 pub(crate) mod http;
 pub(crate) mod https;
 pub(crate) mod limits;
@@ -34,6 +35,8 @@ pub(crate) struct Exposure {
     pub(crate) connections: Arc<limits::Count>,
     /// Connections per client address, across every listener.
     pub(crate) per_ip: Arc<limits::PerIp>,
+    /// The access log (or none).
+    pub(crate) access_log: crate::access::log::AccessLog,
     /// Where the HTTPS listener hands agents' TCP tunnels (their ClientHello offers the tunnel's
     /// ALPN) when it shares the tunnel's port.
     pub(crate) tunnel_handoff: mpsc::Sender<Handoff>,
@@ -45,8 +48,10 @@ impl Exposure {
         runtime: Arc<Runtime>,
         agents: Arc<Registry>,
         tunnel_handoff: mpsc::Sender<Handoff>,
+        access_log: crate::access::log::AccessLog,
     ) -> Self {
         Self {
+            access_log,
             connections: Default::default(),
             per_ip: Default::default(),
             config,

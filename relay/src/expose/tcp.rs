@@ -1,5 +1,6 @@
 //! TCP service listeners: each accepted client gets one data stream to the service's agent, whose
-//! header is written the moment the client connects.
+//! header is written the moment the client connects; a client the service's access rules refuse
+//! is reset at once.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -17,6 +18,7 @@ use crate::{
     config::Service,
     expose::{
         current,
+        gate::{self, Entry},
         limits::{Count, CountSlot, IpSlot},
         Exposure, Slot,
     },
@@ -117,10 +119,23 @@ pub(crate) async fn serve(
         let (served, exposure) = (current(&slot), exposure.clone());
         let span = info_span!("client", service = %served.service.name, %peer);
         async move {
-            tokio::select! {
-                () = carry(stream, peer, &served.service, &exposure, &[]) => {}
-                () = served.retired.cancelled() => debug!("service removed by a reload: connection ended"),
+            let service = &served.service;
+            let entry = Entry::new(&service.name, "tcp", peer);
+            if !gate::admits(&exposure, &service.name, peer.ip()) {
+                debug!("refused by the service's access rules: reset");
+                reset_on_close(&stream);
+                drop(stream);
+                entry.log(&exposure, "denied", 0, 0, None);
+                return;
             }
+            let (outcome, up, down) = tokio::select! {
+                carried = carry(stream, peer, service, &exposure, &[]) => carried,
+                () = served.retired.cancelled() => {
+                    debug!("service removed by a reload: connection ended");
+                    (Outcome::Reset, 0, 0)
+                }
+            };
+            entry.log(&exposure, gate::result_of(outcome), up, down, None);
             drop(lease);
         }
         .instrument(span)
@@ -129,14 +144,15 @@ pub(crate) async fn serve(
 }
 
 /// Carries one client connection of `service` over a new data stream: the header and `first`
-/// (bytes already read from the client) go out together, then the splice.
+/// (bytes already read from the client) go out together, then the splice. Says how it ended and
+/// the bytes carried up and down.
 pub(crate) async fn carry(
     mut stream: TcpStream,
     peer: SocketAddr,
     service: &Service,
     exposure: &Exposure,
     first: &[u8],
-) {
+) -> (Outcome, u64, u64) {
     let _ = stream.set_nodelay(true);
     // Until the splice forwards a FIN, closing this socket (even by a crash) must reset the client.
     reset_on_close(&stream);
@@ -144,14 +160,14 @@ pub(crate) async fn carry(
     let Some(connection) = exposure.agents.route(&service.agent, &service.name) else {
         debug!(agent = %service.agent, "agent not connected: refusing client");
         active.end(Outcome::NoAgent, 0, 0);
-        return;
+        return (Outcome::NoAgent, 0, 0);
     };
     let (mut send, mut recv) = match streams::open(&connection, service, peer, first).await {
         Ok(pair) => pair,
         Err(e) => {
             debug!(error = %e, "cannot open a stream to the agent: refusing client");
             active.end(Outcome::StreamFailed, 0, 0);
-            return;
+            return (Outcome::StreamFailed, 0, 0);
         }
     };
     let activity = Activity::default();
@@ -164,7 +180,7 @@ pub(crate) async fn carry(
                 let _ = send.reset(code(codes::stream::INTERNAL));
                 let _ = recv.stop(code(codes::stream::INTERNAL));
                 active.end(Outcome::Idle, 0, 0);
-                return;
+                return (Outcome::Idle, 0, 0);
             }
         },
     };
@@ -173,14 +189,17 @@ pub(crate) async fn carry(
             let up = done.up + first.len() as u64;
             debug!(up, down = done.down, "client connection closed");
             active.end(Outcome::Completed, up, done.down);
+            (Outcome::Completed, up, done.down)
         }
         Err(SpliceError::Stalled) => {
             debug!("client stopped reading while the tunnel's stalled streams were at their share: reset");
             active.end(Outcome::Stalled, 0, 0);
+            (Outcome::Stalled, 0, 0)
         }
         Err(e) => {
             debug!(error = %e, "client connection reset");
             active.end(Outcome::Reset, 0, 0);
+            (Outcome::Reset, 0, 0)
         }
     }
 }

@@ -7,7 +7,8 @@
 //! `relay.udp_max_flows`, and a new flow in a full table replaces a flow of the fullest prefix, so
 //! a flood of new sources cannot push out the established flows of other clients (see
 //! `sallyport_runtime::flows`).
-//! A datagram too large for the tunnel's datagram size is counted and dropped.
+//! A datagram too large for the tunnel's datagram size is counted and dropped, and so is one from
+//! an address the service's access rules refuse.
 
 use std::{
     net::SocketAddr,
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::{
-    expose::{current, Exposure, Slot},
+    expose::{current, gate, Exposure, Slot},
     tunnel::datagrams::{FlowRoutes, FlowState},
 };
 
@@ -98,6 +99,11 @@ pub(crate) async fn serve(
             }
             () = stop.cancelled() => break,
         };
+        // Checked for every datagram: a reload's rules hold for flows already open. A refused
+        // datagram is counted, not logged: its source costs a spoofer nothing.
+        if !gate::admits(&exposure, &service.name, client.ip()) {
+            continue;
+        }
         let Some(connection) = exposure.agents.route_datagrams(&service.agent, &service.name) else {
             metrics.refused(&service.name, "no_agent");
             continue;

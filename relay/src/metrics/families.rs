@@ -1,7 +1,7 @@
 //! The metric families and their help texts, registered once when the relay starts.
 
 use prometheus_client::{
-    metrics::{family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -45,6 +45,7 @@ impl Default for Metrics {
             replicas_serving: Gauge::default(),
             writer_reachable: Gauge::default(),
             revocations_missing: Gauge::default(),
+            access_log_dropped: Counter::default(),
             registry,
         };
         m.registry.register(
@@ -103,6 +104,11 @@ impl Default for Metrics {
             "refusals",
             "Clients and datagrams turned away at a listener, by listener and reason",
             m.refusals.clone(),
+        );
+        m.registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the log's writer fell behind",
+            m.access_log_dropped.clone(),
         );
         m.registry.register(
             "http_responses",

@@ -48,7 +48,8 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    fn word(self) -> &'static str {
+    /// The word for it in metrics and the access log.
+    pub(crate) fn word(self) -> &'static str {
         match self {
             Self::Completed => "completed",
             Self::Reset => "reset",
@@ -84,6 +85,7 @@ pub(crate) struct Metrics {
     start_failures: Family<Labels, Counter>,
     cold_start: Family<Labels, Gauge<f64, AtomicU64>>,
     refusals: Family<Labels, Counter>,
+    access_log_dropped: Counter,
     http_responses: Family<Labels, Counter>,
     udp_datagrams: Family<Labels, Counter>,
     udp_flows: Family<Labels, Gauge>,
@@ -110,6 +112,11 @@ impl Metrics {
         self.refusals
             .get_or_create(&vec![("listener", listener.to_owned()), ("reason", reason.to_owned())])
             .inc();
+    }
+
+    /// An access log line dropped (its writer fell behind).
+    pub(crate) fn access_log_dropped(&self) {
+        self.access_log_dropped.inc();
     }
 
     /// A response of `service`'s target. A code HTTP does not define is counted as `other`: the

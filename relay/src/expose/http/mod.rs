@@ -10,7 +10,9 @@
 //! - Hop-by-hop headers are dropped; `X-Forwarded-For` and `Forwarded` get the client appended,
 //!   `X-Forwarded-Proto` and `X-Forwarded-Host` are set.
 //! - Refusals are short plain-text pages: 400 (no or conflicting host), 404 (no service under the
-//!   name), 503 (its agent is away), 502 (the target refused or failed).
+//!   name), 403 (the service's access rules refuse the client: the connection's source, or the
+//!   address a trusted proxy named in `X-Forwarded-For`), 503 (its agent is away), 502 (the
+//!   target refused or failed). Each request is a line of the access log.
 //! - A request head must arrive within `relay.header_timeout` (else the connection closes; an idle
 //!   keep-alive connection waits as long for its next request) and fit `relay.max_header_bytes`
 //!   (else 431 and close); malformed requests get 400. The per-address and global caps bound how
@@ -46,8 +48,10 @@ use self::{
     upstream::{connect, reason_of},
 };
 use crate::{
+    access::log::HttpFields,
     config::Service,
     expose::{
+        gate::{self, Entry},
         tcp::{self, Lease},
         Exposure, LiveRoutes,
     },
@@ -178,6 +182,18 @@ async fn handle(
         return page(StatusCode::NOT_FOUND, &format!("no service is published under the host name {host:?}"));
     };
     let service = &served.service;
+    let mut entry = Entry::new(&service.name, "http", peer);
+    let (who, allowed) = admission(&req, peer, &service.name, http);
+    if who != peer.ip() {
+        entry.client = SocketAddr::new(who, 0);
+        entry.via = Some(peer.ip());
+    }
+    let fields = http.exposure.access_log.is_on().then(|| RequestFields::of(&req, &host));
+    if !allowed {
+        let response = page(StatusCode::FORBIDDEN, &format!("this address may not reach {host:?}"));
+        log_request(&entry, &http.exposure, "denied", fields.as_ref(), &response);
+        return response;
+    }
     client.idle.serve(service.idle_timeout);
     let active = IdleAware { active: Some(metrics.connection(&service.name)), idle: &client.idle };
     let forwarded = tokio::select! {
@@ -188,19 +204,93 @@ async fn handle(
             outcome: Outcome::NoAgent,
         }),
     };
-    let response = match forwarded {
+    let (response, outcome) = match forwarded {
         Ok(response) => {
             active.end(Outcome::Completed);
-            response
+            (response, Outcome::Completed)
         }
         Err(failure) => {
             debug!(service = %service.name, reason = %failure.reason, status = %failure.status, "request not carried");
             active.end(failure.outcome);
-            page(failure.status, &failure.reason)
+            (page(failure.status, &failure.reason), failure.outcome)
         }
     };
     metrics.http_response(&service.name, response.status().as_u16());
+    log_request(&entry, &http.exposure, gate::result_of(outcome), fields.as_ref(), &response);
     response
+}
+
+/// The client a request is from (the connection's source, or the address a trusted proxy named)
+/// and whether the service's access rules admit it; a refusal is counted.
+fn admission(
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    service: &str,
+    http: &Http,
+) -> (std::net::IpAddr, bool) {
+    let config = http.exposure.config.get();
+    let forwarded = req.headers().get_all("x-forwarded-for").into_iter().filter_map(|v| v.to_str().ok());
+    let who = crate::access::forwarded_client(peer.ip(), config.access.trusted_proxies(service), forwarded);
+    drop(config);
+    (who, gate::admits(&http.exposure, service, who))
+}
+
+/// What the access log says of a request, taken before the request goes on.
+struct RequestFields {
+    method: String,
+    host: String,
+    uri: String,
+    user_agent: Option<String>,
+    body: u64,
+}
+
+impl RequestFields {
+    fn of(req: &Request<Incoming>, host: &str) -> Self {
+        let uri = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        Self {
+            method: req.method().as_str().to_owned(),
+            host: host.to_owned(),
+            // A client may send a very long URI: the log keeps its start.
+            uri: uri.chars().take(2048).collect(),
+            user_agent: req
+                .headers()
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.chars().take(256).collect()),
+            body: content_length(req.headers()),
+        }
+    }
+}
+
+fn content_length(headers: &hyper::HeaderMap) -> u64 {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The access log line of one request: its fields, the status, and the bodies' declared lengths.
+fn log_request(
+    entry: &Entry<'_>,
+    exposure: &Exposure,
+    result: &'static str,
+    fields: Option<&RequestFields>,
+    response: &Response<Body>,
+) {
+    let Some(f) = fields else { return };
+    let http = HttpFields {
+        method: &f.method,
+        host: &f.host,
+        uri: &f.uri,
+        status: response.status().as_u16(),
+        user_agent: f.user_agent.as_deref(),
+    };
+    let down = match response.body() {
+        Either::Right(page) => hyper::body::Body::size_hint(page).exact().unwrap_or(0),
+        Either::Left(_) => content_length(response.headers()),
+    };
+    entry.log(exposure, result, f.body, down, Some(http));
 }
 
 async fn forward(

@@ -1,7 +1,8 @@
 //! The HTTPS listener: routes TLS connections by the server name in the ClientHello (SNI) to the
 //! service that lists it, without terminating TLS. The ClientHello bytes read to find the name go
 //! to the agent with the stream header, then the connection is spliced like any TCP service, so the
-//! client completes its handshake with the target and sees the target's certificate.
+//! client completes its handshake with the target and sees the target's certificate. A client
+//! the service's access rules refuse is reset once its server name is known.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -13,7 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
 
 use crate::{
-    expose::{tcp, Exposure, LiveRoutes},
+    expose::{
+        gate::{self, Entry},
+        tcp, Exposure, LiveRoutes,
+    },
+    metrics::Outcome,
     tunnel::Handoff,
 };
 use sallyport_proto::client_hello::{self, Hello};
@@ -99,9 +104,20 @@ async fn route<L>(
         let _ = stream.write_all(&client_hello::UNRECOGNIZED_NAME_ALERT).await;
         return;
     };
-    let span = info_span!("client", service = %served.service.name, server_name = %name);
-    tokio::select! {
-        () = tcp::carry(stream, peer, &served.service, exposure, &buf).instrument(span) => {}
-        () = served.retired.cancelled() => {}
+    let service = &served.service;
+    let mut entry = Entry::new(&service.name, "https", peer);
+    entry.server_name = Some(&name);
+    if !gate::admits(exposure, &service.name, peer.ip()) {
+        sallyport_runtime::limited!(debug, service = %service.name, "refused by the service's access rules: reset");
+        sallyport_runtime::reset_on_close(&stream);
+        drop(stream);
+        entry.log(exposure, "denied", 0, 0, None);
+        return;
     }
+    let span = info_span!("client", service = %service.name, server_name = %name);
+    let (outcome, up, down) = tokio::select! {
+        carried = tcp::carry(stream, peer, service, exposure, &buf).instrument(span) => carried,
+        () = served.retired.cancelled() => (Outcome::Reset, 0, 0),
+    };
+    entry.log(exposure, gate::result_of(outcome), up, down, None);
 }

@@ -1,0 +1,73 @@
+//! Each listener asks here whether a client may reach a service (the rules in force, by the
+//! client's address) and writes its access log lines here. A refusal is counted as
+//! `sallyport_refusals_total{listener=SERVICE,reason="denied"}`.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    access::log::{HttpFields, Record},
+    expose::Exposure,
+    metrics::Outcome,
+};
+
+/// Whether `client` may reach `service` under the rules in force; a refusal is counted.
+pub(crate) fn admits(exposure: &Exposure, service: &str, client: IpAddr) -> bool {
+    let admitted = exposure.config.get().access.admits(service, client);
+    if !admitted {
+        exposure.runtime.metrics.refused(service, "denied");
+    }
+    admitted
+}
+
+/// One client connection or request on its way to the access log.
+#[derive(Debug)]
+pub(crate) struct Entry<'a> {
+    pub(crate) service: &'a str,
+    pub(crate) kind: &'static str,
+    pub(crate) client: SocketAddr,
+    /// The proxy the client came through, when the client is the address it named.
+    pub(crate) via: Option<IpAddr>,
+    pub(crate) server_name: Option<&'a str>,
+    pub(crate) started: Instant,
+}
+
+impl<'a> Entry<'a> {
+    pub(crate) fn new(service: &'a str, kind: &'static str, client: SocketAddr) -> Self {
+        Self { service, kind, client, via: None, server_name: None, started: Instant::now() }
+    }
+
+    /// Writes the line: how it ended, the bytes each way, and for HTTP the request's fields.
+    pub(crate) fn log(
+        &self,
+        exposure: &Exposure,
+        result: &'static str,
+        up: u64,
+        down: u64,
+        http: Option<HttpFields<'_>>,
+    ) {
+        if !exposure.access_log.is_on() {
+            return;
+        }
+        let mut record = Record::now(self.service, self.kind, self.client, result, self.elapsed());
+        record.via = self.via;
+        record.server_name = self.server_name;
+        record.bytes_up = up;
+        record.bytes_down = down;
+        record.http = http;
+        if !exposure.access_log.write(&record) {
+            exposure.runtime.metrics.access_log_dropped();
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// The access log's word for how a connection ended.
+pub(crate) fn result_of(outcome: Outcome) -> &'static str {
+    outcome.word()
+}
