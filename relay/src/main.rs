@@ -64,16 +64,21 @@ enum Command {
         config: PathBuf,
         #[arg(long, default_value = "sallyport")]
         namespace: String,
-        /// The relay's MetalLB IP (metallb.io/loadBalancerIPs).
+        /// The relay's MetalLB IP, where agents dial (metallb.io/loadBalancerIPs).
         #[arg(long)]
         load_balancer_ip: Option<std::net::IpAddr>,
+        /// The clients' MetalLB IP: the HTTP and HTTPS listeners and the services' ports, with
+        /// externalTrafficPolicy Local (the relay sees each client's address).
+        #[arg(long)]
+        clients_ip: Option<std::net::IpAddr>,
         /// The UDP port agents dial, mapped to relay.listen's port.
         #[arg(long, default_value_t = 443)]
         quic_port: u16,
-        /// externalTrafficPolicy of the LoadBalancer Services: cluster (every replica; client
-        /// addresses replaced by the node's) or local (the announcing node's replicas only;
-        /// client addresses kept).
-        #[arg(long, default_value = "cluster")]
+        /// externalTrafficPolicy of the clients' LoadBalancer Services: local (on --clients-ip;
+        /// client addresses kept; the announcing node's replicas take clients) or cluster (on the
+        /// relay's IP beside the agents; every replica takes clients; client addresses replaced by
+        /// a node's). The agents' Service is always cluster.
+        #[arg(long, default_value = "local")]
         external_traffic_policy: sallyport_relay::cli::manifests::TrafficPolicy,
     },
     /// Print the relay's status (agents, services and their traffic, containers) as tables, from
@@ -268,11 +273,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             serve(config)
         }
-        Command::Manifests { config, namespace, load_balancer_ip, quic_port, external_traffic_policy } => {
+        Command::Manifests {
+            config,
+            namespace,
+            load_balancer_ip,
+            clients_ip,
+            quic_port,
+            external_traffic_policy,
+        } => {
             let config = Config::load(&config)?;
             let options = sallyport_relay::cli::manifests::ManifestOptions {
                 namespace,
                 load_balancer_ip,
+                clients_ip,
                 quic_port,
                 traffic_policy: external_traffic_policy,
             };

@@ -106,40 +106,47 @@ fn the_overlay_agrees_with_its_relay_toml() {
 
     // The committed Services are exactly what `sallyport-relay manifests` renders from relay.toml.
     let relay_lb = find(&docs, "Service", "sallyport-relay");
-    let ip: IpAddr = relay_lb["metadata"]["annotations"]["metallb.io/loadBalancerIPs"]
-        .as_str()
-        .expect("MetalLB annotation")
-        .parse()
-        .expect("an IP");
-    assert_eq!(ip.to_string(), "192.168.4.60");
-    let options = ManifestOptions { load_balancer_ip: Some(ip), ..ManifestOptions::default() };
+    let agents_lb = find(&docs, "Service", "sallyport-relay-agents");
+    let ip_of = |lb: &Value| -> IpAddr {
+        lb["metadata"]["annotations"]["metallb.io/loadBalancerIPs"]
+            .as_str()
+            .expect("MetalLB annotation")
+            .parse()
+            .expect("an IP")
+    };
+    let (ip, clients_ip) = (ip_of(agents_lb), ip_of(relay_lb));
+    assert_eq!((ip.to_string().as_str(), clients_ip.to_string().as_str()), ("192.168.4.60", "192.168.4.61"));
+    let options = ManifestOptions {
+        load_balancer_ip: Some(ip),
+        clients_ip: Some(clients_ip),
+        ..ManifestOptions::default()
+    };
     let committed = std::fs::read_to_string(overlay.join("services.yaml")).expect("services.yaml");
     assert_eq!(
         committed,
         manifests::render(&config, &options),
-        "services.yaml is stale: sallyport-relay manifests --config relay.toml --load-balancer-ip {ip} > services.yaml"
+        "services.yaml is stale: sallyport-relay manifests --config relay.toml --load-balancer-ip {ip} --clients-ip {clients_ip} > services.yaml"
     );
 
-    // The shared IP: QUIC over UDP to relay.listen in the agents' Service, which sends to every
-    // running replica (a starting one turns ready only once it holds the agents); every service
-    // without its own IP in the clients' Service, which sends to ready replicas only. Both spread
-    // flows over every replica (Cluster) and share the IP.
-    let agents_lb = find(&docs, "Service", "sallyport-relay-agents");
-    assert_eq!(ports(agents_lb), vec![("UDP".into(), 443, u64::from(config.relay.listen.port()))]);
+    // Agents: QUIC over UDP to relay.listen, and the tunnel over TCP on the HTTPS listener's port,
+    // in the agents' Service, which sends to every running replica (a starting one turns ready
+    // only once it holds the agents) on any node (Cluster). Clients: every service without its
+    // own IP in the clients' Service on an address of its own, to ready replicas only, with
+    // Local: no SNAT, so the relay sees each client's address.
+    let https_port =
+        u64::from(config.relay.https_listen.expect("the overlay shows the HTTPS listener").port());
+    assert_eq!(
+        ports(agents_lb),
+        vec![("UDP".into(), 443, u64::from(config.relay.listen.port())), ("TCP".into(), 443, https_port)]
+    );
     assert_eq!(agents_lb["spec"]["publishNotReadyAddresses"].as_bool(), Some(true));
     assert!(relay_lb["spec"].get("publishNotReadyAddresses").is_none());
-    for lb in [relay_lb, agents_lb] {
+    for (lb, policy) in [(relay_lb, "Local"), (agents_lb, "Cluster")] {
         assert_eq!(lb["spec"]["type"].as_str(), Some("LoadBalancer"));
-        assert_eq!(lb["spec"]["externalTrafficPolicy"].as_str(), Some("Cluster"));
-        assert_eq!(
-            lb["metadata"]["annotations"]["metallb.io/loadBalancerIPs"].as_str(),
-            Some("192.168.4.60")
-        );
-        assert_eq!(
-            lb["metadata"]["annotations"]["metallb.io/allow-shared-ip"].as_str(),
-            Some("sallyport-relay")
-        );
+        assert_eq!(lb["spec"]["externalTrafficPolicy"].as_str(), Some(policy));
     }
+    // MetalLB shares an address only between Services of one policy: the two do not share.
+    assert!(relay_lb["metadata"]["annotations"].get("metallb.io/allow-shared-ip").is_none());
     let lb_ports = ports(relay_lb);
     for (listener, public, addr) in
         [("http", 80, config.relay.http_listen), ("https", 443, config.relay.https_listen)]

@@ -54,6 +54,12 @@ enum Tool {
         #[arg(long, value_parser = humantime::parse_duration)]
         delay: Duration,
     },
+    /// Reads each connection's PROXY protocol v2 header and answers with the client it names
+    /// (`source A.B.C.D:PORT`, or `source unknown`), then closes.
+    ProxySource {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Greets every connection with one byte, then holds it open until EOF.
     Greeter {
         #[arg(long)]
@@ -165,6 +171,14 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(listen).await?;
             eprintln!("tcp-delay listening on {listen} -> {upstream}, {delay:?} each way");
             impair::tcp_delay(listener, upstream, delay).await?;
+        }
+        Tool::ProxySource { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            eprintln!("proxy source listening on {listen}");
+            loop {
+                let (stream, _) = listener.accept().await?;
+                tokio::spawn(answer_proxy_source(stream));
+            }
         }
         Tool::Greeter { listen } => {
             // A deep accept queue: a burst of thousands of connects must not overflow it.
@@ -311,4 +325,24 @@ async fn transfers(to: SocketAddr, count: u64, min: u64, max: u64, seed: u64, ti
         summary.join(" "),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Answers with the source address of the connection's PROXY protocol v2 header (TCP over IPv4).
+async fn answer_proxy_source(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = [0u8; 16];
+    if stream.read_exact(&mut head).await.is_err() {
+        return;
+    }
+    let mut addresses = vec![0u8; usize::from(u16::from_be_bytes([head[14], head[15]]))];
+    if stream.read_exact(&mut addresses).await.is_err() {
+        return;
+    }
+    let answer = match (head[12], head[13], addresses.as_slice()) {
+        (0x21, 0x11, [a, b, c, d, _, _, _, _, p0, p1, ..]) => {
+            format!("source {a}.{b}.{c}.{d}:{}\n", u16::from_be_bytes([*p0, *p1]))
+        }
+        _ => "source unknown\n".to_owned(),
+    };
+    let _ = stream.write_all(answer.as_bytes()).await;
 }

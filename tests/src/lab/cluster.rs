@@ -35,6 +35,8 @@ use crate::TestPki;
 
 /// The Service's LoadBalancer address (MetalLB's IP) in the lab.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 50);
+/// The clients' Service address when agents and clients have one each ([`Policy::Split`]).
+pub const CLIENTS_VIP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 51);
 /// The homelab client's address in a cluster lab.
 pub const CLIENT_NET_IP: Ipv4Addr = Ipv4Addr::new(10, 43, 0, 2);
 const WAIT: Duration = Duration::from_secs(30);
@@ -57,6 +59,21 @@ pub enum Policy {
     /// `externalTrafficPolicy: Local`: only the pods on the node announcing the address, client
     /// addresses kept. Which pods those are is [`KubeProxy::announce`]'s to say.
     Local,
+    /// As `sallyport-relay manifests` renders by default: the agents' Service on [`VIP`] with
+    /// `Cluster` (masqueraded), the clients' on [`CLIENTS_VIP`] with `Local` (addresses kept; the
+    /// lab's pods all sit on the one node that announces it).
+    Split,
+}
+
+impl Policy {
+    /// Where clients reach the services.
+    pub fn clients_vip(&self) -> Ipv4Addr {
+        if *self == Self::Split {
+            CLIENTS_VIP
+        } else {
+            VIP
+        }
+    }
 }
 
 impl Lab {
@@ -75,33 +92,29 @@ impl Lab {
             attach(&self.home, &pod, &format!("pod{i}"), pod_ip(i), gw);
             self.pods.push(pod);
         }
-        let vip = VIP.to_string();
+        let (vip, clients) = (VIP.to_string(), policy.clients_vip().to_string());
+        if *policy == Policy::Split {
+            self.home.run("ip", &["addr", "add", &format!("{CLIENTS_VIP}/32"), "dev", "eth0"]);
+        }
         let quic = QUIC.to_string();
         for rule in [
             vec!["-N", "SP-AGENTS"],
             vec!["-N", "SP-SVC"],
             vec!["-A", "PREROUTING", "-d", &vip, "-p", "udp", "--dport", &quic, "-j", "SP-AGENTS"],
-            vec!["-A", "PREROUTING", "-d", &vip, "-j", "SP-SVC"],
+            vec!["-A", "PREROUTING", "-d", &clients, "-j", "SP-SVC"],
         ] {
             self.home.run("iptables", &[&["-t", "nat"][..], &rule].concat());
         }
-        if *policy == Policy::Cluster {
-            self.home.run(
-                "iptables",
-                &[
-                    "-t",
-                    "nat",
-                    "-A",
-                    "POSTROUTING",
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "DNAT",
-                    "-j",
-                    "MASQUERADE",
-                ],
-            );
-        }
+        // kube-proxy masquerades what a Cluster Service delivers: all of it, or with Split the
+        // agents' Service's only.
+        let masquerade = ["-t", "nat", "-A", "POSTROUTING", "-m", "conntrack", "--ctstate", "DNAT"];
+        match policy {
+            Policy::Cluster => self.home.run("iptables", &[&masquerade[..], &["-j", "MASQUERADE"]].concat()),
+            Policy::Split => self
+                .home
+                .run("iptables", &[&masquerade[..], &["--ctorigdst", &vip, "-j", "MASQUERADE"]].concat()),
+            Policy::Local => String::new(),
+        };
     }
 }
 
@@ -319,6 +332,13 @@ impl LabCluster {
     /// each tunnel (`lanes = 2`): through the Service a lane lands on any replica, and one that
     /// reaches another replica than its tunnel's is sent back to dial again.
     pub fn start(lab: &mut Lab, running: usize) -> Self {
+        Self::start_with(lab, running, "", "")
+    }
+
+    /// [`start`](Self::start) with `relay_more` after each relay.toml's services (more services,
+    /// `[access]`; relative paths land in the pod's folder, [`pod_dir`](Self::pod_dir)) and
+    /// `agent_more` after the agent's.
+    pub fn start_with(lab: &mut Lab, running: usize, relay_more: &str, agent_more: &str) -> Self {
         let pki = TestPki::with_names(&["relay.lab"]);
         let token = "lab-admin-token-0123456789".to_owned();
         let token_file = lab.dir().join("admin.token");
@@ -332,7 +352,7 @@ impl LabCluster {
                  cert = \"{crt}\"\nkey = \"{key}\"\nca_key = \"{cakey}\"\nadmin_token_file = \"{tok}\"\n\
                  revocations_file = \"revoked.toml\"\ntokens_file = \"tokens.toml\"\n\n\
                  [cluster]\nwriter = \"relay-0\"\nwriter_peer = \"{writer}\"\n\n\
-                 [services.transfer]\nagent = \"winbox\"\nlisten = \"0.0.0.0:{TRANSFER_PORT}\"\n",
+                 [services.transfer]\nagent = \"winbox\"\nlisten = \"0.0.0.0:{TRANSFER_PORT}\"\n{relay_more}",
                 ca = pki.dir().join("ca.crt").display(),
                 crt = pki.dir().join("relay.crt").display(),
                 key = pki.dir().join("relay.key").display(),
@@ -348,7 +368,7 @@ impl LabCluster {
         let agent = format!(
             "[agent]\nrelays = [\"{}\"]\nserver_name = \"relay.lab\"\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
              lanes = 2\n\n\
-             [services.transfer]\ntarget = \"tcp://{}\"\n",
+             [services.transfer]\ntarget = \"tcp://{}\"\n{agent_more}",
             addr(VIP, QUIC),
             bundle.join("ca.crt").display(),
             bundle.join("agent.crt").display(),
@@ -374,6 +394,11 @@ impl LabCluster {
             cluster.wait_agent_at(lab, i, WAIT);
         }
         cluster
+    }
+
+    /// The folder of pod `i`'s relay.toml.
+    pub fn pod_dir(&self, i: usize) -> std::path::PathBuf {
+        std::path::Path::new(&self.tomls[i]).parent().expect("the pod's folder").to_owned()
     }
 
     /// Starts (or restarts) the relay of pod `i` as replica `relay-i` and waits until it is ready.

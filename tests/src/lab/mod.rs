@@ -37,7 +37,8 @@ mod servers;
 mod tunnel;
 pub use batch::{output_text, transfer_spec, TRANSFER_PORT};
 pub use cluster::{
-    pod_ip, KubeProxy, LabCluster, Policy, CLIENT_NET_IP, PEER, TRANSFER_PORT as CLUSTER_PORT, VIP,
+    pod_ip, KubeProxy, LabCluster, Policy, CLIENTS_VIP, CLIENT_NET_IP, PEER, TRANSFER_PORT as CLUSTER_PORT,
+    VIP,
 };
 pub use servers::postgres_data;
 pub use tunnel::{LabTunnel, TransferReport, TunnelSpec, QUIC_PORT};
