@@ -1,8 +1,10 @@
 //! Who may reach what: allow and deny lists by client address ([`rules`]), the client's address
-//! behind a trusted proxy ([`forwarded_client`]), and the access log ([`log`]). A leaf: the
+//! behind a trusted proxy ([`forwarded_client`]), rates per client ([`rates`]), and the access
+//! log ([`log`]). A leaf: the
 //! configuration parses rules with it, the listeners ask it and write to its log.
 
 pub mod log;
+pub mod rates;
 pub mod rules;
 
 use std::net::IpAddr;

@@ -10,7 +10,11 @@ use std::{collections::BTreeMap, net::IpAddr, path::Path};
 use sallyport_runtime::config::{self as conf, ConfigError};
 use serde::Deserialize;
 
-use crate::access::{log::Destination, Rules};
+use crate::access::{
+    log::Destination,
+    rates::{Counted, Rate},
+    Rules,
+};
 
 /// The access log's rotation size when `log_max_bytes` is not set.
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 100 << 20;
@@ -22,9 +26,22 @@ pub const DEFAULT_LOG_KEEP: u32 = 5;
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAccess {
     default: Option<Vec<String>>,
+    connections_per_second: Option<u32>,
+    connection_burst: Option<u32>,
+    requests_per_second: Option<u32>,
+    request_burst: Option<u32>,
     log: Option<String>,
     log_max_bytes: Option<String>,
     log_keep: Option<u32>,
+}
+
+/// Rates per client address as written (in `[access]` for every service, or in one service).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct RawRates {
+    pub(crate) connections_per_second: Option<u32>,
+    pub(crate) connection_burst: Option<u32>,
+    pub(crate) requests_per_second: Option<u32>,
+    pub(crate) request_burst: Option<u32>,
 }
 
 /// The access keys of one service as written.
@@ -32,6 +49,7 @@ pub(crate) struct RawAccess {
 pub(crate) struct RawServiceAccess {
     pub(crate) access: Option<Vec<String>>,
     pub(crate) trusted_proxies: Option<Vec<String>>,
+    pub(crate) rates: RawRates,
 }
 
 /// Who may reach what.
@@ -43,6 +61,9 @@ pub struct Access {
     pub services: BTreeMap<String, ServiceAccess>,
     /// Where the access log goes; `None`: no access log.
     pub log: Option<Destination>,
+    /// The rates of a service that sets none of its own.
+    pub default_connections: Option<Rate>,
+    pub default_requests: Option<Rate>,
 }
 
 /// One service's access keys.
@@ -52,6 +73,11 @@ pub struct ServiceAccess {
     pub rules: Option<Rules>,
     /// HTTP services: the proxies whose `X-Forwarded-For` names the client (`trusted_proxies`).
     pub trusted_proxies: Option<Rules>,
+    /// New connections (or UDP flows) per second per client host (`connections_per_second`,
+    /// `connection_burst`).
+    pub connections: Option<Rate>,
+    /// HTTP requests per second per client host (`requests_per_second`, `request_burst`).
+    pub requests: Option<Rate>,
 }
 
 impl Access {
@@ -68,6 +94,15 @@ impl Access {
     /// The proxies `service` believes.
     pub fn trusted_proxies(&self, service: &str) -> Option<&Rules> {
         self.services.get(service).and_then(|s| s.trusted_proxies.as_ref())
+    }
+
+    /// The rate `service` holds each client host to for `counted`.
+    pub fn rate(&self, service: &str, counted: Counted) -> Option<Rate> {
+        let own = self.services.get(service);
+        match counted {
+            Counted::Connections => own.and_then(|s| s.connections).or(self.default_connections),
+            Counted::Requests => own.and_then(|s| s.requests).or(self.default_requests),
+        }
     }
 
     /// What the status page says of `service`'s rules: `own:N`, `default:N` or `open`.
@@ -89,6 +124,13 @@ impl Access {
             Rules::parse(lines).map_err(|e| ConfigError::invalid(path, key, e.to_string()))
         };
         let default = raw.default.as_deref().map(|d| rules("access.default".into(), d)).transpose()?;
+        let rates = RawRates {
+            connections_per_second: raw.connections_per_second,
+            connection_burst: raw.connection_burst,
+            requests_per_second: raw.requests_per_second,
+            request_burst: raw.request_burst,
+        };
+        let (default_connections, default_requests) = rates.parse(path, "access")?;
         let log = match raw.log.as_deref() {
             None => {
                 for (key, set) in [
@@ -146,10 +188,60 @@ impl Access {
                 }
                 Some(lines) => Some(Rules::networks(lines).map_err(|e| ConfigError::invalid(path, key, e.to_string()))?),
             };
-            if own.is_some() || trusted_proxies.is_some() {
-                by_service.insert(name, ServiceAccess { rules: own, trusted_proxies });
+            let section = format!("services.{name}");
+            let (connections, requests) = raw.rates.parse(path, &section)?;
+            let wrong = if is_http {
+                connections.map(|_| "connections_per_second")
+            } else {
+                requests.map(|_| "requests_per_second")
+            };
+            if let Some(key) = wrong {
+                let why = if is_http {
+                    "an HTTP service (hosts) counts requests: set requests_per_second"
+                } else {
+                    "only HTTP services (hosts) count requests: set connections_per_second"
+                };
+                return Err(ConfigError::invalid(path, format!("{section}.{key}"), why));
+            }
+            let entry = ServiceAccess { rules: own, trusted_proxies, connections, requests };
+            if entry != ServiceAccess::default() {
+                by_service.insert(name, entry);
             }
         }
-        Ok(Self { default, services: by_service, log })
+        Ok(Self { default, services: by_service, log, default_connections, default_requests })
+    }
+}
+
+impl RawRates {
+    /// The connection and request rates of `section`, each with its burst (twice the rate unless
+    /// set).
+    fn parse(&self, path: &Path, section: &str) -> Result<(Option<Rate>, Option<Rate>), ConfigError> {
+        let one = |(rate_key, rate): (&str, Option<u32>), (burst_key, burst): (&str, Option<u32>)| {
+            let key = |k: &str| format!("{section}.{k}");
+            let Some(rate) = rate else {
+                return match burst {
+                    Some(_) => Err(ConfigError::invalid(
+                        path,
+                        key(burst_key),
+                        format!("a burst needs a rate: set {rate_key}"),
+                    )),
+                    None => Ok(None),
+                };
+            };
+            let per_second = std::num::NonZeroU32::new(rate).filter(|r| r.get() <= 1_000_000).ok_or_else(|| {
+                ConfigError::invalid(path, key(rate_key), format!("{rate} is out of range 1..=1000000 (to refuse every client, use access = [\"deny all\"])"))
+            })?;
+            let burst = burst.unwrap_or(rate.saturating_mul(2));
+            let burst = std::num::NonZeroU32::new(burst)
+                .ok_or_else(|| ConfigError::invalid(path, key(burst_key), "0 is out of range: at least 1"))?;
+            Ok(Some(Rate { per_second, burst }))
+        };
+        Ok((
+            one(
+                ("connections_per_second", self.connections_per_second),
+                ("connection_burst", self.connection_burst),
+            )?,
+            one(("requests_per_second", self.requests_per_second), ("request_burst", self.request_burst))?,
+        ))
     }
 }

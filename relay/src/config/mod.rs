@@ -238,8 +238,14 @@ impl Config {
             )?;
             let idle_timeout = (!idle_timeout.is_zero()).then_some(idle_timeout);
             let load_balancer_ip = s.load_balancer_ip;
+            let rates = access::RawRates {
+                connections_per_second: s.connections_per_second,
+                connection_burst: s.connection_burst,
+                requests_per_second: s.requests_per_second,
+                request_burst: s.request_burst,
+            };
             let raw_access =
-                access::RawServiceAccess { access: s.access, trusted_proxies: s.trusted_proxies };
+                access::RawServiceAccess { access: s.access, trusted_proxies: s.trusted_proxies, rates };
             access.insert(name.clone(), (raw_access, matches!(listen, Listen::Http(_))));
             services.insert(name.clone(), Service { name, agent, listen, load_balancer_ip, idle_timeout });
         }
@@ -537,6 +543,25 @@ listen = "0.0.0.0:1433"
         assert!(bad.contains("key `access.log_max_bytes`: at least 4KiB"), "{bad}");
         let bad = e("[access]\nlogs = \"stdout\"", "");
         assert!(bad.contains("logs"), "{bad}");
+        // Rates: per service or by default, a burst of twice the rate unless set, each on its kind.
+        let rated = with(
+            "[access]\nconnections_per_second = 10",
+            "connection_burst = 50\nconnections_per_second = 20\n[services.web]\nagent = \"winbox\"\nhosts = [\"app\"]\nrequests_per_second = 5",
+        )
+        .expect("valid");
+        use crate::access::rates::Counted;
+        let rate = |service: &str, counted| {
+            rated.access.rate(service, counted).map(|r| (r.per_second.get(), r.burst.get()))
+        };
+        assert_eq!(rate("mssql", Counted::Connections), Some((20, 50)));
+        assert_eq!(rate("web", Counted::Requests), Some((5, 10)));
+        assert_eq!(rate("web", Counted::Connections), Some((10, 20)), "the default");
+        let bad = e("", "requests_per_second = 5");
+        assert!(bad.contains("key `services.mssql.requests_per_second`: only HTTP services"), "{bad}");
+        let bad = e("", "connection_burst = 5");
+        assert!(bad.contains("key `services.mssql.connection_burst`: a burst needs a rate"), "{bad}");
+        let bad = e("[access]\nrequests_per_second = 0", "");
+        assert!(bad.contains("key `access.requests_per_second`: 0 is out of range"), "{bad}");
         // The log's destination needs a restart; the rules do not.
         let stdout = with("[access]\nlog = \"stdout\"", "").expect("valid");
         let refusal = c.reload_refusal(&stdout).expect("refused").to_string();

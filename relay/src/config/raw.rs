@@ -43,4 +43,8 @@ pub(crate) struct RawService {
     pub(crate) idle_timeout: Option<HumanDuration>,
     pub(crate) access: Option<Vec<String>>,
     pub(crate) trusted_proxies: Option<Vec<String>>,
+    pub(crate) connections_per_second: Option<u32>,
+    pub(crate) connection_burst: Option<u32>,
+    pub(crate) requests_per_second: Option<u32>,
+    pub(crate) request_burst: Option<u32>,
 }

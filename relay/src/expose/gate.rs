@@ -1,6 +1,6 @@
 //! Each listener asks here whether a client may reach a service (the rules in force, by the
-//! client's address) and writes its access log lines here. A refusal is counted as
-//! `sallyport_refusals_total{listener=SERVICE,reason="denied"}`.
+//! client's address, and its rate) and writes its access log lines here. A refusal is counted as
+//! `sallyport_refusals_total{listener=SERVICE,reason="denied"|"rate_limited"}`.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -8,18 +8,37 @@ use std::{
 };
 
 use crate::{
-    access::log::{HttpFields, Record},
+    access::{
+        log::{HttpFields, Record},
+        rates::Counted,
+    },
     expose::Exposure,
     metrics::Outcome,
 };
 
-/// Whether `client` may reach `service` under the rules in force; a refusal is counted.
-pub(crate) fn admits(exposure: &Exposure, service: &str, client: IpAddr) -> bool {
-    let admitted = exposure.config.get().access.admits(service, client);
-    if !admitted {
-        exposure.runtime.metrics.refused(service, "denied");
+/// Whether `client` may reach `service` now: the rules in force, then its rate for `counted`. A
+/// refusal is counted and named: `denied` (the rules) or `rate_limited`.
+pub(crate) fn admit(
+    exposure: &Exposure,
+    service: &str,
+    counted: Counted,
+    client: IpAddr,
+) -> Result<(), &'static str> {
+    let config = exposure.config.get();
+    let refused = if !config.access.admits(service, client) {
+        Some("denied")
+    } else if !exposure.rates.allows(service, counted, config.access.rate(service, counted), client) {
+        Some("rate_limited")
+    } else {
+        None
+    };
+    match refused {
+        None => Ok(()),
+        Some(reason) => {
+            exposure.runtime.metrics.refused(service, reason);
+            Err(reason)
+        }
     }
-    admitted
 }
 
 /// One client connection or request on its way to the access log.

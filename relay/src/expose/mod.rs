@@ -37,6 +37,8 @@ pub(crate) struct Exposure {
     pub(crate) per_ip: Arc<limits::PerIp>,
     /// The access log (or none).
     pub(crate) access_log: crate::access::log::AccessLog,
+    /// Each service's rates per client host.
+    pub(crate) rates: crate::access::rates::Rates,
     /// Where the HTTPS listener hands agents' TCP tunnels (their ClientHello offers the tunnel's
     /// ALPN) when it shares the tunnel's port.
     pub(crate) tunnel_handoff: mpsc::Sender<Handoff>,
@@ -52,6 +54,7 @@ impl Exposure {
     ) -> Self {
         Self {
             access_log,
+            rates: Default::default(),
             connections: Default::default(),
             per_ip: Default::default(),
             config,

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::{
+    access::rates::Counted,
     config::Service,
     expose::{
         current,
@@ -121,11 +122,11 @@ pub(crate) async fn serve(
         async move {
             let service = &served.service;
             let entry = Entry::new(&service.name, "tcp", peer);
-            if !gate::admits(&exposure, &service.name, peer.ip()) {
-                debug!("refused by the service's access rules: reset");
+            if let Err(reason) = gate::admit(&exposure, &service.name, Counted::Connections, peer.ip()) {
+                debug!(reason, "refused by the service's access rules or rate: reset");
                 reset_on_close(&stream);
                 drop(stream);
-                entry.log(&exposure, "denied", 0, 0, None);
+                entry.log(&exposure, reason, 0, 0, None);
                 return;
             }
             let (outcome, up, down) = tokio::select! {

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::{
+    access::rates::Counted,
     expose::{current, gate, Exposure, Slot},
     tunnel::datagrams::{FlowRoutes, FlowState},
 };
@@ -101,7 +102,9 @@ pub(crate) async fn serve(
         };
         // Checked for every datagram: a reload's rules hold for flows already open. A refused
         // datagram is counted, not logged: its source costs a spoofer nothing.
-        if !gate::admits(&exposure, &service.name, client.ip()) {
+        // A new flow also counts against the service's connection rate.
+        let counted = if table.contains(&client) { None } else { Some(Counted::Connections) };
+        if !admitted(&exposure, &service.name, counted, client) {
             continue;
         }
         let Some(connection) = exposure.agents.route_datagrams(&service.agent, &service.name) else {
@@ -149,5 +152,20 @@ pub(crate) async fn serve(
     let mut by_id = flows.lock();
     for (_, flow) in table.drain() {
         by_id.remove(&flow.id);
+    }
+}
+
+/// Whether a datagram from `client` passes the service's rules and, when it opens a flow
+/// (`counted`), its connection rate.
+fn admitted(exposure: &Exposure, service: &str, counted: Option<Counted>, client: SocketAddr) -> bool {
+    match counted {
+        Some(counted) => gate::admit(exposure, service, counted, client.ip()).is_ok(),
+        None => {
+            let admits = exposure.config.get().access.admits(service, client.ip());
+            if !admits {
+                exposure.runtime.metrics.refused(service, "denied");
+            }
+            admits
+        }
     }
 }

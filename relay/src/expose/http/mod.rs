@@ -42,13 +42,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info_span, Instrument};
 
 use self::{
+    admission::{admission, log_request, refusal, RequestFields},
     headers::{is_upgrade, prepare, request_host, strip_hop_by_hop},
     idle::IdleWatch,
     pool::Pool,
     upstream::{connect, reason_of},
 };
 use crate::{
-    access::log::HttpFields,
     config::Service,
     expose::{
         gate::{self, Entry},
@@ -58,6 +58,7 @@ use crate::{
     metrics::Outcome,
 };
 
+mod admission;
 mod headers;
 pub(crate) use headers::host_only;
 mod idle;
@@ -183,15 +184,15 @@ async fn handle(
     };
     let service = &served.service;
     let mut entry = Entry::new(&service.name, "http", peer);
-    let (who, allowed) = admission(&req, peer, &service.name, http);
+    let (who, admitted) = admission(&req, peer, &service.name, http);
     if who != peer.ip() {
         entry.client = SocketAddr::new(who, 0);
         entry.via = Some(peer.ip());
     }
     let fields = http.exposure.access_log.is_on().then(|| RequestFields::of(&req, &host));
-    if !allowed {
-        let response = page(StatusCode::FORBIDDEN, &format!("this address may not reach {host:?}"));
-        log_request(&entry, &http.exposure, "denied", fields.as_ref(), &response);
+    if let Err(reason) = admitted {
+        let response = refusal(reason, &host);
+        log_request(&entry, &http.exposure, reason, fields.as_ref(), &response);
         return response;
     }
     client.idle.serve(service.idle_timeout);
@@ -218,79 +219,6 @@ async fn handle(
     metrics.http_response(&service.name, response.status().as_u16());
     log_request(&entry, &http.exposure, gate::result_of(outcome), fields.as_ref(), &response);
     response
-}
-
-/// The client a request is from (the connection's source, or the address a trusted proxy named)
-/// and whether the service's access rules admit it; a refusal is counted.
-fn admission(
-    req: &Request<Incoming>,
-    peer: SocketAddr,
-    service: &str,
-    http: &Http,
-) -> (std::net::IpAddr, bool) {
-    let config = http.exposure.config.get();
-    let forwarded = req.headers().get_all("x-forwarded-for").into_iter().filter_map(|v| v.to_str().ok());
-    let who = crate::access::forwarded_client(peer.ip(), config.access.trusted_proxies(service), forwarded);
-    drop(config);
-    (who, gate::admits(&http.exposure, service, who))
-}
-
-/// What the access log says of a request, taken before the request goes on.
-struct RequestFields {
-    method: String,
-    host: String,
-    uri: String,
-    user_agent: Option<String>,
-    body: u64,
-}
-
-impl RequestFields {
-    fn of(req: &Request<Incoming>, host: &str) -> Self {
-        let uri = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        Self {
-            method: req.method().as_str().to_owned(),
-            host: host.to_owned(),
-            // A client may send a very long URI: the log keeps its start.
-            uri: uri.chars().take(2048).collect(),
-            user_agent: req
-                .headers()
-                .get(header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| v.chars().take(256).collect()),
-            body: content_length(req.headers()),
-        }
-    }
-}
-
-fn content_length(headers: &hyper::HeaderMap) -> u64 {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The access log line of one request: its fields, the status, and the bodies' declared lengths.
-fn log_request(
-    entry: &Entry<'_>,
-    exposure: &Exposure,
-    result: &'static str,
-    fields: Option<&RequestFields>,
-    response: &Response<Body>,
-) {
-    let Some(f) = fields else { return };
-    let http = HttpFields {
-        method: &f.method,
-        host: &f.host,
-        uri: &f.uri,
-        status: response.status().as_u16(),
-        user_agent: f.user_agent.as_deref(),
-    };
-    let down = match response.body() {
-        Either::Right(page) => hyper::body::Body::size_hint(page).exact().unwrap_or(0),
-        Either::Left(_) => content_length(response.headers()),
-    };
-    entry.log(exposure, result, f.body, down, Some(http));
 }
 
 async fn forward(

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
 
 use crate::{
+    access::rates::Counted,
     expose::{
         gate::{self, Entry},
         tcp, Exposure, LiveRoutes,
@@ -107,11 +108,11 @@ async fn route<L>(
     let service = &served.service;
     let mut entry = Entry::new(&service.name, "https", peer);
     entry.server_name = Some(&name);
-    if !gate::admits(exposure, &service.name, peer.ip()) {
-        sallyport_runtime::limited!(debug, service = %service.name, "refused by the service's access rules: reset");
+    if let Err(reason) = gate::admit(exposure, &service.name, Counted::Connections, peer.ip()) {
+        sallyport_runtime::limited!(debug, service = %service.name, reason, "refused by the service's access rules or rate: reset");
         sallyport_runtime::reset_on_close(&stream);
         drop(stream);
-        entry.log(exposure, "denied", 0, 0, None);
+        entry.log(exposure, reason, 0, 0, None);
         return;
     }
     let span = info_span!("client", service = %service.name, server_name = %name);
