@@ -90,13 +90,18 @@ async fn one_host_over_its_rate_is_refused_while_others_go_through() {
     // The burst, and what the rate refilled while the clients ran (at most a few seconds).
     assert!((5..=9).contains(&tcp), "{tcp}");
     assert_eq!(other_tcp, 3, "another host has its own rate");
-    assert!((5..=9).contains(&count(&codes, "200")) && count(&codes, "200") + count(&codes, "429") == 20, "{codes:?}");
+    assert!(
+        (5..=9).contains(&count(&codes, "200")) && count(&codes, "200") + count(&codes, "429") == 20,
+        "{codes:?}"
+    );
     assert_eq!(count(&other_codes, "200"), 3, "{other_codes:?}");
     assert!((5..=12).contains(&flows), "{flows}");
     assert!(relay.connected().contains(&"winbox".to_owned()), "the agent's tunnel is untouched");
 
     let m = relay.metrics().await;
-    let limited = |s: &str| metric(&m, &format!("sallyport_refusals_total{{listener=\"{s}\",reason=\"rate_limited\"}}"));
+    let limited = |s: &str| {
+        metric(&m, &format!("sallyport_refusals_total{{listener=\"{s}\",reason=\"rate_limited\"}}"))
+    };
     assert_eq!(limited("echo"), (20 - tcp) as f64, "{m}");
     assert_eq!(limited("web"), count(&codes, "429") as f64, "{m}");
     assert!(limited("dns") >= (20 - flows) as f64, "{m}");

@@ -10,7 +10,7 @@ use hyper::{
 };
 use std::net::SocketAddr;
 
-use super::{page, Body, Http};
+use super::page::{page, Body};
 use crate::{
     access::{log::HttpFields, rates::Counted},
     expose::{
@@ -25,13 +25,13 @@ pub(super) fn admission(
     req: &Request<Incoming>,
     peer: SocketAddr,
     service: &str,
-    http: &Http,
+    exposure: &Exposure,
 ) -> (std::net::IpAddr, Result<(), &'static str>) {
-    let config = http.exposure.config.get();
+    let config = exposure.config.get();
     let forwarded = req.headers().get_all("x-forwarded-for").into_iter().filter_map(|v| v.to_str().ok());
     let who = crate::access::forwarded_client(peer.ip(), config.access.trusted_proxies(service), forwarded);
     drop(config);
-    (who, gate::admit(&http.exposure, service, Counted::Requests, who))
+    (who, gate::admit(exposure, service, Counted::Requests, who))
 }
 
 /// The page for a request the rules (403) or the request rate (429) refused.

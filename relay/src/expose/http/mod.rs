@@ -27,14 +27,9 @@ use sallyport_runtime::{
     watched::Watched,
 };
 
-use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::{
-    body::Incoming,
-    header::{self, HeaderValue},
-    server::conn::http1 as server,
-    service::service_fn,
-    Request, Response, StatusCode,
+    body::Incoming, server::conn::http1 as server, service::service_fn, Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -45,6 +40,7 @@ use self::{
     admission::{admission, log_request, refusal, RequestFields},
     headers::{is_upgrade, prepare, request_host, strip_hop_by_hop},
     idle::IdleWatch,
+    page::{page, Body},
     pool::Pool,
     upstream::{connect, reason_of},
 };
@@ -60,6 +56,7 @@ use crate::{
 
 mod admission;
 mod headers;
+mod page;
 pub(crate) use headers::host_only;
 mod idle;
 mod linger;
@@ -74,8 +71,6 @@ struct Http {
     exposure: Arc<Exposure>,
     routes: LiveRoutes,
 }
-
-type Body = Either<Incoming, Full<Bytes>>;
 
 /// Accepts HTTP clients until `stop` is cancelled; open connections then finish their current
 /// request and close.
@@ -184,7 +179,7 @@ async fn handle(
     };
     let service = &served.service;
     let mut entry = Entry::new(&service.name, "http", peer);
-    let (who, admitted) = admission(&req, peer, &service.name, http);
+    let (who, admitted) = admission(&req, peer, &service.name, &http.exposure);
     if who != peer.ip() {
         entry.client = SocketAddr::new(who, 0);
         entry.via = Some(peer.ip());
@@ -382,32 +377,5 @@ impl Drop for IdleAware<'_> {
                 active.end(Outcome::Idle, 0, 0);
             }
         }
-    }
-}
-
-/// A short plain-text page for a request the relay answers itself.
-fn page(status: StatusCode, reason: &str) -> Response<Body> {
-    let body = format!("{} {}\n{reason}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    // The reason may echo what the client sent: never read as anything but text.
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A page the relay writes may echo what the client sent (a host name, a reason): browsers
-    /// must read it as plain text.
-    #[test]
-    fn the_relays_own_pages_are_never_sniffed() {
-        let response = page(StatusCode::BAD_GATEWAY, "<script>alert(1)</script>");
-        assert_eq!(response.headers()[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
-        assert_eq!(response.headers()[header::CONTENT_TYPE], "text/plain; charset=utf-8");
     }
 }
