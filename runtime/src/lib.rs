@@ -28,6 +28,7 @@
 pub mod addr;
 pub mod cli;
 pub mod clock;
+pub mod compare;
 pub mod config;
 pub mod durable;
 pub mod flows;

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use hyper::{Request, StatusCode};
 
-use crate::{config::Config, trust::constant_time_eq};
+use sallyport_runtime::compare::constant_time_eq;
+
+use crate::config::Config;
 
 /// The bearer token operator calls need. Its `Debug` does not show it.
 #[derive(Clone)]

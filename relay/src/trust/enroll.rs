@@ -19,8 +19,9 @@ use sallyport_runtime::{
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
+use sallyport_runtime::compare::constant_time_eq;
+
 use crate::trust::{
-    compare::constant_time_eq,
     pki::Ca,
     state_file::{self, StateError},
 };

@@ -2,14 +2,12 @@
 //! certificates, and the state files that keep tokens and revocations across restarts.
 
 mod ca;
-mod compare;
 pub(crate) mod enroll;
 pub mod pki;
 pub(crate) mod revocations;
 pub mod rotate;
 pub(crate) mod state_file;
 
-pub(crate) use compare::constant_time_eq;
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;

@@ -1,7 +1,7 @@
 //! Comparing secrets in constant time.
 
 /// Compares secrets in time independent of where they differ (lengths are not secret here).
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
