@@ -81,6 +81,9 @@ enum Command {
         #[arg(long, default_value = "local")]
         external_traffic_policy: sallyport_relay::cli::manifests::TrafficPolicy,
     },
+    /// Print an argon2id hash of a password read from standard input (one line), for a user of a
+    /// service's login: [services.NAME.auth] users = { alice = "HASH" }.
+    HashPassword,
     /// Print the relay's status (agents, services and their traffic, containers) as tables, from
     /// the admin API; the same as the status page on the admin port.
     Status {
@@ -290,6 +293,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 traffic_policy: external_traffic_policy,
             };
             print!("{}", sallyport_relay::cli::manifests::render(&config, &options));
+            Ok(())
+        }
+        Command::HashPassword => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            let password = line.strip_suffix('\n').unwrap_or(&line);
+            let password = password.strip_suffix('\r').unwrap_or(password);
+            if password.is_empty() {
+                anyhow::bail!("no password on standard input (one line: printf %s PASSWORD | sallyport-relay hash-password)");
+            }
+            println!("{}", sallyport_relay::access::auth::hash_password(password));
             Ok(())
         }
         Command::Status { config } => {

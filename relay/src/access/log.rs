@@ -79,6 +79,10 @@ pub struct HttpFields<'a> {
     pub status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<&'a str>,
+    /// Who passed the service's login (a basic auth user, a token's name, the auth server's
+    /// `Remote-User`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<&'a str>,
 }
 
 impl Record<'_> {

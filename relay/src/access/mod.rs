@@ -3,6 +3,7 @@
 //! log ([`log`]). A leaf: the
 //! configuration parses rules with it, the listeners ask it and write to its log.
 
+pub mod auth;
 pub mod log;
 pub mod rates;
 pub mod rules;

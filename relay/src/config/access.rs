@@ -11,6 +11,7 @@ use sallyport_runtime::config::{self as conf, ConfigError};
 use serde::Deserialize;
 
 use crate::access::{
+    auth::Auth,
     log::Destination,
     rates::{Counted, Rate},
     Rules,
@@ -50,6 +51,7 @@ pub(crate) struct RawServiceAccess {
     pub(crate) access: Option<Vec<String>>,
     pub(crate) trusted_proxies: Option<Vec<String>>,
     pub(crate) rates: RawRates,
+    pub(crate) auth: Option<super::auth::RawAuth>,
 }
 
 /// Who may reach what.
@@ -78,6 +80,8 @@ pub struct ServiceAccess {
     pub connections: Option<Rate>,
     /// HTTP requests per second per client host (`requests_per_second`, `request_burst`).
     pub requests: Option<Rate>,
+    /// HTTP services: the login in front (`[services.NAME.auth]`).
+    pub auth: Option<std::sync::Arc<Auth>>,
 }
 
 impl Access {
@@ -89,6 +93,11 @@ impl Access {
     /// The rules `service` is held to.
     pub fn rules(&self, service: &str) -> Option<&Rules> {
         self.services.get(service).and_then(|s| s.rules.as_ref()).or(self.default.as_ref())
+    }
+
+    /// The login in front of `service`.
+    pub fn auth(&self, service: &str) -> Option<&std::sync::Arc<Auth>> {
+        self.services.get(service).and_then(|s| s.auth.as_ref())
     }
 
     /// The proxies `service` believes.
@@ -203,7 +212,8 @@ impl Access {
                 };
                 return Err(ConfigError::invalid(path, format!("{section}.{key}"), why));
             }
-            let entry = ServiceAccess { rules: own, trusted_proxies, connections, requests };
+            let auth = raw.auth.map(|a| a.parse(path, &name, is_http)).transpose()?.map(std::sync::Arc::new);
+            let entry = ServiceAccess { rules: own, trusted_proxies, connections, requests, auth };
             if entry != ServiceAccess::default() {
                 by_service.insert(name, entry);
             }

@@ -13,6 +13,7 @@ use std::{
 use sallyport_runtime::config::{self as conf, ConfigError};
 
 pub mod access;
+mod auth;
 mod budget;
 mod raw;
 mod relay_keys;
@@ -244,8 +245,12 @@ impl Config {
                 requests_per_second: s.requests_per_second,
                 request_burst: s.request_burst,
             };
-            let raw_access =
-                access::RawServiceAccess { access: s.access, trusted_proxies: s.trusted_proxies, rates };
+            let raw_access = access::RawServiceAccess {
+                access: s.access,
+                trusted_proxies: s.trusted_proxies,
+                rates,
+                auth: s.auth,
+            };
             access.insert(name.clone(), (raw_access, matches!(listen, Listen::Http(_))));
             services.insert(name.clone(), Service { name, agent, listen, load_balancer_ip, idle_timeout });
         }
@@ -562,6 +567,34 @@ listen = "0.0.0.0:1433"
         assert!(bad.contains("key `services.mssql.connection_burst`: a burst needs a rate"), "{bad}");
         let bad = e("[access]\nrequests_per_second = 0", "");
         assert!(bad.contains("key `access.requests_per_second`: 0 is out of range"), "{bad}");
+        // A login: only in front of HTTP services, with hashes, tokens and a URL it can use.
+        let web = |auth: &str| {
+            format!("[services.web]\nagent = \"winbox\"\nhosts = [\"app\"]\n[services.web.auth]\n{auth}")
+        };
+        let hash = crate::access::auth::hash_password("pw");
+        let good = with("", &web(&format!("users = {{ alice = \"{hash}\" }}\nbypass = [\"/api/\"]")))
+            .expect("valid");
+        assert!(good.access.auth("web").is_some_and(|a| a.users.contains_key("alice") && a.realm == "web"));
+        let bad = e(
+            "",
+            &web("users = { alice = \"$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW\" }"),
+        );
+        assert!(
+            bad.contains("key `services.web.auth.users.alice`")
+                && bad.contains("is not an argon2 password hash"),
+            "{bad}"
+        );
+        let bad = e("", &web("forward = \"https://auth.home.lan/verify\""));
+        assert!(
+            bad.contains("key `services.web.auth.forward`") && bad.contains("is not an http:// URL"),
+            "{bad}"
+        );
+        let bad = e("", &web("tokens = { ci = \"hunter2\" }"));
+        assert!(bad.contains("key `services.web.auth.tokens.ci`: a token is written \"sha256:\""), "{bad}");
+        let bad = e("", &web("bypass = [\"/api/\"]"));
+        assert!(bad.contains("key `services.web.auth`: set users, tokens or forward"), "{bad}");
+        let bad = e("", "[services.mssql.auth]\nforward = \"http://auth:9091/\"");
+        assert!(bad.contains("key `services.mssql.auth`: a login goes in front of HTTP services"), "{bad}");
         // The log's destination needs a restart; the rules do not.
         let stdout = with("[access]\nlog = \"stdout\"", "").expect("valid");
         let refusal = c.reload_refusal(&stdout).expect("refused").to_string();

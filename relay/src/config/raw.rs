@@ -47,4 +47,5 @@ pub(crate) struct RawService {
     pub(crate) connection_burst: Option<u32>,
     pub(crate) requests_per_second: Option<u32>,
     pub(crate) request_burst: Option<u32>,
+    pub(crate) auth: Option<super::auth::RawAuth>,
 }

@@ -53,6 +53,8 @@ pub(super) struct RequestFields {
     uri: String,
     user_agent: Option<String>,
     body: u64,
+    /// Who passed the service's login, if it has one.
+    pub(super) user: Option<String>,
 }
 
 impl RequestFields {
@@ -69,6 +71,7 @@ impl RequestFields {
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.chars().take(256).collect()),
             body: content_length(req.headers()),
+            user: None,
         }
     }
 }
@@ -96,6 +99,7 @@ pub(super) fn log_request(
         uri: &f.uri,
         status: response.status().as_u16(),
         user_agent: f.user_agent.as_deref(),
+        user: f.user.as_deref(),
     };
     let down = match response.body() {
         Either::Right(page) => hyper::body::Body::size_hint(page).exact().unwrap_or(0),

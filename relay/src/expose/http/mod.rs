@@ -55,6 +55,7 @@ use crate::{
 };
 
 mod admission;
+mod auth;
 mod headers;
 mod page;
 pub(crate) use headers::host_only;
@@ -70,6 +71,8 @@ use upstream::Failure;
 struct Http {
     exposure: Arc<Exposure>,
     routes: LiveRoutes,
+    /// Logins that passed and hosts that failed too often (services with a login).
+    logins: auth::Logins,
 }
 
 /// Accepts HTTP clients until `stop` is cancelled; open connections then finish their current
@@ -80,7 +83,7 @@ pub(crate) async fn serve(
     routes: LiveRoutes,
     stop: CancellationToken,
 ) {
-    let http = Arc::new(Http { exposure: exposure.clone(), routes });
+    let http = Arc::new(Http { exposure: exposure.clone(), routes, logins: auth::Logins::default() });
     tcp::accept_loop(listener, "http", exposure, stop.clone(), |stream, peer, lease| {
         connection(stream, peer, http.clone(), lease, stop.clone()).instrument(info_span!("http", %peer))
     })
@@ -160,7 +163,7 @@ async fn connection(
 }
 
 async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     peer: SocketAddr,
     http: &Http,
     client: &ClientConnection,
@@ -184,11 +187,34 @@ async fn handle(
         entry.client = SocketAddr::new(who, 0);
         entry.via = Some(peer.ip());
     }
-    let fields = http.exposure.access_log.is_on().then(|| RequestFields::of(&req, &host));
+    let mut fields = http.exposure.access_log.is_on().then(|| RequestFields::of(&req, &host));
     if let Err(reason) = admitted {
         let response = refusal(reason, &host);
         log_request(&entry, &http.exposure, reason, fields.as_ref(), &response);
         return response;
+    }
+    let login = http.exposure.config.get().access.auth(&service.name).cloned();
+    if let Some(login) = login {
+        match auth::gate(
+            &mut req,
+            (&service.name, &login),
+            who,
+            &host,
+            (&http.logins, &http.exposure.runtime.clients),
+        )
+        .await
+        {
+            auth::Verdict::Pass(user) => {
+                if let Some(fields) = fields.as_mut() {
+                    fields.user = user;
+                }
+            }
+            auth::Verdict::Refused(response, result) => {
+                metrics.refused(&service.name, result);
+                log_request(&entry, &http.exposure, result, fields.as_ref(), &response);
+                return response;
+            }
+        }
     }
     client.idle.serve(service.idle_timeout);
     let active = IdleAware { active: Some(metrics.connection(&service.name)), idle: &client.idle };
