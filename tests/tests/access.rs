@@ -175,6 +175,14 @@ async fn rules_admit_and_refuse_every_kind_of_service_and_the_access_log_says_so
     });
     after.await.expect("after the reload");
 
+    // The status page says who may reach each service: the default's one rule now.
+    let (status, text) = sallyport_relay::cli::admin_client::request(relay.admin, "GET", "/status.txt", None)
+        .await
+        .expect("status");
+    assert_eq!(status, 200, "{text}");
+    let echo_line = text.lines().find(|l| l.starts_with("echo ")).expect("the echo service's line");
+    assert_eq!(echo_line.split_whitespace().last(), Some("default:1"), "{text}");
+
     let m = relay.metrics().await;
     let denied = |listener: &str| {
         metric(&m, &format!("sallyport_refusals_total{{listener=\"{listener}\",reason=\"denied\"}}"))

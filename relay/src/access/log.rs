@@ -52,6 +52,12 @@ pub struct Record<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub via: Option<IpAddr>,
     pub service: &'a str,
+    /// The agent that carries the service.
+    pub agent: &'a str,
+    /// The transport of the agent's tunnel when the line was written (`quic`, `tcp`), if it was
+    /// connected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<&'static str>,
     /// The server name an HTTPS client asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_name: Option<&'a str>,
@@ -88,7 +94,7 @@ pub struct HttpFields<'a> {
 impl Record<'_> {
     /// A line for `client` of `service`, ended now after `duration`.
     pub fn now<'s>(
-        service: &'s str,
+        (service, agent): (&'s str, &'s str),
         kind: &'static str,
         client: SocketAddr,
         result: &'static str,
@@ -100,6 +106,8 @@ impl Record<'_> {
             client_port: client.port(),
             via: None,
             service,
+            agent,
+            transport: None,
             server_name: None,
             kind,
             result,
@@ -283,7 +291,7 @@ mod tests {
             .expect("open");
         let client: SocketAddr = "[::ffff:192.0.2.9]:5000".parse().expect("addr");
         for _ in 0..30 {
-            let mut r = Record::now("rdp", "tcp", client, "denied", Duration::from_millis(3));
+            let mut r = Record::now(("rdp", "winbox"), "tcp", client, "denied", Duration::from_millis(3));
             r.bytes_up = 7;
             assert!(log.write(&r));
         }
@@ -299,7 +307,7 @@ mod tests {
         let first = current.lines().next().expect("a line");
         assert!(first.starts_with("{\"time\":\"20"), "{first}");
         assert!(
-            first.contains(r#""client_ip":"192.0.2.9","client_port":5000,"service":"rdp","kind":"tcp","result":"denied","duration_ms":3,"bytes_up":7"#),
+            first.contains(r#""client_ip":"192.0.2.9","client_port":5000,"service":"rdp","agent":"winbox","kind":"tcp","result":"denied","duration_ms":3,"bytes_up":7"#),
             "{first}"
         );
         assert!(current.len() <= 1000);

@@ -114,6 +114,21 @@ impl Access {
         }
     }
 
+    /// What the status page says of who may reach `service`: its rules, then `login` and `rate`
+    /// when it has them (`own:2,login,rate`: one word).
+    pub fn summary(&self, service: &str) -> String {
+        let mut words = vec![self.describe(service)];
+        if self.auth(service).is_some() {
+            words.push("login".into());
+        }
+        if self.rate(service, Counted::Connections).is_some()
+            || self.rate(service, Counted::Requests).is_some()
+        {
+            words.push("rate".into());
+        }
+        words.join(",")
+    }
+
     /// What the status page says of `service`'s rules: `own:N`, `default:N` or `open`.
     pub fn describe(&self, service: &str) -> String {
         match (self.services.get(service).and_then(|s| s.rules.as_ref()), &self.default) {

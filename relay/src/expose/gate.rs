@@ -7,11 +7,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use sallyport_runtime::link::Transport;
+
 use crate::{
     access::{
         log::{HttpFields, Record},
         rates::Counted,
     },
+    config::Service,
     expose::Exposure,
     metrics::Outcome,
 };
@@ -45,6 +48,7 @@ pub(crate) fn admit(
 #[derive(Debug)]
 pub(crate) struct Entry<'a> {
     pub(crate) service: &'a str,
+    pub(crate) agent: &'a str,
     pub(crate) kind: &'static str,
     pub(crate) client: SocketAddr,
     /// The proxy the client came through, when the client is the address it named.
@@ -54,8 +58,16 @@ pub(crate) struct Entry<'a> {
 }
 
 impl<'a> Entry<'a> {
-    pub(crate) fn new(service: &'a str, kind: &'static str, client: SocketAddr) -> Self {
-        Self { service, kind, client, via: None, server_name: None, started: Instant::now() }
+    pub(crate) fn new(service: &'a Service, kind: &'static str, client: SocketAddr) -> Self {
+        Self {
+            service: &service.name,
+            agent: &service.agent,
+            kind,
+            client,
+            via: None,
+            server_name: None,
+            started: Instant::now(),
+        }
     }
 
     /// Writes the line: how it ended, the bytes each way, and for HTTP the request's fields.
@@ -70,7 +82,12 @@ impl<'a> Entry<'a> {
         if !exposure.access_log.is_on() {
             return;
         }
-        let mut record = Record::now(self.service, self.kind, self.client, result, self.elapsed());
+        let mut record =
+            Record::now((self.service, self.agent), self.kind, self.client, result, self.elapsed());
+        record.transport = exposure.agents.transport_of(self.agent).map(|t| match t {
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        });
         record.via = self.via;
         record.server_name = self.server_name;
         record.bytes_up = up;

@@ -121,7 +121,7 @@ pub(crate) async fn serve(
         let span = info_span!("client", service = %served.service.name, %peer);
         async move {
             let service = &served.service;
-            let entry = Entry::new(&service.name, "tcp", peer);
+            let entry = Entry::new(service, "tcp", peer);
             if let Err(reason) = gate::admit(&exposure, &service.name, Counted::Connections, peer.ip()) {
                 debug!(reason, "refused by the service's access rules or rate: reset");
                 reset_on_close(&stream);

@@ -38,6 +38,9 @@ pub(crate) struct AgentRow {
 #[derive(Debug)]
 pub(crate) struct ServiceRow {
     pub name: String,
+    /// Who may reach it: its rules (`own:N`, `default:N`, `open`), then `login` and `rate` when it
+    /// has them.
+    pub access: String,
     pub agent: String,
     pub listen: String,
     pub up: bool,
@@ -84,6 +87,7 @@ pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
             let (active, total, bytes_up, bytes_down) = ops.runtime.metrics.service_figures(&s.name);
             ServiceRow {
                 name: s.name.clone(),
+                access: config.access.summary(&s.name),
                 agent: s.agent.clone(),
                 listen,
                 up: agents.get(&s.agent).is_some_and(|a| a.services.contains(&s.name)),
@@ -153,6 +157,7 @@ fn tables(s: &Snapshot) -> [Table; 3] {
                 r.total.to_string(),
                 bytes(r.bytes_up),
                 bytes(r.bytes_down),
+                r.access.clone(),
             ]
         })
         .collect();
@@ -173,7 +178,7 @@ fn tables(s: &Snapshot) -> [Table; 3] {
         Table {
             id: "services",
             title: "Services".into(),
-            header: &["service", "agent", "listens", "state", "open", "total", "up", "down"],
+            header: &["service", "agent", "listens", "state", "open", "total", "up", "down", "access"],
             rows: services,
             empty: Some("No service configured."),
         },

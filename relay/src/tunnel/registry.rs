@@ -192,6 +192,11 @@ impl Registry {
         self.agents.subscribe()
     }
 
+    /// The transport of `agent`'s tunnel now, if it is connected.
+    pub(crate) fn transport_of(&self, agent: &str) -> Option<sallyport_runtime::link::Transport> {
+        self.agents.borrow().get(agent).map(AgentSession::transport)
+    }
+
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }

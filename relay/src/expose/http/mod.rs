@@ -181,7 +181,7 @@ async fn handle(
         return page(StatusCode::NOT_FOUND, &format!("no service is published under the host name {host:?}"));
     };
     let service = &served.service;
-    let mut entry = Entry::new(&service.name, "http", peer);
+    let mut entry = Entry::new(service, "http", peer);
     let (who, admitted) = admission(&req, peer, &service.name, &http.exposure);
     if who != peer.ip() {
         entry.client = SocketAddr::new(who, 0);
