@@ -27,6 +27,21 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# CrowdSec, to run the shipped parser and scenario over a relay's access log. Debian's package
+# registers with CrowdSec's online API when it is configured, which fails offline, so its files
+# are unpacked into target/crowdsec instead of installed.
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if [ ! -x "$root/target/crowdsec/usr/bin/crowdsec" ]; then
+    (
+        download=$(mktemp -d)
+        cd "$download"
+        apt-get download crowdsec >/dev/null 2>&1 || { ${sudo:-} apt-get update -qq && apt-get download crowdsec >/dev/null; }
+        mkdir -p "$root/target/crowdsec"
+        dpkg-deb -x crowdsec_*.deb "$root/target/crowdsec"
+        rm -rf "$download"
+    )
+fi
+
 # Offline validation of the Kubernetes manifests against the cluster's schema version.
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate

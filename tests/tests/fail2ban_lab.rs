@@ -1,0 +1,120 @@
+//! Debian's fail2ban with the shipped filter and jail (`deploy/fail2ban/`), reading a relay pod's
+//! access log in the lab (kube-proxy emulated, the clients' address with `Local`): a homelab host
+//! the service's rules refuse is banned in the pod's firewall after five refusals, while another
+//! host keeps working, and the agent's tunnel with it.
+
+use std::time::{Duration, Instant};
+
+use sallyport_tests::{
+    lab::{LabCluster, Netns, Policy, Role, CLIENT_NET_IP, WIN_IP},
+    lab_or_skip, tools_or_skip,
+};
+
+const PORT: u16 = 7200;
+const TARGET: u16 = 7201;
+/// A second homelab host, beside [`CLIENT_NET_IP`].
+const OTHER_HOST: &str = "10.43.0.3";
+
+/// Whether a connection from `from` to the service is greeted (within 2 s).
+fn greeted(client: &Netns, from: &str, to: std::net::Ipv4Addr) -> bool {
+    let script = format!(
+        "import socket, sys\ns = socket.create_connection(('{to}', {PORT}), timeout=2, source_address=('{from}', 0))\nsys.exit(0 if s.recv(1) else 1)"
+    );
+    client.output("python3", &["-c", &script]).status.success()
+}
+
+#[test]
+fn fail2ban_bans_a_refused_host_in_the_pods_firewall_while_another_keeps_working() {
+    tools_or_skip!("fail2ban-server", "fail2ban-client");
+    let mut lab = lab_or_skip!();
+    let policy = Policy::Split;
+    lab.add_cluster(1, &policy);
+    let client = lab.client.as_ref().expect("the client network");
+    client.run("ip", &["addr", "add", &format!("{OTHER_HOST}/24"), "dev", "eth0"]);
+    let relay_more = format!(
+        "[services.rdp]\nagent = \"winbox\"\nlisten = \"0.0.0.0:{PORT}\"\n\
+         [access]\ndefault = [\"deny {CLIENT_NET_IP}\", \"allow all\"]\nlog = \"access.log\"\n"
+    );
+    let agent_more = format!("[services.rdp]\ntarget = \"tcp://{WIN_IP}:{TARGET}\"\n");
+    let listen = format!("{WIN_IP}:{TARGET}");
+    let greeter = lab.spawn_binary(Role::Win, "sallyport-labtool", &["greeter", "--listen", &listen]);
+    lab.process(greeter).wait_line("greeter listening", Duration::from_secs(10));
+    let cluster = LabCluster::start_with(&mut lab, 1, &relay_more, &agent_more);
+    let log = cluster.pod_dir(0).join("access.log");
+    std::fs::write(&log, "").expect("the access log exists before fail2ban watches it");
+
+    // fail2ban in the pod's namespace: Debian's configuration, the shipped filter and jail, and
+    // what the lab changes (the log's path, the port, the poller).
+    let conf = lab.dir().join("fail2ban");
+    let copied = std::process::Command::new("cp").args(["-r", "/etc/fail2ban"]).arg(&conf).status();
+    assert!(copied.is_ok_and(|s| s.success()));
+    let _ = std::fs::remove_file(conf.join("jail.d/defaults-debian.conf"));
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/fail2ban");
+    std::fs::copy(deploy.join("filter.d/sallyport.conf"), conf.join("filter.d/sallyport.conf"))
+        .expect("filter");
+    std::fs::copy(deploy.join("jail.d/sallyport.local"), conf.join("jail.d/sallyport.local")).expect("jail");
+    std::fs::write(
+        conf.join("jail.d/zz-lab.local"),
+        format!("[sallyport]\nlogpath = {}\nport = {PORT}\nbackend = polling\n", log.display()),
+    )
+    .expect("lab jail");
+    let run = lab.dir().join("f2b");
+    std::fs::create_dir_all(&run).expect("run dir");
+    std::fs::write(conf.join("fail2ban.local"), "[Definition]\ndbfile = :memory:\n").expect("fail2ban.local");
+    let (socket, pid) = (run.join("f2b.sock"), run.join("f2b.pid"));
+    let server = lab.spawn_program(
+        Role::Pod(0),
+        "fail2ban-server",
+        &[
+            "-f",
+            "-x",
+            "-c",
+            &conf.display().to_string(),
+            "-s",
+            &socket.display().to_string(),
+            "-p",
+            &pid.display().to_string(),
+            "--logtarget",
+            "stderr",
+            "--loglevel",
+            "INFO",
+        ],
+    );
+    lab.process(server).wait_line("Jail 'sallyport' started", Duration::from_secs(30));
+
+    let clients = policy.clients_vip();
+    let client = lab.client.as_ref().expect("the client network");
+    assert!(greeted(client, OTHER_HOST, clients), "the other host is served");
+    let started = Instant::now();
+    let refused = (0..6).filter(|_| !greeted(client, &CLIENT_NET_IP.to_string(), clients)).count();
+    assert_eq!(refused, 6, "the refused host is reset by the rules");
+    // fail2ban reads the refusals and bans the host in the pod's firewall.
+    let pod = &lab.pods[0];
+    let banned = loop {
+        let status =
+            pod.output("fail2ban-client", &["-s", &socket.display().to_string(), "status", "sallyport"]);
+        let text = String::from_utf8_lossy(&status.stdout).into_owned();
+        if text.contains(&CLIENT_NET_IP.to_string()) || started.elapsed() > Duration::from_secs(20) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "banned after {:?}: {}",
+        started.elapsed(),
+        banned.lines().filter(|l| l.contains("Banned IP")).collect::<Vec<_>>().join("")
+    );
+    assert!(banned.contains(&format!("Banned IP list:\t{CLIENT_NET_IP}")), "{banned}");
+    let rules = pod.run("iptables", &["-S"]);
+    assert!(rules.contains(&format!("-A f2b-sallyport -s {CLIENT_NET_IP}/32 -j REJECT")), "{rules}");
+    // The banned host no longer reaches the relay at all; the other host and the agent go on.
+    let lines_before = std::fs::read_to_string(&log).unwrap_or_default().lines().count();
+    assert!(!greeted(client, &CLIENT_NET_IP.to_string(), clients), "the banned host is refused");
+    std::thread::sleep(Duration::from_millis(300));
+    let lines_after = std::fs::read_to_string(&log).unwrap_or_default().lines().count();
+    assert_eq!(
+        lines_before, lines_after,
+        "the ban holds at the firewall: the relay never sees the banned host"
+    );
+    assert!(greeted(client, OTHER_HOST, clients), "the other host is still served");
+}
