@@ -33,6 +33,10 @@ pub enum Kind {
     /// Sallyport with `agent.transport = "tcp"`: TLS over TCP, streams multiplexed by HTTP/2 (what
     /// an agent falls back to where UDP does not get out).
     SallyportTcp,
+    /// Sallyport with access rules and the access log on: a list of 100 rules whose last one
+    /// admits the client (every new connection scans it all), and one JSON line per connection
+    /// written to a file.
+    SallyportGated,
     /// rathole over plain TCP: no encryption.
     Rathole,
     /// rathole over its noise transport (Noise_NK_25519_ChaChaPoly_BLAKE2s): encrypted, the fair
@@ -42,11 +46,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Direct,
         Kind::Sallyport,
         Kind::SallyportTwoThreads,
         Kind::SallyportTcp,
+        Kind::SallyportGated,
         Kind::Rathole,
         Kind::RatholeNoise,
         Kind::Bore,
@@ -58,6 +63,7 @@ impl Kind {
             Self::Sallyport => "sallyport",
             Self::SallyportTwoThreads => "sallyport-2-threads",
             Self::SallyportTcp => "sallyport-tcp",
+            Self::SallyportGated => "sallyport-gated",
             Self::Rathole => "rathole",
             Self::RatholeNoise => "rathole-noise",
             Self::Bore => "bore",
@@ -268,7 +274,7 @@ pub fn start(
                 (direct, None, None)
             }
         }
-        Kind::Sallyport | Kind::SallyportTwoThreads | Kind::SallyportTcp => {
+        Kind::Sallyport | Kind::SallyportTwoThreads | Kind::SallyportTcp | Kind::SallyportGated => {
             // The defaults, or one thread each side, or over TCP.
             let (relay_extra, agent_extra, lanes) = match kind {
                 Kind::SallyportTwoThreads => ("threads = 2\n", "lanes = 2\n", 2),
@@ -278,10 +284,21 @@ pub fn start(
             let (quic, entry) = (at(home, free_port_on(home)), at(home, free_port_on(home)));
             let dir = tools.dir.path();
             let pki = tools.pki.dir();
-            let relay = format!(
+            let mut relay = format!(
                 "[relay]\nlisten = \"{quic}\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/relay.crt\"\nkey = \"{0}/relay.key\"\nmemory_budget = \"5GiB\"\nmax_connections = 30000\nmax_connections_per_ip = 30000\n{relay_extra}[services.bench]\nagent = \"bench\"\nlisten = \"{entry}\"\n",
                 pki.display()
             );
+            if kind == Kind::SallyportGated {
+                // 99 networks the client is not in, then the one rule that admits it.
+                let mut rules: Vec<String> =
+                    (0..99).map(|i| format!("\"deny 10.{}.{}.0/24\"", 200 + i / 100, i % 100)).collect();
+                rules.push("\"allow all\"".into());
+                relay.push_str(&format!(
+                    "[access]\ndefault = [{}]\nlog = \"{}\"\n",
+                    rules.join(", "),
+                    dir.join("access.log").display()
+                ));
+            }
             let bundle = tools.pki.agent_bundle("bench");
             let mut dial = quic;
             if delay.is_some() {

@@ -38,7 +38,8 @@ struct Cli {
     /// Run only these workloads (bulk, http, redis, pgbench, ttfb, idle, cps); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Run only these systems (direct, sallyport, rathole, rathole-noise, bore); all by default.
+    /// Run only these systems (direct, sallyport, sallyport-2-threads, sallyport-tcp,
+    /// sallyport-gated, rathole, rathole-noise, bore); all by default.
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
 }
@@ -184,7 +185,7 @@ async fn run_ground(
         let mut order: Vec<Kind> = Kind::ALL
             .into_iter()
             .filter(|k| match &cli.systems[..] {
-                [] => !(cli.quick && *k == Kind::SallyportTwoThreads),
+                [] => !(cli.quick && matches!(*k, Kind::SallyportTwoThreads | Kind::SallyportGated)),
                 named => named.iter().any(|s| s == k.name()),
             })
             .collect();
@@ -423,8 +424,10 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
          agent with a lane beside its tunnel (`relay.threads = 2`, `agent.lanes = 2`).\n\n\
          `sallyport over TCP` runs the defaults with `agent.transport = \"tcp\"` (TLS over TCP, HTTP/2 streams: \
          where UDP does not get out); its ratio is to plain rathole, the other TCP tunnel.\n\n\
-         | metric | direct | sallyport | sallyport, 2 threads | sallyport over TCP | rathole | rathole noise | bore | vs rathole | vs rathole noise | vs bore | TCP vs rathole | command |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         `sallyport, rules + log` runs the defaults with a 100-rule access list whose last rule admits \
+         the client and the access log written to a file; its ratio is to `sallyport`.\n\n\
+         | metric | direct | sallyport | sallyport, 2 threads | sallyport over TCP | rathole | rathole noise | bore | vs rathole | vs rathole noise | vs bore | TCP vs rathole | sallyport, rules + log | rules + log vs sallyport | command |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         machine(),
         rounds,
         match (quick, cfg!(debug_assertions)) {
@@ -439,7 +442,7 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
             continue;
         }
         out.push_str(&format!(
-            "| {metric} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | `{command}` |\n",
+            "| {metric} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | `{command}` |\n",
             cell(metric, Kind::Direct),
             cell(metric, Kind::Sallyport),
             cell(metric, Kind::SallyportTwoThreads),
@@ -451,6 +454,8 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
             ratio(r, metric, Kind::Sallyport, Kind::RatholeNoise, *higher),
             ratio(r, metric, Kind::Sallyport, Kind::Bore, *higher),
             ratio(r, metric, Kind::SallyportTcp, Kind::Rathole, *higher),
+            cell(metric, Kind::SallyportGated),
+            ratio(r, metric, Kind::SallyportGated, Kind::Sallyport, *higher),
         ));
     }
     out
