@@ -39,6 +39,7 @@ pub mod limits;
 pub mod link;
 pub mod live;
 pub mod logs;
+pub mod pace;
 pub mod peer_logs;
 pub mod quic;
 pub mod replica_tls;
@@ -52,7 +53,7 @@ pub mod watched;
 pub use cli::shutdown_signal;
 pub use framed::{read_frame, write_frame, FrameError};
 pub use link::code;
-pub use splice::{reset_on_close, splice, splice_watched, Side, SpliceError, Spliced};
+pub use splice::{reset_on_close, splice, splice_paced, splice_watched, Side, SpliceError, Spliced};
 pub use tls::{Identity, TlsError};
 
 #[doc(hidden)]

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     flows::Activity,
     link::{code, RecvStream, SendStream},
+    pace::Pace,
 };
 use sallyport_proto::{codes, stream::InvalidAnswer, Answer};
 
@@ -132,11 +133,24 @@ pub async fn splice_watched(
     side: Side,
     activity: Option<&Activity>,
 ) -> Result<Spliced, SpliceError> {
+    splice_paced(tcp, send, recv, side, activity, None).await
+}
+
+/// [`splice_watched`] with bandwidth caps: each direction's bytes pass `pace`'s buckets before
+/// they go on.
+pub async fn splice_paced(
+    tcp: &mut TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    side: Side,
+    activity: Option<&Activity>,
+    pace: Option<&Pace>,
+) -> Result<Spliced, SpliceError> {
     let (mut reader, writer) = tcp.split();
     let cut = recv.stall_cut();
     let result = tokio::try_join!(
-        tcp_to_stream(&mut reader, send, activity),
-        stream_to_tcp(&writer, recv, side, activity, cut.as_ref())
+        tcp_to_stream(&mut reader, send, activity, pace),
+        stream_to_tcp(&writer, recv, side, activity, cut.as_ref(), pace)
     );
     match result {
         Ok((up, down)) => Ok(Spliced { up, down }),
@@ -165,6 +179,7 @@ async fn tcp_to_stream(
     tcp: &mut ReadHalf<'_>,
     send: &mut SendStream,
     activity: Option<&Activity>,
+    pace: Option<&Pace>,
 ) -> Result<u64, SpliceError> {
     let mut want = MIN_READ;
     let mut total = 0u64;
@@ -187,6 +202,9 @@ async fn tcp_to_stream(
                     activity.touch();
                 }
                 want = next_read_size(want, n);
+                if let Some(pace) = pace {
+                    Pace::pass(&pace.up, n).await;
+                }
                 send.write_chunk(buf.freeze()).await?;
             }
         }
@@ -211,6 +229,7 @@ async fn stream_to_tcp(
     side: Side,
     activity: Option<&Activity>,
     cut: Option<&CancellationToken>,
+    pace: Option<&Pace>,
 ) -> Result<u64, SpliceError> {
     if side == Side::Relay {
         read_answer(recv).await?;
@@ -234,9 +253,13 @@ async fn stream_to_tcp(
                 None => break,
             }
         }
-        total += batch.iter().map(|b| b.len() as u64).sum::<u64>();
+        let bytes: usize = batch.iter().map(bytes::Bytes::len).sum();
+        total += bytes as u64;
         if let Some(activity) = activity {
             activity.touch();
+        }
+        if let Some(pace) = pace {
+            Pace::pass(&pace.down, bytes).await;
         }
         match cut {
             None => write_all_vectored(tcp, &batch).await?,

@@ -4,6 +4,7 @@
 //! configuration parses rules with it, the listeners ask it and write to its log.
 
 pub mod auth;
+pub mod bandwidth;
 pub mod log;
 pub mod rates;
 pub mod rules;

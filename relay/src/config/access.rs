@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::access::{
     auth::Auth,
+    bandwidth::ByteRate,
     log::Destination,
     rates::{Counted, Rate},
     Rules,
@@ -31,6 +32,8 @@ pub(crate) struct RawAccess {
     connection_burst: Option<u32>,
     requests_per_second: Option<u32>,
     request_burst: Option<u32>,
+    #[serde(default)]
+    agent_bandwidth: BTreeMap<String, String>,
     log: Option<String>,
     log_max_bytes: Option<String>,
     log_keep: Option<u32>,
@@ -52,6 +55,10 @@ pub(crate) struct RawServiceAccess {
     pub(crate) trusted_proxies: Option<Vec<String>>,
     pub(crate) rates: RawRates,
     pub(crate) auth: Option<super::auth::RawAuth>,
+    pub(crate) bandwidth: Option<String>,
+    pub(crate) bandwidth_burst: Option<String>,
+    /// Whether the service carries streams the relay splices (TCP, HTTPS): where caps hold.
+    pub(crate) spliced: bool,
 }
 
 /// Who may reach what.
@@ -63,6 +70,8 @@ pub struct Access {
     pub services: BTreeMap<String, ServiceAccess>,
     /// Where the access log goes; `None`: no access log.
     pub log: Option<Destination>,
+    /// Each agent's bandwidth cap (`agent_bandwidth`), across its services.
+    pub agent_bandwidth: BTreeMap<String, ByteRate>,
     /// The rates of a service that sets none of its own.
     pub default_connections: Option<Rate>,
     pub default_requests: Option<Rate>,
@@ -82,6 +91,8 @@ pub struct ServiceAccess {
     pub requests: Option<Rate>,
     /// HTTP services: the login in front (`[services.NAME.auth]`).
     pub auth: Option<std::sync::Arc<Auth>>,
+    /// TCP and HTTPS services: bytes per second each way (`bandwidth`, `bandwidth_burst`).
+    pub bandwidth: Option<ByteRate>,
 }
 
 impl Access {
@@ -93,6 +104,16 @@ impl Access {
     /// The rules `service` is held to.
     pub fn rules(&self, service: &str) -> Option<&Rules> {
         self.services.get(service).and_then(|s| s.rules.as_ref()).or(self.default.as_ref())
+    }
+
+    /// The bandwidth cap of `service`.
+    pub fn bandwidth(&self, service: &str) -> Option<ByteRate> {
+        self.services.get(service).and_then(|s| s.bandwidth)
+    }
+
+    /// The bandwidth cap of `agent`, across its services.
+    pub fn agent_bandwidth(&self, agent: &str) -> Option<ByteRate> {
+        self.agent_bandwidth.get(agent).copied()
     }
 
     /// The login in front of `service`.
@@ -228,12 +249,43 @@ impl Access {
                 return Err(ConfigError::invalid(path, format!("{section}.{key}"), why));
             }
             let auth = raw.auth.map(|a| a.parse(path, &name, is_http)).transpose()?.map(std::sync::Arc::new);
-            let entry = ServiceAccess { rules: own, trusted_proxies, connections, requests, auth };
+            let bandwidth = match (raw.bandwidth.as_deref(), raw.bandwidth_burst.as_deref()) {
+                (None, None) => None,
+                (None, Some(_)) => {
+                    return Err(ConfigError::invalid(path, format!("{section}.bandwidth_burst"), "a burst needs a cap: set bandwidth"))
+                }
+                (Some(_), _) if !raw.spliced => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        format!("{section}.bandwidth"),
+                        "bandwidth caps hold on TCP (listen) and HTTPS (sni) services only, not yet on HTTP or UDP",
+                    ))
+                }
+                (Some(rate), burst) => Some(super::bandwidth::parse(
+                    path,
+                    (&format!("{section}.bandwidth"), rate),
+                    (&format!("{section}.bandwidth_burst"), burst),
+                )?),
+            };
+            let entry = ServiceAccess { rules: own, trusted_proxies, connections, requests, auth, bandwidth };
             if entry != ServiceAccess::default() {
                 by_service.insert(name, entry);
             }
         }
-        Ok(Self { default, services: by_service, log, default_connections, default_requests })
+        let mut agent_bandwidth = BTreeMap::new();
+        for (agent, rate) in &raw.agent_bandwidth {
+            let key = format!("access.agent_bandwidth.{agent}");
+            let cap = super::bandwidth::parse(path, (&key, rate), (&key, None))?;
+            agent_bandwidth.insert(agent.clone(), cap);
+        }
+        Ok(Self {
+            default,
+            services: by_service,
+            log,
+            agent_bandwidth,
+            default_connections,
+            default_requests,
+        })
     }
 }
 

@@ -14,6 +14,7 @@ use sallyport_runtime::config::{self as conf, ConfigError};
 
 pub mod access;
 mod auth;
+mod bandwidth;
 mod budget;
 mod raw;
 mod relay_keys;
@@ -250,6 +251,9 @@ impl Config {
                 trusted_proxies: s.trusted_proxies,
                 rates,
                 auth: s.auth,
+                bandwidth: s.bandwidth,
+                bandwidth_burst: s.bandwidth_burst,
+                spliced: matches!(listen, Listen::Tcp(_) | Listen::Https(_)),
             };
             access.insert(name.clone(), (raw_access, matches!(listen, Listen::Http(_))));
             services.insert(name.clone(), Service { name, agent, listen, load_balancer_ip, idle_timeout });
@@ -595,6 +599,25 @@ listen = "0.0.0.0:1433"
         assert!(bad.contains("key `services.web.auth`: set users, tokens or forward"), "{bad}");
         let bad = e("", "[services.mssql.auth]\nforward = \"http://auth:9091/\"");
         assert!(bad.contains("key `services.mssql.auth`: a login goes in front of HTTP services"), "{bad}");
+        // Bandwidth: on TCP and HTTPS services and per agent, in bytes per second.
+        let capped = with("[access]\nagent_bandwidth = { winbox = \"50MiB\" }", "bandwidth = \"2MiB\"")
+            .expect("valid");
+        assert_eq!(
+            capped.access.bandwidth("mssql").map(|b| (b.per_second.get(), b.burst.get())),
+            Some((2 << 20, 209_715))
+        );
+        assert_eq!(capped.access.agent_bandwidth("winbox").map(|b| b.per_second.get()), Some(50 << 20));
+        let bad = e("", "bandwidth = \"fast\"");
+        assert!(bad.contains("key `services.mssql.bandwidth`: \"fast\""), "{bad}");
+        let bad = e("", "bandwidth = \"100\"");
+        assert!(bad.contains("key `services.mssql.bandwidth`: \"100\" is out of range 1KiB..4GiB"), "{bad}");
+        let bad = e("", "bandwidth_burst = \"1MiB\"");
+        assert!(bad.contains("key `services.mssql.bandwidth_burst`: a burst needs a cap"), "{bad}");
+        let bad = e("", "[services.web]\nagent = \"winbox\"\nhosts = [\"app\"]\nbandwidth = \"1MiB\"");
+        assert!(
+            bad.contains("key `services.web.bandwidth`: bandwidth caps hold on TCP (listen) and HTTPS"),
+            "{bad}"
+        );
         // The log's destination needs a restart; the rules do not.
         let stdout = with("[access]\nlog = \"stdout\"", "").expect("valid");
         let refusal = c.reload_refusal(&stdout).expect("refused").to_string();

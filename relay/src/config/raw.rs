@@ -48,4 +48,6 @@ pub(crate) struct RawService {
     pub(crate) requests_per_second: Option<u32>,
     pub(crate) request_burst: Option<u32>,
     pub(crate) auth: Option<super::auth::RawAuth>,
+    pub(crate) bandwidth: Option<String>,
+    pub(crate) bandwidth_burst: Option<String>,
 }

@@ -39,6 +39,8 @@ pub(crate) struct Exposure {
     pub(crate) access_log: crate::access::log::AccessLog,
     /// Each service's rates per client host.
     pub(crate) rates: crate::access::rates::Rates,
+    /// The bandwidth caps of services and agents.
+    pub(crate) bandwidth: crate::access::bandwidth::Bandwidth,
     /// Where the HTTPS listener hands agents' TCP tunnels (their ClientHello offers the tunnel's
     /// ALPN) when it shares the tunnel's port.
     pub(crate) tunnel_handoff: mpsc::Sender<Handoff>,
@@ -55,6 +57,7 @@ impl Exposure {
         Self {
             access_log,
             rates: Default::default(),
+            bandwidth: Default::default(),
             connections: Default::default(),
             per_ip: Default::default(),
             config,

@@ -8,7 +8,7 @@ use sallyport_proto::codes;
 use sallyport_runtime::{
     code,
     flows::{self, Activity},
-    reset_on_close, splice, splice_watched, Side, SpliceError,
+    reset_on_close, splice_paced, Side, SpliceError,
 };
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -172,10 +172,19 @@ pub(crate) async fn carry(
         }
     };
     let activity = Activity::default();
+    let pace = {
+        let config = exposure.config.get();
+        let access = &config.access;
+        exposure.bandwidth.pace(
+            (&service.name, access.bandwidth(&service.name)),
+            (&service.agent, access.agent_bandwidth(&service.agent)),
+        )
+    };
+    let pace = pace.as_ref();
     let spliced = match service.idle_timeout {
-        None => splice(&mut stream, &mut send, &mut recv, Side::Relay).await,
+        None => splice_paced(&mut stream, &mut send, &mut recv, Side::Relay, None, pace).await,
         Some(idle) => tokio::select! {
-            r = splice_watched(&mut stream, &mut send, &mut recv, Side::Relay, Some(&activity)) => r,
+            r = splice_paced(&mut stream, &mut send, &mut recv, Side::Relay, Some(&activity), pace) => r,
             () = flows::idle_for(&activity, idle) => {
                 debug!(?idle, "client connection idle: reset");
                 let _ = send.reset(code(codes::stream::INTERNAL));
