@@ -178,6 +178,18 @@ pub fn dig(server: SocketAddr, name: &str) -> Option<String> {
     answer
 }
 
+/// Whether a TCP connection from loopback address `ip` to `addr` gets its first 5 bytes (a
+/// greeter's greeting) within 5 s.
+pub fn greeted_from(addr: SocketAddr, ip: &str) -> bool {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.bind(&SocketAddr::new(ip.parse().expect("ip"), 0).into()).expect("bind");
+    socket.connect(&addr.into()).expect("connect");
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+    let mut buf = [0u8; 5];
+    std::io::Read::read_exact(&mut stream, &mut buf).is_ok()
+}
+
 /// A DNS query for `name` (type A, id 0x1234), as dig would send it.
 pub fn dns_query(name: &str) -> Vec<u8> {
     let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sallyport_tests::{targets, transfer, RunningAgent, RunningRelay, TestPki};
+use sallyport_tests::{targets, transfer, RunningRelay, TestPki};
 
 const CAP: f64 = 2.0 * 1024.0 * 1024.0;
 
@@ -20,28 +20,37 @@ async fn download(addr: std::net::SocketAddr, bytes: u64, seed: u64) -> Duration
     started.elapsed()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_capped_service_holds_its_cap_and_an_uncapped_one_is_not_slowed() {
+/// A relay with TCP services `one` and `two` (each with its own keys from `keys`) and `more` after
+/// them, and the agent carrying both to a transfer server; the services' addresses.
+async fn two_services(
+    keys: [&str; 2],
+    more: &str,
+) -> (RunningRelay, sallyport_tests::RunningAgent, sallyport_tests::targets::Target, [std::net::SocketAddr; 2])
+{
     sallyport_tests::init_logging();
     let target = targets::transfer_server().await;
     let pki = TestPki::new();
-    let mut relay = RunningRelay::start(pki.relay_config_toml(
-        "",
-        "[services.capped]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\nbandwidth = \"2MiB\"\n\
-         [services.free]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
-    ))
-    .await;
-    let agent = RunningAgent::start(pki.agent_config_toml(
-        "winbox",
-        &[relay.quic],
+    let (relay, agent) = RunningRelay::with_winbox(
+        &pki,
         "",
         &format!(
-            "[services.capped]\ntarget = \"tcp://{0}\"\n[services.free]\ntarget = \"tcp://{0}\"\n",
+            "[services.one]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n{}\n\
+             [services.two]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n{}\n{more}",
+            keys[0], keys[1]
+        ),
+        &format!(
+            "[services.one]\ntarget = \"tcp://{0}\"\n[services.two]\ntarget = \"tcp://{0}\"\n",
             target.addr
         ),
-    ));
-    relay.wait_agent("winbox").await;
-    let (capped, free) = (relay.service("capped"), relay.service("free"));
+    )
+    .await;
+    let addrs = [relay.service("one"), relay.service("two")];
+    (relay, agent, target, addrs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_service_holds_its_cap_and_an_uncapped_one_is_not_slowed() {
+    let (relay, agent, _target, [capped, free]) = two_services(["bandwidth = \"2MiB\"", ""], "").await;
 
     // The uncapped service alone, then beside 10 s of the capped one.
     let alone = download(free, 64 << 20, 1).await;
@@ -65,27 +74,8 @@ async fn a_capped_service_holds_its_cap_and_an_uncapped_one_is_not_slowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_cap_holds_across_its_services() {
-    sallyport_tests::init_logging();
-    let target = targets::transfer_server().await;
-    let pki = TestPki::new();
-    let mut relay = RunningRelay::start(pki.relay_config_toml(
-        "",
-        "[services.one]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n\
-         [services.two]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n\
-         [access]\nagent_bandwidth = { winbox = \"2MiB\" }\n",
-    ))
-    .await;
-    let agent = RunningAgent::start(pki.agent_config_toml(
-        "winbox",
-        &[relay.quic],
-        "",
-        &format!(
-            "[services.one]\ntarget = \"tcp://{0}\"\n[services.two]\ntarget = \"tcp://{0}\"\n",
-            target.addr
-        ),
-    ));
-    relay.wait_agent("winbox").await;
-    let (one, two) = (relay.service("one"), relay.service("two"));
+    let (relay, agent, _target, [one, two]) =
+        two_services(["", ""], "[access]\nagent_bandwidth = { winbox = \"2MiB\" }\n").await;
     let started = Instant::now();
     let first = tokio::spawn(download(one, 8 << 20, 4));
     let second = tokio::spawn(download(two, 8 << 20, 5));

@@ -4,27 +4,15 @@
 //! another, and its local API decides to ban the refused host only.
 
 use std::{
-    io::Read,
-    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
 };
 
-use sallyport_tests::{targets, RunningAgent, RunningRelay, TestPki};
+use sallyport_tests::{servers, targets, RunningRelay, TestPki};
 
 fn crowdsec_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/crowdsec")
-}
-
-fn greeted_from(addr: SocketAddr, ip: &str) -> bool {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.bind(&SocketAddr::new(ip.parse().expect("ip"), 0).into()).expect("bind");
-    socket.connect(&addr.into()).expect("connect");
-    let mut stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    let mut buf = [0u8; 5];
-    stream.read_exact(&mut buf).is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,23 +28,18 @@ async fn crowdsec_bans_the_host_the_relay_keeps_refusing() {
     sallyport_tests::init_logging();
     let greeter = targets::greeter(b"hello").await;
     let pki = TestPki::new();
-    let mut relay = RunningRelay::start(pki.relay_config_toml(
+    let (relay, agent) = RunningRelay::with_winbox(
+        &pki,
         "",
         "[services.rdp]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n\
          [access]\ndefault = [\"allow 127.0.0.2\", \"deny all\"]\nlog = \"access.log\"\n",
-    ))
-    .await;
-    let agent = RunningAgent::start(pki.agent_config_toml(
-        "winbox",
-        &[relay.quic],
-        "",
         &format!("[services.rdp]\ntarget = \"tcp://{}\"\n", greeter.addr),
-    ));
-    relay.wait_agent("winbox").await;
+    )
+    .await;
     let rdp = relay.service("rdp");
     let (refused, served) = tokio::task::spawn_blocking(move || {
-        let refused = (0..8).filter(|_| !greeted_from(rdp, "127.0.0.3")).count();
-        let served = (0..2).filter(|_| greeted_from(rdp, "127.0.0.2")).count();
+        let refused = (0..8).filter(|_| !servers::greeted_from(rdp, "127.0.0.3")).count();
+        let served = (0..2).filter(|_| servers::greeted_from(rdp, "127.0.0.2")).count();
         (refused, served)
     })
     .await

@@ -7,25 +7,20 @@ use std::{
     time::Duration,
 };
 
-use sallyport_tests::{servers, RunningAgent, RunningRelay, TestPki};
+use sallyport_tests::{servers, RunningRelay, TestPki};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_still_sending_its_body_reads_the_refusal() {
     sallyport_tests::init_logging();
     let pki = TestPki::new();
-    let mut relay = RunningRelay::start(pki.relay_config_toml(
+    let closed = servers::free_port();
+    let (relay, agent) = RunningRelay::with_winbox(
+        &pki,
         "http_listen = \"127.0.0.1:0\"",
         "[services.gone]\nagent = \"winbox\"\nhosts = [\"gone.home.lan\"]\n",
-    ))
-    .await;
-    let closed = servers::free_port();
-    let agent = RunningAgent::start(pki.agent_config_toml(
-        "winbox",
-        &[relay.quic],
-        "",
         &format!("[services.gone]\ntarget = \"tcp://127.0.0.1:{closed}\"\n"),
-    ));
-    relay.wait_agent("winbox").await;
+    )
+    .await;
     let http = relay.http.expect("http listener");
     let answers = tokio::task::spawn_blocking(move || {
         (0..5)

@@ -13,9 +13,7 @@ use std::{
 
 use sha2::Digest;
 
-use sallyport_tests::{
-    metric, process::Spawned, servers, tools_or_skip, RunningAgent, RunningRelay, TestPki,
-};
+use sallyport_tests::{metric, process::Spawned, servers, tools_or_skip, RunningRelay, TestPki};
 
 const PASSWORD: &str = "correct horse battery";
 const TOKEN: &str = "ci-secret-token-4f9a";
@@ -95,7 +93,8 @@ async fn basic_auth_tokens_bypass_and_forward_auth_guard_web_apps() {
     servers::wait_tcp(SocketAddr::from(([127, 0, 0, 1], auth_port)), "auth server");
     let token_sha = sallyport_runtime::hex::encode(&sha2::Sha256::digest(TOKEN.as_bytes()));
     let pki = TestPki::new();
-    let mut relay = RunningRelay::start(pki.relay_config_toml(
+    let (relay, agent) = RunningRelay::with_winbox(
+        &pki,
         "http_listen = \"127.0.0.1:0\"",
         &format!(
             "[services.admin]\nagent = \"winbox\"\nhosts = [\"admin.home.lan\"]\n\
@@ -106,17 +105,11 @@ async fn basic_auth_tokens_bypass_and_forward_auth_guard_web_apps() {
              [access]\nlog = \"access.log\"\n",
             hash(PASSWORD)
         ),
-    ))
-    .await;
-    let agent = RunningAgent::start(pki.agent_config_toml(
-        "winbox",
-        &[relay.quic],
-        "",
         &format!(
             "[services.admin]\ntarget = \"tcp://127.0.0.1:{upstream}\"\n[services.portal]\ntarget = \"tcp://127.0.0.1:{upstream}\"\n"
         ),
-    ));
-    relay.wait_agent("winbox").await;
+    )
+    .await;
     let http = relay.http.expect("http listener");
     let right = format!("alice:{PASSWORD}");
     let bearer = format!("Authorization: Bearer {TOKEN}");

@@ -5,26 +5,15 @@
 //! logged as `rate_limited`.
 
 use std::{
-    io::Read,
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     process::Command,
     time::Duration,
 };
 
-use sallyport_tests::{metric, servers, targets, tools_or_skip, RunningAgent, RunningRelay, TestPki};
+use sallyport_tests::{metric, servers, targets, tools_or_skip, RunningRelay, TestPki};
 
 const BUSY: &str = "127.0.0.5";
 const OTHER: &str = "127.0.0.6";
-
-fn greeted_from(addr: SocketAddr, ip: &str) -> bool {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.bind(&SocketAddr::new(ip.parse().expect("ip"), 0).into()).expect("bind");
-    socket.connect(&addr.into()).expect("connect");
-    let mut stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    let mut buf = [0u8; 5];
-    stream.read_exact(&mut buf).is_ok()
-}
 
 /// The status codes of `n` requests on one keep-alive connection from `ip` (curl with `n` URLs).
 fn statuses(ip: &str, http: SocketAddr, n: usize) -> Vec<String> {
@@ -46,28 +35,23 @@ async fn one_host_over_its_rate_is_refused_while_others_go_through() {
     let greeter = targets::greeter(b"hello").await;
     let web = targets::http_ok("web ok").await;
     let pki = TestPki::new();
-    let mut relay = RunningRelay::start(pki.relay_config_toml(
+    let (relay, agent) = RunningRelay::with_winbox(
+        &pki,
         "http_listen = \"127.0.0.1:0\"",
         "[services.echo]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\nconnections_per_second = 2\nconnection_burst = 5\n\
          [services.dns]\nagent = \"winbox\"\nudp = \"127.0.0.1:0\"\nconnections_per_second = 2\nconnection_burst = 5\n\
          [services.web]\nagent = \"winbox\"\nhosts = [\"web.home.lan\"]\nrequests_per_second = 2\nrequest_burst = 5\n\
          [access]\nlog = \"access.log\"\n",
-    ))
-    .await;
-    let agent = RunningAgent::start(pki.agent_config_toml(
-        "winbox",
-        &[relay.quic],
-        "",
         &format!(
             "[services.echo]\ntarget = \"tcp://{}\"\n[services.dns]\ntarget = \"udp://{}\"\n[services.web]\ntarget = \"tcp://{}\"\n",
             greeter.addr, dns.addr, web.addr
         ),
-    ));
-    relay.wait_agent("winbox").await;
+    )
+    .await;
     let (echo, udp, http) = (relay.service("echo"), relay.service("dns"), relay.http.expect("http"));
     let (tcp, other_tcp, codes, other_codes, flows) = tokio::task::spawn_blocking(move || {
-        let tcp = (0..20).filter(|_| greeted_from(echo, BUSY)).count();
-        let other_tcp = (0..3).filter(|_| greeted_from(echo, OTHER)).count();
+        let tcp = (0..20).filter(|_| servers::greeted_from(echo, BUSY)).count();
+        let other_tcp = (0..3).filter(|_| servers::greeted_from(echo, OTHER)).count();
         let codes = statuses(BUSY, http, 20);
         let other_codes = statuses(OTHER, http, 3);
         // Each query from a new port is a new flow.

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sallyport_tests::{metric, servers, tools_or_skip, RunningAgent, RunningRelay, TestPki};
+use sallyport_tests::{metric, servers, tools_or_skip, RunningRelay, TestPki};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spoofed_flood_spread_over_prefixes_does_not_single_out_dns_clients() {
@@ -16,18 +16,13 @@ async fn a_spoofed_flood_spread_over_prefixes_does_not_single_out_dns_clients() 
     sallyport_tests::init_logging();
     let dns = servers::dnsmasq("nas.home.lan", "10.9.8.7");
     let pki = TestPki::new();
-    let mut relay = RunningRelay::start(pki.relay_config_toml(
+    let (relay, agent) = RunningRelay::with_winbox(
+        &pki,
         "udp_max_flows = 512\nudp_flow_idle = \"120s\"",
         "[services.dns]\nagent = \"winbox\"\nudp = \"127.0.0.1:0\"\n",
-    ))
-    .await;
-    let agent = RunningAgent::start(pki.agent_config_toml(
-        "winbox",
-        &[relay.quic],
-        "",
         &format!("[services.dns]\ntarget = \"udp://{}\"\n", dns.addr),
-    ));
-    relay.wait_agent("winbox").await;
+    )
+    .await;
     let port = relay.service("dns");
     let ask = move || {
         servers::dns_once(IpAddr::V4(Ipv4Addr::LOCALHOST), port, "nas.home.lan", Duration::from_secs(1))
