@@ -303,7 +303,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if password.is_empty() {
                 anyhow::bail!("no password on standard input (one line: printf %s PASSWORD | sallyport-relay hash-password)");
             }
-            println!("{}", sallyport_relay::access::auth::hash_password(password));
+            println!("{}", sallyport_relay::access::auth::hash_password(password)?);
             Ok(())
         }
         Command::Status { config } => {

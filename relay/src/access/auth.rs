@@ -53,6 +53,10 @@ pub enum AuthError {
         "{0:?} is not an http:// URL (forward auth asks the auth server over plain HTTP, inside the cluster)"
     )]
     ForwardUrl(String),
+    #[error("the system gave no random numbers for a salt")]
+    Random,
+    #[error("cannot hash the password: {0}")]
+    Hashing(argon2::password_hash::Error),
 }
 
 /// Checks a password hash: argon2 (id, i or d) in PHC form.
@@ -82,15 +86,12 @@ pub fn check_forward_url(url: &str) -> Result<(), AuthError> {
 }
 
 /// An argon2id hash of `password` with a new random salt (the crate's default parameters).
-pub fn hash_password(password: &str) -> String {
+pub fn hash_password(password: &str) -> Result<String, AuthError> {
     let mut bytes = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .expect("the system's random numbers");
-    let salt = SaltString::encode_b64(&bytes).expect("16 bytes make a salt");
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .expect("argon2 with its default parameters")
+        .map_err(|_| AuthError::Random)?;
+    let salt = SaltString::encode_b64(&bytes).map_err(AuthError::Hashing)?;
+    Ok(Argon2::default().hash_password(password.as_bytes(), &salt).map_err(AuthError::Hashing)?.to_string())
 }
 
 impl Auth {
@@ -133,7 +134,7 @@ mod tests {
 
     #[test]
     fn passwords_tokens_and_their_formats() {
-        let hash = hash_password("correct horse");
+        let hash = hash_password("correct horse").expect("a hash");
         assert!(hash.starts_with("$argon2id$"), "{hash}");
         check_hash(&hash).expect("a hash it made");
         let auth = Auth {

@@ -28,12 +28,6 @@ impl ByteRate {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Scope {
-    Service,
-    Agent,
-}
-
 /// One direction of one cap.
 #[derive(Debug)]
 struct Limiter {
@@ -59,12 +53,14 @@ impl Bucket for Limiter {
     }
 }
 
-type Limiters = HashMap<(Scope, String, bool), (ByteRate, Arc<Limiter>)>;
+/// Caps by service or agent name: the rate each was made for, and its buckets up and down.
+type Caps = HashMap<String, (ByteRate, [Arc<Limiter>; 2])>;
 
 /// The bandwidth caps in force, by service and agent.
 #[derive(Debug, Default)]
 pub struct Bandwidth {
-    limiters: Mutex<Limiters>,
+    services: Mutex<Caps>,
+    agents: Mutex<Caps>,
 }
 
 impl Bandwidth {
@@ -79,27 +75,30 @@ impl Bandwidth {
             return None;
         }
         let mut pace = Pace::default();
-        for (scope, name, rate) in [(Scope::Service, service, cap), (Scope::Agent, agent, agent_cap)] {
+        for (caps, name, rate) in [(&self.services, service, cap), (&self.agents, agent, agent_cap)] {
             let Some(rate) = rate else { continue };
-            pace.up.push(self.bucket(scope, name, true, rate));
-            pace.down.push(self.bucket(scope, name, false, rate));
+            let [up, down] = buckets(caps, name, rate);
+            pace.up.push(up);
+            pace.down.push(down);
         }
         Some(pace)
     }
+}
 
-    fn bucket(&self, scope: Scope, name: &str, up: bool, rate: ByteRate) -> Arc<dyn Bucket> {
-        let mut limiters = sallyport_runtime::sync::lock(&self.limiters);
-        let key = (scope, name.to_owned(), up);
-        if let Some((current, limiter)) = limiters.get(&key) {
-            if *current == rate {
-                return limiter.clone();
-            }
+/// The buckets of `name` in `caps` at `rate` (new ones when the rate changed; the name is copied
+/// only then).
+fn buckets(caps: &Mutex<Caps>, name: &str, rate: ByteRate) -> [Arc<dyn Bucket>; 2] {
+    let mut caps = sallyport_runtime::sync::lock(caps);
+    if let Some((current, [up, down])) = caps.get(name) {
+        if *current == rate {
+            return [up.clone(), down.clone()];
         }
-        let quota = Quota::per_second(rate.per_second).allow_burst(rate.burst);
-        let limiter = Arc::new(Limiter { limiter: RateLimiter::direct(quota), burst: rate.burst.get() });
-        limiters.insert(key, (rate, limiter.clone()));
-        limiter
     }
+    let quota = Quota::per_second(rate.per_second).allow_burst(rate.burst);
+    let new = || Arc::new(Limiter { limiter: RateLimiter::direct(quota), burst: rate.burst.get() });
+    let (up, down) = (new(), new());
+    caps.insert(name.to_owned(), (rate, [up.clone(), down.clone()]));
+    [up, down]
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ pub enum Destination {
 #[derive(Debug)]
 pub struct AccessLog {
     lines: Option<SyncSender<String>>,
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// What one line says.
@@ -102,7 +103,7 @@ impl Record<'_> {
     ) -> Record<'s> {
         Record {
             time: rfc3339(SystemTime::now()),
-            client_ip: super::rules::canonical(client.ip()),
+            client_ip: client.ip().to_canonical(),
             client_port: client.port(),
             via: None,
             service,
@@ -122,7 +123,7 @@ impl Record<'_> {
 impl AccessLog {
     /// No access log.
     pub fn none() -> Self {
-        Self { lines: None }
+        Self { lines: None, writer: None }
     }
 
     /// Opens `destination` (a file is created if missing and appended to) and starts its writer.
@@ -142,8 +143,9 @@ impl AccessLog {
             }
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
-        std::thread::Builder::new().name("access-log".into()).spawn(move || write_lines(rx, sink))?;
-        Ok(Self { lines: Some(tx) })
+        let writer =
+            std::thread::Builder::new().name("access-log".into()).spawn(move || write_lines(rx, sink))?;
+        Ok(Self { lines: Some(tx), writer: Some(writer) })
     }
 
     /// Whether lines are written at all.
@@ -160,6 +162,17 @@ impl AccessLog {
             Err(TrySendError::Full(_)) => false,
             // The writer stopped on an error it already reported.
             Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
+/// Dropping the log (when the relay stops) waits until the writer has written and flushed the
+/// lines queued, so the last connections' lines are not lost.
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.lines = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
         }
     }
 }
@@ -296,13 +309,6 @@ mod tests {
             assert!(log.write(&r));
         }
         drop(log);
-        // The writer flushes and ends once the log is dropped.
-        let mut waited = 0;
-        while !path.with_extension("log.2").exists() && waited < 100 {
-            std::thread::sleep(Duration::from_millis(20));
-            waited += 1;
-        }
-        std::thread::sleep(Duration::from_millis(100));
         let current = std::fs::read_to_string(&path).expect("current");
         let first = current.lines().next().expect("a line");
         assert!(first.starts_with("{\"time\":\"20"), "{first}");

@@ -27,7 +27,7 @@ pub fn forwarded_client<'a>(
     let mut client = peer;
     for entry in entries.iter().rev() {
         let Some(ip) = parse_entry(entry) else { return client };
-        client = rules::canonical(ip);
+        client = ip.to_canonical();
         if !trusted.admits(client) {
             return client;
         }

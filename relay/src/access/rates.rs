@@ -39,8 +39,8 @@ pub const SWEEP_EVERY: u64 = 4096;
 
 type Limiter = DefaultKeyedRateLimiter<IpAddr>;
 
-/// Each service's limiter of one kind, with the rate it was made for.
-type Limiters = HashMap<(String, Counted), (Rate, Arc<Limiter>)>;
+/// Each service's limiters (connections, requests), with the rate each was made for.
+type Limiters = HashMap<String, [Option<(Rate, Arc<Limiter>)>; 2]>;
 
 /// The rate limiters of every service.
 #[derive(Debug, Default)]
@@ -55,8 +55,7 @@ impl Rates {
     pub fn allows(&self, service: &str, counted: Counted, rate: Option<Rate>, ip: IpAddr) -> bool {
         let Some(rate) = rate else { return true };
         let limiter = self.limiter(service, counted, rate);
-        let allowed =
-            limiter.check_key(&sallyport_runtime::addr::host_key(super::rules::canonical(ip))).is_ok();
+        let allowed = limiter.check_key(&sallyport_runtime::addr::host_key(ip)).is_ok();
         if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             limiter.retain_recent();
             limiter.shrink_to_fit();
@@ -64,23 +63,28 @@ impl Rates {
         allowed
     }
 
+    /// The limiter of `service` for `counted` at `rate` (a new one when the rate changed). The
+    /// service's name is copied only the first time.
     fn limiter(&self, service: &str, counted: Counted, rate: Rate) -> Arc<Limiter> {
         let mut limiters = sallyport_runtime::sync::lock(&self.limiters);
-        let key = (service.to_owned(), counted);
-        match limiters.get(&key) {
-            Some((current, limiter)) if *current == rate => limiter.clone(),
-            _ => {
-                let quota = Quota::per_second(rate.per_second).allow_burst(rate.burst);
-                let limiter = Arc::new(RateLimiter::keyed(quota));
-                limiters.insert(key, (rate, limiter.clone()));
-                limiter
+        let slot = match counted {
+            Counted::Connections => 0,
+            Counted::Requests => 1,
+        };
+        if let Some(Some((current, limiter))) = limiters.get(service).map(|l| &l[slot]) {
+            if *current == rate {
+                return limiter.clone();
             }
         }
+        let quota = Quota::per_second(rate.per_second).allow_burst(rate.burst);
+        let limiter = Arc::new(RateLimiter::keyed(quota));
+        limiters.entry(service.to_owned()).or_default()[slot] = Some((rate, limiter.clone()));
+        limiter
     }
 
     /// Client hosts with a bucket now, across every limiter.
     pub fn tracked(&self) -> usize {
-        sallyport_runtime::sync::lock(&self.limiters).values().map(|(_, l)| l.len()).sum()
+        sallyport_runtime::sync::lock(&self.limiters).values().flatten().flatten().map(|(_, l)| l.len()).sum()
     }
 }
 

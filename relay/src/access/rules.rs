@@ -50,9 +50,11 @@ impl Rules {
             .map(Self)
     }
 
-    /// Whether `ip` is admitted: the first rule that matches it decides; none matching refuses.
+    /// Whether `ip` is admitted: the first rule that matches it decides; none matching refuses. An
+    /// IPv4 address written as IPv6 (`::ffff:a.b.c.d`, as a dual-stack socket reports it) is the
+    /// IPv4 address, so IPv4 rules match it.
     pub fn admits(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        let ip = ip.to_canonical();
         self.0.iter().find(|r| r.net.is_none_or(|net| net.contains(&ip))).is_some_and(|r| r.allow)
     }
 
@@ -62,15 +64,6 @@ impl Rules {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
-    }
-}
-
-/// An IPv4 address written as IPv6 (`::ffff:a.b.c.d`, as a dual-stack socket reports it) is the
-/// IPv4 address, so IPv4 rules match it.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 

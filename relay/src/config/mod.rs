@@ -575,7 +575,7 @@ listen = "0.0.0.0:1433"
         let web = |auth: &str| {
             format!("[services.web]\nagent = \"winbox\"\nhosts = [\"app\"]\n[services.web.auth]\n{auth}")
         };
-        let hash = crate::access::auth::hash_password("pw");
+        let hash = crate::access::auth::hash_password("pw").expect("a hash");
         let good = with("", &web(&format!("users = {{ alice = \"{hash}\" }}\nbypass = [\"/api/\"]")))
             .expect("valid");
         assert!(good.access.auth("web").is_some_and(|a| a.users.contains_key("alice") && a.realm == "web"));

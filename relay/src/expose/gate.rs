@@ -19,18 +19,21 @@ use crate::{
     metrics::Outcome,
 };
 
-/// Whether `client` may reach `service` now: the rules in force, then its rate for `counted`. A
-/// refusal is counted and named: `denied` (the rules) or `rate_limited`.
+/// Whether `client` may reach `service` now: the rules in force, then its rate for `counted`
+/// (`None`: what it sends counts against no rate, a datagram of a flow already open). A refusal is
+/// counted and named: `denied` (the rules) or `rate_limited`.
 pub(crate) fn admit(
     exposure: &Exposure,
     service: &str,
-    counted: Counted,
+    counted: Option<Counted>,
     client: IpAddr,
 ) -> Result<(), &'static str> {
     let config = exposure.config.get();
     let refused = if !config.access.admits(service, client) {
         Some("denied")
-    } else if !exposure.rates.allows(service, counted, config.access.rate(service, counted), client) {
+    } else if counted
+        .is_some_and(|c| !exposure.rates.allows(service, c, config.access.rate(service, c), client))
+    {
         Some("rate_limited")
     } else {
         None

@@ -122,7 +122,8 @@ pub(crate) async fn serve(
         async move {
             let service = &served.service;
             let entry = Entry::new(service, "tcp", peer);
-            if let Err(reason) = gate::admit(&exposure, &service.name, Counted::Connections, peer.ip()) {
+            if let Err(reason) = gate::admit(&exposure, &service.name, Some(Counted::Connections), peer.ip())
+            {
                 debug!(reason, "refused by the service's access rules or rate: reset");
                 reset_on_close(&stream);
                 drop(stream);

@@ -104,7 +104,7 @@ pub(crate) async fn serve(
         // datagram is counted, not logged: its source costs a spoofer nothing.
         // A new flow also counts against the service's connection rate.
         let counted = if table.contains(&client) { None } else { Some(Counted::Connections) };
-        if !admitted(&exposure, &service.name, counted, client) {
+        if gate::admit(&exposure, &service.name, counted, client.ip()).is_err() {
             continue;
         }
         let Some(connection) = exposure.agents.route_datagrams(&service.agent, &service.name) else {
@@ -152,20 +152,5 @@ pub(crate) async fn serve(
     let mut by_id = flows.lock();
     for (_, flow) in table.drain() {
         by_id.remove(&flow.id);
-    }
-}
-
-/// Whether a datagram from `client` passes the service's rules and, when it opens a flow
-/// (`counted`), its connection rate.
-fn admitted(exposure: &Exposure, service: &str, counted: Option<Counted>, client: SocketAddr) -> bool {
-    match counted {
-        Some(counted) => gate::admit(exposure, service, counted, client.ip()).is_ok(),
-        None => {
-            let admits = exposure.config.get().access.admits(service, client.ip());
-            if !admits {
-                exposure.runtime.metrics.refused(service, "denied");
-            }
-            admits
-        }
     }
 }

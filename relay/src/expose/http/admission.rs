@@ -31,7 +31,7 @@ pub(super) fn admission(
     let forwarded = req.headers().get_all("x-forwarded-for").into_iter().filter_map(|v| v.to_str().ok());
     let who = crate::access::forwarded_client(peer.ip(), config.access.trusted_proxies(service), forwarded);
     drop(config);
-    (who, gate::admit(exposure, service, Counted::Requests, who))
+    (who, gate::admit(exposure, service, Some(Counted::Requests), who))
 }
 
 /// The page for a request the rules (403) or the request rate (429) refused.

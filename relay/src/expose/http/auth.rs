@@ -65,6 +65,7 @@ pub(super) struct Logins {
 
 impl Default for Logins {
     fn default() -> Self {
+        // Constants: a period that is not zero and a burst that is not zero.
         let quota = governor::Quota::with_period(FAILURE_PERIOD)
             .expect("a period")
             .allow_burst(NonZeroU32::new(FAILURES_BURST).expect("a burst"));
@@ -109,17 +110,17 @@ pub(super) async fn gate(
         }
     } else if let Some(forward) = &auth.forward {
         return match ask(forward, req, (client, host), tasks).await {
-            Ok((user, headers)) => {
+            Ok(Asked::Passed(user, headers)) => {
                 for (name, value) in headers {
                     req.headers_mut().append(name, value);
                 }
                 Verdict::Pass(user)
             }
-            Err(Ok(answer)) => {
+            Ok(Asked::Refused(answer)) => {
                 logins.failed(host_key);
                 Verdict::Refused(answer, "auth_failed")
             }
-            Err(Err(reason)) => Verdict::Refused(page(StatusCode::BAD_GATEWAY, &reason), "auth_failed"),
+            Err(e) => Verdict::Refused(page(StatusCode::BAD_GATEWAY, &e.to_string()), "auth_failed"),
         };
     }
     let blocked = logins.failed(host_key);
@@ -222,6 +223,7 @@ impl Logins {
             material.push(0);
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, &material);
+        // A SHA-256 is 32 bytes.
         let key: [u8; 32] = digest.as_ref().try_into().expect("a SHA-256");
         let now = Instant::now();
         if sallyport_runtime::sync::lock(&self.remembered)
@@ -248,17 +250,39 @@ impl Logins {
     }
 }
 
-/// Asks the auth server about `req`: on 2xx the user it names (`Remote-User`) and the headers to
-/// copy upstream; otherwise its answer for the client (`Err(Ok)`), or why it gave none
-/// (`Err(Err)`).
+/// What the auth server said of a request.
+enum Asked {
+    /// 2xx: the user it names (`Remote-User`) and the headers to copy upstream.
+    Passed(Option<String>, Vec<(HeaderName, HeaderValue)>),
+    /// Anything else: its answer, for the client.
+    Refused(Response<Body>),
+}
+
+/// Why the auth server gave no answer.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("the forward auth URL does not parse")]
+    Url,
+    #[error("cannot ask the auth server: {0}")]
+    Request(#[from] hyper::http::Error),
+    #[error("the auth server {addr} cannot be reached: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("the auth server {addr}: {source}")]
+    Http { addr: String, source: hyper::Error },
+    #[error("the auth server's answer: {0}")]
+    Body(Box<dyn std::error::Error + Send + Sync>),
+    #[error("the auth server {0} did not answer within {FORWARD_TIMEOUT:?}")]
+    Timeout(String),
+}
+
+/// Asks the auth server about `req`.
 async fn ask(
     forward: &Forward,
     req: &Request<Incoming>,
     (client, host): (IpAddr, &str),
     tasks: &tokio_util::task::TaskTracker,
-) -> Result<(Option<String>, Vec<(HeaderName, HeaderValue)>), Result<Response<Body>, String>> {
-    let uri: hyper::Uri =
-        forward.url.parse().map_err(|_| Err("the forward auth URL does not parse".to_owned()))?;
+) -> Result<Asked, ForwardError> {
+    let uri: hyper::Uri = forward.url.parse().map_err(|_| ForwardError::Url)?;
     let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
     let addr = if uri.port().is_some() { authority.clone() } else { format!("{authority}:80") };
     let mut ask = Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
@@ -273,27 +297,22 @@ async fn ask(
             ask = ask.header(name.clone(), value.clone());
         }
     }
-    let ask =
-        ask.body(Full::new(Bytes::new())).map_err(|e| Err(format!("cannot ask the auth server: {e}")))?;
+    let ask = ask.body(Full::new(Bytes::new()))?;
     let answer = tokio::time::timeout(FORWARD_TIMEOUT, async {
+        let http = |source| ForwardError::Http { addr: addr.clone(), source };
         let stream = tokio::net::TcpStream::connect(&addr)
             .await
-            .map_err(|e| format!("the auth server {addr} cannot be reached: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("the auth server {addr}: {e}"))?;
+            .map_err(|source| ForwardError::Connect { addr: addr.clone(), source })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
         tasks.spawn(conn);
-        let response = sender.send_request(ask).await.map_err(|e| format!("the auth server {addr}: {e}"))?;
+        let response = sender.send_request(ask).await.map_err(http)?;
         let (parts, body) = response.into_parts();
-        let body = Limited::new(body, FORWARD_BODY)
-            .collect()
-            .await
-            .map_err(|e| format!("the auth server's answer: {e}"))?;
-        Ok::<_, String>((parts, body.to_bytes()))
+        let body = Limited::new(body, FORWARD_BODY).collect().await.map_err(ForwardError::Body)?;
+        Ok::<_, ForwardError>((parts, body.to_bytes()))
     })
     .await
-    .map_err(|_| Err(format!("the auth server {addr} did not answer within {FORWARD_TIMEOUT:?}")))?
-    .map_err(Err)?;
+    .map_err(|_| ForwardError::Timeout(addr.clone()))??;
     let (parts, body) = answer;
     if parts.status.is_success() {
         let copied: Vec<(HeaderName, HeaderValue)> = forward
@@ -310,7 +329,7 @@ async fn ask(
             })
             .collect();
         let user = parts.headers.get(REMOTE_USER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        return Ok((user, copied));
+        return Ok(Asked::Passed(user, copied));
     }
     // Anything else goes back as the auth server wrote it (a redirect to its login page, 401, 403).
     let mut response = Response::new(Either::Right(Full::new(body)));
@@ -323,5 +342,5 @@ async fn ask(
             response.headers_mut().append(name.clone(), value.clone());
         }
     }
-    Err(Ok(response))
+    Ok(Asked::Refused(response))
 }

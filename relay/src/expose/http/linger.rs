@@ -45,6 +45,7 @@ impl Lingering {
     }
 
     fn stream(&mut self) -> &mut TcpStream {
+        // `stream` is `Some` from `new` until `drop` takes it.
         self.stream.as_mut().expect("a lingering stream is only taken when dropped")
     }
 }
