@@ -190,6 +190,24 @@ pub fn greeted_from(addr: SocketAddr, ip: &str) -> bool {
     std::io::Read::read_exact(&mut stream, &mut buf).is_ok()
 }
 
+/// The text of `log` once `enough` says so of it (the relay writes access log lines from a thread
+/// of its own, a moment after the connection ends); panics after 10 s with what it held.
+pub fn wait_for_log(log: &std::path::Path, enough: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if enough(&text) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never had what was awaited:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A DNS query for `name` (type A, id 0x1234), as dig would send it.
 pub fn dns_query(name: &str) -> Vec<u8> {
     let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];

@@ -193,15 +193,8 @@ async fn rules_admit_and_refuse_every_kind_of_service_and_the_access_log_says_so
 
     // The access log: one line per connection or request, refusals included (UDP's are only
     // counted: their source is free to forge).
-    let mut lines = Vec::new();
-    for _ in 0..50 {
-        lines =
-            std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>();
-        if lines.len() >= 11 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let text = tokio::task::block_in_place(|| servers::wait_for_log(&log, |t| t.lines().count() >= 11));
+    let lines: Vec<&str> = text.lines().collect();
     let records: Vec<serde_json::Value> =
         lines.iter().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
     let field = |r: &serde_json::Value, k: &str| r[k].as_str().unwrap_or_default().to_owned();

@@ -3,7 +3,10 @@
 //! and an agent's cap holds across its services.
 
 use std::{
-    sync::atomic::AtomicU64,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -11,11 +14,10 @@ use sallyport_tests::{targets, transfer, RunningRelay, TestPki};
 
 const CAP: f64 = 2.0 * 1024.0 * 1024.0;
 
-/// Downloads `bytes` from `addr` and says how long it took.
-async fn download(addr: std::net::SocketAddr, bytes: u64, seed: u64) -> Duration {
+/// Downloads `bytes` from `addr`, adding what arrives to `progress`, and says how long it took.
+async fn download(addr: std::net::SocketAddr, bytes: u64, seed: u64, progress: Arc<AtomicU64>) -> Duration {
     let started = Instant::now();
-    let report =
-        transfer::run_counted(addr, 0, bytes, seed, &AtomicU64::new(0)).await.expect("a checked transfer");
+    let report = transfer::run_counted(addr, 0, bytes, seed, &progress).await.expect("a checked transfer");
     assert_eq!(report.down, bytes);
     started.elapsed()
 }
@@ -53,10 +55,14 @@ async fn a_capped_service_holds_its_cap_and_an_uncapped_one_is_not_slowed() {
     let (relay, agent, _target, [capped, free]) = two_services(["bandwidth = \"2MiB\"", ""], "").await;
 
     // The uncapped service alone, then beside 10 s of the capped one.
-    let alone = download(free, 64 << 20, 1).await;
-    let capped_run = tokio::spawn(download(capped, 20 << 20, 2));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let beside = download(free, 64 << 20, 3).await;
+    let alone = download(free, 64 << 20, 1, Arc::default()).await;
+    let capped_progress = Arc::new(AtomicU64::new(0));
+    let capped_run = tokio::spawn(download(capped, 20 << 20, 2, capped_progress.clone()));
+    // The capped download is under way (its first bytes arrived) before the uncapped one starts.
+    while capped_progress.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let beside = download(free, 64 << 20, 3, Arc::default()).await;
     let capped_took = capped_run.await.expect("capped download");
     let capped_rate = (20u64 << 20) as f64 / capped_took.as_secs_f64();
     println!(
@@ -77,8 +83,8 @@ async fn an_agents_cap_holds_across_its_services() {
     let (relay, agent, _target, [one, two]) =
         two_services(["", ""], "[access]\nagent_bandwidth = { winbox = \"2MiB\" }\n").await;
     let started = Instant::now();
-    let first = tokio::spawn(download(one, 8 << 20, 4));
-    let second = tokio::spawn(download(two, 8 << 20, 5));
+    let first = tokio::spawn(download(one, 8 << 20, 4, Arc::default()));
+    let second = tokio::spawn(download(two, 8 << 20, 5, Arc::default()));
     first.await.expect("one");
     second.await.expect("two");
     let took = started.elapsed();

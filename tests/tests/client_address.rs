@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sallyport_tests::{
     lab::{LabCluster, Policy, Role, CLIENT_NET_IP, WIN_IP},
-    lab_or_skip,
+    lab_or_skip, servers,
 };
 
 const SOURCE_PORT: u16 = 7100;
@@ -48,17 +48,13 @@ fn clients_keep_their_address_while_agents_reach_every_replica() {
     assert!(lines.iter().all(|l| l.starts_with(&prefix)), "the target sees the client: {answers}");
 
     // Each replica's access log has the client's own address; kube-proxy spread the connections.
+    // Lines are written as connections end: wait for all 20.
+    let logs = [cluster.pod_dir(0).join("access.log"), cluster.pod_dir(1).join("access.log")];
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
+    servers::wait_for_log(&logs[0], |first| first.lines().count() + read(&logs[1]).lines().count() >= 20);
     let mut per_replica = Vec::new();
-    for i in 0..2 {
-        let path = cluster.pod_dir(i).join("access.log");
-        let mut text = String::new();
-        for _ in 0..50 {
-            text = std::fs::read_to_string(&path).unwrap_or_default();
-            if text.lines().count() >= 1 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    for (i, path) in logs.iter().enumerate() {
+        let text = read(path);
         let lines: Vec<&str> = text.lines().collect();
         let own = format!("\"client_ip\":\"{CLIENT_NET_IP}\"");
         assert!(
@@ -67,13 +63,7 @@ fn clients_keep_their_address_while_agents_reach_every_replica() {
         );
         per_replica.push(lines.len());
     }
-    // Lines are written when a connection ends: give the last one a moment.
-    std::thread::sleep(Duration::from_millis(300));
-    let total: usize = (0..2)
-        .map(|i| {
-            std::fs::read_to_string(cluster.pod_dir(i).join("access.log")).unwrap_or_default().lines().count()
-        })
-        .sum();
+    let total: usize = per_replica.iter().sum();
     println!("access log lines per replica: {per_replica:?}, {total} in all");
     assert_eq!(total, 20);
     assert!(per_replica.iter().all(|n| *n > 0), "both replicas took clients: {per_replica:?}");

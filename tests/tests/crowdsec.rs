@@ -6,7 +6,6 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
 use sallyport_tests::{servers, targets, RunningRelay, TestPki};
@@ -46,12 +45,7 @@ async fn crowdsec_bans_the_host_the_relay_keeps_refusing() {
     .expect("clients");
     assert_eq!((refused, served), (8, 2));
     let log = pki.dir().join("access.log");
-    for _ in 0..50 {
-        if std::fs::read_to_string(&log).unwrap_or_default().lines().count() >= 10 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tokio::task::block_in_place(|| servers::wait_for_log(&log, |t| t.lines().count() >= 10));
     agent.stop().await;
     relay.stop().await;
 

@@ -31,9 +31,10 @@ async fn a_client_still_sending_its_body_reads_the_refusal() {
                 stream.write_all(head.as_bytes()).expect("head");
                 let chunk = vec![b'x'; 80_000];
                 let _ = stream.write_all(&chunk);
-                // The relay answers 502 meanwhile; the client goes on with its body, as curl does
-                // after `Expect: 100-continue`, and gives up on the first failed write, as curl does.
-                std::thread::sleep(Duration::from_millis(300));
+                // The relay answers 502 meanwhile (the answer is waiting to be read); the client goes
+                // on with its body, as curl does after `Expect: 100-continue`, and gives up on the
+                // first failed write, as curl does.
+                stream.peek(&mut [0u8; 1]).expect("the relay's answer arrives");
                 let sent = (1..100).try_for_each(|_| stream.write_all(&chunk));
                 assert!(sent.is_ok(), "the whole body went out: {sent:?}");
                 let mut answer = Vec::new();

@@ -8,7 +8,6 @@ use std::{
     io::Write,
     net::SocketAddr,
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use sha2::Digest;
@@ -168,14 +167,7 @@ async fn basic_auth_tokens_bypass_and_forward_auth_guard_web_apps() {
     assert_eq!(refused("admin", "rate_limited"), 2.0, "the 12th guess and the right password after it: {m}");
     assert_eq!(refused("portal", "auth_failed"), 1.0, "{m}");
     let log = pki.dir().join("access.log");
-    let mut text = String::new();
-    for _ in 0..50 {
-        text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.lines().count() >= 23 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let text = tokio::task::block_in_place(|| servers::wait_for_log(&log, |t| t.lines().count() >= 23));
     let users: Vec<&str> = text
         .lines()
         .filter_map(|l| l.split("\"user\":\"").nth(1))

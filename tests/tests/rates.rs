@@ -90,14 +90,10 @@ async fn one_host_over_its_rate_is_refused_while_others_go_through() {
     assert_eq!(limited("web"), count(&codes, "429") as f64, "{m}");
     assert!(limited("dns") >= (20 - flows) as f64, "{m}");
     let log = pki.dir().join("access.log");
-    let mut text = String::new();
-    for _ in 0..50 {
-        text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.matches("\"rate_limited\"").count() >= 20 - tcp + count(&codes, "429") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let limited_lines = 20 - tcp + count(&codes, "429");
+    let text = tokio::task::block_in_place(|| {
+        servers::wait_for_log(&log, |t| t.matches("\"rate_limited\"").count() >= limited_lines)
+    });
     let logged = text.lines().filter(|l| l.contains("\"result\":\"rate_limited\"")).count();
     assert_eq!(logged, 20 - tcp + count(&codes, "429"), "{text}");
     agent.stop().await;
