@@ -119,7 +119,7 @@ impl Lab {
 }
 
 /// Makes namespace `ns` with one link to `home` (`link` on home's side) at `ip`/24, routed via `gw`.
-fn attach(home: &Netns, ns: &Netns, link: &str, ip: Ipv4Addr, gw: Ipv4Addr) {
+pub(super) fn attach(home: &Netns, ns: &Netns, link: &str, ip: Ipv4Addr, gw: Ipv4Addr) {
     sh(&format!("ip netns add {}", ns.name));
     ns.run("ip", &["link", "set", "lo", "up"]);
     sh(&format!("ip link add eth0 netns {} type veth peer name {link} netns {}", ns.name, home.name));
@@ -339,6 +339,17 @@ impl LabCluster {
     /// `[access]`; relative paths land in the pod's folder, [`pod_dir`](Self::pod_dir)) and
     /// `agent_more` after the agent's.
     pub fn start_with(lab: &mut Lab, running: usize, relay_more: &str, agent_more: &str) -> Self {
+        Self::start_keyed(lab, running, ("", relay_more), agent_more)
+    }
+
+    /// [`start_with`](Self::start_with) with `relay_keys` in each relay.toml's `[relay]` table
+    /// (`http_listen`, ...).
+    pub fn start_keyed(
+        lab: &mut Lab,
+        running: usize,
+        (relay_keys, relay_more): (&str, &str),
+        agent_more: &str,
+    ) -> Self {
         let pki = TestPki::with_names(&["relay.lab"]);
         let token = "lab-admin-token-0123456789".to_owned();
         let token_file = lab.dir().join("admin.token");
@@ -350,7 +361,7 @@ impl LabCluster {
             let text = format!(
                 "[relay]\nlisten = \"0.0.0.0:{QUIC}\"\nadmin = \"0.0.0.0:{ADMIN}\"\nca_cert = \"{ca}\"\n\
                  cert = \"{crt}\"\nkey = \"{key}\"\nca_key = \"{cakey}\"\nadmin_token_file = \"{tok}\"\n\
-                 revocations_file = \"revoked.toml\"\ntokens_file = \"tokens.toml\"\n\n\
+                 revocations_file = \"revoked.toml\"\ntokens_file = \"tokens.toml\"\n{relay_keys}\n\n\
                  [cluster]\nwriter = \"relay-0\"\nwriter_peer = \"{writer}\"\n\n\
                  [services.transfer]\nagent = \"winbox\"\nlisten = \"0.0.0.0:{TRANSFER_PORT}\"\n{relay_more}",
                 ca = pki.dir().join("ca.crt").display(),

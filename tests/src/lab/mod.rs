@@ -33,6 +33,7 @@ use crate::process::{binary, Spawned};
 
 mod batch;
 mod cluster;
+mod hosts;
 mod servers;
 mod tunnel;
 pub use batch::{output_text, transfer_spec, TRANSFER_PORT};
@@ -40,6 +41,7 @@ pub use cluster::{
     pod_ip, KubeProxy, LabCluster, Policy, CLIENTS_VIP, CLIENT_NET_IP, PEER, TRANSFER_PORT as CLUSTER_PORT,
     VIP,
 };
+pub use hosts::lan_host_ip;
 pub use servers::postgres_data;
 pub use tunnel::{LabTunnel, TransferReport, TunnelSpec, QUIC_PORT};
 
@@ -128,6 +130,8 @@ pub struct Lab {
     pub pods: Vec<Netns>,
     /// Where homelab clients of a cluster lab run.
     pub client: Option<Netns>,
+    /// More homelab hosts of a cluster lab, each on a network of its own ([`Lab::add_lan_host`]).
+    pub hosts: Vec<Netns>,
     dir: tempfile::TempDir,
     processes: Vec<Spawned>,
 }
@@ -168,6 +172,7 @@ impl Lab {
             wsl: None,
             pods: Vec::new(),
             client: None,
+            hosts: Vec::new(),
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
             processes: Vec::new(),
         };
@@ -295,6 +300,7 @@ impl Lab {
             Role::Wsl => self.wsl.as_ref().expect("a double-NAT lab (Lab::double_nat)"),
             Role::Pod(i) => &self.pods[i],
             Role::Client => self.client.as_ref().expect("a cluster lab (Lab::add_cluster)"),
+            Role::Host(i) => &self.hosts[i],
         }
     }
 
@@ -378,6 +384,8 @@ pub enum Role {
     Pod(usize),
     /// The homelab client network of a cluster lab.
     Client,
+    /// Homelab host `i` beside the client ([`Lab::add_lan_host`]).
+    Host(usize),
 }
 
 impl Drop for Lab {
@@ -385,7 +393,7 @@ impl Drop for Lab {
         for p in &mut self.processes {
             p.kill();
         }
-        let extra = self.wsl.iter().chain(&self.pods).chain(self.client.as_ref());
+        let extra = self.wsl.iter().chain(&self.pods).chain(self.client.as_ref()).chain(&self.hosts);
         for n in [&self.home, &self.router, &self.win].into_iter().chain(extra) {
             let _ = Command::new("ip").args(["netns", "del", &n.name]).status();
         }
