@@ -31,7 +31,14 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(302); self.send_header("Location", "http://auth.home.lan/login?rd=" + target)
         self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
     def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+if len(sys.argv) > 3:
+    # HTTPS with the certificate and key named after the port.
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[2], sys.argv[3])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
 "#;
 
 fn hash(password: &str) -> String {
@@ -188,6 +195,87 @@ async fn basic_auth_tokens_bypass_and_forward_auth_guard_web_apps() {
     let summary = report.lines().find(|l| l.starts_with("Lines:")).unwrap_or_default();
     println!("fail2ban-regex: {summary}");
     assert!(summary.contains("23 lines, 0 ignored, 17 matched"), "{report}");
+    agent.stop().await;
+    relay.stop().await;
+}
+
+/// Forward auth over HTTPS: the auth server's certificate is checked against the service's
+/// `forward_ca`; with it, the redirect and the session pass as over HTTP; a service that trusts
+/// another CA refuses every request (502) instead of asking a server it cannot verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_auth_over_https_checks_the_auth_servers_certificate() {
+    tools_or_skip!("curl", "nginx", "python3");
+    sallyport_tests::init_logging();
+    let upstream = servers::free_port();
+    let _nginx = servers::nginx(&[(
+        upstream,
+        "",
+        "location / { return 200 \"app $request_uri user=$http_remote_user\\n\"; }",
+    )]);
+    let dir = tempfile::tempdir().expect("dir");
+    let (ca, crt, key) = servers::ca_signed(dir.path(), "127.0.0.1");
+    let other = tempfile::tempdir().expect("dir");
+    let (other_ca, ..) = servers::ca_signed(other.path(), "127.0.0.1");
+    let auth_port = servers::free_port();
+    let mut auth_server = Command::new("python3");
+    auth_server.args(["-c", AUTH_SERVER, &auth_port.to_string()]).arg(&crt).arg(&key);
+    let _auth_server = Spawned::start(auth_server);
+    servers::wait_tcp(SocketAddr::from(([127, 0, 0, 1], auth_port)), "auth server");
+    let pki = TestPki::new();
+    let (relay, agent) = RunningRelay::with_winbox(
+        &pki,
+        "http_listen = \"127.0.0.1:0\"",
+        &format!(
+            "[services.portal]\nagent = \"winbox\"\nhosts = [\"portal.home.lan\"]\n\
+             [services.portal.auth]\nforward = \"https://127.0.0.1:{auth_port}/verify\"\nforward_ca = \"{}\"\n\
+             forward_headers = [\"Remote-User\"]\n\
+             [services.stranger]\nagent = \"winbox\"\nhosts = [\"stranger.home.lan\"]\n\
+             [services.stranger.auth]\nforward = \"https://127.0.0.1:{auth_port}/verify\"\nforward_ca = \"{}\"\n",
+            ca.display(),
+            other_ca.display()
+        ),
+        &format!(
+            "[services.portal]\ntarget = \"tcp://127.0.0.1:{upstream}\"\n[services.stranger]\ntarget = \"tcp://127.0.0.1:{upstream}\"\n"
+        ),
+    )
+    .await;
+    let http = relay.http.expect("http listener");
+    let (login, passed, stranger) = tokio::task::spawn_blocking(move || {
+        let ask = |host: &str, args: &[&str]| curl(http, "127.0.0.2", host, "/reports", args);
+        (
+            ask("portal.home.lan", &[]),
+            ask("portal.home.lan", &["-H", "Cookie: session=good"]),
+            ask("stranger.home.lan", &["-H", "Cookie: session=good"]),
+        )
+    })
+    .await
+    .expect("clients");
+    println!(
+        "forward auth over HTTPS: no session {} ({}), a session {} ({}), a service trusting another CA {} ({})",
+        login.0,
+        login.1.trim(),
+        passed.0,
+        passed.1.trim(),
+        stranger.0,
+        stranger.1.trim()
+    );
+    assert_eq!(login.0, "302", "{login:?}");
+    assert!(
+        login.2.contains("location: http://auth.home.lan/login?rd=http://portal.home.lan/reports"),
+        "{login:?}"
+    );
+    assert_eq!((passed.0.as_str(), passed.1.as_str()), ("200", "app /reports user=bob\n"));
+    assert_eq!(stranger.0, "502", "{stranger:?}");
+    // The client reads that the login is unavailable; where and why are the relay's log's.
+    assert!(
+        stranger.1.contains("the login service of \"stranger.home.lan\" cannot be reached"),
+        "{stranger:?}"
+    );
+    assert!(!stranger.1.contains("127.0.0.1") && !stranger.1.contains("app "), "{stranger:?}");
+    let m = relay.metrics().await;
+    let unavailable =
+        metric(&m, "sallyport_refusals_total{listener=\"stranger\",reason=\"auth_unavailable\"}");
+    assert_eq!(unavailable, 1.0, "{m}");
     agent.stop().await;
     relay.stop().await;
 }

@@ -10,12 +10,13 @@
 //!
 //! A password or token is never logged; the user's name (or the token's) is.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use argon2::{
     password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
     Argon2,
 };
+use rustls::pki_types::CertificateDer;
 
 /// A service's gate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,10 +37,74 @@ pub struct Auth {
 /// Forward auth: the URL to ask, and the headers of its answer copied to the request upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
-    /// `http://host:port/path`.
+    /// `http://host:port/path` or `https://…`.
     pub url: String,
     /// Header names, lower-case.
     pub copy_headers: Vec<String>,
+    /// For an `https://` URL: the CAs the auth server's certificate must chain to.
+    pub tls: Option<ForwardTls>,
+}
+
+/// How the relay checks an HTTPS auth server: its certificate must chain to `forward_ca`'s CAs,
+/// or to the system's when the service names none, for the URL's host name (TLS 1.2 or 1.3, no
+/// early data, no client certificate).
+#[derive(Clone)]
+pub struct ForwardTls {
+    /// Where the CAs came from (a file, or the system's store).
+    pub roots_from: String,
+    roots: Vec<CertificateDer<'static>>,
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+impl PartialEq for ForwardTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.roots_from == other.roots_from && self.roots == other.roots
+    }
+}
+
+impl Eq for ForwardTls {}
+
+impl std::fmt::Debug for ForwardTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardTls")
+            .field("roots_from", &self.roots_from)
+            .field("roots", &self.roots.len())
+            .finish()
+    }
+}
+
+impl ForwardTls {
+    /// Trusts the CAs in the PEM file `ca`, or the system's (`SSL_CERT_FILE`, `SSL_CERT_DIR`,
+    /// `/etc/ssl/certs`) when `None`.
+    pub fn new(ca: Option<&Path>) -> Result<Self, AuthError> {
+        let (roots_from, certs) = match ca {
+            Some(path) => {
+                let from = path.display().to_string();
+                let pem = std::fs::read(path)
+                    .map_err(|e| AuthError::ForwardCa(format!("cannot read {from}: {e}")))?;
+                let certs = sallyport_runtime::tls::certs_from_pem(&pem, "forward_ca")
+                    .map_err(|e| AuthError::ForwardCa(format!("{from}: {e}")))?;
+                (from, certs)
+            }
+            None => ("the system's trusted CAs".to_owned(), rustls_native_certs::load_native_certs().certs),
+        };
+        let mut store = rustls::RootCertStore::empty();
+        let (added, _) = store.add_parsable_certificates(certs.iter().cloned());
+        if added == 0 {
+            return Err(AuthError::ForwardCa(match ca {
+                Some(_) => format!("no CA certificate in {roots_from}"),
+                None => "this system has no trusted CAs (SSL_CERT_FILE, SSL_CERT_DIR, /etc/ssl/certs; the relay's image has none): set forward_ca to a PEM file of the CAs to trust".to_owned(),
+            }));
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(sallyport_runtime::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| AuthError::ForwardCa(e.to_string()))?
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.enable_early_data = false;
+        Ok(Self { roots_from, roots: certs, config: Arc::new(config) })
+    }
 }
 
 /// Why a setting of a gate is not usable.
@@ -49,10 +114,10 @@ pub enum AuthError {
     HashFormat(String),
     #[error("a token is written \"sha256:\" and 64 hex digits (its SHA-256: printf %s TOKEN | sha256sum)")]
     TokenFormat,
-    #[error(
-        "{0:?} is not an http:// URL (forward auth asks the auth server over plain HTTP, inside the cluster)"
-    )]
+    #[error("{0:?} is not an http:// or https:// URL with a host")]
     ForwardUrl(String),
+    #[error("{0}")]
+    ForwardCa(String),
     #[error("the system gave no random numbers for a salt")]
     Random,
     #[error("cannot hash the password: {0}")]
@@ -75,14 +140,19 @@ pub fn parse_token(text: &str) -> Result<[u8; 32], AuthError> {
     bytes.try_into().map_err(|_| AuthError::TokenFormat)
 }
 
-/// Checks a forward-auth URL: `http://host[:port][/path]`.
-pub fn check_forward_url(url: &str) -> Result<(), AuthError> {
+/// Checks a forward-auth URL: `http://host[:port][/path]` or `https://…`; whether it is HTTPS.
+pub fn check_forward_url(url: &str) -> Result<bool, AuthError> {
     let bad = || AuthError::ForwardUrl(url.to_owned());
     let uri: hyper::Uri = url.parse().map_err(|_| bad())?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) {
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(bad()),
+    };
+    if uri.host().is_none_or(str::is_empty) {
         return Err(bad());
     }
-    Ok(())
+    Ok(https)
 }
 
 /// An argon2id hash of `password` with a new random salt (the crate's default parameters).
@@ -159,8 +229,9 @@ mod tests {
         assert!(check_hash("hunter2").is_err());
         assert_eq!(parse_token("secret"), Err(AuthError::TokenFormat));
         assert_eq!(parse_token("sha256:abcd"), Err(AuthError::TokenFormat));
-        check_forward_url("http://authelia.auth.svc:9091/api/verify").expect("http");
-        for bad in ["https://auth.home.lan/verify", "ftp://x/", "authelia:9091", "http:///x"] {
+        assert_eq!(check_forward_url("http://authelia.auth.svc:9091/api/verify"), Ok(false));
+        assert_eq!(check_forward_url("https://auth.home.lan/api/verify"), Ok(true));
+        for bad in ["ftp://x/", "authelia:9091", "http:///x", "https:///x"] {
             assert!(check_forward_url(bad).is_err(), "{bad}");
         }
         // The fixed hash for unknown users parses.

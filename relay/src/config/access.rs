@@ -57,8 +57,6 @@ pub(crate) struct RawServiceAccess {
     pub(crate) auth: Option<super::auth::RawAuth>,
     pub(crate) bandwidth: Option<String>,
     pub(crate) bandwidth_burst: Option<String>,
-    /// Whether the service carries streams the relay splices (TCP, HTTPS): where caps hold.
-    pub(crate) spliced: bool,
 }
 
 /// Who may reach what.
@@ -91,7 +89,7 @@ pub struct ServiceAccess {
     pub requests: Option<Rate>,
     /// HTTP services: the login in front (`[services.NAME.auth]`).
     pub auth: Option<std::sync::Arc<Auth>>,
-    /// TCP and HTTPS services: bytes per second each way (`bandwidth`, `bandwidth_burst`).
+    /// Bytes per second each way (`bandwidth`, `bandwidth_burst`).
     pub bandwidth: Option<ByteRate>,
 }
 
@@ -252,13 +250,10 @@ impl Access {
             let bandwidth = match (raw.bandwidth.as_deref(), raw.bandwidth_burst.as_deref()) {
                 (None, None) => None,
                 (None, Some(_)) => {
-                    return Err(ConfigError::invalid(path, format!("{section}.bandwidth_burst"), "a burst needs a cap: set bandwidth"))
-                }
-                (Some(_), _) if !raw.spliced => {
                     return Err(ConfigError::invalid(
                         path,
-                        format!("{section}.bandwidth"),
-                        "bandwidth caps hold on TCP (listen) and HTTPS (sni) services only, not yet on HTTP or UDP",
+                        format!("{section}.bandwidth_burst"),
+                        "a burst needs a cap: set bandwidth",
                     ))
                 }
                 (Some(rate), burst) => Some(super::bandwidth::parse(

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::Path};
 use sallyport_runtime::config::ConfigError;
 use serde::Deserialize;
 
-use crate::access::auth::{self, Auth, Forward};
+use crate::access::auth::{self, Auth, Forward, ForwardTls};
 
 /// The gate as written.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -21,6 +21,7 @@ pub(crate) struct RawAuth {
     forward: Option<String>,
     #[serde(default)]
     forward_headers: Vec<String>,
+    forward_ca: Option<std::path::PathBuf>,
     #[serde(default)]
     bypass: Vec<String>,
 }
@@ -76,6 +77,13 @@ impl RawAuth {
             }
         };
         let forward = match self.forward {
+            None if self.forward_ca.is_some() => {
+                return Err(ConfigError::invalid(
+                    path,
+                    key("forward_ca"),
+                    "the CAs check a forward auth server: set forward",
+                ))
+            }
             None if !self.forward_headers.is_empty() => {
                 return Err(ConfigError::invalid(
                     path,
@@ -85,8 +93,25 @@ impl RawAuth {
             }
             None => None,
             Some(url) => {
-                auth::check_forward_url(&url)
+                let https = auth::check_forward_url(&url)
                     .map_err(|e| ConfigError::invalid(path, key("forward"), e.to_string()))?;
+                let tls =
+                    match (https, &self.forward_ca) {
+                        (false, None) => None,
+                        (false, Some(_)) => return Err(ConfigError::invalid(
+                            path,
+                            key("forward_ca"),
+                            "the CAs are for checking an https:// forward URL's server; this one is http://",
+                        )),
+                        (true, ca) => {
+                            let ca = ca.as_deref().map(|ca| sallyport_runtime::config::resolve(path, ca));
+                            let which = if ca.is_some() { "forward_ca" } else { "forward" };
+                            Some(
+                                ForwardTls::new(ca.as_deref())
+                                    .map_err(|e| ConfigError::invalid(path, key(which), e.to_string()))?,
+                            )
+                        }
+                    };
                 let mut copy_headers = Vec::new();
                 for h in &self.forward_headers {
                     let lower = h.to_ascii_lowercase();
@@ -99,7 +124,7 @@ impl RawAuth {
                     }
                     copy_headers.push(lower);
                 }
-                Some(Forward { url, copy_headers })
+                Some(Forward { url, copy_headers, tls })
             }
         };
         for prefix in &self.bypass {

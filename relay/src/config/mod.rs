@@ -253,7 +253,6 @@ impl Config {
                 auth: s.auth,
                 bandwidth: s.bandwidth,
                 bandwidth_burst: s.bandwidth_burst,
-                spliced: matches!(listen, Listen::Tcp(_) | Listen::Https(_)),
             };
             access.insert(name.clone(), (raw_access, matches!(listen, Listen::Http(_))));
             services.insert(name.clone(), Service { name, agent, listen, load_balancer_ip, idle_timeout });
@@ -588,9 +587,20 @@ listen = "0.0.0.0:1433"
                 && bad.contains("is not an argon2 password hash"),
             "{bad}"
         );
-        let bad = e("", &web("forward = \"https://auth.home.lan/verify\""));
+        let bad = e("", &web("forward = \"ftp://auth.home.lan/verify\""));
         assert!(
-            bad.contains("key `services.web.auth.forward`") && bad.contains("is not an http:// URL"),
+            bad.contains("key `services.web.auth.forward`")
+                && bad.contains("is not an http:// or https:// URL"),
+            "{bad}"
+        );
+        let bad = e("", &web("forward = \"http://auth:9091/\"\nforward_ca = \"ca.pem\""));
+        assert!(
+            bad.contains("key `services.web.auth.forward_ca`: the CAs are for checking an https://"),
+            "{bad}"
+        );
+        let bad = e("", &web("forward = \"https://auth.home.lan/\"\nforward_ca = \"no-such-ca.pem\""));
+        assert!(
+            bad.contains("key `services.web.auth.forward_ca`: cannot read") && bad.contains("no-such-ca.pem"),
             "{bad}"
         );
         let bad = e("", &web("tokens = { ci = \"hunter2\" }"));
@@ -599,7 +609,7 @@ listen = "0.0.0.0:1433"
         assert!(bad.contains("key `services.web.auth`: set users, tokens or forward"), "{bad}");
         let bad = e("", "[services.mssql.auth]\nforward = \"http://auth:9091/\"");
         assert!(bad.contains("key `services.mssql.auth`: a login goes in front of HTTP services"), "{bad}");
-        // Bandwidth: on TCP and HTTPS services and per agent, in bytes per second.
+        // Bandwidth: on every kind of service and per agent, in bytes per second.
         let capped = with("[access]\nagent_bandwidth = { winbox = \"50MiB\" }", "bandwidth = \"2MiB\"")
             .expect("valid");
         assert_eq!(
@@ -613,11 +623,10 @@ listen = "0.0.0.0:1433"
         assert!(bad.contains("key `services.mssql.bandwidth`: \"100\" is out of range 1KiB..4GiB"), "{bad}");
         let bad = e("", "bandwidth_burst = \"1MiB\"");
         assert!(bad.contains("key `services.mssql.bandwidth_burst`: a burst needs a cap"), "{bad}");
-        let bad = e("", "[services.web]\nagent = \"winbox\"\nhosts = [\"app\"]\nbandwidth = \"1MiB\"");
-        assert!(
-            bad.contains("key `services.web.bandwidth`: bandwidth caps hold on TCP (listen) and HTTPS"),
-            "{bad}"
-        );
+        let web_capped =
+            with("", "[services.web]\nagent = \"winbox\"\nhosts = [\"app\"]\nbandwidth = \"1MiB\"")
+                .expect("every kind takes a cap");
+        assert_eq!(web_capped.access.bandwidth("web").map(|b| b.per_second.get()), Some(1 << 20));
         // The log's destination needs a restart; the rules do not.
         let stdout = with("[access]\nlog = \"stdout\"", "").expect("valid");
         let refusal = c.reload_refusal(&stdout).expect("refused").to_string();

@@ -66,6 +66,17 @@ impl Exposure {
             tunnel_handoff,
         }
     }
+
+    /// The bandwidth buckets a new connection (or UDP flow) of `service` passes, each way; `None`
+    /// when neither the service nor its agent has a cap.
+    pub(crate) fn pace(&self, service: &Service) -> Option<sallyport_runtime::pace::Pace> {
+        let config = self.config.get();
+        let access = &config.access;
+        self.bandwidth.pace(
+            (&service.name, access.bandwidth(&service.name)),
+            (&service.agent, access.agent_bandwidth(&service.agent)),
+        )
+    }
 }
 
 /// A service as the listeners serve it: its definition, and the token that ends its connections

@@ -173,14 +173,7 @@ pub(crate) async fn carry(
         }
     };
     let activity = Activity::default();
-    let pace = {
-        let config = exposure.config.get();
-        let access = &config.access;
-        exposure.bandwidth.pace(
-            (&service.name, access.bandwidth(&service.name)),
-            (&service.agent, access.agent_bandwidth(&service.agent)),
-        )
-    };
+    let pace = exposure.pace(service);
     let pace = pace.as_ref();
     let spliced = match service.idle_timeout {
         None => splice_paced(&mut stream, &mut send, &mut recv, Side::Relay, None, pace).await,

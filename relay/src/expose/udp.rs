@@ -8,7 +8,8 @@
 //! a flood of new sources cannot push out the established flows of other clients (see
 //! `sallyport_runtime::flows`).
 //! A datagram too large for the tunnel's datagram size is counted and dropped, and so is one from
-//! an address the service's access rules refuse.
+//! an address the service's access rules refuse, and one over the bandwidth cap of the service or
+//! its agent (checked against the caps in force when its flow opened).
 
 use std::{
     net::SocketAddr,
@@ -18,7 +19,10 @@ use std::{
 
 use bytes::BytesMut;
 use sallyport_proto::datagram::{Datagram, MAX_OPEN_OVERHEAD};
-use sallyport_runtime::flows::{source_prefix, FlowTable};
+use sallyport_runtime::{
+    flows::{source_prefix, FlowTable},
+    pace::take_now,
+};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -115,7 +119,7 @@ pub(crate) async fn serve(
         let flow = match table.get(&client) {
             Some(flow) => flow.clone(),
             None => {
-                let flow = flows.open(client, tunnel, &socket, service);
+                let flow = flows.open(client, tunnel, &socket, service, exposure.pace(service));
                 if let Some((_, old)) = table.insert(client, flow.clone()) {
                     flows.lock().remove(&old.id);
                     metrics.refused(&service.name, "flow_evicted");
@@ -124,6 +128,10 @@ pub(crate) async fn serve(
                 flow
             }
         };
+        if flow.pace.as_ref().is_some_and(|pace| !take_now(&pace.up, len)) {
+            metrics.refused(&service.name, "bandwidth");
+            continue;
+        }
         flow.client_spoke(len);
         if flow.tunnel.swap(tunnel, Ordering::Relaxed) != tunnel {
             flow.confirmed.store(false, Ordering::Relaxed);

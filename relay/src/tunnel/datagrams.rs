@@ -17,6 +17,7 @@ use std::{
 use sallyport_proto::datagram::Datagram;
 use sallyport_runtime::{
     flows::{Activity, Tracked},
+    pace::{take_now, Pace},
     sync::lock,
 };
 use tokio::net::UdpSocket;
@@ -44,6 +45,8 @@ pub(crate) struct FlowState {
     /// Bytes from the client, and to it, while it has sent one datagram only.
     pub(crate) received: AtomicU64,
     pub(crate) sent: AtomicU64,
+    /// The bandwidth caps of its service and agent when it opened: a datagram over one is dropped.
+    pub(crate) pace: Option<Pace>,
 }
 
 /// What a flow whose client has spoken once may be sent, at most, for each byte it sent (as QUIC
@@ -135,6 +138,7 @@ impl FlowRoutes {
         tunnel: u64,
         socket: &Arc<UdpSocket>,
         service: &Arc<Service>,
+        pace: Option<Pace>,
     ) -> Arc<FlowState> {
         let mut by_id = self.lock();
         let id = loop {
@@ -152,6 +156,7 @@ impl FlowRoutes {
             from_client: AtomicU32::new(0),
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
+            pace,
         });
         by_id.insert(id, Route { flow: flow.clone(), socket: socket.clone(), service: service.clone() });
         flow
@@ -208,6 +213,10 @@ pub(crate) async fn from_agent(
             metrics.refused(&service.name, "amplification_limit");
             continue;
         }
+        if flow.pace.as_ref().is_some_and(|pace| !take_now(&pace.down, payload.len())) {
+            metrics.refused(&service.name, "bandwidth");
+            continue;
+        }
         match socket.send_to(payload, flow.client).await {
             Ok(_) => metrics.udp_datagram(&service.name, false),
             Err(e) => {
@@ -232,6 +241,7 @@ mod tests {
             from_client: AtomicU32::new(0),
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
+            pace: None,
         }
     }
 

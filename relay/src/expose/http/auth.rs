@@ -120,7 +120,13 @@ pub(super) async fn gate(
                 logins.failed(host_key);
                 Verdict::Refused(answer, "auth_failed")
             }
-            Err(e) => Verdict::Refused(page(StatusCode::BAD_GATEWAY, &e.to_string()), "auth_failed"),
+            // The auth server's trouble is not the client's failure (fail2ban does not count it),
+            // and its address and reason are the operator's to read, in the relay's log.
+            Err(e) => {
+                sallyport_runtime::limited!(warn, service, error = %e, "forward auth: no answer from the auth server");
+                let text = format!("the login service of {host:?} cannot be reached");
+                Verdict::Refused(page(StatusCode::BAD_GATEWAY, &text), "auth_unavailable")
+            }
         };
     }
     let blocked = logins.failed(host_key);
@@ -269,10 +275,28 @@ enum ForwardError {
     Connect { addr: String, source: std::io::Error },
     #[error("the auth server {addr}: {source}")]
     Http { addr: String, source: hyper::Error },
+    #[error(
+        "the auth server {addr} failed its TLS handshake (its certificate checked against {roots}): {source}"
+    )]
+    Tls { addr: String, roots: String, source: std::io::Error },
     #[error("the auth server's answer: {0}")]
     Body(Box<dyn std::error::Error + Send + Sync>),
     #[error("the auth server {0} did not answer within {FORWARD_TIMEOUT:?}")]
     Timeout(String),
+}
+
+/// One request on a new HTTP/1.1 connection over `io`, whose driver runs on `tasks`.
+async fn exchange<T>(
+    io: T,
+    ask: Request<Full<Bytes>>,
+    tasks: &tokio_util::task::TaskTracker,
+) -> Result<Response<Incoming>, hyper::Error>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    tasks.spawn(conn);
+    sender.send_request(ask).await
 }
 
 /// Asks the auth server about `req`.
@@ -284,7 +308,8 @@ async fn ask(
 ) -> Result<Asked, ForwardError> {
     let uri: hyper::Uri = forward.url.parse().map_err(|_| ForwardError::Url)?;
     let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
-    let addr = if uri.port().is_some() { authority.clone() } else { format!("{authority}:80") };
+    let default_port = if forward.tls.is_some() { 443 } else { 80 };
+    let addr = if uri.port().is_some() { authority.clone() } else { format!("{authority}:{default_port}") };
     let mut ask = Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(header::HOST, authority.as_str())
         .header("x-forwarded-method", req.method().as_str())
@@ -303,10 +328,24 @@ async fn ask(
         let stream = tokio::net::TcpStream::connect(&addr)
             .await
             .map_err(|source| ForwardError::Connect { addr: addr.clone(), source })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
-        tasks.spawn(conn);
-        let response = sender.send_request(ask).await.map_err(http)?;
+        let response = match &forward.tls {
+            None => exchange(TokioIo::new(stream), ask, tasks).await.map_err(http)?,
+            Some(tls) => {
+                // The URL's host is the name the certificate must carry (an IP address too).
+                let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|_| ForwardError::Url)?;
+                let stream = tokio_rustls::TlsConnector::from(tls.config.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|source| ForwardError::Tls {
+                        addr: addr.clone(),
+                        roots: tls.roots_from.clone(),
+                        source,
+                    })?;
+                exchange(TokioIo::new(stream), ask, tasks).await.map_err(http)?
+            }
+        };
         let (parts, body) = response.into_parts();
         let body = Limited::new(body, FORWARD_BODY).collect().await.map_err(ForwardError::Body)?;
         Ok::<_, ForwardError>((parts, body.to_bytes()))

@@ -33,7 +33,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
 use self::{
@@ -265,7 +265,7 @@ async fn forward(
         carry_upgrade(req, &connection, service, peer, &http.exposure, client.lease.clone(), retired.clone())
             .await
     } else {
-        carry(req, &connection, service, peer, pool, &http.exposure.runtime.clients).await
+        carry(req, &connection, service, peer, pool, &http.exposure).await
     };
     // A tunnel that died under the request (its agent went silent, or the path went dark): the
     // service is unavailable, and the page says why.
@@ -289,7 +289,7 @@ async fn carry(
     service: &Arc<Service>,
     peer: SocketAddr,
     pool: &Pool,
-    tasks: &TaskTracker,
+    exposure: &Exposure,
 ) -> Result<Response<Body>, Failure> {
     let key = service.name.clone();
     let tunnel = connection.stable_id();
@@ -297,7 +297,7 @@ async fn carry(
     while let Some(request) = req.take() {
         let (mut sender, reused) = match pool.take(&key, tunnel) {
             Some(sender) => (sender, true),
-            None => (connect(connection, service, peer, false, tasks).await?, false),
+            None => (connect(connection, service, peer, false, exposure).await?, false),
         };
         match sender.try_send_request(request).await {
             Ok(mut response) => {
@@ -327,7 +327,7 @@ async fn carry_upgrade(
 ) -> Result<Response<Body>, Failure> {
     let client_side = hyper::upgrade::on(&mut req);
     let idle = service.idle_timeout;
-    let mut sender = connect(connection, service, peer, true, &exposure.runtime.clients).await?;
+    let mut sender = connect(connection, service, peer, true, exposure).await?;
     let mut response = sender.send_request(req).await.map_err(|e| Failure::bad_gateway(reason_of(&e)))?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let target_side = hyper::upgrade::on(&mut response);

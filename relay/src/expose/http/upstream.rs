@@ -11,30 +11,38 @@ use std::{
 use hyper::{body::Incoming, client::conn::http1 as client};
 use hyper_util::rt::TokioIo;
 use sallyport_proto::Answer;
-use sallyport_runtime::link::{RecvStream, SendStream};
+use sallyport_runtime::{
+    link::{RecvStream, SendStream},
+    pace::Paced,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, info_span, Instrument};
 
 use hyper::StatusCode;
 
 use crate::metrics::Outcome;
-use crate::{config::Service, tunnel::streams};
+use crate::{config::Service, expose::Exposure, tunnel::streams};
 
 /// A new HTTP/1.1 connection to the service's target, carried on a new data stream.
+/// Its bytes each way pass the bandwidth caps of the service and its agent.
 pub(super) async fn connect(
     connection: &sallyport_runtime::link::Connection,
     service: &Service,
     peer: SocketAddr,
     upgrades: bool,
-    tasks: &tokio_util::task::TaskTracker,
+    exposure: &Exposure,
 ) -> Result<client::SendRequest<Incoming>, Failure> {
+    let tasks = &exposure.runtime.clients;
     let (send, recv) = streams::open(connection, service, peer, &[])
         .await
         .map_err(|e| Failure::bad_gateway(format!("cannot open a stream to the agent: {e}")))?;
     // A client that stops reading a response holds the stream's window; cut beyond the tunnel's
     // share of stalled streams, the connection goes and its client's response fails.
     let cut = recv.stall_cut().unwrap_or_default();
-    let io = TokioIo::new(AgentStream { send, recv, answered: false, failed: None });
+    let io = TokioIo::new(Paced::new(
+        AgentStream { send, recv, answered: false, failed: None },
+        exposure.pace(service),
+    ));
     let (sender, conn) = client::Builder::new()
         .handshake(io)
         .await
