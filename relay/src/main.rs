@@ -196,6 +196,7 @@ enum TokenCommand {
 
 fn main() -> std::process::ExitCode {
     cli::small_pages();
+    sallyport_runtime::allocator::return_freed_memory_soon();
     cli::exit_on_error(run(Cli::parse()))
 }
 

@@ -20,12 +20,15 @@
 //!   [`logs`]: log budgets.
 //! - [`flows`]: the idle-flow table (UDP flows on both sides) and its activity stamps;
 //!   [`watched`]: an IO object that stamps activity, for idle timeouts of plain copies.
+//! - [`allocator`]: how soon freed memory goes back to the system.
 //! - [`durable`]: flushing a rename's directory, writing a private file.
 //! - [`addr`], [`clock`], [`hex`], [`sync`]: the unspecified address of a family, Unix seconds,
 //!   lowercase hex, and the one way to treat a poisoned lock.
-#![forbid(unsafe_code)]
+// deny, not forbid: the allocator's settings (allocator.rs) are the one module that calls C.
+#![deny(unsafe_code)]
 
 pub mod addr;
+pub mod allocator;
 pub mod cli;
 pub mod clock;
 pub mod compare;
