@@ -133,8 +133,8 @@ impl Access {
         }
     }
 
-    /// What the status page says of who may reach `service`: its rules, then `login` and `rate`
-    /// when it has them (`own:2,login,rate`: one word).
+    /// What the status page says of who may reach `service`: its rules, then `login`, `rate` and
+    /// `cap` (a bandwidth cap of its own) when it has them (`own:2,login,rate,cap`: one word).
     pub fn summary(&self, service: &str) -> String {
         let mut words = vec![self.describe(service)];
         if self.auth(service).is_some() {
@@ -144,6 +144,9 @@ impl Access {
             || self.rate(service, Counted::Requests).is_some()
         {
             words.push("rate".into());
+        }
+        if self.bandwidth(service).is_some() {
+            words.push("cap".into());
         }
         words.join(",")
     }

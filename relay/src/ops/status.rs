@@ -38,8 +38,8 @@ pub(crate) struct AgentRow {
 #[derive(Debug)]
 pub(crate) struct ServiceRow {
     pub name: String,
-    /// Who may reach it: its rules (`own:N`, `default:N`, `open`), then `login` and `rate` when it
-    /// has them.
+    /// Who may reach it: its rules (`own:N`, `default:N`, `open`), then `login`, `rate` and `cap`
+    /// when it has them.
     pub access: String,
     pub agent: String,
     pub listen: String,
