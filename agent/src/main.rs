@@ -103,7 +103,6 @@ enum ServiceCommand {
 
 fn main() -> std::process::ExitCode {
     cli::small_pages();
-    sallyport_runtime::allocator::return_freed_memory_soon();
     cli::exit_on_error(run(Cli::parse()))
 }
 
