@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use sallyport_tests::{
-    lab::{LabCluster, Netns, Policy, Role, CLIENT_NET_IP, WIN_IP},
+    lab::{lan_host_ip, Lab, LabCluster, Netns, Policy, Role, CLIENT_NET_IP, WIN_IP},
     lab_or_skip, tools_or_skip,
 };
 
@@ -21,6 +21,49 @@ fn greeted(client: &Netns, from: &str, to: std::net::Ipv4Addr) -> bool {
         "import socket, sys\ns = socket.create_connection(('{to}', {PORT}), timeout=2, source_address=('{from}', 0))\nsys.exit(0 if s.recv(1) else 1)"
     );
     client.output("python3", &["-c", &script]).status.success()
+}
+
+/// Starts Debian's fail2ban-server in `role`'s namespace with Debian's configuration, the shipped
+/// jail `jail` and its filters, and `lab_keys` added to the jail (the log's path, ...; the poller
+/// always); waits until the jail runs and returns the server's socket.
+fn start_fail2ban(lab: &mut Lab, role: Role, (jail, filters): (&str, &[&str]), lab_keys: &str) -> String {
+    let conf = lab.dir().join(format!("fail2ban-{jail}"));
+    let copied = std::process::Command::new("cp").args(["-r", "/etc/fail2ban"]).arg(&conf).status();
+    assert!(copied.is_ok_and(|s| s.success()));
+    let _ = std::fs::remove_file(conf.join("jail.d/defaults-debian.conf"));
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/fail2ban");
+    for filter in filters {
+        let file = format!("filter.d/{filter}.conf");
+        std::fs::copy(deploy.join(&file), conf.join(&file)).expect("filter");
+    }
+    let file = format!("jail.d/{jail}.local");
+    std::fs::copy(deploy.join(&file), conf.join(&file)).expect("jail");
+    std::fs::write(conf.join("jail.d/zz-lab.local"), format!("[{jail}]\n{lab_keys}backend = polling\n"))
+        .expect("lab jail");
+    let run = lab.dir().join(format!("f2b-{jail}"));
+    std::fs::create_dir_all(&run).expect("run dir");
+    std::fs::write(conf.join("fail2ban.local"), "[Definition]\ndbfile = :memory:\n").expect("fail2ban.local");
+    let (socket, pid) = (run.join("f2b.sock"), run.join("f2b.pid"));
+    let server = lab.spawn_program(
+        role,
+        "fail2ban-server",
+        &[
+            "-f",
+            "-x",
+            "-c",
+            &conf.display().to_string(),
+            "-s",
+            &socket.display().to_string(),
+            "-p",
+            &pid.display().to_string(),
+            "--logtarget",
+            "stderr",
+            "--loglevel",
+            "INFO",
+        ],
+    );
+    lab.process(server).wait_line(&format!("Jail '{jail}' started"), Duration::from_secs(30));
+    socket.display().to_string()
 }
 
 #[test]
@@ -45,42 +88,12 @@ fn fail2ban_bans_a_refused_host_in_the_pods_firewall_while_another_keeps_working
 
     // fail2ban in the pod's namespace: Debian's configuration, the shipped filter and jail, and
     // what the lab changes (the log's path, the port, the poller).
-    let conf = lab.dir().join("fail2ban");
-    let copied = std::process::Command::new("cp").args(["-r", "/etc/fail2ban"]).arg(&conf).status();
-    assert!(copied.is_ok_and(|s| s.success()));
-    let _ = std::fs::remove_file(conf.join("jail.d/defaults-debian.conf"));
-    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/fail2ban");
-    std::fs::copy(deploy.join("filter.d/sallyport.conf"), conf.join("filter.d/sallyport.conf"))
-        .expect("filter");
-    std::fs::copy(deploy.join("jail.d/sallyport.local"), conf.join("jail.d/sallyport.local")).expect("jail");
-    std::fs::write(
-        conf.join("jail.d/zz-lab.local"),
-        format!("[sallyport]\nlogpath = {}\nport = {PORT}\nbackend = polling\n", log.display()),
-    )
-    .expect("lab jail");
-    let run = lab.dir().join("f2b");
-    std::fs::create_dir_all(&run).expect("run dir");
-    std::fs::write(conf.join("fail2ban.local"), "[Definition]\ndbfile = :memory:\n").expect("fail2ban.local");
-    let (socket, pid) = (run.join("f2b.sock"), run.join("f2b.pid"));
-    let server = lab.spawn_program(
+    let socket = start_fail2ban(
+        &mut lab,
         Role::Pod(0),
-        "fail2ban-server",
-        &[
-            "-f",
-            "-x",
-            "-c",
-            &conf.display().to_string(),
-            "-s",
-            &socket.display().to_string(),
-            "-p",
-            &pid.display().to_string(),
-            "--logtarget",
-            "stderr",
-            "--loglevel",
-            "INFO",
-        ],
+        ("sallyport", &["sallyport"]),
+        &format!("logpath = {}\nport = {PORT}\n", log.display()),
     );
-    lab.process(server).wait_line("Jail 'sallyport' started", Duration::from_secs(30));
 
     let clients = policy.clients_vip();
     let client = lab.client.as_ref().expect("the client network");
@@ -91,8 +104,7 @@ fn fail2ban_bans_a_refused_host_in_the_pods_firewall_while_another_keeps_working
     // fail2ban reads the refusals and bans the host in the pod's firewall.
     let pod = &lab.pods[0];
     let banned = loop {
-        let status =
-            pod.output("fail2ban-client", &["-s", &socket.display().to_string(), "status", "sallyport"]);
+        let status = pod.output("fail2ban-client", &["-s", &socket, "status", "sallyport"]);
         let text = String::from_utf8_lossy(&status.stdout).into_owned();
         if text.contains(&CLIENT_NET_IP.to_string()) || started.elapsed() > Duration::from_secs(20) {
             break text;
@@ -117,4 +129,90 @@ fn fail2ban_bans_a_refused_host_in_the_pods_firewall_while_another_keeps_working
         "the ban holds at the firewall: the relay never sees the banned host"
     );
     assert!(greeted(client, OTHER_HOST, clients), "the other host is still served");
+}
+
+/// The kubelet's part, emulated: the relay's stdout lines that are access log lines (JSON; its own
+/// log goes to stderr as text) appended to the node's container log file in the CRI format
+/// (`TIME stdout F LINE`, the time with nanoseconds).
+fn kubelet_writes(lines: &[String], log: &std::path::Path) -> usize {
+    let mut text = String::new();
+    for line in lines.iter().filter(|l| l.starts_with("{\"time\":\"")) {
+        let time = line.split('"').nth(3).expect("the line's time");
+        text.push_str(&format!("{}000000Z stdout F {line}\n", time.trim_end_matches('Z')));
+    }
+    let mut file = std::fs::OpenOptions::new().append(true).open(log).expect("container log");
+    std::io::Write::write_all(&mut file, text.as_bytes()).expect("append");
+    text.lines().count()
+}
+
+/// The ban in k3s itself: the relay writes its access log to stdout, the node keeps it as the
+/// kubelet does, and Debian's fail2ban on the node (the namespace holding the clients' address and
+/// kube-proxy's DNAT) with the shipped k3s filter and jail bans the refused host in the node's
+/// FORWARD chain; a host on another network and the agent's tunnel keep working.
+#[test]
+fn fail2ban_on_the_node_bans_from_the_kubelets_log_in_the_forward_chain() {
+    tools_or_skip!("fail2ban-server", "fail2ban-client");
+    let mut lab = lab_or_skip!();
+    let policy = Policy::Split;
+    lab.add_cluster(1, &policy);
+    let other = lab.add_lan_host();
+    let relay_more = format!(
+        "[services.rdp]\nagent = \"winbox\"\nlisten = \"0.0.0.0:{PORT}\"\n\
+         [access]\ndefault = [\"deny {CLIENT_NET_IP}\", \"allow all\"]\nlog = \"stdout\"\n"
+    );
+    let agent_more = format!("[services.rdp]\ntarget = \"tcp://{WIN_IP}:{TARGET}\"\n");
+    let listen = format!("{WIN_IP}:{TARGET}");
+    let greeter = lab.spawn_binary(Role::Win, "sallyport-labtool", &["greeter", "--listen", &listen]);
+    lab.process(greeter).wait_line("greeter listening", Duration::from_secs(10));
+    let cluster = LabCluster::start_with(&mut lab, 1, &relay_more, &agent_more);
+    let relay = cluster.relays[0].expect("relay-0 runs");
+    let containers = lab.dir().join("var-log-containers");
+    std::fs::create_dir_all(&containers).expect("dir");
+    let log = containers.join("sallyport-relay-0_sallyport_relay-4f1c2e.log");
+    std::fs::write(&log, "").expect("the container log exists before fail2ban watches it");
+    let logpath = containers.join("sallyport-relay-*_sallyport_relay-*.log");
+    let socket = start_fail2ban(
+        &mut lab,
+        Role::Home,
+        ("sallyport-k3s", &["sallyport", "sallyport-k3s"]),
+        &format!("logpath = {}\n", logpath.display()),
+    );
+
+    let clients = policy.clients_vip();
+    let second = lan_host_ip(other).to_string();
+    assert!(greeted(lab.ns(Role::Host(other)), &second, clients), "the other host is served");
+    let first = CLIENT_NET_IP.to_string();
+    let refused = (0..6).filter(|_| !greeted(lab.ns(Role::Client), &first, clients)).count();
+    assert_eq!(refused, 6, "the refused host is reset by the rules");
+    let started = Instant::now();
+    let mut seen = 0;
+    let banned = loop {
+        let lines = lab.process(relay).drain().to_vec();
+        kubelet_writes(&lines[seen..], &log);
+        seen = lines.len();
+        let status = lab.home.output("fail2ban-client", &["-s", &socket, "status", "sallyport-k3s"]);
+        let text = String::from_utf8_lossy(&status.stdout).into_owned();
+        if text.contains(&first) || started.elapsed() > Duration::from_secs(20) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "banned on the node after {:?}: {}",
+        started.elapsed(),
+        banned.lines().filter(|l| l.contains("Banned IP")).collect::<Vec<_>>().join("")
+    );
+    assert!(banned.contains(&format!("Banned IP list:\t{first}")), "{banned}");
+    let rules = lab.home.run("iptables", &["-S"]);
+    assert!(rules.contains("-A FORWARD -p tcp -j f2b-sallyport-k3s"), "{rules}");
+    assert!(rules.contains(&format!("-A f2b-sallyport-k3s -s {first}/32 -j REJECT")), "{rules}");
+
+    // The banned host no longer reaches the pod; the other host and the agent's tunnel go on.
+    assert!(!greeted(lab.ns(Role::Client), &first, clients), "the banned host is refused");
+    assert!(greeted(lab.ns(Role::Host(other)), &second, clients), "the other host is still served");
+    let lines = lab.process(relay).drain().to_vec();
+    let from_banned =
+        lines[seen..].iter().filter(|l| l.contains(&format!("\"client_ip\":\"{first}\""))).count();
+    assert_eq!(from_banned, 0, "the ban holds at the node: the relay never sees the banned host");
+    assert!(cluster.agent_connected_at(&lab, 0), "the agent's tunnel goes on");
 }
