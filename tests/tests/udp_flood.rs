@@ -18,7 +18,7 @@ async fn a_spoofed_flood_spread_over_prefixes_does_not_single_out_dns_clients() 
     let pki = TestPki::new();
     let (relay, agent) = RunningRelay::with_winbox(
         &pki,
-        "udp_max_flows = 512\nudp_flow_idle = \"120s\"",
+        "udp_max_flows = 256\nudp_flow_idle = \"120s\"",
         "[services.dns]\nagent = \"winbox\"\nudp = \"127.0.0.1:0\"\n",
         &format!("[services.dns]\ntarget = \"udp://{}\"\n", dns.addr),
     )
@@ -29,8 +29,9 @@ async fn a_spoofed_flood_spread_over_prefixes_does_not_single_out_dns_clients() 
     };
     assert_eq!(tokio::task::spawn_blocking(ask).await.expect("ask"), Some(Ipv4Addr::new(10, 9, 8, 7)));
 
-    // 9,000 sources, each alone in its /24, at 3,000 a second: the table of 512 turns over six
-    // times a second.
+    // 9,000 sources, each alone in its /24, at 1,500 a second: the table of 256 turns over six
+    // times a second. (At 3,000 a second against 512, a dev build sharing two cores with the
+    // suite fell behind: answers came 100 ms and more late, after the table had turned over.)
     let flood = tokio::task::spawn_blocking(move || {
         let query = servers::dns_query("flood.home.lan");
         let started = Instant::now();
@@ -38,17 +39,20 @@ async fn a_spoofed_flood_spread_over_prefixes_does_not_single_out_dns_clients() 
             let from = Ipv4Addr::new(127, 1 + (i / 256) as u8, (i % 256) as u8, 1);
             let socket = UdpSocket::bind((from, 0)).expect("bind a flood source");
             socket.send_to(&query, port).expect("send");
-            // Paced: 3 every millisecond.
+            // Paced: 3 every 2 ms.
             if i % 3 == 2 {
-                let due = Duration::from_micros(u64::from(i + 1) * 1_000 / 3);
+                let due = Duration::from_micros(u64::from(i + 1) * 2_000 / 3);
                 std::thread::sleep(due.saturating_sub(started.elapsed()));
             }
         }
         started.elapsed()
     });
-    let mut answers = Vec::new();
+    let (mut answers, mut slowest) = (Vec::new(), Duration::ZERO);
     while !flood.is_finished() && answers.len() < 20 {
-        answers.push(tokio::task::spawn_blocking(ask).await.expect("ask"));
+        let asked = Instant::now();
+        let answer = tokio::task::spawn_blocking(ask).await.expect("ask");
+        slowest = slowest.max(asked.elapsed());
+        answers.push(answer);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = flood.await.expect("flood");
@@ -56,8 +60,8 @@ async fn a_spoofed_flood_spread_over_prefixes_does_not_single_out_dns_clients() 
     let evicted = metric(&m, "sallyport_refusals_total{listener=\"dns\",reason=\"flow_evicted\"}");
     let answered = answers.iter().filter(|a| **a == Some(Ipv4Addr::new(10, 9, 8, 7))).count();
     println!(
-        "9,000 spoofed sources in {took:?} (one per /24), {evicted} flows evicted (table 512): \
-         {answered} of {} one-shot DNS queries answered during the flood",
+        "9,000 spoofed sources in {took:?} (one per /24), {evicted} flows evicted (table 256): \
+         {answered} of {} one-shot DNS queries answered during the flood, the slowest in {slowest:?}",
         answers.len()
     );
     assert!(evicted >= 4_000.0, "the flood turned the table over: {evicted} evicted; {m}");
