@@ -124,23 +124,31 @@ pub fn nginx(servers: &[(u16, &str, &str)]) -> Server {
     Server { process, addr, _dir: Some(dir) }
 }
 
-/// dnsmasq answering `name` with `answer` on UDP `127.0.0.1:port`, and nothing else.
-pub fn dnsmasq(name: &str, answer: &str) -> Server {
-    let port = free_port();
-    let mut command = Command::new(which("dnsmasq").expect("dnsmasq"));
-    command.args([
+/// dnsmasq's arguments to answer `name` with `answer` on `listen` (UDP), in the foreground, and
+/// nothing else.
+pub fn dnsmasq_args(listen: SocketAddr, name: &str, answer: &str) -> Vec<String> {
+    let fixed = [
         "--keep-in-foreground",
         "--log-facility=-",
         "--conf-file=/dev/null",
         "--no-resolv",
         "--no-hosts",
         "--bind-interfaces",
-        "--listen-address=127.0.0.1",
         "--user=root",
         "--pid-file=",
-        &format!("--port={port}"),
-        &format!("--address=/{name}/{answer}"),
-    ]);
+    ];
+    let mut args: Vec<String> = fixed.iter().map(|a| (*a).to_owned()).collect();
+    args.push(format!("--listen-address={}", listen.ip()));
+    args.push(format!("--port={}", listen.port()));
+    args.push(format!("--address=/{name}/{answer}"));
+    args
+}
+
+/// dnsmasq answering `name` with `answer` on UDP `127.0.0.1:port`, and nothing else.
+pub fn dnsmasq(name: &str, answer: &str) -> Server {
+    let port = free_port();
+    let mut command = Command::new(which("dnsmasq").expect("dnsmasq"));
+    command.args(dnsmasq_args(SocketAddr::from(([127, 0, 0, 1], port)), name, answer));
     let process = Spawned::start(command);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -49,36 +49,13 @@ fn ask(host: &Netns, vip: std::net::Ipv4Addr) -> Answers {
             "select 6 * 7",
         ],
     ));
-    let http = text(host.output(
-        "curl",
-        &[
-            "-s",
-            "-m",
-            "5",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            "Host: web.home.lan",
-            &format!("http://{vip}/"),
-        ],
-    ));
-    let https = text(host.output(
-        "curl",
-        &[
-            "-sk",
-            "-m",
-            "5",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--resolve",
-            &format!("tls.home.lan:443:{vip}"),
-            "https://tls.home.lan/",
-        ],
-    ));
+    // curl's status code (000: no HTTP answer) with `args` before the URL.
+    let code = |args: &[&str]| {
+        let fixed = ["-sk", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"];
+        text(host.output("curl", &[&fixed[..], args].concat()))
+    };
+    let http = code(&["-H", "Host: web.home.lan", &format!("http://{vip}/")]);
+    let https = code(&["--resolve", &format!("tls.home.lan:443:{vip}"), "https://tls.home.lan/"]);
     let dns = text(host.output(
         "dig",
         &[&format!("@{vip}"), "-p", &DNS.to_string(), "nas.home.lan", "+short", "+time=1", "+tries=2"],
@@ -125,23 +102,8 @@ fn windows_services(lab: &mut Lab) -> String {
         &["s_server", "-www", "-accept", &format!("{WIN_IP}:8443"), "-cert", &crt, "-key", &key],
     );
     lab.process(tls).wait_line("ACCEPT", Duration::from_secs(10));
-    let dns = lab.spawn_program(
-        Role::Win,
-        "dnsmasq",
-        &[
-            "--keep-in-foreground",
-            "--log-facility=-",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &format!("--listen-address={WIN_IP}"),
-            "--user=root",
-            "--pid-file=",
-            "--port=5353",
-            "--address=/nas.home.lan/10.9.8.7",
-        ],
-    );
+    let args = servers::dnsmasq_args(std::net::SocketAddr::from((WIN_IP, 5353)), "nas.home.lan", "10.9.8.7");
+    let dns = lab.spawn_program(Role::Win, "dnsmasq", &args.iter().map(String::as_str).collect::<Vec<_>>());
     lab.process(dns).wait_line("started", Duration::from_secs(10));
     format!(
         "[services.redis]\ntarget = \"tcp://{WIN_IP}:6380\"\n[services.pg]\ntarget = \"tcp://{WIN_IP}:5433\"\n\
