@@ -187,11 +187,17 @@ pub fn dig(server: SocketAddr, name: &str) -> Option<String> {
 }
 
 /// Whether a TCP connection from loopback address `ip` to `addr` gets its first 5 bytes (a
-/// greeter's greeting) within 5 s.
+/// greeter's greeting) within 5 s. A connection the relay resets is not greeted, even when the
+/// reset lands before `connect` returns (on loopback the relay may accept and reset it before
+/// the client's thread runs again).
 pub fn greeted_from(addr: SocketAddr, ip: &str) -> bool {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     socket.bind(&SocketAddr::new(ip.parse().expect("ip"), 0).into()).expect("bind");
-    socket.connect(&addr.into()).expect("connect");
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return false,
+        Err(e) => panic!("connect to {addr}: {e}"),
+    }
     let mut stream: std::net::TcpStream = socket.into();
     stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
     let mut buf = [0u8; 5];
