@@ -277,27 +277,6 @@ pub fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (crt, key)
 }
 
-/// A private CA (`ca.crt` in `dir`) and a certificate it signed for `name` (a DNS name or an IP
-/// address: `NAME.crt`, `NAME.key`), made with rcgen: the CA, the certificate and its key.
-pub fn ca_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_key = rcgen::KeyPair::generate().expect("CA key");
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(rcgen::DnType::CommonName, "homelab test CA");
-    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
-        .expect("params")
-        .signed_by(&key, &issuer)
-        .expect("certificate");
-    let paths = (dir.join("ca.crt"), dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
-    std::fs::write(&paths.0, ca_cert.pem()).expect("ca.crt");
-    std::fs::write(&paths.1, cert.pem()).expect("crt");
-    std::fs::write(&paths.2, key.serialize_pem()).expect("key");
-    paths
-}
-
 /// `openssl s_server -www` with a self-signed certificate for `name` (it answers `GET /` with a
 /// status page). Returns the server and the certificate (to trust).
 pub fn tls_server(dir: &Path, name: &str) -> (Server, PathBuf) {

@@ -198,8 +198,17 @@ async fn http_and_udp_services_hold_their_caps_each_way() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let took = started.elapsed();
-        // What is still on its way (the tunnel, the target's answers) arrives.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // What is still on its way (the tunnel, the target's answers) arrives: until nothing more
+        // came for 200 ms.
+        let mut last = back.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = back.load(Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
         receiving.abort();
         (sent, back.load(Ordering::Relaxed), took)
     });

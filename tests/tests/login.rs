@@ -212,16 +212,18 @@ async fn forward_auth_over_https_checks_the_auth_servers_certificate() {
         "",
         "location / { return 200 \"app $request_uri user=$http_remote_user\\n\"; }",
     )]);
-    let dir = tempfile::tempdir().expect("dir");
-    let (ca, crt, key) = servers::ca_signed(dir.path(), "127.0.0.1");
-    let other = tempfile::tempdir().expect("dir");
-    let (other_ca, ..) = servers::ca_signed(other.path(), "127.0.0.1");
+    // The auth server's certificate for 127.0.0.1 from a private CA of its own (a test PKI's
+    // relay certificate); the relay's PKI is another CA.
+    let auth_pki = TestPki::new();
+    let (ca, crt, key) =
+        (auth_pki.dir().join("ca.crt"), auth_pki.dir().join("relay.crt"), auth_pki.dir().join("relay.key"));
     let auth_port = servers::free_port();
     let mut auth_server = Command::new("python3");
     auth_server.args(["-c", AUTH_SERVER, &auth_port.to_string()]).arg(&crt).arg(&key);
     let _auth_server = Spawned::start(auth_server);
     servers::wait_tcp(SocketAddr::from(([127, 0, 0, 1], auth_port)), "auth server");
     let pki = TestPki::new();
+    let other_ca = pki.dir().join("ca.crt");
     let (relay, agent) = RunningRelay::with_winbox(
         &pki,
         "http_listen = \"127.0.0.1:0\"",
