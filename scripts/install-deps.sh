@@ -46,6 +46,10 @@ fi
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
 fi
+# A real NTLM client and server (connection-bound authentication through the HTTP router).
+if ! python3 -c 'import spnego' >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check pyspnego
+fi
 # A real WebSocket client and echo server for the HTTP router's upgrade test.
 if ! python3 -c 'import websockets' >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check 'websockets>=12'

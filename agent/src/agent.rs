@@ -100,6 +100,11 @@ impl Agent {
             tunnels.spawn(tunnel::maintain(relay.clone(), self.tunnels.clone(), shutdown.clone()));
         }
         tunnels.spawn(crate::reload::watch(self.tunnels.clone(), self.reloads.clone(), shutdown.clone()));
+        tunnels.spawn(crate::drain::watch(
+            config.path.clone(),
+            self.tunnels.draining.clone(),
+            shutdown.clone(),
+        ));
         tunnels.close();
         tunnels.wait().await;
         self.tunnels.streams.close();

@@ -28,6 +28,7 @@ pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod containers;
+pub mod drain;
 pub mod enroll;
 pub mod events;
 mod files;

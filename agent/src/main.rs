@@ -46,6 +46,18 @@ enum Command {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// Ask the relays to send this agent no new connections (before a reboot, say): those it
+    /// carries go on. The running agent tells its relays within a second; it holds across restarts
+    /// until `undrain`.
+    Drain {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// End the drain: the relays send this agent new connections again.
+    Undrain {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Run as a Windows service (install, uninstall, start, stop, status).
     Service {
         #[command(subcommand)]
@@ -213,6 +225,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("{} exists and was left as it is", enrolled.config.display());
             }
+            Ok(())
+        }
+        Command::Drain { config } | Command::Undrain { config } if !config.exists() => {
+            anyhow::bail!("{}: no such file", config.display())
+        }
+        Command::Drain { config } => {
+            let changed = sallyport_agent::drain::set(&config, true)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", sallyport_agent::drain::path(&config).display()))?;
+            let said = if changed { "draining" } else { "already draining" };
+            println!(
+                "{said}: the relays send no new connections to this agent (those it carries go on);                  `sallyport-agent undrain --config {}` ends it",
+                config.display()
+            );
+            Ok(())
+        }
+        Command::Undrain { config } => {
+            let changed = sallyport_agent::drain::set(&config, false)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", sallyport_agent::drain::path(&config).display()))?;
+            println!(
+                "{}",
+                if changed { "undrained: the relays send new connections again" } else { "was not draining" }
+            );
             Ok(())
         }
         Command::Run { config } => {

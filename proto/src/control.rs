@@ -41,6 +41,13 @@ pub enum AgentMessage {
     /// chose it (for example "auto: QUIC got no answer within 3s"); sent after `Welcome` (version 5
     /// on), for the relay's listing and status page.
     Transport { transport: String, why: String },
+    /// How each checked service fares (version 6 on): the whole list, sent once the first check
+    /// of each has run and again whenever one changes.
+    Health(Vec<crate::health::ServiceHealth>),
+    /// The agent asks to be drained (no new connections; those it carries go on) or no longer
+    /// (version 6 on): `sallyport-agent drain` on its host, before a reboot. Sent after `Welcome`
+    /// while it holds, and at every change.
+    Drain { draining: bool },
 }
 
 /// Messages from the relay to the agent.
@@ -73,6 +80,9 @@ pub enum RelayMessage {
     /// it), or a lane reached a replica that does not hold its session: the relay closes it, and
     /// the agent dials again (through the shared address it lands on a replica at random).
     Held { replica: String },
+    /// The health checks the agent runs for the services published to it (version 6 on): sent
+    /// after `Welcome` and again when a reload changes them; an empty list stops them all.
+    Checks(Vec<crate::health::HealthCheck>),
 }
 
 /// The replicas of a relay, as one of them sees them.

@@ -15,6 +15,7 @@ pub mod control;
 pub mod datagram;
 pub mod enroll;
 pub mod frame;
+pub mod health;
 pub mod link;
 pub mod name;
 pub mod proxy;
@@ -25,6 +26,7 @@ pub use control::{
     ServiceOffer, ServiceVerdict, Welcome,
 };
 pub use frame::{DecodeError, EncodeError, InvalidFrame};
+pub use health::{CheckKind, HealthCheck, ServiceHealth};
 pub use name::is_valid_name;
 pub use stream::{Answer, StreamHeader};
 
@@ -32,7 +34,7 @@ pub use stream::{Answer, StreamHeader};
 pub const ALPN_TUNNEL: &[u8] = b"sallyport/1";
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -33,6 +33,7 @@ pub mod config;
 mod expose;
 #[doc(hidden)]
 pub mod fuzzing;
+mod groups;
 mod metrics;
 pub mod ops;
 pub mod relay;

@@ -121,6 +121,26 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AgentCommand {
+    /// Drain agent NAME on the running relay, for maintenance: no new connections of its services
+    /// go to it (the other members of their groups take them), and those it carries may finish
+    /// within the grace. Refused when it is the last healthy member of a service, unless --force.
+    Drain {
+        name: String,
+        /// How long its connections may go on before they are cut (default: relay.drain_grace).
+        #[arg(long)]
+        grace: Option<String>,
+        /// Drain it even when a service has no other healthy member.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, short, default_value = "relay.toml")]
+        config: PathBuf,
+    },
+    /// End the drain of agent NAME: it takes new connections again.
+    Undrain {
+        name: String,
+        #[arg(long, short, default_value = "relay.toml")]
+        config: PathBuf,
+    },
     /// Revoke agent NAME on the running relay: its tunnel closes at once, and every certificate of
     /// it issued up to now (renewals included) is refused from then on.
     Revoke {
@@ -241,6 +261,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reload { config } => {
             let config = Config::load(&config)?;
             print!("{}", admin_call(&config, "POST", "/reload".into(), true)?);
+            Ok(())
+        }
+        Command::Agent { command: AgentCommand::Drain { name, grace, force, config } } => {
+            let config = Config::load(&config)?;
+            let mut path = format!("/agents/{name}/drain?force={force}");
+            if let Some(grace) = grace {
+                path.push_str(&format!("&grace={grace}"));
+            }
+            print!("{}", admin_call(&config, "POST", path, true)?);
+            Ok(())
+        }
+        Command::Agent { command: AgentCommand::Undrain { name, config } } => {
+            let config = Config::load(&config)?;
+            print!("{}", admin_call(&config, "POST", format!("/agents/{name}/undrain"), true)?);
             Ok(())
         }
         Command::Agent { command: AgentCommand::Revoke { name, serial, config } } => {

@@ -176,6 +176,7 @@ impl Relay {
             config: Live::new(config.clone()),
             runtime: runtime.clone(),
             agents: registry.clone(),
+            groups: Default::default(),
             trust: Arc::new(trust),
             admin_token,
             read_token,
@@ -304,8 +305,13 @@ impl Relay {
         let (handoff, handoffs) = mpsc::channel(64);
         tasks.spawn(tunnel::tcp_accept_loop(tunnel_tcp, handoffs, tunnels, shutdown.clone()));
 
-        let exposure =
-            Arc::new(Exposure::new(live.clone(), runtime.clone(), registry.clone(), handoff, access_log));
+        let exposure = Arc::new(Exposure::new(
+            live.clone(),
+            runtime.clone(),
+            (registry.clone(), ops.groups.clone()),
+            handoff,
+            access_log,
+        ));
         let mut listeners = Listeners::new(exposure, flows, shutdown.clone(), ops.bound.clone());
         listeners.apply(&config, sockets);
         let reloader =

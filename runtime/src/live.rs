@@ -15,11 +15,13 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug)]
 pub struct Live<T> {
     current: RwLock<Arc<T>>,
+    /// Told of every replacement, for those who act on a change rather than read at each use.
+    replaced: tokio::sync::watch::Sender<()>,
 }
 
 impl<T> Live<T> {
     pub fn new(config: Arc<T>) -> Arc<Self> {
-        Arc::new(Self { current: RwLock::new(config) })
+        Arc::new(Self { current: RwLock::new(config), replaced: tokio::sync::watch::Sender::new(()) })
     }
 
     /// The configuration in force now.
@@ -29,6 +31,12 @@ impl<T> Live<T> {
 
     pub fn set(&self, config: Arc<T>) {
         *crate::sync::write(&self.current) = config;
+        self.replaced.send_replace(());
+    }
+
+    /// A receiver that sees each replacement from now on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.replaced.subscribe()
     }
 }
 

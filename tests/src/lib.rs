@@ -5,6 +5,7 @@ pub mod bench;
 pub mod docker;
 pub mod impair;
 pub mod lab;
+pub mod ntlm;
 pub mod pki;
 pub mod process;
 pub mod raw;

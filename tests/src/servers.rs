@@ -98,6 +98,13 @@ pub struct Server {
     _dir: Option<tempfile::TempDir>,
 }
 
+impl Server {
+    /// A server process at `addr` whose files live in `dir` (removed when it is dropped).
+    pub fn with_dir(process: Spawned, addr: SocketAddr, dir: tempfile::TempDir) -> Self {
+        Self { process, addr, _dir: Some(dir) }
+    }
+}
+
 /// nginx with one `server` block per entry: `(port, listen options, body of the block)`.
 pub fn nginx(servers: &[(u16, &str, &str)]) -> Server {
     let dir = tempfile::tempdir().expect("dir");

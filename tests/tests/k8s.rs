@@ -444,7 +444,9 @@ fn the_monitoring_component_renders_and_its_pieces_agree() {
             "SallyportCertificateExpiringSoon",
             "SallyportContainerStartsFailing",
             "SallyportIdentityConflict",
-            "SallyportWriterUnreachable"
+            "SallyportWriterUnreachable",
+            "SallyportGroupNoHealthyMember",
+            "SallyportGroupOnLastMember"
         ]
     );
     for alert in &alerts {

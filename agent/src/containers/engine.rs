@@ -216,6 +216,12 @@ impl Engine {
         }
     }
 
+    /// The container's address when it runs (for a health check: nothing is created or started).
+    pub async fn running_address(&self, spec: &ContainerSpec) -> Result<Option<IpAddr>, ContainerError> {
+        let inspect = self.inspect_owned(spec).await?;
+        Ok(inspect.filter(is_running).and_then(|i| address_of(&i, spec)))
+    }
+
     /// The container's state now.
     pub async fn state_of(&self, spec: &ContainerSpec) -> Result<ContainerState, ContainerError> {
         Ok(self.inspect_owned(spec).await?.map_or(ContainerState::Absent, |i| state_of(&i)))

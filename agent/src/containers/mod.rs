@@ -54,6 +54,8 @@ pub struct ContainerStats {
     pub starts: u64,
     /// Of those, the ones that failed.
     pub failed_starts: u64,
+    /// The latest start failed (a health check counts the container out until one succeeds).
+    pub last_start_failed: bool,
     /// Stops for idleness.
     pub idle_stops: u64,
     /// The latest cold start: from the start request to the first accepted connection.
@@ -326,6 +328,17 @@ impl Containers {
         }
     }
 
+    /// For a health check, without starting anything: the container's address when it runs,
+    /// `None` when it is stopped and may be started on demand, or why it is not available (its
+    /// latest start failed, the engine cannot be reached).
+    pub async fn check_target(&self, name: &str) -> Result<Option<IpAddr>, String> {
+        let slot = self.slot(name).map_err(|e| e.to_string())?;
+        if lock(&slot.stats).last_start_failed {
+            return Err(format!("the latest start of container {name:?} failed"));
+        }
+        self.inner.engine.running_address(&slot.spec()).await.map_err(|e| e.to_string())
+    }
+
     /// Connects to `port` of container `name`, starting it first when it is stopped (bounded by
     /// the start timeout); the lease keeps it from idling out while the connection lives.
     pub async fn connect(&self, name: &str, port: u16) -> Result<(TcpStream, Lease), ContainerError> {
@@ -374,7 +387,9 @@ impl Containers {
     async fn created(&self, slot: &Arc<Slot>) -> Result<Inspected, ContainerError> {
         let created = self.inner.engine.ensure_created(&slot.spec()).await;
         if created.is_err() {
-            lock(&slot.stats).failed_starts += 1;
+            let mut stats = lock(&slot.stats);
+            stats.failed_starts += 1;
+            stats.last_start_failed = true;
         }
         created
     }
@@ -386,10 +401,15 @@ impl Containers {
         let result = self.inner.engine.start(&slot.spec()).await;
         match &result {
             Ok(_) => {
+                lock(&slot.stats).last_start_failed = false;
                 slot.state.send_replace(ContainerState::Running { health: None });
             }
             Err(e) => {
-                lock(&slot.stats).failed_starts += 1;
+                {
+                    let mut stats = lock(&slot.stats);
+                    stats.failed_starts += 1;
+                    stats.last_start_failed = true;
+                }
                 warn!(
                     event_id = crate::events::id::CONTAINER_START_FAILED,
                     container = %slot.spec().name,

@@ -3,6 +3,7 @@
 //! and the WSL2 VM address `wsl://` targets resolve to.
 
 pub(crate) mod dial;
+pub(crate) mod probe;
 pub(crate) mod udp;
 pub(crate) mod wsl;
 

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{
-    commands,
+    commands, health,
     lanes::LaneStarter,
     renew,
     replicas::Group,
@@ -56,13 +56,16 @@ pub(crate) async fn control_loop(
             }
         }
     };
-    let handlers = Handlers { tx: &tx, tunnels, control: &control };
+    let (checks, checks_rx) = tokio::sync::watch::channel(Vec::new());
+    let handlers = Handlers { tx: &tx, tunnels, control: &control, checks };
     tokio::select! {
         () = writer => {}
         () = read(recv, &handlers) => {}
         () = report_containers(&tx, tunnels, control.version) => {}
         () = offer_after_reloads(&tx, tunnels, control.version) => {}
         () = renew::when_due(&tx, &tunnels.renewal) => {}
+        () = report_drain(&tx, tunnels, control.version) => {}
+        never = health::run(&tx, &tunnels.targets, checks_rx) => match never {},
     }
 }
 
@@ -94,6 +97,8 @@ struct Handlers<'a> {
     tx: &'a mpsc::Sender<AgentMessage>,
     tunnels: &'a Arc<Tunnels>,
     control: &'a Control<'a>,
+    /// The health checks the relay asked for.
+    checks: tokio::sync::watch::Sender<Vec<sallyport_proto::HealthCheck>>,
 }
 
 impl Handlers<'_> {
@@ -121,6 +126,11 @@ impl Handlers<'_> {
             }
             RelayMessage::Command(command) => {
                 self.command(command);
+                Ok(())
+            }
+            RelayMessage::Checks(checks) => {
+                info!(checks = checks.len(), "the relay asks for health checks");
+                self.checks.send_replace(checks);
                 Ok(())
             }
             other => {
@@ -182,6 +192,27 @@ async fn report_containers(tx: &mpsc::Sender<AgentMessage>, tunnels: &Tunnels, v
             last_failures = Some(failures);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Tells the relay whether this agent asks to be drained: at once when it does, then at every change.
+async fn report_drain(tx: &mpsc::Sender<AgentMessage>, tunnels: &Tunnels, version: u16) {
+    if version < 6 {
+        return std::future::pending().await;
+    }
+    let mut draining = tunnels.draining.subscribe();
+    let mut said = false;
+    loop {
+        let now = *draining.borrow_and_update();
+        if now != said {
+            if tx.send(AgentMessage::Drain { draining: now }).await.is_err() {
+                return;
+            }
+            said = now;
+        }
+        if draining.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 

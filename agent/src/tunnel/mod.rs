@@ -24,6 +24,7 @@ pub(crate) mod commands;
 mod connect;
 mod control;
 mod error;
+mod health;
 mod lanes;
 pub(crate) mod renew;
 mod replicas;

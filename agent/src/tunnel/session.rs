@@ -76,7 +76,8 @@ async fn hello(
             | RelayMessage::Published(_)
             | RelayMessage::Lanes { .. }
             | RelayMessage::LaneAccepted
-            | RelayMessage::Replicas(_),
+            | RelayMessage::Replicas(_)
+            | RelayMessage::Checks(_),
         ) => return Err(TunnelError::Protocol("a control message before Welcome")),
         None => return Err(TunnelError::Protocol("control stream ended before Welcome")),
     };

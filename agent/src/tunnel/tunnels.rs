@@ -55,6 +55,8 @@ pub(crate) struct Tunnels {
     /// Work a tunnel started that may outlive a message: commands being run, tunnels a probe
     /// replaced serving their last streams. The agent waits for them (briefly) when it stops.
     pub(crate) tasks: TaskTracker,
+    /// The agent asks its relays for no new connections (`sallyport-agent drain`).
+    pub(crate) draining: watch::Sender<bool>,
     /// Ids of container commands already run, with their expiry: a replay is refused.
     pub(crate) seen_commands: Mutex<BTreeMap<u64, u64>>,
     /// The transport that last carried a tunnel to each relay (`auto` starts there).
@@ -69,8 +71,10 @@ impl Tunnels {
         credentials: Credentials,
         renewal: Renewal,
     ) -> Self {
+        let draining = watch::Sender::new(crate::drain::is_on(&config.get().path));
         Self {
             config,
+            draining,
             offers: watch::Sender::new(0),
             targets,
             credentials,

@@ -81,7 +81,13 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
         services: config
             .services
             .values()
-            .map(|s| (s.name.clone(), s.agent.clone(), s.listen.to_string()))
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    config.group(&s.name).map(|g| g.agents.join(",")).unwrap_or_default(),
+                    s.listen.to_string(),
+                )
+            })
             .collect(),
     })
 }

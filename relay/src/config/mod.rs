@@ -16,11 +16,13 @@ pub mod access;
 mod auth;
 mod bandwidth;
 mod budget;
+pub mod group;
 mod raw;
 mod relay_keys;
 
 pub use access::{Access, ServiceAccess};
 pub use budget::{default_threads, Budget, DEFAULT_MEMORY_BUDGET};
+pub use group::{Group, Health, Strategy};
 use raw::{RawCluster, RawConfig};
 pub use relay_keys::RelayKeys;
 use relay_keys::SECOND;
@@ -40,6 +42,8 @@ pub struct Config {
     pub services: BTreeMap<String, Service>,
     /// Who may reach which service (`[access]` and each service's `access`), and the access log.
     pub access: Access,
+    /// Each service's agents, strategy and health check, by service name.
+    pub groups: BTreeMap<String, Group>,
 }
 
 /// Where a replica takes the others' calls, by default.
@@ -80,8 +84,6 @@ impl Cluster {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
-    /// The only agent allowed to carry this service.
-    pub agent: String,
     /// Where the relay listens for its clients.
     pub listen: Listen,
     /// In Kubernetes: a MetalLB IP of the service's own instead of the relay's shared one (used by
@@ -182,10 +184,10 @@ impl Config {
         let mut seen_listen = BTreeMap::new();
         let mut seen_names = BTreeMap::new();
         let mut access = BTreeMap::new();
+        let mut groups = BTreeMap::new();
         for (name, s) in raw.services {
             let key = format!("services.{name}");
             let name = conf::name(path, &key, &name)?;
-            let agent = conf::name(path, &format!("{key}.agent"), &s.agent)?;
             let listen = match (s.listen, s.udp, s.hosts, s.sni) {
                 (Some(addr), None, None, None) => Listen::Tcp(addr),
                 (None, Some(addr), None, None) => Listen::Udp(addr),
@@ -255,7 +257,13 @@ impl Config {
                 bandwidth_burst: s.bandwidth_burst,
             };
             access.insert(name.clone(), (raw_access, matches!(listen, Listen::Http(_))));
-            services.insert(name.clone(), Service { name, agent, listen, load_balancer_ip, idle_timeout });
+            let raw_group =
+                group::RawGroup { agent: s.agent, agents: s.agents, strategy: s.strategy, health: s.health };
+            groups.insert(
+                name.clone(),
+                Group::from_raw(path, &key, raw_group, matches!(listen, Listen::Udp(_)))?,
+            );
+            services.insert(name.clone(), Service { name, listen, load_balancer_ip, idle_timeout });
         }
         let tcp_tunnel = r.tcp_listen.filter(|a| r.tcp_tunnel && Some(*a) != r.https_listen);
         for (key, addr) in [
@@ -279,6 +287,7 @@ impl Config {
             cluster: raw.cluster.map(|c| Cluster::from_raw(c, path)).transpose()?,
             services,
             access: Access::from_raw(path, raw.access, access)?,
+            groups,
         })
     }
 
@@ -300,7 +309,17 @@ impl Config {
 
     /// Whether any service names `agent`: only such agents are admitted.
     pub fn knows_agent(&self, agent: &str) -> bool {
-        self.services.values().any(|s| s.agent == agent)
+        self.groups.values().any(|g| g.has(agent))
+    }
+
+    /// Whether `agent` may carry `service`.
+    pub fn carries(&self, service: &str, agent: &str) -> bool {
+        self.groups.get(service).is_some_and(|g| g.has(agent))
+    }
+
+    /// The group of `service` (every service has one, of one agent or more).
+    pub fn group(&self, service: &str) -> Option<&Group> {
+        self.groups.get(service)
     }
 }
 
@@ -436,7 +455,7 @@ listen = "0.0.0.0:1433"
         assert_eq!(c.relay.ca_cert, Path::new("/etc/sallyport/ca.crt"));
         assert_eq!(c.relay.idle_timeout, Duration::from_secs(30));
         assert_eq!(c.relay.admin, SocketAddr::from(([127, 0, 0, 1], 9090)));
-        assert_eq!(c.services["mssql"].agent, "winbox");
+        assert_eq!(c.groups["mssql"].agents, ["winbox"]);
         assert!(c.knows_agent("winbox") && !c.knows_agent("other"));
     }
 

@@ -34,7 +34,10 @@ pub(crate) struct RawCluster {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawService {
-    pub(crate) agent: String,
+    pub(crate) agent: Option<String>,
+    pub(crate) agents: Option<Vec<String>>,
+    pub(crate) strategy: Option<String>,
+    pub(crate) health: Option<super::group::RawHealth>,
     pub(crate) listen: Option<SocketAddr>,
     pub(crate) udp: Option<SocketAddr>,
     pub(crate) hosts: Option<Vec<String>>,

@@ -51,7 +51,9 @@ pub(crate) fn admit(
 #[derive(Debug)]
 pub(crate) struct Entry<'a> {
     pub(crate) service: &'a str,
-    pub(crate) agent: &'a str,
+    /// The agent that carried it: a one-agent service's agent, or the member a group chose (empty
+    /// when it was refused before one was).
+    pub(crate) agent: String,
     pub(crate) kind: &'static str,
     pub(crate) client: SocketAddr,
     /// The proxy the client came through, when the client is the address it named.
@@ -61,10 +63,20 @@ pub(crate) struct Entry<'a> {
 }
 
 impl<'a> Entry<'a> {
-    pub(crate) fn new(service: &'a Service, kind: &'static str, client: SocketAddr) -> Self {
+    pub(crate) fn new(
+        exposure: &Exposure,
+        service: &'a Service,
+        kind: &'static str,
+        client: SocketAddr,
+    ) -> Self {
+        let config = exposure.config.get();
+        let agent = match config.group(&service.name).map(|g| g.agents.as_slice()) {
+            Some([only]) => only.clone(),
+            _ => String::new(),
+        };
         Self {
             service: &service.name,
-            agent: &service.agent,
+            agent,
             kind,
             client,
             via: None,
@@ -86,8 +98,8 @@ impl<'a> Entry<'a> {
             return;
         }
         let mut record =
-            Record::now((self.service, self.agent), self.kind, self.client, result, self.elapsed());
-        record.transport = exposure.agents.transport_of(self.agent).map(|t| match t {
+            Record::now((self.service, &self.agent), self.kind, self.client, result, self.elapsed());
+        record.transport = exposure.agents.transport_of(&self.agent).map(|t| match t {
             Transport::Quic => "quic",
             Transport::Tcp => "tcp",
         });

@@ -31,6 +31,8 @@ pub(crate) struct Exposure {
     pub(crate) config: Arc<Live>,
     pub(crate) runtime: Arc<Runtime>,
     pub(crate) agents: Arc<Registry>,
+    /// Which member of a service's group takes a client.
+    pub(crate) groups: Arc<crate::groups::Groups>,
     /// Client connections open across the relay (`relay.max_connections`).
     pub(crate) connections: Arc<limits::Count>,
     /// Connections per client address, across every listener.
@@ -50,7 +52,7 @@ impl Exposure {
     pub(crate) fn new(
         config: Arc<Live>,
         runtime: Arc<Runtime>,
-        agents: Arc<Registry>,
+        (agents, groups): (Arc<Registry>, Arc<crate::groups::Groups>),
         tunnel_handoff: mpsc::Sender<Handoff>,
         access_log: crate::access::log::AccessLog,
     ) -> Self {
@@ -63,19 +65,23 @@ impl Exposure {
             config,
             runtime,
             agents,
+            groups,
             tunnel_handoff,
         }
     }
 
-    /// The bandwidth buckets a new connection (or UDP flow) of `service` passes, each way; `None`
-    /// when neither the service nor its agent has a cap.
-    pub(crate) fn pace(&self, service: &Service) -> Option<sallyport_runtime::pace::Pace> {
+    /// The bandwidth buckets a new connection (or UDP flow) of `service` carried by `agent`
+    /// passes, each way; `None` when neither the service nor the agent has a cap.
+    pub(crate) fn pace(&self, service: &Service, agent: &str) -> Option<sallyport_runtime::pace::Pace> {
         let config = self.config.get();
         let access = &config.access;
-        self.bandwidth.pace(
-            (&service.name, access.bandwidth(&service.name)),
-            (&service.agent, access.agent_bandwidth(&service.agent)),
-        )
+        self.bandwidth
+            .pace((&service.name, access.bandwidth(&service.name)), (agent, access.agent_bandwidth(agent)))
+    }
+
+    /// The member of `service`'s group that takes a new connection from `client` now.
+    pub(crate) fn pick(&self, service: &Service, client: std::net::IpAddr) -> Option<crate::groups::Picked> {
+        self.groups.pick(&self.agents, &self.config.get(), &service.name, client, false)
     }
 }
 

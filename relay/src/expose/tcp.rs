@@ -121,7 +121,7 @@ pub(crate) async fn serve(
         let span = info_span!("client", service = %served.service.name, %peer);
         async move {
             let service = &served.service;
-            let entry = Entry::new(service, "tcp", peer);
+            let mut entry = Entry::new(&exposure, service, "tcp", peer);
             if let Err(reason) = gate::admit(&exposure, &service.name, Some(Counted::Connections), peer.ip())
             {
                 debug!(reason, "refused by the service's access rules or rate: reset");
@@ -131,7 +131,7 @@ pub(crate) async fn serve(
                 return;
             }
             let (outcome, up, down) = tokio::select! {
-                carried = carry(stream, peer, service, &exposure, &[]) => carried,
+                carried = carry(stream, peer, service, &exposure, &[], &mut entry.agent) => carried,
                 () = served.retired.cancelled() => {
                     debug!("service removed by a reload: connection ended");
                     (Outcome::Reset, 0, 0)
@@ -145,26 +145,28 @@ pub(crate) async fn serve(
     .await;
 }
 
-/// Carries one client connection of `service` over a new data stream: the header and `first`
-/// (bytes already read from the client) go out together, then the splice. Says how it ended and
-/// the bytes carried up and down.
+/// Carries one client connection of `service` over a new data stream to the member of its group
+/// that takes it (its name goes to `agent`): the header and `first` (bytes already read from the
+/// client) go out together, then the splice. Says how it ended and the bytes carried up and down.
 pub(crate) async fn carry(
     mut stream: TcpStream,
     peer: SocketAddr,
     service: &Service,
     exposure: &Exposure,
     first: &[u8],
+    agent: &mut String,
 ) -> (Outcome, u64, u64) {
     let _ = stream.set_nodelay(true);
     // Until the splice forwards a FIN, closing this socket (even by a crash) must reset the client.
     reset_on_close(&stream);
     let active = exposure.runtime.metrics.connection(&service.name);
-    let Some(connection) = exposure.agents.route(&service.agent, &service.name) else {
-        debug!(agent = %service.agent, "agent not connected: refusing client");
+    let Some(picked) = exposure.pick(service, peer.ip()) else {
+        debug!("no agent of the service is connected and healthy: refusing client");
         active.end(Outcome::NoAgent, 0, 0);
         return (Outcome::NoAgent, 0, 0);
     };
-    let (mut send, mut recv) = match streams::open(&connection, service, peer, first).await {
+    agent.clone_from(&picked.agent);
+    let (mut send, mut recv) = match streams::open(&picked.connection, service, peer, first).await {
         Ok(pair) => pair,
         Err(e) => {
             debug!(error = %e, "cannot open a stream to the agent: refusing client");
@@ -173,21 +175,33 @@ pub(crate) async fn carry(
         }
     };
     let activity = Activity::default();
-    let pace = exposure.pace(service);
+    let pace = exposure.pace(service, &picked.agent);
     let pace = pace.as_ref();
-    let spliced = match service.idle_timeout {
-        None => splice_paced(&mut stream, &mut send, &mut recv, Side::Relay, None, pace).await,
-        Some(idle) => tokio::select! {
-            r = splice_paced(&mut stream, &mut send, &mut recv, Side::Relay, Some(&activity), pace) => r,
-            () = flows::idle_for(&activity, idle) => {
-                debug!(?idle, "client connection idle: reset");
-                let _ = send.reset(code(codes::stream::INTERNAL));
-                let _ = recv.stop(code(codes::stream::INTERNAL));
-                active.end(Outcome::Idle, 0, 0);
-                return (Outcome::Idle, 0, 0);
-            }
-        },
+    let idle = async {
+        match service.idle_timeout {
+            Some(idle) => flows::idle_for(&activity, idle).await,
+            None => std::future::pending().await,
+        }
     };
+    let watched = service.idle_timeout.is_some().then_some(&activity);
+    let spliced = tokio::select! {
+        r = splice_paced(&mut stream, &mut send, &mut recv, Side::Relay, watched, pace) => r,
+        () = idle => {
+            debug!(idle = ?service.idle_timeout, "client connection idle: reset");
+            let _ = send.reset(code(codes::stream::INTERNAL));
+            let _ = recv.stop(code(codes::stream::INTERNAL));
+            active.end(Outcome::Idle, 0, 0);
+            return (Outcome::Idle, 0, 0);
+        }
+        () = picked.cut.cancelled() => {
+            debug!(agent = %picked.agent, "the agent's drain grace is over: reset");
+            let _ = send.reset(code(codes::stream::INTERNAL));
+            let _ = recv.stop(code(codes::stream::INTERNAL));
+            active.end(Outcome::Reset, 0, 0);
+            return (Outcome::Reset, 0, 0);
+        }
+    };
+    drop(picked);
     match spliced {
         Ok(done) => {
             let up = done.up + first.len() as u64;

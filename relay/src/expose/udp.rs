@@ -61,23 +61,9 @@ pub(crate) async fn serve(
         (started.relay.udp_flow_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(1)),
     );
     drop(started);
-    let mut agent = current(&slot).service.agent.clone();
     loop {
         let served = current(&slot);
         let service = &served.service;
-        // A reload gave the service to another agent: its flows are retired (the old agent's
-        // answers for them are refused from now on), and clients open new ones with the new agent.
-        if service.agent != agent {
-            let retired: Vec<_> = table.drain().collect();
-            let mut by_id = flows.lock();
-            for (_, flow) in &retired {
-                by_id.remove(&flow.id);
-            }
-            drop(by_id);
-            debug!(service = %service.name, from = %agent, to = %service.agent, flows = retired.len(), "the service moved to another agent: its flows retired");
-            agent = service.agent.clone();
-            metrics.udp_flows(&service.name, 0);
-        }
         let (len, client) = tokio::select! {
             r = socket.recv_from(&mut buf[MAX_OPEN_OVERHEAD..]) => match r {
                 Ok(got) => got,
@@ -88,11 +74,7 @@ pub(crate) async fn serve(
                 }
             },
             _ = sweep.tick() => {
-                let quiet = if exposure.agents.route_datagrams(&service.agent, &service.name).is_some() {
-                    table.sweep(exposure.config.get().relay.udp_flow_idle)
-                } else {
-                    table.drain().collect()
-                };
+                let quiet = table.sweep(exposure.config.get().relay.udp_flow_idle);
                 if !quiet.is_empty() {
                     let mut by_id = flows.lock();
                     for (_, flow) in quiet {
@@ -111,15 +93,37 @@ pub(crate) async fn serve(
         if gate::admit(&exposure, &service.name, counted, client.ip()).is_err() {
             continue;
         }
-        let Some(connection) = exposure.agents.route_datagrams(&service.agent, &service.name) else {
+        // A flow stays with its member while that member may carry it; else (its agent left, is
+        // draining or unhealthy, or a reload took the service from it) the group gives another,
+        // and the old member's answers for it are refused from then on.
+        let config = exposure.config.get();
+        let existing = table.get(&client).cloned();
+        let carrier = existing.as_ref().map(|f| sallyport_runtime::sync::lock(&f.agent).clone());
+        let route = exposure.groups.datagram_route(
+            &exposure.agents,
+            &config,
+            (&service.name, client.ip()),
+            carrier.as_deref(),
+        );
+        drop(config);
+        let Some((moved, connection)) = route else {
             metrics.refused(&service.name, "no_agent");
             continue;
         };
         let tunnel = connection.stable_id() as u64;
-        let flow = match table.get(&client) {
-            Some(flow) => flow.clone(),
+        let flow = match existing {
+            Some(flow) => {
+                if let Some(agent) = moved {
+                    debug!(service = %service.name, flow = flow.id, %agent, "the flow moves to another member of the service's group");
+                    *sallyport_runtime::sync::lock(&flow.agent) = agent.into();
+                    flow.confirmed.store(false, Ordering::Relaxed);
+                }
+                flow
+            }
             None => {
-                let flow = flows.open(client, tunnel, &socket, service, exposure.pace(service));
+                let agent = moved.unwrap_or_default();
+                let pace = exposure.pace(service, &agent);
+                let flow = flows.open(client, (&agent, tunnel), &socket, service, pace);
                 if let Some((_, old)) = table.insert(client, flow.clone()) {
                     flows.lock().remove(&old.id);
                     metrics.refused(&service.name, "flow_evicted");

@@ -46,8 +46,29 @@ impl Default for Metrics {
             writer_reachable: Gauge::default(),
             revocations_missing: Gauge::default(),
             access_log_dropped: Counter::default(),
+            group_member_state: Family::default(),
+            group_member_connections: Family::default(),
+            group_members: Family::default(),
+            group_members_usable: Family::default(),
             registry,
         };
+        m.registry.register(
+            "group_member_state",
+            "1 for each member (agent) of each service's group in its current state: healthy, unknown (its \
+             check has not reported yet), unhealthy, draining or away (no tunnel)",
+            m.group_member_state.clone(),
+        );
+        m.registry.register(
+            "group_member_connections",
+            "Connections (TCP, HTTPS, HTTP upstream) each member of a service's group carries now",
+            m.group_member_connections.clone(),
+        );
+        m.registry.register("group_members", "Agents in each service's group", m.group_members.clone());
+        m.registry.register(
+            "group_members_usable",
+            "Members of each service's group that take new connections now (0: its clients are refused)",
+            m.group_members_usable.clone(),
+        );
         m.registry.register(
             "connections",
             "Client connections by service and how they ended",

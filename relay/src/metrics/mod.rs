@@ -10,6 +10,7 @@ use prometheus_client::{
 use sallyport_proto::ContainerReport;
 
 mod families;
+pub(crate) mod groups;
 mod scrape;
 
 type Labels = Vec<(&'static str, String)>;
@@ -97,6 +98,12 @@ pub(crate) struct Metrics {
     udp_datagrams_quic: Family<Labels, Counter>,
     udp_calls: Family<Labels, Counter>,
     udp_offload: Family<Labels, Gauge>,
+    /// Service groups (set at scrape time by `groups.rs`): each member's state and connections,
+    /// each group's members and usable members.
+    group_member_state: Family<Labels, Gauge>,
+    group_member_connections: Family<Labels, Gauge>,
+    group_members: Family<Labels, Gauge>,
+    group_members_usable: Family<Labels, Gauge>,
 }
 
 impl Metrics {

@@ -85,7 +85,22 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
                     start_failures: lock(&s.start_failures).clone(),
                     cert_not_after_unix: s.cert_not_after_unix,
                 });
-                let named = ops.config.get().services.values().map(|s| s.agent.clone()).collect();
+                let config = ops.config.get();
+                let named = config.groups.values().flat_map(|g| g.agents.iter().cloned()).collect();
+                // Groups of several agents, or with a health check (a lone agent has sallyport_agent_up).
+                let mut members = ops.groups.members(&ops.agents, &config);
+                members.retain(|service, _| {
+                    config.group(service).is_some_and(|g| g.agents.len() > 1 || g.health.is_some())
+                });
+                ops.runtime.metrics.groups(members.iter().flat_map(|(service, members)| {
+                    members.iter().map(move |m| crate::metrics::groups::MemberGauges {
+                        service,
+                        agent: &m.agent,
+                        state: m.state.word(),
+                        usable: m.usable,
+                        connections: m.live,
+                    })
+                }));
                 ops.runtime.metrics.tasks(
                     ops.runtime.accepting.len() + ops.runtime.clients.len() + ops.runtime.background.len(),
                 );
@@ -114,6 +129,12 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
             }
             (&Method::POST, p) if p.starts_with("/agents/") && p.ends_with("/revoke") => {
                 let (status, body) = revoke_agent(&req, &ops);
+                (status, text, body)
+            }
+            (&Method::POST, p)
+                if p.starts_with("/agents/") && (p.ends_with("/drain") || p.ends_with("/undrain")) =>
+            {
+                let (status, body) = super::drain::drain(&req, &ops);
                 (status, text, body)
             }
             (&Method::POST, p) if p.starts_with("/agents/") => {

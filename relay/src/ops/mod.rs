@@ -3,6 +3,7 @@
 pub(crate) mod admin;
 pub mod auth;
 pub(crate) mod commands;
+mod drain;
 pub(crate) mod reload;
 pub(crate) mod replica_port;
 mod replicas;
@@ -24,6 +25,8 @@ pub(crate) struct Ops {
     pub(crate) config: Arc<Live>,
     pub(crate) runtime: Arc<Runtime>,
     pub(crate) agents: Arc<Registry>,
+    /// Service groups: drains, live connections per member.
+    pub(crate) groups: Arc<crate::groups::Groups>,
     pub(crate) trust: Arc<Trust>,
     /// The bearer token operator calls need; none configured: they are refused.
     pub(crate) admin_token: Option<auth::AdminToken>,

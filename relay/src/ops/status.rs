@@ -1,5 +1,6 @@
 //! The status page on the admin port (`/`, HTML) and its text twin (`/status.txt`, printed by
-//! `sallyport-relay status`): agents, services with their traffic, containers.
+//! `sallyport-relay status`): agents, services with their traffic, service groups and drains,
+//! containers.
 
 use std::{fmt::Write, time::SystemTime};
 
@@ -19,6 +20,10 @@ pub(crate) struct Snapshot {
     pub ready: bool,
     pub agents: Vec<AgentRow>,
     pub services: Vec<ServiceRow>,
+    /// The members of every service with several agents or a health check, and of any service
+    /// with a draining member: (service, strategy, member).
+    pub members: Vec<(String, &'static str, crate::groups::MemberView)>,
+    pub drains: Vec<(crate::groups::DrainView, usize)>,
 }
 
 #[derive(Debug)]
@@ -75,6 +80,7 @@ pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
         })
         .collect();
     let (config, bound) = (ops.config.get(), sallyport_runtime::sync::read(&ops.bound).clone());
+    let groups = ops.groups.members(&ops.agents, &config);
     let services = config
         .services
         .values()
@@ -85,12 +91,13 @@ pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
                 _ => s.listen.to_string(),
             };
             let (active, total, bytes_up, bytes_down) = ops.runtime.metrics.service_figures(&s.name);
+            let members = groups.get(&s.name).map(Vec::as_slice).unwrap_or_default();
             ServiceRow {
                 name: s.name.clone(),
                 access: config.access.summary(&s.name),
-                agent: s.agent.clone(),
+                agent: members.iter().map(|m| m.agent.as_str()).collect::<Vec<_>>().join(","),
                 listen,
-                up: agents.get(&s.agent).is_some_and(|a| a.services.contains(&s.name)),
+                up: members.iter().any(|m| m.usable),
                 active,
                 total,
                 bytes_up,
@@ -98,7 +105,30 @@ pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
             }
         })
         .collect();
-    Snapshot { ready: ops.is_ready(), agents: agent_rows, services }
+    let members = groups
+        .into_iter()
+        .filter_map(|(service, members)| {
+            let group = config.group(&service)?;
+            let shown = group.agents.len() > 1
+                || group.health.is_some()
+                || members.iter().any(|m| m.state == crate::groups::State::Draining);
+            shown.then(|| {
+                let strategy = group.strategy.word();
+                members.into_iter().map(move |m| (service.clone(), strategy, m))
+            })
+        })
+        .flatten()
+        .collect();
+    let drains = ops
+        .groups
+        .drains()
+        .into_iter()
+        .map(|d| {
+            let live = ops.groups.live_of(&d.agent);
+            (d, live)
+        })
+        .collect();
+    Snapshot { ready: ops.is_ready(), agents: agent_rows, services, members, drains }
 }
 
 fn bytes(n: u64) -> String {
@@ -128,7 +158,11 @@ fn cold(ms: Option<u64>) -> String {
     ms.map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0))
 }
 
-fn tables(s: &Snapshot) -> [Table; 3] {
+fn seconds(d: std::time::Duration) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string()
+}
+
+fn tables(s: &Snapshot) -> [Table; 5] {
     let agents = s
         .agents
         .iter()
@@ -161,6 +195,26 @@ fn tables(s: &Snapshot) -> [Table; 3] {
             ]
         })
         .collect();
+    let members = s
+        .members
+        .iter()
+        .map(|(service, strategy, m)| {
+            let detail = if m.detail.is_empty() { "-".to_owned() } else { printable(&m.detail) };
+            vec![
+                service.clone(),
+                (*strategy).into(),
+                m.agent.clone(),
+                m.state.word().into(),
+                m.live.to_string(),
+                detail,
+            ]
+        })
+        .collect();
+    let drains = s
+        .drains
+        .iter()
+        .map(|(d, live)| vec![d.agent.clone(), seconds(d.since), seconds(d.grace_left), live.to_string()])
+        .collect();
     let containers = s
         .agents
         .iter()
@@ -181,6 +235,20 @@ fn tables(s: &Snapshot) -> [Table; 3] {
             header: &["service", "agent", "listens", "state", "open", "total", "up", "down", "access"],
             rows: services,
             empty: Some("No service configured."),
+        },
+        Table {
+            id: "groups",
+            title: "Service groups".into(),
+            header: &["service", "strategy", "member", "health", "open", "why"],
+            rows: members,
+            empty: None,
+        },
+        Table {
+            id: "drains",
+            title: "Draining".into(),
+            header: &["agent", "draining for", "grace left", "open"],
+            rows: drains,
+            empty: None,
         },
         Table {
             id: "containers",
@@ -226,6 +294,8 @@ pub(crate) fn html(s: &Snapshot) -> String {
                 let class = match (table.id, column, cell.as_str()) {
                     ("services", 3, "up") => Some("up"),
                     ("services", 3, _) => Some("down"),
+                    ("groups", 3, "healthy") => Some("up"),
+                    ("groups", 3, _) => Some("down"),
                     _ => None,
                 };
                 let _ = match class {

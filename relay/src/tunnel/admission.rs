@@ -34,9 +34,16 @@ pub(crate) fn admit(config: &Config, agent: &str, hello: &Hello) -> Result<Welco
         .services
         .iter()
         .map(|offer| {
-            let refused = match config.services.get(&offer.name) {
-                Some(s) if s.agent == agent => None,
-                Some(s) => Some(format!("service {:?} belongs to agent {:?}", offer.name, s.agent)),
+            let refused = match config.group(&offer.name) {
+                Some(g) if g.has(agent) => None,
+                Some(g) if g.agents.len() == 1 => {
+                    Some(format!("service {:?} belongs to agent {:?}", offer.name, g.agents[0]))
+                }
+                Some(g) => Some(format!(
+                    "service {:?} belongs to the agents {}",
+                    offer.name,
+                    g.agents.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ")
+                )),
                 None => Some(format!("service {:?} is not configured on this relay", offer.name)),
             };
             ServiceVerdict { name: offer.name.clone(), refused }
@@ -82,7 +89,7 @@ listen = "127.0.0.1:0"
     #[test]
     fn admission_checks_agent_version_and_each_service() {
         let c = config();
-        let w = admit(&c, "winbox", &hello(1, 5, &["web", "db", "nope"])).expect("admitted");
+        let w = admit(&c, "winbox", &hello(1, PROTOCOL_VERSION, &["web", "db", "nope"])).expect("admitted");
         assert_eq!(w.version, PROTOCOL_VERSION);
         assert_eq!(w.services[0].refused, None);
         assert!(w.services[1].refused.as_deref().is_some_and(|r| r.contains("belongs to agent \"other\"")));

@@ -17,7 +17,7 @@ use crate::tunnel::{
     admission::admit,
     closed::{frame_error, Closed, ProtocolError},
     conflicts::Conflicts,
-    datagrams,
+    datagrams, health,
     identity::AgentCert,
     lanes,
     registry::{AgentSession, Lanes, PendingCommand},
@@ -112,6 +112,8 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
     let containers = Arc::new(Mutex::new(Vec::new()));
     let start_failures = Arc::new(Mutex::new(BTreeMap::new()));
     let transport_why = Arc::new(Mutex::new(String::new()));
+    let health = Arc::new(Mutex::new(BTreeMap::new()));
+    let drain_asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let session = AgentSession {
         id,
         name: name.clone(),
@@ -124,6 +126,8 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         containers: containers.clone(),
         start_failures: start_failures.clone(),
         transport_why: transport_why.clone(),
+        health: health.clone(),
+        drain_asked: drain_asked.clone(),
         serial: cert.id.serial.clone(),
         cert_issued_unix: cert.id.issued_unix,
         cert_not_after_unix: cert.not_after_unix,
@@ -174,12 +178,15 @@ pub(crate) async fn serve_agent(connection: Connection, cert: AgentCert, tunnels
         containers: &containers,
         start_failures: &start_failures,
         transport_why: &transport_why,
-        replies,
+        health: &health,
+        drain_asked: &drain_asked,
+        replies: replies.clone(),
     };
     // The agent's UDP flows come as datagrams on its tunnel (over TCP, kept only from now on).
     connection.accept_datagrams();
     let ended = tokio::select! {
         r = push_replicas(push) => r,
+        never = health::push_checks(&tunnels, (&name, id, welcome.version), replies) => match never {},
         r = control_reader(&mut recv, reader) => r,
         r = control_writer(&mut send, &mut command_rx, &mut reply_rx, &pending) => r,
         r = datagrams::from_agent(&connection, &name, &tunnels.flows, metrics) => r,
@@ -290,6 +297,8 @@ fn message_kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::Seek { .. } => "Seek",
         AgentMessage::StartFailures(_) => "StartFailures",
         AgentMessage::Transport { .. } => "Transport",
+        AgentMessage::Health(_) => "Health",
+        AgentMessage::Drain { .. } => "Drain",
     }
 }
 
@@ -308,6 +317,10 @@ struct Reader<'a> {
     start_failures: &'a Mutex<BTreeMap<String, u64>>,
     /// Why the agent chose the tunnel's transport, as it said.
     transport_why: &'a Mutex<String>,
+    /// How its checked services fare, as it said.
+    health: &'a Arc<Mutex<BTreeMap<String, sallyport_proto::ServiceHealth>>>,
+    /// It asked to be drained.
+    drain_asked: &'a std::sync::atomic::AtomicBool,
     /// Answers to the agent's requests, sent by the writer.
     replies: mpsc::Sender<RelayMessage>,
 }
@@ -334,6 +347,15 @@ async fn control_reader(recv: &mut RecvStream, reader: Reader<'_>) -> Result<Clo
                 *lock(reader.transport_why) = why;
             }
             AgentMessage::Offer(offers) => reader.offer(offers).await?,
+            AgentMessage::Health(report) => {
+                health::report(reader.tunnels, &reader.cert.id.agent, reader.health, report);
+                reader.tunnels.registry.touch();
+            }
+            AgentMessage::Drain { draining } => {
+                health::drain_asked(reader.drain_asked, draining);
+                reader.tunnels.registry.touch();
+            }
+
             AgentMessage::Hello(_) => return Err(ProtocolError::HelloTwice),
             AgentMessage::Lane { .. } => return Err(ProtocolError::LaneOnTunnel),
             AgentMessage::Seek { .. } => return Err(ProtocolError::SeekOnTunnel),
@@ -357,7 +379,7 @@ impl Reader<'_> {
         let tunnels = self.tunnels;
         let local: Vec<String> = tunnels.registry.subscribe().borrow().keys().cloned().collect();
         let agent = &self.cert.id.agent;
-        let named = tunnels.config.get().services.values().any(|s| &s.agent == agent);
+        let named = tunnels.config.get().knows_agent(agent);
         let renewed = tunnels
             .renewals
             .renew(

@@ -47,6 +47,8 @@ pub(crate) struct FlowState {
     pub(crate) sent: AtomicU64,
     /// The bandwidth caps of its service and agent when it opened: a datagram over one is dropped.
     pub(crate) pace: Option<Pace>,
+    /// The member of the service's group that carries it now; only its answers are taken.
+    pub(crate) agent: Mutex<Arc<str>>,
 }
 
 /// What a flow whose client has spoken once may be sent, at most, for each byte it sent (as QUIC
@@ -131,11 +133,11 @@ pub(crate) struct FlowRoutes {
 }
 
 impl FlowRoutes {
-    /// Registers a new flow of `service` for `client`, first carried on tunnel `tunnel`.
+    /// Registers a new flow of `service` for `client`, first carried by `agent` on tunnel `tunnel`.
     pub(crate) fn open(
         &self,
         client: SocketAddr,
-        tunnel: u64,
+        (agent, tunnel): (&str, u64),
         socket: &Arc<UdpSocket>,
         service: &Arc<Service>,
         pace: Option<Pace>,
@@ -157,6 +159,7 @@ impl FlowRoutes {
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             pace,
+            agent: Mutex::new(agent.into()),
         });
         by_id.insert(id, Route { flow: flow.clone(), socket: socket.clone(), service: service.clone() });
         flow
@@ -197,7 +200,7 @@ pub(crate) async fn from_agent(
         };
         // A flow the relay already forgot has no client any more.
         let Some(Route { flow, socket, service }) = flows.get(id) else { continue };
-        if service.agent != agent {
+        if *lock(&flow.agent).as_ref() != *agent {
             metrics.refused(&service.name, "foreign_flow");
             debug!(service = %service.name, flow = id, agent, "datagram for another agent's flow: dropped");
             continue;
@@ -242,6 +245,7 @@ mod tests {
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             pace: None,
+            agent: Mutex::new("winbox".into()),
         }
     }
 

@@ -9,6 +9,7 @@ mod conflicts;
 mod control;
 pub(crate) mod datagrams;
 mod gate;
+mod health;
 mod identity;
 mod lanes;
 pub(crate) mod registry;

@@ -35,6 +35,10 @@ pub struct AgentSession {
     pub start_failures: Arc<Mutex<BTreeMap<String, u64>>>,
     /// Why the agent chose this tunnel's transport, as it said (protocol 5 on; empty before).
     pub transport_why: Arc<Mutex<String>>,
+    /// How each checked service fares on the agent, as it last said (protocol 6 on), by service.
+    pub health: Arc<Mutex<BTreeMap<String, sallyport_proto::ServiceHealth>>>,
+    /// The agent asked to be drained (`sallyport-agent drain` on its host).
+    pub drain_asked: Arc<std::sync::atomic::AtomicBool>,
     /// Serial number of the certificate it connected with (hex).
     pub serial: String,
     /// When that certificate was issued, and when it stops being valid (Unix time).
@@ -62,6 +66,16 @@ impl AgentSession {
     /// The agent's connections to this relay: its tunnel and the lanes beside it.
     pub fn connections(&self) -> usize {
         1 + self.lanes.count()
+    }
+
+    /// The connection for the next data stream: the tunnel's own or one of its lanes, in turn.
+    pub(crate) fn next_connection(&self) -> sallyport_runtime::link::Connection {
+        self.lanes.pick()
+    }
+
+    /// The tunnel's own connection (which carries the agent's datagrams).
+    pub(crate) fn tunnel(&self) -> &sallyport_runtime::link::Connection {
+        &self.connection
     }
 
     /// Data streams routed so far to each connection (the tunnel's first, then each open lane's).
@@ -255,7 +269,7 @@ impl Registry {
                 let services: BTreeSet<String> = session
                     .offered
                     .iter()
-                    .filter(|name| config.services.get(*name).is_some_and(|s| s.agent == session.name))
+                    .filter(|name| config.services.contains_key(*name) && config.carries(name, &session.name))
                     .cloned()
                     .collect();
                 if services != session.services {
@@ -280,24 +294,15 @@ impl Registry {
         });
     }
 
-    /// The connection that carries the next data stream of `service` of `agent` (the tunnel or
-    /// one of its lanes, in turn), if that agent is connected and offers it.
-    pub(crate) fn route(&self, agent: &str, service: &str) -> Option<sallyport_runtime::link::Connection> {
-        let agents = self.agents.borrow();
-        let session = agents.get(agent)?;
-        session.services.contains(service).then(|| session.lanes.pick())
+    /// Runs `f` over the sessions now (one look, no copy): how a group picks its member.
+    pub(crate) fn view<R>(&self, f: impl FnOnce(&BTreeMap<String, AgentSession>) -> R) -> R {
+        f(&self.agents.borrow())
     }
 
-    /// The tunnel's own connection, which carries `service`'s datagrams (UDP services), if that
-    /// agent is connected and offers it.
-    pub(crate) fn route_datagrams(
-        &self,
-        agent: &str,
-        service: &str,
-    ) -> Option<sallyport_runtime::link::Connection> {
-        let agents = self.agents.borrow();
-        let session = agents.get(agent)?;
-        session.services.contains(service).then(|| session.connection.clone())
+    /// Tells the registry's watchers that something of a session changed in place (a member's
+    /// health, a drain the agent asked for).
+    pub(crate) fn touch(&self) {
+        self.agents.send_modify(|_| {});
     }
 
     /// The lanes of session `id` of `name`, if it is still the agent's session.

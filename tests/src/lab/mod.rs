@@ -36,6 +36,7 @@ mod cluster;
 mod hosts;
 mod servers;
 mod tunnel;
+mod windows_hosts;
 pub use batch::{output_text, transfer_spec, TRANSFER_PORT};
 pub use cluster::{
     pod_ip, KubeProxy, LabCluster, Policy, CLIENTS_VIP, CLIENT_NET_IP, PEER, TRANSFER_PORT as CLUSTER_PORT,
@@ -44,6 +45,7 @@ pub use cluster::{
 pub use hosts::lan_host_ip;
 pub use servers::postgres_data;
 pub use tunnel::{LabTunnel, TransferReport, TunnelSpec, QUIC_PORT};
+pub use windows_hosts::{windows_host_ip, wsl_of_ip};
 
 pub const RELAY_IP: Ipv4Addr = Ipv4Addr::new(10, 4, 0, 60);
 /// A second relay, for drain and high-availability tests.
@@ -132,6 +134,8 @@ pub struct Lab {
     pub client: Option<Netns>,
     /// More homelab hosts of a cluster lab, each on a network of its own ([`Lab::add_lan_host`]).
     pub hosts: Vec<Netns>,
+    /// More Windows hosts, each with its WSL2 side ([`Lab::add_windows_host`]).
+    pub windows: Vec<(Netns, Netns)>,
     dir: tempfile::TempDir,
     processes: Vec<Spawned>,
 }
@@ -173,6 +177,7 @@ impl Lab {
             pods: Vec::new(),
             client: None,
             hosts: Vec::new(),
+            windows: Vec::new(),
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
             processes: Vec::new(),
         };
@@ -301,6 +306,8 @@ impl Lab {
             Role::Pod(i) => &self.pods[i],
             Role::Client => self.client.as_ref().expect("a cluster lab (Lab::add_cluster)"),
             Role::Host(i) => &self.hosts[i],
+            Role::WinHost(i) => &self.windows[i].0,
+            Role::WslOf(i) => &self.windows[i].1,
         }
     }
 
@@ -386,6 +393,10 @@ pub enum Role {
     Client,
     /// Homelab host `i` beside the client ([`Lab::add_lan_host`]).
     Host(usize),
+    /// Windows host `i` beyond the first ([`Lab::add_windows_host`]).
+    WinHost(usize),
+    /// The WSL2 side of Windows host `i`.
+    WslOf(usize),
 }
 
 impl Drop for Lab {
@@ -393,7 +404,9 @@ impl Drop for Lab {
         for p in &mut self.processes {
             p.kill();
         }
-        let extra = self.wsl.iter().chain(&self.pods).chain(self.client.as_ref()).chain(&self.hosts);
+        let windows = self.windows.iter().flat_map(|(win, wsl)| [win, wsl]);
+        let extra =
+            self.wsl.iter().chain(&self.pods).chain(self.client.as_ref()).chain(&self.hosts).chain(windows);
         for n in [&self.home, &self.router, &self.win].into_iter().chain(extra) {
             let _ = Command::new("ip").args(["netns", "del", &n.name]).status();
         }

@@ -63,6 +63,31 @@ impl Lab {
         index
     }
 
+    /// nginx in `role` on `ip:port`, answering every request with `body` and a line break.
+    pub fn start_nginx(&mut self, role: Role, ip: std::net::Ipv4Addr, port: u16, body: &str) -> usize {
+        let dir = self.dir().join(format!("nginx-{ip}-{port}"));
+        std::fs::create_dir_all(&dir).expect("nginx dir");
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log stderr warn;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  \
+             scgi_temp_path {d}/scgi;\n  default_type text/plain;\n  \
+             server {{\n    listen {ip}:{port};\n    location / {{ return 200 \"{body}\\n\"; }}\n  }}\n}}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).expect("nginx.conf");
+        let (dir, path) = (dir.display().to_string(), path.display().to_string());
+        let index = self.spawn_program(role, "nginx", &["-e", "stderr", "-p", &dir, "-c", &path]);
+        let probe = format!("exec 3<>/dev/tcp/{ip}/{port}");
+        let deadline = std::time::Instant::now() + WAIT;
+        while !self.ns(role).output("bash", &["-c", &probe]).status.success() {
+            assert!(std::time::Instant::now() < deadline, "nginx on {ip}:{port} never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        index
+    }
+
     /// An iperf3 server on `WIN_IP:port`.
     pub fn start_iperf3(&mut self, port: u16) -> usize {
         let (ip, port) = (WIN_IP.to_string(), port.to_string());

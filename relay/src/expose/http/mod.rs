@@ -41,7 +41,7 @@ use self::{
     headers::{is_upgrade, prepare, request_host, strip_hop_by_hop},
     idle::IdleWatch,
     page::{page, Body},
-    pool::Pool,
+    pool::{Pool, Upstream},
     upstream::{connect, reason_of},
 };
 use crate::{
@@ -51,6 +51,7 @@ use crate::{
         tcp::{self, Lease},
         Exposure, LiveRoutes,
     },
+    groups::Picked,
     metrics::Outcome,
 };
 
@@ -181,7 +182,7 @@ async fn handle(
         return page(StatusCode::NOT_FOUND, &format!("no service is published under the host name {host:?}"));
     };
     let service = &served.service;
-    let mut entry = Entry::new(service, "http", peer);
+    let mut entry = Entry::new(&http.exposure, service, "http", peer);
     let (who, admitted) = admission(&req, peer, &service.name, &http.exposure);
     if who != peer.ip() {
         entry.client = SocketAddr::new(who, 0);
@@ -219,7 +220,7 @@ async fn handle(
     client.idle.serve(service.idle_timeout);
     let active = IdleAware { active: Some(metrics.connection(&service.name)), idle: &client.idle };
     let forwarded = tokio::select! {
-        r = forward(req, peer, &host, service, &served.retired, http, client) => r,
+        r = forward(req, peer, (&host, who), service, &served.retired, (http, client), &mut entry.agent) => r,
         () = served.retired.cancelled() => Err(Failure {
             status: StatusCode::SERVICE_UNAVAILABLE,
             reason: format!("the service {:?} was removed from the relay's configuration", service.name),
@@ -242,39 +243,44 @@ async fn handle(
     response
 }
 
+/// The member a request went to, for the page when its tunnel died under it.
+type Used = Option<(String, sallyport_runtime::link::Connection)>;
+
 async fn forward(
     mut req: Request<Incoming>,
     peer: SocketAddr,
-    host: &str,
+    (host, who): (&str, std::net::IpAddr),
     service: &Arc<Service>,
     retired: &CancellationToken,
-    http: &Http,
-    client: &ClientConnection,
+    (http, client): (&Http, &ClientConnection),
+    agent: &mut String,
 ) -> Result<Response<Body>, Failure> {
-    let pool = &client.pool;
-    let Some(connection) = http.exposure.agents.route(&service.agent, &service.name) else {
-        return Err(Failure {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            reason: format!("the agent {:?} of service {:?} is not connected", service.agent, service.name),
-            outcome: Outcome::NoAgent,
-        });
-    };
     let upgrade = is_upgrade(req.headers());
     prepare(&mut req, peer, host, upgrade);
+    let mut used: Used = None;
     let carried = if upgrade {
-        carry_upgrade(req, &connection, service, peer, &http.exposure, client.lease.clone(), retired.clone())
-            .await
+        carry_upgrade(
+            req,
+            (service, peer, who),
+            &http.exposure,
+            client.lease.clone(),
+            retired.clone(),
+            &mut used,
+        )
+        .await
     } else {
-        carry(req, &connection, service, peer, pool, &http.exposure).await
+        carry(req, (service, peer, who), &client.pool, &http.exposure, &mut used).await
     };
+    let Some((member, connection)) = used else { return carried };
+    agent.clone_from(&member);
     // A tunnel that died under the request (its agent went silent, or the path went dark): the
     // service is unavailable, and the page says why.
     carried.map_err(|failure| match connection.close_reason() {
         Some(reason) => Failure {
             status: StatusCode::SERVICE_UNAVAILABLE,
             reason: format!(
-                "the tunnel to agent {:?} of service {:?} was lost: {reason}",
-                service.agent, service.name
+                "the tunnel to agent {member:?} of service {:?} was lost: {reason}",
+                service.name
             ),
             outcome: Outcome::NoAgent,
         },
@@ -282,26 +288,45 @@ async fn forward(
     })
 }
 
-/// A plain request, on a pooled upstream connection of this client's or a new one.
+/// The member of `service`'s group that takes a new upstream connection for client `who`.
+fn pick(service: &Service, who: std::net::IpAddr, exposure: &Exposure) -> Result<Picked, Failure> {
+    exposure.pick(service, who).ok_or_else(|| Failure {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        reason: exposure.groups.none_usable(&exposure.config.get(), &service.name),
+        outcome: Outcome::NoAgent,
+    })
+}
+
+/// A plain request, on this client connection's kept upstream connection to the service, or a
+/// new one to the member its group gives.
 async fn carry(
     req: Request<Incoming>,
-    connection: &sallyport_runtime::link::Connection,
-    service: &Arc<Service>,
-    peer: SocketAddr,
+    (service, peer, who): (&Arc<Service>, SocketAddr, std::net::IpAddr),
     pool: &Pool,
     exposure: &Exposure,
+    used: &mut Used,
 ) -> Result<Response<Body>, Failure> {
-    let key = service.name.clone();
-    let tunnel = connection.stable_id();
     let mut req = Some(req);
     while let Some(request) = req.take() {
-        let (mut sender, reused) = match pool.take(&key, tunnel) {
-            Some(sender) => (sender, true),
-            None => (connect(connection, service, peer, false, exposure).await?, false),
+        let (mut upstream, reused) = match pool.take(&service.name) {
+            Some(upstream) => (upstream, true),
+            None => {
+                let picked = pick(service, who, exposure)?;
+                *used = Some((picked.agent.clone(), picked.connection.clone()));
+                let sender = connect(&picked, service, peer, false, exposure).await?;
+                (Upstream { sender, picked }, false)
+            }
         };
-        match sender.try_send_request(request).await {
+        *used = Some((upstream.picked.agent.clone(), upstream.picked.connection.clone()));
+        // A kept connection whose last response is still going out is ready once it is.
+        let ready = if reused { upstream.sender.ready().await.is_ok() } else { true };
+        if !ready {
+            req = Some(request);
+            continue;
+        }
+        match upstream.sender.try_send_request(request).await {
             Ok(mut response) => {
-                pool.put(key, tunnel, sender);
+                pool.put(service.name.clone(), upstream);
                 strip_hop_by_hop(response.headers_mut(), false);
                 return Ok(response.map(Either::Left));
             }
@@ -318,22 +343,24 @@ async fn carry(
 /// An `Upgrade` request: its own stream, and after `101` the two connections are spliced.
 async fn carry_upgrade(
     mut req: Request<Incoming>,
-    connection: &sallyport_runtime::link::Connection,
-    service: &Service,
-    peer: SocketAddr,
+    (service, peer, who): (&Arc<Service>, SocketAddr, std::net::IpAddr),
     exposure: &Exposure,
     lease: Arc<Lease>,
     retired: CancellationToken,
+    used: &mut Used,
 ) -> Result<Response<Body>, Failure> {
     let client_side = hyper::upgrade::on(&mut req);
     let idle = service.idle_timeout;
-    let mut sender = connect(connection, service, peer, true, exposure).await?;
+    let picked = pick(service, who, exposure)?;
+    *used = Some((picked.agent.clone(), picked.connection.clone()));
+    let mut sender = connect(&picked, service, peer, true, exposure).await?;
     let mut response = sender.send_request(req).await.map_err(|e| Failure::bad_gateway(reason_of(&e)))?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let target_side = hyper::upgrade::on(&mut response);
         exposure.runtime.clients.spawn(
             async move {
-                // Holds the client's places under the caps for as long as the upgraded connection.
+                // Holds the client's places under the caps, and its member's count, for as long
+                // as the upgraded connection.
                 let _lease = lease;
                 let spliced = async {
                     match tokio::try_join!(client_side, target_side) {
@@ -344,6 +371,7 @@ async fn carry_upgrade(
                 tokio::select! {
                     () = spliced => {}
                     () = retired.cancelled() => debug!("service removed by a reload: upgraded connection ended"),
+                    () = picked.cut.cancelled() => debug!(agent = %picked.agent, "the agent's drain grace is over: upgraded connection ended"),
                 }
             }
             .instrument(info_span!("upgraded", service = %service.name, %peer)),

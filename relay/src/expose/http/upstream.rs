@@ -26,14 +26,14 @@ use crate::{config::Service, expose::Exposure, tunnel::streams};
 /// A new HTTP/1.1 connection to the service's target, carried on a new data stream.
 /// Its bytes each way pass the bandwidth caps of the service and its agent.
 pub(super) async fn connect(
-    connection: &sallyport_runtime::link::Connection,
+    picked: &crate::groups::Picked,
     service: &Service,
     peer: SocketAddr,
     upgrades: bool,
     exposure: &Exposure,
 ) -> Result<client::SendRequest<Incoming>, Failure> {
     let tasks = &exposure.runtime.clients;
-    let (send, recv) = streams::open(connection, service, peer, &[])
+    let (send, recv) = streams::open(&picked.connection, service, peer, &[])
         .await
         .map_err(|e| Failure::bad_gateway(format!("cannot open a stream to the agent: {e}")))?;
     // A client that stops reading a response holds the stream's window; cut beyond the tunnel's
@@ -41,13 +41,14 @@ pub(super) async fn connect(
     let cut = recv.stall_cut().unwrap_or_default();
     let io = TokioIo::new(Paced::new(
         AgentStream { send, recv, answered: false, failed: None },
-        exposure.pace(service),
+        exposure.pace(service, &picked.agent),
     ));
     let (sender, conn) = client::Builder::new()
         .handshake(io)
         .await
         .map_err(|e| Failure::bad_gateway(format!("HTTP handshake: {e}")))?;
     let span = info_span!("upstream", service = %service.name);
+    let drained = picked.cut.clone();
     // The connection's driver is served with the client connections (drained with them).
     if upgrades {
         tasks.spawn(
@@ -57,6 +58,7 @@ pub(super) async fn connect(
                         debug!(error = %e, "target connection ended");
                     },
                     () = cut.cancelled() => debug!("client stopped reading: target connection cut"),
+                    () = drained.cancelled() => debug!("the agent's drain grace is over: target connection cut"),
                 }
             }
             .instrument(span),
@@ -69,6 +71,7 @@ pub(super) async fn connect(
                         debug!(error = %e, "target connection ended");
                     },
                     () = cut.cancelled() => debug!("client stopped reading: target connection cut"),
+                    () = drained.cancelled() => debug!("the agent's drain grace is over: target connection cut"),
                 }
             }
             .instrument(span),

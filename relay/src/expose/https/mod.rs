@@ -106,7 +106,7 @@ async fn route<L>(
         return;
     };
     let service = &served.service;
-    let mut entry = Entry::new(service, "https", peer);
+    let mut entry = Entry::new(exposure, service, "https", peer);
     entry.server_name = Some(&name);
     if let Err(reason) = gate::admit(exposure, &service.name, Some(Counted::Connections), peer.ip()) {
         sallyport_runtime::limited!(debug, service = %service.name, reason, "refused by the service's access rules or rate: reset");
@@ -117,7 +117,7 @@ async fn route<L>(
     }
     let span = info_span!("client", service = %service.name, server_name = %name);
     let (outcome, up, down) = tokio::select! {
-        carried = tcp::carry(stream, peer, service, exposure, &buf).instrument(span) => carried,
+        carried = tcp::carry(stream, peer, service, exposure, &buf, &mut entry.agent).instrument(span) => carried,
         () = served.retired.cancelled() => (Outcome::Reset, 0, 0),
     };
     entry.log(exposure, gate::result_of(outcome), up, down, None);
