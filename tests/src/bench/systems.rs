@@ -37,6 +37,9 @@ pub enum Kind {
     /// admits the client (every new connection scans it all), and one JSON line per connection
     /// written to a file.
     SallyportGated,
+    /// Sallyport with the service on a round-robin group of two agents (two agent processes on
+    /// the agent's side, each with the defaults): what spreading clients over members costs.
+    SallyportGroup,
     /// rathole over plain TCP: no encryption.
     Rathole,
     /// rathole over its noise transport (Noise_NK_25519_ChaChaPoly_BLAKE2s): encrypted, the fair
@@ -46,12 +49,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Direct,
         Kind::Sallyport,
         Kind::SallyportTwoThreads,
         Kind::SallyportTcp,
         Kind::SallyportGated,
+        Kind::SallyportGroup,
         Kind::Rathole,
         Kind::RatholeNoise,
         Kind::Bore,
@@ -64,6 +68,7 @@ impl Kind {
             Self::SallyportTwoThreads => "sallyport-2-threads",
             Self::SallyportTcp => "sallyport-tcp",
             Self::SallyportGated => "sallyport-gated",
+            Self::SallyportGroup => "sallyport-group",
             Self::Rathole => "rathole",
             Self::RatholeNoise => "rathole-noise",
             Self::Bore => "bore",
@@ -274,7 +279,11 @@ pub fn start(
                 (direct, None, None)
             }
         }
-        Kind::Sallyport | Kind::SallyportTwoThreads | Kind::SallyportTcp | Kind::SallyportGated => {
+        Kind::Sallyport
+        | Kind::SallyportTwoThreads
+        | Kind::SallyportTcp
+        | Kind::SallyportGated
+        | Kind::SallyportGroup => {
             // The defaults, or one thread each side, or over TCP.
             let (relay_extra, agent_extra, lanes) = match kind {
                 Kind::SallyportTwoThreads => ("threads = 2\n", "lanes = 2\n", 2),
@@ -284,8 +293,14 @@ pub fn start(
             let (quic, entry) = (at(home, free_port_on(home)), at(home, free_port_on(home)));
             let dir = tools.dir.path();
             let pki = tools.pki.dir();
+            let names: &[&str] = if kind == Kind::SallyportGroup { &["bench", "bench2"] } else { &["bench"] };
+            let members = if kind == Kind::SallyportGroup {
+                "agents = [\"bench\", \"bench2\"]\nstrategy = \"round-robin\"".to_owned()
+            } else {
+                "agent = \"bench\"".to_owned()
+            };
             let mut relay = format!(
-                "[relay]\nlisten = \"{quic}\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/relay.crt\"\nkey = \"{0}/relay.key\"\nmemory_budget = \"5GiB\"\nmax_connections = 30000\nmax_connections_per_ip = 30000\n{relay_extra}[services.bench]\nagent = \"bench\"\nlisten = \"{entry}\"\n",
+                "[relay]\nlisten = \"{quic}\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/relay.crt\"\nkey = \"{0}/relay.key\"\nmemory_budget = \"5GiB\"\nmax_connections = 30000\nmax_connections_per_ip = 30000\n{relay_extra}[services.bench]\n{members}\nlisten = \"{entry}\"\n",
                 pki.display()
             );
             if kind == Kind::SallyportGated {
@@ -299,35 +314,40 @@ pub fn start(
                     dir.join("access.log").display()
                 ));
             }
-            let bundle = tools.pki.agent_bundle("bench");
             let mut dial = quic;
             if delay.is_some() {
                 dial = at(ground.proxy_ip(), free_port_on(ground.proxy_ip()));
                 let mode = if kind == Kind::SallyportTcp { "tcp-delay" } else { "impair" };
                 delayed(&mut procs, mode, dial, quic);
             }
-            let agent = format!(
-                "[agent]\nrelays = [\"{dial}\"]\nserver_name = \"localhost\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/agent.crt\"\nkey = \"{0}/agent.key\"\n{agent_extra}[services.bench]\ntarget = \"tcp://{target}\"\n",
-                bundle.display()
-            );
             std::fs::write(dir.join("relay.toml"), relay)?;
-            std::fs::write(dir.join("agent.toml"), agent)?;
             let mut r = spawn(
                 ground.home(&tools.relay),
                 &["serve".into(), "--config".into(), dir.join("relay.toml").display().to_string()],
             );
             r.wait_line("relay ready", READY);
             procs.push(r);
-            let mut a = spawn(
-                ground.agent_side(&tools.agent),
-                &["run".into(), "--config".into(), dir.join("agent.toml").display().to_string()],
-            );
-            a.wait_line("tunnel up", READY);
-            for _ in 1..lanes {
-                a.wait_line("lane up", READY);
+            let server = procs.len() - 1;
+            for name in names {
+                let bundle = tools.pki.agent_bundle(name);
+                let agent = format!(
+                    "[agent]\nrelays = [\"{dial}\"]\nserver_name = \"localhost\"\nca_cert = \"{0}/ca.crt\"\ncert = \"{0}/agent.crt\"\nkey = \"{0}/agent.key\"\n{agent_extra}[services.bench]\ntarget = \"tcp://{target}\"\n",
+                    bundle.display()
+                );
+                let toml = dir.join(format!("{name}.toml"));
+                std::fs::write(&toml, agent)?;
+                let mut a = spawn(
+                    ground.agent_side(&tools.agent),
+                    &["run".into(), "--config".into(), toml.display().to_string()],
+                );
+                a.wait_line("tunnel up", READY);
+                for _ in 1..lanes {
+                    a.wait_line("lane up", READY);
+                }
+                procs.push(a);
             }
-            procs.push(a);
-            (entry, Some(procs.len() - 2), Some(procs.len() - 1))
+            // The first agent's memory is the client's figure.
+            (entry, Some(server), Some(server + 1))
         }
         Kind::Rathole | Kind::RatholeNoise => {
             let (control, entry) = (at(home, free_port_on(home)), at(home, free_port_on(home)));

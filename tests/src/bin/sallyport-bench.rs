@@ -185,7 +185,13 @@ async fn run_ground(
         let mut order: Vec<Kind> = Kind::ALL
             .into_iter()
             .filter(|k| match &cli.systems[..] {
-                [] => !(cli.quick && matches!(*k, Kind::SallyportTwoThreads | Kind::SallyportGated)),
+                [] => {
+                    !(cli.quick
+                        && matches!(
+                            *k,
+                            Kind::SallyportTwoThreads | Kind::SallyportGated | Kind::SallyportGroup
+                        ))
+                }
                 named => named.iter().any(|s| s == k.name()),
             })
             .collect();
@@ -426,8 +432,10 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
          where UDP does not get out); its ratio is to plain rathole, the other TCP tunnel.\n\n\
          `sallyport, rules + log` runs the defaults with a 100-rule access list whose last rule admits \
          the client and the access log written to a file; its ratio is to `sallyport`.\n\n\
-         | metric | direct | sallyport | sallyport, 2 threads | sallyport over TCP | rathole | rathole noise | bore | vs rathole | vs rathole noise | vs bore | TCP vs rathole | sallyport, rules + log | rules + log vs sallyport | command |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         `sallyport, group of 2` runs the service on a round-robin group of two agents (two agent \
+         processes with the defaults); its ratio is to `sallyport`.\n\n\
+         | metric | direct | sallyport | sallyport, 2 threads | sallyport over TCP | rathole | rathole noise | bore | vs rathole | vs rathole noise | vs bore | TCP vs rathole | sallyport, rules + log | rules + log vs sallyport | sallyport, group of 2 | group vs sallyport | command |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         machine(),
         rounds,
         match (quick, cfg!(debug_assertions)) {
@@ -442,7 +450,7 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
             continue;
         }
         out.push_str(&format!(
-            "| {metric} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | `{command}` |\n",
+            "| {metric} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | `{command}` |\n",
             cell(metric, Kind::Direct),
             cell(metric, Kind::Sallyport),
             cell(metric, Kind::SallyportTwoThreads),
@@ -456,6 +464,8 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
             ratio(r, metric, Kind::SallyportTcp, Kind::Rathole, *higher),
             cell(metric, Kind::SallyportGated),
             ratio(r, metric, Kind::SallyportGated, Kind::Sallyport, *higher),
+            cell(metric, Kind::SallyportGroup),
+            ratio(r, metric, Kind::SallyportGroup, Kind::Sallyport, *higher),
         ));
     }
     out
