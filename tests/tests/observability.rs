@@ -213,7 +213,8 @@ async fn the_operators_kit_queries_only_metrics_the_relay_exports() {
     assert!(in_rules.len() >= 4 && in_dashboard.len() >= 12, "{in_rules:?} {in_dashboard:?}");
 
     // A relay and an agent with one service of each kind, an agent the config names that never
-    // comes, and a declared container whose engine is not there: what the kit's queries look at.
+    // comes, a service group of both, and a declared container whose engine is not there: what the
+    // kit's queries look at.
     let pki = TestPki::new();
     let target = targets::transfer_server().await;
     let web = targets::http_ok("hello").await;
@@ -231,7 +232,8 @@ async fn the_operators_kit_queries_only_metrics_the_relay_exports() {
          [services.web]\nagent = \"winbox\"\nhosts = [\"web.home.lan\"]\n\
          [services.echo]\nagent = \"winbox\"\nudp = \"127.0.0.1:0\"\n\
          [services.other]\nagent = \"ghost\"\nlisten = \"127.0.0.1:0\"\n\
-         [services.boxed]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n",
+         [services.boxed]\nagent = \"winbox\"\nlisten = \"127.0.0.1:0\"\n\
+         [services.pair]\nagents = [\"winbox\", \"ghost\"]\nlisten = \"127.0.0.1:0\"\n",
     ))
     .await;
     let agent = RunningAgent::start(pki.agent_config_toml(

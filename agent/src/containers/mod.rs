@@ -350,17 +350,35 @@ impl Containers {
         let started = Instant::now();
         let result = tokio::time::timeout(limit, async {
             let (ip, cold) = self.ensure_running(&slot).await?;
-            let tcp = self.until_ready(&slot, SocketAddr::new(ip, port)).await?;
-            if cold {
-                // A container that exited at once frees its address, and the engine may give it to
-                // another container at once: the connection counts only if ours still runs (a
-                // running container keeps its address).
-                self.inner.engine.check_alive(&slot.spec()).await?;
-                let took = started.elapsed();
-                info!(container = %name, cold_start = ?took, "container started for a connection");
-                lock(&slot.stats).last_cold_start = Some(took);
+            let ready = async {
+                let tcp = self.until_ready(&slot, SocketAddr::new(ip, port)).await?;
+                if cold {
+                    // A container that exited at once frees its address, and the engine may give it
+                    // to another container at once: the connection counts only if ours still runs (a
+                    // running container keeps its address).
+                    self.inner.engine.check_alive(&slot.spec()).await?;
+                }
+                Ok(tcp)
+            };
+            match ready.await {
+                Ok(tcp) if cold => {
+                    let took = started.elapsed();
+                    info!(container = %name, cold_start = ?took, "container started for a connection");
+                    lock(&slot.stats).last_cold_start = Some(took);
+                    Ok(tcp)
+                }
+                // The engine started it, and it exited (or ran out of memory) before it took a
+                // connection: a failed start too.
+                Err(e @ (ContainerError::ExitedDuringStart { .. } | ContainerError::OutOfMemory { .. }))
+                    if cold =>
+                {
+                    let mut stats = lock(&slot.stats);
+                    stats.failed_starts += 1;
+                    stats.last_start_failed = true;
+                    Err(e)
+                }
+                other => other,
             }
-            Ok(tcp)
         })
         .await;
         match result {
