@@ -39,7 +39,7 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run only these systems (direct, sallyport, sallyport-2-threads, sallyport-tcp,
-    /// sallyport-gated, rathole, rathole-noise, bore); all by default.
+    /// sallyport-gated, sallyport-group, rathole, rathole-noise, bore); all by default.
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
 }
