@@ -40,6 +40,9 @@ pub enum Kind {
     /// Sallyport with the service on a round-robin group of two agents (two agent processes on
     /// the agent's side, each with the defaults): what spreading clients over members costs.
     SallyportGroup,
+    /// The same group with only its first agent running: the relay's group machinery (health,
+    /// drains, the turn) on every connection without a second agent process on the machine.
+    SallyportGroupOneUp,
     /// rathole over plain TCP: no encryption.
     Rathole,
     /// rathole over its noise transport (Noise_NK_25519_ChaChaPoly_BLAKE2s): encrypted, the fair
@@ -49,13 +52,14 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Direct,
         Kind::Sallyport,
         Kind::SallyportTwoThreads,
         Kind::SallyportTcp,
         Kind::SallyportGated,
         Kind::SallyportGroup,
+        Kind::SallyportGroupOneUp,
         Kind::Rathole,
         Kind::RatholeNoise,
         Kind::Bore,
@@ -69,6 +73,7 @@ impl Kind {
             Self::SallyportTcp => "sallyport-tcp",
             Self::SallyportGated => "sallyport-gated",
             Self::SallyportGroup => "sallyport-group",
+            Self::SallyportGroupOneUp => "sallyport-group-1-up",
             Self::Rathole => "rathole",
             Self::RatholeNoise => "rathole-noise",
             Self::Bore => "bore",
@@ -283,7 +288,8 @@ pub fn start(
         | Kind::SallyportTwoThreads
         | Kind::SallyportTcp
         | Kind::SallyportGated
-        | Kind::SallyportGroup => {
+        | Kind::SallyportGroup
+        | Kind::SallyportGroupOneUp => {
             // The defaults, or one thread each side, or over TCP.
             let (relay_extra, agent_extra, lanes) = match kind {
                 Kind::SallyportTwoThreads => ("threads = 2\n", "lanes = 2\n", 2),
@@ -294,7 +300,7 @@ pub fn start(
             let dir = tools.dir.path();
             let pki = tools.pki.dir();
             let names: &[&str] = if kind == Kind::SallyportGroup { &["bench", "bench2"] } else { &["bench"] };
-            let members = if kind == Kind::SallyportGroup {
+            let members = if matches!(kind, Kind::SallyportGroup | Kind::SallyportGroupOneUp) {
                 "agents = [\"bench\", \"bench2\"]\nstrategy = \"round-robin\"".to_owned()
             } else {
                 "agent = \"bench\"".to_owned()

@@ -39,7 +39,8 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run only these systems (direct, sallyport, sallyport-2-threads, sallyport-tcp,
-    /// sallyport-gated, sallyport-group, rathole, rathole-noise, bore); all by default.
+    /// sallyport-gated, sallyport-group, sallyport-group-1-up, rathole, rathole-noise, bore); all by
+    /// default.
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
 }
@@ -189,7 +190,10 @@ async fn run_ground(
                     !(cli.quick
                         && matches!(
                             *k,
-                            Kind::SallyportTwoThreads | Kind::SallyportGated | Kind::SallyportGroup
+                            Kind::SallyportTwoThreads
+                                | Kind::SallyportGated
+                                | Kind::SallyportGroup
+                                | Kind::SallyportGroupOneUp
                         ))
                 }
                 named => named.iter().any(|s| s == k.name()),
@@ -433,9 +437,11 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
          `sallyport, rules + log` runs the defaults with a 100-rule access list whose last rule admits \
          the client and the access log written to a file; its ratio is to `sallyport`.\n\n\
          `sallyport, group of 2` runs the service on a round-robin group of two agents (two agent \
-         processes with the defaults); its ratio is to `sallyport`.\n\n\
-         | metric | direct | sallyport | sallyport, 2 threads | sallyport over TCP | rathole | rathole noise | bore | vs rathole | vs rathole noise | vs bore | TCP vs rathole | sallyport, rules + log | rules + log vs sallyport | sallyport, group of 2 | group vs sallyport | command |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         processes with the defaults); `group, 1 up` is that group with only its first agent running \
+         (the relay's group work on every connection, no second agent process on the machine); their \
+         ratios are to `sallyport`.\n\n\
+         | metric | direct | sallyport | sallyport, 2 threads | sallyport over TCP | rathole | rathole noise | bore | vs rathole | vs rathole noise | vs bore | TCP vs rathole | sallyport, rules + log | rules + log vs sallyport | sallyport, group of 2 | group vs sallyport | group, 1 up | 1 up vs sallyport | command |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         machine(),
         rounds,
         match (quick, cfg!(debug_assertions)) {
@@ -450,7 +456,7 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
             continue;
         }
         out.push_str(&format!(
-            "| {metric} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | `{command}` |\n",
+            "| {metric} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | `{command}` |\n",
             cell(metric, Kind::Direct),
             cell(metric, Kind::Sallyport),
             cell(metric, Kind::SallyportTwoThreads),
@@ -466,6 +472,8 @@ fn render(r: &Results, ground: &str, rounds: usize, quick: bool) -> String {
             ratio(r, metric, Kind::SallyportGated, Kind::Sallyport, *higher),
             cell(metric, Kind::SallyportGroup),
             ratio(r, metric, Kind::SallyportGroup, Kind::Sallyport, *higher),
+            cell(metric, Kind::SallyportGroupOneUp),
+            ratio(r, metric, Kind::SallyportGroupOneUp, Kind::Sallyport, *higher),
         ));
     }
     out
