@@ -3,6 +3,7 @@
 //! followed through the engine's event stream. Containers the agent creates carry its labels; it
 //! never touches any other.
 
+mod check;
 mod engine;
 mod model;
 pub mod spec;
@@ -82,6 +83,13 @@ impl Slot {
     /// The spec in force.
     fn spec(&self) -> Arc<ContainerSpec> {
         sallyport_runtime::sync::read(&self.spec).clone()
+    }
+
+    /// Counts a failed start; a health check counts the container out until a start succeeds.
+    fn start_failed(&self) {
+        let mut stats = lock(&self.stats);
+        stats.failed_starts += 1;
+        stats.last_start_failed = true;
     }
 }
 
@@ -328,17 +336,6 @@ impl Containers {
         }
     }
 
-    /// For a health check, without starting anything: the container's address when it runs,
-    /// `None` when it is stopped and may be started on demand, or why it is not available (its
-    /// latest start failed, the engine cannot be reached).
-    pub async fn check_target(&self, name: &str) -> Result<Option<IpAddr>, String> {
-        let slot = self.slot(name).map_err(|e| e.to_string())?;
-        if lock(&slot.stats).last_start_failed {
-            return Err(format!("the latest start of container {name:?} failed"));
-        }
-        self.inner.engine.running_address(&slot.spec()).await.map_err(|e| e.to_string())
-    }
-
     /// Connects to `port` of container `name`, starting it first when it is stopped (bounded by
     /// the start timeout); the lease keeps it from idling out while the connection lives.
     pub async fn connect(&self, name: &str, port: u16) -> Result<(TcpStream, Lease), ContainerError> {
@@ -372,9 +369,7 @@ impl Containers {
                 Err(e @ (ContainerError::ExitedDuringStart { .. } | ContainerError::OutOfMemory { .. }))
                     if cold =>
                 {
-                    let mut stats = lock(&slot.stats);
-                    stats.failed_starts += 1;
-                    stats.last_start_failed = true;
+                    slot.start_failed();
                     Err(e)
                 }
                 other => other,
@@ -405,9 +400,7 @@ impl Containers {
     async fn created(&self, slot: &Arc<Slot>) -> Result<Inspected, ContainerError> {
         let created = self.inner.engine.ensure_created(&slot.spec()).await;
         if created.is_err() {
-            let mut stats = lock(&slot.stats);
-            stats.failed_starts += 1;
-            stats.last_start_failed = true;
+            slot.start_failed();
         }
         created
     }
@@ -423,11 +416,7 @@ impl Containers {
                 slot.state.send_replace(ContainerState::Running { health: None });
             }
             Err(e) => {
-                {
-                    let mut stats = lock(&slot.stats);
-                    stats.failed_starts += 1;
-                    stats.last_start_failed = true;
-                }
+                slot.start_failed();
                 warn!(
                     event_id = crate::events::id::CONTAINER_START_FAILED,
                     container = %slot.spec().name,

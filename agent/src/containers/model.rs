@@ -54,4 +54,6 @@ pub enum ContainerError {
     NoAddress { name: String, network: String },
     #[error("Docker refused: {0}")]
     Docker(String),
+    #[error("the latest start of container {0:?} failed")]
+    LastStartFailed(String),
 }

@@ -59,7 +59,7 @@ async fn one(
             }
             Err(why) => {
                 (successes, failures) = (0, failures.saturating_add(1));
-                why.clone()
+                why.to_string()
             }
         };
         let next = match state {
