@@ -77,6 +77,17 @@ async fn members(relay: &RunningRelay, service: &str) -> BTreeMap<String, String
         .collect()
 }
 
+/// The connections member `agent` of `service` carries now, from the status page.
+async fn open_on(relay: &RunningRelay, service: &str, agent: &str) -> usize {
+    status(relay)
+        .await
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cols| cols.len() >= 5 && cols[0] == service && cols[2] == agent)
+        .and_then(|cols| cols[4].parse().ok())
+        .unwrap_or(0)
+}
+
 /// Waits until the members of `service` stand as `wanted`; says how long it took.
 async fn wait_members(relay: &RunningRelay, service: &str, wanted: &[(&str, &str)]) -> Duration {
     let started = Instant::now();
@@ -374,7 +385,12 @@ async fn a_drained_agent_finishes_its_transfers_and_takes_no_new_connection() {
     let transfers: Vec<_> = (0..20u64)
         .map(|seed| tokio::spawn(sallyport_tests::transfer::run(bulk, 1 << 10, DOWN, seed)))
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Drained once a carries its share of them (the status page's open connections).
+    let started = Instant::now();
+    while open_on(&relay, "bulk", "a").await < 10 {
+        assert!(started.elapsed() < Duration::from_secs(15), "the transfers never reached a");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (code, body) = admin(&relay, "/agents/a/drain?grace=5m").await;
     assert_eq!(code, 200, "{body}");
     println!("{}", body.trim());

@@ -51,9 +51,9 @@ pub(crate) fn admit(
 #[derive(Debug)]
 pub(crate) struct Entry<'a> {
     pub(crate) service: &'a str,
-    /// The agent that carried it: a one-agent service's agent, or the member a group chose (empty
-    /// when it was refused before one was).
-    pub(crate) agent: String,
+    /// The member of the service's group that carried it, once one was chosen. Without one the
+    /// line names a one-agent service's agent (and no agent for a group).
+    pub(crate) agent: Option<std::sync::Arc<str>>,
     pub(crate) kind: &'static str,
     pub(crate) client: SocketAddr,
     /// The proxy the client came through, when the client is the address it named.
@@ -63,20 +63,10 @@ pub(crate) struct Entry<'a> {
 }
 
 impl<'a> Entry<'a> {
-    pub(crate) fn new(
-        exposure: &Exposure,
-        service: &'a Service,
-        kind: &'static str,
-        client: SocketAddr,
-    ) -> Self {
-        let config = exposure.config.get();
-        let agent = match config.group(&service.name).map(|g| g.agents.as_slice()) {
-            Some([only]) => only.clone(),
-            _ => String::new(),
-        };
+    pub(crate) fn new(service: &'a Service, kind: &'static str, client: SocketAddr) -> Self {
         Self {
             service: &service.name,
-            agent,
+            agent: None,
             kind,
             client,
             via: None,
@@ -97,9 +87,14 @@ impl<'a> Entry<'a> {
         if !exposure.access_log.is_on() {
             return;
         }
-        let mut record =
-            Record::now((self.service, &self.agent), self.kind, self.client, result, self.elapsed());
-        record.transport = exposure.agents.transport_of(&self.agent).map(|t| match t {
+        let config = exposure.config.get();
+        let agent = match (&self.agent, config.group(self.service).map(|g| g.agents.as_slice())) {
+            (Some(agent), _) => agent,
+            (None, Some([only])) => only.as_str(),
+            (None, _) => "",
+        };
+        let mut record = Record::now((self.service, agent), self.kind, self.client, result, self.elapsed());
+        record.transport = exposure.agents.transport_of(agent).map(|t| match t {
             Transport::Quic => "quic",
             Transport::Tcp => "tcp",
         });

@@ -121,7 +121,7 @@ pub(crate) async fn serve(
         let span = info_span!("client", service = %served.service.name, %peer);
         async move {
             let service = &served.service;
-            let mut entry = Entry::new(&exposure, service, "tcp", peer);
+            let mut entry = Entry::new(service, "tcp", peer);
             if let Err(reason) = gate::admit(&exposure, &service.name, Some(Counted::Connections), peer.ip())
             {
                 debug!(reason, "refused by the service's access rules or rate: reset");
@@ -154,7 +154,7 @@ pub(crate) async fn carry(
     service: &Service,
     exposure: &Exposure,
     first: &[u8],
-    agent: &mut String,
+    agent: &mut Option<std::sync::Arc<str>>,
 ) -> (Outcome, u64, u64) {
     let _ = stream.set_nodelay(true);
     // Until the splice forwards a FIN, closing this socket (even by a crash) must reset the client.
@@ -165,7 +165,7 @@ pub(crate) async fn carry(
         active.end(Outcome::NoAgent, 0, 0);
         return (Outcome::NoAgent, 0, 0);
     };
-    agent.clone_from(&picked.agent);
+    *agent = Some(picked.agent.clone());
     let (mut send, mut recv) = match streams::open(&picked.connection, service, peer, first).await {
         Ok(pair) => pair,
         Err(e) => {

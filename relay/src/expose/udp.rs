@@ -115,7 +115,7 @@ pub(crate) async fn serve(
             Some(flow) => {
                 if let Some(agent) = moved {
                     debug!(service = %service.name, flow = flow.id, %agent, "the flow moves to another member of the service's group");
-                    *sallyport_runtime::sync::lock(&flow.agent) = agent.into();
+                    *sallyport_runtime::sync::lock(&flow.agent) = agent;
                     flow.confirmed.store(false, Ordering::Relaxed);
                 }
                 flow
@@ -123,7 +123,7 @@ pub(crate) async fn serve(
             None => {
                 let agent = moved.unwrap_or_default();
                 let pace = exposure.pace(service, &agent);
-                let flow = flows.open(client, (&agent, tunnel), &socket, service, pace);
+                let flow = flows.open(client, (agent, tunnel), &socket, service, pace);
                 if let Some((_, old)) = table.insert(client, flow.clone()) {
                     flows.lock().remove(&old.id);
                     metrics.refused(&service.name, "flow_evicted");

@@ -62,7 +62,8 @@ impl State {
 /// and its place in the member's count of live connections (held as long as the connection).
 #[derive(Debug)]
 pub(crate) struct Picked {
-    pub(crate) agent: String,
+    /// Shared, so a request on a kept upstream connection names its member without a copy.
+    pub(crate) agent: Arc<str>,
     pub(crate) connection: sallyport_runtime::link::Connection,
     pub(crate) _live: Live,
     /// Cancelled when the agent's drain grace ends: what it still carries is cut.
@@ -181,7 +182,7 @@ impl Groups {
             let count = self.count(service, agent);
             count.fetch_add(1, Ordering::Relaxed);
             Some(Picked {
-                agent: agent.clone(),
+                agent: Arc::from(agent.as_str()),
                 connection,
                 _live: Live(count),
                 cut: self.drains.cut_of(agent),
@@ -199,7 +200,7 @@ impl Groups {
         config: &Config,
         (service, client): (&str, IpAddr),
         current: Option<&str>,
-    ) -> Option<(Option<String>, sallyport_runtime::link::Connection)> {
+    ) -> Option<(Option<Arc<str>>, sallyport_runtime::link::Connection)> {
         if let Some(agent) = current {
             let group = config.group(service).filter(|g| g.has(agent));
             let drained = group.is_some() && self.drains.is_drained(agent);

@@ -137,7 +137,7 @@ impl FlowRoutes {
     pub(crate) fn open(
         &self,
         client: SocketAddr,
-        (agent, tunnel): (&str, u64),
+        (agent, tunnel): (Arc<str>, u64),
         socket: &Arc<UdpSocket>,
         service: &Arc<Service>,
         pace: Option<Pace>,
@@ -159,7 +159,7 @@ impl FlowRoutes {
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             pace,
-            agent: Mutex::new(agent.into()),
+            agent: Mutex::new(agent),
         });
         by_id.insert(id, Route { flow: flow.clone(), socket: socket.clone(), service: service.clone() });
         flow

@@ -182,7 +182,7 @@ async fn handle(
         return page(StatusCode::NOT_FOUND, &format!("no service is published under the host name {host:?}"));
     };
     let service = &served.service;
-    let mut entry = Entry::new(&http.exposure, service, "http", peer);
+    let mut entry = Entry::new(service, "http", peer);
     let (who, admitted) = admission(&req, peer, &service.name, &http.exposure);
     if who != peer.ip() {
         entry.client = SocketAddr::new(who, 0);
@@ -244,7 +244,7 @@ async fn handle(
 }
 
 /// The member a request went to, for the page when its tunnel died under it.
-type Used = Option<(String, sallyport_runtime::link::Connection)>;
+type Used = Option<(Arc<str>, sallyport_runtime::link::Connection)>;
 
 async fn forward(
     mut req: Request<Incoming>,
@@ -253,7 +253,7 @@ async fn forward(
     service: &Arc<Service>,
     retired: &CancellationToken,
     (http, client): (&Http, &ClientConnection),
-    agent: &mut String,
+    agent: &mut Option<Arc<str>>,
 ) -> Result<Response<Body>, Failure> {
     let upgrade = is_upgrade(req.headers());
     prepare(&mut req, peer, host, upgrade);
@@ -272,7 +272,7 @@ async fn forward(
         carry(req, (service, peer, who), &client.pool, &http.exposure, &mut used).await
     };
     let Some((member, connection)) = used else { return carried };
-    agent.clone_from(&member);
+    *agent = Some(member.clone());
     // A tunnel that died under the request (its agent went silent, or the path went dark): the
     // service is unavailable, and the page says why.
     carried.map_err(|failure| match connection.close_reason() {

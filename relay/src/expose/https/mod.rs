@@ -106,7 +106,7 @@ async fn route<L>(
         return;
     };
     let service = &served.service;
-    let mut entry = Entry::new(exposure, service, "https", peer);
+    let mut entry = Entry::new(service, "https", peer);
     entry.server_name = Some(&name);
     if let Err(reason) = gate::admit(exposure, &service.name, Some(Counted::Connections), peer.ip()) {
         sallyport_runtime::limited!(debug, service = %service.name, reason, "refused by the service's access rules or rate: reset");
