@@ -34,6 +34,7 @@ use crate::process::{binary, Spawned};
 mod batch;
 mod cluster;
 mod hosts;
+mod one_at_a_time;
 mod servers;
 mod tunnel;
 mod windows_hosts;
