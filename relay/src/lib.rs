@@ -13,7 +13,10 @@
 //!   loop (one handler per message), the registry of connected agents, opening data streams, the
 //!   datagrams agents send back.
 //! - `expose/`: how homelab clients reach services: `tcp`, `udp`, `http/` (routing by Host, the
-//!   upstream pool), `https/` (routing by SNI; the ClientHello parser is in `sallyport_proto`), per-address caps.
+//!   upstream pool), `https/` (routing by SNI, passed through or terminated; the ClientHello
+//!   parser is in `sallyport_proto`), per-address caps.
+//! - `certs/`: the certificates of terminated HTTPS services as served now, read again when their
+//!   files change, picked by server name.
 //! - `cluster/`: several replicas behind one address: the writer of tokens and revocations, the
 //!   others' reports to it, and the list of replicas serving that agents follow.
 //! - [`trust`]: the PKI, enrollment with join tokens, revocations, state files.
@@ -27,6 +30,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+mod certs;
 pub mod cli;
 mod cluster;
 pub mod config;

@@ -177,6 +177,7 @@ impl Relay {
             runtime: runtime.clone(),
             agents: registry.clone(),
             groups: Default::default(),
+            certs: Default::default(),
             trust: Arc::new(trust),
             admin_token,
             read_token,
@@ -308,7 +309,7 @@ impl Relay {
         let exposure = Arc::new(Exposure::new(
             live.clone(),
             runtime.clone(),
-            (registry.clone(), ops.groups.clone()),
+            (registry.clone(), ops.groups.clone(), ops.certs.clone()),
             handoff,
             access_log,
         ));
@@ -317,6 +318,7 @@ impl Relay {
         let reloader =
             Reloader { live: live.clone(), listeners, registry: registry.clone(), runtime: runtime.clone() };
         background.spawn(reload::watch(reloader, reloads, shutdown.clone()));
+        background.spawn(ops.certs.clone().watch(shutdown.clone()));
         let (limits, budget) = (&config.relay, config.relay.budget());
         info!(
             memory_budget_mib = limits.memory_budget >> 20,

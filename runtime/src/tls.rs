@@ -321,6 +321,8 @@ pub struct CertInfo {
     pub not_before_unix: i64,
     /// The serial number, lowercase hex.
     pub serial: String,
+    /// The issuer's distinguished name, as text.
+    pub issuer: String,
 }
 
 /// Why a certificate could not be inspected or verified.
@@ -366,6 +368,7 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
         not_after_unix: cert.validity().not_after.timestamp(),
         not_before_unix: cert.validity().not_before.timestamp(),
         serial: crate::hex::encode(cert.tbs_certificate.raw_serial()),
+        issuer: cert.issuer().to_string(),
     })
 }
 

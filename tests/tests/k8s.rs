@@ -470,3 +470,40 @@ fn the_monitoring_component_renders_and_its_pieces_agree() {
         parsed["panels"].as_array().map_or(0, Vec::len)
     );
 }
+
+/// The cert-manager component (`components/https-certificate`): the relay mounts the Secret the
+/// Certificate is issued into, as a whole folder (a renewal reaches the pod), its files readable by
+/// the relay's group only (the relay refuses a key every user may read), where the documented
+/// `[certificates]` table reads it.
+#[test]
+fn the_https_certificate_component_mounts_the_certificates_secret() {
+    if !tools_or_skip() {
+        return;
+    }
+    let yaml = kustomize(&k8s_dir().join("overlays/homelab-https"));
+    validate(&yaml, "overlay homelab-https");
+    let docs = documents(&yaml);
+    let certificate = find(&docs, "Certificate", "sallyport-web");
+    assert_eq!(certificate["metadata"]["namespace"].as_str(), Some("sallyport"));
+    let secret = certificate["spec"]["secretName"].as_str().expect("secretName");
+    let pod = &find(&docs, "StatefulSet", "sallyport-relay")["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["secret"]["secretName"].as_str() == Some(secret))
+        .expect("a volume of the Certificate's Secret");
+    assert_eq!(volume["secret"]["defaultMode"].as_u64(), Some(0o440), "{volume:?}");
+    assert_eq!(pod["securityContext"]["fsGroup"].as_u64(), Some(65532), "the relay's group reads it");
+    let name = volume["name"].as_str().expect("volume name");
+    let mounts = pod["containers"][0]["volumeMounts"].as_sequence().expect("mounts");
+    let mount = mounts.iter().find(|m| m["name"].as_str() == Some(name)).expect("mounted");
+    assert!(mount["subPath"].is_null(), "a subPath mount never sees a renewal");
+    let path = mount["mountPath"].as_str().expect("mountPath");
+    assert_eq!(mounts.len(), 4, "the base's mounts are kept: {mounts:?}");
+    let docs_page = std::fs::read_to_string(k8s_dir().join("../../docs/https.md")).expect("docs/https.md");
+    for file in ["tls.crt", "tls.key"] {
+        assert!(docs_page.contains(&format!("{path}/{file}")), "docs/https.md reads {path}/{file}");
+    }
+    println!("cert-manager Secret {secret} mounted at {path} (mode 0440)");
+}

@@ -16,12 +16,14 @@ pub mod access;
 mod auth;
 mod bandwidth;
 mod budget;
+pub mod certificates;
 pub mod group;
 mod raw;
 mod relay_keys;
 
 pub use access::{Access, ServiceAccess};
 pub use budget::{default_threads, Budget, DEFAULT_MEMORY_BUDGET};
+pub use certificates::{Certificate, Loaded};
 pub use group::{Group, Health, Strategy};
 use raw::{RawCluster, RawConfig};
 pub use relay_keys::RelayKeys;
@@ -42,6 +44,8 @@ pub struct Config {
     pub services: BTreeMap<String, Service>,
     /// Who may reach which service (`[access]` and each service's `access`), and the access log.
     pub access: Access,
+    /// The certificates of the HTTPS services the relay terminates, read when the file loaded.
+    pub certificates: BTreeMap<String, (Certificate, Loaded)>,
     /// Each service's agents, strategy and health check, by service name.
     pub groups: BTreeMap<String, Group>,
 }
@@ -92,6 +96,18 @@ pub struct Service {
     /// A client connection (TCP, HTTP once a request named the service, HTTP after an upgrade)
     /// that moves no byte either way for this long is closed; `None` for long-lived protocols that sit quiet (`idle_timeout = "0s"`).
     pub idle_timeout: Option<Duration>,
+    /// An HTTPS service whose TLS the relay terminates (`tls = "terminate"`); `None`: passed
+    /// through (or not an HTTPS service).
+    pub terminate: Option<Terminate>,
+}
+
+/// What a terminated HTTPS service adds to its HTTP handling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Terminate {
+    /// Plain HTTP requests for its names on the HTTP listener get a redirect to HTTPS.
+    pub redirect_http: bool,
+    /// `Strict-Transport-Security: max-age=...` on its responses.
+    pub hsts: Option<Duration>,
 }
 
 /// How a service is exposed.
@@ -180,6 +196,7 @@ impl Config {
                  `agent` and `listen` (the relay has no open mode)",
             ));
         }
+        let loaded_certificates = certificates::from_raw(path, raw.certificates)?;
         let mut services = BTreeMap::new();
         let mut seen_listen = BTreeMap::new();
         let mut seen_names = BTreeMap::new();
@@ -241,6 +258,13 @@ impl Config {
                 Duration::ZERO..=Duration::from_secs(7 * 86_400),
             )?;
             let idle_timeout = (!idle_timeout.is_zero()).then_some(idle_timeout);
+            let terminate = certificates::terminate(
+                path,
+                &key,
+                (&listen, r.http_listen.is_some()),
+                (s.tls.as_deref(), s.redirect_http, s.hsts.map(Duration::from)),
+                &loaded_certificates,
+            )?;
             let load_balancer_ip = s.load_balancer_ip;
             let rates = access::RawRates {
                 connections_per_second: s.connections_per_second,
@@ -256,14 +280,16 @@ impl Config {
                 bandwidth: s.bandwidth,
                 bandwidth_burst: s.bandwidth_burst,
             };
-            access.insert(name.clone(), (raw_access, matches!(listen, Listen::Http(_))));
+            let is_http = matches!(listen, Listen::Http(_)) || terminate.is_some();
+            access.insert(name.clone(), (raw_access, is_http));
             let raw_group =
                 group::RawGroup { agent: s.agent, agents: s.agents, strategy: s.strategy, health: s.health };
             groups.insert(
                 name.clone(),
                 Group::from_raw(path, &key, raw_group, matches!(listen, Listen::Udp(_)))?,
             );
-            services.insert(name.clone(), Service { name, listen, load_balancer_ip, idle_timeout });
+            services
+                .insert(name.clone(), Service { name, listen, load_balancer_ip, idle_timeout, terminate });
         }
         let tcp_tunnel = r.tcp_listen.filter(|a| r.tcp_tunnel && Some(*a) != r.https_listen);
         for (key, addr) in [
@@ -288,6 +314,7 @@ impl Config {
             services,
             access: Access::from_raw(path, raw.access, access)?,
             groups,
+            certificates: loaded_certificates,
         })
     }
 

@@ -17,6 +17,8 @@ pub(crate) struct RawConfig {
     pub(crate) access: Option<super::access::RawAccess>,
     #[serde(default)]
     pub(crate) services: BTreeMap<String, RawService>,
+    #[serde(default)]
+    pub(crate) certificates: BTreeMap<String, super::certificates::RawCertificate>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -42,6 +44,9 @@ pub(crate) struct RawService {
     pub(crate) udp: Option<SocketAddr>,
     pub(crate) hosts: Option<Vec<String>>,
     pub(crate) sni: Option<Vec<String>>,
+    pub(crate) tls: Option<String>,
+    pub(crate) redirect_http: Option<bool>,
+    pub(crate) hsts: Option<HumanDuration>,
     pub(crate) load_balancer_ip: Option<std::net::IpAddr>,
     pub(crate) idle_timeout: Option<HumanDuration>,
     pub(crate) access: Option<Vec<String>>,

@@ -66,9 +66,12 @@ sallyport_runtime::config_section! {
         agent_cert_validity: Duration = DAY * 30, from HumanDuration, within(SECOND * 10..=DAY * 3650), restart;
         /// TCP address of the HTTP listener that routes requests by `Host` (services with `hosts`).
         http_listen: Option<SocketAddr> = None, from SocketAddr, value("an address host:port"), live;
-        /// TCP address of the HTTPS listener that routes TLS connections by SNI without
-        /// terminating them (services with `sni`).
+        /// TCP address of the HTTPS listener that routes TLS connections by SNI (services with
+        /// `sni`), passed through or terminated (`tls = "terminate"`).
         https_listen: Option<SocketAddr> = None, from SocketAddr, value("an address host:port"), live;
+        /// The port clients reach the HTTPS listener on (behind a LoadBalancer, its port, not
+        /// `https_listen`'s): a terminated service's redirect from plain HTTP names it.
+        https_public_port: usize = 443, from usize, within(1..=65_535), live;
         /// A tunnel with no traffic (not even keep-alives) for this long is dead.
         idle_timeout: Duration = sallyport_runtime::limits::IDLE_TIMEOUT, from HumanDuration, within(MILLISECOND * 500..=HOUR), restart;
         /// A quiet tunnel sends a keep-alive after this long (at most five sixths of `idle_timeout`).

@@ -193,6 +193,8 @@ impl Listeners {
     /// Serves `config` with `sockets` (bound for it by [`Sockets::bind`] against these listeners).
     pub(crate) fn apply(&mut self, config: &Config, mut sockets: Sockets) -> Changes {
         let grace = config.relay.drain_grace;
+        // The certificates first: a terminated service is routed only once its certificate is held.
+        self.exposure.certs.apply(config);
         let tasks = self.exposure.runtime.accepting.clone();
         let retire = |served: Arc<Served>| retire(&tasks, served, grace);
         let mut changes = Changes::default();
@@ -292,12 +294,18 @@ impl Listeners {
         *write(&self.https_routes) = new_https;
 
         let (exposure, http_routes) = (self.exposure.clone(), self.http_routes.clone());
+        let https_routes = self.https_routes.clone();
         let running = self.http.take();
         self.http = self.shared(running, config.relay.http_listen, sockets.http.take(), |listener, stop| {
             if let Ok(addr) = listener.local_addr() {
                 info!(%addr, hosts, "HTTP listener routing by Host");
             }
-            exposure.runtime.accepting.spawn(http::serve(listener, exposure.clone(), http_routes, stop));
+            exposure.runtime.accepting.spawn(http::serve(
+                listener,
+                exposure.clone(),
+                (http_routes, https_routes),
+                stop,
+            ));
         });
         let (exposure, https_routes) = (self.exposure.clone(), self.https_routes.clone());
         let running = self.https.take();

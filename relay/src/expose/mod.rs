@@ -43,6 +43,8 @@ pub(crate) struct Exposure {
     pub(crate) rates: crate::access::rates::Rates,
     /// The bandwidth caps of services and agents.
     pub(crate) bandwidth: crate::access::bandwidth::Bandwidth,
+    /// The certificates of the HTTPS services the relay terminates.
+    pub(crate) certs: Arc<crate::certs::Store>,
     /// Where the HTTPS listener hands agents' TCP tunnels (their ClientHello offers the tunnel's
     /// ALPN) when it shares the tunnel's port.
     pub(crate) tunnel_handoff: mpsc::Sender<Handoff>,
@@ -52,7 +54,7 @@ impl Exposure {
     pub(crate) fn new(
         config: Arc<Live>,
         runtime: Arc<Runtime>,
-        (agents, groups): (Arc<Registry>, Arc<crate::groups::Groups>),
+        (agents, groups, certs): (Arc<Registry>, Arc<crate::groups::Groups>, Arc<crate::certs::Store>),
         tunnel_handoff: mpsc::Sender<Handoff>,
         access_log: crate::access::log::AccessLog,
     ) -> Self {
@@ -66,6 +68,7 @@ impl Exposure {
             runtime,
             agents,
             groups,
+            certs,
             tunnel_handoff,
         }
     }

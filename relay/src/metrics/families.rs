@@ -39,6 +39,7 @@ impl Default for Metrics {
             udp_offload: Family::default(),
             agent_up: Family::default(),
             cert_expiry: Family::default(),
+            service_certs: Default::default(),
             relay_cert_not_after: std::sync::atomic::AtomicI64::new(0),
             issuer_cert_not_after: std::sync::atomic::AtomicI64::new(0),
             ready: Gauge::default(),
@@ -205,7 +206,7 @@ impl Default for Metrics {
         m.registry.register(
             "certificate_expiry_timestamp_seconds",
             "When a certificate stops being valid, as Unix time: the relay's own, the intermediate CA it \
-             carries (`issuer`), and each connected agent's",
+             carries (`issuer`), each connected agent's, and each terminated HTTPS service's (`service`)",
             m.cert_expiry.clone(),
         );
         m.registry.register(

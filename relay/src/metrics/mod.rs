@@ -81,6 +81,8 @@ pub(crate) struct Metrics {
     revocations_missing: Gauge,
     /// The relay's own certificate's end of validity (Unix time; 0: not known).
     relay_cert_not_after: std::sync::atomic::AtomicI64,
+    /// The certificates of terminated HTTPS services: name, end of validity (Unix time).
+    service_certs: std::sync::Mutex<Vec<(String, i64)>>,
     issuer_cert_not_after: std::sync::atomic::AtomicI64,
     container_state: Family<Labels, Gauge>,
     start_failures: Family<Labels, Counter>,

@@ -8,6 +8,11 @@ use sallyport_runtime::quic::counted::UdpFigures;
 use super::{AgentGauges, Metrics, MAX_CONTAINER_SERIES};
 
 impl Metrics {
+    /// The certificates of terminated HTTPS services the next exposition shows.
+    pub(crate) fn service_certificates(&self, certificates: Vec<(String, i64)>) {
+        *sallyport_runtime::sync::lock(&self.service_certs) = certificates;
+    }
+
     /// The exposition, with the per-agent figures of `agents` (the connected ones) and an up/down
     /// line for each agent in `named` (the agents the config's services name).
     pub(crate) fn render<'a>(
@@ -43,6 +48,10 @@ impl Metrics {
         let issuer_cert = self.issuer_cert_not_after.load(Ordering::Relaxed);
         if issuer_cert != 0 {
             self.cert_expiry.get_or_create(&vec![("certificate", "issuer".to_owned())]).set(issuer_cert);
+        }
+        for (name, not_after) in sallyport_runtime::sync::lock(&self.service_certs).iter() {
+            let labels = vec![("certificate", "service".to_owned()), ("name", name.clone())];
+            self.cert_expiry.get_or_create(&labels).set(*not_after);
         }
         for name in named {
             self.agent_up.get_or_create(&vec![("agent", name.clone())]).set(0);

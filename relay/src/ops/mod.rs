@@ -27,6 +27,8 @@ pub(crate) struct Ops {
     pub(crate) agents: Arc<Registry>,
     /// Service groups: drains, live connections per member.
     pub(crate) groups: Arc<crate::groups::Groups>,
+    /// The certificates of terminated HTTPS services.
+    pub(crate) certs: Arc<crate::certs::Store>,
     pub(crate) trust: Arc<Trust>,
     /// The bearer token operator calls need; none configured: they are refused.
     pub(crate) admin_token: Option<auth::AdminToken>,

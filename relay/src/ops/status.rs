@@ -24,6 +24,20 @@ pub(crate) struct Snapshot {
     /// with a draining member: (service, strategy, member).
     pub members: Vec<(String, &'static str, crate::groups::MemberView)>,
     pub drains: Vec<(crate::groups::DrainView, usize)>,
+    /// The certificates of terminated HTTPS services.
+    pub certificates: Vec<CertificateRow>,
+}
+
+#[derive(Debug)]
+pub(crate) struct CertificateRow {
+    pub name: String,
+    pub names: String,
+    pub issuer: String,
+    /// The end of validity as a date, and the days left.
+    pub expires: String,
+    pub file: String,
+    /// Why its files could not be read at the last look (the served one stays), or `-`.
+    pub problem: String,
 }
 
 #[derive(Debug)]
@@ -128,7 +142,28 @@ pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
             (d, live)
         })
         .collect();
-    Snapshot { ready: ops.is_ready(), agents: agent_rows, services, members, drains }
+    let now = sallyport_runtime::clock::unix_now() as i64;
+    let certificates = ops
+        .certs
+        .list()
+        .into_iter()
+        .map(|(name, held)| CertificateRow {
+            name,
+            names: held.loaded.names.join(", "),
+            issuer: printable(&held.loaded.issuer),
+            expires: format!(
+                "{} ({} d)",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH
+                        + std::time::Duration::from_secs(held.loaded.not_after_unix.max(0) as u64)
+                ),
+                (held.loaded.not_after_unix - now).div_euclid(86_400)
+            ),
+            file: held.files.cert.display().to_string(),
+            problem: held.error.as_deref().map_or_else(|| "-".to_owned(), printable),
+        })
+        .collect();
+    Snapshot { ready: ops.is_ready(), agents: agent_rows, services, members, drains, certificates }
 }
 
 fn bytes(n: u64) -> String {
@@ -162,7 +197,7 @@ fn seconds(d: std::time::Duration) -> String {
     humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string()
 }
 
-fn tables(s: &Snapshot) -> [Table; 5] {
+fn tables(s: &Snapshot) -> [Table; 6] {
     let agents = s
         .agents
         .iter()
@@ -221,6 +256,20 @@ fn tables(s: &Snapshot) -> [Table; 5] {
         .flat_map(|a| a.containers.iter().map(move |(name, state, ms)| (a, name, state, ms)))
         .map(|(a, name, state, ms)| vec![a.name.clone(), name.clone(), state.clone(), cold(*ms)])
         .collect();
+    let certificates = s
+        .certificates
+        .iter()
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                c.names.clone(),
+                c.issuer.clone(),
+                c.expires.clone(),
+                c.file.clone(),
+                c.problem.clone(),
+            ]
+        })
+        .collect();
     [
         Table {
             id: "agents",
@@ -255,6 +304,13 @@ fn tables(s: &Snapshot) -> [Table; 5] {
             title: "Containers".into(),
             header: &["agent", "container", "state", "last cold start"],
             rows: containers,
+            empty: None,
+        },
+        Table {
+            id: "certificates",
+            title: "Certificates".into(),
+            header: &["certificate", "names", "issuer", "expires", "file", "problem"],
+            rows: certificates,
             empty: None,
         },
     ]

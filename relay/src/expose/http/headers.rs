@@ -11,6 +11,12 @@ use hyper::{
 /// The host a request is for: its `Host` header, lower-cased, without port or trailing dot. An
 /// absolute-form target must name the same host.
 pub(super) fn request_host<B>(req: &Request<B>) -> Result<String, HostError> {
+    // HTTP/2 names the host in the `:authority` pseudo-header (the URI's authority) and most
+    // clients send no Host header beside it.
+    if req.version() == hyper::Version::HTTP_2 && !req.headers().contains_key(header::HOST) {
+        let authority = req.uri().authority().ok_or(HostError::Missing)?;
+        return host_only(authority.as_str()).ok_or(HostError::NotAName);
+    }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let (Some(value), None) = (hosts.next(), hosts.next()) else {
         return Err(if req.headers().contains_key(header::HOST) {
@@ -122,7 +128,17 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// Makes a client's request fit to send on: hop-by-hop headers out, forwarding headers in, and
 /// the target in origin form.
-pub(super) fn prepare<B>(req: &mut Request<B>, peer: SocketAddr, host: &str, upgrade: bool) {
+pub(super) fn prepare<B>(req: &mut Request<B>, peer: SocketAddr, host: &str, (upgrade, tls): (bool, bool)) {
+    // A request that came over HTTP/2 goes to the target as HTTP/1.1, its authority as Host.
+    if req.version() == hyper::Version::HTTP_2 {
+        *req.version_mut() = hyper::Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(value) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                req.headers_mut().insert(header::HOST, value);
+            }
+        }
+    }
+    let proto = if tls { "https" } else { "http" };
     let original_host = req.headers().get(header::HOST).cloned();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
@@ -132,7 +148,7 @@ pub(super) fn prepare<B>(req: &mut Request<B>, peer: SocketAddr, host: &str, upg
     }
     let ip = peer.ip().to_canonical();
     append(headers, HeaderName::from_static("x-forwarded-for"), &ip.to_string());
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
     if let Some(value) = original_host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), value);
     }
@@ -140,7 +156,7 @@ pub(super) fn prepare<B>(req: &mut Request<B>, peer: SocketAddr, host: &str, upg
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("\"[{v6}]\""),
     };
-    append(headers, header::FORWARDED, &format!("for={node};host=\"{host}\";proto=http"));
+    append(headers, header::FORWARDED, &format!("for={node};host=\"{host}\";proto={proto}"));
     if req.uri().authority().is_some() {
         let origin = req.uri().path_and_query().map_or("/", |p| p.as_str());
         if let Ok(uri) = origin.parse::<Uri>() {
@@ -202,7 +218,7 @@ mod tests {
             .header("x-forwarded-for", "203.0.113.7")
             .body(())
             .expect("request");
-        prepare(&mut req, "[2001:db8::9]:4000".parse().unwrap(), "app.lan", false);
+        prepare(&mut req, "[2001:db8::9]:4000".parse().unwrap(), "app.lan", (false, false));
         let h = req.headers();
         assert_eq!(req.uri(), "/path?q=1");
         assert!(
@@ -240,7 +256,7 @@ mod tests {
             .body(())
             .expect("request");
         assert!(is_upgrade(req.headers()));
-        prepare(&mut req, "10.0.0.2:5000".parse().unwrap(), "app.lan", true);
+        prepare(&mut req, "10.0.0.2:5000".parse().unwrap(), "app.lan", (true, false));
         assert_eq!(req.headers()[header::UPGRADE], "websocket");
         assert_eq!(req.headers()[header::CONNECTION], "upgrade");
         assert_eq!(req.headers()[header::FORWARDED], "for=10.0.0.2;host=\"app.lan\";proto=http");
@@ -264,7 +280,7 @@ mod tests {
             let mut req = upgrade(other);
             assert!(!is_upgrade(req.headers()), "{other}");
             let upgraded = is_upgrade(req.headers());
-            prepare(&mut req, "10.0.0.9:4000".parse().unwrap(), "app.lan", upgraded);
+            prepare(&mut req, "10.0.0.9:4000".parse().unwrap(), "app.lan", (upgraded, false));
             assert!(req.headers().get(header::UPGRADE).is_none(), "{other}");
         }
     }
@@ -280,7 +296,7 @@ mod tests {
             .header("x-client-ip", "127.0.0.1")
             .body(())
             .expect("request");
-        prepare(&mut req, "10.0.0.9:4000".parse().unwrap(), "app.lan", false);
+        prepare(&mut req, "10.0.0.9:4000".parse().unwrap(), "app.lan", (false, false));
         for name in ["x-real-ip", "true-client-ip", "x-forwarded-port", "x-client-ip"] {
             assert!(req.headers().get(name).is_none(), "{name}");
         }

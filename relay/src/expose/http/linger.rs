@@ -34,7 +34,7 @@ static LINGERING: AtomicUsize = AtomicUsize::new(0);
 
 /// A client's TCP stream that lingers when dropped after something was written to it.
 #[derive(Debug)]
-pub(super) struct Lingering {
+pub(crate) struct Lingering {
     stream: Option<TcpStream>,
     wrote: bool,
 }

@@ -29,10 +29,17 @@ use sallyport_runtime::{
 
 use http_body_util::Either;
 use hyper::{
-    body::Incoming, server::conn::http1 as server, service::service_fn, Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderValue},
+    server::conn::{http1 as server, http2},
+    service::service_fn,
+    Request, Response, StatusCode,
 };
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
@@ -67,13 +74,35 @@ mod upstream;
 
 use upstream::Failure;
 
-/// The HTTP listener's own state: its host names (replaced by a reload).
+/// A client's TCP stream as the HTTP handling takes it: closed with a lingering close.
+pub(crate) type Plain = linger::Lingering;
+
+/// Wraps an accepted client connection for the HTTP handling.
+pub(crate) fn plain(stream: TcpStream) -> Plain {
+    let _ = stream.set_nodelay(true);
+    linger::Lingering::new(stream)
+}
+
+/// The state of one listener's HTTP handling: the plain HTTP listener's (its host names), or
+/// the HTTPS listener's for the services it terminates (their server names).
 #[derive(Debug)]
-struct Http {
-    exposure: Arc<Exposure>,
+pub(crate) struct Http {
+    pub(crate) exposure: Arc<Exposure>,
     routes: LiveRoutes,
     /// Logins that passed and hosts that failed too often (services with a login).
     logins: auth::Logins,
+    /// Requests arrive over TLS the relay terminated: only terminated services are routed.
+    tls: bool,
+    /// On the plain listener: the HTTPS listener's names, for terminated services that redirect
+    /// plain HTTP to HTTPS.
+    redirects: Option<LiveRoutes>,
+}
+
+impl Http {
+    /// The HTTP handling of the HTTPS listener's terminated services.
+    pub(crate) fn terminated(exposure: Arc<Exposure>, routes: LiveRoutes) -> Self {
+        Self { exposure, routes, logins: auth::Logins::default(), tls: true, redirects: None }
+    }
 }
 
 /// Accepts HTTP clients until `stop` is cancelled; open connections then finish their current
@@ -81,12 +110,19 @@ struct Http {
 pub(crate) async fn serve(
     listener: TcpListener,
     exposure: Arc<Exposure>,
-    routes: LiveRoutes,
+    (routes, redirects): (LiveRoutes, LiveRoutes),
     stop: CancellationToken,
 ) {
-    let http = Arc::new(Http { exposure: exposure.clone(), routes, logins: auth::Logins::default() });
+    let http = Arc::new(Http {
+        exposure: exposure.clone(),
+        routes,
+        logins: auth::Logins::default(),
+        tls: false,
+        redirects: Some(redirects),
+    });
     tcp::accept_loop(listener, "http", exposure, stop.clone(), |stream, peer, lease| {
-        connection(stream, peer, http.clone(), lease, stop.clone()).instrument(info_span!("http", %peer))
+        connection(plain(stream), peer, http.clone(), lease, stop.clone(), false)
+            .instrument(info_span!("http", %peer))
     })
     .await;
 }
@@ -101,21 +137,23 @@ struct ClientConnection {
     idle: IdleWatch,
 }
 
-async fn connection(
-    stream: TcpStream,
+/// Serves the requests of one client connection (HTTP/2 when `h2`, which only TLS negotiates).
+pub(crate) async fn connection<S>(
+    stream: S,
     peer: SocketAddr,
     http: Arc<Http>,
     lease: Arc<Lease>,
     stop: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
+    h2: bool,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let config = http.exposure.config.get();
     let limits = &config.relay;
     let metrics = &http.exposure.runtime.metrics;
     // This client connection's own upstream connections; they close with it.
     let client = Arc::new(ClientConnection { pool: Pool::default(), lease, idle: IdleWatch::default() });
-    // Closed with a lingering close, so a client still sending a body reads the answer.
-    let stream = Watched::new(linger::Lingering::new(stream), client.idle.activity.clone());
+    let stream = Watched::new(stream, client.idle.activity.clone());
     let handler = {
         let (http, client) = (http.clone(), client.clone());
         service_fn(move |req| {
@@ -123,23 +161,36 @@ async fn connection(
             async move { Ok::<_, Infallible>(handle(req, peer, &http, &client).await) }
         })
     };
-    let conn = server::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        .serve_connection(TokioIo::new(stream), handler)
-        .with_upgrades();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-        () = client.idle.expired() => {
-            debug!(%peer, "client connection idle for its service's idle_timeout: closed");
-            return;
-        }
+    // Both kinds of connection end the same way: done, drained on shutdown, or idle.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                () = client.idle.expired() => {
+                    debug!(%peer, "client connection idle for its service's idle_timeout: closed");
+                    return;
+                }
+            }
+        }};
+    }
+    let result = if h2 {
+        drive!(http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .serve_connection(TokioIo::new(stream), handler))
+    } else {
+        drive!(server::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(limits.max_header_bytes)
+            .serve_connection(TokioIo::new(stream), handler)
+            .with_upgrades())
     };
     match result {
         Ok(()) => {}
@@ -177,12 +228,17 @@ async fn handle(
             return page(StatusCode::BAD_REQUEST, &reason.to_string());
         }
     };
-    let Some(served) = sallyport_runtime::sync::read(&http.routes).get(&host).cloned() else {
-        metrics.refused("http", "unknown_host");
+    let listener = if http.tls { "https" } else { "http" };
+    let found = sallyport_runtime::sync::read(&http.routes).get(&host).cloned();
+    let Some(served) = found.filter(|s| s.service.terminate.is_some() || !http.tls) else {
+        if let Some(response) = redirect(&req, &host, http) {
+            return response;
+        }
+        metrics.refused(listener, "unknown_host");
         return page(StatusCode::NOT_FOUND, &format!("no service is published under the host name {host:?}"));
     };
     let service = &served.service;
-    let mut entry = Entry::new(service, "http", peer);
+    let mut entry = Entry::new(service, listener, peer);
     let (who, admitted) = admission(&req, peer, &service.name, &http.exposure);
     if who != peer.ip() {
         entry.client = SocketAddr::new(who, 0);
@@ -240,7 +296,31 @@ async fn handle(
     };
     metrics.http_response(&service.name, response.status().as_u16());
     log_request(&entry, &http.exposure, gate::result_of(outcome), fields.as_ref(), &response);
+    let mut response = response;
+    if let Some(max_age) = service.terminate.as_ref().and_then(|t| t.hsts) {
+        if let Ok(value) = HeaderValue::from_str(&format!("max-age={}", max_age.as_secs())) {
+            response.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, value);
+        }
+    }
     response
+}
+
+/// On the plain listener, a request for a terminated HTTPS service that redirects plain HTTP:
+/// `308` to the same URI over HTTPS (the method and body are kept).
+fn redirect(req: &Request<Incoming>, host: &str, http: &Http) -> Option<Response<Body>> {
+    let served = sallyport_runtime::sync::read(http.redirects.as_ref()?).get(host).cloned()?;
+    if !served.service.terminate.as_ref().is_some_and(|t| t.redirect_http) {
+        return None;
+    }
+    let port = http.exposure.config.get().relay.https_public_port;
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = match port {
+        443 => format!("https://{host}{path}"),
+        port => format!("https://{host}:{port}{path}"),
+    };
+    let mut response = page(StatusCode::PERMANENT_REDIRECT, &format!("moved to {location}"));
+    response.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&location).ok()?);
+    Some(response)
 }
 
 /// The member a request went to, for the page when its tunnel died under it.
@@ -256,7 +336,7 @@ async fn forward(
     agent: &mut Option<Arc<str>>,
 ) -> Result<Response<Body>, Failure> {
     let upgrade = is_upgrade(req.headers());
-    prepare(&mut req, peer, host, upgrade);
+    prepare(&mut req, peer, host, (upgrade, http.tls));
     let mut used: Used = None;
     let carried = if upgrade {
         carry_upgrade(

@@ -1,10 +1,21 @@
 //! The HTTPS listener: routes TLS connections by the server name in the ClientHello (SNI) to the
-//! service that lists it, without terminating TLS. The ClientHello bytes read to find the name go
-//! to the agent with the stream header, then the connection is spliced like any TCP service, so the
-//! client completes its handshake with the target and sees the target's certificate. A client
-//! the service's access rules refuse is reset once its server name is known.
+//! service that lists it.
+//!
+//! - Passed through (the default): the ClientHello bytes read to find the name go to the agent
+//!   with the stream header, then the connection is spliced like any TCP service, so the client
+//!   completes its handshake with the target and sees the target's certificate. A client the
+//!   service's access rules refuse is reset once its server name is known.
+//! - Terminated (`tls = "terminate"`, [`terminate`]): the relay completes the handshake with the
+//!   certificate the name picks and handles the requests as the HTTP listener does.
+//!
+//! A client that names no server, or a name no service lists, gets an `unrecognized_name` alert:
+//! never another service's certificate.
+
+mod terminate;
 
 use std::{net::SocketAddr, sync::Arc};
+
+use tokio_rustls::TlsAcceptor;
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -17,7 +28,9 @@ use crate::{
     access::rates::Counted,
     expose::{
         gate::{self, Entry},
-        tcp, Exposure, LiveRoutes,
+        http::{self, Http},
+        tcp::{self, Lease},
+        Exposure, LiveRoutes,
     },
     metrics::Outcome,
     tunnel::Handoff,
@@ -31,22 +44,41 @@ pub(crate) async fn serve(
     routes: LiveRoutes,
     stop: CancellationToken,
 ) {
+    let terminated = Terminated {
+        acceptor: terminate::acceptor(exposure.certs.clone()),
+        http: Arc::new(Http::terminated(exposure.clone(), routes.clone())),
+        stop: stop.clone(),
+    };
+    let terminated = Arc::new(terminated);
     tcp::accept_loop(listener, "https", exposure.clone(), stop, |stream, peer, lease| {
-        let (exposure, routes) = (exposure.clone(), routes.clone());
+        let (exposure, routes, terminated) = (exposure.clone(), routes.clone(), terminated.clone());
         async move {
-            route(stream, peer, &exposure, &routes, lease).await;
+            route(stream, peer, (&exposure, &routes), &terminated, lease).await;
         }
         .instrument(info_span!("https", %peer))
     })
     .await;
 }
 
-async fn route<L>(
+/// What the listener's terminated services share: the TLS side and the HTTP handling.
+struct Terminated {
+    acceptor: TlsAcceptor,
+    http: Arc<Http>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Terminated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Terminated").field("http", &self.http).finish_non_exhaustive()
+    }
+}
+
+async fn route(
     mut stream: TcpStream,
     peer: SocketAddr,
-    exposure: &Exposure,
-    routes: &LiveRoutes,
-    lease: L,
+    (exposure, routes): (&Exposure, &LiveRoutes),
+    terminated: &Terminated,
+    lease: Arc<Lease>,
 ) {
     let timeout = exposure.config.get().relay.header_timeout;
     let metrics = &exposure.runtime.metrics;
@@ -106,6 +138,12 @@ async fn route<L>(
         return;
     };
     let service = &served.service;
+    if service.terminate.is_some() {
+        let stream = http::plain(stream);
+        let stop = terminated.stop.clone();
+        terminate::serve(stream, buf, peer, (&terminated.acceptor, &terminated.http), lease, stop).await;
+        return;
+    }
     let mut entry = Entry::new(service, "https", peer);
     entry.server_name = Some(&name);
     if let Err(reason) = gate::admit(exposure, &service.name, Some(Counted::Connections), peer.ip()) {

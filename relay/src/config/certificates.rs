@@ -1,0 +1,234 @@
+//! Certificates the relay holds for the HTTPS services it terminates: `[certificates.NAME]` with
+//! `cert` (a PEM chain, leaf first) and `key` (its PEM private key, not readable by every user).
+//! The files are read when the configuration loads (so `check` and a reload refuse a bad file
+//! with its key and reason) and again whenever they change (`certs::Store`).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rustls::sign::CertifiedKey;
+use sallyport_runtime::{
+    config::{self as conf, ConfigError},
+    tls,
+};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertificate {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+}
+
+/// One certificate's files, by the name `[certificates.NAME]` gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Certificate {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A certificate read from its files: what rustls serves, and what the status page shows.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub key: Arc<CertifiedKey>,
+    /// The names it is valid for (DNS names, wildcards included, lower-case).
+    pub names: Vec<String>,
+    pub not_after_unix: i64,
+    /// The issuer's distinguished name, as text.
+    pub issuer: String,
+    /// The SHA-256 of the certificate file and the key file: a change to either is a new load.
+    pub fingerprint: [u8; 32],
+}
+
+impl Certificate {
+    /// The SHA-256 of both files as they are now (without parsing them).
+    pub fn fingerprint(&self) -> Result<[u8; 32], String> {
+        let mut both =
+            std::fs::read(&self.cert).map_err(|e| format!("cannot read {}: {e}", self.cert.display()))?;
+        both.extend(
+            std::fs::read(&self.key).map_err(|e| format!("cannot read {}: {e}", self.key.display()))?,
+        );
+        Ok(tls::cert_sha256(&both))
+    }
+
+    /// Reads and checks both files: the key private, the chain parsed, the key the leaf's.
+    pub fn load(&self) -> Result<Loaded, String> {
+        key_is_private(&self.key)?;
+        let cert_pem =
+            std::fs::read(&self.cert).map_err(|e| format!("cannot read {}: {e}", self.cert.display()))?;
+        let key_pem =
+            std::fs::read(&self.key).map_err(|e| format!("cannot read {}: {e}", self.key.display()))?;
+        let identity = tls::Identity::from_pem(&cert_pem, &key_pem).map_err(|e| e.to_string())?;
+        let leaf = identity.chain.first().ok_or("the certificate file holds no certificate")?;
+        let info = tls::inspect(leaf).map_err(|e| format!("{}: {e}", self.cert.display()))?;
+        let issuer = info.issuer.clone();
+        let signer = tls::provider()
+            .key_provider
+            .load_private_key(identity.key)
+            .map_err(|e| format!("{}: not a usable private key: {e}", self.key.display()))?;
+        let key = CertifiedKey::new(identity.chain, signer);
+        key.keys_match().map_err(|_| {
+            format!("{} is not the key of the certificate in {}", self.key.display(), self.cert.display())
+        })?;
+        let names: Vec<String> = info
+            .sans
+            .iter()
+            .filter(|n| n.parse::<std::net::IpAddr>().is_err())
+            .map(|n| n.to_ascii_lowercase())
+            .collect();
+        if names.is_empty() {
+            return Err(format!("{}: the certificate names no DNS name", self.cert.display()));
+        }
+        let fingerprint = {
+            let mut both = cert_pem;
+            both.extend_from_slice(&key_pem);
+            tls::cert_sha256(&both)
+        };
+        Ok(Loaded { key: Arc::new(key), names, not_after_unix: info.not_after_unix, issuer, fingerprint })
+    }
+}
+
+/// A key file every user of the host may read is refused: in Kubernetes, the Secret's volume
+/// needs `defaultMode: 0440` (or 0400), not the default 0644.
+fn key_is_private(path: &Path) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o004 != 0 {
+            return Err(format!(
+                "{} is readable by every user (mode {mode:04o}): make it 0600 or 0640 (in Kubernetes, \
+                 the Secret volume's defaultMode: 0440)",
+                path.display()
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Whether a certificate valid for `names` (wildcards `*.example` for one label) covers `host`.
+pub fn covers(names: &[String], host: &str) -> bool {
+    names.iter().any(|name| match name.strip_prefix("*.") {
+        Some(parent) => host.split_once('.').is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
+        None => name == host,
+    })
+}
+
+/// Reads `[certificates]`: each table's files are loaded now, so a bad file stops the load.
+pub(crate) fn from_raw(
+    path: &Path,
+    raw: BTreeMap<String, RawCertificate>,
+) -> Result<BTreeMap<String, (Certificate, Loaded)>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (name, raw) in raw {
+        let key = format!("certificates.{name}");
+        let name = conf::name(path, &key, &name)?;
+        // Relative paths are read from relay.toml's folder.
+        let certificate = Certificate {
+            name: name.clone(),
+            cert: conf::resolve(path, &raw.cert),
+            key: conf::resolve(path, &raw.key),
+        };
+        let loaded = certificate.load().map_err(|reason| ConfigError::invalid(path, &key, reason))?;
+        out.insert(name, (certificate, loaded));
+    }
+    Ok(out)
+}
+
+/// A service's `tls`, `redirect_http` and `hsts` keys: `Some` for an HTTPS service the relay
+/// terminates, whose every name a certificate covers.
+pub(crate) fn terminate(
+    path: &Path,
+    key: &str,
+    (listen, has_http_listener): (&super::Listen, bool),
+    (tls, redirect_http, hsts): (Option<&str>, Option<bool>, Option<std::time::Duration>),
+    certificates: &BTreeMap<String, (Certificate, Loaded)>,
+) -> Result<Option<super::Terminate>, ConfigError> {
+    let names = match listen {
+        super::Listen::Https(names) => Some(names),
+        _ => None,
+    };
+    let terminated = match (tls, names) {
+        (None, _) => false,
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                path,
+                format!("{key}.tls"),
+                "only an HTTPS service (sni) has a TLS mode",
+            ))
+        }
+        (Some("passthrough"), Some(_)) => false,
+        (Some("terminate"), Some(_)) => true,
+        (Some(other), Some(_)) => {
+            return Err(ConfigError::invalid(
+                path,
+                format!("{key}.tls"),
+                format!("{other:?} is not a TLS mode: \"passthrough\" (the default) or \"terminate\""),
+            ))
+        }
+    };
+    if !terminated {
+        let set = [("redirect_http", redirect_http.is_some()), ("hsts", hsts.is_some())];
+        if let Some((what, _)) = set.into_iter().find(|(_, set)| *set) {
+            return Err(ConfigError::invalid(
+                path,
+                format!("{key}.{what}"),
+                "only a service whose TLS the relay terminates (tls = \"terminate\") has this",
+            ));
+        }
+        return Ok(None);
+    }
+    let redirect_http = redirect_http.unwrap_or(false);
+    if redirect_http && !has_http_listener {
+        return Err(ConfigError::invalid(
+            path,
+            format!("{key}.redirect_http"),
+            "redirecting plain HTTP needs the HTTP listener: set relay.http_listen",
+        ));
+    }
+    let hsts = hsts
+        .map(|d| {
+            conf::within(
+                path,
+                &format!("{key}.hsts"),
+                d,
+                std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(2 * 365 * 86_400),
+            )
+        })
+        .transpose()?;
+    for name in names.into_iter().flatten() {
+        if !certificates.values().any(|(_, loaded)| covers(&loaded.names, name)) {
+            return Err(ConfigError::invalid(
+                path,
+                format!("{key}.sni"),
+                format!(
+                    "no [certificates] table holds a certificate for {name:?}: add one whose certificate \
+                     names it, or a wildcard over it"
+                ),
+            ));
+        }
+    }
+    Ok(Some(super::Terminate { redirect_http, hsts }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::covers;
+
+    #[test]
+    fn wildcards_cover_one_label() {
+        let names = vec!["*.home.lan".to_owned(), "home.lan".to_owned()];
+        assert!(covers(&names, "grafana.home.lan"));
+        assert!(covers(&names, "home.lan"));
+        assert!(!covers(&names, "a.b.home.lan"));
+        assert!(!covers(&names, "xhome.lan"));
+        assert!(!covers(&["app.home.lan".to_owned()], "other.home.lan"));
+    }
+}
