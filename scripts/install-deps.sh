@@ -7,7 +7,8 @@ set -euo pipefail
 packages=(
     iproute2 iptables conntrack procps   # network lab: namespaces, veth, NAT, conntrack, kill
     curl postgresql postgresql-client redis-server redis-tools iperf3 python3   # real servers and clients
-    chromium                              # renders the relay's status page in a test
+    chromium                              # renders the relay's status page, logs in to a terminated HTTPS app
+    pebble                                # Let's Encrypt's test ACME server: the relay orders certificates from it
     nginx-light dnsmasq-base bind9-dnsutils openssl   # HTTP/PROXY v2 target, UDP DNS server and dig, TLS targets
     wixl msitools                         # builds the Windows agent's MSI and reads its tables back
     faketime                              # a replica whose wall clock runs ahead (libfaketime)

@@ -319,6 +319,7 @@ impl Relay {
             Reloader { live: live.clone(), listeners, registry: registry.clone(), runtime: runtime.clone() };
         background.spawn(reload::watch(reloader, reloads, shutdown.clone()));
         background.spawn(ops.certs.clone().watch(shutdown.clone()));
+        background.spawn(crate::certs::acme::run(live.clone(), ops.certs.clone(), shutdown.clone()));
         let (limits, budget) = (&config.relay, config.relay.budget());
         info!(
             memory_budget_mib = limits.memory_budget >> 20,

@@ -248,6 +248,31 @@ fn bad_certificate_keys_are_refused_with_file_key_and_reason() {
         load(&format!("{}hsts = \"1d\"\n", terminated("app.home.lan").replace("tls = \"terminate\"\n", "")))
             .expect_err("hsts on passthrough");
     assert!(e.contains("services.app.hsts"), "{e}");
+    // An ACME table: names it orders, a challenge the relay answers on a listener it has.
+    let acme = |names: &str, challenge: &str| {
+        let text = TestPki::relay_text(
+            "https_listen = \"127.0.0.1:0\"",
+            &format!(
+                "[certificates.media]\nacme = {{ names = [{names}], directory = \"https://acme.home.lan/directory\", \
+                 challenge = \"{challenge}\", store = \"acme\" }}\n{}",
+                terminated("media.home.lan")
+            ),
+        );
+        let path = pki.dir().join("relay.toml");
+        std::fs::write(&path, &text).expect("write");
+        sallyport_relay::Config::load(&path).map(|_| ()).map_err(|e| e.to_string())
+    };
+    acme("\"media.home.lan\"", "tls-alpn-01").expect("an ACME certificate not issued yet covers its names");
+    for (names, challenge, key, why) in [
+        ("\"*.home.lan\"", "tls-alpn-01", "acme.names", "DNS-01"),
+        ("\"media.home.lan\"", "http-01", "acme.challenge", "relay.http_listen"),
+        ("\"media.home.lan\"", "dns-01", "acme.challenge", "\"http-01\""),
+        ("\"other.home.lan\"", "tls-alpn-01", "services.app.sni", "media.home.lan"),
+    ] {
+        let e = acme(names, challenge).expect_err(key);
+        println!("{e}");
+        assert!(e.contains(key) && e.contains(why), "{e}");
+    }
     set_mode(&key, 0o644);
     let e = load(&terminated("app.home.lan")).expect_err("a world-readable key");
     println!("{e}");

@@ -1,146 +1,17 @@
 //! The certificates of terminated HTTPS services, as served now: loaded with the configuration,
 //! read again when their files change (cert-manager renews into a mounted Secret by swapping a
-//! symlink), picked by the server name a client asks for (exact names first, then wildcards).
+//! symlink; the relay's own ACME orders write into its store), picked by the server name a client
+//! asks for (exact names first, then wildcards).
 //!
 //! A file that turns bad (half written, a key that is not the certificate's) keeps the last good
 //! certificate in service; the status page and the log say why.
+//!
+//! - [`store`]: the certificates held and their files looked at; the resolver for rustls.
+//! - [`acme`]: the orders of certificates the relay gets by ACME.
+//! - [`challenges`]: the answers to ACME challenges in progress, which the listeners give.
 
-use std::{
-    collections::BTreeMap,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+pub(crate) mod acme;
+pub(crate) mod challenges;
+mod store;
 
-use rustls::{
-    server::{ClientHello, ResolvesServerCert},
-    sign::CertifiedKey,
-};
-use sallyport_runtime::sync::{read, write};
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-
-use crate::config::{certificates::covers, Certificate, Config, Loaded};
-
-/// How often the files are looked at.
-pub(crate) const LOOK_EVERY: Duration = Duration::from_secs(2);
-
-/// One certificate as served, and what went wrong with its files since.
-#[derive(Debug, Clone)]
-pub(crate) struct Held {
-    pub(crate) files: Certificate,
-    pub(crate) loaded: Loaded,
-    /// Why the files could not be read at the last look (the previous certificate is served).
-    pub(crate) error: Option<String>,
-}
-
-/// The certificates by their `[certificates.NAME]`.
-#[derive(Debug, Default)]
-pub(crate) struct Store {
-    held: RwLock<BTreeMap<String, Held>>,
-}
-
-impl Store {
-    /// Takes the certificates of a configuration that was just loaded (at start or by a reload).
-    pub(crate) fn apply(&self, config: &Config) {
-        let mut held = write(&self.held);
-        let old = std::mem::take(&mut *held);
-        for (name, (files, loaded)) in &config.certificates {
-            let kept =
-                old.get(name).filter(|h| h.files == *files && h.loaded.fingerprint == loaded.fingerprint);
-            let entry = kept.cloned().unwrap_or_else(|| Held {
-                files: files.clone(),
-                loaded: loaded.clone(),
-                error: None,
-            });
-            held.insert(name.clone(), entry);
-        }
-    }
-
-    /// Every certificate held, by name.
-    pub(crate) fn list(&self) -> Vec<(String, Held)> {
-        read(&self.held).iter().map(|(n, h)| (n.clone(), h.clone())).collect()
-    }
-
-    /// The certificate for `server_name`: one naming it exactly, else one whose wildcard covers
-    /// it; among several, the one valid longest.
-    pub(crate) fn pick(&self, server_name: &str) -> Option<Arc<CertifiedKey>> {
-        let held = read(&self.held);
-        let best = |exact: bool| {
-            held.values()
-                .filter(|h| {
-                    if exact {
-                        h.loaded.names.iter().any(|n| n == server_name)
-                    } else {
-                        covers(&h.loaded.names, server_name)
-                    }
-                })
-                .max_by_key(|h| h.loaded.not_after_unix)
-                .map(|h| h.loaded.key.clone())
-        };
-        best(true).or_else(|| best(false))
-    }
-
-    /// Reads every certificate's files again; a changed one replaces what is served, a bad one
-    /// is reported and the last good one kept. Returns whether anything changed.
-    pub(crate) fn look(&self) -> bool {
-        let files: Vec<(String, Certificate, [u8; 32])> = read(&self.held)
-            .iter()
-            .map(|(n, h)| (n.clone(), h.files.clone(), h.loaded.fingerprint))
-            .collect();
-        let mut changed = false;
-        for (name, files, fingerprint) in files {
-            let outcome = match files.fingerprint() {
-                Ok(now) if now == fingerprint => Ok(None),
-                Ok(_) => files.load().map(Some),
-                Err(e) => Err(e),
-            };
-            let mut held = write(&self.held);
-            let Some(entry) = held.get_mut(&name).filter(|h| h.files == files) else { continue };
-            match outcome {
-                Ok(None) => {
-                    if entry.error.take().is_some() {
-                        changed = true;
-                    }
-                }
-                Ok(Some(loaded)) => {
-                    info!(certificate = %name, names = ?loaded.names, not_after = loaded.not_after_unix, "certificate files changed: serving the new certificate");
-                    entry.loaded = loaded;
-                    entry.error = None;
-                    changed = true;
-                }
-                Err(reason) => {
-                    if entry.error.as_deref() != Some(reason.as_str()) {
-                        warn!(certificate = %name, %reason, "certificate files cannot be used: the previous certificate stays in service");
-                        entry.error = Some(reason);
-                        changed = true;
-                    }
-                }
-            }
-        }
-        changed
-    }
-
-    /// Looks at the files every [`LOOK_EVERY`] until `stop`.
-    pub(crate) async fn watch(self: Arc<Self>, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(LOOK_EVERY) => {}
-                () = stop.cancelled() => return,
-            }
-            let store = self.clone();
-            // Reading and parsing files is blocking work.
-            let _ = tokio::task::spawn_blocking(move || store.look()).await;
-        }
-    }
-}
-
-/// rustls asks this for the certificate of each terminated connection.
-#[derive(Debug)]
-pub(crate) struct Resolver(pub(crate) Arc<Store>);
-
-impl ResolvesServerCert for Resolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello.server_name()?.to_ascii_lowercase();
-        self.0.pick(&name)
-    }
-}
+pub(crate) use store::{Resolver, Store};

@@ -19,8 +19,9 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawCertificate {
-    pub(crate) cert: PathBuf,
-    pub(crate) key: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    acme: Option<super::acme::RawAcme>,
 }
 
 /// One certificate's files, by the name `[certificates.NAME]` gives it.
@@ -29,6 +30,21 @@ pub struct Certificate {
     pub name: String,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Ordered by the relay itself (its files are in the ACME store); `None`: files someone
+    /// else writes.
+    pub acme: Option<super::acme::Acme>,
+}
+
+impl Certificate {
+    /// The names a terminated service may use it for: the loaded certificate's, or what the
+    /// relay orders.
+    pub fn covers(&self, loaded: Option<&Loaded>, host: &str) -> bool {
+        match (&self.acme, loaded) {
+            (Some(acme), _) => acme.names.iter().any(|n| n == host),
+            (None, Some(loaded)) => covers(&loaded.names, host),
+            (None, None) => false,
+        }
+    }
 }
 
 /// A certificate read from its files: what rustls serves, and what the status page shows.
@@ -38,6 +54,7 @@ pub struct Loaded {
     /// The names it is valid for (DNS names, wildcards included, lower-case).
     pub names: Vec<String>,
     pub not_after_unix: i64,
+    pub not_before_unix: i64,
     /// The issuer's distinguished name, as text.
     pub issuer: String,
     /// The SHA-256 of the certificate file and the key file: a change to either is a new load.
@@ -88,7 +105,14 @@ impl Certificate {
             both.extend_from_slice(&key_pem);
             tls::cert_sha256(&both)
         };
-        Ok(Loaded { key: Arc::new(key), names, not_after_unix: info.not_after_unix, issuer, fingerprint })
+        Ok(Loaded {
+            key: Arc::new(key),
+            names,
+            not_after_unix: info.not_after_unix,
+            not_before_unix: info.not_before_unix,
+            issuer,
+            fingerprint,
+        })
     }
 }
 
@@ -113,6 +137,15 @@ fn key_is_private(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// What a terminated HTTPS service adds to its HTTP handling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Terminate {
+    /// Plain HTTP requests for its names on the HTTP listener get a redirect to HTTPS.
+    pub redirect_http: bool,
+    /// `Strict-Transport-Security: max-age=...` on its responses.
+    pub hsts: Option<std::time::Duration>,
+}
+
 /// Whether a certificate valid for `names` (wildcards `*.example` for one label) covers `host`.
 pub fn covers(names: &[String], host: &str) -> bool {
     names.iter().any(|name| match name.strip_prefix("*.") {
@@ -125,18 +158,47 @@ pub fn covers(names: &[String], host: &str) -> bool {
 pub(crate) fn from_raw(
     path: &Path,
     raw: BTreeMap<String, RawCertificate>,
-) -> Result<BTreeMap<String, (Certificate, Loaded)>, ConfigError> {
+    listeners: (bool, bool),
+) -> Result<BTreeMap<String, (Certificate, Option<Loaded>)>, ConfigError> {
     let mut out = BTreeMap::new();
     for (name, raw) in raw {
         let key = format!("certificates.{name}");
         let name = conf::name(path, &key, &name)?;
-        // Relative paths are read from relay.toml's folder.
-        let certificate = Certificate {
-            name: name.clone(),
-            cert: conf::resolve(path, &raw.cert),
-            key: conf::resolve(path, &raw.key),
+        let (certificate, loaded) = match (raw.cert, raw.key, raw.acme) {
+            // Relative paths are read from relay.toml's folder.
+            (Some(cert), Some(key_file), None) => {
+                let certificate = Certificate {
+                    name: name.clone(),
+                    cert: conf::resolve(path, &cert),
+                    key: conf::resolve(path, &key_file),
+                    acme: None,
+                };
+                let loaded = certificate.load().map_err(|reason| ConfigError::invalid(path, &key, reason))?;
+                (certificate, Some(loaded))
+            }
+            (None, None, Some(acme)) => {
+                let acme = acme.parse(path, &key, listeners)?;
+                let folder = acme.store.join(&name);
+                let certificate = Certificate {
+                    name: name.clone(),
+                    cert: folder.join("tls.crt"),
+                    key: folder.join("tls.key"),
+                    acme: Some(acme),
+                };
+                // Not ordered yet, or kept from an earlier run: what is there and good is served
+                // until the order is due.
+                let loaded = certificate.load().ok();
+                (certificate, loaded)
+            }
+            _ => {
+                return Err(ConfigError::invalid(
+                    path,
+                    key,
+                    "set `cert` and `key` (files someone else writes), or an `acme` table (the relay \
+                     orders it)",
+                ))
+            }
         };
-        let loaded = certificate.load().map_err(|reason| ConfigError::invalid(path, &key, reason))?;
         out.insert(name, (certificate, loaded));
     }
     Ok(out)
@@ -147,14 +209,10 @@ pub(crate) fn from_raw(
 pub(crate) fn terminate(
     path: &Path,
     key: &str,
-    (listen, has_http_listener): (&super::Listen, bool),
+    (names, has_http_listener): (Option<&[String]>, bool),
     (tls, redirect_http, hsts): (Option<&str>, Option<bool>, Option<std::time::Duration>),
-    certificates: &BTreeMap<String, (Certificate, Loaded)>,
-) -> Result<Option<super::Terminate>, ConfigError> {
-    let names = match listen {
-        super::Listen::Https(names) => Some(names),
-        _ => None,
-    };
+    certificates: &BTreeMap<String, (Certificate, Option<Loaded>)>,
+) -> Result<Option<Terminate>, ConfigError> {
     let terminated = match (tls, names) {
         (None, _) => false,
         (Some(_), None) => {
@@ -204,7 +262,7 @@ pub(crate) fn terminate(
         })
         .transpose()?;
     for name in names.into_iter().flatten() {
-        if !certificates.values().any(|(_, loaded)| covers(&loaded.names, name)) {
+        if !certificates.values().any(|(certificate, loaded)| certificate.covers(loaded.as_ref(), name)) {
             return Err(ConfigError::invalid(
                 path,
                 format!("{key}.sni"),
@@ -215,7 +273,7 @@ pub(crate) fn terminate(
             ));
         }
     }
-    Ok(Some(super::Terminate { redirect_http, hsts }))
+    Ok(Some(Terminate { redirect_http, hsts }))
 }
 
 #[cfg(test)]

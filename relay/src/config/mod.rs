@@ -13,6 +13,7 @@ use std::{
 use sallyport_runtime::config::{self as conf, ConfigError};
 
 pub mod access;
+pub mod acme;
 mod auth;
 mod bandwidth;
 mod budget;
@@ -23,7 +24,7 @@ mod relay_keys;
 
 pub use access::{Access, ServiceAccess};
 pub use budget::{default_threads, Budget, DEFAULT_MEMORY_BUDGET};
-pub use certificates::{Certificate, Loaded};
+pub use certificates::{Certificate, Loaded, Terminate};
 pub use group::{Group, Health, Strategy};
 use raw::{RawCluster, RawConfig};
 pub use relay_keys::RelayKeys;
@@ -45,7 +46,7 @@ pub struct Config {
     /// Who may reach which service (`[access]` and each service's `access`), and the access log.
     pub access: Access,
     /// The certificates of the HTTPS services the relay terminates, read when the file loaded.
-    pub certificates: BTreeMap<String, (Certificate, Loaded)>,
+    pub certificates: BTreeMap<String, (Certificate, Option<Loaded>)>,
     /// Each service's agents, strategy and health check, by service name.
     pub groups: BTreeMap<String, Group>,
 }
@@ -99,15 +100,6 @@ pub struct Service {
     /// An HTTPS service whose TLS the relay terminates (`tls = "terminate"`); `None`: passed
     /// through (or not an HTTPS service).
     pub terminate: Option<Terminate>,
-}
-
-/// What a terminated HTTPS service adds to its HTTP handling.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Terminate {
-    /// Plain HTTP requests for its names on the HTTP listener get a redirect to HTTPS.
-    pub redirect_http: bool,
-    /// `Strict-Transport-Security: max-age=...` on its responses.
-    pub hsts: Option<Duration>,
 }
 
 /// How a service is exposed.
@@ -196,7 +188,8 @@ impl Config {
                  `agent` and `listen` (the relay has no open mode)",
             ));
         }
-        let loaded_certificates = certificates::from_raw(path, raw.certificates)?;
+        let listeners = (r.http_listen.is_some(), r.https_listen.is_some());
+        let loaded_certificates = certificates::from_raw(path, raw.certificates, listeners)?;
         let mut services = BTreeMap::new();
         let mut seen_listen = BTreeMap::new();
         let mut seen_names = BTreeMap::new();
@@ -261,7 +254,13 @@ impl Config {
             let terminate = certificates::terminate(
                 path,
                 &key,
-                (&listen, r.http_listen.is_some()),
+                (
+                    match &listen {
+                        Listen::Https(names) => Some(names.as_slice()),
+                        _ => None,
+                    },
+                    r.http_listen.is_some(),
+                ),
                 (s.tls.as_deref(), s.redirect_http, s.hsts.map(Duration::from)),
                 &loaded_certificates,
             )?;

@@ -105,8 +105,12 @@ async fn respond(req: Request<Incoming>, ops: Arc<Ops>) -> Result<Response<Full<
                     ops.runtime.accepting.len() + ops.runtime.clients.len() + ops.runtime.background.len(),
                 );
                 ops.runtime.metrics.set_ready(ops.is_ready());
-                let certificates =
-                    ops.certs.list().into_iter().map(|(n, h)| (n, h.loaded.not_after_unix)).collect();
+                let certificates = ops
+                    .certs
+                    .list()
+                    .into_iter()
+                    .filter_map(|(n, h)| Some((n, h.loaded?.not_after_unix)))
+                    .collect();
                 ops.runtime.metrics.service_certificates(certificates);
                 let body = ops.runtime.metrics.render(gauges, &named, ops.runtime.udp.figures());
                 (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)

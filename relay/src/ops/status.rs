@@ -35,7 +35,8 @@ pub(crate) struct CertificateRow {
     pub issuer: String,
     /// The end of validity as a date, and the days left.
     pub expires: String,
-    pub file: String,
+    /// Its file, or the ACME challenge and directory it is ordered from.
+    pub source: String,
     /// Why its files could not be read at the last look (the served one stays), or `-`.
     pub problem: String,
 }
@@ -147,20 +148,39 @@ pub(crate) fn snapshot(ops: &Ops) -> Snapshot {
         .certs
         .list()
         .into_iter()
-        .map(|(name, held)| CertificateRow {
-            name,
-            names: held.loaded.names.join(", "),
-            issuer: printable(&held.loaded.issuer),
-            expires: format!(
-                "{} ({} d)",
-                humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH
-                        + std::time::Duration::from_secs(held.loaded.not_after_unix.max(0) as u64)
+        .map(|(name, held)| {
+            let source = match &held.files.acme {
+                Some(acme) => format!("ACME {} ({})", acme.challenge.word(), acme.directory),
+                None => held.files.cert.display().to_string(),
+            };
+            let problem = held.error.as_deref().map(printable);
+            let Some(loaded) = held.loaded else {
+                let names = held.files.acme.as_ref().map(|a| a.names.join(", ")).unwrap_or_default();
+                let problem = problem.unwrap_or_else(|| "not issued yet".into());
+                return CertificateRow {
+                    name,
+                    names,
+                    issuer: "-".into(),
+                    expires: "-".into(),
+                    source,
+                    problem,
+                };
+            };
+            CertificateRow {
+                name,
+                names: loaded.names.join(", "),
+                issuer: printable(&loaded.issuer),
+                expires: format!(
+                    "{} ({} d)",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH
+                            + std::time::Duration::from_secs(loaded.not_after_unix.max(0) as u64)
+                    ),
+                    (loaded.not_after_unix - now).div_euclid(86_400)
                 ),
-                (held.loaded.not_after_unix - now).div_euclid(86_400)
-            ),
-            file: held.files.cert.display().to_string(),
-            problem: held.error.as_deref().map_or_else(|| "-".to_owned(), printable),
+                source,
+                problem: problem.unwrap_or_else(|| "-".into()),
+            }
         })
         .collect();
     Snapshot { ready: ops.is_ready(), agents: agent_rows, services, members, drains, certificates }
@@ -265,7 +285,7 @@ fn tables(s: &Snapshot) -> [Table; 6] {
                 c.names.clone(),
                 c.issuer.clone(),
                 c.expires.clone(),
-                c.file.clone(),
+                c.source.clone(),
                 c.problem.clone(),
             ]
         })
@@ -309,7 +329,7 @@ fn tables(s: &Snapshot) -> [Table; 6] {
         Table {
             id: "certificates",
             title: "Certificates".into(),
-            header: &["certificate", "names", "issuer", "expires", "file", "problem"],
+            header: &["certificate", "names", "issuer", "expires", "from", "problem"],
             rows: certificates,
             empty: None,
         },

@@ -74,6 +74,10 @@ mod upstream;
 
 use upstream::Failure;
 
+/// Requests one HTTP/2 client connection may have in flight at once: each may hold an upstream
+/// connection (a data stream), and the caps count client connections.
+const MAX_H2_STREAMS: u32 = 100;
+
 /// A client's TCP stream as the HTTP handling takes it: closed with a lingering close.
 pub(crate) type Plain = linger::Lingering;
 
@@ -99,6 +103,15 @@ pub(crate) struct Http {
 }
 
 impl Http {
+    /// The listener requests arrive on, as metrics and the access log name it.
+    fn listener(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// The HTTP handling of the HTTPS listener's terminated services.
     pub(crate) fn terminated(exposure: Arc<Exposure>, routes: LiveRoutes) -> Self {
         Self { exposure, routes, logins: auth::Logins::default(), tls: true, redirects: None }
@@ -182,6 +195,7 @@ pub(crate) async fn connection<S>(
     let result = if h2 {
         drive!(http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_H2_STREAMS)
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             .serve_connection(TokioIo::new(stream), handler))
     } else {
@@ -196,7 +210,7 @@ pub(crate) async fn connection<S>(
         Ok(()) => {}
         Err(e) if e.is_timeout() => {
             sallyport_runtime::limited!(info, timeout = ?limits.header_timeout, "no whole request head in time: closing");
-            metrics.refused("http", "header_timeout");
+            metrics.refused(http.listener(), "header_timeout");
         }
         Err(e) if e.is_parse_too_large() => {
             sallyport_runtime::limited!(
@@ -204,11 +218,11 @@ pub(crate) async fn connection<S>(
                 limit = limits.max_header_bytes,
                 "request head too large: closing"
             );
-            metrics.refused("http", "header_too_large");
+            metrics.refused(http.listener(), "header_too_large");
         }
         Err(e) if e.is_parse() => {
             sallyport_runtime::limited!(info, error = %e, "malformed request: closing");
-            metrics.refused("http", "malformed");
+            metrics.refused(http.listener(), "malformed");
         }
         Err(e) => debug!(error = %e, "HTTP connection ended"),
     }
@@ -221,14 +235,17 @@ async fn handle(
     client: &ClientConnection,
 ) -> Response<Body> {
     let metrics = &http.exposure.runtime.metrics;
+    if let Some(answer) = acme_answer(&req, http) {
+        return answer;
+    }
     let host = match request_host(&req) {
         Ok(host) => host,
         Err(reason) => {
-            metrics.refused("http", "bad_host");
+            metrics.refused(http.listener(), "bad_host");
             return page(StatusCode::BAD_REQUEST, &reason.to_string());
         }
     };
-    let listener = if http.tls { "https" } else { "http" };
+    let listener = http.listener();
     let found = sallyport_runtime::sync::read(&http.routes).get(&host).cloned();
     let Some(served) = found.filter(|s| s.service.terminate.is_some() || !http.tls) else {
         if let Some(response) = redirect(&req, &host, http) {
@@ -303,6 +320,20 @@ async fn handle(
         }
     }
     response
+}
+
+/// On the plain listener, the answer to an ACME `http-01` challenge the relay has in progress
+/// (`GET /.well-known/acme-challenge/TOKEN`, whatever the host).
+fn acme_answer(req: &Request<Incoming>, http: &Http) -> Option<Response<Body>> {
+    let token = req.uri().path().strip_prefix("/.well-known/acme-challenge/")?;
+    if http.tls || req.method() != hyper::Method::GET {
+        return None;
+    }
+    let answer = http.exposure.certs.challenges.http_answer(token)?;
+    debug!(token, "ACME http-01 challenge answered");
+    let mut response = Response::new(Either::Right(http_body_util::Full::new(bytes::Bytes::from(answer))));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    Some(response)
 }
 
 /// On the plain listener, a request for a terminated HTTPS service that redirects plain HTTP:

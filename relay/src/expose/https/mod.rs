@@ -101,6 +101,12 @@ async fn route(
     })
     .await;
     let offers = |p: &[u8]| reader.offers(p);
+    if let (Ok(Hello::Name(name)), true) = (&hello, offers(crate::certs::challenges::ALPN_ACME_TLS)) {
+        if let Some(certificate) = exposure.certs.challenges.tls_alpn_certificate(name) {
+            terminate::answer_tls_alpn(stream, buf, certificate, timeout).await;
+            return;
+        }
+    }
     if matches!(hello, Ok(Hello::Name(_) | Hello::NoName))
         && (offers(sallyport_proto::ALPN_TUNNEL) || offers(sallyport_proto::enroll::ALPN_ENROLL))
         && exposure.config.get().relay.tunnel_shares_https()

@@ -67,6 +67,43 @@ pub(crate) async fn serve(
     http::connection(tls, peer, listener.clone(), lease, stop, h2).await;
 }
 
+/// Answers an ACME `tls-alpn-01` validation: the handshake with the validation certificate and
+/// the `acme-tls/1` protocol, then the connection closes (RFC 8737).
+pub(crate) async fn answer_tls_alpn(
+    stream: tokio::net::TcpStream,
+    first: Vec<u8>,
+    certificate: Arc<rustls::sign::CertifiedKey>,
+    timeout: std::time::Duration,
+) {
+    let resolver = Only(certificate);
+    let mut config = rustls::ServerConfig::builder_with_provider(sallyport_runtime::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("the provider supports TLS 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![crate::certs::challenges::ALPN_ACME_TLS.to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let replayed = Replay { first, at: 0, inner: stream };
+    match tokio::time::timeout(timeout, acceptor.accept(replayed)).await {
+        Ok(Ok(mut tls)) => {
+            debug!("ACME tls-alpn-01 validation answered");
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+        }
+        Ok(Err(e)) => debug!(error = %e, "ACME tls-alpn-01 validation handshake failed"),
+        Err(_) => debug!("ACME tls-alpn-01 validation handshake timed out"),
+    }
+}
+
+/// The one certificate of a validation handshake.
+#[derive(Debug)]
+struct Only(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Only {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
 /// A stream that first gives back bytes already read from it.
 #[derive(Debug)]
 pub(crate) struct Replay<S> {
