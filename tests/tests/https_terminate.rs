@@ -277,6 +277,18 @@ fn bad_certificate_keys_are_refused_with_file_key_and_reason() {
     let e = load(&terminated("app.home.lan")).expect_err("a world-readable key");
     println!("{e}");
     assert!(e.contains("certificates.home") && e.contains("readable by every user"), "{e}");
+    // `sallyport-relay check` says the same, and fails.
+    let out = Command::new(sallyport_tests::process::binary("sallyport-relay"))
+        .arg("check")
+        .arg("--config")
+        .arg(pki.dir().join("relay.toml"))
+        .output()
+        .expect("check runs");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !out.status.success() && said.contains("certificates.home") && said.contains("mode 0644"),
+        "{said}"
+    );
     set_mode(&key, 0o600);
     std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").expect("garble");
     let e = load(&terminated("app.home.lan")).expect_err("a broken key");

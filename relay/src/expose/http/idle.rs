@@ -12,6 +12,8 @@ use std::{
 };
 
 use sallyport_runtime::flows::Activity;
+
+use crate::metrics::Outcome;
 use tokio::sync::Notify;
 
 /// The watch over one client connection.
@@ -63,6 +65,31 @@ impl IdleWatch {
     /// Whether the connection was closed for being idle.
     pub(super) fn fired(&self) -> bool {
         self.fired.load(Ordering::Relaxed)
+    }
+}
+
+/// A request's place in the figures: a request cut because its client's connection went idle
+/// (a body trickled too slowly, no response in time) is counted `idle`, not `reset`.
+pub(super) struct IdleAware<'a> {
+    pub(super) active: Option<crate::metrics::Active<'a>>,
+    pub(super) idle: &'a IdleWatch,
+}
+
+impl IdleAware<'_> {
+    pub(super) fn end(mut self, outcome: Outcome) {
+        if let Some(active) = self.active.take() {
+            active.end(outcome, 0, 0);
+        }
+    }
+}
+
+impl Drop for IdleAware<'_> {
+    fn drop(&mut self) {
+        if let Some(active) = self.active.take() {
+            if self.idle.fired() {
+                active.end(Outcome::Idle, 0, 0);
+            }
+        }
     }
 }
 

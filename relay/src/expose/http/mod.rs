@@ -30,7 +30,6 @@ use sallyport_runtime::{
 use http_body_util::Either;
 use hyper::{
     body::Incoming,
-    header::{self, HeaderValue},
     server::conn::{http1 as server, http2},
     service::service_fn,
     Request, Response, StatusCode,
@@ -46,7 +45,7 @@ use tracing::{debug, info_span, Instrument};
 use self::{
     admission::{admission, log_request, refusal, RequestFields},
     headers::{is_upgrade, prepare, request_host, strip_hop_by_hop},
-    idle::IdleWatch,
+    idle::{IdleAware, IdleWatch},
     page::{page, Body},
     pool::{Pool, Upstream},
     upstream::{connect, reason_of},
@@ -70,6 +69,7 @@ pub(crate) use headers::host_only;
 mod idle;
 mod linger;
 mod pool;
+mod secure;
 mod upstream;
 
 use upstream::Failure;
@@ -235,7 +235,8 @@ async fn handle(
     client: &ClientConnection,
 ) -> Response<Body> {
     let metrics = &http.exposure.runtime.metrics;
-    if let Some(answer) = acme_answer(&req, http) {
+    let challenges = &http.exposure.certs.challenges;
+    if let Some(answer) = (!http.tls).then(|| secure::acme_answer(&req, challenges)).flatten() {
         return answer;
     }
     let host = match request_host(&req) {
@@ -248,7 +249,8 @@ async fn handle(
     let listener = http.listener();
     let found = sallyport_runtime::sync::read(&http.routes).get(&host).cloned();
     let Some(served) = found.filter(|s| s.service.terminate.is_some() || !http.tls) else {
-        if let Some(response) = redirect(&req, &host, http) {
+        let port = http.exposure.config.get().relay.https_public_port;
+        if let Some(response) = http.redirects.as_ref().and_then(|r| secure::redirect(&req, &host, r, port)) {
             return response;
         }
         metrics.refused(listener, "unknown_host");
@@ -313,45 +315,7 @@ async fn handle(
     };
     metrics.http_response(&service.name, response.status().as_u16());
     log_request(&entry, &http.exposure, gate::result_of(outcome), fields.as_ref(), &response);
-    let mut response = response;
-    if let Some(max_age) = service.terminate.as_ref().and_then(|t| t.hsts) {
-        if let Ok(value) = HeaderValue::from_str(&format!("max-age={}", max_age.as_secs())) {
-            response.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, value);
-        }
-    }
-    response
-}
-
-/// On the plain listener, the answer to an ACME `http-01` challenge the relay has in progress
-/// (`GET /.well-known/acme-challenge/TOKEN`, whatever the host).
-fn acme_answer(req: &Request<Incoming>, http: &Http) -> Option<Response<Body>> {
-    let token = req.uri().path().strip_prefix("/.well-known/acme-challenge/")?;
-    if http.tls || req.method() != hyper::Method::GET {
-        return None;
-    }
-    let answer = http.exposure.certs.challenges.http_answer(token)?;
-    debug!(token, "ACME http-01 challenge answered");
-    let mut response = Response::new(Either::Right(http_body_util::Full::new(bytes::Bytes::from(answer))));
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    Some(response)
-}
-
-/// On the plain listener, a request for a terminated HTTPS service that redirects plain HTTP:
-/// `308` to the same URI over HTTPS (the method and body are kept).
-fn redirect(req: &Request<Incoming>, host: &str, http: &Http) -> Option<Response<Body>> {
-    let served = sallyport_runtime::sync::read(http.redirects.as_ref()?).get(host).cloned()?;
-    if !served.service.terminate.as_ref().is_some_and(|t| t.redirect_http) {
-        return None;
-    }
-    let port = http.exposure.config.get().relay.https_public_port;
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let location = match port {
-        443 => format!("https://{host}{path}"),
-        port => format!("https://{host}:{port}{path}"),
-    };
-    let mut response = page(StatusCode::PERMANENT_REDIRECT, &format!("moved to {location}"));
-    response.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&location).ok()?);
-    Some(response)
+    secure::with_hsts(response, service)
 }
 
 /// The member a request went to, for the page when its tunnel died under it.
@@ -517,30 +481,5 @@ async fn splice_upgraded(
             Err(e) => debug!(error = %e, "upgraded connection reset"),
         },
         () = quiet => debug!(?idle, "upgraded connection idle: closed"),
-    }
-}
-
-/// A request's place in the figures: a request cut because its client's connection went idle
-/// (a body trickled too slowly, no response in time) is counted `idle`, not `reset`.
-struct IdleAware<'a> {
-    active: Option<crate::metrics::Active<'a>>,
-    idle: &'a IdleWatch,
-}
-
-impl IdleAware<'_> {
-    fn end(mut self, outcome: Outcome) {
-        if let Some(active) = self.active.take() {
-            active.end(outcome, 0, 0);
-        }
-    }
-}
-
-impl Drop for IdleAware<'_> {
-    fn drop(&mut self) {
-        if let Some(active) = self.active.take() {
-            if self.idle.fired() {
-                active.end(Outcome::Idle, 0, 0);
-            }
-        }
     }
 }
