@@ -258,9 +258,17 @@ pub fn dns_once(
         .then(|| std::net::Ipv4Addr::new(buf[n - 4], buf[n - 3], buf[n - 2], buf[n - 1]))
 }
 
-/// A self-signed certificate for `name` (`NAME.crt`, `NAME.key` in `dir`), made by openssl.
+/// A self-signed certificate for `name` (`NAME.crt`, `NAME.key` in `dir`).
 pub fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let (crt, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    certificate(dir, name, name, &[name])
+}
+
+/// A self-signed certificate with subject `cn` for the DNS names `names`, as `STEM.crt` and
+/// `STEM.key` in `dir`, the key private (0600, as the relay wants a key it serves).
+pub fn certificate(dir: &Path, stem: &str, cn: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).expect("certificate dir");
+    let (crt, key) = (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")));
+    let sans: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
     let out = Command::new("openssl")
         .args([
             "req",
@@ -273,7 +281,7 @@ pub fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
             "-days",
             "2",
         ])
-        .args(["-subj", &format!("/CN={name}"), "-addext", &format!("subjectAltName=DNS:{name}")])
+        .args(["-subj", &format!("/CN={cn}"), "-addext", &format!("subjectAltName={}", sans.join(","))])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -281,7 +289,44 @@ pub fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         .output()
         .expect("openssl runs");
     assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    set_mode(&key, 0o600);
     (crt, key)
+}
+
+/// Sets a file's permission bits.
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// `curl -sS --max-time 10 ARGS`: whether it succeeded, its stdout and its stderr.
+pub fn curl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// curl's `--resolve` argument pointing `host` at `addr`.
+pub fn resolve(host: &str, addr: SocketAddr) -> String {
+    format!("{host}:{}:{}", addr.port(), addr.ip())
+}
+
+/// An argon2id hash of `password` from `sallyport-relay hash-password` (the built binary).
+pub fn hash_password(password: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(crate::process::binary("sallyport-relay"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("hash-password runs");
+    child.stdin.take().expect("stdin").write_all(password.as_bytes()).expect("password");
+    let out = child.wait_with_output().expect("hash-password");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// `openssl s_server -www` with a self-signed certificate for `name` (it answers `GET /` with a

@@ -48,10 +48,6 @@ async fn half_done_handshakes_and_garbage_cost_the_attacker_only() {
         servers::nginx(&[(port, "", "location / { return 200 \"proto=$http_x_forwarded_proto\\n\"; }")]);
     let pki = TestPki::new();
     let (crt, key) = servers::self_signed(pki.dir(), "app.home.lan");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    }
     let mut relay = RunningRelay::start(pki.relay_config_file(
         "https_listen = \"127.0.0.1:0\"\nheader_timeout = \"2s\"\nmax_connections_per_ip = 50",
         &format!(

@@ -2,28 +2,11 @@
 //! trusts only the relay's certificate (by its public key), is asked to log in, logs in with basic
 //! auth, and the access log names the user over `https`.
 
-use std::{
-    io::Write,
-    path::Path,
-    process::{Command, Stdio},
-};
+use std::{path::Path, process::Command};
 
 use sallyport_tests::{servers, tools_or_skip, RunningAgent, RunningRelay, TestPki};
 
 const PASSWORD: &str = "correct horse";
-
-fn hash(password: &str) -> String {
-    let mut child = Command::new(sallyport_tests::process::binary("sallyport-relay"))
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("hash-password runs");
-    child.stdin.take().expect("stdin").write_all(password.as_bytes()).expect("password");
-    let out = child.wait_with_output().expect("hash-password");
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// The base64 SHA-256 of a certificate's public key, as Chromium's
 /// `--ignore-certificate-errors-spki-list` takes it.
@@ -64,10 +47,6 @@ async fn a_browser_logs_in_to_a_terminated_https_service() {
     )]);
     let pki = TestPki::new();
     let (crt, key) = servers::self_signed(pki.dir(), "app.home.lan");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    }
     let mut relay = RunningRelay::start(pki.relay_config_file(
         "https_listen = \"127.0.0.1:0\"",
         &format!(
@@ -77,7 +56,7 @@ async fn a_browser_logs_in_to_a_terminated_https_service() {
              [services.app.auth]\nrealm = \"Windows app\"\nusers = {{ alice = \"{}\" }}\n",
             crt.display(),
             key.display(),
-            hash(PASSWORD)
+            servers::hash_password(PASSWORD)
         ),
     ))
     .await;

@@ -13,56 +13,14 @@ use std::{
 
 use sallyport_tests::{
     metric,
-    servers::{self, free_port},
+    servers::{self, curl, free_port, resolve, set_mode},
     tools_or_skip, RunningAgent, RunningRelay, TestPki,
 };
-
-fn curl(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn resolve(host: &str, addr: SocketAddr) -> String {
-    format!("{host}:{}:{}", addr.port(), addr.ip())
-}
 
 /// A self-signed certificate with subject `cn` for `names`, its key private (0600), as
 /// `tls.crt` and `tls.key` in `dir`.
 fn certificate(dir: &Path, cn: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-    std::fs::create_dir_all(dir).expect("dir");
-    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let sans: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-        ])
-        .args(["-subj", &format!("/CN={cn}"), "-addext", &format!("subjectAltName={}", sans.join(","))])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&crt)
-        .output()
-        .expect("openssl runs");
-    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
-    set_mode(&key, 0o600);
-    (crt, key)
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    servers::certificate(dir, "tls", cn, names)
 }
 
 /// The subject of the certificate the relay's HTTPS listener shows for `name` (`None`: no

@@ -4,11 +4,7 @@
 //! anything else is redirected to its login page), failed logins from one host answered 429 while
 //! another host logs in, the user in the access log, and no password or token in it.
 
-use std::{
-    io::Write,
-    net::SocketAddr,
-    process::{Command, Stdio},
-};
+use std::{net::SocketAddr, process::Command};
 
 use sha2::Digest;
 
@@ -40,19 +36,6 @@ if len(sys.argv) > 3:
     server.socket = context.wrap_socket(server.socket, server_side=True)
 server.serve_forever()
 "#;
-
-fn hash(password: &str) -> String {
-    let mut child = Command::new(sallyport_tests::process::binary("sallyport-relay"))
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("hash-password runs");
-    child.stdin.take().expect("stdin").write_all(password.as_bytes()).expect("password");
-    let out = child.wait_with_output().expect("hash-password");
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// curl from `ip` to `url` on the relay's HTTP port with `args`: status, body and headers.
 fn curl(http: SocketAddr, ip: &str, host: &str, path: &str, args: &[&str]) -> (String, String, String) {
@@ -109,7 +92,7 @@ async fn basic_auth_tokens_bypass_and_forward_auth_guard_web_apps() {
              [services.portal]\nagent = \"winbox\"\nhosts = [\"portal.home.lan\"]\n\
              [services.portal.auth]\nforward = \"http://127.0.0.1:{auth_port}/verify\"\nforward_headers = [\"Remote-User\", \"Remote-Groups\"]\n\
              [access]\nlog = \"access.log\"\n",
-            hash(PASSWORD)
+            servers::hash_password(PASSWORD)
         ),
         &format!(
             "[services.admin]\ntarget = \"tcp://127.0.0.1:{upstream}\"\n[services.portal]\ntarget = \"tcp://127.0.0.1:{upstream}\"\n"

@@ -11,23 +11,9 @@ use std::{
 };
 
 use sallyport_tests::{
-    servers::{self},
+    servers::{self, curl, resolve},
     tools_or_skip, RunningAgent, RunningRelay, TestPki,
 };
-
-fn curl(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// `--resolve` argument pointing `host` at the listener.
-fn resolve(host: &str, addr: SocketAddr) -> String {
-    format!("{host}:{}:{}", addr.port(), addr.ip())
-}
 
 /// A TCP connection to `addr` from the loopback address `from`.
 fn connect_from(addr: SocketAddr, from: &str) -> TcpStream {
