@@ -341,7 +341,7 @@ impl Relay {
             let registry = registry.clone();
             let local = move || registry.subscribe().borrow().keys().cloned().collect();
             let sync = crate::cluster::sync::run(
-                cluster.clone(),
+                (cluster.clone(), live.clone()),
                 ops.trust.clone(),
                 runtime.clone(),
                 local,

@@ -59,6 +59,18 @@ pub fn write_file(
     file.sync_all()
 }
 
+/// Replaces `path` with `contents` as a private file: written whole to a temporary file beside
+/// it, renamed over it, the rename flushed; the folder is created if it is missing.
+pub fn replace_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    if let Some(folder) = path.parent() {
+        std::fs::create_dir_all(folder)?;
+    }
+    let tmp = path.with_extension("tmp");
+    write_file(&tmp, contents, Access::Private, None)?;
+    std::fs::rename(&tmp, path)?;
+    sync_parent_dir(path)
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     use std::os::unix::fs::PermissionsExt;

@@ -253,3 +253,93 @@ async fn the_relay_orders_by_http_01_and_tls_alpn_01_and_renews_while_requests_f
     );
     assert!(page.contains("ACME http-01") && page.contains("ACME tls-alpn-01"), "{page}");
 }
+
+/// `relay-N.toml` of a two-replica cluster whose writer orders `web.home.lan` from `pebble`.
+fn replica_toml(
+    pki: &TestPki,
+    n: usize,
+    pebble: &Pebble,
+    (http, https): (u16, u16),
+    writer_peer: &str,
+) -> PathBuf {
+    let path = pki.dir().join(format!("relay-{n}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[relay]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nca_cert = \"ca.crt\"\ncert = \"relay.crt\"\n\
+             key = \"relay.key\"\nhttp_listen = \"127.0.0.1:{http}\"\nhttps_listen = \"127.0.0.1:{https}\"\n\
+             [cluster]\nwriter = \"relay-0\"\nwriter_peer = \"{writer_peer}\"\npeer_listen = \"127.0.0.1:0\"\n\
+             sync_interval = \"500ms\"\n\
+             [certificates.web]\nacme = {{ names = [\"web.home.lan\"], directory = \"{}\", ca = \"{}\", store = \"acme-{n}\" }}\n\
+             [services.web]\nagent = \"winbox\"\nsni = [\"web.home.lan\"]\ntls = \"terminate\"\n",
+            pebble.directory,
+            pebble.listener_ca.display()
+        ),
+    )
+    .expect("relay.toml");
+    path
+}
+
+fn start_replica(toml: &Path, n: usize) -> (Spawned, SocketAddr) {
+    let mut command = Command::new(sallyport_tests::process::binary("sallyport-relay"));
+    command.arg("serve").arg("--config").arg(toml).arg("--replica").arg(format!("relay-{n}"));
+    let mut relay = Spawned::start(command);
+    let peer = relay.wait_line("replica port listening", Duration::from_secs(10));
+    (relay, sallyport_tests::process::addr_field(&peer, "addr"))
+}
+
+#[test]
+fn only_the_writer_orders_and_the_other_replica_serves_the_same_certificate() {
+    tools_or_skip!("pebble", "dnsmasq", "dig", "openssl", "curl");
+    let dns = servers::dnsmasq("home.lan", "127.0.0.1");
+    let pki = TestPki::new();
+    let writer_ports = (free_port(), free_port());
+    let follower_https = free_port();
+    let pebble = pebble(pki.dir(), dns.addr, writer_ports, 3600);
+    let (mut writer, writer_peer) =
+        start_replica(&replica_toml(&pki, 0, &pebble, writer_ports, "127.0.0.1:1"), 0);
+    let follower_toml =
+        replica_toml(&pki, 1, &pebble, (free_port(), follower_https), &writer_peer.to_string());
+    let (mut follower, _) = start_replica(&follower_toml, 1);
+    let started = Instant::now();
+    writer.wait_line("ACME certificate issued", Duration::from_secs(60));
+    let writers = served(SocketAddr::from(([127, 0, 0, 1], writer_ports.1)), "web.home.lan")
+        .expect("the writer serves it");
+    let follower_addr = SocketAddr::from(([127, 0, 0, 1], follower_https));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let followers = loop {
+        if let Some(shown) = served(follower_addr, "web.home.lan") {
+            break shown;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower serves no certificate 15 s after the writer's order"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    println!(
+        "the writer ordered {writers:?}; the follower served the same {:?} after the start",
+        started.elapsed()
+    );
+    assert_eq!(followers, writers, "one certificate for both replicas");
+    let ordered = |relay: &mut Spawned| {
+        relay.drain().iter().filter(|l| l.contains("ordering a certificate by ACME")).count()
+    };
+    assert_eq!((ordered(&mut writer), ordered(&mut follower)), (1, 0), "only the writer orders");
+    let verified = curl_verified_handshake(follower_addr, "web.home.lan", &pebble.root);
+    assert!(verified, "the follower's certificate verifies with pebble's root");
+}
+
+/// Whether curl completes a TLS handshake with `addr` as `name`, trusting only `root` (the
+/// service has no agent here: the handshake is what counts, the 503 after it does not).
+fn curl_verified_handshake(addr: SocketAddr, name: &str, root: &Path) -> bool {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(root)
+        .arg("--resolve")
+        .arg(format!("{name}:{}:127.0.0.1", addr.port()))
+        .arg(format!("https://{name}:{}/", addr.port()))
+        .output()
+        .expect("curl runs");
+    out.status.success()
+}

@@ -8,7 +8,6 @@
 
 use std::{
     collections::HashMap,
-    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -194,7 +193,7 @@ async fn account(acme: &Acme) -> Result<Account, String> {
         .await
         .map_err(|e| chain(&e))?;
     let json = serde_json::to_vec(&credentials).map_err(|e| chain(&e))?;
-    write_private(&file, &json).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    durable::replace_private(&file, &json).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
     info!(directory = %acme.directory, id = account.id(), "ACME account created");
     Ok(account)
 }
@@ -214,21 +213,8 @@ fn validation_certificate(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>
 
 /// Writes the key, then the chain, each whole before it replaces the old one.
 fn write_pair(files: &Certificate, chain_pem: &str, key_pem: &str) -> std::io::Result<()> {
-    if let Some(folder) = files.cert.parent() {
-        std::fs::create_dir_all(folder)?;
-    }
-    write_private(&files.key, key_pem.as_bytes())?;
-    write_private(&files.cert, chain_pem.as_bytes())
-}
-
-fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    if let Some(folder) = path.parent() {
-        std::fs::create_dir_all(folder)?;
-    }
-    let tmp = path.with_extension("tmp");
-    durable::write_file(&tmp, contents, durable::Access::Private, None)?;
-    std::fs::rename(&tmp, path)?;
-    durable::sync_parent_dir(path)
+    durable::replace_private(&files.key, key_pem.as_bytes())?;
+    durable::replace_private(&files.cert, chain_pem.as_bytes())
 }
 
 /// An error with its causes (an HTTP client's "client error (Connect)" says why only in them).

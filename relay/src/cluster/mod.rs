@@ -15,6 +15,7 @@
 //! pods before they are ready), and a replica turns ready for clients (`/readyz`) only once it
 //! holds every agent the other replicas hold, or after [`WARM_UP_MAX`].
 
+pub(crate) mod certificates;
 pub(crate) mod peer;
 pub(crate) mod sync;
 
@@ -113,6 +114,9 @@ pub(crate) struct SyncAnswer {
     pub(crate) revocations: RevocationFile,
     /// The agents with a tunnel to any replica.
     pub(crate) agents: Vec<String>,
+    /// The certificates the writer ordered by ACME (a writer of an older version sends none).
+    #[serde(default)]
+    pub(crate) certificates: Vec<certificates::SharedCertificate>,
 }
 
 /// A join token presented at another replica, redeemed at the writer (`POST /cluster/v1/redeem`).

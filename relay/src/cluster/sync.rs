@@ -7,12 +7,17 @@ use std::sync::{atomic::Ordering, Arc};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::{cluster::Cluster, runtime::Runtime, trust::Trust};
+use crate::{
+    cluster::{certificates, Cluster},
+    config::Live,
+    runtime::Runtime,
+    trust::Trust,
+};
 
 /// Runs until `stop` is cancelled (after the relay has drained). `local` says which agents hold
 /// a tunnel to this replica.
 pub(crate) async fn run(
-    cluster: Arc<Cluster>,
+    (cluster, live): (Arc<Cluster>, Arc<Live>),
     trust: Arc<Trust>,
     runtime: Arc<Runtime>,
     local: impl Fn() -> Vec<String>,
@@ -38,6 +43,13 @@ pub(crate) async fn run(
                     cluster.writer_reachable.store(true, Ordering::Relaxed);
                     cluster.publish(answer.serving, cluster.serves());
                     cluster.warm_up(true, &answer.agents, &here);
+                    match certificates::take(&live.get(), answer.certificates) {
+                        Ok(written) if !written.is_empty() => {
+                            info!(certificates = ?written, "ACME certificates taken from the writer")
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "ACME certificates from the writer not written here"),
+                    }
                     match trust.revocations.absorb(answer.revocations) {
                         Ok(absorbed) => {
                             if absorbed.added > 0 {

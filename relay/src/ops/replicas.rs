@@ -96,7 +96,8 @@ pub(crate) async fn sync(req: Request<Incoming>, ops: &Ops) -> (StatusCode, Stri
         }
     }
     let (serving, agents) = cluster.report(request, &local);
-    answer(&SyncAnswer { serving, revocations: ops.trust.revocations.snapshot(), agents })
+    let certificates = crate::cluster::certificates::of_writer(&ops.config.get());
+    answer(&SyncAnswer { serving, revocations: ops.trust.revocations.snapshot(), agents, certificates })
 }
 
 /// `POST /cluster/v1/redeem`: checks a join token presented at another replica and marks it used
