@@ -124,14 +124,24 @@ impl Group {
 }
 
 /// How long a slot waits before dialing again after landing on a replica it holds already
-/// (`tries` such landings in a row): at once for a few tries, then doubling up to 5 s.
+/// (`tries` such landings in a row): at once for a few tries, then about every 100 ms for some
+/// 2.5 s, then doubling up to 5 s.
+///
+/// The agent hears of a new replica from the writer's list as soon as the replica reports, which
+/// can be before the load balancer sends it connections (kube-proxy programs a new endpoint
+/// within about a second; the lab's emulation polls every 100 ms): the steady phase keeps
+/// seeking through that gap instead of having backed off already.
 pub(crate) fn seek_delay(tries: u32) -> Duration {
     const QUICK: u32 = 8;
+    const STEADY: u32 = 32;
     if tries < QUICK {
         return Duration::from_millis(fastrand::u64(5..40));
     }
+    if tries < STEADY {
+        return Duration::from_millis(fastrand::u64(75..=125));
+    }
     let base =
-        Duration::from_millis(100).saturating_mul(1 << (tries - QUICK).min(6)).min(Duration::from_secs(5));
+        Duration::from_millis(200).saturating_mul(1 << (tries - STEADY).min(6)).min(Duration::from_secs(5));
     base / 2 + Duration::from_millis(fastrand::u64(0..=base.as_millis() as u64 / 2))
 }
 
@@ -181,8 +191,18 @@ mod tests {
     fn seeking_is_quick_then_backs_off_to_a_few_seconds() {
         assert!(seek_delay(0) < Duration::from_millis(50));
         assert!(seek_delay(7) < Duration::from_millis(50));
-        assert!(seek_delay(8) >= Duration::from_millis(50));
-        for tries in 14..40 {
+        for tries in 8..32 {
+            let d = seek_delay(tries);
+            assert!(d >= Duration::from_millis(75) && d <= Duration::from_millis(125), "{tries}: {d:?}");
+        }
+        // The quick and steady phases together seek for about 2.5 s.
+        let seeking: Duration = (0..32).map(seek_delay).sum();
+        assert!(
+            seeking >= Duration::from_millis(1800) && seeking <= Duration::from_millis(3400),
+            "{seeking:?}"
+        );
+        assert!(seek_delay(32) >= Duration::from_millis(100) && seek_delay(32) <= Duration::from_millis(200));
+        for tries in 37..60 {
             let d = seek_delay(tries);
             assert!(d >= Duration::from_millis(2500) && d <= Duration::from_secs(5), "{tries}: {d:?}");
         }
