@@ -35,6 +35,33 @@ const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// How long an order may take to become ready, and its certificate to be issued.
 const ORDER_WAIT: Duration = Duration::from_secs(90);
 
+/// Why an order failed (the certificate in service stays).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AcmeError {
+    /// What the ACME server or the way to it said, with its causes (a problem document's
+    /// detail and type, or why the connection failed).
+    #[error("{}", chain(.0))]
+    Server(#[from] instant_acme::Error),
+    #[error("an authorization is {0}")]
+    Authorization(String),
+    #[error("the ACME server offers no {0} challenge")]
+    NoChallenge(&'static str),
+    #[error("the order is {status}: {problem}")]
+    NotReady { status: String, problem: String },
+    #[error("cannot write {}: {source}", path.display())]
+    Write { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{}: {source}", path.display())]
+    Account { path: std::path::PathBuf, source: serde_json::Error },
+    #[error("the account's credentials cannot be kept: {0}")]
+    Credentials(serde_json::Error),
+    #[error("the tls-alpn-01 validation certificate: {0}")]
+    Validation(#[from] rcgen::Error),
+    #[error("the tls-alpn-01 validation key: {0}")]
+    ValidationKey(#[from] rustls::Error),
+    #[error(transparent)]
+    Load(#[from] crate::config::CertificateError),
+}
+
 /// Orders what is due until `stop`.
 pub(crate) async fn run(live: Arc<Live>, store: Arc<Store>, stop: CancellationToken) {
     let mut retry: HashMap<String, (Instant, Duration)> = HashMap::new();
@@ -86,10 +113,10 @@ fn renewal_due(loaded: &Loaded) -> bool {
 }
 
 /// One order: the challenges answered, the certificate written to the store, then read back.
-async fn order(files: &Certificate, acme: &Acme, challenges: &Challenges) -> Result<Loaded, String> {
+async fn order(files: &Certificate, acme: &Acme, challenges: &Challenges) -> Result<Loaded, AcmeError> {
     let account = account(acme).await?;
     let identifiers: Vec<Identifier> = acme.names.iter().map(|n| Identifier::Dns(n.clone())).collect();
-    let mut order = account.new_order(&NewOrder::new(&identifiers)).await.map_err(|e| chain(&e))?;
+    let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
     let kind = match acme.challenge {
         Challenge::Http01 => ChallengeType::Http01,
         Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
@@ -97,46 +124,41 @@ async fn order(files: &Certificate, acme: &Acme, challenges: &Challenges) -> Res
     let mut answering = Answering { challenges, tokens: Vec::new(), names: Vec::new() };
     let mut authorizations = order.authorizations();
     while let Some(authorization) = authorizations.next().await {
-        let mut authorization = authorization.map_err(|e| chain(&e))?;
+        let mut authorization = authorization?;
         match authorization.status {
             AuthorizationStatus::Pending => {}
             AuthorizationStatus::Valid => continue,
-            other => return Err(format!("an authorization is {other:?}")),
+            other => return Err(AcmeError::Authorization(format!("{other:?}"))),
         }
-        let mut challenge = authorization
-            .challenge(kind.clone())
-            .ok_or_else(|| format!("the ACME server offers no {} challenge", acme.challenge.word()))?;
+        let mut challenge =
+            authorization.challenge(kind.clone()).ok_or(AcmeError::NoChallenge(acme.challenge.word()))?;
         let key_authorization = challenge.key_authorization();
-        let name = challenge.identifier().to_string();
         match acme.challenge {
             Challenge::Http01 => {
                 answering.http(challenge.token.clone(), key_authorization.as_str().to_owned())
             }
-            Challenge::TlsAlpn01 => answering.tls_alpn(
-                name,
-                validation_certificate(
-                    &challenge.identifier().to_string(),
-                    key_authorization.digest().as_ref(),
-                )?,
-            ),
+            Challenge::TlsAlpn01 => {
+                let name = challenge.identifier().to_string();
+                let certificate = validation_certificate(&name, key_authorization.digest().as_ref())?;
+                answering.tls_alpn(name, certificate)
+            }
         }
-        challenge.set_ready().await.map_err(|e| chain(&e))?;
+        challenge.set_ready().await?;
     }
     let waiting = RetryPolicy::new().timeout(ORDER_WAIT);
-    let status = order.poll_ready(&waiting).await.map_err(|e| chain(&e))?;
+    let status = order.poll_ready(&waiting).await?;
     if status != OrderStatus::Ready {
         let problem = order.state().error.as_ref().map(ToString::to_string);
-        return Err(format!(
-            "the order is {status:?}: {}",
-            problem.unwrap_or_else(|| "no problem document".into())
-        ));
+        return Err(AcmeError::NotReady {
+            status: format!("{status:?}"),
+            problem: problem.unwrap_or_else(|| "no problem document".into()),
+        });
     }
-    let key_pem = order.finalize().await.map_err(|e| chain(&e))?;
-    let chain_pem = order.poll_certificate(&waiting).await.map_err(|e| chain(&e))?;
+    let key_pem = order.finalize().await?;
+    let chain_pem = order.poll_certificate(&waiting).await?;
     drop(answering);
-    write_pair(files, &chain_pem, &key_pem)
-        .map_err(|e| format!("cannot write {}: {e}", files.cert.display()))?;
-    files.load()
+    write_pair(files, &chain_pem, &key_pem)?;
+    Ok(files.load()?)
 }
 
 /// Challenges answered while an order runs; taken back when it ends.
@@ -173,7 +195,7 @@ impl Drop for Answering<'_> {
 }
 
 /// The account for `acme.directory`, kept in the store (created on first use).
-async fn account(acme: &Acme) -> Result<Account, String> {
+async fn account(acme: &Acme) -> Result<Account, AcmeError> {
     let builder = || match &acme.ca {
         Some(ca) => Account::builder_with_root(ca),
         None => Account::builder(),
@@ -181,40 +203,40 @@ async fn account(acme: &Acme) -> Result<Account, String> {
     let digest = sallyport_runtime::tls::cert_sha256(acme.directory.as_bytes());
     let file = acme.store.join(format!("account-{}.json", sallyport_runtime::hex::encode(&digest[..6])));
     if let Ok(text) = std::fs::read_to_string(&file) {
-        let credentials: AccountCredentials =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
-        return builder().map_err(|e| chain(&e))?.from_credentials(credentials).await.map_err(|e| chain(&e));
+        let credentials: AccountCredentials = serde_json::from_str(&text)
+            .map_err(|source| AcmeError::Account { path: file.clone(), source })?;
+        return Ok(builder()?.from_credentials(credentials).await?);
     }
     let contact: Vec<&str> = acme.contact.iter().map(String::as_str).collect();
     let new = NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false };
-    let (account, credentials) = builder()
-        .map_err(|e| chain(&e))?
-        .create(&new, acme.directory.clone(), None)
-        .await
-        .map_err(|e| chain(&e))?;
-    let json = serde_json::to_vec(&credentials).map_err(|e| chain(&e))?;
-    durable::replace_private(&file, &json).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    let (account, credentials) = builder()?.create(&new, acme.directory.clone(), None).await?;
+    let json = serde_json::to_vec(&credentials).map_err(AcmeError::Credentials)?;
+    durable::replace_private(&file, &json)
+        .map_err(|source| AcmeError::Write { path: file.clone(), source })?;
     info!(directory = %acme.directory, id = account.id(), "ACME account created");
     Ok(account)
 }
 
 /// The self-signed certificate a `tls-alpn-01` validation expects for `name`: the name, and the
 /// key authorization's digest in the acmeIdentifier extension (RFC 8737).
-fn validation_certificate(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, String> {
-    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).map_err(|e| chain(&e))?;
+fn validation_certificate(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, AcmeError> {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])?;
     params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
-    let key = rcgen::KeyPair::generate().map_err(|e| chain(&e))?;
-    let cert = params.self_signed(&key).map_err(|e| chain(&e))?;
-    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).map_err(str::to_owned)?;
-    let signer =
-        sallyport_runtime::tls::provider().key_provider.load_private_key(der).map_err(|e| chain(&e))?;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    // rcgen serializes a key it generated as PKCS#8.
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into();
+    let signer = sallyport_runtime::tls::provider().key_provider.load_private_key(der)?;
     Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)))
 }
 
 /// Writes the key, then the chain, each whole before it replaces the old one.
-fn write_pair(files: &Certificate, chain_pem: &str, key_pem: &str) -> std::io::Result<()> {
-    durable::replace_private(&files.key, key_pem.as_bytes())?;
-    durable::replace_private(&files.cert, chain_pem.as_bytes())
+fn write_pair(files: &Certificate, chain_pem: &str, key_pem: &str) -> Result<(), AcmeError> {
+    for (path, pem) in [(&files.key, key_pem), (&files.cert, chain_pem)] {
+        durable::replace_private(path, pem.as_bytes())
+            .map_err(|source| AcmeError::Write { path: path.clone(), source })?;
+    }
+    Ok(())
 }
 
 /// An error with its causes (an HTTP client's "client error (Connect)" says why only in them).

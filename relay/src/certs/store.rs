@@ -133,6 +133,7 @@ impl Store {
                     changed = true;
                 }
                 Err(reason) => {
+                    let reason = reason.to_string();
                     if entry.error.as_deref() != Some(reason.as_str()) {
                         warn!(certificate = %name, %reason, "certificate files cannot be used: the previous certificate stays in service");
                         entry.error = Some(reason);

@@ -61,36 +61,59 @@ pub struct Loaded {
     pub fingerprint: [u8; 32],
 }
 
+/// Why a certificate's files cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{} is readable by every user (mode {mode:04o}): make it 0600 or 0640 (in Kubernetes, the \
+         Secret volume's defaultMode: 0440)",
+        path.display()
+    )]
+    KeyReadableByAll { path: PathBuf, mode: u32 },
+    #[error("{0}")]
+    Pem(#[from] tls::TlsError),
+    #[error("{}: {source}", path.display())]
+    Certificate { path: PathBuf, source: tls::CertError },
+    #[error("{}: not a usable private key: {source}", path.display())]
+    UnusableKey { path: PathBuf, source: rustls::Error },
+    #[error("{} is not the key of the certificate in {}", key.display(), cert.display())]
+    KeyMismatch { key: PathBuf, cert: PathBuf },
+    #[error("{}: the certificate names no DNS name", path.display())]
+    NoDnsName { path: PathBuf },
+}
+
+/// Reads a file for a certificate.
+fn read(path: &Path) -> Result<Vec<u8>, CertificateError> {
+    std::fs::read(path).map_err(|source| CertificateError::Read { path: path.to_owned(), source })
+}
+
 impl Certificate {
     /// The SHA-256 of both files as they are now (without parsing them).
-    pub fn fingerprint(&self) -> Result<[u8; 32], String> {
-        let mut both =
-            std::fs::read(&self.cert).map_err(|e| format!("cannot read {}: {e}", self.cert.display()))?;
-        both.extend(
-            std::fs::read(&self.key).map_err(|e| format!("cannot read {}: {e}", self.key.display()))?,
-        );
+    pub fn fingerprint(&self) -> Result<[u8; 32], CertificateError> {
+        let mut both = read(&self.cert)?;
+        both.extend(read(&self.key)?);
         Ok(tls::cert_sha256(&both))
     }
 
     /// Reads and checks both files: the key private, the chain parsed, the key the leaf's.
-    pub fn load(&self) -> Result<Loaded, String> {
+    pub fn load(&self) -> Result<Loaded, CertificateError> {
         key_is_private(&self.key)?;
-        let cert_pem =
-            std::fs::read(&self.cert).map_err(|e| format!("cannot read {}: {e}", self.cert.display()))?;
-        let key_pem =
-            std::fs::read(&self.key).map_err(|e| format!("cannot read {}: {e}", self.key.display()))?;
-        let identity = tls::Identity::from_pem(&cert_pem, &key_pem).map_err(|e| e.to_string())?;
-        let leaf = identity.chain.first().ok_or("the certificate file holds no certificate")?;
-        let info = tls::inspect(leaf).map_err(|e| format!("{}: {e}", self.cert.display()))?;
+        let (cert_pem, key_pem) = (read(&self.cert)?, read(&self.key)?);
+        let identity = tls::Identity::from_pem(&cert_pem, &key_pem)?;
+        // `from_pem` refuses a chain without a certificate.
+        let leaf = &identity.chain[0];
+        let info = tls::inspect(leaf)
+            .map_err(|source| CertificateError::Certificate { path: self.cert.clone(), source })?;
         let issuer = info.issuer.clone();
         let signer = tls::provider()
             .key_provider
             .load_private_key(identity.key)
-            .map_err(|e| format!("{}: not a usable private key: {e}", self.key.display()))?;
+            .map_err(|source| CertificateError::UnusableKey { path: self.key.clone(), source })?;
         let key = CertifiedKey::new(identity.chain, signer);
-        key.keys_match().map_err(|_| {
-            format!("{} is not the key of the certificate in {}", self.key.display(), self.cert.display())
-        })?;
+        key.keys_match()
+            .map_err(|_| CertificateError::KeyMismatch { key: self.key.clone(), cert: self.cert.clone() })?;
         let names: Vec<String> = info
             .sans
             .iter()
@@ -98,7 +121,7 @@ impl Certificate {
             .map(|n| n.to_ascii_lowercase())
             .collect();
         if names.is_empty() {
-            return Err(format!("{}: the certificate names no DNS name", self.cert.display()));
+            return Err(CertificateError::NoDnsName { path: self.cert.clone() });
         }
         let fingerprint = {
             let mut both = cert_pem;
@@ -118,18 +141,15 @@ impl Certificate {
 
 /// A key file every user of the host may read is refused: in Kubernetes, the Secret's volume
 /// needs `defaultMode: 0440` (or 0400), not the default 0644.
-fn key_is_private(path: &Path) -> Result<(), String> {
+fn key_is_private(path: &Path) -> Result<(), CertificateError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let meta = std::fs::metadata(path)
+            .map_err(|source| CertificateError::Read { path: path.to_owned(), source })?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o004 != 0 {
-            return Err(format!(
-                "{} is readable by every user (mode {mode:04o}): make it 0600 or 0640 (in Kubernetes, \
-                 the Secret volume's defaultMode: 0440)",
-                path.display()
-            ));
+            return Err(CertificateError::KeyReadableByAll { path: path.to_owned(), mode });
         }
     }
     #[cfg(not(unix))]
@@ -173,7 +193,8 @@ pub(crate) fn from_raw(
                     key: conf::resolve(path, &key_file),
                     acme: None,
                 };
-                let loaded = certificate.load().map_err(|reason| ConfigError::invalid(path, &key, reason))?;
+                let loaded =
+                    certificate.load().map_err(|e| ConfigError::invalid(path, &key, e.to_string()))?;
                 (certificate, Some(loaded))
             }
             (None, None, Some(acme)) => {

@@ -24,7 +24,7 @@ mod relay_keys;
 
 pub use access::{Access, ServiceAccess};
 pub use budget::{default_threads, Budget, DEFAULT_MEMORY_BUDGET};
-pub use certificates::{Certificate, Loaded, Terminate};
+pub use certificates::{Certificate, CertificateError, Loaded, Terminate};
 pub use group::{Group, Health, Strategy};
 use raw::{RawCluster, RawConfig};
 pub use relay_keys::RelayKeys;
